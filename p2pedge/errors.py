@@ -1,0 +1,75 @@
+"""Typed errors: each says who is to blame.
+
+``LocalProtocolError`` means this process misused an API; ``RemoteProtocolError``
+means a peer sent something that breaks the protocol. Both derive from
+``ProtocolError`` so callers can catch either. Stdlib only.
+"""
+
+from __future__ import annotations
+
+
+class P2PEdgeError(Exception):
+    """Base of every error p2pedge raises on purpose."""
+
+
+class ProtocolError(P2PEdgeError):
+    """A protocol rule was broken; subclasses say by whom."""
+
+
+class LocalProtocolError(ProtocolError):
+    """We misused a protocol or API (a bug or bad argument on this side)."""
+
+
+class RemoteProtocolError(ProtocolError):
+    """A peer sent bytes that break the protocol (size, dtype, shape, state)."""
+
+
+class FrameTooLarge(RemoteProtocolError):
+    """A length prefix announced more bytes than the limit allows."""
+
+
+class InvalidRecord(RemoteProtocolError):
+    """A signed record failed validation (signature, expiry, size or shape)."""
+
+
+class PeerUnavailable(P2PEdgeError):
+    """A peer could not be reached, or dropped the connection."""
+
+
+class PeerTimeout(PeerUnavailable):
+    """A peer did not answer within our deadline (frozen or overloaded)."""
+
+
+class PrivateSwarmRejected(PeerUnavailable):
+    """The remote end is not in our private swarm (wrong pre-shared key or not allowed)."""
+
+
+class ModelNotCached(P2PEdgeError, KeyError):
+    """The named model is not in the local store or cache."""
+
+    def __init__(self, model: str) -> None:
+        super().__init__(model)
+        self.model = model
+
+    def __str__(self) -> str:
+        return f"model not cached: {self.model!r}"
+
+
+class ModelLoadError(P2PEdgeError):
+    """A model directory exists but could not be loaded."""
+
+
+class IntegrityError(P2PEdgeError):
+    """Bytes did not match their digest, or a signature did not verify."""
+
+
+class Busy(P2PEdgeError):
+    """A queue is full; retry later or elsewhere."""
+
+
+class ShardFailed(P2PEdgeError):
+    """A shard server failed mid-session; the client may recover elsewhere."""
+
+
+class ConfigError(P2PEdgeError, ValueError):
+    """A configuration value is invalid (bad multiaddr, unreadable key file...)."""

@@ -1,0 +1,1 @@
+"""Conversion of Llama-family weights into ONNX model directories."""

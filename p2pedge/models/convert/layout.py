@@ -1,0 +1,180 @@
+"""The on-disk model directory every importer writes and every runtime reads.
+
+::
+
+    model.onnx              decoder graph (weights in model.onnx.data)
+    model.onnx.data         external initializers
+    genai_config.json       onnxruntime-genai configuration
+    tokenizer.json          Hugging Face byte-level BPE tokenizer
+    tokenizer_config.json   special tokens and chat template
+    p2pedge_model.json      architecture facts (ModelFacts), so nothing needs to parse ONNX
+
+Writing is deterministic: the same weights give byte-identical files.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import onnx
+
+from p2pedge.models.convert.onnx_graph import (
+    ATTENTION_MASK,
+    INPUT_IDS,
+    LOGITS,
+    POSITION_IDS,
+    Variant,
+    build_decoder,
+)
+from p2pedge.models.convert.tokenizer import TokenizerSpec, write_tokenizer
+from p2pedge.models.convert.weights import LlamaWeights
+
+MODEL_FILE = "model.onnx"
+FACTS_FILE = "p2pedge_model.json"
+GENAI_CONFIG_FILE = "genai_config.json"
+FORMAT_VERSION = 1
+
+
+@dataclass(frozen=True)
+class ModelFacts:
+    """Contents of ``p2pedge_model.json``."""
+
+    arch: str
+    n_layers: int
+    hidden: int
+    n_heads: int
+    n_kv_heads: int
+    head_dim: int
+    ffn: int
+    vocab: int
+    rope_base: float
+    rms_eps: float
+    context_length: int
+    variant: str
+    bos_token_id: int | None
+    eos_token_id: int
+    pad_token_id: int | None
+    int8_activations: bool = False
+    format_version: int = FORMAT_VERSION
+
+    @classmethod
+    def of(
+        cls, weights: LlamaWeights, spec: TokenizerSpec, variant: Variant, int8: bool
+    ) -> ModelFacts:
+        c = weights.config
+        eos = spec.token_id(spec.eos_token)
+        assert eos is not None
+        return cls(
+            arch="llama",
+            n_layers=c.n_layers,
+            hidden=c.hidden,
+            n_heads=c.n_heads,
+            n_kv_heads=c.n_kv_heads,
+            head_dim=c.head_dim,
+            ffn=c.ffn,
+            vocab=c.vocab,
+            rope_base=float(c.rope_base),
+            rms_eps=float(c.rms_eps),
+            context_length=c.context_length,
+            variant=variant,
+            bos_token_id=spec.token_id(spec.bos_token),
+            eos_token_id=eos,
+            pad_token_id=spec.token_id(spec.pad_token),
+            int8_activations=int8,
+        )
+
+
+def read_model_facts(model_dir: Path) -> ModelFacts:
+    data = json.loads((model_dir / FACTS_FILE).read_text(encoding="utf-8"))
+    return ModelFacts(**data)
+
+
+def save_onnx(model: onnx.ModelProto, out_dir: Path, filename: str = MODEL_FILE) -> Path:
+    """Save with every initializer in one ``<filename>.data`` file next to the graph."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    path = out_dir / filename
+    data = out_dir / f"{filename}.data"
+    data.unlink(missing_ok=True)  # onnx appends to an existing data file
+    onnx.save_model(
+        model,
+        str(path),
+        save_as_external_data=True,
+        all_tensors_to_one_file=True,
+        location=data.name,
+        size_threshold=1024,
+    )
+    return path
+
+
+def genai_config(facts: ModelFacts, filename: str = MODEL_FILE) -> dict[str, Any]:
+    pad = facts.pad_token_id if facts.pad_token_id is not None else facts.eos_token_id
+    return {
+        "model": {
+            "bos_token_id": facts.bos_token_id if facts.bos_token_id is not None else pad,
+            "context_length": facts.context_length,
+            "decoder": {
+                "session_options": {"log_id": "onnxruntime-genai", "provider_options": []},
+                "filename": filename,
+                "head_size": facts.head_dim,
+                "hidden_size": facts.hidden,
+                "inputs": {
+                    "input_ids": INPUT_IDS,
+                    "attention_mask": ATTENTION_MASK,
+                    "position_ids": POSITION_IDS,
+                    "past_key_names": "past_key_values.%d.key",
+                    "past_value_names": "past_key_values.%d.value",
+                },
+                "outputs": {
+                    "logits": LOGITS,
+                    "present_key_names": "present.%d.key",
+                    "present_value_names": "present.%d.value",
+                },
+                "num_attention_heads": facts.n_heads,
+                "num_hidden_layers": facts.n_layers,
+                "num_key_value_heads": facts.n_kv_heads,
+            },
+            "eos_token_id": facts.eos_token_id,
+            "pad_token_id": pad,
+            "type": "llama",
+            "vocab_size": facts.vocab,
+        },
+        "search": {
+            "diversity_penalty": 0.0,
+            "do_sample": False,
+            "early_stopping": True,
+            "length_penalty": 1.0,
+            "max_length": facts.context_length,
+            "min_length": 0,
+            "no_repeat_ngram_size": 0,
+            "num_beams": 1,
+            "num_return_sequences": 1,
+            "past_present_share_buffer": False,
+            "repetition_penalty": 1.0,
+            "temperature": 1.0,
+            "top_k": 1,
+            "top_p": 1.0,
+        },
+    }
+
+
+def write_json(path: Path, obj: Any) -> None:
+    path.write_text(json.dumps(obj, indent=2, sort_keys=True) + "\n", encoding="utf-8")
+
+
+def write_model_dir(
+    out_dir: Path,
+    weights: LlamaWeights,
+    tokenizer: TokenizerSpec,
+    variant: Variant = "lossless4",
+    int8_activations: bool = False,
+) -> Path:
+    """Build the decoder for ``variant`` and write the whole model directory."""
+    facts = ModelFacts.of(weights, tokenizer, variant, int8_activations)
+    save_onnx(build_decoder(weights, variant, int8_activations), out_dir)
+    write_json(out_dir / GENAI_CONFIG_FILE, genai_config(facts))
+    write_tokenizer(out_dir, tokenizer)
+    write_json(out_dir / FACTS_FILE, asdict(facts))
+    return out_dir

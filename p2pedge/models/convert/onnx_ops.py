@@ -1,0 +1,174 @@
+"""A small ONNX graph builder plus the Q4_1 -> ``MatMulNBits`` repacking.
+
+Kept separate from the decoder layout so the exactness-critical packing code is easy to
+audit on its own.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import numpy as np
+import numpy.typing as npt
+import onnx
+from onnx import TensorProto, helper, numpy_helper
+
+from p2pedge.models.convert.weights import Q4_1_BLOCK, Matrix, Q4_1Matrix
+
+MS_DOMAIN = "com.microsoft"
+OPSET = 17
+
+
+class GraphBuilder:
+    """Accumulates nodes and initializers; names are made unique with a counter."""
+
+    def __init__(self, name: str) -> None:
+        self.name = name
+        self.nodes: list[onnx.NodeProto] = []
+        self.initializers: list[onnx.TensorProto] = []
+        self.inputs: list[onnx.ValueInfoProto] = []
+        self.outputs: list[onnx.ValueInfoProto] = []
+        self._counter = 0
+        self._consts: dict[tuple[str, bytes, tuple[int, ...]], str] = {}
+
+    def fresh(self, hint: str) -> str:
+        self._counter += 1
+        return f"{hint}_{self._counter}"
+
+    def op(
+        self,
+        op_type: str,
+        inputs: Sequence[str],
+        *,
+        n_out: int = 1,
+        name: str | None = None,
+        domain: str = "",
+        outputs: Sequence[str] | None = None,
+        **attrs: Any,
+    ) -> list[str]:
+        base = name or self.fresh(op_type)
+        outs = list(outputs) if outputs is not None else [f"{base}/out{i}" for i in range(n_out)]
+        node = helper.make_node(op_type, list(inputs), outs, name=base, domain=domain, **attrs)
+        self.nodes.append(node)
+        return outs
+
+    def op1(self, op_type: str, inputs: Sequence[str], **kwargs: Any) -> str:
+        return self.op(op_type, inputs, **kwargs)[0]
+
+    def initializer(self, name: str, array: npt.NDArray[Any]) -> str:
+        self.initializers.append(numpy_helper.from_array(np.ascontiguousarray(array), name))
+        return name
+
+    def const(self, array: npt.NDArray[Any] | np.generic | Sequence[int] | float) -> str:
+        """A small constant, deduplicated by value."""
+        arr = np.asarray(array)
+        if arr.dtype == np.float64:
+            arr = arr.astype(np.float32)
+        key = (str(arr.dtype), arr.tobytes(), arr.shape)
+        if key not in self._consts:
+            self._consts[key] = self.initializer(self.fresh("const"), arr)
+        return self._consts[key]
+
+    def i64(self, *values: int) -> str:
+        return self.const(np.array(values, dtype=np.int64))
+
+    def add_input(self, name: str, elem: int, shape: Sequence[str | int]) -> str:
+        self.inputs.append(helper.make_tensor_value_info(name, elem, list(shape)))
+        return name
+
+    def add_output(self, name: str, elem: int, shape: Sequence[str | int]) -> str:
+        self.outputs.append(helper.make_tensor_value_info(name, elem, list(shape)))
+        return name
+
+    def model(self) -> onnx.ModelProto:
+        graph = helper.make_graph(
+            self.nodes, self.name, self.inputs, self.outputs, initializer=self.initializers
+        )
+        model = helper.make_model(
+            graph,
+            opset_imports=[helper.make_opsetid("", OPSET), helper.make_opsetid(MS_DOMAIN, 1)],
+            producer_name="p2pedge",
+        )
+        model.ir_version = 8
+        return model
+
+
+F32 = TensorProto.FLOAT
+I64 = TensorProto.INT64
+
+
+def pack_q4_1(
+    matrices: Sequence[Q4_1Matrix],
+) -> tuple[npt.NDArray[np.uint8], npt.NDArray[np.float32], npt.NDArray[np.float32]]:
+    """Concatenate matrices along ``out`` and repack them for ``MatMulNBits``.
+
+    Returns ``(B [N, K/32, 16] uint8, scales [N * K/32] f32, mins [N, K/32] f32)``.
+    GGUF stores element ``j`` and ``j + 16`` of a block in one byte; ``MatMulNBits``
+    wants elements ``2j`` (low nibble) and ``2j + 1`` (high nibble).
+    """
+    quants = np.concatenate([m.quants for m in matrices], axis=0)
+    low = quants & 0x0F
+    high = quants >> 4
+    q = np.concatenate([low, high], axis=-1)  # [N, blocks, 32] in element order
+    packed = (q[..., 0::2] | (q[..., 1::2] << 4)).astype(np.uint8)
+    scales = np.concatenate([m.scales for m in matrices], axis=0).astype(np.float32)
+    mins = np.concatenate([m.mins for m in matrices], axis=0).astype(np.float32)
+    return packed, scales.reshape(-1), mins
+
+
+class Linear:
+    """Emits ``y = x @ W.T`` for a group of matrices sharing the input ``x``.
+
+    Matrices in a group are fused along ``out`` into one kernel call (QKV, gate+up). For
+    Q4_1 groups the kernel is ``MatMulNBits`` with zero point 0 (so it computes
+    ``sum_k x_k * scale * q_k`` exactly as the published quants say) and the per-block
+    minimum is added as ``blocksum(x) @ mins.T``: ``sum_k x_k (s q_k + m) =
+    s sum_k x_k q_k + m sum_k x_k`` per block of 32. ``blocksum(x)`` is shared by every
+    group reading the same ``x``.
+    """
+
+    def __init__(self, g: GraphBuilder, accuracy_level: int) -> None:
+        self.g = g
+        self.accuracy_level = accuracy_level
+        self._blocksums: dict[str, str] = {}
+
+    def _blocksum(self, x: str, k: int) -> str:
+        if x not in self._blocksums:
+            g = self.g
+            shaped = g.op1("Reshape", [x, g.i64(0, 0, k // Q4_1_BLOCK, Q4_1_BLOCK)])
+            self._blocksums[x] = g.op1("ReduceSum", [shaped, g.i64(-1)], keepdims=0)
+        return self._blocksums[x]
+
+    def __call__(self, x: str, matrices: Sequence[Matrix], prefix: str) -> str:
+        g = self.g
+        if all(isinstance(m, Q4_1Matrix) for m in matrices):
+            qm = [m for m in matrices if isinstance(m, Q4_1Matrix)]
+            k = qm[0].in_features
+            n = sum(m.out_features for m in qm)
+            packed, scales, mins = pack_q4_1(qm)
+            zero = np.zeros(n * ((k // Q4_1_BLOCK + 1) // 2), dtype=np.uint8)
+            main = g.op1(
+                "MatMulNBits",
+                [
+                    x,
+                    g.initializer(f"{prefix}.qweight", packed),
+                    g.initializer(f"{prefix}.scales", scales),
+                    g.initializer(f"{prefix}.zero_points", zero),
+                ],
+                domain=MS_DOMAIN,
+                name=f"{prefix}/MatMulNBits",
+                K=k,
+                N=n,
+                bits=4,
+                block_size=Q4_1_BLOCK,
+                accuracy_level=self.accuracy_level,
+            )
+            mins_t = g.initializer(f"{prefix}.mins_t", np.ascontiguousarray(mins.T))
+            offset = g.op1("MatMul", [self._blocksum(x, k), mins_t], name=f"{prefix}/MinsMatMul")
+            return g.op1("Add", [main, offset], name=f"{prefix}/AddMins")
+        dense = [np.asarray(m.dequantize() if isinstance(m, Q4_1Matrix) else m) for m in matrices]
+        w_t = np.ascontiguousarray(np.concatenate(dense, axis=0).T.astype(np.float32))
+        return g.op1(
+            "MatMul", [x, g.initializer(f"{prefix}.weight_t", w_t)], name=f"{prefix}/MatMul"
+        )

@@ -1,0 +1,76 @@
+"""Node configuration: one frozen dataclass, validated on construction."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from p2pedge.errors import ConfigError
+from p2pedge.ids import LayerRange
+
+
+def default_data_dir() -> Path:
+    return Path.home() / ".local" / "share" / "p2pedge"
+
+
+@dataclass(frozen=True)
+class ServeSpec:
+    """A shard this node serves; ``layers`` None lets placement choose."""
+
+    model: str
+    layers: LayerRange | None = None
+
+    @classmethod
+    def parse(cls, text: str) -> ServeSpec:
+        model, sep, span = text.rpartition(":")
+        if not sep:
+            return cls(text)
+        try:
+            return cls(model, LayerRange.parse(span))
+        except ValueError as exc:
+            raise ConfigError(f"bad --serve {text!r}: {exc}") from exc
+
+
+@dataclass(frozen=True)
+class NodeConfig:
+    data_dir: Path = field(default_factory=default_data_dir)
+    listen: tuple[str, ...] = ("/ip4/127.0.0.1/tcp/0",)
+    bootstrap: tuple[str, ...] = ()
+    local_only: bool = False
+    psk_file: Path | None = None
+    allow_peers: tuple[str, ...] = ()
+    mdns: bool = False
+    announce_interval: float = 60.0
+    card_ttl_factor: float = 3.0
+    dht_timeout: float = 10.0
+    private_dial_timeout: float = 3.0
+    bootstrap_timeout: float = 5.0
+    self_lookup: bool = True
+    models_dir: Path | None = None
+    serve: tuple[ServeSpec, ...] = ()
+    threads: int = 0
+    trusted_publishers: tuple[Path, ...] = ()
+    measure_compute: bool = True
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "data_dir", Path(self.data_dir))
+        for name in ("listen", "bootstrap", "allow_peers", "serve", "trusted_publishers"):
+            value = getattr(self, name)
+            if isinstance(value, str | Path):
+                raise ConfigError(f"{name} must be a sequence, not a single {type(value).__name__}")
+            object.__setattr__(self, name, tuple(value))
+        if self.announce_interval <= 0:
+            raise ConfigError("announce_interval must be positive")
+        if self.card_ttl_factor < 1:
+            raise ConfigError("card_ttl_factor must be at least 1")
+        from p2pedge.node.addresses import check_multiaddr
+
+        for addr in (*self.listen, *self.bootstrap):
+            check_multiaddr(addr)
+        for spec in self.serve:
+            if not isinstance(spec, ServeSpec):
+                raise ConfigError(f"serve entries must be ServeSpec, got {spec!r}")
+
+    @property
+    def card_ttl(self) -> float:
+        return self.announce_interval * self.card_ttl_factor

@@ -1,0 +1,144 @@
+"""Route choice: a chain of shard servers tiling the blocks ``[start, end)``, cheapest first.
+
+Pure (no I/O). Boundaries between blocks are the graph's vertices and each server's range
+is an edge from its start to its end, weighted by the estimated time of one step there:
+network round trip plus compute scaled by the server's load. Dijkstra over that graph
+gives the chain with the lowest estimated per-token latency, as in Petals.
+"""
+
+from __future__ import annotations
+
+import heapq
+from collections.abc import Collection, Iterable, Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any, Protocol
+
+from p2pedge.errors import P2PEdgeError
+from p2pedge.ids import LayerRange
+
+MAX_LOAD = 0.95
+
+
+class NoRoute(P2PEdgeError):
+    """No chain of reachable, unbanned servers covers the requested blocks."""
+
+
+@dataclass(frozen=True, order=True)
+class ServerOption:
+    """One server's offer for one model: its block range and what we know of its speed."""
+
+    peer_id: str
+    layers: LayerRange
+    compute_gflops: float = 10.0
+    load: float = 0.0
+    rtt_s: float | None = None
+
+
+@dataclass(frozen=True)
+class CostModel:
+    """How a step's time is estimated; ``tokens`` is the step's length (1 when decoding)."""
+
+    gflop_per_block_token: float = 0.01
+    default_rtt_s: float = 0.05
+    hop_overhead_s: float = 0.001
+    tokens: int = 1
+
+    def hop_seconds(self, option: ServerOption) -> float:
+        rtt = self.default_rtt_s if option.rtt_s is None else option.rtt_s
+        gflops = max(option.compute_gflops, 1e-6)
+        slowdown = 1.0 / (1.0 - min(max(option.load, 0.0), MAX_LOAD))
+        compute = len(option.layers) * self.gflop_per_block_token * self.tokens / gflops
+        return rtt + self.hop_overhead_s + compute * slowdown
+
+
+@dataclass(frozen=True)
+class Hop:
+    peer_id: str
+    layers: LayerRange
+
+
+def choose_route(
+    options: Iterable[ServerOption],
+    end: int,
+    *,
+    start: int = 0,
+    cost: CostModel = CostModel(),
+    banned: Collection[str] = (),
+) -> list[Hop]:
+    """The cheapest chain of hops whose ranges tile ``[start, end)`` exactly.
+
+    Ties go to fewer hops, then to the lexicographically smaller chain, so the answer
+    is deterministic. Raises :class:`NoRoute` when the blocks cannot be covered.
+    """
+    if not 0 <= start < end:
+        raise ValueError(f"invalid block span [{start}, {end})")
+    edges: dict[int, list[tuple[float, ServerOption]]] = {}
+    for option in sorted(set(options)):
+        r = option.layers
+        if option.peer_id in banned or r.start < start or r.end > end:
+            continue
+        edges.setdefault(r.start, []).append((cost.hop_seconds(option), option))
+    best: dict[int, tuple[float, int]] = {start: (0.0, 0)}
+    heap: list[tuple[float, int, tuple[ServerOption, ...], int]] = [(0.0, 0, (), start)]
+    while heap:
+        seconds, hops, chain, at = heapq.heappop(heap)
+        if at == end:
+            return [Hop(o.peer_id, o.layers) for o in chain]
+        if best.get(at, (float("inf"), 0)) < (seconds, hops):
+            continue
+        for step_seconds, option in edges.get(at, []):
+            key = (seconds + step_seconds, hops + 1)
+            to = option.layers.end
+            if key < best.get(to, (float("inf"), 0)):
+                best[to] = key
+                heapq.heappush(heap, (key[0], key[1], (*chain, option), to))
+    covered = sorted({o.layers for o in options if o.peer_id not in banned})
+    raise NoRoute(f"no chain covers blocks [{start}, {end}); offers: {covered}")
+
+
+def route_seconds(route: Sequence[Hop], options: Iterable[ServerOption], cost: CostModel) -> float:
+    """Estimated time of one step along ``route`` (for logs and benchmarks)."""
+    by_hop = {Hop(o.peer_id, o.layers): o for o in options}
+    return sum(cost.hop_seconds(by_hop[h]) for h in route)
+
+
+class CardLike(Protocol):
+    """What route choice reads from a capability card."""
+
+    @property
+    def peer_id(self) -> str: ...
+
+    @property
+    def compute_gflops(self) -> float: ...
+
+    @property
+    def load(self) -> float: ...
+
+    @property
+    def layers_served(self) -> Sequence[Mapping[str, Any]]: ...
+
+
+def options_from_cards(
+    cards: Iterable[CardLike], model: str, rtts: Mapping[str, float] | None = None
+) -> list[ServerOption]:
+    """Every ``(peer, range)`` the cards offer for ``model``; malformed entries are skipped
+    (cards are signed by their sender, not checked for sense)."""
+    rtts = rtts or {}
+    options: list[ServerOption] = []
+    for card in cards:
+        for entry in card.layers_served:
+            start, end = entry.get("start"), entry.get("end")
+            if entry.get("model") != model or type(start) is not int or type(end) is not int:
+                continue
+            if not 0 <= start < end:
+                continue
+            options.append(
+                ServerOption(
+                    card.peer_id,
+                    LayerRange(start, end),
+                    float(card.compute_gflops),
+                    float(card.load),
+                    rtts.get(card.peer_id),
+                )
+            )
+    return options

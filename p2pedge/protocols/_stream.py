@@ -1,0 +1,124 @@
+"""The single adapter between py-libp2p streams and our framed protocols.
+
+py-libp2p's ``read_exactly`` gives up on multi-MiB messages, so we read what the muxer
+hands us and let :class:`~p2pedge.wire.FrameDecoder` reassemble frames. Stream failures
+become :class:`~p2pedge.errors.PeerUnavailable`; a silent peer becomes
+:class:`~p2pedge.errors.PeerTimeout` after ``timeout`` seconds.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Protocol
+
+import trio
+
+from p2pedge.errors import PeerTimeout, PeerUnavailable
+from p2pedge.wire.framing import DEFAULT_MAX_FRAME, FrameDecoder, encode_frame
+from p2pedge.wire.messages import pack, unpack_map
+
+READ_CHUNK = 1 << 20
+
+
+class ByteStream(Protocol):
+    """What we need of a stream: py-libp2p's INetStream satisfies it, so do test pairs."""
+
+    async def read(self, n: int | None = None) -> bytes: ...
+
+    async def write(self, data: bytes) -> None: ...
+
+    async def close(self) -> None: ...
+
+    async def reset(self) -> None: ...
+
+
+def _stream_errors() -> tuple[type[BaseException], ...]:
+    from libp2p.network.stream.exceptions import StreamError
+
+    return (StreamError, trio.BrokenResourceError, trio.ClosedResourceError, ConnectionError)
+
+
+class FramedStream:
+    """Length-prefixed msgpack frames over a :class:`ByteStream`."""
+
+    def __init__(self, stream: ByteStream, *, max_frame: int = DEFAULT_MAX_FRAME) -> None:
+        self.stream = stream
+        self.max_frame = max_frame
+        self._decoder = FrameDecoder(max_frame)
+        self._ready: list[bytes] = []
+        self._errors = _stream_errors()
+
+    async def send_bytes(self, payload: bytes) -> None:
+        try:
+            await self.stream.write(encode_frame(payload, self.max_frame))
+        except self._errors as exc:
+            raise PeerUnavailable(f"stream write failed: {exc!r}") from exc
+
+    async def send(self, message: dict[str, Any]) -> None:
+        await self.send_bytes(pack(message))
+
+    async def receive_bytes(self, timeout: float | None = None) -> bytes:
+        """The next whole frame; ``PeerUnavailable`` on end of stream."""
+        if timeout is None:
+            return await self._receive_frame()
+        with trio.move_on_after(timeout) as scope:
+            return await self._receive_frame()
+        assert scope.cancelled_caught
+        raise PeerTimeout(f"no frame within {timeout:.3g} s")
+
+    async def receive(self, timeout: float | None = None) -> dict[str, Any]:
+        return unpack_map(await self.receive_bytes(timeout), self.max_frame)
+
+    async def _receive_frame(self) -> bytes:
+        while not self._ready:
+            try:
+                chunk = await self.stream.read(READ_CHUNK)
+            except EOFError as exc:
+                raise PeerUnavailable("peer closed the stream") from exc
+            except self._errors as exc:
+                raise PeerUnavailable(f"stream read failed: {exc!r}") from exc
+            if not chunk:
+                raise PeerUnavailable("peer closed the stream")
+            self._ready.extend(self._decoder.feed(chunk))
+        return self._ready.pop(0)
+
+    async def close(self) -> None:
+        try:
+            await self.stream.close()
+        except self._errors:
+            await self.reset()
+
+    async def reset(self) -> None:
+        try:
+            await self.stream.reset()
+        except self._errors as exc:
+            raise PeerUnavailable(f"stream reset failed: {exc!r}") from exc
+
+
+class MemoryByteStream:
+    """One end of an in-process stream pair (for sans-IO handler tests, not a fake peer)."""
+
+    def __init__(self, send: trio.MemorySendChannel[bytes], receive: trio.MemoryReceiveChannel[bytes]) -> None:
+        self._send = send
+        self._receive = receive
+
+    async def read(self, n: int | None = None) -> bytes:
+        try:
+            return await self._receive.receive()
+        except (trio.EndOfChannel, trio.ClosedResourceError):
+            return b""
+
+    async def write(self, data: bytes) -> None:
+        await self._send.send(data)
+
+    async def close(self) -> None:
+        await self._send.aclose()
+
+    async def reset(self) -> None:
+        await self._send.aclose()
+        await self._receive.aclose()
+
+
+def memory_stream_pair() -> tuple[MemoryByteStream, MemoryByteStream]:
+    a_send, b_receive = trio.open_memory_channel[bytes](64)
+    b_send, a_receive = trio.open_memory_channel[bytes](64)
+    return MemoryByteStream(a_send, a_receive), MemoryByteStream(b_send, b_receive)

@@ -1,0 +1,345 @@
+"""Sans-IO server side of the pipeline protocol: sessions, KV budget, idle expiry.
+
+One machine per stream; the :class:`KvBudget` is shared by every stream of a server, so
+an open past the budget is refused without touching other sessions. Every session
+change goes through :data:`TRANSITIONS` (the single table); validation that does not
+change state (shapes, dtypes, positions) happens before the table is consulted.
+Nothing here awaits: callers pass ``now`` and carry out the returned actions.
+"""
+
+from __future__ import annotations
+
+import enum
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import numpy.typing as npt
+
+from p2pedge.errors import LocalProtocolError
+from p2pedge.ids import LayerRange
+from p2pedge.protocols.pipeline import codec
+from p2pedge.protocols.pipeline.codec import Close, Closed, Error, Open, Opened, Output, Step
+
+DEFAULT_IDLE_TIMEOUT = 60.0
+DEFAULT_MAX_STEP_TOKENS = 2048
+DEFAULT_MAX_SESSIONS = 64
+
+
+class State(enum.Enum):
+    ABSENT = "absent"
+    OPENING = "opening"
+    OPEN = "open"
+    BUSY = "busy"
+    CLOSED = "closed"
+    EXPIRED = "expired"
+
+
+class Event(enum.Enum):
+    OPEN = "open"
+    READY = "ready"  # the executor finished an open or a step
+    FAIL = "fail"  # the executor failed an open or a step
+    STEP = "step"
+    CLOSE = "close"
+    EXPIRE = "expire"
+
+
+# (state, event) -> next state, or the error code answered to the request.
+TRANSITIONS: dict[tuple[State, Event], State | str] = {
+    (State.ABSENT, Event.OPEN): State.OPENING,
+    (State.ABSENT, Event.STEP): codec.E_UNKNOWN_SESSION,
+    (State.ABSENT, Event.CLOSE): codec.E_UNKNOWN_SESSION,
+    (State.OPENING, Event.READY): State.OPEN,
+    (State.OPENING, Event.FAIL): State.CLOSED,
+    (State.OPENING, Event.STEP): codec.E_BUSY,
+    (State.OPENING, Event.CLOSE): codec.E_BUSY,
+    (State.OPEN, Event.STEP): State.BUSY,
+    (State.OPEN, Event.CLOSE): State.CLOSED,
+    (State.OPEN, Event.EXPIRE): State.EXPIRED,
+    (State.BUSY, Event.READY): State.OPEN,
+    (State.BUSY, Event.FAIL): State.CLOSED,
+    (State.BUSY, Event.STEP): codec.E_BUSY,
+    (State.BUSY, Event.CLOSE): codec.E_BUSY,
+    (State.CLOSED, Event.STEP): codec.E_CLOSED,
+    (State.CLOSED, Event.CLOSE): codec.E_CLOSED,
+    (State.EXPIRED, Event.STEP): codec.E_EXPIRED,
+    (State.EXPIRED, Event.CLOSE): codec.E_EXPIRED,
+}
+LIVE = frozenset({State.OPENING, State.OPEN, State.BUSY})
+
+
+@dataclass(frozen=True)
+class ShardSpec:
+    """What the server knows about one shard it serves (from the shard's manifest)."""
+
+    hidden: int
+    vocab: int
+    n_layers: int
+    kv_bytes_per_token: int
+    max_length: int = 4096
+
+    def is_first(self, layers: LayerRange) -> bool:
+        return layers.start == 0
+
+    def is_last(self, layers: LayerRange) -> bool:
+        return layers.end == self.n_layers
+
+
+class KvBudget:
+    """Bytes of KV cache a server may hand out, shared by all its streams."""
+
+    def __init__(self, limit_bytes: int) -> None:
+        if limit_bytes < 0:
+            raise LocalProtocolError("budget must be >= 0")
+        self.limit = limit_bytes
+        self.used = 0
+
+    def reserve(self, n: int) -> bool:
+        if self.used + n > self.limit:
+            return False
+        self.used += n
+        return True
+
+    def release(self, n: int) -> None:
+        if n > self.used:
+            raise LocalProtocolError(f"releasing {n} bytes but only {self.used} reserved")
+        self.used -= n
+
+
+# --- actions the caller carries out -------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Send:
+    reply: codec.Reply
+
+
+@dataclass(frozen=True)
+class Allocate:
+    """Create the executor session; then call :meth:`ServerMachine.ready` or ``failed``."""
+
+    session: int
+    model: str
+    layers: LayerRange
+    max_length: int
+
+
+@dataclass(frozen=True, eq=False)
+class Run:
+    """Run one step on the executor session (after rewinding it to ``start``)."""
+
+    session: int
+    rid: int
+    start: int
+    x: npt.NDArray[Any]
+    last_only: bool
+
+
+@dataclass(frozen=True)
+class Release:
+    """Free the executor session's KV cache."""
+
+    session: int
+
+
+Action = Send | Allocate | Run | Release
+
+
+@dataclass
+class _Session:
+    model: str
+    layers: LayerRange
+    spec: ShardSpec
+    max_length: int
+    dtype: str
+    kv_bytes: int
+    state: State
+    last_active: float
+    length: int = 0
+    pending: tuple[int, int] | None = None  # (rid, end position) of the request in flight
+
+
+@dataclass
+class ServerMachine:
+    """One stream's sessions. ``catalog`` maps ``(model, range)`` to what is served."""
+
+    catalog: Mapping[tuple[str, LayerRange], ShardSpec]
+    budget: KvBudget
+    idle_timeout: float = DEFAULT_IDLE_TIMEOUT
+    max_step_tokens: int = DEFAULT_MAX_STEP_TOKENS
+    max_sessions: int = DEFAULT_MAX_SESSIONS
+    sessions: dict[int, _Session] = field(default_factory=dict)
+    _next_id: int = 1
+
+    # --- requests from the peer ------------------------------------------------------
+
+    def receive(self, msg: codec.Message, now: float) -> list[Action]:
+        match msg:
+            case Open():
+                return self._open(msg, now)
+            case Step():
+                return self._step(msg, now)
+            case Close():
+                return self._close(msg, now)
+        return [Send(Error(getattr(msg, "rid", 0), codec.E_BAD_REQUEST, "not a request"))]
+
+    def state_of(self, session: int) -> State:
+        s = self.sessions.get(session)
+        return State.ABSENT if s is None else s.state
+
+    def _move(self, session: int, event: Event) -> State | str:
+        outcome = TRANSITIONS.get((self.state_of(session), event))
+        if outcome is None:
+            raise LocalProtocolError(f"{event} not allowed in {self.state_of(session)}")
+        if isinstance(outcome, State):
+            s = self.sessions[session]
+            if s.state in LIVE and outcome not in LIVE:
+                self.budget.release(s.kv_bytes)
+            s.state = outcome
+        return outcome
+
+    def _open(self, msg: Open, now: float) -> list[Action]:
+        def refuse(code: str, text: str) -> list[Action]:
+            return [Send(Error(msg.rid, code, text))]
+
+        try:
+            layers = LayerRange(msg.start, msg.end)
+        except ValueError as exc:
+            return refuse(codec.E_BAD_REQUEST, str(exc))
+        spec = self.catalog.get((msg.model, layers))
+        if spec is None:
+            return refuse(codec.E_UNSUPPORTED, f"{msg.model} blocks {layers} not served here")
+        if msg.max_length > spec.max_length:
+            return refuse(codec.E_BAD_REQUEST, f"max_length {msg.max_length} > {spec.max_length}")
+        if sum(s.state in LIVE for s in self.sessions.values()) >= self.max_sessions:
+            return refuse(codec.E_BUDGET, f"at most {self.max_sessions} sessions per stream")
+        kv_bytes = msg.max_length * spec.kv_bytes_per_token
+        if not self.budget.reserve(kv_bytes):
+            free = self.budget.limit - self.budget.used
+            return refuse(codec.E_BUDGET, f"KV cache needs {kv_bytes} bytes, {free} free")
+        session = self._next_id
+        self._next_id += 1
+        self.sessions[session] = _Session(
+            msg.model, layers, spec, msg.max_length, msg.dtype, kv_bytes, State.ABSENT, now
+        )
+        self._move(session, Event.OPEN)
+        self.sessions[session].pending = (msg.rid, 0)
+        return [Allocate(session, msg.model, layers, msg.max_length)]
+
+    def _check_step(self, s: _Session, msg: Step) -> str | None:
+        x, first = msg.x, s.spec.is_first(s.layers)
+        n = x.shape[1] if x.ndim >= 2 else 0
+        if first:
+            if x.dtype != np.int64 or x.ndim != 2 or x.shape[0] != 1:
+                return f"first shard takes int64 token ids [1, n], got {x.dtype} {list(x.shape)}"
+            if n and (int(x.min()) < 0 or int(x.max()) >= s.spec.vocab):
+                return f"token id outside [0, {s.spec.vocab})"
+        elif x.dtype != np.dtype(s.dtype) or x.ndim != 3 or x.shape[::2] != (1, s.spec.hidden):
+            want = f"{s.dtype} [1, n, {s.spec.hidden}]"
+            return f"hidden states must be {want}, got {x.dtype} {list(x.shape)}"
+        if not 1 <= n <= self.max_step_tokens:
+            return f"step of {n} tokens outside [1, {self.max_step_tokens}]"
+        if msg.start > s.length:
+            return f"start {msg.start} is past the {s.length} cached positions"
+        if msg.start + n > s.max_length:
+            return f"positions up to {msg.start + n} exceed max_length {s.max_length}"
+        return None
+
+    def _step(self, msg: Step, now: float) -> list[Action]:
+        s = self.sessions.get(msg.session)
+        if s is not None and s.state is State.OPEN:
+            problem = self._check_step(s, msg)
+            if problem is not None:
+                return [Send(Error(msg.rid, codec.E_BAD_REQUEST, problem))]
+        outcome = self._move(msg.session, Event.STEP)
+        if isinstance(outcome, str):
+            return [
+                Send(
+                    Error(
+                        msg.rid,
+                        outcome,
+                        f"session {msg.session} is {self.state_of(msg.session).value}",
+                    )
+                )
+            ]
+        assert s is not None
+        s.last_active = now
+        s.pending = (msg.rid, msg.start + int(msg.x.shape[1]))
+        return [Run(msg.session, msg.rid, msg.start, msg.x, s.spec.is_last(s.layers))]
+
+    def _close(self, msg: Close, now: float) -> list[Action]:
+        outcome = self._move(msg.session, Event.CLOSE)
+        if isinstance(outcome, str):
+            return [
+                Send(
+                    Error(
+                        msg.rid,
+                        outcome,
+                        f"session {msg.session} is {self.state_of(msg.session).value}",
+                    )
+                )
+            ]
+        return [Release(msg.session), Send(Closed(msg.rid, msg.session))]
+
+    # --- results from the executor ---------------------------------------------------
+
+    def _finish(self, session: int, now: float) -> tuple[_Session, int, int]:
+        s = self.sessions.get(session)
+        if s is None or s.pending is None:
+            raise LocalProtocolError(f"session {session} has nothing in flight")
+        rid, end = s.pending
+        s.pending = None
+        s.last_active = now
+        return s, rid, end
+
+    def ready(self, session: int, now: float) -> list[Action]:
+        """The executor session exists (after :class:`Allocate`)."""
+        s, rid, _ = self._finish(session, now)
+        if s.state is not State.OPENING:
+            raise LocalProtocolError(f"session {session} is not opening")
+        self._move(session, Event.READY)
+        return [Send(Opened(rid, session, s.kv_bytes))]
+
+    def step_done(self, session: int, y: npt.NDArray[Any], now: float) -> list[Action]:
+        s, rid, end = self._finish(session, now)
+        if s.state is not State.BUSY:
+            raise LocalProtocolError(f"session {session} is not running a step")
+        self._move(session, Event.READY)
+        s.length = end
+        out = y if s.spec.is_last(s.layers) else codec.as_wire(y, s.dtype)
+        return [Send(Output(rid, session, out))]
+
+    def failed(self, session: int, reason: str, now: float) -> list[Action]:
+        """The executor failed an open or a step: the session is closed and freed."""
+        s, rid, _ = self._finish(session, now)
+        was_busy = s.state is State.BUSY
+        self._move(session, Event.FAIL)
+        release: list[Action] = [Release(session)] if was_busy else []
+        return [*release, Send(Error(rid, codec.E_INTERNAL, reason[: codec.MAX_TEXT]))]
+
+    # --- time and teardown -----------------------------------------------------------
+
+    def next_deadline(self) -> float | None:
+        idle = [s.last_active for s in self.sessions.values() if s.state is State.OPEN]
+        return min(idle) + self.idle_timeout if idle else None
+
+    def tick(self, now: float) -> list[Action]:
+        actions: list[Action] = []
+        for sid, s in self.sessions.items():
+            if s.state is State.OPEN and now - s.last_active >= self.idle_timeout:
+                self._move(sid, Event.EXPIRE)
+                actions.append(Release(sid))
+        return actions
+
+    def stream_ended(self) -> list[Action]:
+        """The peer went away: free every live session (in-flight work is abandoned)."""
+        actions: list[Action] = []
+        for sid, s in self.sessions.items():
+            if s.state in LIVE:
+                had_executor = s.state is not State.OPENING
+                self.budget.release(s.kv_bytes)
+                s.state, s.pending = State.CLOSED, None
+                if had_executor:
+                    actions.append(Release(sid))
+        return actions

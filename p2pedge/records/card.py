@@ -1,0 +1,187 @@
+"""Signed capability cards: what a peer has and can do, verifiable by anyone.
+
+A card is a canonical msgpack body signed with the peer's own ed25519 key. The peer id
+is derived from the key inside the body, so a card signed by any other key fails
+validation. Cards carry ``issued_at``/``expires_at``; the newest valid card wins.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+from cryptography.exceptions import InvalidSignature
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
+from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat
+
+from p2pedge.errors import InvalidRecord, RemoteProtocolError
+from p2pedge.records.peer_ids import peer_id_from_ed25519
+from p2pedge.wire.messages import pack, unpack_map
+
+MAX_CARD_BYTES = 16 * 1024
+CARD_NAMESPACE = "p2pcard"
+CARD_VERSION = 1
+_MAX_SKEW_S = 300.0
+
+
+@dataclass(frozen=True)
+class CachedModel:
+    id: str  # name@version
+    digest: str  # manifest digest, sha256 hex
+
+
+@dataclass(frozen=True)
+class ServedLayers:
+    model: str
+    start: int
+    end: int
+
+
+@dataclass(frozen=True)
+class CapabilityCard:
+    peer_id: str
+    public_key: bytes
+    addrs: tuple[str, ...]
+    software_version: str
+    os: str
+    arch: str
+    cpu_cores: int
+    ram_total: int
+    ram_available: int
+    accelerators: tuple[str, ...]
+    execution_providers: tuple[str, ...]
+    compute_gflops: float
+    models: tuple[CachedModel, ...]
+    layers_served: tuple[ServedLayers, ...]
+    load: float
+    issued_at: float
+    expires_at: float
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    def has_model(self, model: str) -> bool:
+        return any(m.id == model or m.id.split("@")[0] == model for m in self.models)
+
+    def content(self) -> dict[str, Any]:
+        """Everything but timestamps: a change here triggers a re-announce."""
+        body = _to_body(self)
+        body.pop("issued_at")
+        body.pop("expires_at")
+        return body
+
+
+def card_key(peer_id: str) -> str:
+    """DHT key of a peer's card; short because py-libp2p lookups break past ~50 bytes."""
+    digest = hashlib.sha256(peer_id.encode()).hexdigest()[:24]
+    return f"/{CARD_NAMESPACE}/{digest}"
+
+
+def _to_body(card: CapabilityCard) -> dict[str, Any]:
+    body = asdict(card)
+    body["addrs"] = list(card.addrs)
+    body["accelerators"] = list(card.accelerators)
+    body["execution_providers"] = list(card.execution_providers)
+    body["models"] = [asdict(m) for m in card.models]
+    body["layers_served"] = [asdict(s) for s in card.layers_served]
+    body["v"] = CARD_VERSION
+    return body
+
+
+def sign_card(card: CapabilityCard, key: Ed25519PrivateKey) -> bytes:
+    public = key.public_key().public_bytes(Encoding.Raw, PublicFormat.Raw)
+    if public != card.public_key or peer_id_from_ed25519(public) != card.peer_id:
+        raise ValueError("card must be signed by the key of the peer it names")
+    body = pack(_to_body(card))
+    record = pack({"body": body, "sig": key.sign(body)})
+    if len(record) > MAX_CARD_BYTES:
+        raise ValueError(f"card of {len(record)} bytes exceeds {MAX_CARD_BYTES}")
+    return record
+
+
+def _field(body: dict[str, Any], name: str, kind: type | tuple[type, ...]) -> Any:
+    value = body.get(name)
+    if not isinstance(value, kind) or (isinstance(value, bool) and kind in (int, float)):
+        raise InvalidRecord(f"card field {name!r} is missing or of the wrong type")
+    return value
+
+
+def _str_list(body: dict[str, Any], name: str) -> tuple[str, ...]:
+    items = _field(body, name, list)
+    if not all(isinstance(item, str) for item in items):
+        raise InvalidRecord(f"card field {name!r} must list strings")
+    return tuple(items)
+
+
+def _parse_body(body: dict[str, Any]) -> CapabilityCard:
+    models = []
+    for item in _field(body, "models", list):
+        if not (isinstance(item, dict) and isinstance(item.get("id"), str) and isinstance(item.get("digest"), str)):
+            raise InvalidRecord("card model entries need id and digest")
+        models.append(CachedModel(item["id"], item["digest"]))
+    served = []
+    for item in _field(body, "layers_served", list):
+        if not isinstance(item, dict):
+            raise InvalidRecord("card layer entries must be maps")
+        start, end, model = item.get("start"), item.get("end"), item.get("model")
+        if not (isinstance(model, str) and type(start) is int and type(end) is int and 0 <= start < end):
+            raise InvalidRecord("card layer entries need model, start < end")
+        served.append(ServedLayers(model, start, end))
+    number = (int, float)
+    extra = body.get("extra", {})
+    if not isinstance(extra, dict):
+        raise InvalidRecord("card field 'extra' must be a map")
+    return CapabilityCard(
+        peer_id=_field(body, "peer_id", str),
+        public_key=_field(body, "public_key", bytes),
+        addrs=_str_list(body, "addrs"),
+        software_version=_field(body, "software_version", str),
+        os=_field(body, "os", str),
+        arch=_field(body, "arch", str),
+        cpu_cores=_field(body, "cpu_cores", int),
+        ram_total=_field(body, "ram_total", int),
+        ram_available=_field(body, "ram_available", int),
+        accelerators=_str_list(body, "accelerators"),
+        execution_providers=_str_list(body, "execution_providers"),
+        compute_gflops=float(_field(body, "compute_gflops", number)),
+        models=tuple(models),
+        layers_served=tuple(served),
+        load=float(_field(body, "load", number)),
+        issued_at=float(_field(body, "issued_at", number)),
+        expires_at=float(_field(body, "expires_at", number)),
+        extra=extra,
+    )
+
+
+def verify_card(record: bytes, now: float, key: str | None = None) -> CapabilityCard:
+    """Parse and check a card from anyone; raise :class:`InvalidRecord` if it fails.
+
+    Checks, in order: size, shape, that the signing key is the one the peer id names,
+    the signature, the DHT key (when given), and that the card is current at ``now``.
+    """
+    if len(record) > MAX_CARD_BYTES:
+        raise InvalidRecord(f"card of {len(record)} bytes exceeds {MAX_CARD_BYTES}")
+    try:
+        outer = unpack_map(record, MAX_CARD_BYTES)
+        body_bytes = outer.get("body")
+        signature = outer.get("sig")
+        if not isinstance(body_bytes, bytes) or not isinstance(signature, bytes):
+            raise InvalidRecord("card record needs body and sig bytes")
+        body = unpack_map(body_bytes, MAX_CARD_BYTES)
+    except RemoteProtocolError as exc:
+        raise InvalidRecord(f"malformed card: {exc}") from exc
+    if body.get("v") != CARD_VERSION:
+        raise InvalidRecord(f"unsupported card version {body.get('v')!r}")
+    card = _parse_body(body)
+    if len(card.public_key) != 32 or peer_id_from_ed25519(card.public_key) != card.peer_id:
+        raise InvalidRecord("card is not signed by the key of the peer it names")
+    try:
+        Ed25519PublicKey.from_public_bytes(card.public_key).verify(signature, body_bytes)
+    except InvalidSignature as exc:
+        raise InvalidRecord("card signature does not verify") from exc
+    if key is not None and key != card_key(card.peer_id):
+        raise InvalidRecord("card stored under another peer's key")
+    if card.expires_at <= now:
+        raise InvalidRecord(f"card of {card.peer_id} expired")
+    if card.issued_at > now + _MAX_SKEW_S or card.issued_at >= card.expires_at:
+        raise InvalidRecord("card issued in the future or with a bad lifetime")
+    return card

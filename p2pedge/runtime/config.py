@@ -1,0 +1,63 @@
+"""Runtime knobs: execution providers, threads, cache limits and queue depth.
+
+Plain data so the node can build it from its own config and tests can shrink it.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+
+from p2pedge.errors import ConfigError
+
+DEFAULT_PROVIDER_ORDER: tuple[str, ...] = (
+    "CUDAExecutionProvider",
+    "CoreMLExecutionProvider",
+    "CPUExecutionProvider",
+)
+
+MIN_MODELS = 2
+MAX_MODELS = 10
+
+
+@dataclass(frozen=True)
+class RuntimeConfig:
+    """How local models are run and how many stay warm.
+
+    ``memory_budget_bytes=None`` means ``memory_share`` of the RAM available when the
+    cache is created. ``allow_spinning=None`` turns spinning off, because the cache
+    always holds several sessions sharing the same cores (spinning threads of an idle
+    session steal CPU from the busy one).
+    """
+
+    providers: tuple[str, ...] = DEFAULT_PROVIDER_ORDER
+    intra_op_threads: int = field(default_factory=lambda: os.cpu_count() or 1)
+    allow_spinning: bool | None = None
+    max_models: int = 4
+    memory_budget_bytes: int | None = None
+    memory_share: float = 0.5
+    queue_limit: int = 8
+    max_active_per_model: int = 1
+
+    def __post_init__(self) -> None:
+        if not self.providers:
+            raise ConfigError("providers must name at least one execution provider")
+        if self.intra_op_threads < 1:
+            raise ConfigError(f"intra_op_threads must be >= 1, got {self.intra_op_threads}")
+        if not MIN_MODELS <= self.max_models <= MAX_MODELS:
+            raise ConfigError(
+                f"max_models must be in [{MIN_MODELS}, {MAX_MODELS}], got {self.max_models}"
+            )
+        if self.memory_budget_bytes is not None and self.memory_budget_bytes <= 0:
+            raise ConfigError(f"memory_budget_bytes must be > 0, got {self.memory_budget_bytes}")
+        if not 0.0 < self.memory_share <= 1.0:
+            raise ConfigError(f"memory_share must be in (0, 1], got {self.memory_share}")
+        if self.queue_limit < 0:
+            raise ConfigError(f"queue_limit must be >= 0, got {self.queue_limit}")
+        if self.max_active_per_model < 1:
+            raise ConfigError(f"max_active_per_model must be >= 1, got {self.max_active_per_model}")
+
+    @property
+    def spinning(self) -> bool:
+        """Whether intra-op threads may busy-wait (off unless explicitly enabled)."""
+        return bool(self.allow_spinning)

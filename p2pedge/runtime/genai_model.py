@@ -1,0 +1,198 @@
+"""Generative models through onnxruntime-genai, stepped one token at a time.
+
+Everything here is synchronous and meant to run in a worker thread; the trio side
+decides how often to hop. Traps handled (measured on onnxruntime-genai 0.18):
+
+* default threading is ~2x slower on small CPUs, so ``intra_op_num_threads`` is set
+  explicitly through a config overlay;
+* ``Tokenizer.decode`` drops everything after an invalid UTF-8 byte, so text is
+  streamed with ``Tokenizer.create_stream()`` which buffers partial characters;
+* ``get_logits()`` after the last token flips ``is_done()`` and the next step errors,
+  so it is never called here.
+"""
+
+from __future__ import annotations
+
+import json
+import threading
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import onnxruntime_genai as og
+
+from p2pedge.errors import ModelLoadError
+from p2pedge.runtime.config import RuntimeConfig
+from p2pedge.runtime.manifest import Manifest
+from p2pedge.runtime.providers import CPU, genai_available, genai_provider_name, pick_providers
+from p2pedge.runtime.sampling import PromptTooLong, SamplingParams, StopMatcher
+
+og.disable_telemetry_events()
+
+ROLES = frozenset({"system", "user", "assistant", "tool"})
+CHARS_PER_TOKEN_LIMIT = 64  # refuse absurdly long text before tokenizing it
+MAX_MESSAGES = 1024
+
+
+@dataclass(frozen=True)
+class Token:
+    """One generated token and the text it made safe to show (may be empty)."""
+
+    id: int
+    text: str
+
+
+class GenaiModel:
+    """A loaded decoder: og.Model + tokenizer + the facts needed to refuse bad input."""
+
+    kind = "decoder"
+
+    def __init__(self, model_dir: Path, manifest: Manifest, config: RuntimeConfig) -> None:
+        self.path = model_dir
+        self.provider, self.model = self._load(model_dir, config)
+        self.tokenizer = og.Tokenizer(self.model)
+        self._encode_lock = threading.Lock()
+        self.eos_ids = frozenset(int(t) for t in self.tokenizer.eos_token_ids)
+        ctx = manifest.context_length
+        if ctx is None:
+            raise ModelLoadError(f"{model_dir}: context_length unknown")
+        self.context_length = ctx
+
+    @staticmethod
+    def _load(model_dir: Path, config: RuntimeConfig) -> tuple[str, Any]:
+        session: dict[str, object] = {"intra_op_num_threads": config.intra_op_threads}
+        if not config.spinning:
+            session["session.intra_op.allow_spinning"] = "0"
+        overlay = json.dumps({"model": {"decoder": {"session_options": session}}})
+        errors: list[str] = []
+        for provider in pick_providers(config.providers):
+            name = genai_provider_name(provider)
+            if provider != CPU and (name is None or not genai_available(provider)):
+                continue
+            try:
+                cfg = og.Config(str(model_dir))
+                cfg.overlay(overlay)
+                cfg.clear_providers()
+                if name is not None:
+                    cfg.append_provider(name)
+                return provider, og.Model(cfg)
+            except Exception as exc:  # og raises bare RuntimeError for every failure
+                errors.append(f"{provider}: {exc}")
+        raise ModelLoadError(f"cannot load {model_dir}: {'; '.join(errors) or 'no provider'}")
+
+    def close(self) -> None:
+        """Drop the native objects now rather than at garbage collection."""
+        self.tokenizer = None
+        self.model = None
+
+    def encode_prompt(
+        self, *, prompt: str | None = None, messages: Sequence[Mapping[str, str]] | None = None
+    ) -> list[int]:
+        """Token ids for a raw prompt or chat messages (rendered with the model's template).
+
+        Raises ValueError for malformed input and PromptTooLong when no room is left for
+        a single new token.
+        """
+        if (prompt is None) == (messages is None):
+            raise ValueError("pass exactly one of prompt= or messages=")
+        limit = CHARS_PER_TOKEN_LIMIT * self.context_length
+        if messages is not None:
+            text = self.render_chat(messages, limit)
+        else:
+            if not isinstance(prompt, str):
+                raise ValueError("prompt must be a string")
+            text = prompt
+        if len(text) > limit:
+            raise PromptTooLong(len(text), self.context_length)
+        with self._encode_lock:
+            ids = [int(t) for t in self.tokenizer.encode(text)]
+        if not ids:
+            raise ValueError("prompt is empty")
+        if len(ids) >= self.context_length:
+            raise PromptTooLong(len(ids), self.context_length)
+        return ids
+
+    def render_chat(self, messages: Sequence[Mapping[str, str]], limit: int) -> str:
+        """Apply the chat template from the model's tokenizer_config.json."""
+        if not isinstance(messages, Sequence) or not 0 < len(messages) <= MAX_MESSAGES:
+            raise ValueError(f"messages must be a list of 1..{MAX_MESSAGES} messages")
+        clean: list[dict[str, str]] = []
+        total = 0
+        for m in messages:
+            if not isinstance(m, Mapping):
+                raise ValueError("each message must be a mapping with role and content")
+            role, content = m.get("role"), m.get("content")
+            if role not in ROLES or not isinstance(content, str):
+                raise ValueError(f"bad message: role must be one of {sorted(ROLES)}, content a str")
+            total += len(content)
+            if total > limit:
+                raise PromptTooLong(total, self.context_length)
+            clean.append({"role": role, "content": content})
+        try:
+            with self._encode_lock:
+                text = self.tokenizer.apply_chat_template(
+                    json.dumps(clean), add_generation_prompt=True
+                )
+            return str(text)
+        except RuntimeError as exc:
+            raise ValueError(f"{self.path.name}: cannot apply chat template: {exc}") from exc
+
+    def start(self, prompt_ids: Sequence[int], params: SamplingParams) -> Generation:
+        """Begin generating; runs the prompt through the model (compute: call off-loop)."""
+        return Generation(self, prompt_ids, params)
+
+
+class Generation:
+    """One in-flight generation. Not thread-safe: step it from one thread at a time."""
+
+    def __init__(self, owner: GenaiModel, prompt_ids: Sequence[int], params: SamplingParams):
+        if len(prompt_ids) >= owner.context_length:
+            raise PromptTooLong(len(prompt_ids), owner.context_length)
+        self.prompt_tokens = len(prompt_ids)
+        self.max_tokens = min(params.max_tokens, owner.context_length - self.prompt_tokens)
+        gp = og.GeneratorParams(owner.model)
+        gp.set_search_options(**params.search_options(self.prompt_tokens + self.max_tokens))
+        self._eos = owner.eos_ids
+        self._gen = og.Generator(owner.model, gp)
+        self._gen.append_tokens(list(prompt_ids))
+        self._stream = owner.tokenizer.create_stream()
+        self._stop = StopMatcher(params.stop)
+        self.completion_tokens = 0
+        self.token_ids: list[int] = []
+        self.finish_reason: str | None = None
+
+    @property
+    def done(self) -> bool:
+        return self.finish_reason is not None
+
+    def step(self) -> Token:
+        """Compute and decode one token; sets ``finish_reason`` on the last one."""
+        if self.finish_reason is not None:
+            raise RuntimeError("generation already finished")
+        self._gen.generate_next_token()
+        tid = int(self._gen.get_next_tokens()[0])
+        self.completion_tokens += 1
+        self.token_ids.append(tid)
+        if tid in self._eos:
+            self.finish_reason = "stop"
+            return Token(tid, self._stop.flush())
+        text = self._stop.feed(self._stream.decode(tid))
+        if self._stop.stopped:
+            self.finish_reason = "stop"
+        elif self.completion_tokens >= self.max_tokens or self._gen.is_done():
+            self.finish_reason = "length"
+            text += self._stop.flush()
+        return Token(tid, text)
+
+    def step_for(self, budget_s: float, clock: Any) -> list[Token]:
+        """Step until done or ``budget_s`` of wall time has passed (at least one token)."""
+        start = clock()
+        out = [self.step()]
+        while self.finish_reason is None and clock() - start < budget_s:
+            out.append(self.step())
+        return out
+
+    def close(self) -> None:
+        self.finish_reason = self.finish_reason or "cancelled"
+        self._gen = None

@@ -1,0 +1,167 @@
+"""Plain-numpy Llama forward pass with a KV cache: the definition of correct output.
+
+Written for clarity, not speed: float64 throughout, weights dequantised once with
+``as_float``, heads expanded explicitly for grouped-query attention. Every ONNX graph the
+project builds (full decoder, shards, both variants) is tested against this.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+import numpy.typing as npt
+
+from p2pedge.models.convert.weights import LlamaWeights, as_float
+
+F64 = npt.NDArray[np.float64]
+# Finite so a fully padded query row yields a uniform (ignored) row instead of NaNs.
+MASK_VALUE = -1.0e9
+
+
+@dataclass
+class KVCache:
+    """Per-block keys/values ``[batch, n_kv_heads, seq, head_dim]`` for the tokens seen."""
+
+    keys: list[F64 | None] = field(default_factory=list)
+    values: list[F64 | None] = field(default_factory=list)
+
+    def length(self) -> int:
+        first = self.keys[0] if self.keys else None
+        return 0 if first is None else int(first.shape[2])
+
+
+class ReferenceLlama:
+    def __init__(self, weights: LlamaWeights) -> None:
+        cfg = weights.config
+        self.config = cfg
+        self.embd = weights.token_embd.astype(np.float64)
+        self.head = (weights.lm_head if weights.lm_head is not None else weights.token_embd).astype(
+            np.float64
+        )
+        self.output_norm = weights.output_norm.astype(np.float64)
+        self.blocks = [
+            {
+                "attn_norm": b.attn_norm.astype(np.float64),
+                "wq": as_float(b.wq).astype(np.float64),
+                "wk": as_float(b.wk).astype(np.float64),
+                "wv": as_float(b.wv).astype(np.float64),
+                "wo": as_float(b.wo).astype(np.float64),
+                "ffn_norm": b.ffn_norm.astype(np.float64),
+                "w_gate": as_float(b.w_gate).astype(np.float64),
+                "w_up": as_float(b.w_up).astype(np.float64),
+                "w_down": as_float(b.w_down).astype(np.float64),
+            }
+            for b in weights.blocks
+        ]
+        half = cfg.head_dim // 2
+        self.inv_freq = 1.0 / (
+            cfg.rope_base ** (np.arange(half, dtype=np.float64) * 2 / cfg.head_dim)
+        )
+
+    def new_cache(self) -> KVCache:
+        n = self.config.n_layers
+        return KVCache(keys=[None] * n, values=[None] * n)
+
+    def _norm(self, x: F64, gamma: F64) -> F64:
+        rms = np.sqrt(np.mean(x * x, axis=-1, keepdims=True) + self.config.rms_eps)
+        out: F64 = x / rms * gamma
+        return out
+
+    def _rope(self, x: F64, positions: npt.NDArray[np.int64]) -> F64:
+        """``x`` is ``[batch, heads, seq, head_dim]``; rotate-half convention."""
+        angles = positions[:, None, :, None].astype(np.float64) * self.inv_freq
+        angles = np.concatenate([angles, angles], axis=-1)  # [b, 1, s, hd]
+        half = x.shape[-1] // 2
+        rotated = np.concatenate([-x[..., half:], x[..., :half]], axis=-1)
+        out: F64 = x * np.cos(angles) + rotated * np.sin(angles)
+        return out
+
+    def forward(
+        self,
+        input_ids: npt.NDArray[np.int64],
+        positions: npt.NDArray[np.int64],
+        kv_cache: KVCache,
+        attention_mask: npt.NDArray[np.int64] | None = None,
+    ) -> F64:
+        """Logits ``[batch, seq, vocab]`` for ``input_ids`` ``[batch, seq]``; extends ``kv_cache``.
+
+        ``attention_mask`` covers cached plus new tokens (``[batch, past + seq]``); None means
+        all ones.
+        """
+        return self.forward_hidden(
+            self.embd[input_ids], positions, kv_cache, attention_mask, 0, None, True
+        )
+
+    def forward_hidden(
+        self,
+        hidden: F64,
+        positions: npt.NDArray[np.int64],
+        kv_cache: KVCache,
+        attention_mask: npt.NDArray[np.int64] | None,
+        start: int,
+        end: int | None,
+        final: bool,
+    ) -> F64:
+        """Run blocks ``[start, end)`` on ``hidden``; with ``final`` apply norm and LM head."""
+        cfg = self.config
+        end = cfg.n_layers if end is None else end
+        batch, seq = positions.shape
+        cached = kv_cache.keys[start]
+        past = 0 if cached is None else int(cached.shape[2])
+        total = past + seq
+        mask = np.ones((batch, total), dtype=np.int64) if attention_mask is None else attention_mask
+        causal = np.arange(total)[None, :] <= (past + np.arange(seq))[:, None]  # [s, t]
+        allowed = causal[None, None] & (mask[:, None, None, :] != 0)  # [b, 1, s, t]
+        grp = cfg.n_heads // cfg.n_kv_heads
+        x = hidden.astype(np.float64)
+        for i in range(start, end):
+            b = self.blocks[i]
+            h = self._norm(x, b["attn_norm"])
+            q = (h @ b["wq"].T).reshape(batch, seq, cfg.n_heads, cfg.head_dim).transpose(0, 2, 1, 3)
+            k = (
+                (h @ b["wk"].T)
+                .reshape(batch, seq, cfg.n_kv_heads, cfg.head_dim)
+                .transpose(0, 2, 1, 3)
+            )
+            v = (
+                (h @ b["wv"].T)
+                .reshape(batch, seq, cfg.n_kv_heads, cfg.head_dim)
+                .transpose(0, 2, 1, 3)
+            )
+            q, k = self._rope(q, positions), self._rope(k, positions)
+            old_k, old_v = kv_cache.keys[i], kv_cache.values[i]
+            if old_k is not None and old_v is not None:
+                k = np.concatenate([old_k, k], axis=2)
+                v = np.concatenate([old_v, v], axis=2)
+            kv_cache.keys[i], kv_cache.values[i] = k, v
+            k_full = np.repeat(k, grp, axis=1)
+            v_full = np.repeat(v, grp, axis=1)
+            scores = q @ k_full.transpose(0, 1, 3, 2) / np.sqrt(cfg.head_dim)
+            scores = np.where(allowed, scores, MASK_VALUE)
+            scores = scores - scores.max(axis=-1, keepdims=True)
+            probs = np.exp(scores)
+            probs /= probs.sum(axis=-1, keepdims=True)
+            ctx = (probs @ v_full).transpose(0, 2, 1, 3).reshape(batch, seq, -1)
+            x = x + ctx @ b["wo"].T
+            h = self._norm(x, b["ffn_norm"])
+            gate = h @ b["w_gate"].T
+            act = gate / (1.0 + np.exp(-gate)) * (h @ b["w_up"].T)
+            x = x + act @ b["w_down"].T
+        if not final:
+            return x
+        return self._norm(x, self.output_norm) @ self.head.T
+
+    def greedy(self, prompt: list[int], max_new_tokens: int) -> list[int]:
+        """Greedy continuation of ``prompt`` (batch 1), for end-to-end checks."""
+        cache = self.new_cache()
+        ids = np.array([prompt], dtype=np.int64)
+        pos = np.arange(len(prompt), dtype=np.int64)[None]
+        out: list[int] = []
+        for _ in range(max_new_tokens):
+            logits = self.forward(ids, pos, cache)
+            nxt = int(np.argmax(logits[0, -1]))
+            out.append(nxt)
+            ids = np.array([[nxt]], dtype=np.int64)
+            pos = np.array([[cache.length()]], dtype=np.int64)
+        return out

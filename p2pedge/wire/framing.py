@@ -1,0 +1,56 @@
+"""Length-prefixed framing: a 4-byte big-endian length, then the payload.
+
+The decoder is sans-IO (feed bytes, get whole frames) and refuses a length above its
+limit as soon as the prefix arrives, so a peer cannot make us buffer a huge frame.
+"""
+
+from __future__ import annotations
+
+import struct
+
+from p2pedge.errors import FrameTooLarge, LocalProtocolError
+
+PREFIX = struct.Struct(">I")
+DEFAULT_MAX_FRAME = 16 * 1024 * 1024
+
+
+def encode_frame(payload: bytes, max_frame: int = DEFAULT_MAX_FRAME) -> bytes:
+    """Prefix ``payload`` with its length; refuses what the other side would refuse."""
+    if len(payload) > max_frame:
+        raise LocalProtocolError(f"frame of {len(payload)} bytes exceeds limit {max_frame}")
+    return PREFIX.pack(len(payload)) + payload
+
+
+class FrameDecoder:
+    """Reassembles frames from arbitrary chunks of a byte stream."""
+
+    def __init__(self, max_frame: int = DEFAULT_MAX_FRAME) -> None:
+        if max_frame <= 0:
+            raise LocalProtocolError("max_frame must be positive")
+        self.max_frame = max_frame
+        self._buffer = bytearray()
+        self._expected: int | None = None
+
+    @property
+    def buffered(self) -> int:
+        """Bytes received but not yet returned as a frame."""
+        return len(self._buffer)
+
+    def feed(self, data: bytes) -> list[bytes]:
+        """Add received bytes; return every frame now complete, in order."""
+        self._buffer += data
+        frames: list[bytes] = []
+        while True:
+            if self._expected is None:
+                if len(self._buffer) < PREFIX.size:
+                    return frames
+                (length,) = PREFIX.unpack_from(self._buffer)
+                if length > self.max_frame:
+                    raise FrameTooLarge(f"peer announced a {length}-byte frame (limit {self.max_frame})")
+                del self._buffer[: PREFIX.size]
+                self._expected = length
+            if len(self._buffer) < self._expected:
+                return frames
+            frames.append(bytes(self._buffer[: self._expected]))
+            del self._buffer[: self._expected]
+            self._expected = None

