@@ -50,19 +50,81 @@ def _make_card_validator(clock: Callable[[], float]) -> Any:
 
 
 class Directory:
-    """Cards and provider records on the DHT, with a local cache of verified cards."""
+    """Cards and provider records on the DHT, with a local cache of verified cards.
 
-    def __init__(self, dht: Any, *, clock: Callable[[], float] = time.time, timeout: float = 10.0) -> None:
+    Cards are stored at the ``replication`` closest peers we know rather than py-libp2p's
+    k = 20: they are re-announced every interval, and each extra replica costs a dial
+    with a full Noise and identify handshake. Reads ask those same closest peers first
+    and fall back to the library's full iterative lookup.
+    """
+
+    def __init__(
+        self,
+        dht: Any,
+        *,
+        clock: Callable[[], float] = time.time,
+        timeout: float = 10.0,
+        replication: int = 6,
+    ) -> None:
         self.dht = dht
         self.clock = clock
         self.timeout = timeout
+        self.replication = replication
         self._cards: dict[str, CapabilityCard] = {}
         dht.register_validator(CARD_NAMESPACE, _make_card_validator(clock))
 
-    async def put_card(self, record: bytes, peer_id: str) -> None:
-        with trio.move_on_after(self.timeout):
-            await self.dht.put_value(card_key(peer_id), record)
-        self.remember(verify_card(record, self.clock()))
+    async def _closest(self, key: bytes) -> list[Any]:
+        table = self.dht.routing_table
+        if table.size() < self.replication:
+            with trio.move_on_after(self.timeout):
+                await self.dht.peer_routing.find_closest_peers_network(key, self.replication)
+        local = self.dht.local_peer_id
+        return [p for p in table.find_local_closest_peers(key, self.replication + 1) if p != local][
+            : self.replication
+        ]
+
+    async def put_card(self, record: bytes, peer_id: str) -> int:
+        """Store our card locally and at the closest peers; returns how many accepted."""
+        card = verify_card(record, self.clock())
+        key = card_key(peer_id).encode()
+        self.dht.value_store.put(key, record)
+        self.remember(card)
+        stored = 0
+
+        async def store(peer: Any) -> None:
+            nonlocal stored
+            with trio.move_on_after(self.timeout):
+                if await self.dht.value_store._store_at_peer(peer, key, record):
+                    stored += 1
+
+        async with trio.open_nursery() as nursery:
+            for peer in await self._closest(key):
+                nursery.start_soon(store, peer)
+        return stored
+
+    async def _ask_closest(self, peer_id: str) -> bytes | None:
+        """Ask the closest known peers concurrently; the first valid card ends the search."""
+        key = card_key(peer_id).encode()
+        answer: bytes | None = None
+
+        async def ask(peer: Any, cancel_scope: trio.CancelScope) -> None:
+            nonlocal answer
+            with trio.move_on_after(self.timeout):
+                value = await self.dht.value_store._get_from_peer(peer, key)
+                if not isinstance(value, bytes):
+                    return
+                try:
+                    verify_card(value, self.clock(), card_key(peer_id))
+                except InvalidRecord as exc:
+                    log.warning("peer %s returned a bad card for %s: %s", peer, peer_id, exc)
+                    return
+                answer = value
+                cancel_scope.cancel()
+
+        async with trio.open_nursery() as nursery:
+            for peer in await self._closest(key):
+                nursery.start_soon(ask, peer, nursery.cancel_scope)
+        return answer
 
     def remember(self, card: CapabilityCard) -> None:
         cached = self._cards.get(card.peer_id)
@@ -83,9 +145,13 @@ class Directory:
         """A verified, current card, or None; invalid records from peers are logged."""
         if not refresh and (cached := self.cached_card(peer_id)) is not None:
             return cached
-        value: bytes | None = None
-        with trio.move_on_after(self.timeout):
-            value = await self.dht.get_value(card_key(peer_id))
+        local = self.dht.value_store.get(card_key(peer_id).encode())
+        value: bytes | None = local.value if local is not None else None
+        if value is None:
+            value = await self._ask_closest(peer_id)
+        if value is None:
+            with trio.move_on_after(self.timeout):
+                value = await self.dht.get_value(card_key(peer_id))
         if value is None:
             return self.cached_card(peer_id)
         try:
@@ -96,17 +162,49 @@ class Directory:
         self.remember(card)
         return self.cached_card(peer_id)
 
-    async def provide(self, key: str) -> bool:
-        result = False
-        with trio.move_on_after(self.timeout):
-            result = bool(await self.dht.provide(provider_key(key)))
-        return result
+    async def provide(self, key: str) -> int:
+        """Record ourselves as a provider locally and at the closest known peers."""
+        from libp2p.peer.peerinfo import PeerInfo
+
+        store = self.dht.provider_store
+        raw = bytes.fromhex(provider_key(key))
+        store.providing_keys.add(raw)
+        store.add_provider(raw, PeerInfo(self.dht.host.get_id(), list(self.dht.host.get_addrs())))
+        accepted = 0
+
+        async def send(peer: Any) -> None:
+            nonlocal accepted
+            with trio.move_on_after(self.timeout):
+                if await store._send_add_provider(peer, raw):
+                    accepted += 1
+
+        async with trio.open_nursery() as nursery:
+            for peer in await self._closest(raw):
+                nursery.start_soon(send, peer)
+        return accepted
 
     async def find_providers(self, key: str, limit: int = 20) -> list[str]:
-        infos: list[Any] = []
-        with trio.move_on_after(self.timeout):
-            infos = await self.dht.find_providers(provider_key(key), limit)
-        seen: dict[str, None] = {}
-        for info in infos:
-            seen.setdefault(info.peer_id.to_base58(), None)
-        return list(seen)[:limit]
+        """Providers from our own store and the closest known peers; iterative lookup last."""
+        store = self.dht.provider_store
+        raw = bytes.fromhex(provider_key(key))
+        found: dict[str, None] = {}
+
+        def add(infos: list[Any]) -> None:
+            for info in infos:
+                self.dht.host.get_peerstore().add_addrs(info.peer_id, info.addrs, 3600)
+                found.setdefault(info.peer_id.to_base58(), None)
+
+        add(store.get_providers(raw))
+
+        async def ask(peer: Any) -> None:
+            with trio.move_on_after(self.timeout):
+                providers, _closer = await store._get_providers_from_peer_with_closers(peer, raw)
+                add(providers)
+
+        async with trio.open_nursery() as nursery:
+            for peer in await self._closest(raw):
+                nursery.start_soon(ask, peer)
+        if not found:
+            with trio.move_on_after(self.timeout):
+                add(await self.dht.find_providers(provider_key(key), limit))
+        return list(found)[:limit]

@@ -46,11 +46,13 @@ class NodeConfig:
     private_dial_timeout: float = 3.0
     bootstrap_timeout: float = 5.0
     self_lookup: bool = True
+    announce_on_start: bool = True
     models_dir: Path | None = None
     serve: tuple[ServeSpec, ...] = ()
     threads: int = 0
     trusted_publishers: tuple[Path, ...] = ()
     measure_compute: bool = True
+    identity_seed: bytes | None = None
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "data_dir", Path(self.data_dir))

@@ -6,6 +6,7 @@ import json
 import os
 import platform
 import shutil
+from functools import lru_cache
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -26,7 +27,9 @@ class Hardware:
     execution_providers: tuple[str, ...]
 
 
+@lru_cache(maxsize=1)
 def probe_hardware() -> Hardware:
+    """Probed once per process: the answer does not change while we run."""
     import onnxruntime
 
     accelerators = []

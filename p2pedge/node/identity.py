@@ -22,6 +22,13 @@ class Identity:
         self.peer_id = peer_id_from_ed25519(self.public_key)
 
     @classmethod
+    def from_seed(cls, seed: bytes) -> Identity:
+        """A reproducible identity (simnet, tests); never written to disk."""
+        if len(seed) != 32:
+            raise ConfigError("an identity seed is 32 bytes")
+        return cls(Ed25519PrivateKey.from_private_bytes(seed))
+
+    @classmethod
     def load_or_create(cls, data_dir: Path) -> Identity:
         path = Path(data_dir) / KEY_FILE
         if path.exists():

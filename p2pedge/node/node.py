@@ -38,7 +38,8 @@ class Node:
     def __init__(self, config: NodeConfig | None = None, *, clock: Callable[[], float] = time.time) -> None:
         self.config = config or NodeConfig()
         self.clock = clock
-        self.identity = Identity.load_or_create(self.config.data_dir)
+        seed = self.config.identity_seed
+        self.identity = Identity.from_seed(seed) if seed else Identity.load_or_create(self.config.data_dir)
         self.peer_id: str = self.identity.peer_id
         self.host: Any = None
         self.directory: Directory | None = None
@@ -81,7 +82,7 @@ class Node:
         self._stack = stack
         self.started = True
         self._refresh_card()
-        if not self.config.local_only:
+        if not self.config.local_only and self.config.announce_on_start:
             self._nursery.start_soon(self._announce_loop)
         return self
 
@@ -89,10 +90,14 @@ class Node:
         self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
     ) -> bool | None:
         stack, self._stack = self._stack, None
-        if stack is not None:
+        if stack is None:
+            return None
+        try:
             if self.host is not None:
-                with trio.move_on_after(2):
+                # py-libp2p leaves the TCP listener open after host.run(); close it first.
+                with trio.move_on_after(2, shield=True):
                     await self.host.get_network().close()
+        finally:
             await stack.__aexit__(exc_type, exc, tb)
         return None
 
@@ -100,7 +105,6 @@ class Node:
         from libp2p import new_host
         from libp2p.kad_dht.kad_dht import DHTMode, KadDHT
         from libp2p.network.config import ConnectionConfig
-        from libp2p.tools.anyio_service import background_trio_service
 
         from p2pedge.dht._protocol import use_p2pedge_kad_protocol
         from p2pedge.node.quiet import quiet_libp2p
@@ -123,9 +127,23 @@ class Node:
         for protocol_id, handler in self._handlers.items():
             self._install_handler(protocol_id, handler)
         dht = KadDHT(self.host, DHTMode.SERVER)
-        await stack.enter_async_context(background_trio_service(dht))
+        # A shard server provides one key per block; py-libp2p's default of 10
+        # ADD_PROVIDER per peer per 10 s would drop most of them.
+        dht._provider_rate_max = 1000
+        # Not run as a service: its main loop refreshes the whole routing table at start
+        # on every node, which swamps a shared event loop. Our maintenance does the rest.
+        assert self._nursery is not None
+        dht.routing_table.start_periodic_refresh(self._nursery)
+        self._nursery.start_soon(self._dht_maintenance, dht)
         self.directory = Directory(dht, clock=self.clock, timeout=self.config.dht_timeout)
         await self._bootstrap()
+
+    async def _dht_maintenance(self, dht: Any) -> None:
+        """Drop expired values and provider records; our announce loop republishes ours."""
+        while True:
+            await trio.sleep(self.config.announce_interval)
+            dht.value_store.cleanup_expired()
+            dht.provider_store.cleanup_expired()
 
     async def _bootstrap(self) -> None:
         for addr in self.config.bootstrap:
@@ -217,6 +235,10 @@ class Node:
         for key in sorted(keys):
             await self.directory.provide(key)
         self._provided = keys
+
+    def start_announcing(self) -> None:
+        """Begin the periodic announce loop (started on entry unless announce_on_start=False)."""
+        self.nursery.start_soon(self._announce_loop)
 
     async def _announce_loop(self) -> None:
         while True:
@@ -372,6 +394,16 @@ class Node:
         if info is None:
             raise PeerUnavailable(f"no address known for {peer_id}")
         self.host.get_peerstore().add_addrs(target, info.addrs, int(self.config.card_ttl))
+
+    async def introduce(self, peer_id: str, addrs: Sequence[str]) -> bool:
+        """Learn a peer's addresses and put it in the routing table without dialing."""
+        from libp2p.peer.id import ID
+
+        directory = self._require_network()
+        target = ID.from_base58(peer_id)
+        for addr in addrs:
+            self.host.get_peerstore().add_addr(target, parse_multiaddr(addr), int(self.config.card_ttl))
+        return bool(await directory.dht.add_peer(target, skip_server_mode_check=True))
 
     async def disconnect(self, peer_id: str) -> None:
         from libp2p.peer.id import ID

@@ -100,7 +100,7 @@ def sign_card(card: CapabilityCard, key: Ed25519PrivateKey) -> bytes:
 
 def _field(body: dict[str, Any], name: str, kind: type | tuple[type, ...]) -> Any:
     value = body.get(name)
-    if not isinstance(value, kind) or (isinstance(value, bool) and kind in (int, float)):
+    if not isinstance(value, kind) or isinstance(value, bool):
         raise InvalidRecord(f"card field {name!r} is missing or of the wrong type")
     return value
 

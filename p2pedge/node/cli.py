@@ -1,0 +1,168 @@
+"""``python -m p2pedge.node``: join a swarm, serve, or list peers.
+
+Bad addresses or key files give a one-line error and exit code 2; SIGINT and SIGTERM
+shut the node down cleanly with exit code 0 and no traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import signal
+import sys
+import tempfile
+from collections.abc import Callable, Sequence
+from dataclasses import asdict
+from pathlib import Path
+from typing import Any
+
+import trio
+
+from p2pedge.errors import ConfigError, P2PEdgeError
+from p2pedge.node.config import NodeConfig, ServeSpec, default_data_dir
+from p2pedge.records.card import CapabilityCard
+
+EXIT_USAGE = 2
+
+
+def _common(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--listen", action="append", default=None, help="multiaddr to listen on (repeatable)")
+    parser.add_argument("--bootstrap", action="append", default=[], help="full multiaddr of a peer (repeatable)")
+    parser.add_argument("--data-dir", type=Path, default=None, help="identity and caches")
+    parser.add_argument("--psk-file", type=Path, default=None, help="private swarm pre-shared key")
+    parser.add_argument("--allow-peer", action="append", default=[], help="only these peer ids (repeatable)")
+    parser.add_argument("--mdns", action="store_true", help="discover peers on the LAN")
+    parser.add_argument("--announce-interval", type=float, default=60.0)
+    parser.add_argument("--log-level", default="warning")
+    parser.add_argument("--json", action="store_true", help="one JSON object per line")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="python -m p2pedge.node", description=__doc__)
+    sub = parser.add_subparsers(dest="command")
+    run = sub.add_parser("run", help="join the swarm and stay (default)")
+    _common(run)
+    run.add_argument("--serve", action="append", default=[], help="MODEL[:START-END] shard to serve")
+    run.add_argument("--models-dir", type=Path, default=None, help="model store root")
+    peers = sub.add_parser("peers", help="join, print the verified cards, exit")
+    _common(peers)
+    peers.add_argument("--model", default=None, help="only peers with this model cached")
+    return parser
+
+
+def _config(args: argparse.Namespace, *, throwaway: bool = False) -> NodeConfig:
+    data_dir = args.data_dir
+    if data_dir is None:
+        data_dir = Path(tempfile.mkdtemp(prefix="p2pedge-")) if throwaway else default_data_dir()
+    return NodeConfig(
+        data_dir=data_dir,
+        listen=tuple(args.listen or ["/ip4/127.0.0.1/tcp/0"]),
+        bootstrap=tuple(args.bootstrap),
+        psk_file=args.psk_file,
+        allow_peers=tuple(args.allow_peer),
+        mdns=args.mdns,
+        announce_interval=args.announce_interval,
+        serve=tuple(ServeSpec.parse(s) for s in getattr(args, "serve", [])),
+        models_dir=getattr(args, "models_dir", None),
+    )
+
+
+class Printer:
+    def __init__(self, as_json: bool) -> None:
+        self.as_json = as_json
+
+    def event(self, name: str, text: str, **fields: Any) -> None:
+        if self.as_json:
+            print(json.dumps({"event": name, **fields}), flush=True)
+        else:
+            print(text, flush=True)
+
+
+def card_summary(card: CapabilityCard) -> dict[str, Any]:
+    data = asdict(card)
+    data["public_key"] = card.public_key.hex()
+    return data
+
+
+async def run_node(args: argparse.Namespace, printer: Printer) -> None:
+    from p2pedge.node.node import Node
+
+    async with Node(_config(args)) as node:
+        printer.event(
+            "listening",
+            "\n".join(f"listening {a}" for a in node.addrs),
+            peer_id=node.peer_id,
+            addrs=node.addrs,
+        )
+        await trio.sleep_forever()
+
+
+async def list_peers(args: argparse.Namespace, printer: Printer) -> None:
+    from p2pedge.node.node import Node
+
+    config = _config(args, throwaway=True)
+    async with Node(config) as node:
+        if not node.known_peers():
+            raise ConfigError("could not join the swarm: no bootstrap peer answered")
+        cards = [c for c in await node.find_peers(args.model) if c.peer_id != node.peer_id]
+        for card in cards:
+            models = ",".join(m.id for m in card.models) or "-"
+            printer.event(
+                "peer",
+                f"{card.peer_id}  {card.os}/{card.arch} cores={card.cpu_cores} "
+                f"gflops={card.compute_gflops:.1f} models={models} addrs={' '.join(card.addrs)}",
+                card=card_summary(card),
+            )
+        printer.event("done", f"{len(cards)} peer(s)", count=len(cards))
+
+
+async def _unwrapped(
+    command: Callable[[argparse.Namespace, Printer], Any], args: argparse.Namespace, printer: Printer
+) -> None:
+    """Run ``command`` until it ends or a signal arrives; surface a lone error as itself.
+
+    The signal receiver stays open for the whole run, so a second Ctrl-C during
+    shutdown is absorbed instead of raising KeyboardInterrupt mid-cleanup.
+    """
+    try:
+        with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
+            async with trio.open_nursery() as watcher:
+                work = trio.CancelScope()
+
+                async def cancel_on_signal() -> None:
+                    async for _ in signals:
+                        work.cancel()
+
+                watcher.start_soon(cancel_on_signal)
+                with work:
+                    await command(args, printer)
+                watcher.cancel_scope.cancel()
+    except BaseExceptionGroup as group:
+        errors = group.exceptions
+        while len(errors) == 1 and isinstance(errors[0], BaseExceptionGroup):
+            errors = errors[0].exceptions
+        if len(errors) == 1:
+            raise errors[0] from None
+        raise
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if not argv or argv[0].startswith("-"):
+        argv.insert(0, "run")
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=args.log_level.upper(), format="%(levelname)s %(name)s: %(message)s")
+    printer = Printer(args.json)
+    command = run_node if args.command == "run" else list_peers
+    try:
+        trio.run(_unwrapped, command, args, printer)
+    except ConfigError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+    except P2PEdgeError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        return 0
+    return 0

@@ -1,0 +1,318 @@
+"""LocalInference: trio glue between callers and the thread-based runtime.
+
+Compute runs in worker threads, one prompt chunk or one token per hop
+(``trio.to_thread.run_sync``), so the event loop runs between every two calls and a
+cancel or a ``break`` out of the stream stops generation after at most the token being
+computed. onnxruntime-genai 0.18 holds the GIL during each call, so the loop is only
+free *between* calls: hops are kept short on purpose (see ``Generation``). Requests for
+one model queue FIFO (trio's semaphore hands a released slot to the longest waiter)
+and are refused with Busy beyond ``RuntimeConfig.queue_limit`` waiters.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import AsyncGenerator, Awaitable, Callable, Mapping, Sequence
+from contextlib import aclosing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import numpy.typing as npt
+import trio
+
+from p2pedge.errors import Busy, ModelNotCached
+from p2pedge.ids import ModelId
+from p2pedge.runtime.cache import CachedModel, Lease, ModelCache, cache_key
+from p2pedge.runtime.config import RuntimeConfig
+from p2pedge.runtime.genai_model import GenaiModel, Generation, Token
+from p2pedge.runtime.sampling import SamplingParams
+
+ModelRef = str | ModelId
+Resolver = Callable[[ModelId], Path]
+# mypy 2.4 rejects keyword arguments after trio's TypeVarTuple ``*args``; go untyped here.
+_to_thread_abandonable: Callable[..., Awaitable[None]] = trio.to_thread.run_sync
+
+
+@dataclass(frozen=True)
+class Completion:
+    """A finished generation. ``tok_per_s`` is the decode rate after the first token."""
+
+    text: str
+    prompt_tokens: int
+    completion_tokens: int
+    ttft_s: float
+    tok_per_s: float
+    finish_reason: str
+    provider: str
+    token_ids: tuple[int, ...] = ()
+
+
+@dataclass
+class _Run:
+    """Timing and counts of one generation, filled in as it streams."""
+
+    start: float = field(default_factory=time.perf_counter)
+    first: float | None = None
+    last: float | None = None
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+    finish_reason: str = "cancelled"
+    provider: str = ""
+
+    def tok_per_s(self) -> float:
+        if self.first is None or self.last is None or self.completion_tokens == 0:
+            return 0.0
+        if self.completion_tokens > 1 and self.last > self.first:
+            return (self.completion_tokens - 1) / (self.last - self.first)
+        return self.completion_tokens / max(self.last - self.start, 1e-9)
+
+
+class _Queue:
+    """Per-model FIFO admission with a bounded number of waiters."""
+
+    def __init__(self, active: int, limit: int) -> None:
+        self.slots = trio.Semaphore(active)
+        self.limit = limit
+
+    def admit(self, name: str) -> None:
+        if self.slots.value == 0 and self.slots.statistics().tasks_waiting >= self.limit:
+            raise Busy(
+                f"{name}: {self.slots.statistics().tasks_waiting} requests already queued "
+                f"(limit {self.limit}); retry later or ask another peer"
+            )
+
+
+class LocalInference:
+    """Generation and tensor inference on models resolved to local directories.
+
+    ``resolver`` maps a model id to its directory and raises ModelNotCached when it is
+    not stored locally; it may touch the disk, so it runs in a worker thread.
+    """
+
+    def __init__(
+        self,
+        resolver: Resolver,
+        config: RuntimeConfig | None = None,
+        *,
+        cache: ModelCache | None = None,
+    ) -> None:
+        self.config = config or RuntimeConfig()
+        self.cache = cache or ModelCache(self.config)
+        self._resolver = resolver
+        self._queues: dict[str, _Queue] = {}
+
+    # -- models ------------------------------------------------------------------------
+
+    async def resolve(self, model: ModelRef) -> tuple[ModelId, Path]:
+        if isinstance(model, ModelId):
+            mid = model
+        else:
+            try:
+                mid = ModelId.parse(model)
+            except ValueError:
+                raise ModelNotCached(str(model)) from None
+        path = await trio.to_thread.run_sync(self._resolver, mid)
+        return mid, Path(path)
+
+    async def warm(self, model: ModelRef) -> CachedModel:
+        """Load ``model`` into the cache (in a worker thread) and describe it."""
+        mid, path = await self.resolve(model)
+        lease = await self._lease(mid, path)
+        lease.release()
+        key = cache_key(path)
+        return next(m for m in self.cache.loaded() if cache_key(m.path) == key)
+
+    async def pin(self, model: ModelRef) -> None:
+        self.cache.pin((await self.resolve(model))[1])
+
+    async def unpin(self, model: ModelRef) -> None:
+        self.cache.unpin((await self.resolve(model))[1])
+
+    async def unload(self, model: ModelRef) -> bool:
+        return self.cache.unload((await self.resolve(model))[1])
+
+    def loaded(self) -> list[CachedModel]:
+        return self.cache.loaded()
+
+    async def _lease(self, mid: ModelId, path: Path) -> Lease:
+        while True:
+            lease = self.cache.try_acquire(path)
+            if lease is not None:
+                return lease
+            # Abandoning on cancel is safe: the load finishes in the background and the
+            # model simply ends up warm; the lease is only taken here, on the loop.
+            await _to_thread_abandonable(
+                self.cache.ensure_loaded, path, str(mid), abandon_on_cancel=True
+            )
+
+    def _queue(self, path: Path) -> _Queue:
+        key = cache_key(path)
+        queue = self._queues.get(key)
+        if queue is None:
+            queue = self._queues[key] = _Queue(
+                self.config.max_active_per_model, self.config.queue_limit
+            )
+        return queue
+
+    # -- generation --------------------------------------------------------------------
+
+    def stream(
+        self,
+        model: ModelRef,
+        *,
+        messages: Sequence[Mapping[str, str]] | None = None,
+        prompt: str | None = None,
+        max_tokens: int = 256,
+        temperature: float = 0.0,
+        top_p: float = 1.0,
+        top_k: int = 0,
+        seed: int | None = None,
+        stop: Sequence[str] | None = None,
+    ) -> AsyncGenerator[Token, None]:
+        """Yield each generated Token (id and the text it made safe to show).
+
+        Parameters are validated here, before anything is queued or computed. Close the
+        stream promptly when stopping early (``contextlib.aclosing``) so the model's
+        slot is freed at once rather than when the generator is collected.
+        """
+        params = SamplingParams.make(
+            max_tokens=max_tokens, temperature=temperature, top_p=top_p, top_k=top_k,
+            seed=seed, stop=stop,
+        )  # fmt: skip
+        if (prompt is None) == (messages is None):
+            raise ValueError("pass exactly one of prompt= or messages=")
+        return self._tokens(_Run(), model, params, prompt, messages)
+
+    async def _tokens(
+        self,
+        run: _Run,
+        model: ModelRef,
+        params: SamplingParams,
+        prompt: str | None,
+        messages: Sequence[Mapping[str, str]] | None,
+    ) -> AsyncGenerator[Token, None]:
+        mid, path = await self.resolve(model)
+        queue = self._queue(path)
+        queue.admit(str(mid))
+        async with queue.slots:
+            lease = await self._lease(mid, path)
+            gen: Generation | None = None
+            try:
+                llm = lease.model
+                if not isinstance(llm, GenaiModel):
+                    raise ValueError(f"{mid} is a {llm.kind} model; use infer() for it")
+                run.provider = llm.provider
+                ids = await trio.to_thread.run_sync(
+                    lambda: llm.encode_prompt(prompt=prompt, messages=messages)
+                )
+                run.prompt_tokens = len(ids)
+                gen = await trio.to_thread.run_sync(llm.start, ids, params)
+                while not await trio.to_thread.run_sync(gen.prefill):
+                    pass
+                while not gen.done:
+                    token = await trio.to_thread.run_sync(gen.step)
+                    run.last = time.perf_counter()
+                    if run.first is None:
+                        run.first = run.last
+                    run.completion_tokens = gen.completion_tokens
+                    if gen.finish_reason is not None:
+                        run.finish_reason = gen.finish_reason
+                    yield token
+            finally:
+                if gen is not None:
+                    gen.close()
+                lease.release()
+
+    async def generate(
+        self,
+        model: ModelRef,
+        *,
+        messages: Sequence[Mapping[str, str]] | None = None,
+        prompt: str | None = None,
+        max_tokens: int = 256,
+        temperature: float = 0.0,
+        top_p: float = 1.0,
+        top_k: int = 0,
+        seed: int | None = None,
+        stop: Sequence[str] | None = None,
+    ) -> AsyncGenerator[str, None]:
+        """Yield text pieces as they become safe to show (whole UTF-8, no stop string)."""
+        tokens = self.stream(
+            model, messages=messages, prompt=prompt, max_tokens=max_tokens,
+            temperature=temperature, top_p=top_p, top_k=top_k, seed=seed, stop=stop,
+        )  # fmt: skip
+        async with aclosing(tokens):
+            async for token in tokens:
+                if token.text:
+                    yield token.text
+
+    async def complete(
+        self,
+        model: ModelRef,
+        *,
+        messages: Sequence[Mapping[str, str]] | None = None,
+        prompt: str | None = None,
+        max_tokens: int = 256,
+        temperature: float = 0.0,
+        top_p: float = 1.0,
+        top_k: int = 0,
+        seed: int | None = None,
+        stop: Sequence[str] | None = None,
+    ) -> Completion:
+        """Run a generation to the end and return its text and measured figures.
+
+        ``ttft_s`` counts from the call (queueing, loading and the prompt included).
+        """
+        run = _Run()
+        params = SamplingParams.make(
+            max_tokens=max_tokens, temperature=temperature, top_p=top_p, top_k=top_k,
+            seed=seed, stop=stop,
+        )  # fmt: skip
+        if (prompt is None) == (messages is None):
+            raise ValueError("pass exactly one of prompt= or messages=")
+        pieces: list[str] = []
+        ids: list[int] = []
+        tokens = self._tokens(run, model, params, prompt, messages)
+        async with aclosing(tokens):
+            async for token in tokens:
+                pieces.append(token.text)
+                ids.append(token.id)
+        return Completion(
+            text="".join(pieces),
+            prompt_tokens=run.prompt_tokens,
+            completion_tokens=run.completion_tokens,
+            ttft_s=(run.first - run.start) if run.first is not None else 0.0,
+            tok_per_s=run.tok_per_s(),
+            finish_reason=run.finish_reason,
+            provider=run.provider,
+            token_ids=tuple(ids),
+        )
+
+    # -- tensor specialists ------------------------------------------------------------
+
+    async def infer(
+        self, model: ModelRef, inputs: Mapping[str, npt.NDArray[Any]]
+    ) -> dict[str, npt.NDArray[Any]]:
+        """Run a tensor model (classifier, embedder) on named input arrays."""
+        from p2pedge.runtime.tensor_model import TensorModel
+
+        for name, arr in inputs.items():
+            if not isinstance(arr, np.ndarray):
+                raise ValueError(f"input {name!r} must be a numpy array")
+        mid, path = await self.resolve(model)
+        queue = self._queue(path)
+        queue.admit(str(mid))
+        async with queue.slots:
+            lease = await self._lease(mid, path)
+            try:
+                tm = lease.model
+                if not isinstance(tm, TensorModel):
+                    raise ValueError(f"{mid} is a {tm.kind} model; use generate() for it")
+                return await trio.to_thread.run_sync(tm.run, inputs)
+            finally:
+                lease.release()
+
+    def close(self) -> None:
+        self.cache.close()

@@ -1,0 +1,44 @@
+import pytest
+import trio
+
+from p2pedge.records.card import CachedModel
+from simnet import Swarm
+
+pytestmark = pytest.mark.slow
+
+
+async def test_thirty_nodes_all_find_a_model_announced_by_one() -> None:
+    async with Swarm(30, seed=7) as swarm:
+        owner = swarm.nodes[11]
+        owner.set_models([CachedModel("needle@1", "aa" * 32)])
+        await owner.announce()
+        found: dict[str, list[str]] = {}
+
+        async def look(index: int) -> None:
+            node = swarm.nodes[index]
+            found[node.peer_id] = [c.peer_id for c in await node.find_peers("needle")]
+
+        limit = trio.CapacityLimiter(6)
+
+        async def bounded(index: int) -> None:
+            async with limit:
+                await look(index)
+
+        async with trio.open_nursery() as nursery:
+            for index in range(30):
+                nursery.start_soon(bounded, index)
+        assert len(found) == 30
+        assert all(peers == [owner.peer_id] for peers in found.values()), found
+
+
+async def test_seed_fixes_identities_and_kill_and_add_work() -> None:
+    async with Swarm(4, seed=3) as first:
+        ids = [n.peer_id for n in first.nodes]
+    async with Swarm(4, seed=3) as swarm:
+        assert [n.peer_id for n in swarm.nodes] == ids
+        victim = swarm.nodes[1]
+        await swarm.kill(1)
+        assert victim not in swarm.nodes and len(swarm.nodes) == 3
+        newcomer = await swarm.add()
+        card = await swarm.nodes[0].card_of(newcomer.peer_id, refresh=True)
+        assert card is not None and card.peer_id == newcomer.peer_id
