@@ -175,13 +175,59 @@ class Directory:
         async def send(peer: Any) -> None:
             nonlocal accepted
             with trio.move_on_after(self.timeout):
-                if await store._send_add_provider(peer, raw):
+                if await self._add_provider_confirmed(peer, raw):
                     accepted += 1
 
         async with trio.open_nursery() as nursery:
             for peer in await self._closest(raw):
                 nursery.start_soon(send, peer)
         return accepted
+
+    async def _add_provider_confirmed(self, peer: Any, raw: bytes) -> bool:
+        """ADD_PROVIDER, then wait for the server's echo.
+
+        py-libp2p sends ADD_PROVIDER fire-and-forget, so a record may land after
+        ``provide`` returns; waiting for the echo its server sends makes the record
+        visible to lookups as soon as we return.
+        """
+        import varint
+        from libp2p.custom_types import TProtocol
+        from libp2p.kad_dht.common import MAX_DHT_MESSAGE_SIZE
+        from libp2p.kad_dht.pb.kademlia_pb2 import Message
+        from libp2p.network.stream.exceptions import StreamError
+        from libp2p.peer.peerstore import env_to_send_in_RPC
+        from libp2p.utils.varint import read_varint_prefixed_bytes_limited
+
+        from p2pedge.dht._protocol import P2PEDGE_KAD_PROTOCOL
+
+        host = self.dht.host
+        stream = None
+        try:
+            stream = await host.new_stream(peer, [TProtocol(P2PEDGE_KAD_PROTOCOL)])
+            envelope, _ = env_to_send_in_RPC(host)
+            message = Message()
+            message.type = Message.MessageType.ADD_PROVIDER
+            message.key = raw
+            message.senderRecord = envelope
+            provider = message.providerPeers.add()
+            provider.id = host.get_id().to_bytes()
+            provider.addrs.extend(addr.to_bytes() for addr in host.get_addrs())
+            provider.signedRecord = envelope
+            payload = message.SerializeToString()
+            await stream.write(varint.encode(len(payload)) + payload)
+            echo = Message()
+            echo.ParseFromString(await read_varint_prefixed_bytes_limited(stream, MAX_DHT_MESSAGE_SIZE))
+            return bool(echo.type == Message.MessageType.ADD_PROVIDER and echo.key == raw)
+        except (StreamError, OSError, ValueError, trio.BrokenResourceError) as exc:
+            log.debug("ADD_PROVIDER to %s failed: %s", peer, exc)
+            return False
+        except Exception as exc:  # dial and negotiation errors come in many library types
+            log.debug("ADD_PROVIDER to %s failed: %r", peer, exc)
+            return False
+        finally:
+            if stream is not None:
+                with trio.move_on_after(1):
+                    await stream.close()
 
     async def find_providers(self, key: str, limit: int = 20) -> list[str]:
         """Providers from our own store and the closest known peers; iterative lookup last."""

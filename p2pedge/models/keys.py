@@ -98,6 +98,20 @@ class TrustStore:
             raise ConfigError(f"trust directory {directory} does not exist")
         return cls(p.read_text() for p in sorted(directory.glob("*.pub")))
 
+    @classmethod
+    def load(cls, paths: Iterable[Path], keys: Iterable[str] = ()) -> TrustStore:
+        """Keys from ``*.pub`` files and directories of them, plus literal hex ``keys``."""
+        trust = cls(keys)
+        for path in map(Path, paths):
+            if path.is_dir():
+                trust._keys |= cls.from_dir(path)._keys
+            else:
+                try:
+                    trust.add(path.read_text())
+                except OSError as exc:
+                    raise ConfigError(f"cannot read publisher key {path}: {exc}") from exc
+        return trust
+
     def add(self, key_hex: str) -> None:
         parse_public_hex(key_hex)
         self._keys.add(key_hex.strip().lower())

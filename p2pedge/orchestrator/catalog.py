@@ -27,7 +27,7 @@ class CardLike(Protocol):
     def peer_id(self) -> str: ...
 
     @property
-    def models(self) -> Sequence[Mapping[str, Any]]: ...
+    def models(self) -> Sequence[Any]: ...
 
 
 class UnknownCategory(LocalProtocolError, KeyError):
@@ -70,9 +70,22 @@ class Specialist:
         return out
 
 
+def offered_models(card: CardLike) -> list[str]:
+    """Model ids in a card: entries are ``records.card.CachedModel`` or ``{"id": ...}`` maps."""
+    out = []
+    for entry in card.models:
+        value = entry.get("id") if isinstance(entry, Mapping) else getattr(entry, "id", None)
+        if isinstance(value, str):
+            out.append(value)
+    return out
+
+
 def model_matches(wanted: str, offered: str) -> bool:
     """``name`` matches any version; ``name@ver`` must match exactly (``latest`` is a name)."""
-    want, have = ModelId.parse(wanted), ModelId.parse(offered)
+    try:
+        want, have = ModelId.parse(wanted), ModelId.parse(offered)
+    except ValueError:
+        return False
     if "@" not in wanted or want.version == "latest":
         return want.name == have.name
     return want == have
@@ -139,7 +152,7 @@ class Catalog:
         """Peer ids whose cards list the specialist's model."""
         out = []
         for card in cards:
-            if any(model_matches(specialist.model, str(m.get("id", ""))) for m in card.models):
+            if any(model_matches(specialist.model, m) for m in offered_models(card)):
                 out.append(card.peer_id)
         return out
 

@@ -9,6 +9,7 @@ first use instead of being shipped as opaque weights.
 from __future__ import annotations
 
 import functools
+import itertools
 import json
 import re
 from collections.abc import Sequence
@@ -72,7 +73,7 @@ def features(text: str) -> list[str]:
     words = _WORD.findall(lower)
     content = [w for w in words if w not in _STOP]
     out = [f"w:{w}" for w in content]
-    out += [f"b:{a}_{b}" for a, b in zip(words, words[1:], strict=False)]
+    out += [f"b:{a}_{b}" for a, b in itertools.pairwise(words)]
     out += [name for name, lexicon in _LEXICON.items() for w in words if w in lexicon]
     out += ["lang" for w in words if w in _LANGUAGES]
     out += [name for name, pattern in _SHAPES if pattern.search(text)]

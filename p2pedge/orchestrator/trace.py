@@ -62,7 +62,9 @@ def generate_trace(
         category = CATEGORIES[int(rng.choice(len(CATEGORIES), p=START))]
         for turn in range(turns):
             pool = texts[category]
-            events.append(TraceEvent(t, session, turn, category, pool[int(rng.integers(len(pool)))]))
+            events.append(
+                TraceEvent(t, session, turn, category, pool[int(rng.integers(len(pool)))])
+            )
             t += float(rng.uniform(*think_s))
             row = TRANSITIONS[category]
             category = CATEGORIES[int(rng.choice(len(CATEGORIES), p=row))]

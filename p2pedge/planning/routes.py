@@ -78,20 +78,24 @@ def choose_route(
         if option.peer_id in banned or r.start < start or r.end > end:
             continue
         edges.setdefault(r.start, []).append((cost.hop_seconds(option), option))
-    best: dict[int, tuple[float, int]] = {start: (0.0, 0)}
-    heap: list[tuple[float, int, tuple[ServerOption, ...], int]] = [(0.0, 0, (), start)]
+    # Keys are (seconds, hops, chain): the chain breaks exact ties deterministically.
+    Key = tuple[float, int, tuple[ServerOption, ...]]
+    best: dict[int, Key] = {start: (0.0, 0, ())}
+    heap: list[tuple[Key, int]] = [((0.0, 0, ()), start)]
     while heap:
-        seconds, hops, chain, at = heapq.heappop(heap)
+        key, at = heapq.heappop(heap)
         if at == end:
-            return [Hop(o.peer_id, o.layers) for o in chain]
-        if best.get(at, (float("inf"), 0)) < (seconds, hops):
+            return [Hop(o.peer_id, o.layers) for o in key[2]]
+        if best[at] < key:
             continue
+        seconds, hops, chain = key
         for step_seconds, option in edges.get(at, []):
-            key = (seconds + step_seconds, hops + 1)
+            # Rounded so that float noise in sums cannot decide between equal chains.
+            new: Key = (round(seconds + step_seconds, 9), hops + 1, (*chain, option))
             to = option.layers.end
-            if key < best.get(to, (float("inf"), 0)):
-                best[to] = key
-                heapq.heappush(heap, (key[0], key[1], (*chain, option), to))
+            if to not in best or new < best[to]:
+                best[to] = new
+                heapq.heappush(heap, (new, to))
     covered = sorted({o.layers for o in options if o.peer_id not in banned})
     raise NoRoute(f"no chain covers blocks [{start}, {end}); offers: {covered}")
 
@@ -115,7 +119,12 @@ class CardLike(Protocol):
     def load(self) -> float: ...
 
     @property
-    def layers_served(self) -> Sequence[Mapping[str, Any]]: ...
+    def layers_served(self) -> Sequence[Any]: ...
+
+
+def _field(entry: Any, key: str) -> Any:
+    """Card entries are ``ServedLayers`` objects or plain maps (decoded elsewhere)."""
+    return entry.get(key) if isinstance(entry, Mapping) else getattr(entry, key, None)
 
 
 def options_from_cards(
@@ -127,8 +136,8 @@ def options_from_cards(
     options: list[ServerOption] = []
     for card in cards:
         for entry in card.layers_served:
-            start, end = entry.get("start"), entry.get("end")
-            if entry.get("model") != model or type(start) is not int or type(end) is not int:
+            start, end = _field(entry, "start"), _field(entry, "end")
+            if _field(entry, "model") != model or type(start) is not int or type(end) is not int:
                 continue
             if not 0 <= start < end:
                 continue

@@ -44,8 +44,14 @@ class CachedModel:
     score: float
 
 
+def cache_key(path: Path | str) -> str:
+    """Models are keyed by their resolved directory, so aliases share one load."""
+    return str(Path(path).resolve())
+
+
 @dataclass
 class _Entry:
+    name: str
     path: Path
     model: LoadedModel
     size_bytes: int
@@ -69,16 +75,16 @@ class _Ticket(threading.Event):
 class Lease:
     """Use of a warm model; while held the model cannot be evicted or unloaded."""
 
-    def __init__(self, cache: ModelCache, name: str, model: LoadedModel) -> None:
+    def __init__(self, cache: ModelCache, key: str, model: LoadedModel) -> None:
         self._cache = cache
-        self.name = name
+        self.key = key
         self.model = model
         self._released = False
 
     def release(self) -> None:
         if not self._released:
             self._released = True
-            self._cache._release(self.name)
+            self._cache._release(self.key)
 
     def __enter__(self) -> Lease:
         return self
@@ -112,35 +118,38 @@ class ModelCache:
 
     # -- loading -----------------------------------------------------------------------
 
-    def ensure_loaded(self, name: str, path: Path) -> None:
-        """Block until ``name`` is warm; at most one load per name runs at a time.
+    def ensure_loaded(self, path: Path, name: str | None = None) -> None:
+        """Block until the model at ``path`` is warm; one load per directory at a time.
+
+        ``name`` is only for display in ``loaded()`` and messages.
 
         Raises ModelLoadError (cache unchanged) or Busy when every slot is held by
         pinned or in-use models.
         """
+        key = cache_key(path)
         while True:
             with self._lock:
-                if name in self._entries:
+                if key in self._entries:
                     return
-                event = self._loading.get(name)
+                event = self._loading.get(key)
                 owner = event is None
                 if event is None:
-                    event = self._loading[name] = _Ticket()
+                    event = self._loading[key] = _Ticket()
             if owner:
-                self._load(name, path, event)
+                self._load(key, name or Path(path).name, event)
                 return
             event.wait()
             if event.error is not None:
                 raise event.error
 
-    def _load(self, name: str, path: Path, event: _Ticket) -> None:
+    def _load(self, key: str, name: str, event: _Ticket) -> None:
         closing: list[LoadedModel] = []
         try:
             with self._lock:
                 if self._victims(extra_count=1, extra_bytes=0) is None:
                     raise Busy(self._full_message(name))
             with self._load_lock:
-                report = self._loader(path, self.config)
+                report = self._loader(Path(key), self.config)
             with self._lock:
                 if report.rss_bytes > self.budget_bytes:
                     closing.append(report.model)
@@ -156,8 +165,8 @@ class ModelCache:
                     closing.append(self._entries.pop(victim).model)
                     self.evictions += 1
                 now = self._clock()
-                self._entries[name] = _Entry(
-                    path, report.model, report.rss_bytes, report.load_s, 0, now
+                self._entries[key] = _Entry(
+                    name, Path(key), report.model, report.rss_bytes, report.load_s, 0, now
                 )
                 self.loads += 1
         except BaseException as exc:
@@ -165,7 +174,7 @@ class ModelCache:
             raise
         finally:
             with self._lock:
-                del self._loading[name]
+                del self._loading[key]
             event.set()
             for model in closing:
                 model.close()
@@ -182,7 +191,7 @@ class ModelCache:
         )
 
     def _full_message(self, name: str) -> str:
-        held = sorted(k for k, e in self._entries.items() if k in self._pinned or e.leases)
+        held = sorted(e.name for k, e in self._entries.items() if k in self._pinned or e.leases)
         return (
             f"cannot load {name}: the model cache is full ({len(self._entries)}/"
             f"{self.max_models} models, budget {self.budget_bytes} bytes) and every "
@@ -191,57 +200,59 @@ class ModelCache:
 
     # -- leases ------------------------------------------------------------------------
 
-    def try_acquire(self, name: str) -> Lease | None:
-        """A lease on ``name`` if it is warm, else None (never blocks)."""
+    def try_acquire(self, path: Path) -> Lease | None:
+        """A lease on the model at ``path`` if it is warm, else None (never blocks)."""
+        key = cache_key(path)
         with self._lock:
-            entry = self._entries.get(name)
+            entry = self._entries.get(key)
             if entry is None:
                 return None
             entry.leases += 1
             entry.uses += 1
             entry.last_used = self._clock()
-            return Lease(self, name, entry.model)
+            return Lease(self, key, entry.model)
 
-    def acquire(self, name: str, path: Path) -> Lease:
-        """Load if needed and lease ``name`` (blocking; for threads and scripts)."""
+    def acquire(self, path: Path, name: str | None = None) -> Lease:
+        """Load if needed and lease the model (blocking; for threads and scripts)."""
         while True:
-            lease = self.try_acquire(name)
+            lease = self.try_acquire(path)
             if lease is not None:
                 return lease
-            self.ensure_loaded(name, path)
+            self.ensure_loaded(path, name)
 
-    def _release(self, name: str) -> None:
+    def _release(self, key: str) -> None:
         with self._lock:
-            entry = self._entries[name]
+            entry = self._entries[key]
             entry.leases -= 1
             entry.last_used = self._clock()
 
     # -- management --------------------------------------------------------------------
 
-    def pin(self, name: str) -> None:
-        """Never evict ``name`` (applies whenever it is loaded, now or later)."""
+    def pin(self, path: Path) -> None:
+        """Never evict this model (applies whenever it is loaded, now or later)."""
         with self._lock:
-            self._pinned.add(name)
+            self._pinned.add(cache_key(path))
 
-    def unpin(self, name: str) -> None:
+    def unpin(self, path: Path) -> None:
         with self._lock:
-            self._pinned.discard(name)
+            self._pinned.discard(cache_key(path))
 
-    def unload(self, name: str) -> bool:
-        """Drop ``name`` now; False if it was not loaded, Busy if it is in use."""
+    def unload(self, path: Path) -> bool:
+        """Drop the model now; False if it was not loaded, Busy if it is in use."""
+        key = cache_key(path)
         with self._lock:
-            entry = self._entries.get(name)
+            entry = self._entries.get(key)
             if entry is None:
                 return False
             if entry.leases:
-                raise Busy(f"cannot unload {name}: {entry.leases} request(s) are using it")
-            del self._entries[name]
+                raise Busy(f"cannot unload {entry.name}: {entry.leases} request(s) are using it")
+            del self._entries[key]
         entry.model.close()
         return True
 
-    def is_loaded(self, name: str) -> bool:
+    def is_loaded(self, path: Path) -> bool:
         with self._lock:
-            return name in self._entries
+            return cache_key(path) in self._entries
 
     def loaded(self) -> list[CachedModel]:
         """Warm models with their measured size and usage, most valuable first."""
@@ -249,7 +260,7 @@ class ModelCache:
         with self._lock:
             rows = [
                 CachedModel(
-                    name=k,
+                    name=e.name,
                     path=e.path,
                     kind=e.model.kind,
                     provider=e.model.provider,

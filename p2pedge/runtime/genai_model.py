@@ -33,6 +33,7 @@ og.disable_telemetry_events()
 ROLES = frozenset({"system", "user", "assistant", "tool"})
 CHARS_PER_TOKEN_LIMIT = 64  # refuse absurdly long text before tokenizing it
 MAX_MESSAGES = 1024
+PREFILL_CHUNK = 32  # prompt tokens per call: bounds how long one call holds the GIL
 
 
 @dataclass(frozen=True)
@@ -139,12 +140,17 @@ class GenaiModel:
             raise ValueError(f"{self.path.name}: cannot apply chat template: {exc}") from exc
 
     def start(self, prompt_ids: Sequence[int], params: SamplingParams) -> Generation:
-        """Begin generating; runs the prompt through the model (compute: call off-loop)."""
+        """Begin a generation (cheap: the prompt is run by ``Generation.prefill``)."""
         return Generation(self, prompt_ids, params)
 
 
 class Generation:
-    """One in-flight generation. Not thread-safe: step it from one thread at a time."""
+    """One in-flight generation. Not thread-safe: drive it from one thread at a time.
+
+    onnxruntime-genai 0.18 holds the GIL for the whole of every call, so a long prompt
+    is appended in chunks of ``PREFILL_CHUNK`` tokens (same tokens out, checked against
+    a single append) and each chunk or token is one short call the caller can hop on.
+    """
 
     def __init__(self, owner: GenaiModel, prompt_ids: Sequence[int], params: SamplingParams):
         if len(prompt_ids) >= owner.context_length:
@@ -155,7 +161,7 @@ class Generation:
         gp.set_search_options(**params.search_options(self.prompt_tokens + self.max_tokens))
         self._eos = owner.eos_ids
         self._gen = og.Generator(owner.model, gp)
-        self._gen.append_tokens(list(prompt_ids))
+        self._pending = [int(t) for t in prompt_ids]
         self._stream = owner.tokenizer.create_stream()
         self._stop = StopMatcher(params.stop)
         self.completion_tokens = 0
@@ -163,13 +169,26 @@ class Generation:
         self.finish_reason: str | None = None
 
     @property
+    def prefilled(self) -> bool:
+        return not self._pending
+
+    @property
     def done(self) -> bool:
         return self.finish_reason is not None
+
+    def prefill(self) -> bool:
+        """Run the next chunk of the prompt; True once the whole prompt is in."""
+        chunk, self._pending = self._pending[:PREFILL_CHUNK], self._pending[PREFILL_CHUNK:]
+        if chunk:
+            self._gen.append_tokens(chunk)
+        return not self._pending
 
     def step(self) -> Token:
         """Compute and decode one token; sets ``finish_reason`` on the last one."""
         if self.finish_reason is not None:
             raise RuntimeError("generation already finished")
+        while not self.prefill():
+            pass
         self._gen.generate_next_token()
         tid = int(self._gen.get_next_tokens()[0])
         self.completion_tokens += 1
@@ -184,14 +203,6 @@ class Generation:
             self.finish_reason = "length"
             text += self._stop.flush()
         return Token(tid, text)
-
-    def step_for(self, budget_s: float, clock: Any) -> list[Token]:
-        """Step until done or ``budget_s`` of wall time has passed (at least one token)."""
-        start = clock()
-        out = [self.step()]
-        while self.finish_reason is None and clock() - start < budget_s:
-            out.append(self.step())
-        return out
 
     def close(self) -> None:
         self.finish_reason = self.finish_reason or "cancelled"

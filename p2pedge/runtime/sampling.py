@@ -115,11 +115,14 @@ class StopMatcher:
         if not self._stops:
             out, self._emitted = self._text[self._emitted :], len(self._text)
             return out
-        # Held-back text guarantees a stop can only start at or after ``_emitted``.
-        hits = [i for s in self._stops if (i := self._text.find(s, self._emitted)) >= 0]
+        # Held-back text guarantees a stop can only start at or after ``_emitted``. The
+        # stop that *completes* first wins (ties: the longer one), whatever the chunking.
+        hits = [
+            (i + len(s), i) for s in self._stops if (i := self._text.find(s, self._emitted)) >= 0
+        ]
         if hits:
             self.stopped = True
-            end = min(hits)
+            end = min(hits)[1]
         else:
             end = len(self._text) - self._held_back()
         out = self._text[self._emitted : end] if end > self._emitted else ""

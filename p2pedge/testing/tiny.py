@@ -117,6 +117,16 @@ def _random_dense(rng: np.random.Generator, out: int, inp: int, gain: float) -> 
     return values
 
 
+def _q8_0_roundtrip(values: np.ndarray) -> F32:
+    """Quantise like llama.cpp's Q8_0 (the real embedding's type) and dequantise."""
+    n, k = values.shape
+    blocks = values.reshape(n, k // Q4_1_BLOCK, Q4_1_BLOCK)
+    d = np.abs(blocks).max(axis=-1, keepdims=True) / 127.0
+    q = np.rint(blocks / np.where(d == 0, 1.0, d))
+    out: F32 = (d.astype(np.float16).astype(np.float32) * q.astype(np.float32)).reshape(n, k)
+    return out
+
+
 def random_llama_weights(
     config: LlamaConfig, seed: int = 0, quantize_q4_1: bool = True
 ) -> LlamaWeights:
@@ -139,7 +149,7 @@ def random_llama_weights(
     def norm() -> np.ndarray:
         return (1.0 + 0.1 * rng.standard_normal(c.hidden)).astype(np.float32)
 
-    embd = (EMBEDDING_STD * rng.standard_normal((c.vocab, c.hidden))).astype(np.float32)
+    embd = _q8_0_roundtrip(EMBEDDING_STD * rng.standard_normal((c.vocab, c.hidden)))
     blocks = []
     for _ in range(c.n_layers):
         blocks.append(
@@ -207,3 +217,55 @@ def real_gguf_path() -> Path:
     if not path.is_file():
         _skip(f"GGUF file {path} missing; run `make model`")
     return path
+
+
+class OrtStepper:
+    """Drives one decoder or shard session step by step, carrying its own KV cache.
+
+    Test helper: feeds ``past_key_values.*`` back from ``present.*`` and returns the
+    graph's main output (logits or hidden states) for each call.
+    """
+
+    def __init__(self, model_path: Path, threads: int = 1) -> None:
+        import onnxruntime as ort
+
+        opts = ort.SessionOptions()
+        opts.intra_op_num_threads = threads
+        opts.inter_op_num_threads = 1
+        self.session = ort.InferenceSession(
+            str(model_path), opts, providers=["CPUExecutionProvider"]
+        )
+        self.input_names = [i.name for i in self.session.get_inputs()]
+        self.output_names = [o.name for o in self.session.get_outputs()]
+        self.past: dict[str, np.ndarray] = {}
+        for inp in self.session.get_inputs():
+            if inp.name.startswith("past_key_values."):
+                n_kv, head_dim = inp.shape[1], inp.shape[3]
+                self.past[inp.name] = np.zeros((1, n_kv, 0, head_dim), dtype=np.float32)
+        self.main_input = "input_ids" if "input_ids" in self.input_names else "hidden_states"
+
+    def reset(self, batch: int = 1) -> None:
+        for name, arr in self.past.items():
+            self.past[name] = np.zeros((batch, arr.shape[1], 0, arr.shape[3]), dtype=np.float32)
+
+    def step(
+        self,
+        main: np.ndarray,
+        position_ids: np.ndarray,
+        attention_mask: np.ndarray,
+    ) -> np.ndarray:
+        feeds = {
+            self.main_input: main,
+            "attention_mask": attention_mask.astype(np.int64),
+            "position_ids": position_ids.astype(np.int64),
+            **self.past,
+        }
+        outputs = self.session.run(None, feeds)
+        result: np.ndarray | None = None
+        for name, value in zip(self.output_names, outputs, strict=True):
+            if name.startswith("present."):
+                self.past["past_key_values." + name[len("present.") :]] = value
+            else:
+                result = value
+        assert result is not None
+        return result

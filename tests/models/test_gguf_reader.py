@@ -1,4 +1,4 @@
-"""GGUF reader on tiny synthetic files written with ``gguf.GGUFWriter`` (no real model needed).
+"""GGUF reader and importer on tiny synthetic files written with ``gguf.GGUFWriter``.
 
 The files are built the way llama.cpp's converter builds them: HF-layout matrices whose Q/K
 rows are permuted for interleaved rotary, quantised with ``gguf.quants``. The reader must
@@ -11,12 +11,16 @@ from pathlib import Path
 
 import gguf
 import numpy as np
+import onnxruntime_genai as og
 import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from p2pedge.errors import ModelLoadError
+from p2pedge.errors import ConfigError, ModelLoadError
+from p2pedge.models.cli_import import main as cli_main
 from p2pedge.models.convert.gguf_reader import GGUFFormatError, _rotary_rows, read_gguf
+from p2pedge.models.convert.importer import import_gguf
+from p2pedge.models.convert.layout import read_model_facts
 from p2pedge.models.convert.weights import LlamaConfig, Q4_1Matrix, as_float
 
 Q = gguf.GGMLQuantizationType
@@ -228,3 +232,45 @@ def test_missing_file_and_wrong_architecture(tmp_path: Path) -> None:
     write_tiny(tmp_path / "m.gguf", arch="gpt2")
     with pytest.raises(GGUFFormatError, match="architecture"):
         read_gguf(tmp_path / "m.gguf")
+
+
+@pytest.mark.parametrize("variant", ["fp32", "lossless4"])
+def test_import_writes_a_directory_genai_loads(tmp_path: Path, variant: str) -> None:
+    write_tiny(tmp_path / "m.gguf")
+    out = tmp_path / "models" / "tiny"
+    for _ in range(2):  # a second import replaces the first in place
+        assert (
+            cli_main(
+                [
+                    str(tmp_path / "m.gguf"),
+                    "--name",
+                    "tiny",
+                    "--variant",
+                    variant,
+                    "--out",
+                    str(out),
+                ]
+            )
+            == 0
+        )
+    assert sorted(p.name for p in (tmp_path / "models").iterdir()) == ["tiny"]  # no staging left
+    facts = read_model_facts(out)
+    assert (facts.variant, facts.n_layers, facts.vocab, facts.eos_token_id) == (variant, 2, 40, 2)
+    assert facts.int8_activations == (variant == "lossless4")
+    model = og.Model(str(out))
+    assert [int(i) for i in og.Tokenizer(model).encode("abcd")] == [
+        TOKENS.index("ab"),
+        TOKENS.index("cd"),
+    ]
+
+
+def test_import_of_a_bad_file_fails_cleanly(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    write_tiny(tmp_path / "m.gguf", drop="blk.1.attn_v.weight")
+    out = tmp_path / "models" / "tiny"
+    assert cli_main([str(tmp_path / "m.gguf"), "--name", "tiny", "--out", str(out)]) == 2
+    assert "blk.1.attn_v.weight" in capsys.readouterr().err
+    assert not out.exists()
+    with pytest.raises(ConfigError):
+        import_gguf(tmp_path / "m.gguf", out, "../escape")

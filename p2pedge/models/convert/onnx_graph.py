@@ -20,12 +20,21 @@ import numpy as np
 import onnx
 
 from p2pedge.ids import LayerRange
-from p2pedge.models.convert.onnx_ops import F32, I64, MS_DOMAIN, GraphBuilder, Linear
+from p2pedge.models.convert.onnx_ops import (
+    F32,
+    I64,
+    MS_DOMAIN,
+    GraphBuilder,
+    Linear,
+    Q8Table,
+    q8_0_blocks,
+)
 from p2pedge.models.convert.weights import LlamaBlock, LlamaConfig, LlamaWeights, Q4_1Matrix
 
 Variant = Literal["fp32", "lossless4"]
 VARIANTS: tuple[Variant, ...] = ("fp32", "lossless4")
 MASK_VALUE = -1.0e9
+Attention = Literal["gqa", "ops"]
 
 INPUT_IDS = "input_ids"
 ATTENTION_MASK = "attention_mask"
@@ -61,7 +70,7 @@ def rope_tables(config: LlamaConfig) -> tuple[np.ndarray, np.ndarray]:
     return np.cos(angles).astype(np.float32), np.sin(angles).astype(np.float32)
 
 
-def _exact_power_of_two(value: float) -> bool:
+def exact_power_of_two(value: float) -> bool:
     mantissa, _ = math.frexp(value)
     return mantissa == 0.5
 
@@ -78,15 +87,27 @@ def _scaled(matrix: np.ndarray | Q4_1Matrix, factor: float) -> np.ndarray | Q4_1
     return (matrix * np.float32(factor)).astype(np.float32)
 
 
+def as_variant(name: str) -> Variant:
+    """Validate a variant name read from a file or command line."""
+    for v in VARIANTS:
+        if v == name:
+            return v
+    raise ValueError(f"unknown variant {name!r}; expected one of {VARIANTS}")
+
+
 def _prepare(weights: LlamaWeights, variant: Variant) -> LlamaWeights:
-    if variant not in VARIANTS:
-        raise ValueError(f"unknown variant {variant!r}; expected one of {VARIANTS}")
+    as_variant(variant)
     return weights
 
 
 class _Builder:
     def __init__(
-        self, weights: LlamaWeights, layers: LayerRange, variant: Variant, int8_activations: bool
+        self,
+        weights: LlamaWeights,
+        layers: LayerRange,
+        variant: Variant,
+        int8_activations: bool,
+        attention: Attention,
     ) -> None:
         cfg = weights.config
         if layers.end > cfg.n_layers:
@@ -102,8 +123,10 @@ class _Builder:
         self.group = cfg.n_heads // cfg.n_kv_heads
         softmax_scale = 1.0 / math.sqrt(cfg.head_dim)
         # A power-of-two scale folds into W_q exactly (also into Q4_1 scales and mins).
-        self.fold_scale = _exact_power_of_two(softmax_scale)
+        self.fold_scale = exact_power_of_two(softmax_scale)
         self.softmax_scale = softmax_scale
+        self.use_gqa = attention == "gqa"
+        self.q8_tables: dict[str, Q8Table | None] = {}
 
     def _matrix(self, m: np.ndarray | Q4_1Matrix) -> np.ndarray | Q4_1Matrix:
         if self.variant == "fp32" and isinstance(m, Q4_1Matrix):
@@ -135,27 +158,45 @@ class _Builder:
             g.add_input(past_value(i), F32, kv_shape)
 
         if self.first:
-            embd = g.initializer("model.embed_tokens.weight", self.w.token_embd)
-            hidden = g.op1("Gather", [embd, ids], name="embed/Gather")
+            table = self._q8_table("model.embed_tokens", self.w.token_embd)
+            if table is not None:
+                hidden = table.gather(ids)
+            else:
+                embd = g.initializer("model.embed_tokens.weight", self.w.token_embd)
+                hidden = g.op1("Gather", [embd, ids], name="embed/Gather")
         else:
             hidden = hidden_in
-        bias = self._attention_bias()
-        cos, sin = self._rope_rows()
+        if self.use_gqa:
+            bias = self._attention_bias(tiled=False)
+            cos = sin = ""
+            self._gqa_inputs()
+        else:
+            bias = self._attention_bias()
+            cos, sin = self._rope_rows()
 
-        normed = g.op1(
-            "SimplifiedLayerNormalization",
-            [
-                hidden,
-                g.initializer(f"layers.{self.layers.start}.attn_norm", self._blk(0).attn_norm),
-            ],
-            axis=-1,
-            epsilon=cfg.rms_eps,
-            name=f"layers.{self.layers.start}/attn_norm",
-        )
-        residual = hidden
+        start_norm = self._blk(0).attn_norm
+        if self.first:
+            normed = g.op1(
+                "SimplifiedLayerNormalization",
+                [hidden, g.initializer(f"layers.{self.layers.start}.attn_norm", start_norm)],
+                axis=-1,
+                epsilon=cfg.rms_eps,
+                name=f"layers.{self.layers.start}/attn_norm",
+            )
+            residual = hidden
+        else:
+            # The unsplit graph normalises this boundary with SkipSimplifiedLayerNormalization;
+            # using the same kernel (with an exact zero skip) keeps shards bit-identical to it.
+            zero = g.op1("Sub", [hidden, hidden], name="shard_in/zero")
+            normed, residual = self._skip_norm(
+                hidden, zero, start_norm, f"layers.{self.layers.start}.attn_norm"
+            )
         for i in range(self.layers.start, self.layers.end):
             block = self.w.blocks[i]
-            attn = self._attention(i, block, normed, bias, cos, sin)
+            if self.use_gqa:
+                attn = self._attention_gqa(i, block, normed, bias)
+            else:
+                attn = self._attention(i, block, normed, bias, cos, sin)
             normed, residual = self._skip_norm(
                 attn, residual, block.ffn_norm, f"layers.{i}.ffn_norm"
             )
@@ -191,7 +232,74 @@ class _Builder:
         )
         return out, total
 
-    def _attention_bias(self) -> str:
+    def _gqa_inputs(self) -> None:
+        g = self.g
+        total = g.op1("Gather", [g.op1("Shape", [ATTENTION_MASK]), g.i64(1)], axis=0)
+        total32 = g.op1("Cast", [total], to=onnx.TensorProto.INT32)
+        self.gqa_total = total32
+        batch = g.op1("Gather", [g.op1("Shape", [ATTENTION_MASK]), g.i64(0)], axis=0)
+        minus1 = g.op1("Sub", [total32, g.const(np.int32(1))])
+        self.gqa_seqlens = g.op1("Expand", [minus1, batch])
+        cos_t, sin_t = rope_tables(self.cfg)
+        half = self.cfg.head_dim // 2
+        self.gqa_cos = g.initializer("rope.cos_half", np.ascontiguousarray(cos_t[:, :half]))
+        self.gqa_sin = g.initializer("rope.sin_half", np.ascontiguousarray(sin_t[:, :half]))
+
+    def _attention_gqa(self, i: int, block: LlamaBlock, x: str, bias: str) -> str:
+        g, cfg = self.g, self.cfg
+        wq = self._matrix(block.wq)
+        if self.fold_scale:
+            wq = _scaled(wq, self.softmax_scale)
+        mats = [wq, self._matrix(block.wk), self._matrix(block.wv)]
+        qkv = self.linear(x, mats, f"layers.{i}.attn.qkv")
+        nh, kvh, hd = cfg.n_heads, cfg.n_kv_heads, cfg.head_dim
+        q, k, v = g.op(
+            "Split",
+            [qkv, g.i64(nh * hd, kvh * hd, kvh * hd)],
+            n_out=3,
+            axis=-1,
+            name=f"layers.{i}/qkv_split",
+        )
+        q = g.op1(
+            "RotaryEmbedding",
+            [q, POSITION_IDS, self.gqa_cos, self.gqa_sin],
+            domain=MS_DOMAIN,
+            num_heads=nh,
+            interleaved=0,
+        )
+        k = g.op1(
+            "RotaryEmbedding",
+            [k, POSITION_IDS, self.gqa_cos, self.gqa_sin],
+            domain=MS_DOMAIN,
+            num_heads=kvh,
+            interleaved=0,
+        )
+        ctx = g.op(
+            "GroupQueryAttention",
+            [
+                q,
+                k,
+                v,
+                past_key(i),
+                past_value(i),
+                self.gqa_seqlens,
+                self.gqa_total,
+                "",
+                "",
+                "",
+                bias,
+            ],
+            outputs=[f"layers.{i}/attn_ctx", present_key(i), present_value(i)],
+            domain=MS_DOMAIN,
+            num_heads=cfg.n_heads,
+            kv_num_heads=cfg.n_kv_heads,
+            do_rotary=0,
+            scale=1.0 if self.fold_scale else self.softmax_scale,
+            name=f"layers.{i}/GroupQueryAttention",
+        )[0]
+        return self.linear(ctx, [self._matrix(block.wo)], f"layers.{i}.attn.o")
+
+    def _attention_bias(self, tiled: bool = True) -> str:
         """Additive bias ``[batch, 1, group * seq, total]``: 0 where allowed, else -1e9.
 
         Query ``i`` of this call sits at absolute cache index ``past + i``; it may see key
@@ -209,7 +317,7 @@ class _Builder:
         keep = g.op1("Unsqueeze", [keep, g.i64(1, 2)])  # [batch, 1, 1, total]
         allowed = g.op1("And", [causal, keep])  # [batch, 1, seq, total]
         bias = g.op1("Where", [allowed, g.const(np.float32(0.0)), g.const(np.float32(MASK_VALUE))])
-        if self.group == 1:
+        if self.group == 1 or not tiled:
             return bias
         return g.op1("Tile", [bias, g.i64(1, 1, self.group, 1)], name="attn_bias/Tile")
 
@@ -282,17 +390,39 @@ class _Builder:
         act = g.op1("Mul", [g.op1("Mul", [gate, g.op1("Sigmoid", [gate])]), up])
         return self.linear(act, [self._matrix(block.w_down)], f"layers.{i}.mlp.down")
 
+    def _q8_table(self, prefix: str, matrix: np.ndarray) -> Q8Table | None:
+        """A Q8_0-exact table (the GGUF embedding) stays 8-bit in ``lossless4`` with int8
+        activations; MatMulNBits' 8-bit float path is ~30x slower than an fp32 Gemm, so
+        other configurations keep the fp32 table."""
+        if self.variant != "lossless4" or self.linear.accuracy_level != 4:
+            return None
+        if prefix not in self.q8_tables:
+            blocks = q8_0_blocks(matrix)
+            self.q8_tables[prefix] = None if blocks is None else Q8Table(self.g, prefix, *blocks)
+        return self.q8_tables[prefix]
+
     def _lm_head(self, x: str) -> None:
         g, cfg = self.g, self.cfg
-        head = self.w.lm_head if self.w.lm_head is not None else self.w.token_embd
-        name = "lm_head.weight" if self.w.lm_head is not None else "model.embed_tokens.weight"
-        if not any(t.name == name for t in g.initializers):
-            g.initializer(name, head)
-        flat = g.op1("Reshape", [x, g.i64(-1, cfg.hidden)])
-        logits = g.op1("Gemm", [flat, name], transB=1, name="lm_head/Gemm")
-        shape = g.op1("Shape", [POSITION_IDS])
-        out_shape = g.op1("Concat", [shape, g.i64(cfg.vocab)], axis=0)
-        g.op("Reshape", [logits, out_shape], outputs=[LOGITS], name="logits/Reshape")
+        tied = self.w.lm_head is None
+        head = self.w.token_embd if self.w.lm_head is None else self.w.lm_head
+        prefix = "model.embed_tokens" if tied else "lm_head"
+        table = self._q8_table(prefix, head)
+        if table is not None:
+            g.op(
+                "Identity",
+                [table.matmul(x, self.linear.accuracy_level)],
+                outputs=[LOGITS],
+                name="logits/Identity",
+            )
+        else:
+            name = f"{prefix}.weight"
+            if not any(t.name == name for t in g.initializers):
+                g.initializer(name, head)
+            flat = g.op1("Reshape", [x, g.i64(-1, cfg.hidden)])
+            logits = g.op1("Gemm", [flat, name], transB=1, name="lm_head/Gemm")
+            shape = g.op1("Shape", [POSITION_IDS])
+            out_shape = g.op1("Concat", [shape, g.i64(cfg.vocab)], axis=0)
+            g.op("Reshape", [logits, out_shape], outputs=[LOGITS], name="logits/Reshape")
         g.add_output(LOGITS, F32, ["batch_size", "sequence_length", cfg.vocab])
 
 
@@ -301,13 +431,24 @@ def build_shard(
     layers: LayerRange,
     variant: Variant = "fp32",
     int8_activations: bool = False,
+    attention: Attention = "gqa",
 ) -> onnx.ModelProto:
-    """Graph over blocks ``layers``; its role (first/middle/last/full) follows the range."""
-    return _Builder(_prepare(weights, variant), layers, variant, int8_activations).build()
+    """Graph over blocks ``layers``; its role (first/middle/last/full) follows the range.
+
+    ``attention="gqa"`` uses com.microsoft RotaryEmbedding + GroupQueryAttention (half the
+    nodes per block); ``"ops"`` spells attention out in standard ONNX ops. Both are
+    tested against the reference.
+    """
+    builder = _Builder(_prepare(weights, variant), layers, variant, int8_activations, attention)
+    return builder.build()
 
 
 def build_decoder(
-    weights: LlamaWeights, variant: Variant = "fp32", int8_activations: bool = False
+    weights: LlamaWeights,
+    variant: Variant = "fp32",
+    int8_activations: bool = False,
+    attention: Attention = "gqa",
 ) -> onnx.ModelProto:
     """The full decoder: ``input_ids`` + KV cache in, ``logits`` + present KV out."""
-    return build_shard(weights, LayerRange(0, weights.config.n_layers), variant, int8_activations)
+    layers = LayerRange(0, weights.config.n_layers)
+    return build_shard(weights, layers, variant, int8_activations, attention)

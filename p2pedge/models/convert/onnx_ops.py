@@ -96,6 +96,7 @@ class GraphBuilder:
 
 F32 = TensorProto.FLOAT
 I64 = TensorProto.INT64
+F32Array = npt.NDArray[np.float32]
 
 
 def pack_q4_1(
@@ -171,4 +172,77 @@ class Linear:
         w_t = np.ascontiguousarray(np.concatenate(dense, axis=0).T.astype(np.float32))
         return g.op1(
             "MatMul", [x, g.initializer(f"{prefix}.weight_t", w_t)], name=f"{prefix}/MatMul"
+        )
+
+
+Q8_ZERO_POINT = 128
+
+
+def q8_0_blocks(matrix: F32Array) -> tuple[npt.NDArray[np.uint8], F32Array] | None:
+    """Recover GGUF Q8_0 blocks from a dequantised ``[N, K]`` matrix, or None if not Q8_0.
+
+    llama.cpp quantises a block with ``d = amax / 127`` so its largest element has
+    ``|q| = 127``; after the fp16 rounding of ``d`` the stored values are exactly
+    ``d * q``. Hence ``d = amax / 127`` (exact in float32) and ``q = v / d``. The result is
+    only returned when ``d * q`` reproduces every value bit for bit, so using it is exact.
+    Returns ``(q + 128 as uint8 [N, K/32, 32], d [N, K/32])``.
+    """
+    n, k = matrix.shape
+    if k % Q4_1_BLOCK:
+        return None
+    blocks = matrix.reshape(n, k // Q4_1_BLOCK, Q4_1_BLOCK)
+    d = (np.abs(blocks).max(axis=-1) / np.float32(127.0)).astype(np.float32)
+    safe = np.where(d == 0, np.float32(1.0), d)
+    q = np.rint(blocks / safe[..., None])
+    if np.abs(q).max(initial=0.0) > 127:
+        return None
+    if not np.array_equal((q * d[..., None]).astype(np.float32), blocks):
+        return None
+    return (q + Q8_ZERO_POINT).astype(np.uint8), d
+
+
+class Q8Table:
+    """One Q8_0 ``[N, K]`` table used as a ``GatherBlockQuantized`` embedding and/or a
+    ``MatMulNBits`` (bits=8, zero point 128) LM head; both dequantise to ``(u - 128) * d``,
+    i.e. exactly the GGUF values. Stored once, in the ``MatMulNBits`` layout."""
+
+    def __init__(self, g: GraphBuilder, prefix: str, quants: npt.NDArray[np.uint8], d: F32Array):
+        self.g = g
+        self.n, blocks, _ = quants.shape
+        self.k = blocks * Q4_1_BLOCK
+        self.weight = g.initializer(f"{prefix}.q8_weight", quants)
+        self.scales = g.initializer(f"{prefix}.q8_scales", d.reshape(-1))
+        self.zeros = g.initializer(
+            f"{prefix}.q8_zero_points", np.full(d.size, Q8_ZERO_POINT, dtype=np.uint8)
+        )
+
+    def gather(self, ids: str) -> str:
+        g, blocks = self.g, self.k // Q4_1_BLOCK
+        return g.op1(
+            "GatherBlockQuantized",
+            [
+                g.op1("Reshape", [self.weight, g.i64(self.n, self.k)]),
+                ids,
+                g.op1("Reshape", [self.scales, g.i64(self.n, blocks)]),
+                g.op1("Reshape", [self.zeros, g.i64(self.n, blocks)]),
+            ],
+            domain=MS_DOMAIN,
+            name="embed/GatherBlockQuantized",
+            bits=8,
+            block_size=Q4_1_BLOCK,
+            gather_axis=0,
+            quantize_axis=1,
+        )
+
+    def matmul(self, x: str, accuracy_level: int) -> str:
+        return self.g.op1(
+            "MatMulNBits",
+            [x, self.weight, self.scales, self.zeros],
+            domain=MS_DOMAIN,
+            name="lm_head/MatMulNBits",
+            K=self.k,
+            N=self.n,
+            bits=8,
+            block_size=Q4_1_BLOCK,
+            accuracy_level=accuracy_level,
         )

@@ -71,19 +71,14 @@ LIVE = frozenset({State.OPENING, State.OPEN, State.BUSY})
 
 @dataclass(frozen=True)
 class ShardSpec:
-    """What the server knows about one shard it serves (from the shard's manifest)."""
+    """What the server knows about one shard it serves (read from the shard's graph)."""
 
+    first: bool
+    last: bool
     hidden: int
     vocab: int
-    n_layers: int
     kv_bytes_per_token: int
     max_length: int = 4096
-
-    def is_first(self, layers: LayerRange) -> bool:
-        return layers.start == 0
-
-    def is_last(self, layers: LayerRange) -> bool:
-        return layers.end == self.n_layers
 
 
 class KvBudget:
@@ -228,7 +223,7 @@ class ServerMachine:
         return [Allocate(session, msg.model, layers, msg.max_length)]
 
     def _check_step(self, s: _Session, msg: Step) -> str | None:
-        x, first = msg.x, s.spec.is_first(s.layers)
+        x, first = msg.x, s.spec.first
         n = x.shape[1] if x.ndim >= 2 else 0
         if first:
             if x.dtype != np.int64 or x.ndim != 2 or x.shape[0] != 1:
@@ -266,7 +261,7 @@ class ServerMachine:
         assert s is not None
         s.last_active = now
         s.pending = (msg.rid, msg.start + int(msg.x.shape[1]))
-        return [Run(msg.session, msg.rid, msg.start, msg.x, s.spec.is_last(s.layers))]
+        return [Run(msg.session, msg.rid, msg.start, msg.x, s.spec.last)]
 
     def _close(self, msg: Close, now: float) -> list[Action]:
         outcome = self._move(msg.session, Event.CLOSE)
@@ -307,7 +302,7 @@ class ServerMachine:
             raise LocalProtocolError(f"session {session} is not running a step")
         self._move(session, Event.READY)
         s.length = end
-        out = y if s.spec.is_last(s.layers) else codec.as_wire(y, s.dtype)
+        out = y if s.spec.last else codec.as_wire(y, s.dtype)
         return [Send(Output(rid, session, out))]
 
     def failed(self, session: int, reason: str, now: float) -> list[Action]:

@@ -1,0 +1,168 @@
+"""Pull throughput of the real model directory: registry (HTTP) vs 1 and 3 libp2p peers.
+
+Every pull goes into a fresh store and does the full work: manifest check, ranged fetches,
+per-chunk sha256, durable commit to ``partial/``, assembly into blobs. Registry, peers and
+puller all run in this one process on loopback (one trio loop, one GIL), so the figures
+are a lower bound for separate machines; the ratio is what compares sources.
+
+Run ``make model`` first, then ``python benchmarks/pull.py [--rounds R] [--chunk-mib N]``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import platform
+import shutil
+import statistics
+import sys
+import tempfile
+from datetime import UTC, datetime
+from functools import partial
+from pathlib import Path
+
+import trio
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+from p2pedge.ids import ModelId  # noqa: E402
+from p2pedge.models.keys import TrustStore, generate_key, public_key_hex  # noqa: E402
+from p2pedge.models.pull import PullResult, pull  # noqa: E402
+from p2pedge.models.sources import ChunkSource  # noqa: E402
+from p2pedge.models.store import Store  # noqa: E402
+from p2pedge.protocols.blob.codec import PROTOCOL_ID  # noqa: E402
+from p2pedge.protocols.blob.handler import BlobService, PeerChunkSource  # noqa: E402
+from p2pedge.registry.client import RegistryClient  # noqa: E402
+from p2pedge.registry.server import serve_registry  # noqa: E402
+
+DOC = ROOT / "docs" / "benchmarks.md"
+SECTION = "pull"
+MODEL = ModelId("smollm2-135m-instruct", "bench")
+
+
+def model_dir() -> Path:
+    try:
+        from p2pedge.testing import real_model_dir
+
+        return real_model_dir()
+    except BaseException as exc:  # real_model_dir() pytest-skips when the model is missing
+        raise SystemExit(f"real model missing ({exc}); run `make model`") from exc
+
+
+def write_section(body: str) -> None:
+    """Replace this benchmark's section of docs/benchmarks.md between its markers."""
+    start, end = f"<!-- bench:{SECTION} -->", f"<!-- /bench:{SECTION} -->"
+    text = DOC.read_text() if DOC.exists() else "# Benchmarks\n"
+    block = f"{start}\n{body.rstrip()}\n{end}"
+    if start in text and end in text:
+        head, rest = text.split(start, 1)
+        text = head + block + rest.split(end, 1)[1]
+    else:
+        text = text.rstrip() + "\n\n" + block + "\n"
+    DOC.parent.mkdir(parents=True, exist_ok=True)
+    DOC.write_text(text)
+
+
+async def timed_pull(
+    work: Path, label: str, sources: list[ChunkSource], trust: TrustStore, per_source: int
+) -> PullResult:
+    target = work / f"pull-{label}"
+    shutil.rmtree(target, ignore_errors=True)
+    result = await pull(MODEL, Store(target), sources, trust, per_source=per_source, progress=False)
+    shutil.rmtree(target, ignore_errors=True)
+    return result
+
+
+async def run(args: argparse.Namespace) -> dict[str, list[float]]:
+    from simnet import Swarm
+
+    source = model_dir()
+    key = generate_key()
+    trust = TrustStore([public_key_hex(key)])
+    work = Path(tempfile.mkdtemp(prefix="bench-pull-", dir=args.tmp))
+    rates: dict[str, list[float]] = {"registry": [], "peers1": [], "peers3": []}
+    try:
+        seed = Store(work / "seed")
+        chunk = args.chunk_mib * 1024 * 1024
+        manifest = await trio.to_thread.run_sync(
+            partial(
+                seed.add_model_dir, source, MODEL.name, MODEL.version, "llm", key, chunk_size=chunk
+            )
+        )
+        size_mb = manifest.total_size / 1e6
+        print(f"model {source} ({size_mb:.1f} MB, {chunk >> 20} MiB chunks)", file=sys.stderr)
+        async with trio.open_nursery() as nursery:
+            port = await nursery.start(partial(serve_registry, seed.root))
+            async with Swarm(4, seed=7) as swarm, RegistryClient(f"http://127.0.0.1:{port}") as reg:
+                holders, puller = swarm.nodes[:3], swarm.nodes[3]
+                for node in holders:
+                    node.set_stream_handler(PROTOCOL_ID, BlobService(Store(seed.root)).handle)
+                peers = [PeerChunkSource.for_node(puller, n.peer_id) for n in holders]
+                setups: dict[str, list[ChunkSource]] = {
+                    "registry": [reg],
+                    "peers1": [peers[0]],
+                    "peers3": list(peers),
+                }
+                for round_index in range(args.rounds):
+                    for label, sources in setups.items():
+                        result = await timed_pull(work, label, sources, trust, args.per_source)
+                        rate = result.fetched_bytes / 1e6 / result.seconds
+                        rates[label].append(rate)
+                        print(
+                            f"round {round_index + 1} {label:8s} {result.seconds:6.2f} s "
+                            f"{rate:7.1f} MB/s {result.by_source}",
+                            file=sys.stderr,
+                        )
+                for peer in peers:
+                    await peer.aclose()
+            nursery.cancel_scope.cancel()
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+    return rates
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--rounds", type=int, default=2)
+    parser.add_argument("--chunk-mib", type=int, default=4)
+    parser.add_argument("--per-source", type=int, default=4)
+    parser.add_argument("--tmp", default=None, help="scratch directory (default: system temp)")
+    args = parser.parse_args()
+    rates = trio.run(run, args)
+    best = {label: max(values) for label, values in rates.items()}
+    median = {label: statistics.median(values) for label, values in rates.items()}
+    ratio = best["peers3"] / best["registry"]
+    rows = [
+        "| source | best MB/s | median MB/s | vs registry |",
+        "|---|---:|---:|---:|",
+    ]
+    for label, title in (
+        ("registry", "registry (HTTP)"),
+        ("peers1", "1 peer"),
+        ("peers3", "3 peers"),
+    ):
+        rows.append(
+            f"| {title} | {best[label]:.1f} | {median[label]:.1f} | "
+            f"{best[label] / best['registry']:.2f}x |"
+        )
+    table = "\n".join(rows)
+    print(table)
+    machine = f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores"
+    write_section(
+        f"### Model pull (`benchmarks/pull.py`)\n\n"
+        f"{datetime.now(UTC):%Y-%m-%d} on {machine}; SmolLM2-135M-Instruct lossless-4 dir "
+        f"(~200 MB), {args.chunk_mib} MiB chunks, {args.per_source} streams per source, "
+        f"{args.rounds} rounds, registry/peers/puller in one process on loopback.\n\n{table}\n\n"
+        "All peers share the puller's process (one GIL) and py-libp2p runs Noise and yamux in "
+        "Python, so here extra peers add no CPU and peer pulls are CPU-bound below HTTP; on "
+        "separate machines each peer brings its own CPU and uplink.\n"
+    )
+    print(
+        f"peers3_vs_registry={ratio:.2f} registry_mb_s={best['registry']:.1f} "
+        f"peers1_mb_s={best['peers1']:.1f} peers3_mb_s={best['peers3']:.1f}"
+    )
+
+
+if __name__ == "__main__":
+    main()

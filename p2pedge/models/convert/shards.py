@@ -1,0 +1,277 @@
+"""Block-range shard graphs for layer-wise sharding, and splitting an imported model.
+
+A shard over ``[start, end)`` plays the role its position implies:
+
+* ``first``  (start == 0):        ``input_ids`` -> embedding -> blocks -> ``hidden_states``
+* ``middle``:                     ``hidden_states`` -> blocks -> ``hidden_states_out``
+* ``last``   (end == n_layers):   ``hidden_states`` -> blocks -> final norm -> ``logits``
+* ``full``   (both):              the ordinary decoder
+
+Every shard also takes ``attention_mask`` [batch, total] and ``position_ids`` [batch, seq]
+and owns only its blocks' KV cache, named with global block indices.
+
+Splitting an existing model directory re-reads its weights from the ONNX initializers
+(:func:`load_model_weights`) rather than keeping a separate weights cache: the directory
+stays the single source of truth, and the builder's initializer naming makes the inverse
+exact (Q4_1 nibbles are unpacked, the folded power-of-two attention scale divided out).
+"""
+
+from __future__ import annotations
+
+import itertools
+import json
+import math
+from collections.abc import Sequence
+from dataclasses import asdict
+from pathlib import Path
+from typing import Literal
+
+import numpy as np
+import onnx
+from onnx import numpy_helper
+
+from p2pedge.ids import LayerRange
+from p2pedge.models.convert.layout import (
+    FACTS_FILE,
+    MODEL_FILE,
+    ModelFacts,
+    read_model_facts,
+    save_onnx,
+    write_json,
+)
+from p2pedge.models.convert.onnx_graph import (
+    HIDDEN_IN,
+    HIDDEN_OUT_FIRST,
+    HIDDEN_OUT_MIDDLE,
+    INPUT_IDS,
+    LOGITS,
+    Variant,
+    as_variant,
+    build_shard,
+    exact_power_of_two,
+)
+from p2pedge.models.convert.onnx_ops import Q8_ZERO_POINT
+from p2pedge.models.convert.weights import (
+    F32,
+    Q4_1_BLOCK,
+    LlamaBlock,
+    LlamaConfig,
+    LlamaWeights,
+    Matrix,
+    Q4_1Matrix,
+)
+
+Role = Literal["full", "first", "middle", "last"]
+SHARD_FILE = "p2pedge_shard.json"
+
+__all__ = [
+    "SHARD_FILE",
+    "Role",
+    "build_shard",
+    "load_model_weights",
+    "shard_io_names",
+    "shard_role",
+    "split_model_dir",
+    "write_shard_dir",
+]
+
+
+def shard_role(layers: LayerRange, n_layers: int) -> Role:
+    if layers.end > n_layers:
+        raise ValueError(f"layer range {layers} exceeds {n_layers} blocks")
+    first, last = layers.start == 0, layers.end == n_layers
+    if first and last:
+        return "full"
+    return "first" if first else "last" if last else "middle"
+
+
+def shard_io_names(role: Role) -> tuple[str, str]:
+    """``(main input, main output)`` tensor names for a role."""
+    return {
+        "full": (INPUT_IDS, LOGITS),
+        "first": (INPUT_IDS, HIDDEN_OUT_FIRST),
+        "middle": (HIDDEN_IN, HIDDEN_OUT_MIDDLE),
+        "last": (HIDDEN_IN, LOGITS),
+    }[role]
+
+
+def _config(facts: ModelFacts) -> LlamaConfig:
+    return LlamaConfig(
+        n_layers=facts.n_layers,
+        hidden=facts.hidden,
+        n_heads=facts.n_heads,
+        n_kv_heads=facts.n_kv_heads,
+        head_dim=facts.head_dim,
+        ffn=facts.ffn,
+        vocab=facts.vocab,
+        rope_base=facts.rope_base,
+        rms_eps=facts.rms_eps,
+        context_length=facts.context_length,
+    )
+
+
+def _unpack_q4_1(packed: np.ndarray, scales: F32, mins_t: F32, k: int) -> Q4_1Matrix:
+    n = packed.shape[0]
+    q = np.empty((n, k // Q4_1_BLOCK, Q4_1_BLOCK), dtype=np.uint8)
+    q[..., 0::2] = packed & 0x0F
+    q[..., 1::2] = packed >> 4
+    quants = (q[..., :16] | (q[..., 16:] << 4)).astype(np.uint8)
+    return Q4_1Matrix(
+        out_features=n,
+        in_features=k,
+        scales=scales.reshape(n, k // Q4_1_BLOCK).astype(np.float32),
+        mins=np.ascontiguousarray(mins_t.T).astype(np.float32),
+        quants=quants,
+    )
+
+
+def _split_rows(m: Matrix, sizes: Sequence[int]) -> list[Matrix]:
+    bounds = [int(x) for x in np.cumsum([0, *sizes])]
+    out: list[Matrix] = []
+    for a, b in itertools.pairwise(bounds):
+        if isinstance(m, Q4_1Matrix):
+            out.append(Q4_1Matrix(b - a, m.in_features, m.scales[a:b], m.mins[a:b], m.quants[a:b]))
+        else:
+            out.append(np.ascontiguousarray(m[a:b]))
+    return out
+
+
+def _unscale(m: Matrix, factor: float) -> Matrix:
+    f = np.float32(factor)
+    if isinstance(m, Q4_1Matrix):
+        return Q4_1Matrix(m.out_features, m.in_features, m.scales / f, m.mins / f, m.quants)
+    values: F32 = (m / f).astype(np.float32)
+    return values
+
+
+def load_model_weights(model_dir: Path) -> LlamaWeights:
+    """Recover the :class:`LlamaWeights` a model directory (or full shard) was built from."""
+    facts = read_model_facts(model_dir)
+    cfg = _config(facts)
+    model = onnx.load(str(model_dir / MODEL_FILE), load_external_data=True)
+    init = {t.name: numpy_helper.to_array(t) for t in model.graph.initializer}
+
+    def matrix(prefix: str, k: int) -> Matrix:
+        if f"{prefix}.weight_t" in init:
+            w: F32 = np.ascontiguousarray(init[f"{prefix}.weight_t"].T)
+            return w
+        return _unpack_q4_1(
+            init[f"{prefix}.qweight"], init[f"{prefix}.scales"], init[f"{prefix}.mins_t"], k
+        )
+
+    scale = 1.0 / math.sqrt(cfg.head_dim)
+    q_dim, kv_dim = cfg.n_heads * cfg.head_dim, cfg.n_kv_heads * cfg.head_dim
+    blocks = []
+    for i in range(cfg.n_layers):
+        wq, wk, wv = _split_rows(
+            matrix(f"layers.{i}.attn.qkv", cfg.hidden), [q_dim, kv_dim, kv_dim]
+        )
+        if exact_power_of_two(scale):
+            wq = _unscale(wq, scale)
+        w_gate, w_up = _split_rows(matrix(f"layers.{i}.mlp.gate_up", cfg.hidden), [cfg.ffn] * 2)
+        blocks.append(
+            LlamaBlock(
+                attn_norm=init[f"layers.{i}.attn_norm"],
+                wq=wq,
+                wk=wk,
+                wv=wv,
+                wo=matrix(f"layers.{i}.attn.o", q_dim),
+                ffn_norm=init[f"layers.{i}.ffn_norm"],
+                w_gate=w_gate,
+                w_up=w_up,
+                w_down=matrix(f"layers.{i}.mlp.down", cfg.ffn),
+            )
+        )
+
+    def table(prefix: str) -> F32 | None:
+        if f"{prefix}.weight" in init:
+            dense: F32 = init[f"{prefix}.weight"]
+            return dense
+        if f"{prefix}.q8_weight" not in init:
+            return None
+        u = init[f"{prefix}.q8_weight"]
+        d = init[f"{prefix}.q8_scales"].reshape(u.shape[0], u.shape[1], 1)
+        q = u.astype(np.float32) - np.float32(Q8_ZERO_POINT)
+        values: F32 = (q * d).astype(np.float32).reshape(u.shape[0], -1)
+        return values
+
+    token_embd = table("model.embed_tokens")
+    if token_embd is None:
+        raise ValueError(f"{model_dir} has no token embedding")
+    return LlamaWeights(
+        config=cfg,
+        token_embd=token_embd,
+        blocks=tuple(blocks),
+        output_norm=init["final_norm"],
+        lm_head=table("lm_head"),
+    )
+
+
+def write_shard_dir(
+    source: LlamaWeights | Path,
+    layers: LayerRange,
+    out_dir: Path,
+    variant: Variant | None = None,
+    int8_activations: bool | None = None,
+) -> Path:
+    """Write ``model.onnx`` (+ data) and ``p2pedge_shard.json`` for one shard.
+
+    ``source`` is either in-memory weights (then ``variant`` is required) or an imported
+    model directory whose variant and facts are reused.
+    """
+    facts: ModelFacts | None = None
+    if isinstance(source, Path):
+        facts = read_model_facts(source)
+        weights = load_model_weights(source)
+        variant = variant or as_variant(facts.variant)
+        if int8_activations is None:
+            int8_activations = facts.int8_activations
+    else:
+        weights = source
+    if variant is None:
+        raise ValueError("variant is required when building from in-memory weights")
+    int8 = bool(int8_activations)
+    role = shard_role(layers, weights.config.n_layers)
+    save_onnx(build_shard(weights, layers, variant, int8), out_dir)
+    main_in, main_out = shard_io_names(role)
+    meta = {
+        "start": layers.start,
+        "end": layers.end,
+        "n_layers": weights.config.n_layers,
+        "role": role,
+        "input": main_in,
+        "output": main_out,
+        "variant": variant,
+        "int8_activations": int8,
+        "hidden": weights.config.hidden,
+        "vocab": weights.config.vocab,
+    }
+    write_json(out_dir / SHARD_FILE, meta)
+    if facts is not None:
+        write_json(out_dir / FACTS_FILE, asdict(facts))
+    return out_dir
+
+
+def split_model_dir(model_dir: Path, ranges: Sequence[LayerRange], out_root: Path) -> list[Path]:
+    """Split an imported model into shard directories ``out_root/<start>-<end>``."""
+    facts = read_model_facts(model_dir)
+    expected = 0
+    for r in ranges:
+        if r.start != expected:
+            raise ValueError(f"ranges must tile [0, {facts.n_layers}) in order; got {r}")
+        expected = r.end
+    if expected != facts.n_layers:
+        raise ValueError(f"ranges end at {expected}, model has {facts.n_layers} blocks")
+    weights = load_model_weights(model_dir)
+    int8 = facts.int8_activations
+    out: list[Path] = []
+    for r in ranges:
+        path = write_shard_dir(weights, r, out_root / str(r), as_variant(facts.variant), int8)
+        write_json(path / FACTS_FILE, asdict(facts))
+        out.append(path)
+    return out
+
+
+def read_shard_meta(shard_dir: Path) -> dict[str, object]:
+    data: dict[str, object] = json.loads((shard_dir / SHARD_FILE).read_text(encoding="utf-8"))
+    return data

@@ -1,0 +1,1 @@
+"""``/p2pedge/blob/1.0.0``: peers serve verified chunks of content-addressed blobs."""

@@ -1,0 +1,131 @@
+"""Client end of one pipeline session on one server: open, step, close, with deadlines.
+
+A request cancelled half-way leaves its reply on the stream; the next request drains it
+first, and because every step names its start position (the server rewinds to it) a
+resent step is harmless.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+import numpy.typing as npt
+import trio
+
+from p2pedge.errors import (
+    Busy,
+    LocalProtocolError,
+    PeerTimeout,
+    PeerUnavailable,
+    RemoteProtocolError,
+    ShardFailed,
+)
+from p2pedge.ids import LayerRange
+from p2pedge.protocols._stream import FramedStream
+from p2pedge.protocols.pipeline import codec
+
+StreamOpener = Callable[[str, str], Awaitable[FramedStream]]
+
+
+def error_to_exception(err: codec.Error, peer: str) -> Exception:
+    text = f"{peer}: {err.code}: {err.message}"
+    if err.code == codec.E_BUDGET:
+        return Busy(text)
+    if err.code == codec.E_BAD_REQUEST:
+        return LocalProtocolError(text)
+    return ShardFailed(text)
+
+
+class ShardConnection:
+    """One open session on ``peer`` for blocks ``layers``; all calls take a deadline."""
+
+    def __init__(self, peer: str, layers: LayerRange, stream: FramedStream, timeout: float) -> None:
+        self.peer = peer
+        self.layers = layers
+        self.stream = stream
+        self.timeout = timeout
+        self.session = 0
+        self._rid = 0
+        self._pending: int | None = None
+        self.steps = 0
+        self.busy_seconds = 0.0
+
+    @classmethod
+    async def open(
+        cls,
+        opener: StreamOpener,
+        peer: str,
+        model: str,
+        layers: LayerRange,
+        max_length: int,
+        *,
+        timeout: float,
+        dtype: str = "float32",
+    ) -> ShardConnection:
+        with trio.fail_after(timeout) if timeout else trio.CancelScope():
+            stream = await opener(peer, codec.PROTOCOL_ID)
+        conn = cls(peer, layers, stream, timeout)
+        try:
+            reply = await conn._request(
+                lambda rid: codec.Open(rid, model, layers.start, layers.end, max_length, dtype)
+            )
+        except BaseException:
+            await conn.abort()
+            raise
+        if not isinstance(reply, codec.Opened):
+            await conn.abort()
+            raise RemoteProtocolError(f"{peer} answered open with {type(reply).__name__}")
+        conn.session = reply.session
+        return conn
+
+    async def _request(self, make: Callable[[int], codec.Request]) -> codec.Message:
+        try:
+            with trio.fail_after(self.timeout):
+                if self._pending is not None:
+                    await self._await_reply(self._pending)
+                self._rid += 1
+                rid = self._rid
+                self._pending = rid
+                await self.stream.send(codec.to_map(make(rid)))
+                reply = await self._await_reply(rid)
+        except trio.TooSlowError as exc:
+            raise PeerTimeout(f"{self.peer} did not answer within {self.timeout:.3g} s") from exc
+        if isinstance(reply, codec.Error):
+            raise error_to_exception(reply, self.peer)
+        return reply
+
+    async def _await_reply(self, rid: int) -> codec.Message:
+        while True:
+            msg = codec.from_map(await self.stream.receive())
+            if msg.rid == rid:
+                self._pending = None
+                return msg
+            if msg.rid > rid or (isinstance(msg, codec.Error) and msg.rid == 0):
+                if isinstance(msg, codec.Error):
+                    raise error_to_exception(msg, self.peer)
+                raise RemoteProtocolError(f"{self.peer} answered unknown request {msg.rid}")
+
+    async def step(self, x: npt.NDArray[Any], start: int) -> npt.NDArray[Any]:
+        began = trio.current_time()
+        reply = await self._request(lambda rid: codec.Step(rid, self.session, start, x))
+        if not isinstance(reply, codec.Output) or reply.session != self.session:
+            raise RemoteProtocolError(f"{self.peer} answered a step with {reply!r}")
+        self.steps += 1
+        self.busy_seconds += trio.current_time() - began
+        return reply.y
+
+    async def close(self) -> None:
+        """Close the session politely, then the stream; a dead peer is not an error here."""
+        try:
+            await self._request(lambda rid: codec.Close(rid, self.session))
+        except (PeerUnavailable, ShardFailed, RemoteProtocolError, LocalProtocolError):
+            pass  # the server frees the session when the stream ends anyway
+        await self.abort()
+
+    async def abort(self) -> None:
+        with trio.CancelScope(shield=True), trio.move_on_after(1):
+            try:
+                await self.stream.close()
+            except PeerUnavailable:
+                pass  # nothing left to close

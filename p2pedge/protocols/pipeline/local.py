@@ -1,0 +1,146 @@
+"""In-process wiring of real pipeline servers, plus fault injection, for tests and benches.
+
+:class:`LocalSwarm` connects a client to real :class:`PipelineServer` handlers over
+in-process byte streams (the same framing and codec as libp2p streams, no sockets).
+:class:`FaultyShardServer` wraps a real server and crashes or freezes it after a number
+of steps: a named fake, used only to inject faults.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Literal, Protocol
+
+import trio
+
+from p2pedge.errors import PeerUnavailable
+from p2pedge.ids import LayerRange
+from p2pedge.planning.routes import ServerOption
+from p2pedge.protocols._stream import FramedStream, memory_stream_pair
+from p2pedge.protocols.pipeline.handler import PipelineServer
+
+
+class StreamServer(Protocol):
+    async def handle(self, stream: FramedStream, peer_id: str) -> None: ...
+
+    def layers_served(self) -> list[dict[str, Any]]: ...
+
+
+class _CountingStream(FramedStream):
+    """A server-side stream that tells its :class:`FaultyShardServer` about each step."""
+
+    def __init__(self, inner: FramedStream, owner: FaultyShardServer) -> None:
+        super().__init__(inner.stream, max_frame=inner.max_frame)
+        self.owner = owner
+
+    async def receive(self, timeout: float | None = None) -> dict[str, Any]:
+        message = await super().receive(timeout)
+        if message.get("t") == "step":
+            self.owner.steps_seen += 1
+            if self.owner.steps_seen > self.owner.fail_after_steps:
+                await self.owner.trip(self)
+        return message
+
+
+class FaultyShardServer:
+    """A real server that crashes (``"drop"``) or freezes (``"freeze"``) on step k + 1.
+
+    A crash resets the stream (the client sees end of stream) and refuses new streams;
+    a freeze stops reading and answering forever, which only a client deadline detects.
+    """
+
+    def __init__(
+        self,
+        inner: PipelineServer,
+        fail_after_steps: int,
+        mode: Literal["drop", "freeze"] = "drop",
+    ) -> None:
+        self.inner = inner
+        self.fail_after_steps = fail_after_steps
+        self.mode = mode
+        self.steps_seen = 0
+        self.tripped = False
+
+    def layers_served(self) -> list[dict[str, Any]]:
+        return self.inner.layers_served()
+
+    async def trip(self, stream: FramedStream) -> None:
+        self.tripped = True
+        if self.mode == "freeze":
+            await trio.sleep_forever()
+        await stream.reset()
+        raise PeerUnavailable("FaultyShardServer crashed on purpose")
+
+    async def handle(self, stream: FramedStream, peer_id: str) -> None:
+        if self.tripped:
+            if self.mode == "freeze":
+                await trio.sleep_forever()
+            await stream.reset()
+            return
+        await self.inner.handle(_CountingStream(stream, self), peer_id)
+
+
+class LocalSwarm:
+    """Servers addressed by made-up peer ids, reached over in-process streams."""
+
+    def __init__(self, nursery: trio.Nursery, *, max_frame: int | None = None) -> None:
+        self.nursery = nursery
+        self.servers: dict[str, StreamServer] = {}
+        self.stats: dict[str, dict[str, float]] = {}
+        self.max_frame = max_frame
+
+    def add(self, peer_id: str, server: StreamServer, *, compute_gflops: float = 10.0) -> None:
+        self.servers[peer_id] = server
+        self.stats[peer_id] = {"compute_gflops": compute_gflops, "load": 0.0}
+
+    def remove(self, peer_id: str) -> None:
+        self.servers.pop(peer_id, None)
+
+    async def open_stream(self, peer_id: str, protocol_id: str) -> FramedStream:
+        server = self.servers.get(peer_id)
+        if server is None:
+            raise PeerUnavailable(f"no server {peer_id} in this LocalSwarm")
+        ours, theirs = memory_stream_pair()
+        kw = {} if self.max_frame is None else {"max_frame": self.max_frame}
+        self.nursery.start_soon(server.handle, FramedStream(theirs, **kw), "local-client")
+        return FramedStream(ours, **kw)
+
+    async def options(self) -> list[ServerOption]:
+        """What the capability cards of every live server would offer."""
+        found: list[ServerOption] = []
+        for peer, server in self.servers.items():
+            stats = self.stats[peer]
+            for entry in server.layers_served():
+                found.append(
+                    ServerOption(
+                        peer,
+                        LayerRange(entry["start"], entry["end"]),
+                        stats["compute_gflops"],
+                        stats["load"],
+                    )
+                )
+        return found
+
+
+def tiny_shards(
+    ranges: list[tuple[int, int]], *, n_layers: int, seed: int = 0
+) -> tuple[dict[LayerRange, Any], bytes]:
+    """Loaded shard models of a tiny random model, and the unsplit decoder's bytes.
+
+    For tests and benchmarks: graphs are built in memory (no files) with the graph
+    engineer's builder, the same one real imports use. One model per range, so several
+    servers of the same range share weights as they would share a disk.
+    """
+    from p2pedge.models.convert.onnx_graph import build_decoder, build_shard
+    from p2pedge.runtime.config import RuntimeConfig
+    from p2pedge.runtime.shard_session import ShardModel
+    from p2pedge.testing.tiny import tiny_weights
+
+    weights = tiny_weights(seed=seed, n_layers=n_layers)
+    config = RuntimeConfig(intra_op_threads=1)
+    shards = {
+        LayerRange(a, b): ShardModel(
+            build_shard(weights, LayerRange(a, b)).SerializeToString(), config
+        )
+        for a, b in sorted(set(ranges))
+    }
+    return shards, build_decoder(weights).SerializeToString()

@@ -1,0 +1,147 @@
+"""Glue between a Node and the pipeline: serve shards, and open sharded sessions.
+
+Server side (called by the Node at start-up, once per process)::
+
+    server = await start_pipeline_server(node, [(model_name, model_dir, layers_or_None)],
+                                         shards_root=data_dir / "shards")
+
+Client side::
+
+    async with await open_sharded_session(node, "smollm2-135m-instruct") as session:
+        tokens = await session.generate(prompt_ids, 32)
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from collections.abc import Awaitable, Callable, Sequence
+from pathlib import Path
+from typing import Any, Protocol
+
+import trio
+
+from p2pedge.errors import ModelLoadError
+from p2pedge.ids import LayerRange
+from p2pedge.planning.placement import choose_blocks_from_options
+from p2pedge.planning.routes import NoRoute, ServerOption, options_from_cards
+from p2pedge.protocols._stream import FramedStream
+from p2pedge.protocols.pipeline.client import ClientConfig, ShardedSession
+from p2pedge.protocols.pipeline.handler import DEFAULT_BUDGET_BYTES, PipelineServer, StreamHandler
+from p2pedge.runtime.config import RuntimeConfig
+from p2pedge.runtime.shard_session import ShardModel
+
+log = logging.getLogger(__name__)
+
+FACTS_FILE = "p2pedge_model.json"
+# Rough cost of one block for one token (2 x parameters); SmolLM2-135M has ~3.5 M per block.
+DEFAULT_GFLOP_PER_BLOCK_TOKEN = 0.007
+
+
+class PipelineNode(Protocol):
+    """The Node methods the pipeline uses."""
+
+    def set_stream_handler(self, protocol_id: str, handler: StreamHandler) -> None: ...
+
+    async def open_stream(
+        self, peer_id: str, protocol_id: str, *, timeout: float = 10.0
+    ) -> FramedStream: ...
+
+    async def find_peers(self, model: str | None = None, *, limit: int = 64) -> list[Any]: ...
+
+    def set_layers_served(self, layers: Sequence[Any]) -> None: ...
+
+    @property
+    def card(self) -> Any: ...
+
+
+def model_layers(model_dir: Path) -> int:
+    try:
+        facts = json.loads((model_dir / FACTS_FILE).read_text(encoding="utf-8"))
+        return int(facts["n_layers"])
+    except (OSError, ValueError, KeyError) as exc:
+        raise ModelLoadError(f"{model_dir}: cannot read {FACTS_FILE}: {exc}") from exc
+
+
+async def swarm_options(node: PipelineNode, model: str) -> list[ServerOption]:
+    """What every known card (our own included) offers for ``model``."""
+    return options_from_cards(await node.find_peers(None), model)
+
+
+async def place(node: PipelineNode, model: str, n_layers: int, n_blocks: int) -> LayerRange:
+    options = [o for o in await swarm_options(node, model) if o.peer_id != node.card.peer_id]
+    placement = choose_blocks_from_options(
+        n_layers, n_blocks, options, float(node.card.compute_gflops), DEFAULT_GFLOP_PER_BLOCK_TOKEN
+    )
+    log.info("placement for %s: %s", model, placement.reason)
+    return placement.layers
+
+
+def ensure_shard_dir(model_dir: Path, layers: LayerRange, shards_root: Path) -> Path:
+    """The shard directory for ``layers``, written from the imported model if missing."""
+    from p2pedge.models.convert.shards import SHARD_FILE, write_shard_dir
+
+    out = shards_root / model_dir.name / str(layers)
+    if not (out / SHARD_FILE).is_file():
+        write_shard_dir(model_dir, layers, out)
+    return out
+
+
+async def start_pipeline_server(
+    node: PipelineNode,
+    serve: Sequence[tuple[str, Path, LayerRange | None]],
+    *,
+    shards_root: Path,
+    budget_bytes: int = DEFAULT_BUDGET_BYTES,
+    runtime: RuntimeConfig | None = None,
+    n_blocks: int | None = None,
+    served_layers_factory: Callable[[str, int, int], Any] | None = None,
+) -> PipelineServer:
+    """Load (building if needed) each shard, register the protocol, update the card.
+
+    ``serve`` holds ``(model name, imported model dir, block range or None)``; None lets
+    placement pick ``n_blocks`` blocks (default: half the model) from the swarm's cards.
+    """
+    if served_layers_factory is None:
+        from p2pedge.records.card import ServedLayers
+
+        served_layers_factory = ServedLayers
+    shards: dict[tuple[str, LayerRange], ShardModel] = {}
+    for model, model_dir, layers in serve:
+        n_layers = model_layers(model_dir)
+        if layers is None:
+            layers = await place(node, model, n_layers, n_blocks or max(n_layers // 2, 1))
+        shard_dir = await trio.to_thread.run_sync(ensure_shard_dir, model_dir, layers, shards_root)
+        shards[(model, layers)] = await trio.to_thread.run_sync(
+            ShardModel.from_dir, shard_dir, runtime
+        )
+    server = PipelineServer(shards, budget_bytes=budget_bytes)
+    server.register(node)
+    node.set_layers_served([served_layers_factory(m, r.start, r.end) for m, r in sorted(shards)])
+    return server
+
+
+async def open_sharded_session(
+    node: PipelineNode,
+    model: str,
+    *,
+    n_layers: int | None = None,
+    config: ClientConfig | None = None,
+) -> ShardedSession:
+    """A started :class:`ShardedSession` over the best chain the swarm's cards offer."""
+
+    async def find() -> list[ServerOption]:
+        return await swarm_options(node, model)
+
+    if n_layers is None:
+        offered = await find()
+        if not offered:
+            raise NoRoute(f"no peer serves blocks of {model}")
+        n_layers = max(o.layers.end for o in offered)
+
+    def opener(peer: str, protocol: str) -> Awaitable[FramedStream]:
+        return node.open_stream(peer, protocol)
+
+    session = ShardedSession(opener, find, model, n_layers, config)
+    await session.start()
+    return session

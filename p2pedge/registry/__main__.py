@@ -1,0 +1,98 @@
+"""``python -m p2pedge.registry serve|publish`` - run the registry or publish a model dir.
+
+``serve --root DIR --listen HOST:PORT [--token T] [--trust DIR]`` (token also from
+``$P2PEDGE_REGISTRY_TOKEN``); ``publish DIR --name N --version V --category C --key KEY``
+signs and stores locally into ``--root``, or uploads to ``--registry URL --token T``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import tempfile
+from functools import partial
+from pathlib import Path
+
+import trio
+
+from p2pedge.errors import P2PEdgeError
+from p2pedge.ids import ModelId
+from p2pedge.models.keys import TrustStore
+from p2pedge.models.manifest import DEFAULT_CHUNK_SIZE
+from p2pedge.models.store import Store
+from p2pedge.registry.client import RegistryClient
+from p2pedge.registry.server import TOKEN_ENV, parse_listen, serve_registry
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="python -m p2pedge.registry", description=__doc__)
+    commands = parser.add_subparsers(dest="command", required=True)
+    serve = commands.add_parser("serve", help="serve a registry root over HTTP")
+    serve.add_argument("--root", type=Path, required=True)
+    serve.add_argument("--listen", default="127.0.0.1:8080")
+    serve.add_argument("--token", default=None, help=f"bearer token for publishing (${TOKEN_ENV})")
+    serve.add_argument("--trust", type=Path, default=None, help="only accept these publishers")
+    publish = commands.add_parser("publish", help="sign a model dir and publish it")
+    publish.add_argument("dir", type=Path)
+    publish.add_argument("--name", required=True)
+    publish.add_argument("--version", required=True)
+    publish.add_argument("--category", required=True)
+    publish.add_argument("--key", type=Path, required=True, help="ed25519 PEM private key")
+    publish.add_argument("--tags", default="", help="comma-separated tags")
+    publish.add_argument("--license", default="unknown")
+    publish.add_argument("--chunk-size", type=int, default=DEFAULT_CHUNK_SIZE)
+    publish.add_argument("--registry", default=None, help="registry URL (default: local --root)")
+    publish.add_argument("--root", type=Path, default=None, help="local registry root")
+    publish.add_argument("--token", default=None)
+    return parser
+
+
+async def _publish(args: argparse.Namespace) -> None:
+    tags = [t for t in args.tags.split(",") if t]
+    with tempfile.TemporaryDirectory() as scratch:
+        store = Store(args.root if args.registry is None else Path(scratch))
+        manifest = await trio.to_thread.run_sync(
+            partial(
+                store.add_model_dir,
+                args.dir,
+                args.name,
+                args.version,
+                args.category,
+                args.key,
+                tags=tags,
+                license=args.license,
+                chunk_size=args.chunk_size,
+            )
+        )
+        if args.registry is not None:
+            token = args.token or os.environ.get(TOKEN_ENV)
+            async with RegistryClient(args.registry, token=token) as client:
+                await client.publish(store, manifest.model)
+    where = args.registry or args.root
+    print(f"published {manifest.model} ({manifest.total_size} bytes) to {where}")
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    try:
+        if args.command == "serve":
+            host, port = parse_listen(args.listen)
+            trust = TrustStore.from_dir(args.trust) if args.trust else None
+            print(f"registry serving {args.root} on http://{host}:{port}", file=sys.stderr)
+            trio.run(partial(serve_registry, args.root, host, port, token=args.token, trust=trust))
+        else:
+            if args.registry is None and args.root is None:
+                raise SystemExit("publish needs --root DIR or --registry URL")
+            ModelId(args.name, args.version)
+            trio.run(_publish, args)
+    except (P2PEdgeError, ValueError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        return 130
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,272 @@
+"""The registry's HTTP API as a small hand-written ASGI app over a :class:`Store`.
+
+Read endpoints are public (every manifest is signed, every blob content-addressed, so
+clients verify instead of trusting the server); writes need the bearer token. Errors are
+JSON ``{"error": ...}`` with a 4xx status; anything a client names (model name, version,
+digest, range) is validated before it touches the filesystem.
+
+* ``GET /models``, ``GET /models/{name}``, ``GET /models/{name}/versions``
+* ``GET /models/{name}/{version}`` - the signed manifest (``latest`` resolves)
+* ``GET|HEAD /blobs/sha256-{hex}`` - with single ``Range: bytes=a-b`` support (206/416)
+* ``PUT /blobs/sha256-{hex}`` - upload; the body must hash to the name
+* ``PUT|POST /models/{name}/{version}`` - publish a manifest whose blobs are all present
+"""
+
+from __future__ import annotations
+
+import hmac
+import json
+import re
+import tempfile
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+import trio
+
+from p2pedge.errors import IntegrityError, ModelNotCached
+from p2pedge.ids import ModelId
+from p2pedge.models.keys import TrustStore, verify_signature
+from p2pedge.models.manifest import MAX_MANIFEST_BYTES, ManifestError, parse_manifest
+from p2pedge.models.store import Store, StoreFull
+
+Scope = dict[str, Any]
+Receive = Callable[[], Awaitable[dict[str, Any]]]
+Send = Callable[[dict[str, Any]], Awaitable[None]]
+
+_DIGEST = re.compile(r"^sha256-([0-9a-f]{64})$")
+_RANGE = re.compile(r"^bytes=(\d*)-(\d*)$")
+SEND_PIECE = 1 << 20
+MAX_BLOB_BYTES = 64 * 1024**3
+
+
+class HttpError(Exception):
+    def __init__(self, status: int, message: str, **extra: Any) -> None:
+        super().__init__(message)
+        self.status = status
+        self.body = {"error": message, **extra}
+
+
+def parse_range(header: str, size: int) -> tuple[int, int]:
+    """``(start, end_exclusive)`` for one ``bytes=`` range; ``HttpError(416)`` otherwise."""
+    match = _RANGE.match(header.strip())
+    if match is None or match.group(1) == match.group(2) == "":
+        raise HttpError(416, f"unsupported range {header!r}", size=size)
+    first, last = match.group(1), match.group(2)
+    if first == "":
+        start, end = max(0, size - int(last)), size
+    else:
+        start = int(first)
+        end = size if last == "" else min(size, int(last) + 1)
+    if start >= size or end <= start:
+        raise HttpError(416, f"range {header!r} not satisfiable for {size} bytes", size=size)
+    return start, end
+
+
+def _model_id(name: str, version: str = "latest") -> ModelId:
+    try:
+        return ModelId(name, version)
+    except ValueError as exc:
+        raise HttpError(400, str(exc)) from exc
+
+
+def _digest(text: str) -> str:
+    match = _DIGEST.match(text)
+    if match is None:
+        raise HttpError(400, "blob names look like sha256-<64 lowercase hex>")
+    return match.group(1)
+
+
+class RegistryApp:
+    """ASGI application; ``token=None`` disables publishing over HTTP."""
+
+    def __init__(self, store: Store, *, token: str | None = None, trust: TrustStore | None = None):
+        self.store = store
+        self.token = token
+        self.trust = trust
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] == "lifespan":
+            while True:
+                message = await receive()
+                if message["type"] == "lifespan.startup":
+                    await send({"type": "lifespan.startup.complete"})
+                elif message["type"] == "lifespan.shutdown":
+                    await send({"type": "lifespan.shutdown.complete"})
+                    return
+        if scope["type"] != "http":
+            return
+        try:
+            await self._route(scope, receive, send)
+        except HttpError as exc:
+            await self._json(send, exc.status, exc.body)
+        except ModelNotCached as exc:
+            await self._json(send, 404, {"error": str(exc)})
+        except StoreFull as exc:
+            await self._json(send, 507, {"error": str(exc)})
+
+    async def _route(self, scope: Scope, receive: Receive, send: Send) -> None:
+        method: str = scope["method"]
+        parts = [p for p in scope["path"].split("/") if p]
+        if not parts or parts[0] not in ("models", "blobs"):
+            raise HttpError(404, f"no such endpoint {scope['path']!r}")
+        if parts[0] == "blobs":
+            if len(parts) != 2:
+                raise HttpError(404, "use /blobs/sha256-<hex>")
+            digest = _digest(parts[1])
+            if method in ("GET", "HEAD"):
+                await self._get_blob(scope, send, digest, head=method == "HEAD")
+            elif method == "PUT":
+                self._authorize(scope)
+                await self._put_blob(receive, send, digest)
+            else:
+                raise HttpError(405, f"{method} not allowed on blobs")
+            return
+        if method in ("PUT", "POST") and len(parts) == 3:
+            self._authorize(scope)
+            await self._put_manifest(receive, send, _model_id(parts[1], parts[2]))
+            return
+        if method != "GET":
+            raise HttpError(405, f"{method} not allowed here")
+        if len(parts) == 1:
+            models = [self._summary(name) for name in self.store.names()]
+            await self._json(send, 200, {"models": models})
+        elif len(parts) == 2:
+            await self._json(send, 200, self._summary(_model_id(parts[1]).name))
+        elif len(parts) == 3 and parts[2] == "versions":
+            name = _model_id(parts[1]).name
+            await self._json(send, 200, {"name": name, "versions": self._versions(name)})
+        elif len(parts) == 3:
+            data = self.store.manifest_bytes(_model_id(parts[1], parts[2]))
+            await self._respond(send, 200, data, {"content-type": "application/json"})
+        else:
+            raise HttpError(404, f"no such endpoint {scope['path']!r}")
+
+    def _versions(self, name: str) -> list[str]:
+        versions = self.store.versions(name)
+        if not versions:
+            raise HttpError(404, f"unknown model {name!r}")
+        return versions
+
+    def _summary(self, name: str) -> dict[str, Any]:
+        versions = self._versions(name)
+        latest = self.store.describe(ModelId(name, versions[-1]))
+        return {"name": name, "versions": versions, "latest": latest}
+
+    def _authorize(self, scope: Scope) -> None:
+        if self.token is None:
+            raise HttpError(403, "publishing is disabled on this registry (no token set)")
+        headers = dict(scope.get("headers") or [])
+        given = headers.get(b"authorization", b"").decode("latin-1")
+        if not hmac.compare_digest(given.encode(), f"Bearer {self.token}".encode()):
+            raise HttpError(401, "missing or wrong bearer token")
+
+    async def _get_blob(self, scope: Scope, send: Send, digest: str, *, head: bool) -> None:
+        if not self.store.has_blob(digest):
+            raise HttpError(404, f"unknown blob sha256-{digest}")
+        try:
+            path = await trio.to_thread.run_sync(self.store.verify_blob, digest)
+        except IntegrityError as exc:
+            raise HttpError(404, f"blob sha256-{digest} was corrupt and is gone") from exc
+        size = path.stat().st_size
+        headers = dict(scope.get("headers") or [])
+        range_header = headers.get(b"range")
+        status, start, end = 200, 0, size
+        extra = {"accept-ranges": "bytes", "content-type": "application/octet-stream"}
+        if range_header is not None:
+            start, end = parse_range(range_header.decode("latin-1"), size)
+            status = 206
+            extra["content-range"] = f"bytes {start}-{end - 1}/{size}"
+        await send(
+            {
+                "type": "http.response.start",
+                "status": status,
+                "headers": _headers({**extra, "content-length": str(end - start)}),
+            }
+        )
+        if head:
+            await send({"type": "http.response.body", "body": b""})
+            return
+        offset = start
+        while offset < end:
+            length = min(SEND_PIECE, end - offset)
+            piece = await trio.to_thread.run_sync(self.store.read_range, digest, offset, length)
+            if len(piece) != length:
+                raise HttpError(500, "blob shrank while being served")
+            offset += length
+            await send({"type": "http.response.body", "body": piece, "more_body": offset < end})
+        if start == end:
+            await send({"type": "http.response.body", "body": b""})
+
+    async def _put_blob(self, receive: Receive, send: Send, digest: str) -> None:
+        if self.store.has_blob(digest):
+            await self._drain(receive, MAX_BLOB_BYTES)
+            await self._json(send, 200, {"digest": digest, "stored": False})
+            return
+        spool_dir = str(self.store.partial)
+        with tempfile.SpooledTemporaryFile(max_size=8 << 20, mode="w+b", dir=spool_dir) as spool:
+            total = 0
+            while True:
+                message = await receive()
+                body: bytes = message.get("body", b"")
+                total += len(body)
+                if total > MAX_BLOB_BYTES:
+                    raise HttpError(413, "blob too large")
+                await trio.to_thread.run_sync(spool.write, body)
+                if not message.get("more_body", False):
+                    break
+            spool.seek(0)
+            await trio.to_thread.run_sync(self.store.ensure_room, total)
+            try:
+                await trio.to_thread.run_sync(self.store.write_blob_from, digest, spool)
+            except IntegrityError as exc:
+                raise HttpError(400, str(exc)) from exc
+        await self._json(send, 201, {"digest": digest, "stored": True})
+
+    async def _put_manifest(self, receive: Receive, send: Send, model: ModelId) -> None:
+        data = await self._drain(receive, MAX_MANIFEST_BYTES)
+        try:
+            manifest = parse_manifest(data)
+            if self.trust is not None:
+                manifest.verify(self.trust)
+            else:
+                verify_signature(manifest.publisher, manifest.signature, manifest.signed_bytes())
+        except ManifestError as exc:
+            raise HttpError(400, str(exc)) from exc
+        except IntegrityError as exc:
+            raise HttpError(403, str(exc)) from exc
+        if manifest.model != model:
+            raise HttpError(400, f"manifest is for {manifest.model}, not {model}")
+        missing = sorted({f.sha256 for f in manifest.files if not self.store.has_blob(f.sha256)})
+        if missing:
+            raise HttpError(409, "upload these blobs first", missing=missing)
+        await trio.to_thread.run_sync(self.store.put_manifest, manifest)
+        await self._json(send, 201, {"model": str(model)})
+
+    @staticmethod
+    async def _drain(receive: Receive, limit: int) -> bytes:
+        chunks: list[bytes] = []
+        total = 0
+        while True:
+            message = await receive()
+            body: bytes = message.get("body", b"")
+            total += len(body)
+            if total > limit:
+                raise HttpError(413, f"body larger than {limit} bytes")
+            chunks.append(body)
+            if not message.get("more_body", False):
+                return b"".join(chunks)
+
+    @staticmethod
+    async def _json(send: Send, status: int, body: object) -> None:
+        data = json.dumps(body, sort_keys=True).encode()
+        await RegistryApp._respond(send, status, data, {"content-type": "application/json"})
+
+    @staticmethod
+    async def _respond(send: Send, status: int, data: bytes, headers: dict[str, str]) -> None:
+        headers = {**headers, "content-length": str(len(data))}
+        await send({"type": "http.response.start", "status": status, "headers": _headers(headers)})
+        await send({"type": "http.response.body", "body": data})
+
+
+def _headers(headers: dict[str, str]) -> list[tuple[bytes, bytes]]:
+    return [(k.encode(), v.encode()) for k, v in headers.items()]

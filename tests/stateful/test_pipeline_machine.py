@@ -1,0 +1,207 @@
+"""Hypothesis drives the pipeline server machine against a plain model of its sessions."""
+
+from __future__ import annotations
+
+import numpy as np
+from hypothesis import settings
+from hypothesis import strategies as st
+from hypothesis.stateful import (
+    Bundle,
+    RuleBasedStateMachine,
+    consumes,
+    invariant,
+    multiple,
+    rule,
+)
+
+from p2pedge.ids import LayerRange
+from p2pedge.protocols.pipeline import codec
+from p2pedge.protocols.pipeline.machine import (
+    LIVE,
+    TRANSITIONS,
+    Allocate,
+    Event,
+    KvBudget,
+    Release,
+    Run,
+    Send,
+    ServerMachine,
+    ShardSpec,
+    State,
+)
+
+HIDDEN, VOCAB, PER_TOKEN = 8, 50, 100
+CATALOG = {
+    ("m", LayerRange(0, 2)): ShardSpec(True, False, HIDDEN, VOCAB, PER_TOKEN, max_length=64),
+    ("m", LayerRange(2, 4)): ShardSpec(False, True, HIDDEN, VOCAB, PER_TOKEN, max_length=64),
+}
+IDLE = 10.0
+
+
+class PipelineMachineTest(RuleBasedStateMachine):
+    sessions = Bundle("sessions")
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.budget = KvBudget(PER_TOKEN * 100)
+        self.m = ServerMachine(CATALOG, self.budget, idle_timeout=IDLE, max_step_tokens=8)
+        self.now = 0.0
+        self.rid = 0
+        self.expected: dict[int, State] = {}
+        self.lengths: dict[int, int] = {}
+        self.first: dict[int, bool] = {}
+        self.reserved: dict[int, int] = {}
+        self.pending: dict[int, int] = {}
+        self.active: dict[int, float] = {}
+
+    def _rid(self) -> int:
+        self.rid += 1
+        return self.rid
+
+    def _one_reply(self, actions: list[object], rid: int) -> codec.Reply | None:
+        sends = [a.reply for a in actions if isinstance(a, Send)]
+        work = [a for a in actions if isinstance(a, Allocate | Run)]
+        assert len(sends) + len(work) == 1, actions
+        if sends:
+            assert sends[0].rid == rid
+            return sends[0]
+        return None
+
+    @rule(
+        target=sessions,
+        start=st.sampled_from([0, 2, 1]),
+        max_length=st.integers(1, 80),
+        dtype=st.sampled_from(codec.WIRE_DTYPES),
+    )
+    def open(self, start: int, max_length: int, dtype: str) -> object:
+        rid = self._rid()
+        used = self.budget.used
+        actions = self.m.receive(
+            codec.Open(rid, "m", start, start + 2, max_length, dtype), self.now
+        )
+        reply = self._one_reply(actions, rid)
+        served = start in (0, 2)
+        fits = max_length <= 64 and used + max_length * PER_TOKEN <= self.budget.limit
+        if reply is not None:
+            assert isinstance(reply, codec.Error)
+            assert not (served and fits)
+            return multiple()
+        assert served and fits
+        (alloc,) = actions
+        assert isinstance(alloc, Allocate)
+        self.expected[alloc.session] = State.OPENING
+        self.lengths[alloc.session] = 0
+        self.first[alloc.session] = start == 0
+        self.reserved[alloc.session] = max_length * PER_TOKEN
+        self.active[alloc.session] = self.now
+        return alloc.session
+
+    @rule(session=sessions, ok=st.booleans())
+    def finish_open(self, session: int, ok: bool) -> None:
+        if self.expected[session] is not State.OPENING:
+            return
+        if ok:
+            (send,) = self.m.ready(session, self.now)
+            assert isinstance(send, Send) and isinstance(send.reply, codec.Opened)
+            self.expected[session] = State.OPEN
+            self.active[session] = self.now
+        else:
+            (send,) = self.m.failed(session, "load failed", self.now)
+            assert isinstance(send, Send) and send.reply.code == codec.E_INTERNAL
+            self.expected[session] = State.CLOSED
+
+    @rule(
+        session=st.one_of(sessions, st.integers(1000, 1010)),
+        n=st.integers(0, 10),
+        back=st.integers(0, 3),
+        good_dtype=st.booleans(),
+    )
+    def step(self, session: int, n: int, back: int, good_dtype: bool) -> None:
+        rid = self._rid()
+        known = session in self.expected
+        first = self.first.get(session, True)
+        length = self.lengths.get(session, 0)
+        start = max(length - back, 0) if back < 3 else length + 1
+        if first:
+            x = np.arange(n, dtype=np.int64 if good_dtype else np.int32)[None] % VOCAB
+        else:
+            x = np.zeros((1, n, HIDDEN), np.float32 if good_dtype else np.float64)
+        actions = self.m.receive(codec.Step(rid, session, start, x), self.now)
+        reply = self._one_reply(actions, rid)
+        state = self.expected.get(session, State.ABSENT)
+        if reply is None:
+            (run,) = actions
+            assert isinstance(run, Run) and run.start == start
+            assert state is State.OPEN and 1 <= n <= 8 and good_dtype and start <= length
+            self.expected[session] = State.BUSY
+            self.pending[session] = start + n
+            return
+        assert isinstance(reply, codec.Error)
+        if state is State.OPEN:
+            assert reply.code == codec.E_BAD_REQUEST or not known
+        else:
+            assert reply.code == TRANSITIONS[(state, Event.STEP)]
+
+    @rule(session=sessions, ok=st.booleans())
+    def finish_step(self, session: int, ok: bool) -> None:
+        if self.expected[session] is not State.BUSY:
+            return
+        if ok:
+            y = np.zeros((1, 1, HIDDEN), np.float32)
+            (send,) = self.m.step_done(session, y, self.now)
+            assert isinstance(send.reply, codec.Output)
+            self.expected[session] = State.OPEN
+            self.lengths[session] = self.pending.pop(session)
+            self.active[session] = self.now
+        else:
+            actions = self.m.failed(session, "kernel error", self.now)
+            assert isinstance(actions[0], Release) and actions[0].session == session
+            self.expected[session] = State.CLOSED
+            self.pending.pop(session)
+
+    @rule(session=consumes(sessions))
+    def close(self, session: int) -> None:
+        rid = self._rid()
+        state = self.expected[session]
+        actions = self.m.receive(codec.Close(rid, session), self.now)
+        if state is State.OPEN:
+            assert isinstance(actions[0], Release)
+            assert isinstance(actions[1], Send) and isinstance(actions[1].reply, codec.Closed)
+            self.expected[session] = State.CLOSED
+        else:
+            (send,) = actions
+            assert isinstance(send, Send) and send.reply.code == TRANSITIONS[(state, Event.CLOSE)]
+
+    @rule(dt=st.floats(0, 15))
+    def time_passes(self, dt: float) -> None:
+        self.now += dt
+        due = {
+            sid
+            for sid, state in self.expected.items()
+            if state is State.OPEN and self.now - self.active[sid] >= IDLE
+        }
+        deadline = self.m.next_deadline()
+        released = {a.session for a in self.m.tick(self.now) if isinstance(a, Release)}
+        assert released == due
+        if due:
+            assert deadline is not None and deadline <= self.now
+        for sid in due:
+            self.expected[sid] = State.EXPIRED
+
+    @invariant()
+    def states_agree(self) -> None:
+        for sid, state in self.expected.items():
+            assert self.m.state_of(sid) is state
+
+    @invariant()
+    def budget_is_exactly_the_live_reservations(self) -> None:
+        live = sum(self.reserved[s] for s, st_ in self.expected.items() if st_ in LIVE)
+        assert self.budget.used == live <= self.budget.limit
+
+    def teardown(self) -> None:
+        self.m.stream_ended()
+        assert self.budget.used == 0
+
+
+TestPipelineMachine = PipelineMachineTest.TestCase
+TestPipelineMachine.settings = settings(max_examples=100, stateful_step_count=40, deadline=None)
