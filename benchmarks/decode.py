@@ -167,10 +167,9 @@ def main(argv: list[str] | None = None) -> int:
     print(table)
     if not args.no_doc:
         when = datetime.now(UTC).strftime("%Y-%m-%d %H:%M UTC")
-        load = os.getloadavg()[0]  # other work on the box skews absolute tok/s, not ratios
-        machine = (
-            f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores, load {load:.1f}"
-        )
+        load_avg = os.getloadavg()[0]  # other work on the box skews absolute tok/s, not ratios
+        cpu = platform.processor() or platform.machine()
+        machine = f"{cpu}, {os.cpu_count()} cores, load {load_avg:.1f}"
         body = (
             "### Decode speed (`benchmarks/decode.py`): SmolLM2-135M-Instruct"
             f" ({when}, {machine})\n\n"

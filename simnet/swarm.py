@@ -135,7 +135,7 @@ class Swarm:
         async def one(node: Node) -> None:
             async with limiter:
                 await node.announce()
-            node.start_announcing()
+            node.start_announcing(now=False)
 
         async with trio.open_nursery() as nursery:
             for node in nodes:

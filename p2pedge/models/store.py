@@ -331,6 +331,9 @@ class Store:
             for entry in entries:
                 dest = building / entry.path
                 dest.parent.mkdir(parents=True, exist_ok=True)
+                if _is_external_data(entry.path):
+                    shutil.copyfile(self.blob_path(entry.sha256), dest)
+                    continue
                 try:
                     os.link(self.blob_path(entry.sha256), dest)
                 except OSError:
@@ -411,3 +414,9 @@ class Store:
             "size": manifest.total_size,
             "arch": dict(manifest.arch),
         }
+
+
+def _is_external_data(path: str) -> bool:
+    """ONNX external weights: onnx refuses to read them through a file with several hard
+    links (a "potential hardlink attack"), so these are copied, not linked."""
+    return path.endswith((".data", ".onnx_data", ".onnx.data"))

@@ -45,6 +45,8 @@ def build_parser() -> argparse.ArgumentParser:
     _common(run)
     run.add_argument("--serve", action="append", default=[], help="MODEL[:START-END] shard to serve")
     run.add_argument("--models-dir", type=Path, default=None, help="model store root")
+    run.add_argument("--model", action="append", default=[], metavar="NAME=DIR", help="use an imported model directory")
+    run.add_argument("--threads", type=int, default=0, help="onnxruntime threads (default: all cores)")
     peers = sub.add_parser("peers", help="join, print the verified cards, exit")
     _common(peers)
     peers.add_argument("--model", default=None, help="only peers with this model cached")
@@ -65,7 +67,16 @@ def _config(args: argparse.Namespace, *, throwaway: bool = False) -> NodeConfig:
         announce_interval=args.announce_interval,
         serve=tuple(ServeSpec.parse(s) for s in getattr(args, "serve", [])),
         models_dir=getattr(args, "models_dir", None),
+        model_dirs=tuple(_model_dir(m) for m in getattr(args, "model", [])),
+        threads=getattr(args, "threads", 0),
     )
+
+
+def _model_dir(text: str) -> tuple[str, Path]:
+    name, sep, path = text.partition("=")
+    if not sep or not name or not Path(path).is_dir():
+        raise ConfigError(f"--model needs NAME=DIR with an existing directory, got {text!r}")
+    return name, Path(path)
 
 
 class Printer:
@@ -89,6 +100,14 @@ async def run_node(args: argparse.Namespace, printer: Printer) -> None:
     from p2pedge.node.node import Node
 
     async with Node(_config(args)) as node:
+        for layers in node.card.layers_served:
+            printer.event(
+                "serving",
+                f"serving {layers.model} blocks {layers.start}-{layers.end}",
+                model=layers.model,
+                start=layers.start,
+                end=layers.end,
+            )
         printer.event(
             "listening",
             "\n".join(f"listening {a}" for a in node.addrs),

@@ -53,10 +53,12 @@ class NodeConfig:
     trusted_publishers: tuple[Path, ...] = ()
     measure_compute: bool = True
     identity_seed: bytes | None = None
+    model_dirs: tuple[tuple[str, Path], ...] = ()
+    shard_step_timeout: float = 10.0
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "data_dir", Path(self.data_dir))
-        for name in ("listen", "bootstrap", "allow_peers", "serve", "trusted_publishers"):
+        for name in ("listen", "bootstrap", "allow_peers", "serve", "trusted_publishers", "model_dirs"):
             value = getattr(self, name)
             if isinstance(value, str | Path):
                 raise ConfigError(f"{name} must be a sequence, not a single {type(value).__name__}")

@@ -10,10 +10,11 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
+from pathlib import Path
 from contextlib import AsyncExitStack
 from types import TracebackType
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import trio
 
@@ -27,9 +28,30 @@ from p2pedge.node.identity import Identity, read_psk
 from p2pedge.protocols._stream import FramedStream
 from p2pedge.records.card import CachedModel, CapabilityCard, ServedLayers, sign_card
 
+if TYPE_CHECKING:
+    from p2pedge.models.store import Store
+    from p2pedge.node.inference import Completion
+    from p2pedge.node.models import NodeModels, ShardedCompletion
+    from p2pedge.orchestrator.orchestrator import Answer, FanOut, Orchestrator
+    from p2pedge.runtime.cache import ModelCache
+
 log = logging.getLogger("p2pedge.node")
 
 StreamHandler = Callable[[FramedStream, str], Awaitable[None]]
+
+
+async def _no_auto_connect() -> None:
+    return None
+
+
+def _disable_auto_connect(host: Any) -> None:
+    """Dial only what the DHT and our protocols need.
+
+    py-libp2p 0.8.1's auto-connector dials every known peer while a node has fewer than
+    its low watermark (100) connections; in a 20-node simnet that meant a full mesh of
+    380 Noise + identify handshakes on one event loop. There is no setting for it.
+    """
+    host.get_network().auto_connector.maybe_connect = _no_auto_connect
 
 
 class Node:
@@ -60,6 +82,9 @@ class Node:
         self._psk = read_psk(self.config.psk_file) if self.config.psk_file else None
         self._allowed = frozenset(self.config.allow_peers)
         self.started = False
+        from p2pedge.node.models import NodeModels
+
+        self.models: NodeModels = NodeModels(self)
 
     # -- lifecycle ---------------------------------------------------------------------
 
@@ -82,8 +107,13 @@ class Node:
         self._stack = stack
         self.started = True
         self._refresh_card()
+        try:
+            await self.models.start()
+        except BaseException:
+            await self.__aexit__(None, None, None)
+            raise
         if not self.config.local_only and self.config.announce_on_start:
-            self._nursery.start_soon(self._announce_loop)
+            self._nursery.start_soon(self._announce_loop, True)
         return self
 
     async def __aexit__(
@@ -93,6 +123,7 @@ class Node:
         if stack is None:
             return None
         try:
+            self.models.close()
             if self.host is not None:
                 # py-libp2p leaves the TCP listener open after host.run(); close it first.
                 with trio.move_on_after(2, shield=True):
@@ -119,6 +150,7 @@ class Node:
             psk=self._psk,
             connection_config=ConnectionConfig(max_connections_per_peer=1),
         )
+        _disable_auto_connect(self.host)
         await stack.enter_async_context(self.host.run(listen))
         if self._allowed:
             from p2pedge.node.gate import AllowListGate
@@ -236,16 +268,24 @@ class Node:
             await self.directory.provide(key)
         self._provided = keys
 
-    def start_announcing(self) -> None:
-        """Begin the periodic announce loop (started on entry unless announce_on_start=False)."""
-        self.nursery.start_soon(self._announce_loop)
+    def start_announcing(self, *, now: bool = True) -> None:
+        """Begin the periodic announce loop (started on entry unless announce_on_start=False).
 
-    async def _announce_loop(self) -> None:
+        ``now=False`` waits one interval first, for a caller that has just announced.
+        """
+        self.nursery.start_soon(self._announce_loop, now)
+
+    async def _announce_loop(self, now: bool = True) -> None:
+        if not now:
+            await self._wait_for_reannounce()
         while True:
             await self.announce()
-            with trio.move_on_after(self.config.announce_interval):
-                await self._announce_now.wait()
-            self._announce_now = trio.Event()
+            await self._wait_for_reannounce()
+
+    async def _wait_for_reannounce(self) -> None:
+        with trio.move_on_after(self.config.announce_interval):
+            await self._announce_now.wait()
+        self._announce_now = trio.Event()
 
     # -- queries -----------------------------------------------------------------------
 
@@ -410,3 +450,57 @@ class Node:
 
         if self.host is not None:
             await self.host.disconnect(ID.from_base58(peer_id))
+
+    # -- models (forwarded to NodeModels) ----------------------------------------------
+
+    @property
+    def cache(self) -> ModelCache:
+        return self.models.inference.cache
+
+    @property
+    def store(self) -> Store:
+        return self.models.store
+
+    def add_model_dir(self, name: str, path: Path) -> None:
+        """Use an imported model directory under ``name`` (no copy into the store)."""
+        self.models.add_model_dir(name, path)
+
+    def generate(self, model: str, *, route: str = "auto", **kwargs: Any) -> AsyncIterator[str]:
+        """Stream text pieces: local when the model is here, else through shard servers.
+
+        Keyword arguments: ``messages`` or ``prompt``, ``max_tokens``, ``temperature``,
+        ``top_p``, ``top_k``, ``seed``, ``stop``. Leaving the loop stops generation.
+        """
+        return self.models.generate(model, route=route, **kwargs)
+
+    async def complete(self, model: str, *, route: str = "auto", **kwargs: Any) -> Completion | ShardedCompletion:
+        """The whole answer with token counts and timings (time to first token, tok/s)."""
+        return await self.models.complete(model, route=route, **kwargs)
+
+    async def warm(self, model: str) -> Any:
+        """Load ``model`` into the warm cache now (in a worker thread)."""
+        return await self.models.inference.warm(model)
+
+    async def pull(self, model: str, *, registry: str | None = None, files: Sequence[str] | None = None) -> Path:
+        """Fetch ``model`` from peers and/or a registry, verifying every chunk."""
+        return await self.models.pull(model, registry=registry, files=files)
+
+    # -- orchestrator ------------------------------------------------------------------
+
+    def _orchestrator(self) -> Orchestrator:
+        if self.models.orchestrator is None:
+            raise LocalProtocolError("node is not running; use `async with Node(...)`")
+        return self.models.orchestrator
+
+    async def ask(self, text: str, category: str | None = None, **kwargs: Any) -> Answer:
+        """Route ``text`` to a specialist (classifying it when no category is given) and
+        run it locally, on a peer or sharded; the answer carries the decision and why."""
+        return await self._orchestrator().ask(text, category, **kwargs)
+
+    async def ask_many(self, text: str, categories: Sequence[str], **kwargs: Any) -> FanOut:
+        """Run several specialists on ``text`` concurrently; every answer with timings."""
+        return await self._orchestrator().ask_many(text, categories, **kwargs)
+
+    async def map(self, model_or_specialist: str, prompts: Sequence[str], **kwargs: Any) -> list[Answer]:
+        """Spread independent prompts over peers with the model; results in input order."""
+        return await self._orchestrator().map(model_or_specialist, prompts, **kwargs)

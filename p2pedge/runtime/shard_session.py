@@ -9,6 +9,7 @@ No trio here: callers run :meth:`ShardSession.step` in a worker thread.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import re
 import threading
@@ -192,7 +193,22 @@ class ShardModel:
         if model.info.blocks != blocks:
             raise ModelLoadError(f"{shard_dir}: graph has blocks {model.info.blocks}, not {blocks}")
         model.n_layers = int(meta["n_layers"])
+        model._bounds_from_arch(shard_dir / "p2pedge_model.json")
         return model
+
+    def _bounds_from_arch(self, arch_path: Path) -> None:
+        """Vocabulary and context bounds from the model's facts when the graph hides them
+        (a quantised embedding is a GatherBlockQuantized, not a plain Gather)."""
+        if (self.info.vocab and self.context_length) or not arch_path.is_file():
+            return
+        try:
+            arch = json.loads(arch_path.read_text(encoding="utf-8"))
+        except (OSError, ValueError) as exc:
+            raise ModelLoadError(f"unreadable {arch_path}: {exc}") from exc
+        if not self.info.vocab and isinstance(arch.get("vocab"), int):
+            self.info = dataclasses.replace(self.info, vocab=int(arch["vocab"]))
+        if not self.context_length and isinstance(arch.get("context_length"), int):
+            self.context_length = int(arch["context_length"])
 
     def new_session(self, max_length: int) -> ShardSession:
         return ShardSession(self, max_length)

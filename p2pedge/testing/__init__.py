@@ -6,29 +6,17 @@ import importlib
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
-    from p2pedge.testing.tiny import (
-        build_tiny_model as build_tiny_model,
-    )
-    from p2pedge.testing.tiny import (
-        random_llama_weights as random_llama_weights,
-    )
-    from p2pedge.testing.tiny import (
-        real_gguf_path as real_gguf_path,
-    )
-    from p2pedge.testing.tiny import (
-        real_model_dir as real_model_dir,
-    )
-    from p2pedge.testing.tiny import (
-        tiny_config as tiny_config,
-    )
-    from p2pedge.testing.tiny import (
-        tiny_tokenizer_spec as tiny_tokenizer_spec,
-    )
-    from p2pedge.testing.tiny import (
-        tiny_weights as tiny_weights,
-    )
+    from p2pedge.testing.tiny import OrtStepper as OrtStepper
+    from p2pedge.testing.tiny import build_tiny_model as build_tiny_model
+    from p2pedge.testing.tiny import random_llama_weights as random_llama_weights
+    from p2pedge.testing.tiny import real_gguf_path as real_gguf_path
+    from p2pedge.testing.tiny import real_model_dir as real_model_dir
+    from p2pedge.testing.tiny import tiny_config as tiny_config
+    from p2pedge.testing.tiny import tiny_tokenizer_spec as tiny_tokenizer_spec
+    from p2pedge.testing.tiny import tiny_weights as tiny_weights
 
 _LAZY = {
+    "OrtStepper": "p2pedge.testing.tiny",
     "build_tiny_model": "p2pedge.testing.tiny",
     "random_llama_weights": "p2pedge.testing.tiny",
     "real_gguf_path": "p2pedge.testing.tiny",

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import numpy as np
@@ -81,7 +82,8 @@ def test_shard_interfaces_follow_roles(split: tuple[Path, list[Path]]) -> None:
             for i in range(r.start, r.end)
             for kind in ("key", "value")
         )
-        assert (d / FACTS_FILE).is_file() and (d / SHARD_FILE).is_file()
+        for name in (FACTS_FILE, SHARD_FILE, "tokenizer.json", "tokenizer_config.json"):
+            assert (d / name).is_file(), name
 
 
 def test_weights_round_trip_through_model_dir(tmp_path: Path) -> None:
@@ -115,3 +117,15 @@ def test_split_rejects_gaps(tmp_path: Path) -> None:
         split_model_dir(model, [LayerRange(0, 1), LayerRange(2, 3)], tmp_path / "s")
     with pytest.raises(ValueError):
         split_model_dir(model, [LayerRange(0, 2)], tmp_path / "s")
+
+
+@pytest.mark.real_model
+def test_real_model_split_in_three_is_bit_identical(tmp_path: Path) -> None:
+    from p2pedge.testing import real_model_dir
+
+    model = real_model_dir("lossless4")
+    n = int(json.loads((model / FACTS_FILE).read_text())["n_layers"])
+    ranges = [LayerRange(0, n // 3), LayerRange(n // 3, 2 * n // 3), LayerRange(2 * n // 3, n)]
+    dirs = split_model_dir(model, ranges, tmp_path)
+    shards = [OrtStepper(d / "model.onnx", threads=2) for d in dirs]
+    _run_chain(shards, OrtStepper(model / "model.onnx", threads=2), steps=3)

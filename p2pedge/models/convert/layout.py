@@ -26,6 +26,7 @@ from p2pedge.models.convert.onnx_graph import (
     INPUT_IDS,
     LOGITS,
     POSITION_IDS,
+    Attention,
     Variant,
     build_decoder,
 )
@@ -35,7 +36,8 @@ from p2pedge.models.convert.weights import LlamaWeights
 MODEL_FILE = "model.onnx"
 FACTS_FILE = "p2pedge_model.json"
 GENAI_CONFIG_FILE = "genai_config.json"
-FORMAT_VERSION = 1
+# Bumped whenever the graph layout changes, so a split never mixes builder versions.
+FORMAT_VERSION = 3
 
 
 @dataclass(frozen=True)
@@ -58,11 +60,17 @@ class ModelFacts:
     eos_token_id: int
     pad_token_id: int | None
     int8_activations: bool = False
+    attention: str = "gqa"
     format_version: int = FORMAT_VERSION
 
     @classmethod
     def of(
-        cls, weights: LlamaWeights, spec: TokenizerSpec, variant: Variant, int8: bool
+        cls,
+        weights: LlamaWeights,
+        spec: TokenizerSpec,
+        variant: Variant,
+        int8: bool,
+        attention: Attention = "gqa",
     ) -> ModelFacts:
         c = weights.config
         eos = spec.token_id(spec.eos_token)
@@ -84,6 +92,7 @@ class ModelFacts:
             eos_token_id=eos,
             pad_token_id=spec.token_id(spec.pad_token),
             int8_activations=int8,
+            attention=attention,
         )
 
 
@@ -170,10 +179,11 @@ def write_model_dir(
     tokenizer: TokenizerSpec,
     variant: Variant = "lossless4",
     int8_activations: bool = False,
+    attention: Attention = "gqa",
 ) -> Path:
     """Build the decoder for ``variant`` and write the whole model directory."""
-    facts = ModelFacts.of(weights, tokenizer, variant, int8_activations)
-    save_onnx(build_decoder(weights, variant, int8_activations), out_dir)
+    facts = ModelFacts.of(weights, tokenizer, variant, int8_activations, attention)
+    save_onnx(build_decoder(weights, variant, int8_activations, attention), out_dir)
     write_json(out_dir / GENAI_CONFIG_FILE, genai_config(facts))
     write_tokenizer(out_dir, tokenizer)
     write_json(out_dir / FACTS_FILE, asdict(facts))

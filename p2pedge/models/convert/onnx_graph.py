@@ -8,7 +8,13 @@ covers every block, so the two can never drift apart numerically.
 
 Per graph (not per block) the builder computes the additive attention bias from
 ``attention_mask`` and the absolute query offsets ``past = total - seq`` (so left padding and
-multi-token decode are both right), and the rotary cos/sin rows gathered at ``position_ids``.
+multi-token decode are both right), and the rotary inputs for ``position_ids``.
+
+Layout choices, all checked against :mod:`p2pedge.runtime.reference`: Q/K/V and gate/up
+are fused into one matmul each; RMSNorm + residual use com.microsoft
+SkipSimplifiedLayerNormalization; a power-of-two softmax scale (head_dim 16, 64, 256) is
+folded into W_q exactly; in ``lossless4`` Q4_1 maps onto MatMulNBits (see ``Linear``) and,
+with int8 activations, the Q8_0 embedding doubles as an exact 8-bit LM head.
 """
 
 from __future__ import annotations
@@ -93,6 +99,13 @@ def as_variant(name: str) -> Variant:
         if v == name:
             return v
     raise ValueError(f"unknown variant {name!r}; expected one of {VARIANTS}")
+
+
+def as_attention(name: str) -> Attention:
+    for a in ("gqa", "ops"):
+        if a == name:
+            return a
+    raise ValueError(f"unknown attention implementation {name!r}")
 
 
 def _prepare(weights: LlamaWeights, variant: Variant) -> LlamaWeights:
@@ -233,6 +246,7 @@ class _Builder:
         return out, total
 
     def _gqa_inputs(self) -> None:
+        """Per-graph GQA inputs: ``seqlens_k`` [batch] int32, total length, half cos/sin."""
         g = self.g
         total = g.op1("Gather", [g.op1("Shape", [ATTENTION_MASK]), g.i64(1)], axis=0)
         total32 = g.op1("Cast", [total], to=onnx.TensorProto.INT32)
@@ -245,21 +259,34 @@ class _Builder:
         self.gqa_cos = g.initializer("rope.cos_half", np.ascontiguousarray(cos_t[:, :half]))
         self.gqa_sin = g.initializer("rope.sin_half", np.ascontiguousarray(sin_t[:, :half]))
 
-    def _attention_gqa(self, i: int, block: LlamaBlock, x: str, bias: str) -> str:
+    def _qkv(self, i: int, block: LlamaBlock, x: str) -> list[str]:
+        """One fused projection, split into q ``[b, s, nh*hd]`` and k, v ``[b, s, kvh*hd]``."""
         g, cfg = self.g, self.cfg
+        nh, kvh, hd = cfg.n_heads, cfg.n_kv_heads, cfg.head_dim
         wq = self._matrix(block.wq)
         if self.fold_scale:
             wq = _scaled(wq, self.softmax_scale)
         mats = [wq, self._matrix(block.wk), self._matrix(block.wv)]
         qkv = self.linear(x, mats, f"layers.{i}.attn.qkv")
-        nh, kvh, hd = cfg.n_heads, cfg.n_kv_heads, cfg.head_dim
-        q, k, v = g.op(
+        return g.op(
             "Split",
             [qkv, g.i64(nh * hd, kvh * hd, kvh * hd)],
             n_out=3,
             axis=-1,
             name=f"layers.{i}/qkv_split",
         )
+
+    def _attention_gqa(self, i: int, block: LlamaBlock, x: str, bias: str) -> str:
+        """RotaryEmbedding (honours ``position_ids``) + GroupQueryAttention.
+
+        GQA's own rotary derives positions from ``seqlens_k`` and would be wrong for
+        left-padded rows, so RoPE is applied beforehand. ``seqlens_k`` is ``total - 1`` for
+        every row, which makes GQA's causal window index-based, and padding is masked by
+        the shared additive bias, exactly like the ``ops`` path.
+        """
+        g, cfg = self.g, self.cfg
+        nh, kvh = cfg.n_heads, cfg.n_kv_heads
+        q, k, v = self._qkv(i, block, x)
         q = g.op1(
             "RotaryEmbedding",
             [q, POSITION_IDS, self.gqa_cos, self.gqa_sin],
@@ -291,8 +318,8 @@ class _Builder:
             ],
             outputs=[f"layers.{i}/attn_ctx", present_key(i), present_value(i)],
             domain=MS_DOMAIN,
-            num_heads=cfg.n_heads,
-            kv_num_heads=cfg.n_kv_heads,
+            num_heads=nh,
+            kv_num_heads=kvh,
             do_rotary=0,
             scale=1.0 if self.fold_scale else self.softmax_scale,
             name=f"layers.{i}/GroupQueryAttention",
@@ -340,20 +367,10 @@ class _Builder:
         return g.op1("Add", [g.op1("Mul", [x4, cos]), g.op1("Mul", [rotated, sin])])
 
     def _attention(self, i: int, block: LlamaBlock, x: str, bias: str, cos: str, sin: str) -> str:
+        """Attention in standard ops; queries grouped per KV head, so K/V are never expanded."""
         g, cfg = self.g, self.cfg
         nh, kvh, hd, grp = cfg.n_heads, cfg.n_kv_heads, cfg.head_dim, self.group
-        wq = self._matrix(block.wq)
-        if self.fold_scale:
-            wq = _scaled(wq, self.softmax_scale)
-        mats = [wq, self._matrix(block.wk), self._matrix(block.wv)]
-        qkv = self.linear(x, mats, f"layers.{i}.attn.qkv")
-        q, k, v = g.op(
-            "Split",
-            [qkv, g.i64(nh * hd, kvh * hd, kvh * hd)],
-            n_out=3,
-            axis=-1,
-            name=f"layers.{i}/qkv_split",
-        )
+        q, k, v = self._qkv(i, block, x)
         q = self._rope(q, nh, cos, sin)  # [b, s, nh, hd]
         k = self._rope(k, kvh, cos, sin)  # [b, s, kvh, hd]
         v = g.op1("Reshape", [v, g.i64(0, 0, kvh, hd)])

@@ -21,6 +21,7 @@ from __future__ import annotations
 import itertools
 import json
 import math
+import shutil
 from collections.abc import Sequence
 from dataclasses import asdict
 from pathlib import Path
@@ -33,6 +34,7 @@ from onnx import numpy_helper
 from p2pedge.ids import LayerRange
 from p2pedge.models.convert.layout import (
     FACTS_FILE,
+    FORMAT_VERSION,
     MODEL_FILE,
     ModelFacts,
     read_model_facts,
@@ -45,12 +47,14 @@ from p2pedge.models.convert.onnx_graph import (
     HIDDEN_OUT_MIDDLE,
     INPUT_IDS,
     LOGITS,
+    Attention,
     Variant,
+    as_attention,
     as_variant,
     build_shard,
     exact_power_of_two,
 )
-from p2pedge.models.convert.onnx_ops import Q8_ZERO_POINT
+from p2pedge.models.convert.onnx_ops import Q4_ZERO_POINT, Q8_ZERO_POINT
 from p2pedge.models.convert.weights import (
     F32,
     Q4_1_BLOCK,
@@ -63,6 +67,7 @@ from p2pedge.models.convert.weights import (
 
 Role = Literal["full", "first", "middle", "last"]
 SHARD_FILE = "p2pedge_shard.json"
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json")
 
 __all__ = [
     "SHARD_FILE",
@@ -155,9 +160,15 @@ def load_model_weights(model_dir: Path) -> LlamaWeights:
         if f"{prefix}.weight_t" in init:
             w: F32 = np.ascontiguousarray(init[f"{prefix}.weight_t"].T)
             return w
-        return _unpack_q4_1(
-            init[f"{prefix}.qweight"], init[f"{prefix}.scales"], init[f"{prefix}.mins_t"], k
-        )
+        scales = init[f"{prefix}.scales"]
+        if f"{prefix}.offsets_t" in init:
+            n = init[f"{prefix}.qweight"].shape[0]
+            centred = init[f"{prefix}.offsets_t"].T.astype(np.float64)
+            mins_f64 = centred - Q4_ZERO_POINT * scales.reshape(n, -1).astype(np.float64)
+            mins_t = np.ascontiguousarray(mins_f64.astype(np.float32).T)
+        else:
+            mins_t = init[f"{prefix}.mins_t"]
+        return _unpack_q4_1(init[f"{prefix}.qweight"], scales, mins_t, k)
 
     scale = 1.0 / math.sqrt(cfg.head_dim)
     q_dim, kv_dim = cfg.n_heads * cfg.head_dim, cfg.n_kv_heads * cfg.head_dim
@@ -207,32 +218,45 @@ def load_model_weights(model_dir: Path) -> LlamaWeights:
     )
 
 
+def _checked_facts(model_dir: Path) -> ModelFacts:
+    facts = read_model_facts(model_dir)
+    if facts.format_version != FORMAT_VERSION:
+        raise ValueError(
+            f"{model_dir} has graph format {facts.format_version}, this builder writes "
+            f"{FORMAT_VERSION}: re-import the model before splitting it"
+        )
+    return facts
+
+
 def write_shard_dir(
     source: LlamaWeights | Path,
     layers: LayerRange,
     out_dir: Path,
     variant: Variant | None = None,
     int8_activations: bool | None = None,
+    attention: Attention = "gqa",
 ) -> Path:
     """Write ``model.onnx`` (+ data) and ``p2pedge_shard.json`` for one shard.
 
     ``source`` is either in-memory weights (then ``variant`` is required) or an imported
-    model directory whose variant and facts are reused.
+    model directory whose variant, activation mode, attention, facts and tokenizer files
+    are reused.
     """
     facts: ModelFacts | None = None
     if isinstance(source, Path):
-        facts = read_model_facts(source)
+        facts = _checked_facts(source)
         weights = load_model_weights(source)
         variant = variant or as_variant(facts.variant)
         if int8_activations is None:
             int8_activations = facts.int8_activations
+        attention = as_attention(facts.attention)
     else:
         weights = source
     if variant is None:
         raise ValueError("variant is required when building from in-memory weights")
     int8 = bool(int8_activations)
     role = shard_role(layers, weights.config.n_layers)
-    save_onnx(build_shard(weights, layers, variant, int8), out_dir)
+    save_onnx(build_shard(weights, layers, variant, int8, attention), out_dir)
     main_in, main_out = shard_io_names(role)
     meta = {
         "start": layers.start,
@@ -243,18 +267,31 @@ def write_shard_dir(
         "output": main_out,
         "variant": variant,
         "int8_activations": int8,
+        "attention": attention,
         "hidden": weights.config.hidden,
         "vocab": weights.config.vocab,
     }
     write_json(out_dir / SHARD_FILE, meta)
     if facts is not None:
         write_json(out_dir / FACTS_FILE, asdict(facts))
+    if isinstance(source, Path):
+        _copy_tokenizer(source, out_dir)
     return out_dir
 
 
+def _copy_tokenizer(model_dir: Path, out_dir: Path) -> None:
+    for name in TOKENIZER_FILES:  # the first shard encodes, the last one decodes
+        if (model_dir / name).is_file():
+            shutil.copyfile(model_dir / name, out_dir / name)
+
+
 def split_model_dir(model_dir: Path, ranges: Sequence[LayerRange], out_root: Path) -> list[Path]:
-    """Split an imported model into shard directories ``out_root/<start>-<end>``."""
-    facts = read_model_facts(model_dir)
+    """Split an imported model into shard directories ``out_root/<start>-<end>``.
+
+    Each gets the shard graph, ``p2pedge_shard.json``, the model's ``p2pedge_model.json``
+    and its tokenizer files.
+    """
+    facts = _checked_facts(model_dir)
     expected = 0
     for r in ranges:
         if r.start != expected:
@@ -264,10 +301,12 @@ def split_model_dir(model_dir: Path, ranges: Sequence[LayerRange], out_root: Pat
         raise ValueError(f"ranges end at {expected}, model has {facts.n_layers} blocks")
     weights = load_model_weights(model_dir)
     int8 = facts.int8_activations
+    variant, attention = as_variant(facts.variant), as_attention(facts.attention)
     out: list[Path] = []
     for r in ranges:
-        path = write_shard_dir(weights, r, out_root / str(r), as_variant(facts.variant), int8)
+        path = write_shard_dir(weights, r, out_root / str(r), variant, int8, attention)
         write_json(path / FACTS_FILE, asdict(facts))
+        _copy_tokenizer(model_dir, path)
         out.append(path)
     return out
 

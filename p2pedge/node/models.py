@@ -1,0 +1,366 @@
+"""The node's model services: store, local runtime, blob serving, pulls and shards.
+
+Kept apart from :mod:`p2pedge.node.node` so the networking core stays small; the Node
+owns one :class:`NodeModels` and forwards its public methods here.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import time
+from collections.abc import AsyncIterator, Mapping, Sequence
+from contextlib import aclosing
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import trio
+
+from p2pedge.errors import ModelLoadError, ModelNotCached
+from p2pedge.ids import ModelId
+from p2pedge.models.keys import TrustStore
+from p2pedge.models.manifest import ManifestError
+from p2pedge.models.store import Store
+from p2pedge.node.inference import Completion, LocalInference
+from p2pedge.records.card import CachedModel
+from p2pedge.runtime.config import RuntimeConfig
+
+if TYPE_CHECKING:
+    from p2pedge.node.node import Node
+    from p2pedge.orchestrator.orchestrator import Orchestrator
+    from p2pedge.protocols.infer.codec import InferRequest
+    from p2pedge.protocols.pipeline.handler import PipelineServer
+
+log = logging.getLogger("p2pedge.node")
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "p2pedge_model.json")
+
+
+@dataclass(frozen=True)
+class ShardedCompletion:
+    text: str
+    token_ids: list[int]
+    prompt_tokens: int
+    ttft_s: float
+    tok_per_s: float
+    route: list[str]
+    recoveries: int
+
+
+def _dir_digest(path: Path) -> str:
+    """A cheap identity for a registered directory: hash of its names, sizes and arch file."""
+    h = hashlib.sha256()
+    for item in sorted(path.iterdir()):
+        if item.is_file():
+            h.update(f"{item.name}:{item.stat().st_size};".encode())
+    facts = path / "p2pedge_model.json"
+    if facts.is_file():
+        h.update(facts.read_bytes())
+    return h.hexdigest()
+
+
+class NodeModels:
+    def __init__(self, node: Node) -> None:
+        config = node.config
+        self.node = node
+        self.store = Store(config.models_dir or config.data_dir / "store")
+        self.trust = TrustStore.load(config.trusted_publishers)
+        self.dirs: dict[str, Path] = {}
+        runtime = RuntimeConfig(intra_op_threads=config.threads) if config.threads else RuntimeConfig()
+        self.runtime = runtime
+        self.inference = LocalInference(self.resolve, runtime)
+        self.pipeline: PipelineServer | None = None
+        self.orchestrator: Orchestrator | None = None
+        for name, path in config.model_dirs:
+            self._register_dir(name, Path(path))
+
+    # -- what is local -----------------------------------------------------------------
+
+    def add_model_dir(self, name: str, path: Path) -> None:
+        """Use an imported model directory as ``name`` without copying it into the store."""
+        self._register_dir(name, Path(path))
+        self.node.set_models(self.cached_models())
+
+    def _register_dir(self, name: str, path: Path) -> None:
+        if not (path / "genai_config.json").is_file() and not (path / "p2pedge_model.json").is_file():
+            raise ModelNotCached(f"{name} ({path} is not a model directory)")
+        self.dirs[ModelId.parse(name).name] = path
+
+    def resolve(self, model: ModelId) -> Path:
+        if model.name in self.dirs:
+            return self.dirs[model.name]
+        try:
+            resolved = self.store.resolve(model)
+            if self.store.has_model(resolved):
+                return self.store.materialize(resolved)
+        except (ModelNotCached, ManifestError, OSError, KeyError):
+            pass
+        raise ModelNotCached(str(model))
+
+    def has_local(self, model: str) -> bool:
+        try:
+            self.resolve(ModelId.parse(model))
+        except (ModelNotCached, ValueError):
+            return False
+        return True
+
+    def cached_models(self) -> list[CachedModel]:
+        models = [CachedModel(f"{name}@local", _dir_digest(path)) for name, path in sorted(self.dirs.items())]
+        for model in self.store.list_models():
+            digest = hashlib.sha256(self.store.manifest_bytes(model)).hexdigest()
+            models.append(CachedModel(str(model), digest))
+        return models
+
+    # -- lifecycle ---------------------------------------------------------------------
+
+    async def start(self) -> None:
+        """Serve blobs, inference and shards once the node's network is up."""
+        self.node.set_models(self.cached_models())
+        self._start_orchestrator()
+        if self.node.config.local_only:
+            return
+        from p2pedge.protocols.blob.handler import PROTOCOL_ID, BlobService, announce_store
+
+        self.node.set_stream_handler(PROTOCOL_ID, BlobService(self.store).handle)
+        self.node.nursery.start_soon(announce_store, self.node, self.store)
+        if self.node.config.serve:
+            await self._start_shards()
+
+    async def _start_shards(self) -> None:
+        from p2pedge.protocols.pipeline.serving import start_pipeline_server
+
+        serve = []
+        for spec in self.node.config.serve:
+            path = await trio.to_thread.run_sync(self.resolve, ModelId.parse(spec.model))
+            serve.append((ModelId.parse(spec.model).name, path, spec.layers))
+        try:
+            self.pipeline = await start_pipeline_server(
+                self.node, serve, shards_root=self.node.config.data_dir / "shards", runtime=self.runtime
+            )
+        except (ValueError, OSError) as exc:
+            raise ModelLoadError(f"cannot serve {[s.model for s in self.node.config.serve]}: {exc}") from exc
+        for layers in self.node.card.layers_served:
+            log.info("serving %s blocks %d-%d", layers.model, layers.start, layers.end)
+
+    def _start_orchestrator(self) -> None:
+        from p2pedge.orchestrator import NodePeers, Orchestrator, install_infer
+
+        peers: Any = _NoPeers() if self.node.config.local_only else NodePeers(self.node)
+        if not self.node.config.local_only:
+            install_infer(self.node, self.inference)
+        self.orchestrator = Orchestrator(
+            self.inference,
+            peers,
+            sharded=_ShardedRunner(self),
+            nursery=self.node.nursery,
+            max_models=self.inference.cache.config.max_models,
+        )
+
+    def close(self) -> None:
+        self.inference.close()
+
+    # -- pulls -------------------------------------------------------------------------
+
+    async def pull(self, model: str, *, registry: str | None = None, files: Sequence[str] | None = None) -> Path:
+        """Fetch ``model`` from peers (and the registry, if given), verified chunk by chunk."""
+        from p2pedge.models.pull import pull
+        from p2pedge.protocols.blob.handler import announce_store, swarm_sources
+        from p2pedge.registry.client import RegistryClient
+
+        model_id = ModelId.parse(model)
+        sources: list[Any] = []
+        if not self.node.config.local_only:
+            sources.extend(await swarm_sources(self.node, model_id))
+        client = RegistryClient(registry) if registry else None
+        if client is not None:
+            sources.append(client)
+        try:
+            result = await pull(model_id, self.store, sources, self.trust, files=files)
+        finally:
+            for source in sources:
+                await source.aclose()
+        self.node.set_models(self.cached_models())
+        if not self.node.config.local_only:
+            await announce_store(self.node, self.store, [result.manifest.model])
+        return await trio.to_thread.run_sync(self.store.materialize, result.manifest.model, files)
+
+    # -- generation --------------------------------------------------------------------
+
+    def _route(self, model: str, route: str) -> str:
+        if route not in ("auto", "local", "sharded"):
+            raise ValueError("route must be auto, local or sharded")
+        if route == "auto":
+            return "local" if self.has_local(model) or self.node.config.local_only else "sharded"
+        return route
+
+    async def generate(self, model: str, *, route: str = "auto", **kwargs: Any) -> AsyncIterator[str]:
+        """Text pieces, locally when the model is here, else through shard servers."""
+        if self._route(model, route) == "local":
+            async with aclosing(self.inference.generate(model, **kwargs)) as pieces:
+                async for piece in pieces:
+                    yield piece
+            return
+        async with aclosing(self.sharded_stream(model, **kwargs)) as pieces:
+            async for piece, _ in pieces:
+                if piece:
+                    yield piece
+
+    async def complete(self, model: str, *, route: str = "auto", **kwargs: Any) -> Completion | ShardedCompletion:
+        if self._route(model, route) == "local":
+            return await self.inference.complete(model, **kwargs)
+        return await self.complete_sharded(model, **kwargs)
+
+    async def complete_sharded(self, model: str, **kwargs: Any) -> ShardedCompletion:
+        start = time.perf_counter()
+        first: float | None = None
+        text: list[str] = []
+        ids: list[int] = []
+        info: dict[str, Any] = {}
+        async with aclosing(self.sharded_stream(model, info=info, **kwargs)) as pieces:
+            async for piece, token in pieces:
+                first = first if first is not None else time.perf_counter() - start
+                text.append(piece)
+                ids.append(token)
+        elapsed = time.perf_counter() - start
+        decode = elapsed - (first or 0.0)
+        return ShardedCompletion(
+            text="".join(text),
+            token_ids=ids,
+            prompt_tokens=info.get("prompt_tokens", 0),
+            ttft_s=first or 0.0,
+            tok_per_s=(len(ids) - 1) / decode if len(ids) > 1 and decode > 0 else 0.0,
+            route=info.get("route", []),
+            recoveries=info.get("recoveries", 0),
+        )
+
+    def _tokenizer_dir(self, model: str) -> Path:
+        mid = ModelId.parse(model)
+        if mid.name in self.dirs:
+            return self.dirs[mid.name]
+        try:
+            return self.store.materialize(self.store.resolve(mid), list(TOKENIZER_FILES))
+        except (ModelNotCached, ManifestError, OSError, KeyError) as exc:
+            raise ModelNotCached(f"{model} (the sharded path needs its tokenizer; pull it with files={TOKENIZER_FILES})") from exc
+
+    async def sharded_stream(
+        self,
+        model: str,
+        *,
+        messages: Sequence[Mapping[str, str]] | None = None,
+        prompt: str | None = None,
+        max_tokens: int = 256,
+        temperature: float = 0.0,
+        top_k: int = 0,
+        seed: int | None = None,
+        stop: Sequence[str] | None = None,
+        info: dict[str, Any] | None = None,
+        **ignored: Any,
+    ) -> AsyncIterator[tuple[str, int]]:
+        """(text piece, token id) pairs through shard servers; ``info`` gets the route."""
+        from p2pedge.protocols.pipeline.client import ClientConfig, greedy, make_sampler
+        from p2pedge.protocols.pipeline.serving import open_sharded_session
+        from p2pedge.runtime.text import TextCodec
+
+        if max_tokens <= 0:
+            raise ValueError("max_tokens must be positive")
+        codec = TextCodec(await trio.to_thread.run_sync(self._tokenizer_dir, model))
+        ids = codec.prompt_ids(messages=messages, prompt=prompt)
+        sampler = greedy if temperature == 0 else make_sampler(temperature, top_k, seed or 0)
+        name = ModelId.parse(model).name
+        config = ClientConfig(
+            max_length=len(ids) + max_tokens + 1, step_timeout=self.node.config.shard_step_timeout
+        )
+        decoder = codec.decoder()
+        stops = list(stop or ())
+        session = await open_sharded_session(self.node, name, config=config)
+        async with session:
+            if info is not None:
+                info["session"] = session
+            logits = await session.extend(ids)
+            produced = ""
+            for _ in range(max_tokens):
+                token = sampler(logits)
+                if token == codec.eos_id:
+                    break
+                piece = decoder.push(token)
+                produced += piece
+                yield piece, token
+                if any(s in produced for s in stops):
+                    break
+                logits = await session.extend([token])
+            if info is not None:
+                info.update(
+                    prompt_tokens=len(ids),
+                    route=[f"{h.peer_id}:{h.layers}" for h in session.route],
+                    recoveries=session.recoveries,
+                )
+
+
+class _NoPeers:
+    """The peer directory of a node in local mode: nobody else."""
+
+    async def find_peers(self, model: str | None = None) -> list[Any]:
+        return []
+
+    async def run_remote(self, peer_id: str, request: InferRequest, *, timeout_s: float) -> Any:
+        raise ModelNotCached(f"{request.model} (local mode: no peers)")
+
+
+class _ShardedRunner:
+    """The orchestrator's last resort: the model's blocks served across the swarm."""
+
+    def __init__(self, models: NodeModels) -> None:
+        self.models = models
+
+    async def can_run(self, model: str) -> bool:
+        if self.models.node.config.local_only:
+            return False
+        name = ModelId.parse(model).name
+        cards = await self.models.node.find_peers()
+        served = sorted((s.start, s.end) for c in cards for s in c.layers_served if s.model == name)
+        covered = 0
+        for start, end in served:
+            if start <= covered:
+                covered = max(covered, end)
+        return bool(served) and covered >= max(end for _, end in served)
+
+    async def complete(self, model: str, request: InferRequest) -> ShardedCompletionAdapter:
+        params = request.params
+        result = await self.models.complete_sharded(
+            model,
+            messages=request.chat() if request.messages is not None else None,
+            prompt=request.prompt,
+            max_tokens=params.max_tokens,
+            temperature=params.temperature,
+            top_k=params.top_k,
+            seed=params.seed,
+            stop=list(params.stop),
+        )
+        return ShardedCompletionAdapter(result)
+
+
+@dataclass(frozen=True)
+class ShardedCompletionAdapter:
+    result: ShardedCompletion
+    finish_reason: str = "stop"
+    provider: str = "sharded"
+
+    @property
+    def text(self) -> str:
+        return self.result.text
+
+    @property
+    def prompt_tokens(self) -> int:
+        return self.result.prompt_tokens
+
+    @property
+    def completion_tokens(self) -> int:
+        return len(self.result.token_ids)
+
+    @property
+    def ttft_s(self) -> float:
+        return self.result.ttft_s
+
+    @property
+    def tok_per_s(self) -> float:
+        return self.result.tok_per_s
