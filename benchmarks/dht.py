@@ -21,9 +21,9 @@ import trio
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from benchmarks._report import machine, table, write_section  # noqa: E402
-from p2pedge.records.card import CachedModel  # noqa: E402
-from simnet import Swarm  # noqa: E402
+from benchmarks._report import machine, table, write_section
+from p2pedge.records.card import CachedModel
+from simnet import Swarm
 
 
 def pct(values: list[float], q: float) -> float:
@@ -73,9 +73,27 @@ def main() -> None:
     args = parser.parse_args()
     results = [trio.run(measure, int(n), args.lookups, args.seed) for n in args.sizes.split(",")]
     base = results[0]["card_p50"]
-    headers = ["nodes", "converge s", "card p50 ms", "card p95 ms", "provider p50 ms", "provider p95 ms", "RSS/node MB", f"card p50 vs N={results[0]['n']:.0f}"]
+    headers = [
+        "nodes",
+        "converge s",
+        "card p50 ms",
+        "card p95 ms",
+        "provider p50 ms",
+        "provider p95 ms",
+        "RSS/node MB",
+        f"card p50 vs N={results[0]['n']:.0f}",
+    ]
     rows = [
-        [f"{r['n']:.0f}", f"{r['converge_s']:.2f}", f"{r['card_p50']:.1f}", f"{r['card_p95']:.1f}", f"{r['prov_p50']:.1f}", f"{r['prov_p95']:.1f}", f"{r['rss_mb']:.1f}", f"{r['card_p50'] / base:.2f}x"]
+        [
+            f"{r['n']:.0f}",
+            f"{r['converge_s']:.2f}",
+            f"{r['card_p50']:.1f}",
+            f"{r['card_p95']:.1f}",
+            f"{r['prov_p50']:.1f}",
+            f"{r['prov_p95']:.1f}",
+            f"{r['rss_mb']:.1f}",
+            f"{r['card_p50'] / base:.2f}x",
+        ]
         for r in results
     ]
     text = table(headers, rows)
@@ -88,7 +106,8 @@ def main() -> None:
         "in <= 5 s, card lookup median <= 100 ms.\n\n" + text,
     )
     last = results[-1]
-    print(f"converge_s_{last['n']:.0f}={last['converge_s']:.2f} lookup_p50_ms_{last['n']:.0f}={last['card_p50']:.1f}")
+    n = f"{last['n']:.0f}"
+    print(f"converge_s_{n}={last['converge_s']:.2f} lookup_p50_ms_{n}={last['card_p50']:.1f}")
 
 
 if __name__ == "__main__":

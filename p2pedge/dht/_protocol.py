@@ -30,5 +30,5 @@ def use_p2pedge_kad_protocol() -> None:
     for name in _MODULES:
         module = importlib.import_module(name)
         if hasattr(module, "PROTOCOL_ID"):
-            module.PROTOCOL_ID = TProtocol(P2PEDGE_KAD_PROTOCOL)
+            setattr(module, "PROTOCOL_ID", TProtocol(P2PEDGE_KAD_PROTOCOL))  # noqa: B010
     _applied = True

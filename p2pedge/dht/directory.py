@@ -190,7 +190,7 @@ class Directory:
         ``provide`` returns; waiting for the echo its server sends makes the record
         visible to lookups as soon as we return.
         """
-        import varint
+        import varint  # type: ignore[import-untyped]
         from libp2p.custom_types import TProtocol
         from libp2p.kad_dht.common import MAX_DHT_MESSAGE_SIZE
         from libp2p.kad_dht.pb.kademlia_pb2 import Message
@@ -216,7 +216,9 @@ class Directory:
             payload = message.SerializeToString()
             await stream.write(varint.encode(len(payload)) + payload)
             echo = Message()
-            echo.ParseFromString(await read_varint_prefixed_bytes_limited(stream, MAX_DHT_MESSAGE_SIZE))
+            echo.ParseFromString(
+                await read_varint_prefixed_bytes_limited(stream, MAX_DHT_MESSAGE_SIZE)
+            )
             return bool(echo.type == Message.MessageType.ADD_PROVIDER and echo.key == raw)
         except (StreamError, OSError, ValueError, trio.BrokenResourceError) as exc:
             log.debug("ADD_PROVIDER to %s failed: %s", peer, exc)

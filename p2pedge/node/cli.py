@@ -27,11 +27,17 @@ EXIT_USAGE = 2
 
 
 def _common(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--listen", action="append", default=None, help="multiaddr to listen on (repeatable)")
-    parser.add_argument("--bootstrap", action="append", default=[], help="full multiaddr of a peer (repeatable)")
+    parser.add_argument(
+        "--listen", action="append", default=None, help="multiaddr to listen on (repeatable)"
+    )
+    parser.add_argument(
+        "--bootstrap", action="append", default=[], help="full multiaddr of a peer (repeatable)"
+    )
     parser.add_argument("--data-dir", type=Path, default=None, help="identity and caches")
     parser.add_argument("--psk-file", type=Path, default=None, help="private swarm pre-shared key")
-    parser.add_argument("--allow-peer", action="append", default=[], help="only these peer ids (repeatable)")
+    parser.add_argument(
+        "--allow-peer", action="append", default=[], help="only these peer ids (repeatable)"
+    )
     parser.add_argument("--mdns", action="store_true", help="discover peers on the LAN")
     parser.add_argument("--announce-interval", type=float, default=60.0)
     parser.add_argument("--log-level", default="warning")
@@ -43,10 +49,20 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command")
     run = sub.add_parser("run", help="join the swarm and stay (default)")
     _common(run)
-    run.add_argument("--serve", action="append", default=[], help="MODEL[:START-END] shard to serve")
+    run.add_argument(
+        "--serve", action="append", default=[], help="MODEL[:START-END] shard to serve"
+    )
     run.add_argument("--models-dir", type=Path, default=None, help="model store root")
-    run.add_argument("--model", action="append", default=[], metavar="NAME=DIR", help="use an imported model directory")
-    run.add_argument("--threads", type=int, default=0, help="onnxruntime threads (default: all cores)")
+    run.add_argument(
+        "--model",
+        action="append",
+        default=[],
+        metavar="NAME=DIR",
+        help="use an imported model directory",
+    )
+    run.add_argument(
+        "--threads", type=int, default=0, help="onnxruntime threads (default: all cores)"
+    )
     peers = sub.add_parser("peers", help="join, print the verified cards, exit")
     _common(peers)
     peers.add_argument("--model", default=None, help="only peers with this model cached")
@@ -137,7 +153,9 @@ async def list_peers(args: argparse.Namespace, printer: Printer) -> None:
 
 
 async def _unwrapped(
-    command: Callable[[argparse.Namespace, Printer], Any], args: argparse.Namespace, printer: Printer
+    command: Callable[[argparse.Namespace, Printer], Any],
+    args: argparse.Namespace,
+    printer: Printer,
 ) -> None:
     """Run ``command`` until it ends or a signal arrives; surface a lone error as itself.
 

@@ -58,7 +58,14 @@ class NodeConfig:
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "data_dir", Path(self.data_dir))
-        for name in ("listen", "bootstrap", "allow_peers", "serve", "trusted_publishers", "model_dirs"):
+        for name in (
+            "listen",
+            "bootstrap",
+            "allow_peers",
+            "serve",
+            "trusted_publishers",
+            "model_dirs",
+        ):
             value = getattr(self, name)
             if isinstance(value, str | Path):
                 raise ConfigError(f"{name} must be a sequence, not a single {type(value).__name__}")

@@ -6,9 +6,9 @@ import json
 import os
 import platform
 import shutil
-from functools import lru_cache
 import time
 from dataclasses import dataclass
+from functools import lru_cache
 from pathlib import Path
 
 import numpy as np

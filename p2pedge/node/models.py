@@ -9,7 +9,7 @@ from __future__ import annotations
 import hashlib
 import logging
 import time
-from collections.abc import AsyncIterator, Mapping, Sequence
+from collections.abc import AsyncGenerator, Mapping, Sequence
 from contextlib import aclosing
 from dataclasses import dataclass
 from pathlib import Path
@@ -66,7 +66,9 @@ class NodeModels:
         self.store = Store(config.models_dir or config.data_dir / "store")
         self.trust = TrustStore.load(config.trusted_publishers)
         self.dirs: dict[str, Path] = {}
-        runtime = RuntimeConfig(intra_op_threads=config.threads) if config.threads else RuntimeConfig()
+        runtime = (
+            RuntimeConfig(intra_op_threads=config.threads) if config.threads else RuntimeConfig()
+        )
         self.runtime = runtime
         self.inference = LocalInference(self.resolve, runtime)
         self.pipeline: PipelineServer | None = None
@@ -82,7 +84,10 @@ class NodeModels:
         self.node.set_models(self.cached_models())
 
     def _register_dir(self, name: str, path: Path) -> None:
-        if not (path / "genai_config.json").is_file() and not (path / "p2pedge_model.json").is_file():
+        if (
+            not (path / "genai_config.json").is_file()
+            and not (path / "p2pedge_model.json").is_file()
+        ):
             raise ModelNotCached(f"{name} ({path} is not a model directory)")
         self.dirs[ModelId.parse(name).name] = path
 
@@ -105,7 +110,10 @@ class NodeModels:
         return True
 
     def cached_models(self) -> list[CachedModel]:
-        models = [CachedModel(f"{name}@local", _dir_digest(path)) for name, path in sorted(self.dirs.items())]
+        models = [
+            CachedModel(f"{name}@local", _dir_digest(path))
+            for name, path in sorted(self.dirs.items())
+        ]
         for model in self.store.list_models():
             digest = hashlib.sha256(self.store.manifest_bytes(model)).hexdigest()
             models.append(CachedModel(str(model), digest))
@@ -119,7 +127,8 @@ class NodeModels:
         self._start_orchestrator()
         if self.node.config.local_only:
             return
-        from p2pedge.protocols.blob.handler import PROTOCOL_ID, BlobService, announce_store
+        from p2pedge.protocols.blob.codec import PROTOCOL_ID
+        from p2pedge.protocols.blob.handler import BlobService, announce_store
 
         self.node.set_stream_handler(PROTOCOL_ID, BlobService(self.store).handle)
         self.node.nursery.start_soon(announce_store, self.node, self.store)
@@ -135,10 +144,15 @@ class NodeModels:
             serve.append((ModelId.parse(spec.model).name, path, spec.layers))
         try:
             self.pipeline = await start_pipeline_server(
-                self.node, serve, shards_root=self.node.config.data_dir / "shards", runtime=self.runtime
+                self.node,
+                serve,
+                shards_root=self.node.config.data_dir / "shards",
+                runtime=self.runtime,
             )
         except (ValueError, OSError) as exc:
-            raise ModelLoadError(f"cannot serve {[s.model for s in self.node.config.serve]}: {exc}") from exc
+            raise ModelLoadError(
+                f"cannot serve {[s.model for s in self.node.config.serve]}: {exc}"
+            ) from exc
         for layers in self.node.card.layers_served:
             log.info("serving %s blocks %d-%d", layers.model, layers.start, layers.end)
 
@@ -161,7 +175,9 @@ class NodeModels:
 
     # -- pulls -------------------------------------------------------------------------
 
-    async def pull(self, model: str, *, registry: str | None = None, files: Sequence[str] | None = None) -> Path:
+    async def pull(
+        self, model: str, *, registry: str | None = None, files: Sequence[str] | None = None
+    ) -> Path:
         """Fetch ``model`` from peers (and the registry, if given), verified chunk by chunk."""
         from p2pedge.models.pull import pull
         from p2pedge.protocols.blob.handler import announce_store, swarm_sources
@@ -193,7 +209,9 @@ class NodeModels:
             return "local" if self.has_local(model) or self.node.config.local_only else "sharded"
         return route
 
-    async def generate(self, model: str, *, route: str = "auto", **kwargs: Any) -> AsyncIterator[str]:
+    async def generate(
+        self, model: str, *, route: str = "auto", **kwargs: Any
+    ) -> AsyncGenerator[str, None]:
         """Text pieces, locally when the model is here, else through shard servers."""
         if self._route(model, route) == "local":
             async with aclosing(self.inference.generate(model, **kwargs)) as pieces:
@@ -205,7 +223,9 @@ class NodeModels:
                 if piece:
                     yield piece
 
-    async def complete(self, model: str, *, route: str = "auto", **kwargs: Any) -> Completion | ShardedCompletion:
+    async def complete(
+        self, model: str, *, route: str = "auto", **kwargs: Any
+    ) -> Completion | ShardedCompletion:
         if self._route(model, route) == "local":
             return await self.inference.complete(model, **kwargs)
         return await self.complete_sharded(model, **kwargs)
@@ -240,7 +260,8 @@ class NodeModels:
         try:
             return self.store.materialize(self.store.resolve(mid), list(TOKENIZER_FILES))
         except (ModelNotCached, ManifestError, OSError, KeyError) as exc:
-            raise ModelNotCached(f"{model} (the sharded path needs its tokenizer; pull it with files={TOKENIZER_FILES})") from exc
+            hint = f"the sharded path needs its tokenizer; pull it with files={TOKENIZER_FILES}"
+            raise ModelNotCached(f"{model} ({hint})") from exc
 
     async def sharded_stream(
         self,
@@ -255,7 +276,7 @@ class NodeModels:
         stop: Sequence[str] | None = None,
         info: dict[str, Any] | None = None,
         **ignored: Any,
-    ) -> AsyncIterator[tuple[str, int]]:
+    ) -> AsyncGenerator[tuple[str, int], None]:
         """(text piece, token id) pairs through shard servers; ``info`` gets the route."""
         from p2pedge.protocols.pipeline.client import ClientConfig, greedy, make_sampler
         from p2pedge.protocols.pipeline.serving import open_sharded_session
@@ -281,6 +302,7 @@ class NodeModels:
             for _ in range(max_tokens):
                 token = sampler(logits)
                 if token == codec.eos_id:
+                    yield "", token  # reported like the local path: the id, no text
                     break
                 piece = decoder.push(token)
                 produced += piece

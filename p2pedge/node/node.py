@@ -11,8 +11,8 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
-from pathlib import Path
 from contextlib import AsyncExitStack
+from pathlib import Path
 from types import TracebackType
 from typing import TYPE_CHECKING, Any
 
@@ -57,11 +57,15 @@ def _disable_auto_connect(host: Any) -> None:
 class Node:
     """One p2pedge peer. Every background task lives in :attr:`nursery`."""
 
-    def __init__(self, config: NodeConfig | None = None, *, clock: Callable[[], float] = time.time) -> None:
+    def __init__(
+        self, config: NodeConfig | None = None, *, clock: Callable[[], float] = time.time
+    ) -> None:
         self.config = config or NodeConfig()
         self.clock = clock
         seed = self.config.identity_seed
-        self.identity = Identity.from_seed(seed) if seed else Identity.load_or_create(self.config.data_dir)
+        self.identity = (
+            Identity.from_seed(seed) if seed else Identity.load_or_create(self.config.data_dir)
+        )
         self.peer_id: str = self.identity.peer_id
         self.host: Any = None
         self.directory: Directory | None = None
@@ -117,7 +121,10 @@ class Node:
         return self
 
     async def __aexit__(
-        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
     ) -> bool | None:
         stack, self._stack = self._stack, None
         if stack is None:
@@ -126,7 +133,8 @@ class Node:
             self.models.close()
             if self.host is not None:
                 # py-libp2p leaves the TCP listener open after host.run(); close it first.
-                with trio.move_on_after(2, shield=True):
+                with trio.move_on_after(2) as scope:
+                    scope.shield = True
                     await self.host.get_network().close()
         finally:
             await stack.__aexit__(exc_type, exc, tb)
@@ -190,7 +198,9 @@ class Node:
         """Fill the routing table by looking up our own id (bounded by the DHT timeout)."""
         assert self.directory is not None
         with trio.move_on_after(self.config.dht_timeout):
-            await self.directory.dht.peer_routing.find_closest_peers_network(self.host.get_id().to_bytes())
+            await self.directory.dht.peer_routing.find_closest_peers_network(
+                self.host.get_id().to_bytes()
+            )
 
     @property
     def nursery(self) -> trio.Nursery:
@@ -205,7 +215,9 @@ class Node:
         if self.host is None:
             return []
         suffix = f"/p2p/{self.peer_id}"
-        return [str(a) if str(a).endswith(suffix) else f"{a}{suffix}" for a in self.host.get_addrs()]
+        return [
+            str(a) if str(a).endswith(suffix) else f"{a}{suffix}" for a in self.host.get_addrs()
+        ]
 
     @property
     def card(self) -> CapabilityCard:
@@ -262,8 +274,12 @@ class Node:
             return
         await self.directory.put_card(self._card_record, self.peer_id)
         self._announced_content = self.card.content()
-        keys = {f"model/{m.id.split('@')[0]}" for m in self._models} | {f"model/{m.id}" for m in self._models}
-        keys |= {f"block/{s.model}/{block}" for s in self._layers for block in range(s.start, s.end)}
+        keys = {f"model/{m.id.split('@')[0]}" for m in self._models} | {
+            f"model/{m.id}" for m in self._models
+        }
+        keys |= {
+            f"block/{s.model}/{block}" for s in self._layers for block in range(s.start, s.end)
+        }
         for key in sorted(keys):
             await self.directory.provide(key)
         self._provided = keys
@@ -308,7 +324,9 @@ class Node:
         ids.discard(self.peer_id)
         return sorted(ids)
 
-    async def find_peers(self, model: str | None = None, *, limit: int = 64) -> list[CapabilityCard]:
+    async def find_peers(
+        self, model: str | None = None, *, limit: int = 64
+    ) -> list[CapabilityCard]:
         """Verified cards of peers (with ``model`` cached, when given), self included."""
         directory = self._require_network()
         if model is None:
@@ -330,7 +348,8 @@ class Node:
         return sorted(cards.values(), key=lambda c: c.peer_id)
 
     async def provide(self, key: str) -> bool:
-        return await self._require_network().provide(key)
+        """Announce ``key`` as a provider record; True when a peer took a replica."""
+        return await self._require_network().provide(key) > 0
 
     async def find_providers(self, key: str, *, limit: int = 20) -> list[str]:
         return await self._require_network().find_providers(key, limit)
@@ -341,7 +360,7 @@ class Node:
         """Dial a full multiaddr (``.../p2p/<id>``); returns the peer id."""
         self._require_network()
         info = peer_of(addr)
-        peer_id = info.peer_id.to_base58()
+        peer_id: str = info.peer_id.to_base58()
         if self._allowed and peer_id not in self._allowed:
             raise PrivateSwarmRejected(f"{peer_id} is not on this node's allow-list")
         await self._dial(info)
@@ -396,7 +415,9 @@ class Node:
 
         self.host.set_stream_handler(TProtocol(protocol_id), on_stream)
 
-    async def open_stream(self, peer_id: str, protocol_id: str, *, timeout: float = 10.0) -> FramedStream:
+    async def open_stream(
+        self, peer_id: str, protocol_id: str, *, timeout: float = 10.0
+    ) -> FramedStream:
         """A framed stream to ``peer_id`` speaking ``protocol_id`` (dials if needed)."""
         from libp2p.custom_types import TProtocol
         from libp2p.peer.id import ID
@@ -409,7 +430,13 @@ class Node:
             with trio.fail_after(timeout):
                 if not self.host.get_network().get_connections(target):
                     await self._ensure_addresses(peer_id)
-                stream = await self.host.new_stream(target, [TProtocol(protocol_id)])
+                try:
+                    stream = await self.host.new_stream(target, [TProtocol(protocol_id)])
+                except Exception as first:  # a stale connection: drop it, dial afresh once
+                    log.debug("stream to %s failed (%r); redialing", peer_id, first)
+                    await self.host.disconnect(target)
+                    await self._ensure_addresses(peer_id)
+                    stream = await self.host.new_stream(target, [TProtocol(protocol_id)])
         except trio.TooSlowError as exc:
             raise PeerUnavailable(f"opening {protocol_id} to {peer_id} timed out") from exc
         except PrivateSwarmRejected:
@@ -427,7 +454,9 @@ class Node:
         card = await self.card_of(peer_id)
         if card is not None:
             for addr in card.addrs:
-                self.host.get_peerstore().add_addr(target, parse_multiaddr(addr), int(self.config.card_ttl))
+                self.host.get_peerstore().add_addr(
+                    target, parse_multiaddr(addr), int(self.config.card_ttl)
+                )
             return
         assert self.directory is not None
         info = await self.directory.dht.find_peer(target)
@@ -442,7 +471,9 @@ class Node:
         directory = self._require_network()
         target = ID.from_base58(peer_id)
         for addr in addrs:
-            self.host.get_peerstore().add_addr(target, parse_multiaddr(addr), int(self.config.card_ttl))
+            self.host.get_peerstore().add_addr(
+                target, parse_multiaddr(addr), int(self.config.card_ttl)
+            )
         return bool(await directory.dht.add_peer(target, skip_server_mode_check=True))
 
     async def disconnect(self, peer_id: str) -> None:
@@ -473,7 +504,9 @@ class Node:
         """
         return self.models.generate(model, route=route, **kwargs)
 
-    async def complete(self, model: str, *, route: str = "auto", **kwargs: Any) -> Completion | ShardedCompletion:
+    async def complete(
+        self, model: str, *, route: str = "auto", **kwargs: Any
+    ) -> Completion | ShardedCompletion:
         """The whole answer with token counts and timings (time to first token, tok/s)."""
         return await self.models.complete(model, route=route, **kwargs)
 
@@ -481,7 +514,9 @@ class Node:
         """Load ``model`` into the warm cache now (in a worker thread)."""
         return await self.models.inference.warm(model)
 
-    async def pull(self, model: str, *, registry: str | None = None, files: Sequence[str] | None = None) -> Path:
+    async def pull(
+        self, model: str, *, registry: str | None = None, files: Sequence[str] | None = None
+    ) -> Path:
         """Fetch ``model`` from peers and/or a registry, verifying every chunk."""
         return await self.models.pull(model, registry=registry, files=files)
 
@@ -501,6 +536,8 @@ class Node:
         """Run several specialists on ``text`` concurrently; every answer with timings."""
         return await self._orchestrator().ask_many(text, categories, **kwargs)
 
-    async def map(self, model_or_specialist: str, prompts: Sequence[str], **kwargs: Any) -> list[Answer]:
+    async def map(
+        self, model_or_specialist: str, prompts: Sequence[str], **kwargs: Any
+    ) -> list[Answer]:
         """Spread independent prompts over peers with the model; results in input order."""
         return await self._orchestrator().map(model_or_specialist, prompts, **kwargs)

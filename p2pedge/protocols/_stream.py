@@ -97,7 +97,9 @@ class FramedStream:
 class MemoryByteStream:
     """One end of an in-process stream pair (for sans-IO handler tests, not a fake peer)."""
 
-    def __init__(self, send: trio.MemorySendChannel[bytes], receive: trio.MemoryReceiveChannel[bytes]) -> None:
+    def __init__(
+        self, send: trio.MemorySendChannel[bytes], receive: trio.MemoryReceiveChannel[bytes]
+    ) -> None:
         self._send = send
         self._receive = receive
 

@@ -115,7 +115,11 @@ def _str_list(body: dict[str, Any], name: str) -> tuple[str, ...]:
 def _parse_body(body: dict[str, Any]) -> CapabilityCard:
     models = []
     for item in _field(body, "models", list):
-        if not (isinstance(item, dict) and isinstance(item.get("id"), str) and isinstance(item.get("digest"), str)):
+        if not (
+            isinstance(item, dict)
+            and isinstance(item.get("id"), str)
+            and isinstance(item.get("digest"), str)
+        ):
             raise InvalidRecord("card model entries need id and digest")
         models.append(CachedModel(item["id"], item["digest"]))
     served = []
@@ -123,7 +127,9 @@ def _parse_body(body: dict[str, Any]) -> CapabilityCard:
         if not isinstance(item, dict):
             raise InvalidRecord("card layer entries must be maps")
         start, end, model = item.get("start"), item.get("end"), item.get("model")
-        if not (isinstance(model, str) and type(start) is int and type(end) is int and 0 <= start < end):
+        if not (
+            isinstance(model, str) and type(start) is int and type(end) is int and 0 <= start < end
+        ):
             raise InvalidRecord("card layer entries need model, start < end")
         served.append(ServedLayers(model, start, end))
     number = (int, float)

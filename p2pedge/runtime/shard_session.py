@@ -36,10 +36,13 @@ SHARD_FILE = "p2pedge_shard.json"
 MODEL_FILE = "model.onnx"
 
 # onnxruntime's Python errors share no base class below Exception.
-_ORT_ERRORS: tuple[type[Exception], ...] = (RuntimeError,) + tuple(
-    e
-    for e in vars(ort.capi.onnxruntime_pybind11_state).values()
-    if isinstance(e, type) and issubclass(e, Exception)
+_ORT_ERRORS: tuple[type[Exception], ...] = (
+    RuntimeError,
+    *tuple(
+        e
+        for e in vars(ort.capi.onnxruntime_pybind11_state).values()
+        if isinstance(e, type) and issubclass(e, Exception)
+    ),
 )
 
 _pool_lock = threading.Lock()

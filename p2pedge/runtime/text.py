@@ -48,7 +48,9 @@ class TextCodec:
             eos_token=self.eos_token or "",
         )
 
-    def prompt_ids(self, *, messages: Sequence[Mapping[str, str]] | None, prompt: str | None) -> list[int]:
+    def prompt_ids(
+        self, *, messages: Sequence[Mapping[str, str]] | None, prompt: str | None
+    ) -> list[int]:
         if (messages is None) == (prompt is None):
             raise ValueError("give exactly one of messages or prompt")
         text = self.render_chat(messages) if messages is not None else str(prompt)

@@ -201,8 +201,12 @@ def models_dir() -> Path:
     return Path(env) if env else REPO_ROOT / ".cache" / "models"
 
 
-def real_model_dir(variant: Variant = "lossless4") -> Path:
-    """Imported SmolLM2 directory for ``variant``; pytest-skips when it was not imported."""
+def real_model_dir(variant: str = "lossless4") -> Path:
+    """Imported SmolLM2 directory; pytest-skips when it was not imported.
+
+    ``lossless4`` (the default) is the published Q4_1 weights exactly with fp32
+    activations; ``int8`` the same weights with int8 activations; ``fp32`` dequantised.
+    """
     name = REAL_MODEL_NAME if variant == "lossless4" else f"{REAL_MODEL_NAME}-{variant}"
     path = models_dir() / name
     if not (path / "model.onnx").is_file():

@@ -46,7 +46,9 @@ class FrameDecoder:
                     return frames
                 (length,) = PREFIX.unpack_from(self._buffer)
                 if length > self.max_frame:
-                    raise FrameTooLarge(f"peer announced a {length}-byte frame (limit {self.max_frame})")
+                    raise FrameTooLarge(
+                        f"peer announced a {length}-byte frame (limit {self.max_frame})"
+                    )
                 del self._buffer[: PREFIX.size]
                 self._expected = length
             if len(self._buffer) < self._expected:

@@ -150,11 +150,22 @@ def test_lossless4_graph_matches_reference(
     assert_close(run_onnx(model, loaded[0], step), reference_logits)
 
 
+def test_default_directory_is_exact_lossless4(
+    loaded: Loaded, reference_logits: tuple[Logits, Logits]
+) -> None:
+    """The default import keeps fp32 activations: the published weights' numerics."""
+    path = real_model_dir() / "model.onnx"
+    graph = onnx.load(str(path), load_external_data=False)
+    assert any(n.op_type == "MatMulNBits" for n in graph.graph.node)
+    step = int(reference_logits[0][0, -1].argmax())
+    assert_close(run_onnx(str(path), loaded[0], step), reference_logits)
+
+
 def test_lossless4_int8_directory_stays_near_reference(
     loaded: Loaded, reference_logits: tuple[Logits, Logits]
 ) -> None:
-    """The shipped default quantises activations to int8 per block of 32: close, not exact."""
-    path = real_model_dir("lossless4") / "model.onnx"
+    """The -int8 variant quantises activations to int8 per block of 32: close, not exact."""
+    path = real_model_dir("int8") / "model.onnx"
     graph = onnx.load(str(path), load_external_data=False)
     levels = {
         a.i

@@ -15,7 +15,9 @@ NODE = [sys.executable, "-m", "p2pedge.node"]
 ENV = {**os.environ, "PYTHONUNBUFFERED": "1"}
 
 
-async def start_node(tmp_path: Path, name: str, *extra: str) -> tuple[trio.Process, dict[str, object]]:
+async def start_node(
+    tmp_path: Path, name: str, *extra: str
+) -> tuple[trio.Process, dict[str, object]]:
     proc = await trio.lowlevel.open_process(
         [*NODE, "--data-dir", str(tmp_path / name), "--json", *extra],
         stdout=subprocess.PIPE,
@@ -52,7 +54,10 @@ async def test_two_processes_bootstrap_list_peers_and_exit_cleanly(tmp_path: Pat
     second, hello2 = await start_node(tmp_path, "second", "--bootstrap", str(addr))
     try:
         result = await trio.run_process(
-            [*NODE, "peers", "--bootstrap", str(addr), "--json"], capture_stdout=True, capture_stderr=True, env=ENV
+            [*NODE, "peers", "--bootstrap", str(addr), "--json"],
+            capture_stdout=True,
+            capture_stderr=True,
+            env=ENV,
         )
         events = [json.loads(line) for line in result.stdout.decode().splitlines()]
         listed = {e["card"]["peer_id"] for e in events if e["event"] == "peer"}
@@ -73,7 +78,9 @@ async def test_two_processes_bootstrap_list_peers_and_exit_cleanly(tmp_path: Pat
     ],
 )
 async def test_bad_input_gives_one_line_and_exit_2(args: list[str], message: bytes) -> None:
-    result = await trio.run_process([*NODE, *args], capture_stdout=True, capture_stderr=True, check=False, env=ENV)
+    result = await trio.run_process(
+        [*NODE, *args], capture_stdout=True, capture_stderr=True, check=False, env=ENV
+    )
     assert result.returncode == 2
     assert message in result.stderr
     assert len(result.stderr.strip().splitlines()) == 1

@@ -41,8 +41,14 @@ async def test_model_announcement_is_found_by_model(config: Config) -> None:
             assert await a.find_peers("absent") == []
 
 
-async def test_forged_expired_and_oversized_cards_are_rejected_by_every_node(config: Config) -> None:
-    async with Node(config("victim")) as victim, Node(config("honest")) as honest, Node(config("evil")) as evil:
+async def test_forged_expired_and_oversized_cards_are_rejected_by_every_node(
+    config: Config,
+) -> None:
+    async with (
+        Node(config("victim")) as victim,
+        Node(config("honest")) as honest,
+        Node(config("evil")) as evil,
+    ):
         for node in (honest, evil):
             await node.connect(victim.addrs[0])
         await evil.connect(honest.addrs[0])
@@ -51,12 +57,28 @@ async def test_forged_expired_and_oversized_cards_are_rejected_by_every_node(con
         evil_key = evil.identity.private_key
         key = card_key(victim.peer_id).encode()
 
-        forged_body = pack({**legit.content(), "load": 0.99, "issued_at": legit.issued_at + 10,
-                            "expires_at": legit.expires_at + 10, "v": 1})
+        forged_body = pack(
+            {
+                **legit.content(),
+                "load": 0.99,
+                "issued_at": legit.issued_at + 10,
+                "expires_at": legit.expires_at + 10,
+                "v": 1,
+            }
+        )
         forged = pack({"body": forged_body, "sig": evil_key.sign(forged_body)})
         expired_card = dataclasses.replace(evil.card, issued_at=1.0, expires_at=2.0)
-        big_card = dataclasses.replace(evil.card, addrs=tuple(f"/ip4/10.1.{i // 250}.{i % 250}/tcp/1" for i in range(900)))
-        big_body = pack({**big_card.content(), "issued_at": big_card.issued_at, "expires_at": big_card.expires_at, "v": 1})
+        big_card = dataclasses.replace(
+            evil.card, addrs=tuple(f"/ip4/10.1.{i // 250}.{i % 250}/tcp/1" for i in range(900))
+        )
+        big_body = pack(
+            {
+                **big_card.content(),
+                "issued_at": big_card.issued_at,
+                "expires_at": big_card.expires_at,
+                "v": 1,
+            }
+        )
         oversized = pack({"body": big_body, "sig": evil_key.sign(big_body)})
         expired_body = pack({**expired_card.content(), "issued_at": 1.0, "expires_at": 2.0, "v": 1})
         expired = pack({"body": expired_body, "sig": evil_key.sign(expired_body)})
@@ -79,7 +101,9 @@ async def test_forged_expired_and_oversized_cards_are_rejected_by_every_node(con
             evil_held = node.directory.dht.value_store.get(evil_key_bytes)
             assert evil_held is None or evil_held.value not in (expired, oversized)
             card = await node.card_of(victim.peer_id, refresh=True)
-            assert card is not None and card.load == legit.load and card.issued_at == legit.issued_at
+            assert (
+                card is not None and card.load == legit.load and card.issued_at == legit.issued_at
+            )
 
 
 async def test_psk_mismatch_is_reported_quickly(config: Config, tmp_path: object) -> None:
@@ -93,7 +117,9 @@ async def test_psk_mismatch_is_reported_quickly(config: Config, tmp_path: object
         assert trio.current_time() - start < 5.0
 
 
-async def test_same_psk_connects_and_plain_node_is_refused(config: Config, tmp_path: object) -> None:
+async def test_same_psk_connects_and_plain_node_is_refused(
+    config: Config, tmp_path: object
+) -> None:
     psk = tmp_path / "swarm.key"  # type: ignore[operator]
     write_psk(psk)
     async with Node(config("a", psk_file=psk)) as a, Node(config("b", psk_file=psk)) as b:

@@ -19,7 +19,6 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
-import trio
 
 from p2pedge.node.config import NodeConfig
 from p2pedge.node.node import Node
@@ -46,15 +45,31 @@ class Server:
     layers: str
 
 
-def _start(model_dir: Path, root: Path, index: int, layers: str, bootstrap: str | None) -> subprocess.Popen[bytes]:
+def _start(
+    model_dir: Path, root: Path, index: int, layers: str, bootstrap: str | None
+) -> subprocess.Popen[bytes]:
     args = [
-        sys.executable, "-m", "p2pedge.node", "--json", "--threads", "1",
-        "--data-dir", str(root / f"server{index}"),
-        "--model", f"{MODEL}={model_dir}", "--serve", f"{MODEL}:{layers}",
+        sys.executable,
+        "-m",
+        "p2pedge.node",
+        "--json",
+        "--threads",
+        "1",
+        "--data-dir",
+        str(root / f"server{index}"),
+        "--model",
+        f"{MODEL}={model_dir}",
+        "--serve",
+        f"{MODEL}:{layers}",
     ]
     if bootstrap:
         args += ["--bootstrap", bootstrap]
-    return subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.PIPE, env={**os.environ, "PYTHONUNBUFFERED": "1"})
+    return subprocess.Popen(
+        args,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        env={**os.environ, "PYTHONUNBUFFERED": "1"},
+    )
 
 
 def _listening(proc: subprocess.Popen[bytes]) -> dict[str, object]:
@@ -73,9 +88,14 @@ def servers(tmp_path_factory: pytest.TempPathFactory) -> Iterator[list[Server]]:
     first = _start(model_dir, root, 0, RANGES[0], None)
     hello = _listening(first)
     boot = str(hello["addrs"][0])  # type: ignore[index]
-    procs = [first] + [_start(model_dir, root, i, r, boot) for i, r in enumerate(RANGES[1:], start=1)]
+    procs = [first] + [
+        _start(model_dir, root, i, r, boot) for i, r in enumerate(RANGES[1:], start=1)
+    ]
     found = [hello] + [_listening(p) for p in procs[1:]]
-    out = [Server(p, str(h["peer_id"]), str(h["addrs"][0]), r) for p, h, r in zip(procs, found, RANGES, strict=True)]  # type: ignore[index]
+    out = [
+        Server(p, str(h["peer_id"]), str(h["addrs"][0]), r)
+        for p, h, r in zip(procs, found, RANGES, strict=True)
+    ]  # type: ignore[index]
     yield out
     for server in out:
         if server.proc.poll() is None:
@@ -97,11 +117,15 @@ async def _client(servers: list[Server], tmp: Path) -> Node:
 
 
 async def _tokens(node: Node, prompt: str, route: str, n: int = 12) -> list[int]:
-    completion = await node.complete(MODEL, messages=[{"role": "user", "content": prompt}], max_tokens=n, route=route)
+    completion = await node.complete(
+        MODEL, messages=[{"role": "user", "content": prompt}], max_tokens=n, route=route
+    )
     return list(completion.token_ids)
 
 
-async def test_sharded_greedy_tokens_equal_local_on_five_prompts(servers: list[Server], tmp_path: Path) -> None:
+async def test_sharded_greedy_tokens_equal_local_on_five_prompts(
+    servers: list[Server], tmp_path: Path
+) -> None:
     async with await _client(servers, tmp_path) as node:
         for prompt in PROMPTS:
             local = await _tokens(node, prompt, "local")
@@ -110,13 +134,17 @@ async def test_sharded_greedy_tokens_equal_local_on_five_prompts(servers: list[S
             assert len(local) > 3
 
 
-async def _generate_with_fault(node: Node, prompt: str, hop: int, fault: signal.Signals, servers: list[Server]) -> tuple[list[int], Server, float]:
+async def _generate_with_fault(
+    node: Node, prompt: str, hop: int, fault: signal.Signals, servers: list[Server]
+) -> tuple[list[int], Server, float]:
     info: dict[str, object] = {}
     tokens: list[int] = []
     victim: Server | None = None
     gap = 0.0
     last = time.perf_counter()
-    stream = node.models.sharded_stream(MODEL, messages=[{"role": "user", "content": prompt}], max_tokens=12, info=info)
+    stream = node.models.sharded_stream(
+        MODEL, messages=[{"role": "user", "content": prompt}], max_tokens=12, info=info
+    )
     async with aclosing(stream) as pairs:
         async for _piece, token in pairs:
             now = time.perf_counter()
@@ -135,16 +163,22 @@ async def _generate_with_fault(node: Node, prompt: str, hop: int, fault: signal.
     return tokens, victim, gap
 
 
-async def test_frozen_server_is_replaced_within_the_step_timeout(servers: list[Server], tmp_path: Path) -> None:
+async def test_frozen_server_is_replaced_within_the_step_timeout(
+    servers: list[Server], tmp_path: Path
+) -> None:
     async with await _client(servers, tmp_path) as node:
         expected = await _tokens(node, PROMPTS[0], "local")
-        tokens, victim, gap = await _generate_with_fault(node, PROMPTS[0], 2, signal.SIGSTOP, servers)
+        tokens, victim, gap = await _generate_with_fault(
+            node, PROMPTS[0], 2, signal.SIGSTOP, servers
+        )
         victim.proc.send_signal(signal.SIGCONT)
     assert tokens == expected
     assert gap < STEP_TIMEOUT + 6.0
 
 
-async def test_killed_server_is_replaced_mid_generation(servers: list[Server], tmp_path: Path) -> None:
+async def test_killed_server_is_replaced_mid_generation(
+    servers: list[Server], tmp_path: Path
+) -> None:
     async with await _client(servers, tmp_path) as node:
         expected = await _tokens(node, PROMPTS[1], "local")
         tokens, victim, _ = await _generate_with_fault(node, PROMPTS[1], 1, signal.SIGKILL, servers)

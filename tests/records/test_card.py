@@ -62,7 +62,9 @@ def test_peer_id_embeds_the_key() -> None:
 def test_card_signed_by_another_key_is_rejected() -> None:
     victim, attacker = Ed25519PrivateKey.generate(), Ed25519PrivateKey.generate()
     forged = make_card(victim, load=0.0)
-    body = pack({**unpack_map(pack(forged.content())), "issued_at": NOW, "expires_at": NOW + 180, "v": 1})
+    body = pack(
+        {**unpack_map(pack(forged.content())), "issued_at": NOW, "expires_at": NOW + 180, "v": 1}
+    )
     record = pack({"body": body, "sig": attacker.sign(body)})
     with pytest.raises(InvalidRecord, match="signature"):
         verify_card(record, NOW)
@@ -74,7 +76,15 @@ def test_card_naming_a_peer_whose_key_it_does_not_carry_is_rejected() -> None:
     card = make_card(key, peer_id=other_id)
     with pytest.raises(ValueError):
         sign_card(card, key)
-    body = pack({**make_card(key).content(), "peer_id": other_id, "issued_at": NOW, "expires_at": NOW + 9, "v": 1})
+    body = pack(
+        {
+            **make_card(key).content(),
+            "peer_id": other_id,
+            "issued_at": NOW,
+            "expires_at": NOW + 9,
+            "v": 1,
+        }
+    )
     with pytest.raises(InvalidRecord, match="not signed by the key"):
         verify_card(pack({"body": body, "sig": key.sign(body)}), NOW)
 
@@ -125,7 +135,9 @@ def test_future_card_is_rejected() -> None:
 )
 def test_malformed_fields_are_rejected(mutation: dict[str, object]) -> None:
     key = Ed25519PrivateKey.generate()
-    body = pack({**make_card(key).content(), "issued_at": NOW, "expires_at": NOW + 9, "v": 1, **mutation})
+    body = pack(
+        {**make_card(key).content(), "issued_at": NOW, "expires_at": NOW + 9, "v": 1, **mutation}
+    )
     with pytest.raises(InvalidRecord):
         verify_card(pack({"body": body, "sig": key.sign(body)}), NOW)
 
@@ -136,7 +148,13 @@ def test_arbitrary_bytes_never_crash_the_validator(data: bytes) -> None:
         verify_card(data, NOW)
 
 
-@given(st.dictionaries(st.text(max_size=8), st.one_of(st.integers(-(2**63), 2**63 - 1), st.text(), st.binary()), max_size=8))
+@given(
+    st.dictionaries(
+        st.text(max_size=8),
+        st.one_of(st.integers(-(2**63), 2**63 - 1), st.text(), st.binary()),
+        max_size=8,
+    )
+)
 def test_arbitrary_maps_are_invalid_records(body: dict[str, object]) -> None:
     with pytest.raises(InvalidRecord):
         verify_card(pack({"body": pack(body), "sig": b"x" * 64}), NOW)

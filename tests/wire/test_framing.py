@@ -4,7 +4,15 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from p2pedge.errors import FrameTooLarge, LocalProtocolError, RemoteProtocolError
-from p2pedge.wire import FrameDecoder, TensorLimits, decode_tensor, encode_frame, encode_tensor, pack, unpack
+from p2pedge.wire import (
+    FrameDecoder,
+    TensorLimits,
+    decode_tensor,
+    encode_frame,
+    encode_tensor,
+    pack,
+    unpack,
+)
 from p2pedge.wire.messages import require, unpack_map
 
 SAMPLES = [b"", b"a", b"hello world", bytes(range(256)) * 40]
@@ -96,6 +104,7 @@ def test_wire_does_not_load_heavy_modules() -> None:
     import subprocess
     import sys
 
-    code = "import sys, p2pedge.wire; print(any(m in sys.modules for m in ('trio', 'onnxruntime', 'libp2p')))"
+    heavy = "('trio', 'onnxruntime', 'libp2p')"
+    code = f"import sys, p2pedge.wire; print(any(m in sys.modules for m in {heavy}))"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "False"

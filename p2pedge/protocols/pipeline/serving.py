@@ -78,10 +78,21 @@ async def place(node: PipelineNode, model: str, n_layers: int, n_blocks: int) ->
 
 
 def ensure_shard_dir(model_dir: Path, layers: LayerRange, shards_root: Path) -> Path:
-    """The shard directory for ``layers``, written from the imported model if missing."""
+    """The shard directory for ``layers``, written from the imported model if missing.
+
+    Keyed by the model's facts file too, so a re-imported model (new graph format or
+    variant) gets fresh shards instead of stale ones.
+    """
+    import hashlib
+
     from p2pedge.models.convert.shards import SHARD_FILE, write_shard_dir
 
-    out = shards_root / model_dir.name / str(layers)
+    try:
+        facts = (model_dir / FACTS_FILE).read_bytes()
+    except OSError as exc:
+        raise ModelLoadError(f"{model_dir}: cannot read {FACTS_FILE}: {exc}") from exc
+    stamp = hashlib.sha256(facts).hexdigest()[:12]
+    out = shards_root / f"{model_dir.name}-{stamp}" / str(layers)
     if not (out / SHARD_FILE).is_file():
         write_shard_dir(model_dir, layers, out)
     return out
