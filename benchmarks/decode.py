@@ -27,6 +27,10 @@ import numpy as np
 import onnx
 import onnxruntime_genai as og
 
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from benchmarks._report import write_section
+
 ROOT = Path(__file__).resolve().parent.parent
 MODELS = ROOT / ".cache" / "models"
 LOSSLESS4 = MODELS / "smollm2-135m-instruct"
@@ -91,20 +95,6 @@ def forced_agreement(model: og.Model, prompt: list[int], target: list[int]) -> f
         hits += int(np.argmax(gen.get_logits()[0, -1])) == expected
         feed = [expected]
     return hits / len(target)
-
-
-def write_section(path: Path, name: str, body: str) -> None:
-    """Replace (or append) the text between this benchmark's markers in ``path``."""
-    begin, end = f"<!-- bench:{name} -->", f"<!-- /bench:{name} -->"
-    block = f"{begin}\n{body.rstrip()}\n{end}"
-    text = path.read_text(encoding="utf-8") if path.exists() else "# Benchmarks\n"
-    if begin in text and end in text:
-        head, rest = text.split(begin, 1)
-        text = head + block + rest.split(end, 1)[1]
-    else:
-        text = text.rstrip() + "\n\n" + block + "\n"
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(text, encoding="utf-8")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -178,7 +168,7 @@ def main(argv: list[str] | None = None) -> int:
             f"median of {args.rounds} interleaved rounds. Agreement: teacher-forced top-1 match "
             "with the fp32 variant's greedy continuation.\n\n" + table
         )
-        write_section(DOC, SECTION, body)
+        write_section(SECTION, body, DOC)
     print(
         f"lossless4_int8_tok_s={tok_s['lossless4_int8']:.1f} "
         f"lossless4_tok_s={tok_s['lossless4']:.1f} fp32_tok_s={tok_s['fp32']:.1f}"

@@ -1,9 +1,11 @@
 """Swarm directory at scale: converge time, card and provider lookups, RAM per node.
 
 For N in {10, 25, 50} in-process nodes (simnet, real py-libp2p hosts on loopback):
-time to converge (all nodes up, wired and announced), card lookup and provider lookup
-latency from random nodes with their caches cleared, and resident memory per node.
-The same-run baseline is N = 10: each row gives its lookup median relative to it.
+time to converge (every node up and wired, so any card resolves, from its owner at
+worst), time until the first cards sit at their closest peers, card and provider lookup
+latency from random nodes with their caches cleared (measured after replication), and
+resident memory per node. The same-run baseline is N = 10: each row gives its card
+lookup median relative to it.
 """
 
 from __future__ import annotations
@@ -35,6 +37,7 @@ async def measure(n: int, lookups: int, seed: int) -> dict[str, float]:
     rss_before = psutil.Process().memory_info().rss
     async with Swarm(n, seed=seed, measure_compute=False) as swarm:
         rss = (psutil.Process().memory_info().rss - rss_before) / n
+        await swarm.replicated.wait()
         rng = random.Random(seed)
         owner = swarm.nodes[rng.randrange(n)]
         owner.set_models([CachedModel("bench-model@1", "ab" * 32)])
@@ -57,6 +60,7 @@ async def measure(n: int, lookups: int, seed: int) -> dict[str, float]:
     return {
         "n": n,
         "converge_s": converge,
+        "replicated_s": swarm.replicated_s,
         "card_p50": statistics.median(cards),
         "card_p95": pct(cards, 0.95),
         "prov_p50": statistics.median(providers),
@@ -76,6 +80,7 @@ def main() -> None:
     headers = [
         "nodes",
         "converge s",
+        "replicated s",
         "card p50 ms",
         "card p95 ms",
         "provider p50 ms",
@@ -87,6 +92,7 @@ def main() -> None:
         [
             f"{r['n']:.0f}",
             f"{r['converge_s']:.2f}",
+            f"{r['replicated_s']:.2f}",
             f"{r['card_p50']:.1f}",
             f"{r['card_p95']:.1f}",
             f"{r['prov_p50']:.1f}",

@@ -26,6 +26,9 @@ from pathlib import Path
 import onnxruntime_genai as og
 import trio
 
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from benchmarks._report import write_section
 from p2pedge.ids import ModelId
 from p2pedge.node.inference import LocalInference
 from p2pedge.runtime.config import RuntimeConfig
@@ -112,19 +115,6 @@ async def bench_model(label: str, path: Path, tokens: int, rounds: int) -> dict[
     }
 
 
-def write_section(path: Path, name: str, body: str) -> None:
-    """Replace (or append) the text between this benchmark's markers in ``path``."""
-    begin, end = f"<!-- bench:{name} -->", f"<!-- /bench:{name} -->"
-    block = f"{begin}\n{body.rstrip()}\n{end}"
-    text = path.read_text(encoding="utf-8") if path.exists() else "# Benchmarks\n"
-    if begin in text and end in text:
-        head, rest = text.split(begin, 1)
-        text = head + block + rest.split(end, 1)[1]
-    else:
-        text = text.rstrip() + "\n\n" + block + "\n"
-    path.write_text(text, encoding="utf-8")
-
-
 async def run(args: argparse.Namespace) -> int:
     from p2pedge.testing import build_tiny_model
 
@@ -170,7 +160,7 @@ async def run(args: argparse.Namespace) -> int:
             f"model's are not.\n\n"
             f"{table}\n\n{LLAMA_CPP_NOTE}.\n"
         )
-        write_section(ROOT / "docs" / "benchmarks.md", "local", body)
+        write_section("local", body, ROOT / "docs" / "benchmarks.md")
     head = rows[0][1]
     print(f"generate_vs_raw={head['ratio']:.3f} tok_s={head['tok_s']:.1f}")
     return 0

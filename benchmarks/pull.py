@@ -26,6 +26,7 @@ import trio
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
+from benchmarks._report import write_section as write_doc_section  # noqa: E402
 from p2pedge.ids import ModelId  # noqa: E402
 from p2pedge.models.keys import TrustStore, generate_key, public_key_hex  # noqa: E402
 from p2pedge.models.pull import PullResult, pull  # noqa: E402
@@ -48,20 +49,6 @@ def model_dir() -> Path:
         return real_model_dir()
     except BaseException as exc:  # real_model_dir() pytest-skips when the model is missing
         raise SystemExit(f"real model missing ({exc}); run `make model`") from exc
-
-
-def write_section(body: str) -> None:
-    """Replace this benchmark's section of docs/benchmarks.md between its markers."""
-    start, end = f"<!-- bench:{SECTION} -->", f"<!-- /bench:{SECTION} -->"
-    text = DOC.read_text() if DOC.exists() else "# Benchmarks\n"
-    block = f"{start}\n{body.rstrip()}\n{end}"
-    if start in text and end in text:
-        head, rest = text.split(start, 1)
-        text = head + block + rest.split(end, 1)[1]
-    else:
-        text = text.rstrip() + "\n\n" + block + "\n"
-    DOC.parent.mkdir(parents=True, exist_ok=True)
-    DOC.write_text(text)
 
 
 async def timed_pull(
@@ -149,14 +136,15 @@ def main() -> None:
     table = "\n".join(rows)
     print(table)
     machine = f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores"
-    write_section(
+    write_doc_section(
+        SECTION,
         f"### Model pull (`benchmarks/pull.py`)\n\n"
         f"{datetime.now(UTC):%Y-%m-%d} on {machine}; SmolLM2-135M-Instruct lossless-4 dir "
         f"(~200 MB), {args.chunk_mib} MiB chunks, {args.per_source} streams per source, "
         f"{args.rounds} rounds, registry/peers/puller in one process on loopback.\n\n{table}\n\n"
         "All peers share the puller's process (one GIL) and py-libp2p runs Noise and yamux in "
         "Python, so here extra peers add no CPU and peer pulls are CPU-bound below HTTP; on "
-        "separate machines each peer brings its own CPU and uplink.\n"
+        "separate machines each peer brings its own CPU and uplink.\n",
     )
     print(
         f"peers3_vs_registry={ratio:.2f} registry_mb_s={best['registry']:.1f} "

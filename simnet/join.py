@@ -14,7 +14,9 @@ from simnet import Swarm
 
 async def run(n: int, seed: int, lookups: int) -> tuple[float, float]:
     async with Swarm(n, seed=seed, measure_compute=False) as swarm:
-        print(f"{n} nodes converged in {swarm.converge_s:.2f} s")
+        print(f"{n} nodes up and wired (converged) in {swarm.converge_s:.2f} s")
+        await swarm.replicated.wait()
+        print(f"first cards replicated to their closest peers after {swarm.replicated_s:.2f} s")
         rng = random.Random(seed)
         times = []
         for _ in range(lookups):

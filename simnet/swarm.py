@@ -3,6 +3,12 @@
 Each node runs in its own task so any one can be killed; routing tables are pre-filled
 from a seeded random choice of peers (sequential DHT refreshes over 50 nodes take over a
 minute in py-libp2p 0.8.1, pre-filled tables a few seconds).
+
+The swarm has converged when every node is up and wired: any card is then resolvable,
+from its owner directly. Replicating the first cards to their closest peers costs a dial
+per replica and continues in the background unless ``wait_for_replication`` is set;
+``replicated`` is set when it is done and ``replicated_s`` says how long it took.
+``replicate_on_start=False`` leaves replication to each node's announce interval.
 """
 
 from __future__ import annotations
@@ -37,6 +43,8 @@ class Swarm:
         seed: int = 0,
         fanout: int = 20,
         announce_interval: float = 60.0,
+        wait_for_replication: bool = False,
+        replicate_on_start: bool = True,
         root: Path | None = None,
         **config: Any,
     ) -> None:
@@ -54,6 +62,10 @@ class Swarm:
         self._nursery_cm: Any = None
         self.started_at = 0.0
         self.converge_s = 0.0
+        self.replicated_s = 0.0
+        self.replicated = trio.Event()
+        self.wait_for_replication = wait_for_replication
+        self.replicate_on_start = replicate_on_start
 
     @property
     def nodes(self) -> list[Node]:
@@ -68,12 +80,25 @@ class Swarm:
             for _ in range(self.n):
                 await self._start_node()
             await self._wire_all()
-            await self._announce(self.nodes)
+            for node in self.nodes:
+                await node.announce(replicate=False)
+            self.converge_s = time.perf_counter() - self.started_at
+            if not self.replicate_on_start:
+                for node in self.nodes:
+                    node.start_announcing(now=False)
+            elif self.wait_for_replication:
+                await self._replicate()
+            else:
+                self._nursery.start_soon(self._replicate)
         except BaseException as exc:
             await self._close(type(exc), exc, exc.__traceback__)
             raise
-        self.converge_s = time.perf_counter() - self.started_at
         return self
+
+    async def _replicate(self) -> None:
+        await self._announce(self.nodes)
+        self.replicated_s = time.perf_counter() - self.started_at
+        self.replicated.set()
 
     async def __aexit__(
         self,

@@ -54,8 +54,9 @@ class Directory:
 
     Cards are stored at the ``replication`` closest peers we know rather than py-libp2p's
     k = 20: they are re-announced every interval, and each extra replica costs a dial
-    with a full Noise and identify handshake. Reads ask those same closest peers first
-    and fall back to the library's full iterative lookup.
+    with a full Noise and identify handshake. Reads ask the card's owner first when its
+    address is known (it is the authority on its own card), then the closest peers, and
+    fall back to the library's full iterative lookup.
     """
 
     def __init__(
@@ -83,13 +84,16 @@ class Directory:
             : self.replication
         ]
 
-    async def put_card(self, record: bytes, peer_id: str) -> int:
-        """Store our card locally and at the closest peers; returns how many accepted."""
+    async def put_card(self, record: bytes, peer_id: str, *, replicate: bool = True) -> int:
+        """Store our card locally and (``replicate``) at the closest peers; returns how
+        many peers accepted it."""
         card = verify_card(record, self.clock())
         key = card_key(peer_id).encode()
         self.dht.value_store.put(key, record)
         self.remember(card)
         stored = 0
+        if not replicate:
+            return stored
 
         async def store(peer: Any) -> None:
             nonlocal stored
@@ -101,6 +105,36 @@ class Directory:
             for peer in await self._closest(key):
                 nursery.start_soon(store, peer)
         return stored
+
+    async def _ask_owner(self, peer_id: str) -> bytes | None:
+        """A peer is the authority on its own card: ask it first when we can reach it."""
+        from libp2p.peer.id import ID
+
+        from libp2p.peer.peerstore import PeerStoreError
+
+        owner = ID.from_base58(peer_id)
+        if owner == self.dht.local_peer_id:
+            return None
+        value: Any = None
+        with trio.move_on_after(self.timeout):
+            try:
+                known = bool(self.dht.host.get_peerstore().addrs(owner))
+            except PeerStoreError:
+                known = False
+            if not known:
+                info = await self.dht.find_peer(owner)  # iterative FIND_NODE for its address
+                if info is None or not info.addrs:
+                    return None
+                self.dht.host.get_peerstore().add_addrs(owner, info.addrs, 3600)
+            value = await self.dht.value_store._get_from_peer(owner, card_key(peer_id).encode())
+        if not isinstance(value, bytes):
+            return None
+        try:
+            verify_card(value, self.clock(), card_key(peer_id))
+        except InvalidRecord as exc:
+            log.warning("peer %s returned a bad card for itself: %s", peer_id, exc)
+            return None
+        return value
 
     async def _ask_closest(self, peer_id: str) -> bytes | None:
         """Ask the closest known peers concurrently; the first valid card ends the search."""
@@ -147,6 +181,8 @@ class Directory:
             return cached
         local = self.dht.value_store.get(card_key(peer_id).encode())
         value: bytes | None = local.value if local is not None else None
+        if value is None:
+            value = await self._ask_owner(peer_id)
         if value is None:
             value = await self._ask_closest(peer_id)
         if value is None:

@@ -55,6 +55,7 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--models-dir", type=Path, default=None, help="model store root")
     run.add_argument(
         "--model",
+        dest="model_dirs",
         action="append",
         default=[],
         metavar="NAME=DIR",
@@ -83,7 +84,7 @@ def _config(args: argparse.Namespace, *, throwaway: bool = False) -> NodeConfig:
         announce_interval=args.announce_interval,
         serve=tuple(ServeSpec.parse(s) for s in getattr(args, "serve", [])),
         models_dir=getattr(args, "models_dir", None),
-        model_dirs=tuple(_model_dir(m) for m in getattr(args, "model", [])),
+        model_dirs=tuple(_model_dir(m) for m in getattr(args, "model_dirs", [])),
         threads=getattr(args, "threads", 0),
     )
 

@@ -81,8 +81,6 @@ class Node:
         self._card: CapabilityCard | None = None
         self._card_record: bytes | None = None
         self._announce_now = trio.Event()
-        self._announced_content: dict[str, Any] | None = None
-        self._provided: set[str] = set()
         self._psk = read_psk(self.config.psk_file) if self.config.psk_file else None
         self._allowed = frozenset(self.config.allow_peers)
         self.started = False
@@ -267,22 +265,23 @@ class Node:
         self._extra[key] = value
         self._announce_now.set()
 
-    async def announce(self) -> None:
-        """Sign a fresh card, store it on the DHT, and provide each model's key."""
+    async def announce(self, *, replicate: bool = True) -> None:
+        """Sign a fresh card, store it on the DHT, and provide each model's key.
+
+        ``replicate=False`` only keeps the card in our own store, where peers that know
+        our address can ask for it; nothing is dialed.
+        """
         self._refresh_card()
         if self.directory is None or self._card_record is None:
             return
-        await self.directory.put_card(self._card_record, self.peer_id)
-        self._announced_content = self.card.content()
-        keys = {f"model/{m.id.split('@')[0]}" for m in self._models} | {
-            f"model/{m.id}" for m in self._models
-        }
-        keys |= {
-            f"block/{s.model}/{block}" for s in self._layers for block in range(s.start, s.end)
-        }
+        await self.directory.put_card(self._card_record, self.peer_id, replicate=replicate)
+        if not replicate:
+            return
+        keys = {f"model/{m.id.split('@')[0]}" for m in self._models}
+        keys |= {f"model/{m.id}" for m in self._models}
+        keys |= {f"block/{s.model}/{b}" for s in self._layers for b in range(s.start, s.end)}
         for key in sorted(keys):
             await self.directory.provide(key)
-        self._provided = keys
 
     def start_announcing(self, *, now: bool = True) -> None:
         """Begin the periodic announce loop (started on entry unless announce_on_start=False).
@@ -448,9 +447,14 @@ class Node:
     async def _ensure_addresses(self, peer_id: str) -> None:
         from libp2p.peer.id import ID
 
+        from libp2p.peer.peerstore import PeerStoreError
+
         target = ID.from_base58(peer_id)
-        if self.host.get_peerstore().addrs(target):
-            return
+        try:
+            if self.host.get_peerstore().addrs(target):
+                return
+        except PeerStoreError:
+            pass  # unknown peer: look it up below
         card = await self.card_of(peer_id)
         if card is not None:
             for addr in card.addrs:

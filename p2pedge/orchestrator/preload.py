@@ -74,9 +74,18 @@ def plan_step(
 
 @dataclass
 class PreloadStats:
+    """What the preloader did, and what became of its warm-ups.
+
+    ``used``: pre-loaded models a request then ran on (the warm-up paid off);
+    ``wasted``: pre-loaded models that left the cache before any request ran on them.
+    A warm-up still resident and unused is neither yet (:meth:`Preloader.settle`).
+    """
+
     warmed: list[str] = field(default_factory=list)
     evicted: list[str] = field(default_factory=list)
     refused: list[str] = field(default_factory=list)
+    used: list[str] = field(default_factory=list)
+    wasted: list[str] = field(default_factory=list)
 
 
 class Preloader:
@@ -99,6 +108,8 @@ class Preloader:
         self.min_probability = min_probability
         self.max_steps = max_steps
         self.stats = PreloadStats()
+        # warmed model -> the cache's use count right after the warm-up
+        self._pending: dict[str, int] = {}
         self._running = False
         self._again = False
         self.idle = trio.Event()
@@ -124,8 +135,26 @@ class Preloader:
             self._running = False
             self.idle.set()
 
+    def settle(self) -> None:
+        """Sort earlier warm-ups into used / wasted from the cache's use counts.
+
+        Runs at the start of every pass (so after every request); call it once more
+        at the end of a replay to count the last ones.
+        """
+        rows = self.local.loaded()
+        for model, uses_after_warm in list(self._pending.items()):
+            row = next((r for r in rows if model_matches(model, r.name)), None)
+            if row is None:
+                self.stats.wasted.append(model)
+            elif _uses(row) > uses_after_warm:
+                self.stats.used.append(model)
+            else:
+                continue
+            del self._pending[model]
+
     async def run_once(self) -> list[PreloadStep]:
         """Do up to ``max_steps`` warm-ups for the current prediction."""
+        self.settle()
         done: list[PreloadStep] = []
         for _ in range(self.max_steps):
             probs = model_probabilities(self.catalog, self.predictor.distribution())
@@ -146,5 +175,14 @@ class Preloader:
                 self.stats.refused.append(step.load)
                 break
             self.stats.warmed.append(step.load)
+            row = next((r for r in self.local.loaded() if model_matches(step.load, r.name)), None)
+            if row is not None:
+                self._pending[step.load] = _uses(row)
             done.append(step)
         return done
+
+
+def _uses(row: LoadedLike) -> int:
+    """The cache's use count of a row (0 for rows that do not keep one)."""
+    uses = getattr(row, "uses", 0)
+    return uses if isinstance(uses, int) else 0

@@ -63,7 +63,7 @@ class CapabilityCard:
         return any(m.id == model or m.id.split("@")[0] == model for m in self.models)
 
     def content(self) -> dict[str, Any]:
-        """Everything but timestamps: a change here triggers a re-announce."""
+        """What the card says, apart from when: the signed body without its timestamps."""
         body = _to_body(self)
         body.pop("issued_at")
         body.pop("expires_at")

@@ -92,3 +92,40 @@ async def test_preload_never_evicts_a_model_in_use(make_local: MakeLocal, catalo
     steps = await preloader.run_once()
     assert [s.load for s in steps] == ["tiny-b"] and steps[0].evict == "tiny-a@latest"
     assert names(local) == {"tiny-b@latest", "tiny-c@latest"}
+
+
+def translate_next() -> NextCategoryPredictor:
+    predictor = NextCategoryPredictor()
+    for _ in range(5):
+        predictor.observe("chat")
+        predictor.observe("translate")
+    predictor.observe("chat")  # next: translate (tiny-b), likely chat (tiny-a)
+    return predictor
+
+
+async def test_a_preload_a_request_then_runs_on_counts_as_used(
+    make_local: MakeLocal, catalog: Catalog
+) -> None:
+    local = make_local(max_models=2)
+    preloader = Preloader(local, catalog, translate_next(), max_models=2, max_steps=1)
+    steps = await preloader.run_once()
+    assert [s.load for s in steps] == ["tiny-b"] and "tiny-b@latest" in names(local)
+    preloader.settle()
+    assert preloader.stats.used == [] and preloader.stats.wasted == []  # not used yet
+    await local.complete("tiny-b", prompt="bonjour", max_tokens=2)
+    preloader.settle()
+    assert preloader.stats.used == ["tiny-b"] and preloader.stats.wasted == []
+
+
+async def test_a_preload_evicted_before_any_use_counts_as_wasted(
+    make_local: MakeLocal, catalog: Catalog
+) -> None:
+    local = make_local(max_models=2)
+    preloader = Preloader(local, catalog, translate_next(), max_models=2, max_steps=1)
+    await preloader.run_once()
+    assert "tiny-b@latest" in names(local)
+    # the user asked for something else; tiny-b left the cache unused
+    await local.complete("tiny-a", prompt="hi", max_tokens=2)
+    assert await local.unload("tiny-b")
+    preloader.settle()
+    assert preloader.stats.wasted == ["tiny-b"] and preloader.stats.used == []

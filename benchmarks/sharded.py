@@ -1,0 +1,447 @@
+"""Sharded vs local decode of SmolLM2-135M-Instruct (lossless 4-bit), per-hop latency,
+and throughput with 1 vs 4 concurrent sessions, all in one run on this machine.
+
+Shard servers are real ``python -m p2pedge.node --serve`` processes on 127.0.0.1 with
+``--threads 1``; the client is an in-process :class:`~p2pedge.node.node.Node` with
+``threads=1`` too, so local and sharded decode each get one compute thread per step.
+
+1. ``node.complete`` greedy on one prompt, ``route="local"`` and ``route="sharded"``
+   (three servers: blocks 0-10, 10-20, 20-30), interleaved, median decode tok/s of R runs.
+2. Concurrency: decode tok/s summed over 4 sessions decoding at once through the same
+   three servers, divided by the rate of one session alone.
+3. Added latency per hop: a fourth server holds all 30 blocks. A 1-hop chain (that
+   server) and the 3-hop chain decode the same tokens in lock-step, alternating which
+   goes first; both do the same compute, so per token ``(t3 - t1) / 2`` is what one
+   extra hop adds (framing, msgpack, loopback TCP, two process wake-ups, one more
+   onnxruntime run, the client's bookkeeping).
+
+Run ``make model`` first, then ``python benchmarks/sharded.py [--tokens N] [--rounds R]``;
+server data (and the shard graphs built on first use) stay in ``.cache/bench-sharded``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import signal
+import statistics
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import IO, Any
+
+import numpy as np
+import psutil
+import trio
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+from benchmarks._report import machine, table, write_section  # noqa: E402
+from p2pedge.ids import LayerRange  # noqa: E402
+from p2pedge.node.config import NodeConfig  # noqa: E402
+from p2pedge.node.node import Node  # noqa: E402
+from p2pedge.planning.routes import Hop, ServerOption  # noqa: E402
+from p2pedge.protocols._stream import FramedStream  # noqa: E402
+from p2pedge.protocols.pipeline.client import ClientConfig, ShardedSession  # noqa: E402
+from p2pedge.protocols.pipeline.serving import open_sharded_session  # noqa: E402
+from p2pedge.runtime.text import TextCodec  # noqa: E402
+from p2pedge.testing.tiny import REAL_MODEL_NAME, models_dir  # noqa: E402
+
+MODEL = "smollm2-135m-instruct"
+N_LAYERS = 30
+THIRDS = ("0-10", "10-20", "20-30")
+PROMPT = [{"role": "user", "content": "Write a short story about a robot who learns to paint."}]
+CONCURRENT_PROMPTS = [
+    "Write a short story about a robot who learns to paint.",
+    "Explain how a bicycle works to a ten year old.",
+    "Describe a walk through a forest in autumn.",
+    "Write a letter to a friend about your new garden.",
+]
+STEP_TIMEOUT = 30.0
+WARMUP_TOKENS = 8
+CONCURRENT_TOKENS = 32
+
+
+@dataclass
+class Server:
+    proc: subprocess.Popen[bytes]
+    peer_id: str
+    addr: str
+    layers: str
+
+
+def _drain(pipe: IO[bytes]) -> None:
+    for _ in pipe:
+        pass
+
+
+def start_server(model_dir: Path, root: Path, name: str, layers: str, boot: str | None) -> Server:
+    cmd = [sys.executable, "-m", "p2pedge.node", "--json", "--threads", "1"]
+    cmd += ["--data-dir", str(root / name), "--model", f"{MODEL}={model_dir}"]
+    cmd += ["--serve", f"{MODEL}:{layers}", *(["--bootstrap", boot] if boot else [])]
+    (root / name).mkdir(parents=True, exist_ok=True)
+    err = (root / name / "stderr.log").open("wb")
+    proc = subprocess.Popen(
+        cmd, stdout=subprocess.PIPE, stderr=err, env={**os.environ, "PYTHONUNBUFFERED": "1"}
+    )
+    assert proc.stdout is not None
+    for line in proc.stdout:
+        event = json.loads(line)
+        if event["event"] == "listening":
+            threading.Thread(target=_drain, args=(proc.stdout,), daemon=True).start()
+            return Server(proc, str(event["peer_id"]), str(event["addrs"][0]), layers)
+    raise RuntimeError(f"server {name} exited; see {root / name / 'stderr.log'}")
+
+
+def stop(servers: Sequence[Server]) -> None:
+    for server in servers:
+        if server.proc.poll() is None:
+            server.proc.send_signal(signal.SIGINT)
+    for server in servers:
+        try:
+            server.proc.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            server.proc.kill()
+            server.proc.wait()
+
+
+def client_config(root: Path, name: str, servers: Sequence[Server], model_dir: Path) -> NodeConfig:
+    return NodeConfig(
+        data_dir=root / name,
+        bootstrap=tuple(s.addr for s in servers),
+        model_dirs=((MODEL, model_dir),),
+        threads=1,
+        measure_compute=False,
+        shard_step_timeout=STEP_TIMEOUT,
+    )
+
+
+def pct(values: Sequence[float], q: float) -> float:
+    return float(np.percentile(np.asarray(values, dtype=np.float64), q))
+
+
+# --- 1. local vs sharded through node.complete ------------------------------------------
+
+
+async def local_vs_sharded(node: Node, tokens: int, rounds: int) -> dict[str, Any]:
+    for route in ("local", "sharded"):  # warm-up: load the model, dial the servers
+        await node.complete(MODEL, messages=PROMPT, max_tokens=4, route=route)
+    rates: dict[str, list[float]] = {"local": [], "sharded": []}
+    cpu: dict[str, list[float]] = {"local": [], "sharded": []}
+    ids: dict[str, list[int]] = {}
+    me = psutil.Process()
+    for r in range(rounds):
+        order = ("local", "sharded") if r % 2 == 0 else ("sharded", "local")
+        for route in order:
+            before = sum(me.cpu_times()[:2])
+            done = await node.complete(MODEL, messages=PROMPT, max_tokens=tokens, route=route)
+            cpu[route].append((sum(me.cpu_times()[:2]) - before) / len(done.token_ids))
+            rates[route].append(done.tok_per_s)
+            ids[route] = list(done.token_ids)
+    return {
+        "local": statistics.median(rates["local"]),
+        "sharded": statistics.median(rates["sharded"]),
+        "local_runs": rates["local"],
+        "sharded_runs": rates["sharded"],
+        "cpu_local": statistics.median(cpu["local"]),
+        "cpu_client": statistics.median(cpu["sharded"]),
+        "same_tokens": ids["local"] == ids["sharded"],
+        "n_tokens": len(ids["sharded"]),
+    }
+
+
+# --- 2. 1 vs 4 concurrent sessions ------------------------------------------------------
+
+
+async def decode_rate(
+    sessions: Sequence[ShardedSession], prompts: Sequence[list[int]], n: int
+) -> float:
+    """Prefill every session (untimed), then total decode tokens/s of all of them at once."""
+    firsts: list[int] = [0] * len(sessions)
+
+    async def prefill(i: int) -> None:
+        firsts[i] = int(np.argmax(await sessions[i].extend(prompts[i])))
+
+    async def decode(i: int) -> None:
+        token = firsts[i]
+        for _ in range(n):
+            token = int(np.argmax(await sessions[i].extend([token])))
+
+    async with trio.open_nursery() as nursery:
+        for i in range(len(sessions)):
+            nursery.start_soon(prefill, i)
+    start = time.perf_counter()
+    async with trio.open_nursery() as nursery:
+        for i in range(len(sessions)):
+            nursery.start_soon(decode, i)
+    return len(sessions) * n / (time.perf_counter() - start)
+
+
+async def concurrency(node: Node, codec: TextCodec, tokens: int, rounds: int) -> dict[str, Any]:
+    prompts = [
+        codec.prompt_ids(messages=[{"role": "user", "content": p}], prompt=None)
+        for p in CONCURRENT_PROMPTS
+    ]
+    config = ClientConfig(max_length=max(map(len, prompts)) + tokens + 2, step_timeout=STEP_TIMEOUT)
+    rates: dict[int, list[float]] = {1: [], 4: []}
+    for _ in range(rounds):
+        for width in (1, 4):
+            sessions = [
+                await open_sharded_session(node, MODEL, config=config) for _ in range(width)
+            ]
+            try:
+                rates[width].append(await decode_rate(sessions, prompts[:width], tokens))
+            finally:
+                for session in sessions:
+                    await session.aclose()
+    one, four = statistics.median(rates[1]), statistics.median(rates[4])
+    return {"one": one, "four": four, "speedup": four / one, "runs": rates}
+
+
+# --- 3. added latency per hop: 1-hop vs 3-hop chain in lock-step --------------------------
+
+
+async def chain(node: Node, route: list[Hop], max_length: int) -> ShardedSession:
+    async def find() -> list[ServerOption]:
+        return []  # routes are fixed here; a failure should surface, not be re-planned
+
+    async def opener(peer: str, protocol: str) -> FramedStream:
+        return await node.open_stream(peer, protocol)
+
+    config = ClientConfig(max_length=max_length, step_timeout=STEP_TIMEOUT, max_recoveries=0)
+    session = ShardedSession(opener, find, MODEL, N_LAYERS, config)
+    await session.start(route=route)
+    return session
+
+
+def cpu_seconds(servers: Sequence[Server]) -> float:
+    """User + system CPU the servers' processes have used so far."""
+    return sum(sum(psutil.Process(s.proc.pid).cpu_times()[:2]) for s in servers)
+
+
+async def timed_extend(session: ShardedSession, token: int) -> tuple[float, int, list[float]]:
+    before = [h.conn.busy_seconds for h in session.hops]
+    start = time.perf_counter()
+    logits = await session.extend([token])
+    took = time.perf_counter() - start
+    hops = [h.conn.busy_seconds - b for h, b in zip(session.hops, before, strict=True)]
+    return took, int(np.argmax(logits)), hops
+
+
+async def hop_latency(
+    node: Node, whole: Server, thirds: Sequence[Server], prompt: list[int], tokens: int, rounds: int
+) -> dict[str, Any]:
+    one_route = [Hop(whole.peer_id, LayerRange.parse(whole.layers))]
+    three_route = [Hop(s.peer_id, LayerRange.parse(s.layers)) for s in thirds]
+    t1s: list[float] = []
+    t3s: list[float] = []
+    hop_rtts: list[list[float]] = [[] for _ in thirds]
+    mismatches = 0
+    cpu = {"whole": 0.0, "thirds": 0.0}
+    for rnd in range(rounds + 1):  # round 0 warms both chains up and is not kept
+        s1 = await chain(node, one_route, len(prompt) + tokens + 2)
+        s3 = await chain(node, three_route, len(prompt) + tokens + 2)
+        try:
+            token = int(np.argmax(await s1.extend(prompt)))
+            mismatches += token != int(np.argmax(await s3.extend(prompt)))
+            round_t1, round_t3, round_hops = [], [], []
+            cpu_before = {"whole": cpu_seconds([whole]), "thirds": cpu_seconds(thirds)}
+            for i in range(tokens if rnd > 0 else WARMUP_TOKENS):
+                if i % 2 == 0:
+                    t1, next1, _ = await timed_extend(s1, token)
+                    t3, next3, hops = await timed_extend(s3, token)
+                else:
+                    t3, next3, hops = await timed_extend(s3, token)
+                    t1, next1, _ = await timed_extend(s1, token)
+                mismatches += next1 != next3
+                token = next3
+                round_t1.append(t1)
+                round_t3.append(t3)
+                round_hops.append(hops)
+            if rnd > 0:
+                cpu["whole"] += cpu_seconds([whole]) - cpu_before["whole"]
+                cpu["thirds"] += cpu_seconds(thirds) - cpu_before["thirds"]
+        finally:
+            await s1.aclose()
+            await s3.aclose()
+        if rnd > 0:
+            t1s += round_t1
+            t3s += round_t3
+            for hops in round_hops:
+                for k, rtt in enumerate(hops):
+                    hop_rtts[k].append(rtt)
+    added = [(t3 - t1) / 2 for t1, t3 in zip(t1s, t3s, strict=True)]
+    client = [t3 - sum(h) for t3, h in zip(t3s, zip(*hop_rtts, strict=True), strict=True)]
+    return {
+        "added": added,
+        "t1": t1s,
+        "t3": t3s,
+        "hop_rtts": hop_rtts,
+        "client": client,
+        "mismatches": mismatches,
+        "cpu_whole": cpu["whole"] / len(t1s),
+        "cpu_thirds": cpu["thirds"] / len(t1s),
+    }
+
+
+# --- report ----------------------------------------------------------------------------
+
+
+def ms(seconds: float) -> str:
+    return f"{seconds * 1000:.2f}"
+
+
+def report(lvs: dict[str, Any], conc: dict[str, Any], hop: dict[str, Any], args: Any) -> str:
+    ratio = lvs["sharded"] / lvs["local"]
+    added = hop["added"]
+    rows: list[list[object]] = [
+        ["local decode (node.complete, 1 thread)", f"{lvs['local']:.1f} tok/s", "baseline"],
+        [
+            "sharded decode, 3 processes (0-10, 10-20, 20-30)",
+            f"{lvs['sharded']:.1f} tok/s",
+            f"{ratio:.2f}x local (target >= 0.9x)",
+        ],
+        [
+            "client process CPU per token: local / sharded, median",
+            f"{ms(lvs['cpu_local'])} / {ms(lvs['cpu_client'])} ms",
+            "prefill included",
+        ],
+        [
+            "added latency per hop, median / p95",
+            f"{ms(statistics.median(added))} / {ms(pct(added, 95))} ms",
+            "target <= 1.5 ms",
+        ],
+        [
+            "per-token step, 1-hop chain (0-30), median",
+            f"{ms(statistics.median(hop['t1']))} ms",
+            "same compute as 3-hop",
+        ],
+        [
+            "per-token step, 3-hop chain, median",
+            f"{ms(statistics.median(hop['t3']))} ms",
+            "",
+        ],
+    ]
+    for k, rtts in enumerate(hop["hop_rtts"]):
+        rows.append(
+            [
+                f"  hop {k} ({THIRDS[k]}) round trip at the client, median",
+                f"{ms(statistics.median(rtts))} ms",
+                "server compute + transport",
+            ]
+        )
+    rows += [
+        [
+            "  client time outside hop round trips, median",
+            f"{ms(statistics.median(hop['client']))} ms",
+            "history, events, argmax",
+        ],
+        [
+            "server CPU per token: 1 process (0-30) / 3 processes (sum), mean",
+            f"{ms(hop['cpu_whole'])} / {ms(hop['cpu_thirds'])} ms",
+            f"{ms((hop['cpu_thirds'] - hop['cpu_whole']) / 2)} ms more per extra hop",
+        ],
+        ["decode, 1 session", f"{conc['one']:.1f} tok/s", "baseline"],
+        [
+            "decode, 4 concurrent sessions (sum)",
+            f"{conc['four']:.1f} tok/s",
+            f"{conc['speedup']:.2f}x one session",
+        ],
+    ]
+    hop_p50 = statistics.median(added)
+    notes = [
+        f"Targets: sharded >= 0.9x local {'met' if ratio >= 0.9 else 'MISSED'} "
+        f"({ratio:.2f}x); added latency per hop <= 1.5 ms "
+        f"{'met' if hop_p50 <= 0.0015 else 'MISSED'} ({ms(hop_p50)} ms median).",
+        f"Greedy, {args.tokens} new tokens, median of {args.rounds} interleaved runs; "
+        f"sharded tokens identical to local: {lvs['same_tokens']} "
+        f"({lvs['n_tokens']} tokens). Runs: local "
+        + ", ".join(f"{r:.1f}" for r in lvs["local_runs"])
+        + "; sharded "
+        + ", ".join(f"{r:.1f}" for r in lvs["sharded_runs"])
+        + " tok/s.",
+        "Decode tok/s = (tokens - 1) / (time from first to last token), as `node.complete` "
+        "reports it. Local runs onnxruntime-genai on the whole model; each shard server runs "
+        "plain onnxruntime on its blocks, so the ratio includes that engine difference.",
+        f"Added latency per hop: 1-hop (one server with blocks 0-30) and 3-hop chains decode "
+        f"the same tokens in lock-step, alternating which goes first; per token "
+        f"(t3 - t1) / 2, over {len(added)} tokens ({args.rounds} rounds after a "
+        f"{WARMUP_TOKENS}-token warm-up). Its p95 carries scheduling noise from both "
+        "chains. Token mismatches "
+        f"between the chains: {hop['mismatches']}. Hop round trips are `ShardConnection` "
+        "busy time per token (send to reply); server CPU is user + system time of the server "
+        "processes (psutil) over the timed tokens, which contention does not inflate. "
+        "The client's CPU per token covers the whole call "
+        "(prefill included): for local that is the model itself.",
+        f"Concurrency: decode tok/s summed over 4 sessions decoding {CONCURRENT_TOKENS} "
+        "tokens each "
+        "at once (prefill untimed) through the same 3 servers (each runs one step at a time), "
+        f"divided by one session alone; median of {args.rounds}.",
+        f"One machine, {os.cpu_count()} cores, shared by 3-4 server processes, the client and "
+        "whatever else runs: every hop is loopback TCP, and the servers' compute contends for "
+        "the same cores, so this measures protocol overhead, not a speed-up from more "
+        "computers. With 4 sessions at most as many steps run at once as there are cores.",
+    ]
+    return table(["measure", "value", "note"], rows) + "\n\n" + "\n".join(f"- {n}" for n in notes)
+
+
+async def run(args: Any, model_dir: Path, root: Path) -> tuple[str, dict[str, str]]:
+    codec = TextCodec(model_dir)
+    prompt = codec.prompt_ids(messages=PROMPT, prompt=None)
+    servers: list[Server] = []
+    try:
+        servers.append(start_server(model_dir, root, "shard0", THIRDS[0], None))
+        boot = servers[0].addr
+        for i, layers in enumerate(THIRDS[1:], start=1):
+            servers.append(start_server(model_dir, root, f"shard{i}", layers, boot))
+        print(f"3 shard servers up: {', '.join(s.layers for s in servers)}", flush=True)
+        async with Node(client_config(root, "client-a", servers, model_dir)) as node:
+            lvs = await local_vs_sharded(node, args.tokens, args.rounds)
+            print(f"local {lvs['local']:.1f} tok/s, sharded {lvs['sharded']:.1f} tok/s", flush=True)
+            conc = await concurrency(node, codec, CONCURRENT_TOKENS, args.rounds)
+            print(f"1 session {conc['one']:.1f}, 4 sessions {conc['four']:.1f} tok/s", flush=True)
+        whole = start_server(model_dir, root, "whole", f"0-{N_LAYERS}", boot)
+        servers.append(whole)
+        async with Node(client_config(root, "client-b", servers, model_dir)) as node:
+            hop = await hop_latency(node, whole, servers[:3], prompt, args.tokens, args.rounds)
+    finally:
+        stop(servers)
+    headline = {
+        "sharded_vs_local": f"{lvs['sharded'] / lvs['local']:.2f}",
+        "hop_p50_ms": ms(statistics.median(hop["added"])),
+        "concurrency4_speedup": f"{conc['speedup']:.2f}",
+    }
+    return report(lvs, conc, hop, args), headline
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--tokens", type=int, default=48, help="new tokens per run")
+    ap.add_argument("--rounds", type=int, default=3, help="timed runs per measure")
+    ap.add_argument("--data-dir", type=Path, default=None, help="server dirs (shards are kept)")
+    ap.add_argument("--no-doc", action="store_true", help="do not update docs/benchmarks.md")
+    args = ap.parse_args(argv)
+    model_dir = models_dir() / REAL_MODEL_NAME
+    if not (model_dir / "model.onnx").is_file():
+        print(f"missing {model_dir}; run `make model`", file=sys.stderr)
+        return 2
+    root = args.data_dir or ROOT / ".cache" / "bench-sharded"
+    began = time.perf_counter()
+    body, headline = trio.run(run, args, model_dir, root)
+    print(body)
+    print(f"(took {time.perf_counter() - began:.0f} s)")
+    if not args.no_doc:
+        title = f"## Sharded decode (`benchmarks/sharded.py`): {REAL_MODEL_NAME}, lossless 4-bit"
+        write_section("sharded", f"{title}\n\n{machine()}\n\n{body}\n")
+    print(" ".join(f"{key}={value}" for key, value in headline.items()))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
