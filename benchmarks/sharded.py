@@ -376,7 +376,8 @@ def report(lvs: dict[str, Any], conc: dict[str, Any], hop: dict[str, Any], args:
         "chains. Token mismatches "
         f"between the chains: {hop['mismatches']}. Hop round trips are `ShardConnection` "
         "busy time per token (send to reply); server CPU is user + system time of the server "
-        "processes (psutil) over the timed tokens, which contention does not inflate. "
+        "processes (psutil, 10 ms ticks) over the timed tokens: less sensitive to "
+        "contention than wall time, not immune to it. "
         "The client's CPU per token covers the whole call "
         "(prefill included): for local that is the model itself.",
         f"Concurrency: decode tok/s summed over 4 sessions decoding {CONCURRENT_TOKENS} "

@@ -36,7 +36,9 @@ def start_servers(model_dir: Path, root: Path) -> tuple[list[subprocess.Popen[by
         cmd = [sys.executable, "-m", "p2pedge.node", "--json", "--threads", "1"]
         cmd += ["--data-dir", str(root / f"shard{index}"), "--model", f"{MODEL}={model_dir}"]
         cmd += ["--serve", f"{MODEL}:{layers}", *(["--bootstrap", addrs[0]] if addrs else [])]
-        proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, env={**os.environ, "PYTHONUNBUFFERED": "1"})
+        proc = subprocess.Popen(
+            cmd, stdout=subprocess.PIPE, env={**os.environ, "PYTHONUNBUFFERED": "1"}
+        )
         assert proc.stdout is not None
         for line in proc.stdout:
             event = json.loads(line)
@@ -61,20 +63,28 @@ async def main() -> None:
     print("== 2. sharded: three processes serve a third of the blocks each")
     procs, addrs = start_servers(model_dir, root)
     try:
-        client = NodeConfig(data_dir=root / "client", bootstrap=tuple(addrs), model_dirs=((MODEL, model_dir),))
+        client = NodeConfig(
+            data_dir=root / "client", bootstrap=tuple(addrs), model_dirs=((MODEL, model_dir),)
+        )
         async with Node(client) as node:
             peers = await node.find_peers()
             print(f"  client sees {len(peers) - 1} verified peer cards")
             sharded = await node.complete(MODEL, messages=QUESTION, max_tokens=32, route="sharded")
             print(f"  answer: {sharded.text.strip()!r}")
-            print(f"  {sharded.tok_per_s:.1f} tok/s through 3 hops, first token after {sharded.ttft_s * 1000:.0f} ms")
+            ttft_ms = sharded.ttft_s * 1000
+            print(f"  {sharded.tok_per_s:.1f} tok/s over 3 hops, first token in {ttft_ms:.0f} ms")
             same = list(sharded.token_ids) == list(local.token_ids)
             print(f"  identical tokens to the local run: {same}")
 
             print("== 3. orchestrator: routing to specialists")
-            for text in ("Translate 'thank you' into Spanish.", "Summarize: the meeting moved to Friday."):
+            for text in (
+                "Translate 'thank you' into Spanish.",
+                "Summarize: the meeting moved to Friday.",
+            ):
                 answer = await node.ask(text, max_tokens=24)
-                print(f"  {text!r} -> {answer.decision.category} ({answer.decision.where}): {answer.text.strip()!r}")
+                decision = answer.decision
+                print(f"  {text!r} -> {decision.category} ({decision.where})")
+                print(f"    answer: {answer.text.strip()!r}")
                 print(f"    why: {answer.decision.reason}")
     finally:
         for proc in procs:

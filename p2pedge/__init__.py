@@ -29,14 +29,39 @@ __version__ = "0.1.0"
 
 if TYPE_CHECKING:
     from p2pedge.node.config import NodeConfig as NodeConfig
+    from p2pedge.node.config import ServeSpec as ServeSpec
     from p2pedge.node.node import Node as Node
     from p2pedge.records.card import CapabilityCard as CapabilityCard
 
 _LAZY = {
     "Node": "p2pedge.node.node",
     "NodeConfig": "p2pedge.node.config",
+    "ServeSpec": "p2pedge.node.config",
     "CapabilityCard": "p2pedge.records.card",
 }
+
+__all__ = [
+    "Busy",
+    "CapabilityCard",
+    "ConfigError",
+    "IntegrityError",
+    "InvalidRecord",
+    "LayerRange",
+    "LocalProtocolError",
+    "ModelId",
+    "ModelLoadError",
+    "ModelNotCached",
+    "Node",
+    "NodeConfig",
+    "P2PEdgeError",
+    "PeerTimeout",
+    "PeerUnavailable",
+    "PrivateSwarmRejected",
+    "ProtocolError",
+    "RemoteProtocolError",
+    "ServeSpec",
+    "ShardFailed",
+]
 
 
 def __getattr__(name: str) -> Any:

@@ -109,7 +109,6 @@ class Directory:
     async def _ask_owner(self, peer_id: str) -> bytes | None:
         """A peer is the authority on its own card: ask it first when we can reach it."""
         from libp2p.peer.id import ID
-
         from libp2p.peer.peerstore import PeerStoreError
 
         owner = ID.from_base58(peer_id)

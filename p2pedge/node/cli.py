@@ -131,6 +131,8 @@ async def run_node(args: argparse.Namespace, printer: Printer) -> None:
             peer_id=node.peer_id,
             addrs=node.addrs,
         )
+        await node.announced()
+        printer.event("announced", "card announced", peer_id=node.peer_id)
         await trio.sleep_forever()
 
 

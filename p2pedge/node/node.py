@@ -81,6 +81,9 @@ class Node:
         self._card: CapabilityCard | None = None
         self._card_record: bytes | None = None
         self._announce_now = trio.Event()
+        self._announces_started = 0
+        self._announces_done = 0
+        self._announce_finished = trio.Event()
         self._psk = read_psk(self.config.psk_file) if self.config.psk_file else None
         self._allowed = frozenset(self.config.allow_peers)
         self.started = False
@@ -271,6 +274,25 @@ class Node:
         ``replicate=False`` only keeps the card in our own store, where peers that know
         our address can ask for it; nothing is dialed.
         """
+        self._announces_started += 1
+        number = self._announces_started
+        try:
+            await self._publish(replicate)
+        finally:
+            self._announces_done = max(self._announces_done, number)
+            finished, self._announce_finished = self._announce_finished, trio.Event()
+            finished.set()
+
+    async def announced(self, count: int = 1) -> None:
+        """Wait until ``count`` announces have completed since the node started."""
+        while self._announces_done < count:
+            await self._announce_finished.wait()
+
+    async def next_announce(self) -> None:
+        """Wait for an announce that starts after this call (e.g. after set_models)."""
+        await self.announced(self._announces_started + 1)
+
+    async def _publish(self, replicate: bool) -> None:
         self._refresh_card()
         if self.directory is None or self._card_record is None:
             return
@@ -446,7 +468,6 @@ class Node:
 
     async def _ensure_addresses(self, peer_id: str) -> None:
         from libp2p.peer.id import ID
-
         from libp2p.peer.peerstore import PeerStoreError
 
         target = ID.from_base58(peer_id)

@@ -58,6 +58,7 @@ async def start_server(tmp: Path, name: str, tiny: Path, bootstrap: str | None) 
         proc = await trio.lowlevel.open_process(args, stdout=subprocess.PIPE, stderr=err, env=ENV)
     assert proc.stdout is not None
     buffer = b""
+    hello: dict[str, object] = {}
     with trio.fail_after(60):
         while True:
             chunk = await proc.stdout.receive_some(4096)
@@ -65,7 +66,9 @@ async def start_server(tmp: Path, name: str, tiny: Path, bootstrap: str | None) 
             buffer += chunk
             for line in buffer.splitlines(keepends=True):
                 if line.endswith(b"\n") and json.loads(line).get("event") == "listening":
-                    return Server(proc, json.loads(line))
+                    hello = json.loads(line)
+                if line.endswith(b"\n") and json.loads(line).get("event") == "announced":
+                    return Server(proc, hello)
 
 
 @pytest.fixture
@@ -95,12 +98,9 @@ async def client(tmp: Path, servers: list[Server]) -> Node:
 
 
 async def until_both_found(node: Node, servers: list[Server]) -> None:
-    """The processes announce in the background after printing their addresses; poll the
-    DHT (the condition itself) until both provide the model."""
+    """Each process printed "announced" after its first announce: both are findable now."""
     wanted = {s.peer_id for s in servers}
-    with trio.fail_after(30):
-        while not wanted <= {c.peer_id for c in await node.find_peers(MODEL)}:
-            await trio.sleep(0.1)
+    assert wanted <= {c.peer_id for c in await node.find_peers(MODEL)}
 
 
 async def expected(tmp: Path, tiny: Path, items: list[str]) -> list[tuple[str, int]]:

@@ -176,8 +176,6 @@ async def test_card_content_change_triggers_reannounce(config: Config) -> None:
         await a.announce()
         a.set_models([CachedModel("fresh@2", "ef" * 32)])
         with trio.fail_after(10):
-            while True:
-                card = await b.card_of(a.peer_id, refresh=True)
-                if card is not None and card.has_model("fresh"):
-                    break
-                await trio.sleep(0.05)
+            await a.next_announce()
+        card = await b.card_of(a.peer_id, refresh=True)
+        assert card is not None and card.has_model("fresh")

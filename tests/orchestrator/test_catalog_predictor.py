@@ -162,5 +162,6 @@ def test_trace_sessions_follow_their_workflow_with_think_times() -> None:
             assert by_name[event.workflow].start[event.category] > 0
     assert max(e.turn for e in events) < MAX_TURNS
     # workflows chain specialists: a good share of hand-offs change category
-    same = [a.category == b.category for a, b in itertools.pairwise(events) if a.session == b.session]
+    pairs = [(a, b) for a, b in itertools.pairwise(events) if a.session == b.session]
+    same = [a.category == b.category for a, b in pairs]
     assert 0.25 < sum(same) / len(same) < 0.6
