@@ -12,8 +12,10 @@ from __future__ import annotations
 
 import argparse
 import gc
+import json
 import random
 import statistics
+import subprocess
 import sys
 import time
 from pathlib import Path
@@ -26,6 +28,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from benchmarks._report import machine, table, write_section
 from p2pedge.records.card import CachedModel
 from simnet import Swarm
+from simnet.join import timed_card_lookup
 
 
 def pct(values: list[float], q: float) -> float:
@@ -34,6 +37,9 @@ def pct(values: list[float], q: float) -> float:
 
 
 async def measure(n: int, lookups: int, seed: int) -> dict[str, float]:
+    async with Swarm(1, seed=seed, measure_compute=False):
+        pass  # load every library once, so the baseline below holds them
+    gc.collect()
     rss_before = psutil.Process().memory_info().rss
     async with Swarm(n, seed=seed, measure_compute=False) as swarm:
         rss = (psutil.Process().memory_info().rss - rss_before) / n
@@ -44,13 +50,8 @@ async def measure(n: int, lookups: int, seed: int) -> dict[str, float]:
         await owner.announce()
         cards, providers = [], []
         for _ in range(lookups):
-            a, b = rng.sample(swarm.nodes, 2)
-            assert a.directory is not None
-            a.directory.forget(b.peer_id)
-            start = time.perf_counter()
-            card = await a.card_of(b.peer_id, refresh=True)
-            cards.append((time.perf_counter() - start) * 1000)
-            assert card is not None and card.peer_id == b.peer_id
+            cards.append(await timed_card_lookup(swarm, rng))
+            a = rng.choice(swarm.nodes)
             start = time.perf_counter()
             found = await a.find_providers("model/bench-model")
             providers.append((time.perf_counter() - start) * 1000)
@@ -69,13 +70,34 @@ async def measure(n: int, lookups: int, seed: int) -> dict[str, float]:
     }
 
 
+def run_one(n: int, lookups: int, seed: int) -> dict[str, float]:
+    argv = [
+        sys.executable,
+        __file__,
+        "--one",
+        str(n),
+        "--lookups",
+        str(lookups),
+        "--seed",
+        str(seed),
+    ]
+    out = subprocess.run(argv, capture_output=True, text=True, check=True).stdout
+    result: dict[str, float] = json.loads(out.strip().splitlines()[-1])
+    return result
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--sizes", default="10,25,50")
     parser.add_argument("--lookups", type=int, default=40)
     parser.add_argument("--seed", type=int, default=1)
+    parser.add_argument("--one", type=int, default=0, help=argparse.SUPPRESS)
     args = parser.parse_args()
-    results = [trio.run(measure, int(n), args.lookups, args.seed) for n in args.sizes.split(",")]
+    if args.one:
+        print(json.dumps(trio.run(measure, args.one, args.lookups, args.seed)))
+        return
+    # One process per size: RSS freed by a previous swarm would be reused and hide growth.
+    results = [run_one(int(n), args.lookups, args.seed) for n in args.sizes.split(",")]
     base = results[0]["card_p50"]
     headers = [
         "nodes",
