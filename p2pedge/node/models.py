@@ -73,6 +73,7 @@ class NodeModels:
         self.inference = LocalInference(self.resolve, runtime)
         self.pipeline: PipelineServer | None = None
         self.orchestrator: Orchestrator | None = None
+        self.shard_bans: dict[str, tuple[float, int]] = {}  # shared by sharded sessions
         for name, path in config.model_dirs:
             self._register_dir(name, Path(path))
 
@@ -293,7 +294,7 @@ class NodeModels:
         )
         decoder = codec.decoder()
         stops = list(stop or ())
-        session = await open_sharded_session(self.node, name, config=config)
+        session = await open_sharded_session(self.node, name, config=config, bans=self.shard_bans)
         async with session:
             if info is not None:
                 info["session"] = session

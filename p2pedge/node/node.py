@@ -451,10 +451,15 @@ class Node:
             with trio.fail_after(timeout):
                 if not self.host.get_network().get_connections(target):
                     await self._ensure_addresses(peer_id)
-                try:
-                    stream = await self.host.new_stream(target, [TProtocol(protocol_id)])
-                except Exception as first:  # a stale connection: drop it, dial afresh once
-                    log.debug("stream to %s failed (%r); redialing", peer_id, first)
+                stream = None
+                # A stale connection either fails or, to a peer that vanished without
+                # closing it, hangs: give the first try half the time, then dial afresh.
+                with trio.move_on_after(timeout / 2):
+                    try:
+                        stream = await self.host.new_stream(target, [TProtocol(protocol_id)])
+                    except Exception as first:  # py-libp2p's many failure types
+                        log.debug("stream to %s failed (%r); redialing", peer_id, first)
+                if stream is None:
                     await self.host.disconnect(target)
                     await self._ensure_addresses(peer_id)
                     stream = await self.host.new_stream(target, [TProtocol(protocol_id)])

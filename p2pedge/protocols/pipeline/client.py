@@ -120,7 +120,11 @@ class ShardedSession:
         model: str,
         n_layers: int,
         config: ClientConfig | None = None,
+        *,
+        bans: dict[str, tuple[float, int]] | None = None,
     ) -> None:
+        """``bans`` may be shared between sessions (a node's), so a dead peer found by one
+        session is skipped by the next instead of being re-learned."""
         self.opener = opener
         self.find_options = find_options
         self.model = model
@@ -130,7 +134,7 @@ class ShardedSession:
         self.boundaries: list[_History] = []
         self.last_logits: npt.NDArray[np.float32] | None = None
         self.recoveries = 0
-        self._bans: dict[str, tuple[float, int]] = {}
+        self._bans: dict[str, tuple[float, int]] = {} if bans is None else bans
         self._progress = trio.Event()
 
     # --- set-up and tear-down --------------------------------------------------------
@@ -209,7 +213,12 @@ class ShardedSession:
             for conn in conns:
                 if conn is not None:
                     await conn.close()
-            raise min(failures, key=lambda f: f.index)
+            first = min(failures, key=lambda f: f.index)
+            for other in failures:  # every peer that failed is banned, not only the first
+                if other is not first:
+                    log.warning("pipeline %s", other)
+                    self.ban(other.peer)
+            raise first
         return [_HopState(c) for c in conns if c is not None]
 
     async def _note_failure(self, failure: _HopFailed) -> None:

@@ -63,8 +63,13 @@ class ShardConnection:
         timeout: float,
         dtype: str = "float32",
     ) -> ShardConnection:
-        with trio.fail_after(timeout) if timeout else trio.CancelScope():
-            stream = await opener(peer, codec.PROTOCOL_ID)
+        try:
+            with trio.fail_after(timeout) if timeout else trio.CancelScope():
+                stream = await opener(peer, codec.PROTOCOL_ID)
+        except trio.TooSlowError as exc:
+            raise PeerTimeout(
+                f"opening a pipeline stream to {peer} took over {timeout:g} s"
+            ) from exc
         conn = cls(peer, layers, stream, timeout)
         try:
             reply = await conn._request(

@@ -138,6 +138,7 @@ async def open_sharded_session(
     *,
     n_layers: int | None = None,
     config: ClientConfig | None = None,
+    bans: dict[str, tuple[float, int]] | None = None,
 ) -> ShardedSession:
     """A started :class:`ShardedSession` over the best chain the swarm's cards offer."""
 
@@ -153,6 +154,6 @@ async def open_sharded_session(
     def opener(peer: str, protocol: str) -> Awaitable[FramedStream]:
         return node.open_stream(peer, protocol)
 
-    session = ShardedSession(opener, find, model, n_layers, config)
+    session = ShardedSession(opener, find, model, n_layers, config, bans=bans)
     await session.start()
     return session
