@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import logging
 import os
 import platform
 import shutil
@@ -15,6 +16,7 @@ import numpy as np
 import psutil
 
 COMPUTE_CACHE = "compute.json"
+log = logging.getLogger("p2pedge.node")
 
 
 @dataclass(frozen=True)
@@ -73,7 +75,7 @@ def cached_gflops(data_dir: Path) -> float:
         if cached.get("stamp") == stamp and isinstance(cached.get("gflops"), float):
             return float(cached["gflops"])
     except (OSError, ValueError):
-        pass
+        log.debug("no usable compute cache at %s; measuring", path)
     gflops = round(measure_gflops(), 2)
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps({"stamp": stamp, "gflops": gflops}))

@@ -99,8 +99,8 @@ class NodeModels:
             resolved = self.store.resolve(model)
             if self.store.has_model(resolved):
                 return self.store.materialize(resolved)
-        except (ModelNotCached, ManifestError, OSError, KeyError):
-            pass
+        except (ModelNotCached, ManifestError, OSError, KeyError) as exc:
+            raise ModelNotCached(str(model)) from exc
         raise ModelNotCached(str(model))
 
     def has_local(self, model: str) -> bool:

@@ -10,9 +10,8 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from contextlib import AsyncExitStack
-from pathlib import Path
 from types import TracebackType
 from typing import TYPE_CHECKING, Any
 
@@ -23,38 +22,21 @@ from p2pedge.dht.directory import Directory
 from p2pedge.errors import LocalProtocolError, PeerUnavailable, PrivateSwarmRejected
 from p2pedge.node.addresses import parse_multiaddr, peer_of
 from p2pedge.node.config import NodeConfig
+from p2pedge.node.facade import ModelsFacade
 from p2pedge.node.hardware import Hardware, cached_gflops, probe_hardware, ram_available
 from p2pedge.node.identity import Identity, read_psk
 from p2pedge.protocols._stream import FramedStream
 from p2pedge.records.card import CachedModel, CapabilityCard, ServedLayers, sign_card
 
 if TYPE_CHECKING:
-    from p2pedge.models.store import Store
-    from p2pedge.node.inference import Completion
-    from p2pedge.node.models import NodeModels, ShardedCompletion
-    from p2pedge.orchestrator.orchestrator import Answer, FanOut, Orchestrator
-    from p2pedge.runtime.cache import ModelCache
+    from p2pedge.node.models import NodeModels
 
 log = logging.getLogger("p2pedge.node")
 
 StreamHandler = Callable[[FramedStream, str], Awaitable[None]]
 
 
-async def _no_auto_connect() -> None:
-    return None
-
-
-def _disable_auto_connect(host: Any) -> None:
-    """Dial only what the DHT and our protocols need.
-
-    py-libp2p 0.8.1's auto-connector dials every known peer while a node has fewer than
-    its low watermark (100) connections; in a 20-node simnet that meant a full mesh of
-    380 Noise + identify handshakes on one event loop. There is no setting for it.
-    """
-    host.get_network().auto_connector.maybe_connect = _no_auto_connect
-
-
-class Node:
+class Node(ModelsFacade):
     """One p2pedge peer. Every background task lives in :attr:`nursery`."""
 
     def __init__(
@@ -147,7 +129,7 @@ class Node:
         from libp2p.network.config import ConnectionConfig
 
         from p2pedge.dht._protocol import use_p2pedge_kad_protocol
-        from p2pedge.node.quiet import quiet_libp2p
+        from p2pedge.node.quirks import disable_auto_connect, quiet_libp2p
 
         quiet_libp2p()
         use_p2pedge_kad_protocol()
@@ -159,7 +141,7 @@ class Node:
             psk=self._psk,
             connection_config=ConnectionConfig(max_connections_per_peer=1),
         )
-        _disable_auto_connect(self.host)
+        disable_auto_connect(self.host)
         await stack.enter_async_context(self.host.run(listen))
         if self._allowed:
             from p2pedge.node.gate import AllowListGate
@@ -511,63 +493,3 @@ class Node:
 
         if self.host is not None:
             await self.host.disconnect(ID.from_base58(peer_id))
-
-    # -- models (forwarded to NodeModels) ----------------------------------------------
-
-    @property
-    def cache(self) -> ModelCache:
-        return self.models.inference.cache
-
-    @property
-    def store(self) -> Store:
-        return self.models.store
-
-    def add_model_dir(self, name: str, path: Path) -> None:
-        """Use an imported model directory under ``name`` (no copy into the store)."""
-        self.models.add_model_dir(name, path)
-
-    def generate(self, model: str, *, route: str = "auto", **kwargs: Any) -> AsyncIterator[str]:
-        """Stream text pieces: local when the model is here, else through shard servers.
-
-        Keyword arguments: ``messages`` or ``prompt``, ``max_tokens``, ``temperature``,
-        ``top_p``, ``top_k``, ``seed``, ``stop``. Leaving the loop stops generation.
-        """
-        return self.models.generate(model, route=route, **kwargs)
-
-    async def complete(
-        self, model: str, *, route: str = "auto", **kwargs: Any
-    ) -> Completion | ShardedCompletion:
-        """The whole answer with token counts and timings (time to first token, tok/s)."""
-        return await self.models.complete(model, route=route, **kwargs)
-
-    async def warm(self, model: str) -> Any:
-        """Load ``model`` into the warm cache now (in a worker thread)."""
-        return await self.models.inference.warm(model)
-
-    async def pull(
-        self, model: str, *, registry: str | None = None, files: Sequence[str] | None = None
-    ) -> Path:
-        """Fetch ``model`` from peers and/or a registry, verifying every chunk."""
-        return await self.models.pull(model, registry=registry, files=files)
-
-    # -- orchestrator ------------------------------------------------------------------
-
-    def _orchestrator(self) -> Orchestrator:
-        if self.models.orchestrator is None:
-            raise LocalProtocolError("node is not running; use `async with Node(...)`")
-        return self.models.orchestrator
-
-    async def ask(self, text: str, category: str | None = None, **kwargs: Any) -> Answer:
-        """Route ``text`` to a specialist (classifying it when no category is given) and
-        run it locally, on a peer or sharded; the answer carries the decision and why."""
-        return await self._orchestrator().ask(text, category, **kwargs)
-
-    async def ask_many(self, text: str, categories: Sequence[str], **kwargs: Any) -> FanOut:
-        """Run several specialists on ``text`` concurrently; every answer with timings."""
-        return await self._orchestrator().ask_many(text, categories, **kwargs)
-
-    async def map(
-        self, model_or_specialist: str, prompts: Sequence[str], **kwargs: Any
-    ) -> list[Answer]:
-        """Spread independent prompts over peers with the model; results in input order."""
-        return await self._orchestrator().map(model_or_specialist, prompts, **kwargs)
