@@ -74,7 +74,13 @@ class _Queue:
 
     def __init__(self, active: int, limit: int) -> None:
         self.slots = trio.Semaphore(active)
+        self.active = active
         self.limit = limit
+
+    @property
+    def occupied(self) -> int:
+        """Requests running or waiting."""
+        return self.active - self.slots.value + self.slots.statistics().tasks_waiting
 
     def admit(self, name: str) -> None:
         if self.slots.value == 0 and self.slots.statistics().tasks_waiting >= self.limit:
@@ -82,6 +88,25 @@ class _Queue:
                 f"{name}: {self.slots.statistics().tasks_waiting} requests already queued "
                 f"(limit {self.limit}); retry later or ask another peer"
             )
+
+
+def _checked(
+    prompt: str | None,
+    messages: Sequence[Mapping[str, str]] | None,
+    max_tokens: int,
+    temperature: float,
+    top_p: float,
+    top_k: int,
+    seed: int | None,
+    stop: Sequence[str] | None,
+) -> SamplingParams:
+    """Validate a request before anything is queued or computed."""
+    if (prompt is None) == (messages is None):
+        raise ValueError("pass exactly one of prompt= or messages=")
+    return SamplingParams.make(
+        max_tokens=max_tokens, temperature=temperature, top_p=top_p, top_k=top_k, seed=seed,
+        stop=stop,
+    )  # fmt: skip
 
 
 class LocalInference:
@@ -147,6 +172,13 @@ class LocalInference:
                 self.cache.ensure_loaded, path, str(mid), abandon_on_cancel=True
             )
 
+    def load(self) -> float:
+        """How full admission is, 0..1: requests running or waiting over what the queues
+        admit. Announced in the node's card, where routing and federated maps read it."""
+        queues = list(self._queues.values())
+        capacity = sum(q.active + q.limit for q in queues)
+        return min(1.0, sum(q.occupied for q in queues) / capacity) if capacity else 0.0
+
     def _queue(self, path: Path) -> _Queue:
         key = cache_key(path)
         queue = self._queues.get(key)
@@ -177,12 +209,7 @@ class LocalInference:
         stream promptly when stopping early (``contextlib.aclosing``) so the model's
         slot is freed at once rather than when the generator is collected.
         """
-        params = SamplingParams.make(
-            max_tokens=max_tokens, temperature=temperature, top_p=top_p, top_k=top_k,
-            seed=seed, stop=stop,
-        )  # fmt: skip
-        if (prompt is None) == (messages is None):
-            raise ValueError("pass exactly one of prompt= or messages=")
+        params = _checked(prompt, messages, max_tokens, temperature, top_p, top_k, seed, stop)
         return self._tokens(_Run(), model, params, prompt, messages)
 
     async def _tokens(
@@ -266,12 +293,7 @@ class LocalInference:
         ``ttft_s`` counts from the call (queueing, loading and the prompt included).
         """
         run = _Run()
-        params = SamplingParams.make(
-            max_tokens=max_tokens, temperature=temperature, top_p=top_p, top_k=top_k,
-            seed=seed, stop=stop,
-        )  # fmt: skip
-        if (prompt is None) == (messages is None):
-            raise ValueError("pass exactly one of prompt= or messages=")
+        params = _checked(prompt, messages, max_tokens, temperature, top_p, top_k, seed, stop)
         pieces: list[str] = []
         ids: list[int] = []
         tokens = self._tokens(run, model, params, prompt, messages)

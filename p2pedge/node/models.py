@@ -25,6 +25,7 @@ from p2pedge.models.store import Store
 from p2pedge.node.inference import Completion, LocalInference
 from p2pedge.records.card import CachedModel
 from p2pedge.runtime.config import RuntimeConfig
+from p2pedge.runtime.sampling import SamplingParams
 
 if TYPE_CHECKING:
     from p2pedge.node.node import Node
@@ -272,28 +273,34 @@ class NodeModels:
         prompt: str | None = None,
         max_tokens: int = 256,
         temperature: float = 0.0,
+        top_p: float = 1.0,
         top_k: int = 0,
         seed: int | None = None,
         stop: Sequence[str] | None = None,
         info: dict[str, Any] | None = None,
-        **ignored: Any,
     ) -> AsyncGenerator[tuple[str, int], None]:
         """(text piece, token id) pairs through shard servers; ``info`` gets the route."""
         from p2pedge.protocols.pipeline.client import ClientConfig, greedy, make_sampler
         from p2pedge.protocols.pipeline.serving import open_sharded_session
         from p2pedge.runtime.text import TextCodec
 
-        if max_tokens <= 0:
-            raise ValueError("max_tokens must be positive")
+        params = SamplingParams.make(
+            max_tokens=max_tokens, temperature=temperature, top_p=top_p, top_k=top_k,
+            seed=seed, stop=stop,
+        )  # fmt: skip
         codec = TextCodec(await trio.to_thread.run_sync(self._tokenizer_dir, model))
         ids = codec.prompt_ids(messages=messages, prompt=prompt)
-        sampler = greedy if temperature == 0 else make_sampler(temperature, top_k, seed or 0)
+        sampler = (
+            greedy
+            if params.greedy
+            else make_sampler(params.temperature, params.top_k, params.seed or 0, params.top_p)
+        )
         name = ModelId.parse(model).name
         config = ClientConfig(
             max_length=len(ids) + max_tokens + 1, step_timeout=self.node.config.shard_step_timeout
         )
         decoder = codec.decoder()
-        stops = list(stop or ())
+        stops = list(params.stop)
         session = await open_sharded_session(self.node, name, config=config, bans=self.shard_bans)
         async with session:
             if info is not None:
@@ -355,6 +362,7 @@ class _ShardedRunner:
             prompt=request.prompt,
             max_tokens=params.max_tokens,
             temperature=params.temperature,
+            top_p=params.top_p,
             top_k=params.top_k,
             seed=params.seed,
             stop=list(params.stop),

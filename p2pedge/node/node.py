@@ -53,10 +53,10 @@ class Node(ModelsFacade):
         self.directory: Directory | None = None
         self._nursery: trio.Nursery | None = None
         self._stack: AsyncExitStack | None = None
+        self._tasks = AsyncExitStack()
         self._handlers: dict[str, StreamHandler] = {}
         self._models: tuple[CachedModel, ...] = ()
         self._layers: tuple[ServedLayers, ...] = ()
-        self._load = 0.0
         self._extra: dict[str, Any] = {}
         self._hardware: Hardware | None = None
         self._gflops = 0.0
@@ -81,17 +81,26 @@ class Node(ModelsFacade):
         self._hardware = await trio.to_thread.run_sync(probe_hardware)
         if self.config.measure_compute:
             self._gflops = await trio.to_thread.run_sync(cached_gflops, self.config.data_dir)
+        # Two stacks, nested: the network (host, DHT) outside, our tasks inside, so that on
+        # exit every task has finished before the network closes under it.
         stack = AsyncExitStack()
         await stack.__aenter__()
+        tasks = AsyncExitStack()
         try:
-            self._nursery = await stack.enter_async_context(trio.open_nursery())
-            stack.callback(self._nursery.cancel_scope.cancel)
             if not self.config.local_only:
                 await self._start_network(stack)
+            await tasks.__aenter__()
+            self._nursery = await tasks.enter_async_context(trio.open_nursery())
+            tasks.callback(self._nursery.cancel_scope.cancel)
+            if self.directory is not None:
+                self.directory.dht.routing_table.start_periodic_refresh(self._nursery)
+                self._nursery.start_soon(self._dht_maintenance, self.directory.dht)
         except BaseException:
+            await tasks.aclose()
             await stack.aclose()
             raise
         self._stack = stack
+        self._tasks = tasks
         self.started = True
         self._refresh_card()
         try:
@@ -113,6 +122,7 @@ class Node(ModelsFacade):
         if stack is None:
             return None
         try:
+            await self._tasks.__aexit__(None, None, None)  # our tasks end before the network
             self.models.close()
             if self.host is not None:
                 # py-libp2p leaves the TCP listener open after host.run(); close it first.
@@ -155,9 +165,6 @@ class Node(ModelsFacade):
         dht._provider_rate_max = 1000
         # Not run as a service: its main loop refreshes the whole routing table at start
         # on every node, which swamps a shared event loop. Our maintenance does the rest.
-        assert self._nursery is not None
-        dht.routing_table.start_periodic_refresh(self._nursery)
-        self._nursery.start_soon(self._dht_maintenance, dht)
         self.directory = Directory(dht, clock=self.clock, timeout=self.config.dht_timeout)
         await self._bootstrap()
 
@@ -227,7 +234,7 @@ class Node(ModelsFacade):
             compute_gflops=self._gflops,
             models=self._models,
             layers_served=self._layers,
-            load=self._load,
+            load=self.models.inference.load(),
             issued_at=now,
             expires_at=now + self.config.card_ttl,
             extra=dict(self._extra),
@@ -242,9 +249,6 @@ class Node(ModelsFacade):
     def set_layers_served(self, layers: Sequence[ServedLayers]) -> None:
         self._layers = tuple(layers)
         self._announce_now.set()
-
-    def set_load(self, load: float) -> None:
-        self._load = min(max(float(load), 0.0), 1.0)
 
     def set_card_extra(self, key: str, value: Any) -> None:
         self._extra[key] = value

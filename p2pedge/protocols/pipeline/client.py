@@ -45,8 +45,10 @@ def greedy(logits: npt.NDArray[np.float32]) -> int:
     return int(np.argmax(logits))
 
 
-def make_sampler(temperature: float = 1.0, top_k: int = 0, seed: int = 0) -> Sampler:
-    """Temperature / top-k sampling with its own seeded generator (reproducible runs)."""
+def make_sampler(
+    temperature: float = 1.0, top_k: int = 0, seed: int = 0, top_p: float = 1.0
+) -> Sampler:
+    """Temperature / top-k / top-p sampling with its own seeded generator (reproducible)."""
     rng = np.random.default_rng(seed)
 
     def sample(logits: npt.NDArray[np.float32]) -> int:
@@ -56,7 +58,15 @@ def make_sampler(temperature: float = 1.0, top_k: int = 0, seed: int = 0) -> Sam
         if 0 < top_k < z.size:
             z[z < np.partition(z, -top_k)[-top_k]] = -np.inf
         p = np.exp(z - z.max())
-        return int(rng.choice(z.size, p=p / p.sum()))
+        p /= p.sum()
+        if top_p < 1.0:
+            order = np.argsort(-p)
+            keep = np.cumsum(p[order]) - p[order] < top_p  # smallest set reaching top_p
+            mask = np.zeros_like(p, dtype=bool)
+            mask[order[keep]] = True
+            p = np.where(mask, p, 0.0)
+            p /= p.sum()
+        return int(rng.choice(z.size, p=p))
 
     return sample
 
