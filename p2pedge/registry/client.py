@@ -63,8 +63,7 @@ class RegistryClient:
                 if response.status_code == 404:
                     raise SourceMissing(f"{self.name}: {path} not found")
                 if response.status_code not in (200, 206):
-                    await response.aread()
-                    raise self._status_error(response)
+                    raise self._status_error(response, await _head_of(response))
                 body = bytearray()
                 async for piece in response.aiter_bytes():
                     body += piece
@@ -74,8 +73,7 @@ class RegistryClient:
         except httpx.TransportError as exc:
             raise PeerUnavailable(f"{self.name}: {exc!r}") from exc
 
-    def _status_error(self, response: httpx.Response) -> Exception:
-        text = response.text[:200]
+    def _status_error(self, response: httpx.Response, text: str = "") -> Exception:
         message = f"{self.name}: HTTP {response.status_code} {text}"
         if response.status_code >= 500:
             return PeerUnavailable(message)
@@ -140,7 +138,7 @@ class RegistryClient:
         except httpx.TransportError as exc:
             raise PeerUnavailable(f"{self.name}: {exc!r}") from exc
         if response.status_code not in (200, 201):
-            raise self._status_error(response)
+            raise self._status_error(response, response.text[:200])
 
     async def publish(self, store: Store, model: ModelId) -> Manifest:
         """Upload the blobs the registry lacks, then the manifest (which it checks)."""
@@ -151,3 +149,13 @@ class RegistryClient:
                 await self.upload_blob(digest, path)
         await self.publish_manifest(manifest)
         return manifest
+
+
+async def _head_of(response: httpx.Response, limit: int = 1024) -> str:
+    """The first bytes of an error body, for the message; the rest is never read."""
+    head = bytearray()
+    async for piece in response.aiter_bytes():
+        head += piece
+        if len(head) >= limit:
+            break
+    return head[:200].decode("utf-8", "replace")
