@@ -55,6 +55,7 @@ class NodeConfig:
     identity_seed: bytes | None = None
     model_dirs: tuple[tuple[str, Path], ...] = ()
     shard_step_timeout: float = 10.0
+    direct_lane: bool = True
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "data_dir", Path(self.data_dir))

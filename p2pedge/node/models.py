@@ -280,7 +280,12 @@ class NodeModels:
         info: dict[str, Any] | None = None,
     ) -> AsyncGenerator[tuple[str, int], None]:
         """(text piece, token id) pairs through shard servers; ``info`` gets the route."""
-        from p2pedge.protocols.pipeline.client import ClientConfig, greedy, make_sampler
+        from p2pedge.protocols.pipeline.client import (
+            ClientConfig,
+            greedy,
+            logits_needed,
+            make_sampler,
+        )
         from p2pedge.protocols.pipeline.serving import open_sharded_session
         from p2pedge.runtime.text import TextCodec
 
@@ -297,7 +302,9 @@ class NodeModels:
         )
         name = ModelId.parse(model).name
         config = ClientConfig(
-            max_length=len(ids) + max_tokens + 1, step_timeout=self.node.config.shard_step_timeout
+            max_length=len(ids) + max_tokens + 1,
+            step_timeout=self.node.config.shard_step_timeout,
+            logits_top_k=logits_needed(params.temperature, params.top_k),
         )
         decoder = codec.decoder()
         stops = list(params.stop)

@@ -69,8 +69,10 @@ class Node(ModelsFacade):
         self._psk = read_psk(self.config.psk_file) if self.config.psk_file else None
         self._allowed = frozenset(self.config.allow_peers)
         self.started = False
+        from p2pedge.node.lanes import Lanes
         from p2pedge.node.models import NodeModels
 
+        self.lanes = Lanes(self)
         self.models: NodeModels = NodeModels(self)
 
     # -- lifecycle ---------------------------------------------------------------------

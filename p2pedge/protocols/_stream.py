@@ -47,9 +47,15 @@ class FramedStream:
         self._ready: list[bytes] = []
         self._errors = _stream_errors()
 
+    def _encode(self, payload: bytes) -> bytes:
+        return encode_frame(payload, self.max_frame)
+
+    def _decode(self, chunk: bytes) -> list[bytes]:
+        return self._decoder.feed(chunk)
+
     async def send_bytes(self, payload: bytes) -> None:
         try:
-            await self.stream.write(encode_frame(payload, self.max_frame))
+            await self.stream.write(self._encode(payload))
         except self._errors as exc:
             raise PeerUnavailable(f"stream write failed: {exc!r}") from exc
 
@@ -78,7 +84,7 @@ class FramedStream:
                 raise PeerUnavailable(f"stream read failed: {exc!r}") from exc
             if not chunk:
                 raise PeerUnavailable("peer closed the stream")
-            self._ready.extend(self._decoder.feed(chunk))
+            self._ready.extend(self._decode(chunk))
         return self._ready.pop(0)
 
     async def close(self) -> None:

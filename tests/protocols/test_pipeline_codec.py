@@ -23,6 +23,10 @@ MESSAGES: list[codec.Message] = [
     codec.Close(4, 7),
     codec.Closed(4, 7),
     codec.Error(5, codec.E_BUDGET, "no room"),
+    codec.Step(6, 7, 3, HIDDEN, top_k=5),
+    codec.Output(
+        6, 7, np.array([[3.0, 2.0, 1.0]], np.float32), np.array([[9, 4, 70]], np.int64), 100
+    ),
 ]
 
 
@@ -129,3 +133,68 @@ def test_local_misuse_is_local_error() -> None:
 def test_as_wire_casts_hidden_only() -> None:
     assert codec.as_wire(HIDDEN, "float16").dtype == np.float16
     assert codec.as_wire(np.array([[1]], np.int32), "float16").dtype == np.int64
+
+
+def test_top_k_names_the_argmax_and_ranks_ties_by_token_id() -> None:
+    logits = np.array([[1.0, 5.0, 3.0, 5.0, -2.0, 3.0]], np.float32)
+    values, ids = codec.top_k_of(logits, 1)
+    assert ids.tolist() == [[1]] and values.tolist() == [[5.0]]
+    values, ids = codec.top_k_of(logits, 4)
+    assert ids.tolist() == [[1, 3, 2, 5]] and values.tolist() == [[5.0, 5.0, 3.0, 3.0]]
+    assert codec.top_k_of(logits, 99)[1].shape == (1, 6)
+
+
+@pytest.mark.parametrize("seed", range(5))
+def test_sampling_from_top_k_logits_equals_sampling_from_all(seed: int) -> None:
+    from p2pedge.protocols.pipeline.client import greedy, logits_needed, make_sampler
+
+    rng = np.random.default_rng(seed)
+    logits = rng.normal(size=(1, 500)).astype(np.float32) * 3
+    for temperature, top_k, top_p in [(0.0, 0, 1.0), (0.8, 20, 1.0), (1.2, 40, 0.9)]:
+        k = logits_needed(temperature, top_k)
+        assert k > 0
+        rebuilt = codec.full_logits(*codec.top_k_of(logits, k), 500)
+        a, b = (
+            make_sampler(temperature, top_k, seed, top_p),
+            make_sampler(temperature, top_k, seed, top_p),
+        )
+        assert [a(logits[0]) for _ in range(20)] == [b(rebuilt[0]) for _ in range(20)]
+        assert greedy(rebuilt[0]) == greedy(logits[0])
+    assert logits_needed(0.7, 0) == 0  # plain temperature sampling needs every logit
+
+
+@pytest.mark.parametrize(
+    ("ids", "values", "vocab"),
+    [
+        ([[1, 1]], [[2.0, 1.0]], 10),  # duplicate ids
+        ([[1, 10]], [[2.0, 1.0]], 10),  # id outside the vocabulary
+        ([[-1]], [[2.0]], 10),
+        ([[1, 2]], [[2.0, float("nan")]], 10),
+        ([[1, 2, 3]], [[2.0, 1.0]], 10),  # shapes differ
+        ([[0, 1, 2]], [[3.0, 2.0, 1.0]], 2),  # more than the vocabulary
+    ],
+)
+def test_hostile_top_k_replies_are_remote_errors(
+    ids: list[list[int]], values: list[list[float]], vocab: int
+) -> None:
+    with pytest.raises(RemoteProtocolError):
+        codec.from_map(top_k_reply(ids, values, vocab))
+    control = codec.from_map(top_k_reply([[1, 2]], [[2.0, 1.0]], 10))
+    assert isinstance(control, codec.Output) and control.ids is not None
+
+
+def top_k_reply(ids: list[list[int]], values: list[list[float]], vocab: int) -> dict[str, Any]:
+    """An ``out`` map as a peer could send it, bypassing our own checks."""
+    out = codec.to_map(codec.Output(1, 1, np.array(values, np.float32)))
+    out["ids"] = codec.to_map(codec.Output(1, 1, np.array(ids, np.int64)))["y"]
+    out["vocab"] = vocab
+    return out
+
+
+def test_top_k_request_limits() -> None:
+    with pytest.raises(LocalProtocolError):
+        codec.to_map(codec.Step(1, 1, 0, HIDDEN, top_k=codec.MAX_TOP_K + 1))
+    raw = codec.to_map(codec.Step(1, 1, 0, HIDDEN, top_k=3))
+    raw["k"] = -1
+    with pytest.raises(RemoteProtocolError):
+        codec.from_map(raw)

@@ -206,3 +206,21 @@ async def test_sampling_is_reproducible_and_sessions_share_servers(tiny: Any) ->
                 outs.append(await s.generate(PROMPT, 8, sampler=make_sampler(0.8, 20, seed=1)))
         nursery.cancel_scope.cancel()
     assert outs[0] == outs[1]
+
+
+async def test_last_shard_sends_only_the_logits_the_sampler_needs(
+    tiny: Any, expected: list[int]
+) -> None:
+    async with trio.open_nursery() as nursery:
+        swarm = LocalSwarm(nursery)
+        swarm.add("a", server(tiny, 0, 2))
+        swarm.add("b", server(tiny, 2, 6))
+        async with session(swarm, logits_top_k=1) as s:
+            assert await s.generate(PROMPT, NEW_TOKENS) == expected
+        outs = []
+        for k in (0, 20):
+            async with session(swarm, logits_top_k=k) as s:
+                sampler = make_sampler(0.8, 20, seed=4)
+                outs.append(await s.generate(PROMPT, 8, sampler=sampler))
+        nursery.cancel_scope.cancel()
+    assert outs[0] == outs[1]

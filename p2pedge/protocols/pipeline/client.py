@@ -45,6 +45,13 @@ def greedy(logits: npt.NDArray[np.float32]) -> int:
     return int(np.argmax(logits))
 
 
+def logits_needed(temperature: float, top_k: int) -> int:
+    """How many of the largest logits a sampler needs to pick what it would pick from all."""
+    if temperature <= 0:
+        return 1
+    return top_k if top_k > 0 else 0
+
+
 def make_sampler(
     temperature: float = 1.0, top_k: int = 0, seed: int = 0, top_p: float = 1.0
 ) -> Sampler:
@@ -81,6 +88,9 @@ class ClientConfig:
     ban_seconds: float = 5.0
     max_ban_seconds: float = 300.0
     cost: CostModel = field(default_factory=CostModel)
+    # Logits the last shard sends per step: 0 = all; k = the k largest (enough for greedy
+    # with k = 1, and for top-k sampling with k = top_k). See `logits_needed`.
+    logits_top_k: int = 0
 
 
 class _History:
@@ -273,7 +283,8 @@ class ShardedSession:
             end = min(source.length, hop.done + self.config.chunk)
             x = source.read(hop.done, end)[None]
             try:
-                y = await hop.conn.step(x, hop.done)
+                top_k = self.config.logits_top_k if last else 0
+                y = await hop.conn.step(x, hop.done, top_k=top_k)
             except HOP_ERRORS as exc:
                 raise _HopFailed(k, hop.conn.peer, exc) from exc
             problem = self._check_output(y, end - hop.done, last)
@@ -291,7 +302,8 @@ class ShardedSession:
 
     def _check_output(self, y: npt.NDArray[Any], n: int, last: bool) -> str | None:
         if last:
-            if y.ndim != 2 or y.shape[0] != 1 or not np.all(np.isfinite(y)):
+            # -inf marks logits a top-k reply left out; NaN or +inf is garbage
+            if y.ndim != 2 or y.shape[0] != 1 or np.isnan(y).any() or np.isposinf(y).any():
                 return f"bad logits {y.dtype} {list(y.shape)}"
         elif y.ndim != 3 or y.shape[:2] != (1, n):
             return f"bad hidden states {y.dtype} {list(y.shape)} for {n} positions"

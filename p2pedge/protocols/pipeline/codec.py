@@ -25,6 +25,8 @@ MAX_ID = (1 << 63) - 1
 MAX_LENGTH = 1 << 20
 WIRE_DTYPES = ("float32", "float16")
 TENSOR_LIMITS = TensorLimits(max_bytes=MAX_FRAME, max_rank=3, max_dim=MAX_LENGTH)
+MAX_TOP_K = 4096
+MAX_VOCAB = 1 << 20
 
 # Error codes a server may answer with; the client maps them to exceptions.
 E_BAD_REQUEST = "bad_request"
@@ -73,21 +75,30 @@ class Opened:
 class Step:
     """Run ``x`` at positions ``start .. start + n``; the server first rewinds its cache to
     ``start`` (so a resent step is idempotent). ``x`` is token ids ``int64 [1, n]`` for a
-    first shard, hidden states ``[1, n, hidden]`` otherwise."""
+    first shard, hidden states ``[1, n, hidden]`` otherwise. ``top_k > 0`` asks a last
+    shard for only the ``top_k`` largest logits (what greedy or top-k sampling needs: 4 bytes
+    of 196 KB for SmolLM2's greedy token); 0 asks for all of them."""
 
     rid: int
     session: int
     start: int
     x: npt.NDArray[Any]
+    top_k: int = 0
 
 
 @dataclass(frozen=True, eq=False)
 class Output:
-    """Hidden states ``[1, n, hidden]``, or last-position logits ``[1, vocab]`` (last shard)."""
+    """Hidden states ``[1, n, hidden]``, or last-position logits ``[1, vocab]`` (last shard).
+
+    When the step asked for a top-k, ``y`` holds the ``k`` largest logits ``[1, k]``, ``ids``
+    their token ids ``int64 [1, k]`` and ``vocab`` the full width (see :func:`full_logits`).
+    """
 
     rid: int
     session: int
     y: npt.NDArray[Any]
+    ids: npt.NDArray[Any] | None = None
+    vocab: int = 0
 
 
 @dataclass(frozen=True)
@@ -136,15 +147,21 @@ def to_map(msg: Message) -> dict[str, Any]:
         case Opened():
             return {"t": "opened", "rid": msg.rid, "session": msg.session, "kv": msg.kv_bytes}
         case Step():
-            return {
+            if not 0 <= msg.top_k <= MAX_TOP_K:
+                raise LocalProtocolError(f"top_k {msg.top_k} outside [0, {MAX_TOP_K}]")
+            step = {
                 "t": "step",
                 "rid": msg.rid,
                 "session": msg.session,
                 "start": msg.start,
                 "x": _tensor(msg.x),
             }
+            return step | {"k": msg.top_k} if msg.top_k else step
         case Output():
-            return {"t": "out", "rid": msg.rid, "session": msg.session, "y": _tensor(msg.y)}
+            out = {"t": "out", "rid": msg.rid, "session": msg.session, "y": _tensor(msg.y)}
+            if msg.ids is not None:
+                out |= {"ids": _tensor(msg.ids), "vocab": msg.vocab}
+            return out
         case Close():
             return {"t": "close", "rid": msg.rid, "session": msg.session}
         case Closed():
@@ -188,9 +205,15 @@ def from_map(m: dict[str, Any], limits: TensorLimits = TENSOR_LIMITS) -> Message
             _int(m, "session"),
             _int(m, "start", 0, MAX_LENGTH),
             decode_tensor(m.get("x"), limits),
+            _int(m, "k", 0, MAX_TOP_K) if "k" in m else 0,
         )
     if kind == "out":
-        return Output(rid, _int(m, "session"), decode_tensor(m.get("y"), limits))
+        y = decode_tensor(m.get("y"), limits)
+        if "ids" not in m:
+            return Output(rid, _int(m, "session"), y)
+        ids, vocab = decode_tensor(m.get("ids"), limits), _int(m, "vocab", 1, MAX_VOCAB)
+        _check_top_k(y, ids, vocab)
+        return Output(rid, _int(m, "session"), y, ids, vocab)
     if kind == "close":
         return Close(rid, _int(m, "session"))
     if kind == "closed":
@@ -201,6 +224,49 @@ def from_map(m: dict[str, Any], limits: TensorLimits = TENSOR_LIMITS) -> Message
             raise RemoteProtocolError(f"unknown error code {code!r}")
         return Error(rid, code, _str(m, "message"))
     raise RemoteProtocolError(f"unknown message type {kind!r}")
+
+
+def _check_top_k(values: npt.NDArray[Any], ids: npt.NDArray[Any], vocab: int) -> None:
+    if values.ndim != 2 or values.shape[0] != 1 or values.dtype != np.float32:
+        raise RemoteProtocolError(f"top-k logits must be float32 [1, k], got {values.shape}")
+    if ids.shape != values.shape or ids.dtype != np.int64:
+        raise RemoteProtocolError(f"top-k ids must be int64 {list(values.shape)}")
+    k = values.shape[1]
+    if not 1 <= k <= min(MAX_TOP_K, vocab):
+        raise RemoteProtocolError(f"top-k of {k} logits outside [1, {min(MAX_TOP_K, vocab)}]")
+    if int(ids.min()) < 0 or int(ids.max()) >= vocab or np.unique(ids).size != k:
+        raise RemoteProtocolError(f"top-k ids must be distinct and in [0, {vocab})")
+    if not np.all(np.isfinite(values)):
+        raise RemoteProtocolError("top-k logits must be finite")
+
+
+def top_k_of(
+    logits: npt.NDArray[Any], k: int
+) -> tuple[npt.NDArray[np.float32], npt.NDArray[np.int64]]:
+    """The ``k`` largest of last-position logits ``[1, vocab]``, largest first.
+
+    Ties rank by lower token id, so ``k == 1`` names exactly the token ``np.argmax`` picks.
+    """
+    row = np.asarray(logits, dtype=np.float32).reshape(-1)
+    k = min(k, row.size)
+    if k == 1:
+        ids = np.array([int(np.argmax(row))], dtype=np.int64)
+    else:
+        part = np.argpartition(row, row.size - k)[row.size - k :]
+        ids = part[np.lexsort((part, -row[part]))].astype(np.int64)
+    return row[ids][None], ids[None]
+
+
+def full_logits(
+    values: npt.NDArray[Any], ids: npt.NDArray[Any], vocab: int
+) -> npt.NDArray[np.float32]:
+    """A ``[1, vocab]`` logits row holding ``values`` at ``ids`` and -inf elsewhere.
+
+    Greedy and top-k sampling over it pick what they would pick over the full row.
+    """
+    row = np.full(vocab, -np.inf, dtype=np.float32)
+    row[ids.reshape(-1)] = values.reshape(-1)
+    return row[None]
 
 
 def encode(msg: Message, max_frame: int = MAX_FRAME) -> bytes:

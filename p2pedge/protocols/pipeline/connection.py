@@ -111,13 +111,19 @@ class ShardConnection:
                     raise error_to_exception(msg, self.peer)
                 raise RemoteProtocolError(f"{self.peer} answered unknown request {msg.rid}")
 
-    async def step(self, x: npt.NDArray[Any], start: int) -> npt.NDArray[Any]:
+    async def step(self, x: npt.NDArray[Any], start: int, *, top_k: int = 0) -> npt.NDArray[Any]:
+        """The hop's output; with ``top_k`` on a last shard, full-width logits rebuilt from
+        the top-k the server sent (a server that ignores ``top_k`` sends them all)."""
         began = trio.current_time()
-        reply = await self._request(lambda rid: codec.Step(rid, self.session, start, x))
+        reply = await self._request(lambda rid: codec.Step(rid, self.session, start, x, top_k))
         if not isinstance(reply, codec.Output) or reply.session != self.session:
             raise RemoteProtocolError(f"{self.peer} answered a step with {reply!r}")
         self.steps += 1
         self.busy_seconds += trio.current_time() - began
+        if reply.ids is not None:
+            if not top_k or reply.ids.shape[1] > top_k:
+                raise RemoteProtocolError(f"{self.peer} sent {reply.ids.shape[1]} top logits")
+            return codec.full_logits(reply.y, reply.ids, reply.vocab)
         return reply.y
 
     async def close(self) -> None:

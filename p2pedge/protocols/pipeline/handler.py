@@ -12,6 +12,8 @@ import logging
 from collections.abc import Awaitable, Callable, Mapping
 from typing import Any, Protocol
 
+import numpy as np
+import numpy.typing as npt
 import trio
 
 from p2pedge.errors import (
@@ -111,9 +113,16 @@ class PipelineServer:
                 except PeerUnavailable:
                     pass  # already gone; its sessions were freed above
 
-    async def run_step(self, session: ShardSession, action: Run) -> Any:
-        def work() -> Any:
-            return session.step(action.x, action.start, last_only=action.last_only)
+    async def run_step(
+        self, session: ShardSession, action: Run
+    ) -> tuple[Any, npt.NDArray[np.int64] | None]:
+        """Output (or top-k logits) and top-k ids, computed off the trio thread."""
+
+        def work() -> tuple[Any, npt.NDArray[np.int64] | None]:
+            y = session.step(action.x, action.start, last_only=action.last_only)
+            if action.top_k:
+                return codec.top_k_of(y, action.top_k)
+            return y, None
 
         if not self.offload:
             return work()
@@ -180,12 +189,12 @@ class _Connection:
     async def _run(self, action: Run) -> list[Action]:
         session = self.sessions[action.session]
         try:
-            y = await self.server.run_step(session, action)
+            y, ids = await self.server.run_step(session, action)
         except (ShardFailed, LocalProtocolError, MemoryError) as exc:
             log.warning("pipeline step failed for %s: %s", self.peer, exc)
             return self.machine.failed(action.session, f"step failed: {exc}", trio.current_time())
         self.server.steps_served += 1
-        return self.machine.step_done(action.session, y, trio.current_time())
+        return self.machine.step_done(action.session, y, trio.current_time(), ids)
 
     def apply_releases(self, actions: list[Action]) -> None:
         for action in actions:

@@ -129,6 +129,7 @@ class Run:
     start: int
     x: npt.NDArray[Any]
     last_only: bool
+    top_k: int = 0
 
 
 @dataclass(frozen=True)
@@ -261,7 +262,8 @@ class ServerMachine:
         assert s is not None
         s.last_active = now
         s.pending = (msg.rid, msg.start + int(msg.x.shape[1]))
-        return [Run(msg.session, msg.rid, msg.start, msg.x, s.spec.last)]
+        top_k = msg.top_k if s.spec.last else 0
+        return [Run(msg.session, msg.rid, msg.start, msg.x, s.spec.last, top_k)]
 
     def _close(self, msg: Close, now: float) -> list[Action]:
         outcome = self._move(msg.session, Event.CLOSE)
@@ -296,12 +298,21 @@ class ServerMachine:
         self._move(session, Event.READY)
         return [Send(Opened(rid, session, s.kv_bytes))]
 
-    def step_done(self, session: int, y: npt.NDArray[Any], now: float) -> list[Action]:
+    def step_done(
+        self,
+        session: int,
+        y: npt.NDArray[Any],
+        now: float,
+        ids: npt.NDArray[Any] | None = None,
+    ) -> list[Action]:
+        """The executor's result: hidden states, logits, or top-k logits with their ``ids``."""
         s, rid, end = self._finish(session, now)
         if s.state is not State.BUSY:
             raise LocalProtocolError(f"session {session} is not running a step")
         self._move(session, Event.READY)
         s.length = end
+        if ids is not None:
+            return [Send(Output(rid, session, y, ids, s.spec.vocab))]
         out = y if s.spec.last else codec.as_wire(y, s.dtype)
         return [Send(Output(rid, session, out))]
 

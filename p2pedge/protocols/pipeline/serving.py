@@ -27,6 +27,7 @@ from p2pedge.planning.placement import choose_blocks_from_options
 from p2pedge.planning.routes import NoRoute, ServerOption, options_from_cards
 from p2pedge.protocols._stream import FramedStream
 from p2pedge.protocols.pipeline.client import ClientConfig, ShardedSession
+from p2pedge.protocols.pipeline.codec import PROTOCOL_ID
 from p2pedge.protocols.pipeline.handler import DEFAULT_BUDGET_BYTES, PipelineServer, StreamHandler
 from p2pedge.runtime.config import RuntimeConfig
 from p2pedge.runtime.shard_session import ShardModel
@@ -36,10 +37,22 @@ log = logging.getLogger(__name__)
 FACTS_FILE = "p2pedge_model.json"
 # Rough cost of one block for one token (2 x parameters); SmolLM2-135M has ~3.5 M per block.
 DEFAULT_GFLOP_PER_BLOCK_TOKEN = 0.007
+LANE_OPEN_TIMEOUT = 10.0
+
+
+class Lanes(Protocol):
+    """The node's direct lanes (see ``p2pedge.node.lanes``): lean TCP with libp2p fallback."""
+
+    async def serve(self, protocol_id: str, handler: StreamHandler) -> None: ...
+
+    async def open(self, peer_id: str, protocol_id: str, *, timeout: float) -> FramedStream: ...
 
 
 class PipelineNode(Protocol):
     """The Node methods the pipeline uses."""
+
+    @property
+    def lanes(self) -> Lanes: ...
 
     def set_stream_handler(self, protocol_id: str, handler: StreamHandler) -> None: ...
 
@@ -128,6 +141,7 @@ async def start_pipeline_server(
         )
     server = PipelineServer(shards, budget_bytes=budget_bytes)
     server.register(node)
+    await node.lanes.serve(PROTOCOL_ID, server.handle)
     node.set_layers_served([served_layers_factory(m, r.start, r.end) for m, r in sorted(shards)])
     return server
 
@@ -152,7 +166,7 @@ async def open_sharded_session(
         n_layers = max(o.layers.end for o in offered)
 
     def opener(peer: str, protocol: str) -> Awaitable[FramedStream]:
-        return node.open_stream(peer, protocol)
+        return node.lanes.open(peer, protocol, timeout=LANE_OPEN_TIMEOUT)
 
     session = ShardedSession(opener, find, model, n_layers, config, bans=bans)
     await session.start()

@@ -1,0 +1,86 @@
+"""The node's direct lanes: serve hot protocols over sealed TCP, dial them with fallback.
+
+libp2p still finds, authenticates and admits the peer (private swarm and allow-list
+included): the lane's ticket and key travel over a libp2p stream. Only the bytes of
+protocols that opt in (the pipeline) then take the lean path. A peer without a lane, or
+a lane that cannot be dialled, costs one failed attempt and the libp2p stream is used;
+the failure is remembered for a while so the next session does not pay it again.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import TYPE_CHECKING
+
+import trio
+
+from p2pedge.errors import PeerUnavailable, RemoteProtocolError
+from p2pedge.protocols._stream import FramedStream
+from p2pedge.protocols.direct import codec
+from p2pedge.protocols.direct.handler import DirectLane, StreamHandler, open_direct
+
+if TYPE_CHECKING:
+    from p2pedge.node.node import Node
+
+log = logging.getLogger(__name__)
+
+NO_LANE_MEMORY_S = 60.0
+
+
+def lane_host(listen: tuple[str, ...]) -> str:
+    """The IP of the first ip4/ip6 listen address (where peers already reach us)."""
+    for addr in listen:
+        parts = addr.split("/")
+        if len(parts) > 2 and parts[1] in ("ip4", "ip6"):
+            return parts[2]
+    return "127.0.0.1"
+
+
+class Lanes:
+    def __init__(self, node: Node) -> None:
+        self.node = node
+        self.server: DirectLane | None = None
+        self.opened = 0
+        self.fallbacks = 0
+        self._no_lane_until: dict[str, float] = {}
+
+    @property
+    def enabled(self) -> bool:
+        return self.node.config.direct_lane and not self.node.config.local_only
+
+    async def serve(self, protocol_id: str, handler: StreamHandler) -> None:
+        """Also serve ``protocol_id`` on the lane (listening starts on first use)."""
+        if not self.enabled:
+            return
+        if self.server is None:
+            server = DirectLane(host=lane_host(self.node.config.listen))
+            await server.start(self.node.nursery)
+            self.server = server
+            self.node.set_stream_handler(codec.PROTOCOL_ID, server.handle_ticket)
+            log.info("direct lane listening on %s:%d", server.host, server.port)
+        self.server.enable(protocol_id, handler)
+
+    async def open(self, peer_id: str, protocol_id: str, *, timeout: float) -> FramedStream:
+        """A lane stream to ``peer_id`` if it offers one, else a libp2p stream."""
+        now = trio.current_time()
+        if self.enabled and self._no_lane_until.get(peer_id, 0.0) <= now:
+            try:
+                stream = await self._open_lane(peer_id, protocol_id, timeout)
+                self.opened += 1
+                return stream
+            except (PeerUnavailable, RemoteProtocolError) as exc:
+                log.debug("no direct lane to %s (%s); using libp2p", peer_id, exc)
+                self._no_lane_until[peer_id] = now + NO_LANE_MEMORY_S
+                self.fallbacks += 1
+        return await self.node.open_stream(peer_id, protocol_id, timeout=timeout)
+
+    async def _open_lane(self, peer_id: str, protocol_id: str, timeout: float) -> FramedStream:
+        ticket_stream = await self.node.open_stream(peer_id, codec.PROTOCOL_ID, timeout=timeout)
+        try:
+            return await open_direct(ticket_stream, protocol_id, timeout=timeout)
+        finally:
+            with trio.CancelScope(shield=True), trio.move_on_after(1):
+                try:
+                    await ticket_stream.close()
+                except PeerUnavailable:
+                    log.debug("ticket stream to %s was already gone", peer_id)

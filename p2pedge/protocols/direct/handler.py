@@ -1,0 +1,200 @@
+"""Trio glue for the direct lane: the TCP listener that redeems tickets, and the dialer.
+
+A lane stream is a :class:`~p2pedge.protocols._stream.FramedStream` whose frames are
+sealed, so protocol handlers serve it exactly as they serve a libp2p stream. Every
+failure of a stranger on the TCP port (wrong magic, unknown ticket, forged frame, silence)
+ends only that connection.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Awaitable, Callable
+from functools import partial
+
+import trio
+
+from p2pedge.errors import PeerUnavailable, RemoteProtocolError
+from p2pedge.protocols._stream import READ_CHUNK, FramedStream
+from p2pedge.protocols.direct import codec
+from p2pedge.protocols.direct.codec import SealedChannel
+from p2pedge.protocols.direct.machine import TicketBook
+
+log = logging.getLogger(__name__)
+
+StreamHandler = Callable[[FramedStream, str], Awaitable[None]]
+DEFAULT_HELLO_TIMEOUT = 5.0
+DEFAULT_MAX_HANDSHAKES = 64
+_SOCKET_ERRORS = (trio.BrokenResourceError, trio.ClosedResourceError, OSError)
+
+
+class SocketByteStream:
+    """:class:`~p2pedge.protocols._stream.ByteStream` over a trio TCP stream."""
+
+    def __init__(self, stream: trio.SocketStream) -> None:
+        self.socket_stream = stream
+
+    async def read(self, n: int | None = None) -> bytes:
+        return await self.socket_stream.receive_some(n or READ_CHUNK)
+
+    async def write(self, data: bytes) -> None:
+        await self.socket_stream.send_all(data)
+
+    async def close(self) -> None:
+        await self.socket_stream.aclose()
+
+    async def reset(self) -> None:
+        await self.socket_stream.aclose()
+
+
+class SealedStream(FramedStream):
+    """Frames sealed with the lane's key; same interface as a libp2p framed stream."""
+
+    def __init__(self, stream: trio.SocketStream, channel: SealedChannel) -> None:
+        super().__init__(SocketByteStream(stream), max_frame=channel.max_frame)
+        self.channel = channel
+
+    def _encode(self, payload: bytes) -> bytes:
+        return self.channel.seal(payload)
+
+    def _decode(self, chunk: bytes) -> list[bytes]:
+        return self.channel.feed(chunk)
+
+    def push_received(self, data: bytes) -> None:
+        """Bytes read before this object existed (after the hello prefix)."""
+        self._ready.extend(self.channel.feed(data))
+
+
+class DirectLane:
+    """Server half: issues tickets over libp2p, accepts sealed TCP connections."""
+
+    def __init__(
+        self,
+        *,
+        host: str,
+        book: TicketBook | None = None,
+        hello_timeout: float = DEFAULT_HELLO_TIMEOUT,
+        max_handshakes: int = DEFAULT_MAX_HANDSHAKES,
+    ) -> None:
+        self.host = host
+        self.book = book or TicketBook()
+        self.hello_timeout = hello_timeout
+        self.max_handshakes = max_handshakes
+        self.handlers: dict[str, StreamHandler] = {}
+        self.port = 0
+        self.accepted = 0
+        self.rejected = 0
+        self._handshakes = 0
+
+    async def start(self, nursery: trio.Nursery) -> None:
+        """Listen on an OS-chosen port; connections live in ``nursery``."""
+        listeners = await trio.open_tcp_listeners(0, host=self.host)
+        self.port = int(listeners[0].socket.getsockname()[1])
+        serve = partial(trio.serve_listeners, self._serve_tcp, listeners, handler_nursery=nursery)
+        nursery.start_soon(serve)
+
+    def enable(self, protocol: str, handler: StreamHandler) -> None:
+        self.handlers[protocol] = handler
+
+    async def handle_ticket(self, framed: FramedStream, peer_id: str) -> None:
+        """libp2p side: one ticket request, one answer (a refusal is an answer too)."""
+        try:
+            request = codec.decode_request(await framed.receive(timeout=self.hello_timeout))
+        except RemoteProtocolError as exc:
+            log.info("bad direct-lane ticket request from %s: %s", peer_id, exc)
+            return
+        if request.protocol not in self.handlers:
+            reply = codec.Ticket(0, b"", b"", f"{request.protocol} is not served on the lane")
+        else:
+            issued = self.book.issue(peer_id, request.protocol, trio.current_time())
+            if isinstance(issued, str):
+                reply = codec.Ticket(0, b"", b"", issued)
+            else:
+                reply = codec.Ticket(self.port, issued[0], issued[1])
+        await framed.send(codec.encode_ticket(reply))
+
+    async def _serve_tcp(self, tcp: trio.SocketStream) -> None:
+        if self._handshakes >= self.max_handshakes:
+            self.rejected += 1
+            await tcp.aclose()
+            return
+        self._handshakes += 1
+        try:
+            accepted = await self._hello(tcp)
+        finally:
+            self._handshakes -= 1
+        if accepted is None:
+            self.rejected += 1
+            await tcp.aclose()
+            return
+        stream, peer_id, protocol = accepted
+        self.accepted += 1
+        try:
+            await self.handlers[protocol](stream, peer_id)
+        except PeerUnavailable as exc:
+            log.debug("direct %s stream from %s ended: %s", protocol, peer_id, exc)
+        finally:
+            with trio.CancelScope(shield=True), trio.move_on_after(1):
+                await tcp.aclose()
+
+    async def _hello(self, tcp: trio.SocketStream) -> tuple[SealedStream, str, str] | None:
+        """Read and check the hello within the deadline; None for anything wrong."""
+        with trio.move_on_after(self.hello_timeout):
+            try:
+                buffer = bytearray()
+                while len(buffer) < codec.HELLO_PREFIX:
+                    chunk = await tcp.receive_some(READ_CHUNK)
+                    if not chunk:
+                        return None
+                    buffer += chunk
+                ticket = codec.hello_ticket(bytes(buffer[: codec.HELLO_PREFIX]))
+                grant = self.book.redeem(ticket, trio.current_time())
+                if grant is None or grant.protocol not in self.handlers:
+                    log.info("direct lane: unknown or expired ticket")
+                    return None
+                stream = SealedStream(tcp, SealedChannel(grant.key, client=False))
+                stream.push_received(bytes(buffer[codec.HELLO_PREFIX :]))
+                codec.check_greeting(await stream.receive_bytes())
+                await stream.send_bytes(codec.GREETING)
+                return stream, grant.peer_id, grant.protocol
+            except (RemoteProtocolError, PeerUnavailable, *_SOCKET_ERRORS) as exc:
+                log.info("direct lane: hello refused: %s", exc)
+                return None
+        log.info("direct lane: no hello within %.3g s", self.hello_timeout)
+        return None
+
+
+def remote_host(framed: FramedStream) -> str:
+    """The IP the libp2p stream is connected to (where the lane listens too)."""
+    get = getattr(framed.stream, "get_remote_address", None)
+    address = get() if get is not None else None
+    if not address:
+        raise PeerUnavailable("the libp2p stream has no IP address for a direct lane")
+    return str(address[0])
+
+
+async def open_direct(
+    ticket_stream: FramedStream, protocol: str, *, timeout: float, host: str | None = None
+) -> SealedStream:
+    """Ask for a ticket on ``ticket_stream`` (libp2p), then dial and greet the lane."""
+    await ticket_stream.send(codec.encode_request(codec.TicketRequest(protocol)))
+    ticket = codec.decode_ticket(await ticket_stream.receive(timeout=timeout))
+    if ticket.port == 0:
+        raise PeerUnavailable(f"direct lane refused: {ticket.reason}")
+    host = host or remote_host(ticket_stream)
+    try:
+        with trio.fail_after(timeout):
+            tcp = await trio.open_tcp_stream(host, ticket.port)
+    except (trio.TooSlowError, OSError) as exc:
+        where = f"{host}:{ticket.port}"
+        raise PeerUnavailable(f"cannot dial the direct lane at {where}: {exc}") from exc
+    channel = SealedChannel(ticket.key, client=True)
+    stream = SealedStream(tcp, channel)
+    try:
+        await stream.stream.write(codec.client_hello(ticket.ticket, channel))
+        codec.check_greeting(await stream.receive_bytes(timeout=timeout))
+    except BaseException:
+        with trio.CancelScope(shield=True):
+            await tcp.aclose()
+        raise
+    return stream

@@ -1,0 +1,117 @@
+"""The direct lane's TCP side on its own: strangers are turned away, tickets work once."""
+
+from __future__ import annotations
+
+import trio
+import trio.testing
+
+from p2pedge.protocols._stream import FramedStream
+from p2pedge.protocols.direct import codec
+from p2pedge.protocols.direct.codec import SealedChannel
+from p2pedge.protocols.direct.handler import DirectLane, SealedStream
+
+PROTO = "/test/echo/1.0.0"
+
+
+async def echo(stream: FramedStream, peer_id: str) -> None:
+    while True:
+        payload = await stream.receive_bytes()
+        await stream.send_bytes(peer_id.encode() + b":" + payload)
+
+
+async def start_lane(nursery: trio.Nursery, **kw: float) -> DirectLane:
+    lane = DirectLane(host="127.0.0.1", **kw)  # type: ignore[arg-type]
+    lane.enable(PROTO, echo)
+    await lane.start(nursery)
+    return lane
+
+
+async def dial(lane: DirectLane, ticket: bytes, key: bytes) -> SealedStream:
+    tcp = await trio.open_tcp_stream("127.0.0.1", lane.port)
+    channel = SealedChannel(key, client=True)
+    stream = SealedStream(tcp, channel)
+    await stream.stream.write(codec.client_hello(ticket, channel))
+    codec.check_greeting(await stream.receive_bytes(timeout=5))
+    return stream
+
+
+async def test_ticket_holder_gets_a_sealed_stream_bound_to_its_peer_id() -> None:
+    async with trio.open_nursery() as nursery:
+        lane = await start_lane(nursery)
+        issued = lane.book.issue("peer-a", PROTO, trio.current_time())
+        assert not isinstance(issued, str)
+        stream = await dial(lane, *issued)
+        await stream.send_bytes(b"x" * 5000)
+        assert await stream.receive_bytes(timeout=5) == b"peer-a:" + b"x" * 5000
+        assert lane.accepted == 1
+        await stream.close()
+        nursery.cancel_scope.cancel()
+
+
+async def test_strangers_and_reused_tickets_are_refused_and_the_lane_goes_on() -> None:
+    async with trio.open_nursery() as nursery:
+        lane = await start_lane(nursery)
+        http = b"GET / HTTP/1.1\r\nHost: example.com\r\n\r\n"
+        for junk in (http, codec.MAGIC + b"\x00" * 16 + b"zz"):
+            tcp = await trio.open_tcp_stream("127.0.0.1", lane.port)
+            await tcp.send_all(junk)
+            assert await tcp.receive_some(100) == b""  # closed on us
+            await tcp.aclose()
+        issued = lane.book.issue("peer-a", PROTO, trio.current_time())
+        assert not isinstance(issued, str)
+        ticket = issued[0]
+        wrong_key = await trio.open_tcp_stream("127.0.0.1", lane.port)
+        await wrong_key.send_all(codec.client_hello(ticket, SealedChannel(bytes(32), client=True)))
+        assert await wrong_key.receive_some(100) == b""
+        assert lane.rejected == 3
+        # the forged hello spent the ticket: the real holder must ask for a new one
+        issued = lane.book.issue("peer-a", PROTO, trio.current_time())
+        assert not isinstance(issued, str)
+        stream = await dial(lane, *issued)
+        await stream.send_bytes(b"ok")
+        assert await stream.receive_bytes(timeout=5) == b"peer-a:ok"
+        again = await trio.open_tcp_stream("127.0.0.1", lane.port)
+        await again.send_all(codec.client_hello(issued[0], SealedChannel(issued[1], client=True)))
+        assert await again.receive_some(100) == b""
+        assert (lane.accepted, lane.rejected) == (1, 4)
+        nursery.cancel_scope.cancel()
+
+
+async def test_a_silent_connection_is_dropped_after_the_hello_timeout() -> None:
+    clock = trio.testing.MockClock(autojump_threshold=0)
+
+    async def main() -> None:
+        async with trio.open_nursery() as nursery:
+            lane = await start_lane(nursery, hello_timeout=5.0)
+            tcp = await trio.open_tcp_stream("127.0.0.1", lane.port)
+            began = trio.current_time()
+            assert await tcp.receive_some(100) == b""
+            assert trio.current_time() - began >= 5.0
+            assert lane.rejected == 1
+            nursery.cancel_scope.cancel()
+
+    # trio.run inside a test: the mock clock must own the whole run
+    await trio.to_thread.run_sync(lambda: trio.run(main, clock=clock))
+
+
+async def test_expired_tickets_and_unknown_protocols_are_refused() -> None:
+    async with trio.open_nursery() as nursery:
+        lane = await start_lane(nursery)
+        server_side, client_side = _framed_pair()
+        nursery.start_soon(lane.handle_ticket, server_side, "peer-b")
+        await client_side.send(codec.encode_request(codec.TicketRequest("/not/served")))
+        refusal = codec.decode_ticket(await client_side.receive(timeout=5))
+        assert refusal.port == 0 and "not served" in refusal.reason
+        issued = lane.book.issue("peer-b", PROTO, trio.current_time() - lane.book.ttl - 1)
+        assert not isinstance(issued, str)
+        stale = await trio.open_tcp_stream("127.0.0.1", lane.port)
+        await stale.send_all(codec.client_hello(issued[0], SealedChannel(issued[1], client=True)))
+        assert await stale.receive_some(100) == b""
+        nursery.cancel_scope.cancel()
+
+
+def _framed_pair() -> tuple[FramedStream, FramedStream]:
+    from p2pedge.protocols._stream import memory_stream_pair
+
+    left, right = memory_stream_pair()
+    return FramedStream(left), FramedStream(right)
