@@ -171,9 +171,21 @@ class Orchestrator:
     async def ask(
         self, text: str, category: str | None = None, *, max_tokens: int | None = None
     ) -> Answer:
-        """Answer ``text`` with the right specialist; the decision comes back with it."""
-        decision, view = await self.decide(text, category)
-        answer = await self._run(decision, view, text, max_tokens)
+        """Answer ``text`` with the right specialist; the decision comes back with it.
+
+        The pre-loader is told when the request comes in (no warm-up starts while it is
+        served) and, on a local miss, frees the slot least likely to be needed next.
+        """
+        if self.preloader is not None:
+            self.preloader.request_started()
+        try:
+            decision, view = await self.decide(text, category)
+            if self.preloader is not None and decision.where == "local" and not view.warm:
+                await self.preloader.make_room(decision.model, decision.category)
+            answer = await self._run(decision, view, text, max_tokens)
+        finally:
+            if self.preloader is not None:
+                self.preloader.request_finished()
         self._learn(decision.category)
         return answer
 

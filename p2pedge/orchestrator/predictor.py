@@ -61,7 +61,12 @@ class NextCategoryPredictor:
         self.observations += 1
 
     def distribution(self, current: str | None = None) -> dict[str, float]:
-        """Probability of each known category being asked next after ``current``."""
+        """Probability of each known category being asked next after ``current``.
+
+        ``current`` defaults to the last category observed; another one is treated as the
+        request being served now (its row of the chain, and the latest for recency), which
+        is what a cache miss needs to choose a victim before the answer is learned.
+        """
         current = self.last if current is None else current
         total = sum(self.frequency.values())
         if total <= 0:
@@ -70,8 +75,11 @@ class NextCategoryPredictor:
         row = self.transitions.get(current) if current is not None else None
         row_total = sum(row.values()) if row else 0.0
         markov = {k: row.get(k, 0.0) / row_total for k in freq} if row and row_total > 0 else freq
-        shares = RECENT_SHARES[: len(self.recent)]
-        recent = {c: s / sum(shares) for c, s in zip(self.recent, shares, strict=False)}
+        latest = self.recent
+        if current is not None and current != self.last:
+            latest = [current, *(c for c in self.recent if c != current)][: len(RECENT_SHARES)]
+        shares = RECENT_SHARES[: len(latest)]
+        recent = {c: s / sum(shares) for c, s in zip(latest, shares, strict=False)}
         wm, wr = self.markov_weight, self.recency_weight
         return {
             k: wm * markov[k] + wr * recent.get(k, 0.0) + (1 - wm - wr) * p for k, p in freq.items()
