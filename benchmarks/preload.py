@@ -52,6 +52,7 @@ from p2pedge.orchestrator.trace import (
     save_trace,
 )
 from p2pedge.runtime.config import RuntimeConfig
+from p2pedge.runtime.policy import DEFAULT_HALF_LIFE_S as HALF_LIFE_S
 from p2pedge.testing import build_tiny_model
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -103,7 +104,12 @@ async def replay(
             raise ModelNotCached(str(mid))
         return dirs[mid.name]
 
-    local = LocalInference(resolve, RuntimeConfig(max_models=MAX_MODELS, intra_op_threads=1))
+    # The replay compresses the user's pauses by `scale`; the cache's sense of idle time
+    # is compressed alike, or every model would look recently used to it.
+    config = RuntimeConfig(
+        max_models=MAX_MODELS, intra_op_threads=1, cache_half_life_s=HALF_LIFE_S * scale
+    )
+    local = LocalInference(resolve, config)
     res = Result()
     try:
         async with trio.open_nursery() as nursery:

@@ -188,6 +188,7 @@ class ModelCache:
             now=self._clock(),
             extra_count=extra_count,
             extra_bytes=extra_bytes,
+            half_life_s=self.config.cache_half_life_s,
         )
 
     def _full_message(self, name: str) -> str:
@@ -270,7 +271,9 @@ class ModelCache:
                     idle_s=max(0.0, now - e.last_used),
                     pinned=k in self._pinned,
                     in_use=e.leases,
-                    score=keep_score(e.stats(k in self._pinned), now),
+                    score=keep_score(
+                        e.stats(k in self._pinned), now, self.config.cache_half_life_s
+                    ),
                 )
                 for k, e in self._entries.items()
             ]

@@ -9,6 +9,7 @@ import os
 from dataclasses import dataclass, field
 
 from p2pedge.errors import ConfigError
+from p2pedge.runtime.policy import DEFAULT_HALF_LIFE_S
 
 DEFAULT_PROVIDER_ORDER: tuple[str, ...] = (
     "CUDAExecutionProvider",
@@ -38,6 +39,7 @@ class RuntimeConfig:
     memory_share: float = 0.5
     queue_limit: int = 8
     max_active_per_model: int = 1
+    cache_half_life_s: float = DEFAULT_HALF_LIFE_S  # see runtime/policy.py
 
     def __post_init__(self) -> None:
         if not self.providers:
@@ -54,6 +56,8 @@ class RuntimeConfig:
             raise ConfigError(f"memory_share must be in (0, 1], got {self.memory_share}")
         if self.queue_limit < 0:
             raise ConfigError(f"queue_limit must be >= 0, got {self.queue_limit}")
+        if self.cache_half_life_s <= 0:
+            raise ConfigError(f"cache_half_life_s must be > 0, got {self.cache_half_life_s}")
         if self.max_active_per_model < 1:
             raise ConfigError(f"max_active_per_model must be >= 1, got {self.max_active_per_model}")
 

@@ -78,6 +78,23 @@ def test_eviction_follows_the_policy_not_recency_alone(tiny_dirs: dict[str, Path
     assert names(cache) == {"a", "c"}
 
 
+@pytest.mark.parametrize(("half_life_s", "evicted"), [(5.0, "a"), (600.0, "b")])
+def test_half_life_sets_how_fast_frequency_fades(
+    tiny_dirs: dict[str, Path], half_life_s: float, evicted: str
+) -> None:
+    clock = FakeClock()
+    config = replace(CONFIG, cache_half_life_s=half_life_s)
+    cache = ModelCache(config, clock=clock, loader=ModeledCost(size=1 << 20, load_s=0.5))
+    cache.ensure_loaded(tiny_dirs["tiny-a"], "a")
+    cache.ensure_loaded(tiny_dirs["tiny-b"], "b")
+    for _ in range(30):
+        cache.acquire(tiny_dirs["tiny-a"]).release()
+    clock.now += 60  # a was busy a minute ago; b is used now
+    cache.acquire(tiny_dirs["tiny-b"]).release()
+    cache.ensure_loaded(tiny_dirs["tiny-c"], "c")
+    assert names(cache) == {"a", "b", "c"} - {evicted}
+
+
 def test_concurrent_cold_requests_load_once(tiny_dirs: dict[str, Path]) -> None:
     gate = threading.Event()
     loader = CountingLoader(gate)
