@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import pytest
 import trio
 import trio.testing
 
+from p2pedge.errors import PeerUnavailable
 from p2pedge.protocols._stream import FramedStream
 from p2pedge.protocols.direct import codec
 from p2pedge.protocols.direct.codec import SealedChannel
@@ -74,6 +76,27 @@ async def test_strangers_and_reused_tickets_are_refused_and_the_lane_goes_on() -
         await again.send_all(codec.client_hello(issued[0], SealedChannel(issued[1], client=True)))
         assert await again.receive_some(100) == b""
         assert (lane.accepted, lane.rejected) == (1, 4)
+        nursery.cancel_scope.cancel()
+
+
+async def test_a_forged_frame_mid_stream_ends_only_that_connection() -> None:
+    async with trio.open_nursery() as nursery:
+        lane = await start_lane(nursery)
+        streams = []
+        for peer in ("peer-a", "peer-b"):
+            issued = lane.book.issue(peer, PROTO, trio.current_time())
+            assert not isinstance(issued, str)
+            streams.append(await dial(lane, *issued))
+        victim, bystander = streams
+        await victim.send_bytes(b"fine")
+        assert await victim.receive_bytes(timeout=5) == b"peer-a:fine"
+        forged = bytearray(victim.channel.seal(b"tampered"))
+        forged[-1] ^= 0xFF
+        await victim.stream.write(bytes(forged))
+        with pytest.raises(PeerUnavailable):
+            await victim.receive_bytes(timeout=5)  # the server hung up
+        await bystander.send_bytes(b"still here")
+        assert await bystander.receive_bytes(timeout=5) == b"peer-b:still here"
         nursery.cancel_scope.cancel()
 
 

@@ -58,11 +58,16 @@ class SealedStream(FramedStream):
         return self.channel.seal(payload)
 
     def _decode(self, chunk: bytes) -> list[bytes]:
-        return self.channel.feed(chunk)
+        """A frame that fails authentication (or a hostile length) ends the lane: its
+        counters can no longer agree, so the peer is treated as gone, not merely wrong."""
+        try:
+            return self.channel.feed(chunk)
+        except RemoteProtocolError as exc:
+            raise PeerUnavailable(f"direct lane broken: {exc}") from exc
 
     def push_received(self, data: bytes) -> None:
         """Bytes read before this object existed (after the hello prefix)."""
-        self._ready.extend(self.channel.feed(data))
+        self._ready.extend(self._decode(data))
 
 
 class DirectLane:
