@@ -5,7 +5,7 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 MODEL_STAMP := .cache/models/.complete
 
-.PHONY: venv model demo test test-fast lint bench clean
+.PHONY: venv model demo test test-fast lint bench clean llamacpp
 
 venv: $(STAMP)
 
@@ -17,7 +17,7 @@ $(STAMP): pyproject.toml
 
 model: $(MODEL_STAMP)
 
-$(MODEL_STAMP): $(STAMP) scripts/fetch_model.sh
+$(MODEL_STAMP): $(STAMP) scripts/fetch_model.sh p2pedge/models/convert/layout.py
 	PYTHON=$(PY) bash scripts/fetch_model.sh
 	touch $(MODEL_STAMP)
 
@@ -46,3 +46,24 @@ bench: venv model
 
 clean:
 	rm -rf $(VENV) .cache build *.egg-info
+
+# llama.cpp for the side-by-side decode benchmarks only (not a dependency, not part of test/demo):
+# the llama-cpp-python sdist bundles llama.cpp; build its llama-bench under .cache/llamacpp.
+LLAMACPP_VERSION := 0.3.36
+LLAMACPP := .cache/llamacpp
+LLAMACPP_SRC := $(LLAMACPP)/llama_cpp_python-$(LLAMACPP_VERSION)/vendor/llama.cpp
+LLAMA_BENCH_BIN := $(LLAMACPP)/build/bin/llama-bench
+
+llamacpp: $(LLAMA_BENCH_BIN)
+	@echo "run: LLAMA_BENCH=$(abspath $(LLAMA_BENCH_BIN)) $(PY) benchmarks/decode.py"
+
+$(LLAMA_BENCH_BIN): $(STAMP)
+	mkdir -p $(LLAMACPP)
+	test -f $(LLAMACPP)/llama_cpp_python-$(LLAMACPP_VERSION).tar.gz || $(PY) -m pip download \
+		--no-deps --no-binary :all: llama-cpp-python==$(LLAMACPP_VERSION) -d $(LLAMACPP)
+	test -d $(LLAMACPP_SRC) || tar -xzf $(LLAMACPP)/llama_cpp_python-$(LLAMACPP_VERSION).tar.gz \
+		-C $(LLAMACPP)
+	cmake -S $(LLAMACPP_SRC) -B $(LLAMACPP)/build -DCMAKE_BUILD_TYPE=Release -DGGML_NATIVE=ON \
+		-DBUILD_SHARED_LIBS=OFF -DLLAMA_BUILD_TESTS=OFF -DLLAMA_BUILD_EXAMPLES=OFF \
+		-DLLAMA_BUILD_SERVER=OFF -DLLAMA_BUILD_APP=OFF -DLLAMA_OPENSSL=OFF
+	nice cmake --build $(LLAMACPP)/build --target llama-bench -j $$(nproc)

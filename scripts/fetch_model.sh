@@ -64,3 +64,5 @@ import_variant lossless4 ".cache/models/$NAME" --fp32-activations
 # Faster: the same weights with int8 activations (accuracy_level 4); numerics differ.
 import_variant lossless4 ".cache/models/$NAME-int8"
 import_variant fp32 ".cache/models/$NAME-fp32"
+# Opt-in: fp32-exact activations carried as three int8 limbs (docs/model-format.md).
+import_variant lossless4 ".cache/models/$NAME-limbs" --int8-limbs

@@ -35,6 +35,12 @@ def _configure(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
         action="store_true",
         help="lossless4 only: keep activations in fp32 (slower, no int8 rounding)",
     )
+    parser.add_argument(
+        "--int8-limbs",
+        action="store_true",
+        help="lossless4 only: fp32-exact activations as three int8 limbs (implies "
+        "--fp32-activations; faster on x86, see docs/model-format.md)",
+    )
     parser.set_defaults(func=main_import)
     return parser
 
@@ -59,7 +65,8 @@ def main_import(args: argparse.Namespace) -> int:
             out,
             args.name,
             variant=args.variant,
-            int8_activations=not args.fp32_activations,
+            int8_activations=not (args.fp32_activations or args.int8_limbs),
+            int8_limbs=args.int8_limbs,
         )
     except (ModelLoadError, ConfigError) as exc:
         print(f"import-gguf: {exc}", file=sys.stderr)

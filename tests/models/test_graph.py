@@ -3,18 +3,24 @@
 from __future__ import annotations
 
 import dataclasses
+import json
 from pathlib import Path
 
 import numpy as np
 import onnx
 import pytest
 
-from p2pedge.models.convert.layout import read_model_facts, save_onnx
+from p2pedge.models.convert.layout import read_model_facts, save_onnx, write_model_dir
 from p2pedge.models.convert.onnx_graph import Attention, Variant, build_decoder
 from p2pedge.models.convert.onnx_ops import q8_0_blocks
 from p2pedge.models.convert.weights import LlamaConfig, LlamaWeights
 from p2pedge.runtime.reference import ReferenceLlama
-from p2pedge.testing import build_tiny_model, random_llama_weights, tiny_weights
+from p2pedge.testing import (
+    build_tiny_model,
+    random_llama_weights,
+    tiny_tokenizer_spec,
+    tiny_weights,
+)
 from p2pedge.testing.tiny import OrtStepper
 
 TOL = 1e-4
@@ -32,6 +38,9 @@ def model_dirs(tmp_path_factory: pytest.TempPathFactory, weights: LlamaWeights) 
     dirs = {v: build_tiny_model(root / v, seed=0, variant=v) for v in ("fp32", "lossless4")}
     for v in ("fp32", "lossless4"):
         dirs[f"{v}-ops"] = _write(root / f"{v}-ops", weights, v, attention="ops").parent
+    dirs["lossless4-limbs"] = write_model_dir(
+        root / "lossless4-limbs", weights, tiny_tokenizer_spec(), "lossless4", int8_limbs=True
+    )
     return dirs
 
 
@@ -41,8 +50,9 @@ def _write(
     variant: Variant,
     int8: bool = False,
     attention: Attention = "gqa",
+    limbs: bool = False,
 ) -> Path:
-    return save_onnx(build_decoder(w, variant, int8, attention), tmp_path)
+    return save_onnx(build_decoder(w, variant, int8, attention, limbs), tmp_path)
 
 
 def _compare_greedy(stepper: OrtStepper, ref: ReferenceLlama, steps: int, tol: float) -> None:
@@ -61,7 +71,10 @@ def _compare_greedy(stepper: OrtStepper, ref: ReferenceLlama, steps: int, tol: f
         ids = np.array([[int(np.argmax(want[0, -1]))]], dtype=np.int64)
 
 
-@pytest.mark.parametrize("variant", ["fp32", "lossless4", "fp32-ops", "lossless4-ops"])
+ALL = ["fp32", "lossless4", "fp32-ops", "lossless4-ops", "lossless4-limbs"]
+
+
+@pytest.mark.parametrize("variant", ALL)
 def test_prefill_and_decode_match_reference(
     variant: str, weights: LlamaWeights, model_dirs: dict[str, Path]
 ) -> None:
@@ -69,7 +82,7 @@ def test_prefill_and_decode_match_reference(
     _compare_greedy(stepper, ReferenceLlama(weights), steps=6, tol=TOL)
 
 
-@pytest.mark.parametrize("variant", ["fp32", "lossless4", "fp32-ops", "lossless4-ops"])
+@pytest.mark.parametrize("variant", ALL)
 def test_chunked_prefill_matches_reference(
     variant: str, weights: LlamaWeights, model_dirs: dict[str, Path]
 ) -> None:
@@ -92,7 +105,7 @@ def test_chunked_prefill_matches_reference(
     assert np.abs(got[0, -1] - full[0, -1]).max() <= TOL
 
 
-@pytest.mark.parametrize("variant", ["fp32", "fp32-ops"])
+@pytest.mark.parametrize("variant", ["fp32", "fp32-ops", "lossless4-limbs"])
 def test_left_padded_batch_matches_unpadded_rows(
     variant: str, weights: LlamaWeights, model_dirs: dict[str, Path]
 ) -> None:
@@ -120,16 +133,20 @@ def test_left_padded_batch_matches_unpadded_rows(
     assert np.abs(step[1] - want[0]).max() <= TOL
 
 
-def test_int8_activations_stays_close(weights: LlamaWeights, tmp_path: Path) -> None:
-    path = _write(tmp_path, weights, "lossless4", int8=True)
-    model = onnx.load(str(path), load_external_data=False)
-    levels = {
+def _accuracy_levels(model: onnx.ModelProto) -> set[int]:
+    return {
         a.i
         for n in model.graph.node
         if n.op_type == "MatMulNBits"
         for a in n.attribute
         if a.name == "accuracy_level"
     }
+
+
+def test_int8_activations_stays_close(weights: LlamaWeights, tmp_path: Path) -> None:
+    path = _write(tmp_path, weights, "lossless4", int8=True)
+    model = onnx.load(str(path), load_external_data=False)
+    levels = _accuracy_levels(model)
     assert levels == {4}
     # int8 activations are an approximation (about 1% per matmul on this random model, which
     # its sharp attention amplifies): only close agreement in aggregate is promised.
@@ -165,6 +182,34 @@ def test_lossless4_maps_every_block_matrix_to_matmulnbits(
     assert bits == [4] * (4 * n_layers) + [8]
     assert "model.embed_tokens.weight" not in names
     assert "model.embed_tokens.q8_weight" in names
+    # Limbs: fp32-exact activations, yet every matmul (head included) on the int8 path.
+    path = model_dirs["lossless4-limbs"] / "model.onnx"
+    bits, names = _nbits(path)
+    assert bits == [4] * (4 * n_layers) + [8]
+    assert "model.embed_tokens.q8_weight" in names
+    model = onnx.load(str(path), load_external_data=False)
+    levels = _accuracy_levels(model)
+    assert levels == {4}
+    assert read_model_facts(path.parent).int8_limbs
+
+
+def test_int8_limbs_refuse_other_modes(weights: LlamaWeights) -> None:
+    with pytest.raises(ValueError, match="limbs"):
+        build_decoder(weights, "lossless4", True, "gqa", True)
+    with pytest.raises(ValueError, match="limbs"):
+        build_decoder(weights, "fp32", False, "gqa", True)
+
+
+def test_genai_shares_the_kv_buffer_only_with_gqa(
+    weights: LlamaWeights, model_dirs: dict[str, Path], tmp_path: Path
+) -> None:
+    def shared(model_dir: Path) -> bool:
+        config = json.loads((model_dir / "genai_config.json").read_text())
+        return bool(config["search"]["past_present_share_buffer"])
+
+    assert shared(model_dirs["lossless4"]) and shared(model_dirs["lossless4-limbs"])
+    ops = write_model_dir(tmp_path, weights, tiny_tokenizer_spec(), "fp32", attention="ops")
+    assert not shared(ops)  # concatenating attention cannot write into a shared buffer
 
 
 def test_q8_0_recovery_is_exact_or_refused() -> None:
@@ -212,7 +257,7 @@ def test_tiny_model_is_deterministic(tmp_path: Path) -> None:
     assert (a / "model.onnx.data").read_bytes() != (c / "model.onnx.data").read_bytes()
 
 
-@pytest.mark.parametrize("variant", ["fp32", "lossless4"])
+@pytest.mark.parametrize("variant", ["fp32", "lossless4", "lossless4-limbs"])
 def test_genai_greedy_matches_reference(
     variant: str, weights: LlamaWeights, model_dirs: dict[str, Path]
 ) -> None:

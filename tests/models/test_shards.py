@@ -10,7 +10,8 @@ import onnx
 import pytest
 
 from p2pedge.ids import LayerRange
-from p2pedge.models.convert.layout import FACTS_FILE
+from p2pedge.models.convert.layout import FACTS_FILE, write_model_dir
+from p2pedge.models.convert.onnx_graph import as_variant
 from p2pedge.models.convert.shards import (
     SHARD_FILE,
     load_model_weights,
@@ -19,7 +20,7 @@ from p2pedge.models.convert.shards import (
     split_model_dir,
     write_shard_dir,
 )
-from p2pedge.testing import build_tiny_model, tiny_weights
+from p2pedge.testing import build_tiny_model, tiny_tokenizer_spec, tiny_weights
 from p2pedge.testing.tiny import OrtStepper
 
 PROMPT = [1, 120, 118, 264, 13, 75, 351, 111, 2, 13]
@@ -27,15 +28,24 @@ RANGES = [LayerRange(0, 2), LayerRange(2, 3), LayerRange(3, 5)]
 N_LAYERS = 5
 
 
-@pytest.fixture(scope="module", params=["fp32", "lossless4", "lossless4-int8"])
+@pytest.fixture(scope="module", params=["fp32", "lossless4", "lossless4-int8", "lossless4-limbs"])
 def split(
     request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory
 ) -> tuple[Path, list[Path]]:
     root = tmp_path_factory.mktemp(f"shards-{request.param}")
-    variant, _, int8 = request.param.partition("-")
-    model = build_tiny_model(
-        root / "model", seed=2, variant=variant, n_layers=N_LAYERS, int8_activations=bool(int8)
-    )
+    if request.param == "lossless4-limbs":
+        weights = tiny_weights(seed=2, n_layers=N_LAYERS)
+        spec = tiny_tokenizer_spec()
+        model = write_model_dir(root / "model", weights, spec, "lossless4", int8_limbs=True)
+    else:
+        variant, _, int8 = request.param.partition("-")
+        model = build_tiny_model(
+            root / "model",
+            seed=2,
+            variant=as_variant(variant),
+            n_layers=N_LAYERS,
+            int8_activations=bool(int8),
+        )
     return model, split_model_dir(model, RANGES, root / "shards")
 
 
@@ -63,9 +73,11 @@ def test_chained_shards_equal_full_model(split: tuple[Path, list[Path]]) -> None
 
 
 def test_shard_interfaces_follow_roles(split: tuple[Path, list[Path]]) -> None:
-    _, dirs = split
+    model, dirs = split
     roles = [read_shard_meta(d)["role"] for d in dirs]
     assert roles == ["first", "middle", "last"]
+    limbs = json.loads((model / FACTS_FILE).read_text())["int8_limbs"]
+    assert [read_shard_meta(d)["int8_limbs"] for d in dirs] == [limbs] * 3
     expected_io = [
         ("input_ids", "hidden_states"),
         ("hidden_states", "hidden_states_out"),
@@ -100,6 +112,12 @@ def test_weights_round_trip_through_model_dir(tmp_path: Path) -> None:
         assert (again / "model.onnx.data").read_bytes() == (model / "model.onnx.data").read_bytes()
         if variant == "lossless4":
             assert np.array_equal(back.blocks[1].wq.quants, weights.blocks[1].wq.quants)  # type: ignore[union-attr]
+    model = write_model_dir(
+        tmp_path / "limbs", weights, tiny_tokenizer_spec(), "lossless4", int8_limbs=True
+    )
+    again = write_shard_dir(model, LayerRange(0, 2), tmp_path / "limbs-again")
+    assert (again / "model.onnx.data").read_bytes() == (model / "model.onnx.data").read_bytes()
+    assert (again / "model.onnx").read_bytes() == (model / "model.onnx").read_bytes()
 
 
 def test_shard_role_and_validation() -> None:

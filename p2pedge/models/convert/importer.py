@@ -53,15 +53,20 @@ def import_gguf(
     name: str,
     variant: Variant = "lossless4",
     int8_activations: bool = True,
+    int8_limbs: bool = False,
 ) -> Path:
     """Import ``gguf_path`` into the model directory ``out_dir`` (replaced if present).
 
     ``name`` is the model's registry name, used in messages only; ``int8_activations`` picks
-    MatMulNBits accuracy level 4 for the lossless 4-bit variant and is ignored for fp32.
+    MatMulNBits accuracy level 4 for the lossless 4-bit variant and is ignored for fp32;
+    ``int8_limbs`` (lossless4 without int8 activations) keeps fp32-exact activations but
+    runs them through the int8 kernel as three exact limbs.
     Raises GGUFFormatError (a ModelLoadError) for a bad file, ConfigError for bad arguments.
     """
     if variant not in VARIANTS:
         raise ConfigError(f"variant {variant!r} is not one of {VARIANTS}")
+    if int8_limbs and (variant != "lossless4" or int8_activations):
+        raise ConfigError("int8 limbs need the lossless4 variant with fp32 activations")
     if not name or "/" in name or "\\" in name or name.startswith("."):
         raise ConfigError(f"model name {name!r} must be a plain, non-hidden name")
     out = Path(out_dir)
@@ -72,7 +77,7 @@ def import_gguf(
     staging = out.with_name(f".{out.name}.partial-{os.getpid()}")
     shutil.rmtree(staging, ignore_errors=True)
     try:
-        write_model_dir(staging, weights, spec, variant, int8)
+        write_model_dir(staging, weights, spec, variant, int8, int8_limbs=int8_limbs)
         if out.exists():
             old = out.with_name(f".{out.name}.old-{os.getpid()}")
             out.rename(old)

@@ -36,8 +36,9 @@ from p2pedge.models.convert.weights import LlamaWeights
 MODEL_FILE = "model.onnx"
 FACTS_FILE = "p2pedge_model.json"
 GENAI_CONFIG_FILE = "genai_config.json"
-# Bumped whenever the graph layout changes, so a split never mixes builder versions.
-FORMAT_VERSION = 3
+# Bumped whenever the graph layout or its runtime config changes, so a split never mixes
+# builder versions and `make model` re-imports (4: genai shares the KV buffer).
+FORMAT_VERSION = 4
 
 
 @dataclass(frozen=True)
@@ -62,6 +63,7 @@ class ModelFacts:
     int8_activations: bool = False
     attention: str = "gqa"
     format_version: int = FORMAT_VERSION
+    int8_limbs: bool = False
 
     @classmethod
     def of(
@@ -71,6 +73,7 @@ class ModelFacts:
         variant: Variant,
         int8: bool,
         attention: Attention = "gqa",
+        int8_limbs: bool = False,
     ) -> ModelFacts:
         c = weights.config
         eos = spec.token_id(spec.eos_token)
@@ -93,6 +96,7 @@ class ModelFacts:
             pad_token_id=spec.token_id(spec.pad_token),
             int8_activations=int8,
             attention=attention,
+            int8_limbs=int8_limbs,
         )
 
 
@@ -160,7 +164,9 @@ def genai_config(facts: ModelFacts, filename: str = MODEL_FILE) -> dict[str, Any
             "no_repeat_ngram_size": 0,
             "num_beams": 1,
             "num_return_sequences": 1,
-            "past_present_share_buffer": False,
+            # GroupQueryAttention writes new keys/values in place into a buffer sized for the
+            # whole generation; the plain-ops graph concatenates and cannot share it.
+            "past_present_share_buffer": facts.attention == "gqa",
             "repetition_penalty": 1.0,
             "temperature": 1.0,
             "top_k": 1,
@@ -180,10 +186,12 @@ def write_model_dir(
     variant: Variant = "lossless4",
     int8_activations: bool = False,
     attention: Attention = "gqa",
+    int8_limbs: bool = False,
 ) -> Path:
     """Build the decoder for ``variant`` and write the whole model directory."""
-    facts = ModelFacts.of(weights, tokenizer, variant, int8_activations, attention)
-    save_onnx(build_decoder(weights, variant, int8_activations, attention), out_dir)
+    facts = ModelFacts.of(weights, tokenizer, variant, int8_activations, attention, int8_limbs)
+    model = build_decoder(weights, variant, int8_activations, attention, int8_limbs)
+    save_onnx(model, out_dir)
     write_json(out_dir / GENAI_CONFIG_FILE, genai_config(facts))
     write_tokenizer(out_dir, tokenizer)
     write_json(out_dir / FACTS_FILE, asdict(facts))

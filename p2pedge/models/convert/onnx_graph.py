@@ -14,7 +14,7 @@ Layout choices, all checked against :mod:`p2pedge.runtime.reference`: Q/K/V and 
 are fused into one matmul each; RMSNorm + residual use com.microsoft
 SkipSimplifiedLayerNormalization; a power-of-two softmax scale (head_dim 16, 64, 256) is
 folded into W_q exactly; in ``lossless4`` Q4_1 maps onto MatMulNBits (see ``Linear``) and,
-with int8 activations, the Q8_0 embedding doubles as an exact 8-bit LM head.
+with int8 activations or int8 limbs, the Q8_0 embedding doubles as an exact 8-bit LM head.
 """
 
 from __future__ import annotations
@@ -121,10 +121,13 @@ class _Builder:
         variant: Variant,
         int8_activations: bool,
         attention: Attention,
+        int8_limbs: bool,
     ) -> None:
         cfg = weights.config
         if layers.end > cfg.n_layers:
             raise ValueError(f"layer range {layers} exceeds {cfg.n_layers} blocks")
+        if int8_limbs and (int8_activations or variant != "lossless4"):
+            raise ValueError("int8 limbs apply to lossless4 with fp32 activations only")
         self.w = weights
         self.cfg = cfg
         self.layers = layers
@@ -132,7 +135,7 @@ class _Builder:
         self.first = layers.start == 0
         self.last = layers.end == cfg.n_layers
         self.g = GraphBuilder(f"p2pedge_llama_{layers}")
-        self.linear = Linear(self.g, accuracy_level=4 if int8_activations else 0)
+        self.linear = Linear(self.g, 4 if int8_activations else 0, limbs=int8_limbs)
         self.group = cfg.n_heads // cfg.n_kv_heads
         softmax_scale = 1.0 / math.sqrt(cfg.head_dim)
         # A power-of-two scale folds into W_q exactly (also into Q4_1 scales and mins).
@@ -408,10 +411,12 @@ class _Builder:
         return self.linear(act, [self._matrix(block.w_down)], f"layers.{i}.mlp.down")
 
     def _q8_table(self, prefix: str, matrix: np.ndarray) -> Q8Table | None:
-        """A Q8_0-exact table (the GGUF embedding) stays 8-bit in ``lossless4`` with int8
-        activations; MatMulNBits' 8-bit float path is ~30x slower than an fp32 Gemm, so
-        other configurations keep the fp32 table."""
-        if self.variant != "lossless4" or self.linear.accuracy_level != 4:
+        """A Q8_0-exact table (the GGUF embedding) stays 8-bit in ``lossless4`` when the
+        head runs on MatMulNBits' int8 path (int8 activations or limbs); its 8-bit fp32
+        path is ~30x slower than an fp32 Gemm, so plain fp32 activations keep the table."""
+        if self.variant != "lossless4":
+            return None
+        if self.linear.accuracy_level != 4 and not self.linear.use_limbs:
             return None
         if prefix not in self.q8_tables:
             blocks = q8_0_blocks(matrix)
@@ -425,12 +430,11 @@ class _Builder:
         prefix = "model.embed_tokens" if tied else "lm_head"
         table = self._q8_table(prefix, head)
         if table is not None:
-            g.op(
-                "Identity",
-                [table.matmul(x, self.linear.accuracy_level)],
-                outputs=[LOGITS],
-                name="logits/Identity",
-            )
+            if self.linear.use_limbs:
+                out = self.linear.sum_limbs(table.matmul(self.linear.limbs(x, cfg.hidden), 4))
+            else:
+                out = table.matmul(x, self.linear.accuracy_level)
+            g.op("Identity", [out], outputs=[LOGITS], name="logits/Identity")
         else:
             name = f"{prefix}.weight"
             if not any(t.name == name for t in g.initializers):
@@ -449,14 +453,18 @@ def build_shard(
     variant: Variant = "fp32",
     int8_activations: bool = False,
     attention: Attention = "gqa",
+    int8_limbs: bool = False,
 ) -> onnx.ModelProto:
     """Graph over blocks ``layers``; its role (first/middle/last/full) follows the range.
 
     ``attention="gqa"`` uses com.microsoft RotaryEmbedding + GroupQueryAttention (half the
     nodes per block); ``"ops"`` spells attention out in standard ONNX ops. Both are
-    tested against the reference.
+    tested against the reference. ``int8_limbs`` (lossless4 with fp32 activations) runs
+    the 4-bit matmuls on the int8 kernel with exact activation limbs (``Linear.limbs``).
     """
-    builder = _Builder(_prepare(weights, variant), layers, variant, int8_activations, attention)
+    builder = _Builder(
+        _prepare(weights, variant), layers, variant, int8_activations, attention, int8_limbs
+    )
     return builder.build()
 
 
@@ -465,7 +473,8 @@ def build_decoder(
     variant: Variant = "fp32",
     int8_activations: bool = False,
     attention: Attention = "gqa",
+    int8_limbs: bool = False,
 ) -> onnx.ModelProto:
     """The full decoder: ``input_ids`` + KV cache in, ``logits`` + present KV out."""
     layers = LayerRange(0, weights.config.n_layers)
-    return build_shard(weights, layers, variant, int8_activations, attention)
+    return build_shard(weights, layers, variant, int8_activations, attention, int8_limbs)

@@ -136,28 +136,80 @@ def centered_offsets(scales: F32Array, mins: F32Array) -> F32Array | None:
     return offsets
 
 
+INT8_LIMBS = 3
+# Guards the limb scale of an all-zero block; far below any activation that matters.
+LIMB_TINY = 2.0**-100
+
+
 class Linear:
     """Emits ``y = x @ W.T`` for a group of matrices sharing the input ``x``.
 
     Matrices in a group are fused along ``out`` into one kernel call (QKV, gate+up). For
-    Q4_1 groups the kernel is ``MatMulNBits`` with zero point 0 (so it computes
-    ``sum_k x_k * scale * q_k`` exactly as the published quants say) and the per-block
-    minimum is added as ``blocksum(x) @ mins.T``: ``sum_k x_k (s q_k + m) =
-    s sum_k x_k q_k + m sum_k x_k`` per block of 32. ``blocksum(x)`` is shared by every
-    group reading the same ``x``.
+    Q4_1 groups the kernel is ``MatMulNBits`` with zero point ``z`` = 8 (0 when
+    :func:`centered_offsets` refuses), so it computes ``sum_k x_k * s * (q_k - z)`` from the
+    published quants, and the rest of each weight is added as ``blocksum(x) @ offsets.T``:
+    ``sum_k x_k (s q_k + m) = s sum_k x_k (q_k - z) + (m + z s) sum_k x_k`` per block of 32.
+    ``blocksum(x)`` is shared by every group reading the same ``x``.
+
+    ``limbs=True`` feeds the kernel's fast int8 path without rounding the activations:
+    see :meth:`limbs`.
     """
 
-    def __init__(self, g: GraphBuilder, accuracy_level: int) -> None:
+    def __init__(self, g: GraphBuilder, accuracy_level: int, limbs: bool = False) -> None:
         self.g = g
         self.accuracy_level = accuracy_level
+        self.use_limbs = limbs
+        self._blocks: dict[str, str] = {}
         self._blocksums: dict[str, str] = {}
+        self._limbs: dict[str, str] = {}
+
+    def _blocked(self, x: str, k: int) -> str:
+        """``x`` viewed as ``[batch, seq, K/32, 32]``, the kernel's activation blocks."""
+        if x not in self._blocks:
+            g = self.g
+            self._blocks[x] = g.op1("Reshape", [x, g.i64(0, 0, k // Q4_1_BLOCK, Q4_1_BLOCK)])
+        return self._blocks[x]
 
     def _blocksum(self, x: str, k: int) -> str:
         if x not in self._blocksums:
             g = self.g
-            shaped = g.op1("Reshape", [x, g.i64(0, 0, k // Q4_1_BLOCK, Q4_1_BLOCK)])
-            self._blocksums[x] = g.op1("ReduceSum", [shaped, g.i64(-1)], keepdims=0)
+            blocks = self._blocked(x, k)
+            self._blocksums[x] = g.op1("ReduceSum", [blocks, g.i64(-1)], keepdims=0)
         return self._blocksums[x]
+
+    def limbs(self, x: str, k: int) -> str:
+        """``x`` ``[b, s, K]`` as three int8 limbs ``[b, s, 3, K]`` that sum to it exactly.
+
+        The int8 path of ``MatMulNBits`` (accuracy_level 4) quantises each block of 32
+        activations as ``round(a * 127 / amax) * amax / 127``. A limb built that way is
+        reproduced by the kernel without error (its largest element is ``±127`` steps), so
+        the kernel's integer dot product with the 4-bit weights is exact for it. Limbs 1
+        and 2 are such quantisations of the running remainder (each subtraction is exact,
+        Sterbenz); limb 3 is what is left (at most ``amax / 254**2``), which the kernel
+        rounds by at most ``amax / 254**3``, about 2**-24 of the block's largest value:
+        fp32 precision at about half the fp32 kernel's cost on AVX2 (one weight pass serves
+        all three rows). Only exact where the kernel quantises activations per block like
+        this (MLAS on x86); see docs/model-format.md.
+        """
+        if x not in self._limbs:
+            g = self.g
+            rest = self._blocked(x, k)
+            limbs = []
+            for _ in range(INT8_LIMBS - 1):
+                amax = g.op1("ReduceMax", [g.op1("Abs", [rest])], axes=[-1], keepdims=1)
+                guarded = g.op1("Max", [amax, g.const(np.float32(LIMB_TINY))])
+                inv_step = g.op1("Div", [g.const(np.float32(127.0)), guarded])
+                steps = g.op1("Round", [g.op1("Mul", [rest, inv_step])])
+                limb = g.op1("Div", [steps, inv_step])
+                limbs.append(limb)
+                rest = g.op1("Sub", [rest, limb])
+            stacked = g.op1("Concat", [*limbs, rest], axis=2)  # [b, s, 3 * K/32, 32]
+            self._limbs[x] = g.op1("Reshape", [stacked, g.i64(0, 0, INT8_LIMBS, k)])
+        return self._limbs[x]
+
+    def sum_limbs(self, y: str) -> str:
+        """``[b, s, 3, N]`` kernel output (one row per limb) -> ``[b, s, N]``."""
+        return self.g.op1("ReduceSum", [y, self.g.i64(2)], keepdims=0)
 
     def __call__(self, x: str, matrices: Sequence[Matrix], prefix: str) -> str:
         g = self.g
@@ -167,7 +219,7 @@ class Linear:
             n = sum(m.out_features for m in qm)
             packed, scales, mins = pack_q4_1(qm)
             inputs = [
-                x,
+                self.limbs(x, k) if self.use_limbs else x,
                 g.initializer(f"{prefix}.qweight", packed),
                 g.initializer(f"{prefix}.scales", scales),
             ]
@@ -188,8 +240,10 @@ class Linear:
                 N=n,
                 bits=4,
                 block_size=Q4_1_BLOCK,
-                accuracy_level=self.accuracy_level,
+                accuracy_level=4 if self.use_limbs else self.accuracy_level,
             )
+            if self.use_limbs:
+                main = self.sum_limbs(main)
             offsets_t = g.initializer(offset_name, np.ascontiguousarray(offsets.T))
             offset = g.op1("MatMul", [self._blocksum(x, k), offsets_t], name=f"{prefix}/MinsMatMul")
             return g.op1("Add", [main, offset], name=f"{prefix}/AddMins")

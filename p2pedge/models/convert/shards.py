@@ -235,6 +235,7 @@ def write_shard_dir(
     variant: Variant | None = None,
     int8_activations: bool | None = None,
     attention: Attention = "gqa",
+    int8_limbs: bool = False,
 ) -> Path:
     """Write ``model.onnx`` (+ data) and ``p2pedge_shard.json`` for one shard.
 
@@ -250,13 +251,14 @@ def write_shard_dir(
         if int8_activations is None:
             int8_activations = facts.int8_activations
         attention = as_attention(facts.attention)
+        int8_limbs = facts.int8_limbs
     else:
         weights = source
     if variant is None:
         raise ValueError("variant is required when building from in-memory weights")
     int8 = bool(int8_activations)
     role = shard_role(layers, weights.config.n_layers)
-    save_onnx(build_shard(weights, layers, variant, int8, attention), out_dir)
+    save_onnx(build_shard(weights, layers, variant, int8, attention, int8_limbs), out_dir)
     main_in, main_out = shard_io_names(role)
     meta = {
         "start": layers.start,
@@ -267,6 +269,7 @@ def write_shard_dir(
         "output": main_out,
         "variant": variant,
         "int8_activations": int8,
+        "int8_limbs": int8_limbs,
         "attention": attention,
         "hidden": weights.config.hidden,
         "vocab": weights.config.vocab,
@@ -304,7 +307,9 @@ def split_model_dir(model_dir: Path, ranges: Sequence[LayerRange], out_root: Pat
     variant, attention = as_variant(facts.variant), as_attention(facts.attention)
     out: list[Path] = []
     for r in ranges:
-        path = write_shard_dir(weights, r, out_root / str(r), variant, int8, attention)
+        path = write_shard_dir(
+            weights, r, out_root / str(r), variant, int8, attention, facts.int8_limbs
+        )
         write_json(path / FACTS_FILE, asdict(facts))
         _copy_tokenizer(model_dir, path)
         out.append(path)
