@@ -64,6 +64,17 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument(
         "--threads", type=int, default=0, help="onnxruntime threads (default: all cores)"
     )
+    run.add_argument(
+        "--lane-port",
+        type=int,
+        default=0,
+        help="TCP port of the direct lane for shard traffic (default: the OS picks)",
+    )
+    run.add_argument(
+        "--no-direct-lane",
+        action="store_true",
+        help="carry shard traffic over libp2p streams only",
+    )
     peers = sub.add_parser("peers", help="join, print the verified cards, exit")
     _common(peers)
     peers.add_argument("--model", default=None, help="only peers with this model cached")
@@ -86,6 +97,8 @@ def _config(args: argparse.Namespace, *, throwaway: bool = False) -> NodeConfig:
         models_dir=getattr(args, "models_dir", None),
         model_dirs=tuple(_model_dir(m) for m in getattr(args, "model_dirs", [])),
         threads=getattr(args, "threads", 0),
+        direct_lane=not getattr(args, "no_direct_lane", False),
+        direct_lane_port=getattr(args, "lane_port", 0),
     )
 
 

@@ -56,6 +56,7 @@ class NodeConfig:
     model_dirs: tuple[tuple[str, Path], ...] = ()
     shard_step_timeout: float = 10.0
     direct_lane: bool = True
+    direct_lane_port: int = 0  # 0: the OS picks; fix it to open one port in a firewall
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "data_dir", Path(self.data_dir))
@@ -71,6 +72,8 @@ class NodeConfig:
             if isinstance(value, str | Path):
                 raise ConfigError(f"{name} must be a sequence, not a single {type(value).__name__}")
             object.__setattr__(self, name, tuple(value))
+        if not 0 <= self.direct_lane_port <= 65535:
+            raise ConfigError(f"direct_lane_port must be 0..65535, got {self.direct_lane_port}")
         if self.announce_interval <= 0:
             raise ConfigError("announce_interval must be positive")
         if self.card_ttl_factor < 1:

@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING
 
 import trio
 
-from p2pedge.errors import PeerUnavailable, RemoteProtocolError
+from p2pedge.errors import ConfigError, PeerUnavailable, RemoteProtocolError
 from p2pedge.protocols._stream import FramedStream
 from p2pedge.protocols.direct import codec
 from p2pedge.protocols.direct.handler import DirectLane, StreamHandler, open_direct
@@ -53,8 +53,13 @@ class Lanes:
         if not self.enabled:
             return
         if self.server is None:
-            server = DirectLane(host=lane_host(self.node.config.listen))
-            await server.start(self.node.nursery)
+            config = self.node.config
+            server = DirectLane(host=lane_host(config.listen), port=config.direct_lane_port)
+            try:
+                await server.start(self.node.nursery)
+            except OSError as exc:
+                where = f"{server.host}:{server.port}"
+                raise ConfigError(f"cannot listen for the direct lane on {where}: {exc}") from exc
             self.server = server
             self.node.set_stream_handler(codec.PROTOCOL_ID, server.handle_ticket)
             log.info("direct lane listening on %s:%d", server.host, server.port)
@@ -70,9 +75,15 @@ class Lanes:
                 return stream
             except (PeerUnavailable, RemoteProtocolError) as exc:
                 log.debug("no direct lane to %s (%s); using libp2p", peer_id, exc)
-                self._no_lane_until[peer_id] = now + NO_LANE_MEMORY_S
+                self._remember_miss(peer_id, now)
                 self.fallbacks += 1
         return await self.node.open_stream(peer_id, protocol_id, timeout=timeout)
+
+    def _remember_miss(self, peer_id: str, now: float) -> None:
+        """Skip the lane to ``peer_id`` for a while; forgets misses that have run out."""
+        for peer in [p for p, until in self._no_lane_until.items() if until <= now]:
+            del self._no_lane_until[peer]
+        self._no_lane_until[peer_id] = now + NO_LANE_MEMORY_S
 
     async def _open_lane(self, peer_id: str, protocol_id: str, timeout: float) -> FramedStream:
         ticket_stream = await self.node.open_stream(peer_id, codec.PROTOCOL_ID, timeout=timeout)

@@ -84,3 +84,13 @@ async def test_bad_input_gives_one_line_and_exit_2(args: list[str], message: byt
     assert result.returncode == 2
     assert message in result.stderr
     assert len(result.stderr.strip().splitlines()) == 1
+
+
+def test_lane_flags_reach_the_node_config(tmp_path: Path) -> None:
+    from p2pedge.node.cli import _config, build_parser
+
+    base = ["run", "--data-dir", str(tmp_path)]
+    default = _config(build_parser().parse_args(base))
+    assert default.direct_lane and default.direct_lane_port == 0
+    chosen = _config(build_parser().parse_args([*base, "--lane-port", "4002", "--no-direct-lane"]))
+    assert not chosen.direct_lane and chosen.direct_lane_port == 4002

@@ -3,11 +3,12 @@ the node's admission rules."""
 
 from __future__ import annotations
 
+import socket
 from collections.abc import Callable
 
 import pytest
 
-from p2pedge.errors import PeerUnavailable
+from p2pedge.errors import ConfigError, PeerUnavailable
 from p2pedge.node.config import NodeConfig
 from p2pedge.node.lanes import lane_host
 from p2pedge.node.node import Node
@@ -64,6 +65,21 @@ async def test_lane_does_not_bypass_the_allow_list(config: Config) -> None:
             with pytest.raises(PeerUnavailable):
                 await b.lanes.open(a.peer_id, PROTO, timeout=3)
             assert a.lanes.server is not None and a.lanes.server.accepted == 0
+
+
+async def test_lane_port_is_configurable_and_a_taken_port_is_a_clear_error(
+    config: Config,
+) -> None:
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        async with Node(config("a", direct_lane_port=port)) as a:
+            with pytest.raises(ConfigError, match="direct lane"):
+                await a.lanes.serve(PROTO, echo)
+            assert a.lanes.server is None
+    with pytest.raises(ConfigError):
+        config("b", direct_lane_port=70000)
 
 
 def test_lane_listens_where_libp2p_listens() -> None:

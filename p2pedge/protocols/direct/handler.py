@@ -25,6 +25,7 @@ log = logging.getLogger(__name__)
 StreamHandler = Callable[[FramedStream, str], Awaitable[None]]
 DEFAULT_HELLO_TIMEOUT = 5.0
 DEFAULT_MAX_HANDSHAKES = 64
+DEFAULT_DIAL_TIMEOUT = 2.0
 _SOCKET_ERRORS = (trio.BrokenResourceError, trio.ClosedResourceError, OSError)
 
 
@@ -77,6 +78,7 @@ class DirectLane:
         self,
         *,
         host: str,
+        port: int = 0,
         book: TicketBook | None = None,
         hello_timeout: float = DEFAULT_HELLO_TIMEOUT,
         max_handshakes: int = DEFAULT_MAX_HANDSHAKES,
@@ -86,14 +88,14 @@ class DirectLane:
         self.hello_timeout = hello_timeout
         self.max_handshakes = max_handshakes
         self.handlers: dict[str, StreamHandler] = {}
-        self.port = 0
+        self.port = port
         self.accepted = 0
         self.rejected = 0
         self._handshakes = 0
 
     async def start(self, nursery: trio.Nursery) -> None:
-        """Listen on an OS-chosen port; connections live in ``nursery``."""
-        listeners = await trio.open_tcp_listeners(0, host=self.host)
+        """Listen (port 0: the OS chooses); connections live in ``nursery``."""
+        listeners = await trio.open_tcp_listeners(self.port, host=self.host)
         self.port = int(listeners[0].socket.getsockname()[1])
         serve = partial(trio.serve_listeners, self._serve_tcp, listeners, handler_nursery=nursery)
         nursery.start_soon(serve)
@@ -179,16 +181,25 @@ def remote_host(framed: FramedStream) -> str:
 
 
 async def open_direct(
-    ticket_stream: FramedStream, protocol: str, *, timeout: float, host: str | None = None
+    ticket_stream: FramedStream,
+    protocol: str,
+    *,
+    timeout: float,
+    dial_timeout: float = DEFAULT_DIAL_TIMEOUT,
+    host: str | None = None,
 ) -> SealedStream:
-    """Ask for a ticket on ``ticket_stream`` (libp2p), then dial and greet the lane."""
+    """Ask for a ticket on ``ticket_stream`` (libp2p), then dial and greet the lane.
+
+    The dial has its own short deadline: a firewalled lane port should cost a moment
+    before the caller falls back to libp2p, not the whole request timeout.
+    """
     await ticket_stream.send(codec.encode_request(codec.TicketRequest(protocol)))
     ticket = codec.decode_ticket(await ticket_stream.receive(timeout=timeout))
     if ticket.port == 0:
         raise PeerUnavailable(f"direct lane refused: {ticket.reason}")
     host = host or remote_host(ticket_stream)
     try:
-        with trio.fail_after(timeout):
+        with trio.fail_after(min(timeout, dial_timeout)):
             tcp = await trio.open_tcp_stream(host, ticket.port)
     except (trio.TooSlowError, OSError) as exc:
         where = f"{host}:{ticket.port}"
