@@ -56,6 +56,7 @@ async def test_generation_across_nodes_survives_a_dead_server(
         )
         async with session:
             assert [h.layers for h in session.route] == [LayerRange(0, 3), LayerRange(3, 6)]
+            assert (client.lanes.opened, client.lanes.fallbacks) == (2, 0)  # both hops on lanes
             tokens = [int(np.argmax(await session.extend(PROMPT)))]
             tokens.append(int(np.argmax(await session.extend([tokens[-1]]))))
             # Kill the server of blocks 3-6 mid-generation: its host closes.
@@ -66,4 +67,5 @@ async def test_generation_across_nodes_survives_a_dead_server(
             assert session.recoveries == 1
             assert session.route[1].peer_id != victim
             assert victim in session.banned()
+            assert client.lanes.opened == 3  # the replacement hop is on a lane too
     assert tokens == expected

@@ -160,7 +160,10 @@ class ShardedSession:
     # --- set-up and tear-down --------------------------------------------------------
 
     async def __aenter__(self) -> ShardedSession:
-        await self.start()
+        """Start unless already started (``open_sharded_session`` returns a started one;
+        starting twice would open a second chain and strand the first one's sessions)."""
+        if not self.hops:
+            await self.start()
         return self
 
     async def __aexit__(self, *exc: object) -> None:
