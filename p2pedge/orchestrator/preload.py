@@ -134,12 +134,13 @@ class ThinkTimes:
     """
 
     window: int = 64
-    samples: deque[float] = field(default_factory=deque)
+    samples: deque[float] = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.samples = deque(maxlen=self.window)
 
     def add(self, seconds: float) -> None:
         self.samples.append(max(0.0, seconds))
-        while len(self.samples) > self.window:
-            self.samples.popleft()
 
     def arrival_risk(self, load_s: float, elapsed_s: float) -> float:
         later = [t for t in self.samples if t > elapsed_s]

@@ -133,6 +133,28 @@ async def test_expired_tickets_and_unknown_protocols_are_refused() -> None:
         nursery.cancel_scope.cancel()
 
 
+async def test_an_oversized_ticket_request_is_refused_unread() -> None:
+    async with trio.open_nursery() as nursery:
+        lane = await start_lane(nursery)
+        server_side, client_side = _framed_pair()
+        done = trio.Event()
+
+        async def serve() -> None:
+            await lane.handle_ticket(server_side, "peer-c")
+            done.set()
+
+        nursery.start_soon(serve)
+        padded = codec.encode_request(codec.TicketRequest(PROTO)) | {"pad": b"x" * 2000}
+        await client_side.send(padded)
+        await done.wait()
+        assert len(lane.book) == 0  # no ticket for a frame over the limit
+        control_server, control_client = _framed_pair()
+        nursery.start_soon(lane.handle_ticket, control_server, "peer-c")
+        await control_client.send(codec.encode_request(codec.TicketRequest(PROTO)))
+        assert codec.decode_ticket(await control_client.receive(timeout=5)).port == lane.port
+        nursery.cancel_scope.cancel()
+
+
 def _framed_pair() -> tuple[FramedStream, FramedStream]:
     from p2pedge.protocols._stream import memory_stream_pair
 

@@ -105,6 +105,7 @@ class DirectLane:
 
     async def handle_ticket(self, framed: FramedStream, peer_id: str) -> None:
         """libp2p side: one ticket request, one answer (a refusal is an answer too)."""
+        framed = FramedStream(framed.stream, max_frame=codec.MAX_TICKET_FRAME)  # unread yet
         try:
             request = codec.decode_request(await framed.receive(timeout=self.hello_timeout))
         except RemoteProtocolError as exc:
@@ -193,6 +194,7 @@ async def open_direct(
     The dial has its own short deadline: a firewalled lane port should cost a moment
     before the caller falls back to libp2p, not the whole request timeout.
     """
+    ticket_stream = FramedStream(ticket_stream.stream, max_frame=codec.MAX_TICKET_FRAME)
     await ticket_stream.send(codec.encode_request(codec.TicketRequest(protocol)))
     ticket = codec.decode_ticket(await ticket_stream.receive(timeout=timeout))
     if ticket.port == 0:
