@@ -168,3 +168,21 @@ def test_busy_when_bucket_empty_then_refills() -> None:
 def test_forgotten_peer_release_is_local_error() -> None:
     with pytest.raises(LocalProtocolError):
         BlobServerGate().release("nobody")
+
+
+def test_churning_other_peers_does_not_refill_a_drained_bucket() -> None:
+    """Forgetting a drained peer to make room must not hand it a full burst on return."""
+    gate = BlobServerGate(GateLimits(rate=1.0, burst=2.0, max_tracked_peers=2))
+    request = ChunkRequest(DIGEST, 0, 4096)
+    for _ in range(2):
+        assert gate.admit("drained", request, 0.0)
+        gate.release("drained")
+    assert not gate.admit("drained", request, 0.0)
+    for stranger in ("s1", "s2", "s3"):  # each new peer pushes the oldest idle one out
+        if gate.admit(stranger, request, 0.0):
+            gate.release(stranger)
+    assert gate.tracked_peers <= 2
+    assert not gate.admit("drained", request, 0.0)  # still owes its burst
+    # newcomers share that debt until the forgotten bucket would have refilled
+    assert not gate.admit("s4", request, 0.5)
+    assert gate.admit("drained", request, 1.0)  # one token back after a second

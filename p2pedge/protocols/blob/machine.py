@@ -106,13 +106,19 @@ class BlobServerGate:
         self.limits = limits or GateLimits()
         self._peers: OrderedDict[str, _PeerBudget] = OrderedDict()
         self.in_flight = 0
+        # until then a forgotten bucket could still be short of full, so an untracked
+        # peer (perhaps that one, back again) must not start with a full burst
+        self._refilled_at = float("-inf")
+        self._now = float("-inf")  # the latest time seen, for trimming on release
 
     def _budget(self, peer: str, now: float) -> _PeerBudget:
+        self._now = max(self._now, now)
         budget = self._peers.get(peer)
         if budget is None:
-            budget = _PeerBudget(tokens=self.limits.burst, updated=now)
+            owed = max(0.0, self._refilled_at - now) * self.limits.rate
+            budget = _PeerBudget(tokens=max(0.0, self.limits.burst - owed), updated=now)
             self._peers[peer] = budget
-            self._forget_idle()
+            self._forget_idle(now, keep=peer)
         else:
             self._peers.move_to_end(peer)
             elapsed = max(0.0, now - budget.updated)
@@ -120,9 +126,17 @@ class BlobServerGate:
             budget.updated = max(budget.updated, now)
         return budget
 
-    def _forget_idle(self) -> None:
+    def _forget_idle(self, now: float, keep: str | None = None) -> None:
+        """Drop the oldest idle peers beyond the cap, full buckets first (nothing lost)."""
         excess = len(self._peers) - self.limits.max_tracked_peers
-        for peer in [p for p, b in self._peers.items() if b.in_flight == 0][: max(0, excess)]:
+        if excess <= 0:
+            return
+        idle = [(p, b) for p, b in self._peers.items() if b.in_flight == 0 and p != keep]
+        full_at = {
+            p: b.updated + (self.limits.burst - b.tokens) / self.limits.rate for p, b in idle
+        }
+        for peer, _ in sorted(idle, key=lambda item: full_at[item[0]] > now)[:excess]:
+            self._refilled_at = max(self._refilled_at, full_at[peer])
             del self._peers[peer]
 
     def admit(self, peer: str, request: Request, now: float) -> bool:
@@ -147,6 +161,8 @@ class BlobServerGate:
             raise LocalProtocolError(f"release for {peer} without an admitted request")
         budget.in_flight -= 1
         self.in_flight -= 1
+        if budget.in_flight == 0:  # the table may have grown past the cap while all were busy
+            self._forget_idle(self._now)
 
     def peer_in_flight(self, peer: str) -> int:
         budget = self._peers.get(peer)
