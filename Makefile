@@ -48,13 +48,17 @@ clean:
 	rm -rf $(VENV) .cache build *.egg-info
 
 # llama.cpp for the side-by-side decode benchmarks only (not a dependency, not part of test/demo):
-# the llama-cpp-python sdist bundles llama.cpp; build its llama-bench under .cache/llamacpp.
+# the llama-cpp-python sdist bundles llama.cpp; build its llama-bench under .cache/llamacpp, and
+# its Python binding over shared libraries (.cache/llamacpp/pyllama) for llama.cpp's own answer.
 LLAMACPP_VERSION := 0.3.36
 LLAMACPP := .cache/llamacpp
 LLAMACPP_SRC := $(LLAMACPP)/llama_cpp_python-$(LLAMACPP_VERSION)/vendor/llama.cpp
 LLAMA_BENCH_BIN := $(LLAMACPP)/build/bin/llama-bench
+LLAMA_PY := $(LLAMACPP)/pyllama/llama_cpp/lib/libllama.so
+LLAMACPP_FLAGS := -DCMAKE_BUILD_TYPE=Release -DGGML_NATIVE=ON -DLLAMA_BUILD_TESTS=OFF \
+	-DLLAMA_BUILD_EXAMPLES=OFF -DLLAMA_BUILD_SERVER=OFF -DLLAMA_BUILD_APP=OFF -DLLAMA_OPENSSL=OFF
 
-llamacpp: $(LLAMA_BENCH_BIN)
+llamacpp: $(LLAMA_BENCH_BIN) $(LLAMA_PY)
 	@echo "run: LLAMA_BENCH=$(abspath $(LLAMA_BENCH_BIN)) $(PY) benchmarks/decode.py"
 
 $(LLAMA_BENCH_BIN): $(STAMP)
@@ -63,7 +67,16 @@ $(LLAMA_BENCH_BIN): $(STAMP)
 		--no-deps --no-binary :all: llama-cpp-python==$(LLAMACPP_VERSION) -d $(LLAMACPP)
 	test -d $(LLAMACPP_SRC) || tar -xzf $(LLAMACPP)/llama_cpp_python-$(LLAMACPP_VERSION).tar.gz \
 		-C $(LLAMACPP)
-	cmake -S $(LLAMACPP_SRC) -B $(LLAMACPP)/build -DCMAKE_BUILD_TYPE=Release -DGGML_NATIVE=ON \
-		-DBUILD_SHARED_LIBS=OFF -DLLAMA_BUILD_TESTS=OFF -DLLAMA_BUILD_EXAMPLES=OFF \
-		-DLLAMA_BUILD_SERVER=OFF -DLLAMA_BUILD_APP=OFF -DLLAMA_OPENSSL=OFF
+	cmake -S $(LLAMACPP_SRC) -B $(LLAMACPP)/build $(LLAMACPP_FLAGS) -DBUILD_SHARED_LIBS=OFF
 	nice cmake --build $(LLAMACPP)/build --target llama-bench -j $$(nproc)
+
+$(LLAMA_PY): $(LLAMA_BENCH_BIN)
+	cmake -S $(LLAMACPP_SRC) -B $(LLAMACPP)/build-shared $(LLAMACPP_FLAGS) -DBUILD_SHARED_LIBS=ON \
+		-DLLAMA_BUILD_TOOLS=OFF
+	nice cmake --build $(LLAMACPP)/build-shared --target llama -j $$(nproc)
+	rm -rf $(LLAMACPP)/pyllama
+	mkdir -p $(LLAMACPP)/pyllama
+	cp -r $(LLAMACPP)/llama_cpp_python-$(LLAMACPP_VERSION)/llama_cpp $(LLAMACPP)/pyllama/
+	mkdir -p $(LLAMACPP)/pyllama/llama_cpp/lib
+	cp -P $(LLAMACPP)/build-shared/bin/lib*.so* $(LLAMACPP)/pyllama/llama_cpp/lib/
+	$(PY) -m pip install -q --no-deps --target $(LLAMACPP)/pyllama diskcache==5.6.3

@@ -56,6 +56,9 @@ DOC = ROOT / "docs" / "benchmarks.md"
 SECTION = "decode"
 THREADS = 2
 QUESTION = "Write a short story about a robot who learns to paint."
+CHECK = "What is the capital of France?"  # the real-model test's question
+CHECK_TOKENS = 10
+LLAMA_PY = ROOT / ".cache" / "llamacpp" / "pyllama"  # `make llamacpp` puts the binding here
 LLAMACPP_HOWTO = "set LLAMA_BENCH=/path/to/llama-bench (`make llamacpp`, docs/runtime.md)"
 
 
@@ -84,6 +87,31 @@ def timed_decode(
         tokens.append(int(gen.get_next_tokens()[0]))
     end = time.perf_counter()
     return first - start, (len(tokens) - 1) / (end - first), tokens
+
+
+def answer(model: og.Model, tok: og.Tokenizer) -> str:
+    """The variant's greedy reply to CHECK (what tests/ asks the default model)."""
+    chat = json.dumps([{"role": "user", "content": CHECK}])
+    prompt = [int(i) for i in tok.encode(tok.apply_chat_template(chat, add_generation_prompt=True))]
+    return tok.decode(timed_decode(model, prompt, CHECK_TOKENS)[2])
+
+
+def llama_answer(gguf: Path = GGUF) -> str | None:
+    """llama.cpp's own greedy reply to CHECK on the same GGUF, or None without a binding."""
+    if LLAMA_PY.is_dir() and str(LLAMA_PY) not in sys.path:
+        sys.path.append(str(LLAMA_PY))
+    try:
+        import llama_cpp
+    except ImportError:
+        return None
+    llm = llama_cpp.Llama(model_path=str(gguf), n_threads=THREADS, verbose=False)
+    reply = llm.create_chat_completion(
+        messages=[{"role": "user", "content": CHECK}],
+        temperature=0.0,
+        top_k=1,
+        max_tokens=CHECK_TOKENS,
+    )
+    return str(reply["choices"][0]["message"]["content"])
 
 
 def forced_agreement(model: og.Model, prompt: list[int], target: list[int]) -> float:
@@ -163,6 +191,10 @@ def llamacpp(
     return f"llama-cpp-python {version}", _llama_cpp_python_round(gguf, prompt, n_tokens)
 
 
+def _cell(text: str) -> str:
+    return '"' + " ".join(text.split()).replace("|", "/") + '"'
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--tokens", type=int, default=64, help="tokens decoded per run")
@@ -197,8 +229,11 @@ def main(argv: list[str] | None = None) -> int:
             llama_runs.append(llama_round())
     reference = outputs["fp32"]
     agreement: dict[str, float] = {}
+    replies: dict[str, str] = {}
     for name, model in models.items():
         agreement[name] = forced_agreement(model, prompt, reference)
+        replies[name] = answer(model, tok)
+    llama_reply = llama_answer()
     disk = {name: sum(f.stat().st_size for f in d.iterdir()) / 1e6 for name, d in dirs.items()}
     del models
 
@@ -213,18 +248,22 @@ def main(argv: list[str] | None = None) -> int:
     llama_tok_s = statistics.median(llama_runs) if llama_runs else None
     lines = [
         "| variant | decode tok/s | vs fp32 | vs llama.cpp | prefill ms | top-1 agreement"
-        " | same greedy prefix | disk MB |",
-        "|---|---|---|---|---|---|---|---|",
+        " | same greedy prefix | disk MB | greedy reply to the test question |",
+        "|---|---|---|---|---|---|---|---|---|",
     ]
     for name in tok_s:
         vs_llama = f"{tok_s[name] / llama_tok_s:.2f}x" if llama_tok_s else "-"
         lines.append(
             f"| {name} | {tok_s[name]:.1f} | {tok_s[name] / tok_s['fp32']:.2f}x | {vs_llama} | "
             f"{prefill[name] * 1000:.0f} | {agreement[name]:.3f} | {same[name]}/{args.tokens} | "
-            f"{disk[name]:.0f} |"
+            f"{disk[name]:.0f} | {_cell(replies[name])} |"
         )
-    if llama_tok_s:
-        lines.append(f"| llama.cpp (same GGUF) | {llama_tok_s:.1f} | - | 1.00x | - | - | - | - |")
+    if llama_tok_s or llama_reply is not None:
+        speed = f"{llama_tok_s:.1f}" if llama_tok_s else "-"
+        reply_cell = "-" if llama_reply is None else _cell(llama_reply)
+        lines.append(
+            f"| llama.cpp (same GGUF) | {speed} | - | 1.00x | - | - | - | - | {reply_cell} |"
+        )
     table = "\n".join(lines)
     load_avg = os.getloadavg()[0]  # other work on the box skews absolute tok/s, not ratios
     print(table)
@@ -239,7 +278,10 @@ def main(argv: list[str] | None = None) -> int:
             f"onnxruntime-genai {og.__version__}, CPU, {THREADS} intra-op threads, greedy, "
             f"{len(prompt)}-token chat prompt, {args.tokens} tokens per run (EOS held off), "
             f"median of {args.rounds} interleaved rounds. Agreement: teacher-forced top-1 match "
-            f"with the fp32 variant's greedy continuation. llama.cpp: {llama_how}.\n\n" + table
+            f"with the fp32 variant's greedy continuation. Reply: greedy, {CHECK_TOKENS} tokens, "
+            f"to the real-model test's question {CHECK!r}; llama.cpp's comes from its Python "
+            "binding (`make llamacpp`) with its own chat template. "
+            f"llama.cpp: {llama_how}.\n\n" + table
         )
         write_section(SECTION, body, DOC)
     pairs = [f"{name}_tok_s={tok_s[name]:.1f}" for name in reversed(tok_s)]

@@ -13,7 +13,9 @@ Shard servers are real ``python -m p2pedge.node --serve`` processes on 127.0.0.1
    server) and the 3-hop chain decode the same tokens in lock-step, alternating which
    goes first; both do the same compute, so per token ``(t3 - t1) / 2`` is what one
    extra hop adds (framing, msgpack, loopback TCP, two process wake-ups, one more
-   onnxruntime run, the client's bookkeeping).
+   onnxruntime run, the client's bookkeeping). The client also runs the three shard
+   graphs itself on the same tokens, so each hop's round trip splits into compute and
+   the rest.
 
 Run ``make model`` first, then ``python benchmarks/sharded.py [--tokens N] [--rounds R]``;
 server data (and the shard graphs built on first use) stay in ``.cache/bench-sharded``.
@@ -30,12 +32,13 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import IO, Any
 
 import numpy as np
+import numpy.typing as npt
 import psutil
 import trio
 
@@ -49,7 +52,12 @@ from p2pedge.node.node import Node  # noqa: E402
 from p2pedge.planning.routes import Hop, ServerOption  # noqa: E402
 from p2pedge.protocols._stream import FramedStream  # noqa: E402
 from p2pedge.protocols.pipeline.client import ClientConfig, ShardedSession  # noqa: E402
-from p2pedge.protocols.pipeline.serving import open_sharded_session  # noqa: E402
+from p2pedge.protocols.pipeline.serving import (  # noqa: E402
+    ensure_shard_dir,
+    open_sharded_session,
+)
+from p2pedge.runtime.config import RuntimeConfig  # noqa: E402
+from p2pedge.runtime.shard_session import ShardModel, ShardSession  # noqa: E402
 from p2pedge.runtime.text import TextCodec  # noqa: E402
 from p2pedge.testing.tiny import REAL_MODEL_NAME, models_dir  # noqa: E402
 
@@ -64,6 +72,9 @@ CONCURRENT_PROMPTS = [
     "Write a letter to a friend about your new garden.",
 ]
 STEP_TIMEOUT = 30.0
+# every server inlines its decode steps, so the 0-30 server (about 45 ms a step here, near
+# the 50 ms default) is served like the thirds and the 1-hop vs 3-hop difference is hops
+INLINE_STEP_MS = 100
 WARMUP_TOKENS = 8
 CONCURRENT_TOKENS = 32
 
@@ -81,8 +92,16 @@ def _drain(pipe: IO[bytes]) -> None:
         pass
 
 
-def start_server(model_dir: Path, root: Path, name: str, layers: str, boot: str | None) -> Server:
+def start_server(
+    model_dir: Path,
+    root: Path,
+    name: str,
+    layers: str,
+    boot: str | None,
+    inline_step_ms: float = INLINE_STEP_MS,
+) -> Server:
     cmd = [sys.executable, "-m", "p2pedge.node", "--json", "--threads", "1"]
+    cmd += ["--inline-step-ms", str(inline_step_ms)]
     cmd += ["--data-dir", str(root / name), "--model", f"{MODEL}={model_dir}"]
     cmd += ["--serve", f"{MODEL}:{layers}", *(["--bootstrap", boot] if boot else [])]
     (root / name).mkdir(parents=True, exist_ok=True)
@@ -222,9 +241,26 @@ async def chain(node: Node, route: list[Hop], max_length: int) -> ShardedSession
     return session
 
 
-def cpu_seconds(servers: Sequence[Server]) -> float:
-    """User + system CPU the servers' processes have used so far."""
-    return sum(sum(psutil.Process(s.proc.pid).cpu_times()[:2]) for s in servers)
+def in_process_thirds(root: Path, model_dir: Path) -> list[ShardModel]:
+    """The servers' own shard graphs loaded in this process (1 thread), for a compute-only
+    baseline of each hop measured in the same rounds."""
+    models = []
+    for i, layers in enumerate(THIRDS):
+        shard_dir = ensure_shard_dir(
+            model_dir, LayerRange.parse(layers), root / f"shard{i}" / "shards"
+        )
+        models.append(ShardModel.from_dir(shard_dir, RuntimeConfig(intra_op_threads=1)))
+    return models
+
+
+def compute_only(thirds: Sequence[ShardSession], x: npt.NDArray[Any], start: int) -> list[float]:
+    """Seconds each third takes on ``x`` at ``start``, chained as the servers would."""
+    took = []
+    for shard in thirds:
+        began = time.perf_counter()
+        x = shard.step(x, start)
+        took.append(time.perf_counter() - began)
+    return took
 
 
 async def timed_extend(session: ShardedSession, token: int) -> tuple[float, int, list[float]]:
@@ -237,47 +273,54 @@ async def timed_extend(session: ShardedSession, token: int) -> tuple[float, int,
 
 
 async def hop_latency(
-    node: Node, whole: Server, thirds: Sequence[Server], prompt: list[int], tokens: int, rounds: int
+    node: Node,
+    whole: Server,
+    thirds: Sequence[Server],
+    prompt: list[int],
+    tokens: int,
+    rounds: int,
+    local_thirds: Callable[[], list[ShardSession]],
 ) -> dict[str, Any]:
     one_route = [Hop(whole.peer_id, LayerRange.parse(whole.layers))]
     three_route = [Hop(s.peer_id, LayerRange.parse(s.layers)) for s in thirds]
     t1s: list[float] = []
     t3s: list[float] = []
     hop_rtts: list[list[float]] = [[] for _ in thirds]
+    hop_compute: list[list[float]] = [[] for _ in thirds]
     mismatches = 0
-    cpu = {"whole": 0.0, "thirds": 0.0}
     for rnd in range(rounds + 1):  # round 0 warms both chains up and is not kept
         s1 = await chain(node, one_route, len(prompt) + tokens + 2)
         s3 = await chain(node, three_route, len(prompt) + tokens + 2)
+        local = local_thirds()
         try:
             token = int(np.argmax(await s1.extend(prompt)))
             mismatches += token != int(np.argmax(await s3.extend(prompt)))
-            round_t1, round_t3, round_hops = [], [], []
-            cpu_before = {"whole": cpu_seconds([whole]), "thirds": cpu_seconds(thirds)}
+            compute_only(local, np.asarray([prompt], dtype=np.int64), 0)
+            round_t1, round_t3, round_hops, round_compute = [], [], [], []
             for i in range(tokens if rnd > 0 else WARMUP_TOKENS):
+                position = len(prompt) + i
                 if i % 2 == 0:
                     t1, next1, _ = await timed_extend(s1, token)
                     t3, next3, hops = await timed_extend(s3, token)
                 else:
                     t3, next3, hops = await timed_extend(s3, token)
                     t1, next1, _ = await timed_extend(s1, token)
+                round_compute.append(compute_only(local, np.asarray([[token]]), position))
                 mismatches += next1 != next3
                 token = next3
                 round_t1.append(t1)
                 round_t3.append(t3)
                 round_hops.append(hops)
-            if rnd > 0:
-                cpu["whole"] += cpu_seconds([whole]) - cpu_before["whole"]
-                cpu["thirds"] += cpu_seconds(thirds) - cpu_before["thirds"]
         finally:
             await s1.aclose()
             await s3.aclose()
         if rnd > 0:
             t1s += round_t1
             t3s += round_t3
-            for hops in round_hops:
-                for k, rtt in enumerate(hops):
+            for hops, computed in zip(round_hops, round_compute, strict=True):
+                for k, (rtt, own) in enumerate(zip(hops, computed, strict=True)):
                     hop_rtts[k].append(rtt)
+                    hop_compute[k].append(own)
     added = [(t3 - t1) / 2 for t1, t3 in zip(t1s, t3s, strict=True)]
     client = [t3 - sum(h) for t3, h in zip(t3s, zip(*hop_rtts, strict=True), strict=True)]
     return {
@@ -285,10 +328,9 @@ async def hop_latency(
         "t1": t1s,
         "t3": t3s,
         "hop_rtts": hop_rtts,
+        "hop_compute": hop_compute,
         "client": client,
         "mismatches": mismatches,
-        "cpu_whole": cpu["whole"] / len(t1s),
-        "cpu_thirds": cpu["thirds"] / len(t1s),
     }
 
 
@@ -330,12 +372,14 @@ def report(lvs: dict[str, Any], conc: dict[str, Any], hop: dict[str, Any], args:
             "",
         ],
     ]
-    for k, rtts in enumerate(hop["hop_rtts"]):
+    for k, (rtts, own) in enumerate(zip(hop["hop_rtts"], hop["hop_compute"], strict=True)):
+        overhead = [r - c for r, c in zip(rtts, own, strict=True)]
         rows.append(
             [
-                f"  hop {k} ({THIRDS[k]}) round trip at the client, median",
-                f"{ms(statistics.median(rtts))} ms",
-                "server compute + transport",
+                f"  hop {k} ({THIRDS[k]}): round trip at the client / same blocks in-process, "
+                "median",
+                f"{ms(statistics.median(rtts))} / {ms(statistics.median(own))} ms",
+                f"{ms(statistics.median(overhead))} ms beyond compute",
             ]
         )
     rows += [
@@ -343,11 +387,6 @@ def report(lvs: dict[str, Any], conc: dict[str, Any], hop: dict[str, Any], args:
             "  client time outside hop round trips, median",
             f"{ms(statistics.median(hop['client']))} ms",
             "history, events, argmax",
-        ],
-        [
-            "server CPU per token: 1 process (0-30) / 3 processes (sum), mean",
-            f"{ms(hop['cpu_whole'])} / {ms(hop['cpu_thirds'])} ms",
-            f"{ms((hop['cpu_thirds'] - hop['cpu_whole']) / 2)} ms more per extra hop",
         ],
         ["decode, 1 session", f"{conc['one']:.1f} tok/s", "baseline"],
         [
@@ -377,10 +416,17 @@ def report(lvs: dict[str, Any], conc: dict[str, Any], hop: dict[str, Any], args:
         f"{WARMUP_TOKENS}-token warm-up). Its p95 carries scheduling noise from both "
         "chains. Token mismatches "
         f"between the chains: {hop['mismatches']}. Hop round trips are `ShardConnection` "
-        "busy time per token (send to reply); server CPU is user + system time of the server "
-        "processes (psutil, 10 ms ticks) over the timed tokens: less sensitive to "
-        "contention than wall time, not immune to it. "
-        "The client's CPU per token covers the whole call "
+        "busy time per token (send to reply); the in-process figure is the same shard graph "
+        "run in the client process on the same token right after, so round trip minus it is "
+        "what a hop costs beyond its compute (framing, sealing, loopback TCP, waking an idle "
+        "process; see the transport section for this machine's floor). Servers run with "
+        f"`--inline-step-ms {args.inline_step_ms:g}`"
+        + (
+            ", so every server, the 0-30 one included, runs decode steps on its trio thread. "
+            if args.inline_step_ms >= INLINE_STEP_MS
+            else ". "
+        )
+        + "The client's CPU per token covers the whole call "
         "(prefill included): for local that is the model itself.",
         f"Concurrency: decode tok/s summed over 4 sessions decoding {CONCURRENT_TOKENS} "
         "tokens each "
@@ -399,20 +445,29 @@ async def run(args: Any, model_dir: Path, root: Path) -> tuple[str, dict[str, st
     prompt = codec.prompt_ids(messages=PROMPT, prompt=None)
     servers: list[Server] = []
     try:
-        servers.append(start_server(model_dir, root, "shard0", THIRDS[0], None))
+        inline = args.inline_step_ms
+        servers.append(start_server(model_dir, root, "shard0", THIRDS[0], None, inline))
         boot = servers[0].addr
         for i, layers in enumerate(THIRDS[1:], start=1):
-            servers.append(start_server(model_dir, root, f"shard{i}", layers, boot))
+            servers.append(start_server(model_dir, root, f"shard{i}", layers, boot, inline))
         print(f"3 shard servers up: {', '.join(s.layers for s in servers)}", flush=True)
         async with Node(client_config(root, "client-a", servers, model_dir)) as node:
             lvs = await local_vs_sharded(node, args.tokens, args.rounds)
             print(f"local {lvs['local']:.1f} tok/s, sharded {lvs['sharded']:.1f} tok/s", flush=True)
             conc = await concurrency(node, codec, CONCURRENT_TOKENS, args.rounds)
             print(f"1 session {conc['one']:.1f}, 4 sessions {conc['four']:.1f} tok/s", flush=True)
-        whole = start_server(model_dir, root, "whole", f"0-{N_LAYERS}", boot)
+        whole = start_server(model_dir, root, "whole", f"0-{N_LAYERS}", boot, inline)
         servers.append(whole)
         async with Node(client_config(root, "client-b", servers, model_dir)) as node:
-            hop = await hop_latency(node, whole, servers[:3], prompt, args.tokens, args.rounds)
+            max_length = len(prompt) + args.tokens + 2
+            models = in_process_thirds(root, model_dir)
+
+            def local_thirds() -> list[ShardSession]:
+                return [m.new_session(max_length) for m in models]
+
+            hop = await hop_latency(
+                node, whole, servers[:3], prompt, args.tokens, args.rounds, local_thirds
+            )
     finally:
         stop(servers)
     headline = {
@@ -428,6 +483,12 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--tokens", type=int, default=48, help="new tokens per run")
     ap.add_argument("--rounds", type=int, default=3, help="timed runs per measure")
     ap.add_argument("--data-dir", type=Path, default=None, help="server dirs (shards are kept)")
+    ap.add_argument(
+        "--inline-step-ms",
+        type=float,
+        default=INLINE_STEP_MS,
+        help="the servers' --inline-step-ms (0: every step in a worker thread)",
+    )
     ap.add_argument("--no-doc", action="store_true", help="do not update docs/benchmarks.md")
     args = ap.parse_args(argv)
     model_dir = models_dir() / REAL_MODEL_NAME

@@ -7,19 +7,30 @@ waits for the echo, and repeats. 2304 bytes is one SmolLM2 token's fp32 hidden s
 a pipeline hop carries while decoding). Client CPU per round trip is measured too: on a
 small machine it competes with the shards' compute.
 
-``python benchmarks/transport.py [--trips N] [--size BYTES] [--no-doc]``
+A second table measures the same echo when the server first works for ``--work-ms``
+(13 ms: a third of SmolLM2's decode step here), as a shard server does: what a reply
+costs beyond the work once both sides have sat idle. Three paths: plain blocking TCP in a
+thread (no trio, no libp2p: the machine's floor), the lane with the work on the trio
+thread, and the lane with the work in ``trio.to_thread`` (as the pipeline server runs
+onnxruntime). On a VM an idle vCPU halts, and waking it again is slow.
+
+``python benchmarks/transport.py [--trips N] [--size BYTES] [--work-ms MS] [--no-doc]``
 """
 
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
+import socket
 import statistics
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from pathlib import Path
+from typing import Any
 
 import trio
 
@@ -33,6 +44,39 @@ from p2pedge.protocols._stream import FramedStream  # noqa: E402
 
 PROTO = "/p2pedge/bench-echo/1.0.0"
 WARMUP = 50
+# first payload byte: how the server treats the frame before echoing it
+ECHO, WORK_INLINE, WORK_THREAD = 0, 1, 2
+WORK_CHUNK = bytes(1 << 16)  # hashing it releases the GIL, like onnxruntime's compute
+
+
+def work(seconds: float) -> None:
+    """Keep one core busy for ``seconds`` without holding the GIL for long."""
+    end = time.perf_counter() + seconds
+    while time.perf_counter() < end:
+        hashlib.sha256(WORK_CHUNK)
+
+
+def serve_plain(listener: socket.socket, work_s: float) -> None:
+    """Blocking TCP echo with the same framing (4-byte length), one client at a time."""
+    while True:
+        conn, _ = listener.accept()
+        conn.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        with conn:
+            while header := _read_exact(conn, 4):
+                data = _read_exact(conn, int.from_bytes(header, "big"))
+                if data[:1] != bytes([ECHO]):
+                    work(work_s)
+                conn.sendall(header + data)
+
+
+def _read_exact(conn: socket.socket, n: int) -> bytes:
+    buf = bytearray()
+    while len(buf) < n:
+        chunk = conn.recv(n - len(buf))
+        if not chunk:
+            return b""
+        buf += chunk
+    return bytes(buf)
 
 
 def node_config() -> NodeConfig:
@@ -44,21 +88,31 @@ def node_config() -> NodeConfig:
     )
 
 
-async def serve() -> None:
+async def serve(work_s: float) -> None:
     async def echo(stream: FramedStream, peer_id: str) -> None:
         while True:
-            await stream.send_bytes(await stream.receive_bytes())
+            data = await stream.receive_bytes()
+            if data[:1] == bytes([WORK_INLINE]):
+                work(work_s)
+            elif data[:1] == bytes([WORK_THREAD]):
+                await trio.to_thread.run_sync(work, work_s)
+            await stream.send_bytes(data)
 
+    listener = socket.create_server(("127.0.0.1", 0))
+    threading.Thread(target=serve_plain, args=(listener, work_s), daemon=True).start()
     async with Node(node_config()) as node:
         node.set_stream_handler(PROTO, echo)
         await node.lanes.serve(PROTO, echo)
-        print(json.dumps({"peer": node.peer_id, "addr": node.addrs[0]}), flush=True)
+        info = {"peer": node.peer_id, "addr": node.addrs[0], "plain": listener.getsockname()[1]}
+        print(json.dumps(info), flush=True)
         await trio.sleep_forever()
 
 
-async def trips(stream: FramedStream, payload: bytes, n: int) -> tuple[list[float], float]:
+async def trips(
+    stream: FramedStream, payload: bytes, n: int, warmup: int = WARMUP
+) -> tuple[list[float], float]:
     """Round-trip seconds of ``n`` echoes and the client's CPU seconds per trip."""
-    for _ in range(WARMUP):
+    for _ in range(warmup):
         await stream.send_bytes(payload)
         await stream.receive_bytes()
     times: list[float] = []
@@ -69,6 +123,47 @@ async def trips(stream: FramedStream, payload: bytes, n: int) -> tuple[list[floa
         await stream.receive_bytes()
         times.append(time.perf_counter() - began)
     return times, (time.process_time() - cpu) / n
+
+
+def plain_trips(port: int, payload: bytes, n: int) -> list[float]:
+    """Round-trip seconds of ``n`` echoes over blocking TCP (the floor without trio)."""
+    with socket.create_connection(("127.0.0.1", port)) as conn:
+        conn.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        frame = len(payload).to_bytes(4, "big") + payload
+        times: list[float] = []
+        for _ in range(n):
+            began = time.perf_counter()
+            conn.sendall(frame)
+            _read_exact(conn, len(frame))
+            times.append(time.perf_counter() - began)
+    return times
+
+
+async def measure_paused(
+    info: dict[str, Any], size: int, n: int, rounds: int, work_s: float
+) -> dict[str, list[float]]:
+    """Seconds beyond ``work_s`` per round trip when the server works before replying."""
+    results: dict[str, list[float]] = {name: [] for name in PAUSED}
+    async with Node(node_config()) as node:
+        peer = await node.connect(info["addr"])
+        lane = await node.lanes.open(peer, PROTO, timeout=10)
+        for _ in range(rounds):
+            for name, mode in PAUSED.items():
+                payload = bytes([mode]) + bytes(size - 1)
+                if name == "plain TCP, work inline":
+                    times = await trio.to_thread.run_sync(plain_trips, info["plain"], payload, n)
+                else:
+                    times = (await trips(lane, payload, n, warmup=2))[0]
+                results[name] += [t - work_s for t in times]
+        await lane.close()
+    return results
+
+
+PAUSED = {
+    "plain TCP, work inline": WORK_INLINE,
+    "lane, work on the trio thread": WORK_INLINE,
+    "lane, work in trio.to_thread": WORK_THREAD,
+}
 
 
 async def measure(addr: str, size: int, n: int, rounds: int) -> dict[str, list[float]]:
@@ -91,22 +186,27 @@ async def measure(addr: str, size: int, n: int, rounds: int) -> dict[str, list[f
 
 
 def main(argv: list[str] | None = None) -> int:
-    if (argv if argv is not None else sys.argv[1:]) == ["--serve"]:  # the echo process
-        trio.run(serve)
+    args_in = argv if argv is not None else sys.argv[1:]
+    if args_in[:1] == ["--serve"]:  # the echo process: --serve WORK_SECONDS
+        trio.run(serve, float(args_in[1]))
         return 0
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--trips", type=int, default=500, help="round trips per round and path")
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--size", type=int, default=2304, help="frame payload bytes")
+    ap.add_argument("--work-ms", type=float, default=13.0, help="server work per paused trip")
+    ap.add_argument("--paused-trips", type=int, default=60, help="paused trips per round and path")
     ap.add_argument("--no-doc", action="store_true")
-    args = ap.parse_args(argv)
+    args = ap.parse_args(args_in)
+    work_s = args.work_ms / 1000
     server = subprocess.Popen(
-        [sys.executable, __file__, "--serve"], stdout=subprocess.PIPE, cwd=str(ROOT)
+        [sys.executable, __file__, "--serve", str(work_s)], stdout=subprocess.PIPE, cwd=str(ROOT)
     )
     try:
         assert server.stdout is not None
         info = json.loads(server.stdout.readline())
         res = trio.run(measure, info["addr"], args.size, args.trips, args.rounds)
+        paused = trio.run(measure_paused, info, args.size, args.paused_trips, args.rounds, work_s)
     finally:
         server.terminate()
         server.wait()
@@ -120,6 +220,16 @@ def main(argv: list[str] | None = None) -> int:
         rows.append([name, f"{p50[name]:.0f}", f"{p95:.0f}", f"{cpu:.0f}"])
     body = table(["path", "round trip p50 µs", "p95 µs", "client CPU per trip µs"], rows)
     speedup = p50["libp2p"] / p50["lane"]
+    paused_p50 = {name: statistics.median(v) * 1e6 for name, v in paused.items()}
+    paused_rows = [
+        [name, f"{paused_p50[name]:.0f}", f"{sorted(v)[int(len(v) * 0.95)] * 1e6:.0f}"]
+        for name, v in paused.items()
+    ]
+    paused_body = table(["path", "beyond the work, p50 µs", "p95 µs"], paused_rows)
+    body += (
+        f"\n\nAfter a pause: the server works {args.work_ms:g} ms before each echo "
+        f"({args.paused_trips} trips per round and path, interleaved):\n\n{paused_body}"
+    )
     print(body)
     if not args.no_doc:
         write_section(
@@ -129,9 +239,16 @@ def main(argv: list[str] | None = None) -> int:
             f"SmolLM2 token's fp32 hidden state) echoed {args.trips} times per round, "
             f"{args.rounds} interleaved rounds. The libp2p path is py-libp2p 0.8.1 (TCP, Noise, "
             "yamux); the lane is sealed TCP (ChaCha20-Poly1305) set up over libp2p.\n\n"
-            f"{body}\n\nRound trip p50 speed-up of the lane: {speedup:.1f}x.",
+            f"{body}\n\nRound trip p50 speed-up of the lane: {speedup:.1f}x. "
+            "The paused rows are what one pipeline hop pays beyond its compute on this "
+            "machine, before any pipeline code runs.",
         )
-    print(f"lane_rtt_us={p50['lane']:.0f} libp2p_rtt_us={p50['libp2p']:.0f} speedup={speedup:.2f}")
+    floor = paused_p50["plain TCP, work inline"]
+    threaded = paused_p50["lane, work in trio.to_thread"]
+    print(
+        f"lane_rtt_us={p50['lane']:.0f} libp2p_rtt_us={p50['libp2p']:.0f} speedup={speedup:.2f} "
+        f"paused_plain_us={floor:.0f} paused_lane_thread_us={threaded:.0f}"
+    )
     return 0
 
 

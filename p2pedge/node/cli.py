@@ -65,6 +65,12 @@ def build_parser() -> argparse.ArgumentParser:
         "--threads", type=int, default=0, help="onnxruntime threads (default: all cores)"
     )
     run.add_argument(
+        "--inline-step-ms",
+        type=float,
+        default=50.0,
+        help="serve decode steps up to this long without a worker-thread hop (0: never)",
+    )
+    run.add_argument(
         "--lane-port",
         type=int,
         default=0,
@@ -99,6 +105,7 @@ def _config(args: argparse.Namespace, *, throwaway: bool = False) -> NodeConfig:
         threads=getattr(args, "threads", 0),
         direct_lane=not getattr(args, "no_direct_lane", False),
         direct_lane_port=getattr(args, "lane_port", 0),
+        inline_step_ms=getattr(args, "inline_step_ms", 50.0),
     )
 
 

@@ -55,6 +55,7 @@ class NodeConfig:
     identity_seed: bytes | None = None
     model_dirs: tuple[tuple[str, Path], ...] = ()
     shard_step_timeout: float = 10.0
+    inline_step_ms: float = 50.0  # decode steps this short skip the worker thread; 0: never
     direct_lane: bool = True
     direct_lane_port: int = 0  # 0: the OS picks; fix it to open one port in a firewall
 
@@ -74,6 +75,8 @@ class NodeConfig:
             object.__setattr__(self, name, tuple(value))
         if not 0 <= self.direct_lane_port <= 65535:
             raise ConfigError(f"direct_lane_port must be 0..65535, got {self.direct_lane_port}")
+        if not 0 <= self.inline_step_ms <= 1000:
+            raise ConfigError(f"inline_step_ms must be 0..1000, got {self.inline_step_ms}")
         if self.announce_interval <= 0:
             raise ConfigError("announce_interval must be positive")
         if self.card_ttl_factor < 1:

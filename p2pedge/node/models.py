@@ -150,6 +150,7 @@ class NodeModels:
                 serve,
                 shards_root=self.node.config.data_dir / "shards",
                 runtime=self.runtime,
+                inline_step_s=self.node.config.inline_step_ms / 1000,
             )
         except (ValueError, OSError) as exc:
             raise ModelLoadError(

@@ -94,3 +94,16 @@ def test_lane_flags_reach_the_node_config(tmp_path: Path) -> None:
     assert default.direct_lane and default.direct_lane_port == 0
     chosen = _config(build_parser().parse_args([*base, "--lane-port", "4002", "--no-direct-lane"]))
     assert not chosen.direct_lane and chosen.direct_lane_port == 4002
+
+
+def test_inline_step_flag_reaches_the_node_config_and_is_checked(tmp_path: Path) -> None:
+    from p2pedge.errors import ConfigError
+    from p2pedge.node.cli import _config, build_parser
+    from p2pedge.node.config import NodeConfig
+
+    base = ["run", "--data-dir", str(tmp_path)]
+    assert _config(build_parser().parse_args(base)).inline_step_ms == 50.0
+    off = _config(build_parser().parse_args([*base, "--inline-step-ms", "0"]))
+    assert off.inline_step_ms == 0.0
+    with pytest.raises(ConfigError, match="inline_step_ms"):
+        NodeConfig(data_dir=tmp_path, inline_step_ms=-1)

@@ -28,7 +28,12 @@ from p2pedge.planning.routes import NoRoute, ServerOption, options_from_cards
 from p2pedge.protocols._stream import FramedStream
 from p2pedge.protocols.pipeline.client import ClientConfig, ShardedSession
 from p2pedge.protocols.pipeline.codec import PROTOCOL_ID
-from p2pedge.protocols.pipeline.handler import DEFAULT_BUDGET_BYTES, PipelineServer, StreamHandler
+from p2pedge.protocols.pipeline.handler import (
+    DEFAULT_BUDGET_BYTES,
+    DEFAULT_INLINE_STEP_S,
+    PipelineServer,
+    StreamHandler,
+)
 from p2pedge.runtime.config import RuntimeConfig
 from p2pedge.runtime.shard_session import ShardModel
 
@@ -120,6 +125,7 @@ async def start_pipeline_server(
     runtime: RuntimeConfig | None = None,
     n_blocks: int | None = None,
     served_layers_factory: Callable[[str, int, int], Any] | None = None,
+    inline_step_s: float = DEFAULT_INLINE_STEP_S,
 ) -> PipelineServer:
     """Load (building if needed) each shard, register the protocol, update the card.
 
@@ -139,7 +145,7 @@ async def start_pipeline_server(
         shards[(model, layers)] = await trio.to_thread.run_sync(
             ShardModel.from_dir, shard_dir, runtime
         )
-    server = PipelineServer(shards, budget_bytes=budget_bytes)
+    server = PipelineServer(shards, budget_bytes=budget_bytes, inline_step_s=inline_step_s)
     server.register(node)
     await node.lanes.serve(PROTOCOL_ID, server.handle)
     node.set_layers_served([served_layers_factory(m, r.start, r.end) for m, r in sorted(shards)])
