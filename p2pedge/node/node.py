@@ -70,9 +70,11 @@ class Node(ModelsFacade):
         self._allowed = frozenset(self.config.allow_peers)
         self.started = False
         from p2pedge.node.lanes import Lanes
+        from p2pedge.node.latency import PeerLatency, libp2p_ping
         from p2pedge.node.models import NodeModels
 
         self.lanes = Lanes(self)
+        self.latency = PeerLatency(lambda peer: libp2p_ping(self.host, peer), own_peer=self.peer_id)
         self.models: NodeModels = NodeModels(self)
 
     # -- lifecycle ---------------------------------------------------------------------

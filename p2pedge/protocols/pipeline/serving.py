@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import json
 import logging
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Awaitable, Callable, Iterable, Sequence
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -53,6 +53,12 @@ class Lanes(Protocol):
     async def open(self, peer_id: str, protocol_id: str, *, timeout: float) -> FramedStream: ...
 
 
+class Latency(Protocol):
+    """Measured round trips to peers (see ``p2pedge.node.latency``)."""
+
+    async def rtts(self, peers: Iterable[str]) -> dict[str, float]: ...
+
+
 class PipelineNode(Protocol):
     """The Node methods the pipeline uses."""
 
@@ -72,6 +78,9 @@ class PipelineNode(Protocol):
     @property
     def card(self) -> Any: ...
 
+    @property
+    def latency(self) -> Latency: ...
+
 
 def model_layers(model_dir: Path) -> int:
     try:
@@ -82,8 +91,11 @@ def model_layers(model_dir: Path) -> int:
 
 
 async def swarm_options(node: PipelineNode, model: str) -> list[ServerOption]:
-    """What every known card (our own included) offers for ``model``."""
-    return options_from_cards(await node.find_peers(None), model)
+    """What every known card (our own included) offers for ``model``, with the measured
+    round trip to each offering peer (pinged when not measured in the last minute)."""
+    cards = await node.find_peers(None)
+    offering = {o.peer_id for o in options_from_cards(cards, model)}
+    return options_from_cards(cards, model, await node.latency.rtts(sorted(offering)))
 
 
 async def place(node: PipelineNode, model: str, n_layers: int, n_blocks: int) -> LayerRange:
