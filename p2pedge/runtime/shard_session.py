@@ -93,7 +93,8 @@ def _static(dim: Any, what: str) -> int:
 
 
 def gather_table_rows(model: str | Path | bytes) -> dict[str, int]:
-    """Rows of the tables that ``Gather`` indexes with each graph input.
+    """Rows of the tables that ``Gather`` (or ``RotaryEmbedding``'s cos cache) indexes
+    with each graph input.
 
     ``input_ids`` -> vocabulary size, ``position_ids`` -> context length (rotary table).
     Reads only the graph, not external weights: the runtime cannot tell us these, and a
@@ -109,9 +110,13 @@ def gather_table_rows(model: str | Path | bytes) -> dict[str, int]:
     rows: dict[str, int] = {}
     for node in proto.graph.node:
         if node.op_type == "Gather" and len(node.input) == 2:
-            table = dims.get(node.input[0])
-            if table and node.input[1] in (INPUT_IDS, POSITION_IDS):
-                rows[node.input[1]] = min(int(table[0]), rows.get(node.input[1], 1 << 62))
+            index, table = node.input[1], dims.get(node.input[0])
+        elif node.op_type == "RotaryEmbedding" and len(node.input) >= 3:
+            index, table = node.input[1], dims.get(node.input[2])
+        else:
+            continue
+        if table and index in (INPUT_IDS, POSITION_IDS):
+            rows[index] = min(int(table[0]), rows.get(index, 1 << 62))
     return rows
 
 

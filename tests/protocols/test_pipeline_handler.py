@@ -168,3 +168,21 @@ def test_layers_served_for_the_card(shards: dict[LayerRange, Any]) -> None:
         {"model": MODEL, "start": 0, "end": 2},
         {"model": MODEL, "start": 2, "end": 4},
     ]
+
+
+async def test_a_session_past_the_rotary_table_is_refused_at_open(
+    shards: dict[LayerRange, Any],
+) -> None:
+    """A middle shard has no position Gather; its bound comes from RotaryEmbedding's cos
+    cache, so a too-long session is a bad request, not an onnxruntime failure mid-step."""
+    assert {r: m.context_length for r, m in shards.items()} == {FIRST: 256, LAST: 256}
+    server = make_server(shards)
+    async with trio.open_nursery() as nursery:
+        ours, theirs = memory_stream_pair()
+        nursery.start_soon(server.handle, FramedStream(theirs), "test-peer")
+        client = Client(FramedStream(ours))
+        refused = await client.open(LAST, max_length=257)
+        assert isinstance(refused, codec.Error) and refused.code == codec.E_BAD_REQUEST
+        assert "256" in refused.message
+        assert isinstance(await client.open(LAST, max_length=256), codec.Opened)
+        nursery.cancel_scope.cancel()
