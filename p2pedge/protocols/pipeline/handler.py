@@ -8,9 +8,9 @@ stream (its sessions are freed), never the server or other streams.
 Steps run in worker threads so the node keeps serving while onnxruntime computes. A
 one-position (decode) step whose recent cost is within ``inline_step_s`` runs on the trio
 thread instead when no other step is running or queued: handing it to a thread and back
-costs two thread wake-ups, measured at about 0.9 ms per hop on a 2-vCPU VM
-(``benchmarks/transport.py``), 5-7% of a 13 ms step. The bound caps how long the event
-loop can stall.
+costs two thread wake-ups, 0.4-0.9 ms per hop on a 2-vCPU VM (``benchmarks/transport.py``),
+3-7% of a 13 ms step. The bound caps how long the event loop can stall (a shard that
+suddenly slows stalls it once, then its estimate moves it back to a thread).
 """
 
 from __future__ import annotations
