@@ -2,8 +2,9 @@
 and throughput with 1 vs 4 concurrent sessions, all in one run on this machine.
 
 Shard servers are real ``python -m p2pedge.node --serve`` processes on 127.0.0.1 with
-``--threads 1``; the client is an in-process :class:`~p2pedge.node.node.Node` with
-``threads=1`` too, so local and sharded decode each get one compute thread per step.
+``--threads 1`` and ``--inline-step-ms 100`` (``--inline-step-ms`` here changes it); the
+client is an in-process :class:`~p2pedge.node.node.Node` with ``threads=1`` too, so local
+and sharded decode each get one compute thread per step.
 
 1. ``node.complete`` greedy on one prompt, ``route="local"`` and ``route="sharded"``
    (three servers: blocks 0-10, 10-20, 20-30), interleaved, median decode tok/s of R runs.
@@ -17,7 +18,8 @@ Shard servers are real ``python -m p2pedge.node --serve`` processes on 127.0.0.1
    graphs itself on the same tokens, so each hop's round trip splits into compute and
    the rest.
 
-Run ``make model`` first, then ``python benchmarks/sharded.py [--tokens N] [--rounds R]``;
+Run ``make model`` first, then
+``python benchmarks/sharded.py [--tokens N] [--rounds R] [--inline-step-ms MS]``;
 server data (and the shard graphs built on first use) stay in ``.cache/bench-sharded``.
 """
 
