@@ -14,6 +14,7 @@ from p2pedge.protocols.pipeline import codec
 from p2pedge.wire.tensors import TensorLimits
 
 HIDDEN = np.arange(2 * 8, dtype=np.float32).reshape(1, 2, 8)
+KEY = bytes(range(codec.PUSH_KEY_BYTES))
 MESSAGES: list[codec.Message] = [
     codec.Open(1, "tiny", 0, 4, 128, "float16"),
     codec.Opened(1, 7, 4096),
@@ -27,6 +28,9 @@ MESSAGES: list[codec.Message] = [
     codec.Output(
         6, 7, np.array([[3.0, 2.0, 1.0]], np.float32), np.array([[9, 4, 70]], np.int64), 100
     ),
+    codec.Opened(7, 8, 4096, KEY),
+    codec.Step(8, 7, 3, HIDDEN, 0, (codec.Forward("12D3KooWpeer", 9, KEY, 1),)),
+    codec.Step(9, 9, 3, HIDDEN, 1, (), KEY),
 ]
 
 
@@ -198,3 +202,38 @@ def test_top_k_request_limits() -> None:
     raw["k"] = -1
     with pytest.raises(RemoteProtocolError):
         codec.from_map(raw)
+
+
+def _step_map(**extra: Any) -> dict[str, Any]:
+    return codec.to_map(codec.Step(1, 7, 0, HIDDEN)) | extra
+
+
+def _fwd(**changes: Any) -> dict[str, Any]:
+    return {"peer": "12D3KooWpeer", "session": 9, "key": KEY, "k": 0} | changes
+
+
+@pytest.mark.parametrize(
+    "extra",
+    [
+        {"key": b"short"},
+        {"key": "not bytes"},
+        {"fwd": []},
+        {"fwd": "not a list"},
+        {"fwd": [_fwd()] * (codec.MAX_FORWARDS + 1)},
+        {"fwd": [_fwd(key=b"x" * 17)]},
+        {"fwd": [_fwd(peer="")]},
+        {"fwd": [_fwd(peer="p" * (codec.MAX_PEER_ID + 1))]},
+        {"fwd": [_fwd(session=-1)]},
+        {"fwd": [_fwd(k=codec.MAX_TOP_K + 1)]},
+        {"fwd": ["not a map"]},
+    ],
+)
+def test_hostile_push_fields_are_remote_errors(extra: dict[str, Any]) -> None:
+    with pytest.raises(RemoteProtocolError):
+        codec.from_map(_step_map(**extra))
+
+
+def test_too_many_forwards_is_a_local_error() -> None:
+    many = tuple(codec.Forward("p", 1, KEY) for _ in range(codec.MAX_FORWARDS + 1))
+    with pytest.raises(LocalProtocolError):
+        codec.to_map(codec.Step(1, 7, 0, HIDDEN, 0, many))

@@ -32,6 +32,7 @@ from p2pedge.errors import (
     ShardFailed,
 )
 from p2pedge.planning.routes import CostModel, Hop, NoRoute, ServerOption, choose_route
+from p2pedge.protocols.pipeline import codec
 from p2pedge.protocols.pipeline.connection import ShardConnection, StreamOpener
 
 log = logging.getLogger(__name__)
@@ -39,6 +40,10 @@ log = logging.getLogger(__name__)
 OptionsFinder = Callable[[], Awaitable[list[ServerOption]]]
 Sampler = Callable[[npt.NDArray[np.float32]], int]
 HOP_ERRORS = (PeerUnavailable, ShardFailed, RemoteProtocolError, Busy)
+# How long to wait for a pushed output before relaying that step instead: a multiple of
+# the hop's mean step time, never under the floor.
+PUSH_GRACE_FACTOR = 4.0
+PUSH_GRACE_MIN_S = 1.0
 
 
 def greedy(logits: npt.NDArray[np.float32]) -> int:
@@ -91,6 +96,8 @@ class ClientConfig:
     # Logits the last shard sends per step: 0 = all; k = the k largest (enough for greedy
     # with k = 1, and for top-k sampling with k = top_k). See `logits_needed`.
     logits_top_k: int = 0
+    # Decode steps go server to server (see `push.py`); prefill and replay are relayed.
+    push: bool = True
 
 
 class _History:
@@ -156,6 +163,8 @@ class ShardedSession:
         self.recoveries = 0
         self._bans: dict[str, tuple[float, int]] = {} if bans is None else bans
         self._progress = trio.Event()
+        self.push_ok = self.config.push  # off for good once a pushed output fails to come
+        self.pushed_steps = 0
 
     # --- set-up and tear-down --------------------------------------------------------
 
@@ -273,6 +282,8 @@ class ShardedSession:
             await self._replace(failure.index)
 
     async def _drive(self, target: int) -> None:
+        if self._can_push(target):
+            await self._push_step(target)  # relaying below finishes whatever it did not
         async with trio.open_nursery() as nursery:
             for k in range(len(self.hops)):
                 nursery.start_soon(self._hop_worker, k, target)
@@ -302,6 +313,62 @@ class ShardedSession:
             hop.done = end
             self._progress.set()
             self._progress = trio.Event()
+
+    def _can_push(self, target: int) -> bool:
+        return (
+            self.push_ok
+            and len(self.hops) > 1
+            and all(h.done == target - 1 for h in self.hops)
+            and all(h.conn.key for h in self.hops)  # a server without a key does not push
+        )
+
+    async def _push_step(self, target: int) -> None:
+        """One new position through the chain, pushed server to server: send it to the
+        first hop with the chain after it, then collect every hop's output (the client
+        keeps each boundary's history for recovery)."""
+        start, last = target - 1, len(self.hops) - 1
+        top_k = self.config.logits_top_k
+        fwd = tuple(
+            codec.Forward(h.conn.peer, h.conn.session, h.conn.key, top_k if k == last else 0)
+            for k, h in enumerate(self.hops)
+            if k > 0
+        )
+        first = self.hops[0]
+        try:
+            y = await first.conn.step(self.boundaries[0].read(start, target)[None], start, fwd=fwd)
+        except HOP_ERRORS as exc:
+            raise _HopFailed(0, first.conn.peer, exc) from exc
+        self._accept(0, y, start, target)
+        for k in range(1, last + 1):
+            hop = self.hops[k]
+            mean = hop.conn.busy_seconds / hop.conn.steps if hop.conn.steps else 0.0
+            grace = max(PUSH_GRACE_MIN_S, PUSH_GRACE_FACTOR * mean)
+            with trio.move_on_after(grace) as waited:
+                try:
+                    y = await hop.conn.pushed(top_k if k == last else 0)
+                except HOP_ERRORS as exc:
+                    raise _HopFailed(k, hop.conn.peer, exc) from exc
+            if waited.cancelled_caught:
+                self.push_ok = False
+                log.info("no pushed output from hop %s in %.3g s; relaying from now on", k, grace)
+                return
+            self._accept(k, y, start, target)
+        self.pushed_steps += 1
+
+    def _accept(self, k: int, y: npt.NDArray[Any], start: int, target: int) -> None:
+        """Hop ``k``'s output for positions ``start .. target``, checked and stored."""
+        hop, last = self.hops[k], k == len(self.hops) - 1
+        problem = self._check_output(y, target - start, last)
+        if problem:
+            raise _HopFailed(k, hop.conn.peer, RemoteProtocolError(problem))
+        if last:
+            self.last_logits = y[0]
+            self.boundaries[k + 1].write(start, np.zeros(target - start, dtype=np.int8))
+        else:
+            self.boundaries[k + 1].write(start, y[0])
+        hop.done = target
+        self._progress.set()
+        self._progress = trio.Event()
 
     def _check_output(self, y: npt.NDArray[Any], n: int, last: bool) -> str | None:
         if last:

@@ -50,6 +50,21 @@ ERROR_CODES = frozenset(
     }
 )
 MAX_TEXT = 1024
+PUSH_KEY_BYTES = 16
+MAX_FORWARDS = 16
+MAX_PEER_ID = 128
+
+
+@dataclass(frozen=True)
+class Forward:
+    """Where a server pushes a step's output next (server-to-server push): the next
+    server's peer id, the session the client opened there, that session's push key (from
+    its ``opened``), and the top-k to ask of it."""
+
+    peer: str
+    session: int
+    key: bytes
+    top_k: int = 0
 
 
 @dataclass(frozen=True)
@@ -66,9 +81,12 @@ class Open:
 
 @dataclass(frozen=True)
 class Opened:
+    """``key`` lets the client's other servers push steps into this session."""
+
     rid: int
     session: int
     kv_bytes: int
+    key: bytes = b""
 
 
 @dataclass(frozen=True, eq=False)
@@ -77,13 +95,19 @@ class Step:
     ``start`` (so a resent step is idempotent). ``x`` is token ids ``int64 [1, n]`` for a
     first shard, hidden states ``[1, n, hidden]`` otherwise. ``top_k > 0`` asks a last
     shard for only the ``top_k`` largest logits (what greedy or top-k sampling needs: 4 bytes
-    of 196 KB for SmolLM2's greedy token); 0 asks for all of them."""
+    of 196 KB for SmolLM2's greedy token); 0 asks for all of them.
+
+    ``fwd`` asks the server to push its output on to the next servers as a step (the first
+    entry gets it, with the rest as its ``fwd``). A pushed step carries the target
+    session's ``key``; its output goes to the session's owner with ``rid`` 0."""
 
     rid: int
     session: int
     start: int
     x: npt.NDArray[Any]
     top_k: int = 0
+    fwd: tuple[Forward, ...] = ()
+    key: bytes = b""
 
 
 @dataclass(frozen=True, eq=False)
@@ -145,10 +169,13 @@ def to_map(msg: Message) -> dict[str, Any]:
                 "dtype": msg.dtype,
             }
         case Opened():
-            return {"t": "opened", "rid": msg.rid, "session": msg.session, "kv": msg.kv_bytes}
+            opened = {"t": "opened", "rid": msg.rid, "session": msg.session, "kv": msg.kv_bytes}
+            return opened | {"key": msg.key} if msg.key else opened
         case Step():
             if not 0 <= msg.top_k <= MAX_TOP_K:
                 raise LocalProtocolError(f"top_k {msg.top_k} outside [0, {MAX_TOP_K}]")
+            if len(msg.fwd) > MAX_FORWARDS:
+                raise LocalProtocolError(f"{len(msg.fwd)} forwards; at most {MAX_FORWARDS}")
             step = {
                 "t": "step",
                 "rid": msg.rid,
@@ -156,7 +183,16 @@ def to_map(msg: Message) -> dict[str, Any]:
                 "start": msg.start,
                 "x": _tensor(msg.x),
             }
-            return step | {"k": msg.top_k} if msg.top_k else step
+            if msg.top_k:
+                step["k"] = msg.top_k
+            if msg.fwd:
+                step["fwd"] = [
+                    {"peer": f.peer, "session": f.session, "key": f.key, "k": f.top_k}
+                    for f in msg.fwd
+                ]
+            if msg.key:
+                step["key"] = msg.key
+            return step
         case Output():
             out = {"t": "out", "rid": msg.rid, "session": msg.session, "y": _tensor(msg.y)}
             if msg.ids is not None:
@@ -185,6 +221,29 @@ def _str(m: dict[str, Any], key: str) -> str:
     return value
 
 
+def _key(m: dict[str, Any]) -> bytes:
+    value: bytes = require(m, "key", bytes)
+    if len(value) != PUSH_KEY_BYTES:
+        raise RemoteProtocolError(f"push key must be {PUSH_KEY_BYTES} bytes, got {len(value)}")
+    return value
+
+
+def _forwards(value: Any) -> tuple[Forward, ...]:
+    if not isinstance(value, list) or not 1 <= len(value) <= MAX_FORWARDS:
+        raise RemoteProtocolError(f"fwd must be a list of 1 to {MAX_FORWARDS} entries")
+    out = []
+    for entry in value:
+        if not isinstance(entry, dict):
+            raise RemoteProtocolError("fwd entries must be maps")
+        peer = _str(entry, "peer")
+        if not 0 < len(peer) <= MAX_PEER_ID:
+            raise RemoteProtocolError(f"fwd peer id must be 1 to {MAX_PEER_ID} characters")
+        out.append(
+            Forward(peer, _int(entry, "session"), _key(entry), _int(entry, "k", 0, MAX_TOP_K))
+        )
+    return tuple(out)
+
+
 def from_map(m: dict[str, Any], limits: TensorLimits = TENSOR_LIMITS) -> Message:
     """Validate a decoded map from a peer and build the typed message."""
     kind = _str(m, "t")
@@ -198,7 +257,7 @@ def from_map(m: dict[str, Any], limits: TensorLimits = TENSOR_LIMITS) -> Message
             raise RemoteProtocolError(f"wire dtype {dtype!r} not supported")
         return Open(rid, _str(m, "model"), start, end, _int(m, "max_length", 1, MAX_LENGTH), dtype)
     if kind == "opened":
-        return Opened(rid, _int(m, "session"), _int(m, "kv"))
+        return Opened(rid, _int(m, "session"), _int(m, "kv"), _key(m) if "key" in m else b"")
     if kind == "step":
         return Step(
             rid,
@@ -206,6 +265,8 @@ def from_map(m: dict[str, Any], limits: TensorLimits = TENSOR_LIMITS) -> Message
             _int(m, "start", 0, MAX_LENGTH),
             decode_tensor(m.get("x"), limits),
             _int(m, "k", 0, MAX_TOP_K) if "k" in m else 0,
+            _forwards(m["fwd"]) if "fwd" in m else (),
+            _key(m) if "key" in m else b"",
         )
     if kind == "out":
         y = decode_tensor(m.get("y"), limits)

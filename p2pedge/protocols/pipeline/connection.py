@@ -46,6 +46,7 @@ class ShardConnection:
         self.stream = stream
         self.timeout = timeout
         self.session = 0
+        self.key = b""  # the session's push key: other servers may push steps into it
         self._rid = 0
         self._pending: int | None = None
         self.steps = 0
@@ -82,6 +83,7 @@ class ShardConnection:
             await conn.abort()
             raise RemoteProtocolError(f"{peer} answered open with {type(reply).__name__}")
         conn.session = reply.session
+        conn.key = reply.key
         return conn
 
     async def _request(self, make: Callable[[int], codec.Request]) -> codec.Message:
@@ -111,11 +113,45 @@ class ShardConnection:
                     raise error_to_exception(msg, self.peer)
                 raise RemoteProtocolError(f"{self.peer} answered unknown request {msg.rid}")
 
-    async def step(self, x: npt.NDArray[Any], start: int, *, top_k: int = 0) -> npt.NDArray[Any]:
+    async def step(
+        self,
+        x: npt.NDArray[Any],
+        start: int,
+        *,
+        top_k: int = 0,
+        fwd: tuple[codec.Forward, ...] = (),
+    ) -> npt.NDArray[Any]:
         """The hop's output; with ``top_k`` on a last shard, full-width logits rebuilt from
-        the top-k the server sent (a server that ignores ``top_k`` sends them all)."""
+        the top-k the server sent (a server that ignores ``top_k`` sends them all). With
+        ``fwd`` the server also pushes its output on to those servers."""
         began = trio.current_time()
-        reply = await self._request(lambda rid: codec.Step(rid, self.session, start, x, top_k))
+        reply = await self._request(lambda rid: codec.Step(rid, self.session, start, x, top_k, fwd))
+        return self._output(reply, top_k, began)
+
+    async def pushed(self, top_k: int = 0) -> npt.NDArray[Any]:
+        """The output of a step another server pushed into this session (``rid`` 0).
+
+        Replies to earlier requests still on the stream are skipped; an error about the
+        pushed step raises like a failed request.
+        """
+        began = trio.current_time()
+        try:
+            with trio.fail_after(self.timeout):
+                while True:
+                    msg = codec.from_map(await self.stream.receive())
+                    if msg.rid == 0:
+                        break
+                    if msg.rid == self._pending:
+                        self._pending = None
+        except trio.TooSlowError as exc:
+            raise PeerTimeout(
+                f"{self.peer} sent no pushed output within {self.timeout:.3g} s"
+            ) from exc
+        if isinstance(msg, codec.Error):
+            raise error_to_exception(msg, self.peer)
+        return self._output(msg, top_k, began)
+
+    def _output(self, reply: codec.Message, top_k: int, began: float) -> npt.NDArray[Any]:
         if not isinstance(reply, codec.Output) or reply.session != self.session:
             raise RemoteProtocolError(f"{self.peer} answered a step with {reply!r}")
         self.steps += 1

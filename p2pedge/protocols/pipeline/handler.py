@@ -16,6 +16,7 @@ suddenly slows stalls it once, then its estimate moves it back to a thread).
 from __future__ import annotations
 
 import logging
+import secrets
 import time
 from collections.abc import Awaitable, Callable, Mapping
 from typing import Any, Protocol
@@ -45,6 +46,7 @@ from p2pedge.protocols.pipeline.machine import (
     ServerMachine,
     ShardSpec,
 )
+from p2pedge.protocols.pipeline.push import Pusher
 from p2pedge.runtime.shard_session import ShardModel, ShardSession
 
 log = logging.getLogger(__name__)
@@ -133,6 +135,10 @@ class PipelineServer:
         self.costs = StepCosts(inline_step_s)
         self.steps_served = 0
         self.steps_inline = 0
+        self.steps_pushed_in = 0
+        # push key -> (the connection that owns the session, its session id)
+        self.by_key: dict[bytes, tuple[_Connection, int]] = {}
+        self.pusher: Pusher | None = None  # set where the server can reach other servers
 
     def layers_served(self) -> list[dict[str, Any]]:
         """Entries for the capability card's ``layers_served``."""
@@ -192,7 +198,9 @@ class _Connection:
         self.stream = stream
         self.peer = peer
         self.sessions: dict[int, ShardSession] = {}
+        self.keys: dict[int, bytes] = {}
         self.changed = trio.Event()
+        self.send_lock = trio.Lock()  # a pushed step's reply may race this stream's own
 
     async def serve(self) -> None:
         while True:
@@ -214,13 +222,31 @@ class _Connection:
                 rid = rid if type(rid) is int and 0 <= rid <= codec.MAX_ID else 0
                 await self._send(codec.Error(rid, codec.E_BAD_REQUEST, str(exc)))
                 continue
-            await self.perform(self.machine.receive(msg, trio.current_time()))
-            self.changed.set()
-            self.changed = trio.Event()
+            if isinstance(msg, codec.Step) and msg.key:
+                await self._pushed(msg)
+                continue
+            await self.receive(msg)
+
+    async def receive(self, msg: codec.Message) -> None:
+        await self.perform(self.machine.receive(msg, trio.current_time()))
+        self.changed.set()
+        self.changed = trio.Event()
+
+    async def _pushed(self, msg: codec.Step) -> None:
+        """A step another server pushed into a session a client opened (maybe on another
+        stream): run it there; its output goes to that session's owner with rid 0."""
+        owner = self.server.by_key.get(msg.key)
+        if owner is None or owner[1] != msg.session:
+            await self._send(codec.Error(msg.rid, codec.E_UNKNOWN_SESSION, "unknown push key"))
+            return
+        conn, session = owner
+        self.server.steps_pushed_in += 1
+        await conn.receive(codec.Step(0, session, msg.start, msg.x, msg.top_k, msg.fwd))
 
     async def _send(self, reply: codec.Message) -> None:
         try:
-            await self.stream.send(codec.to_map(reply))
+            async with self.send_lock:
+                await self.stream.send(codec.to_map(reply))
         except PeerUnavailable:
             log.debug("pipeline peer %s left before a reply", self.peer)
 
@@ -232,11 +258,16 @@ class _Connection:
             if isinstance(action, Send):
                 await self._send(action.reply)
             elif isinstance(action, Release):
-                self.sessions.pop(action.session, None)
+                self._release(action.session)
             elif isinstance(action, Allocate):
                 model = self.server.shards[(action.model, action.layers)]
                 self.sessions[action.session] = model.new_session(action.max_length)
-                pending[:0] = self.machine.ready(action.session, now())
+                key = b""
+                if self.server.pusher is not None:  # a key says: this server pushes too
+                    key = secrets.token_bytes(codec.PUSH_KEY_BYTES)
+                    self.keys[action.session] = key
+                    self.server.by_key[key] = (self, action.session)
+                pending[:0] = self.machine.ready(action.session, now(), key)
             elif isinstance(action, Run):
                 pending[:0] = await self._run(action)
 
@@ -248,12 +279,21 @@ class _Connection:
             log.warning("pipeline step failed for %s: %s", self.peer, exc)
             return self.machine.failed(action.session, f"step failed: {exc}", trio.current_time())
         self.server.steps_served += 1
+        if action.fwd and self.server.pusher is not None:  # the next server first
+            wire = codec.as_wire(y, self.machine.sessions[action.session].dtype)
+            await self.server.pusher.push(action.fwd, action.start, wire)
         return self.machine.step_done(action.session, y, trio.current_time(), ids)
+
+    def _release(self, session: int) -> None:
+        self.sessions.pop(session, None)
+        key = self.keys.pop(session, None)
+        if key is not None:
+            self.server.by_key.pop(key, None)
 
     def apply_releases(self, actions: list[Action]) -> None:
         for action in actions:
             if isinstance(action, Release):
-                self.sessions.pop(action.session, None)
+                self._release(action.session)
 
     async def expire_idle(self) -> None:
         while True:

@@ -130,6 +130,9 @@ class Run:
     x: npt.NDArray[Any]
     last_only: bool
     top_k: int = 0
+    fwd: tuple[
+        codec.Forward, ...
+    ] = ()  # push the output on to these servers (not from a last shard)
 
 
 @dataclass(frozen=True)
@@ -263,7 +266,8 @@ class ServerMachine:
         s.last_active = now
         s.pending = (msg.rid, msg.start + int(msg.x.shape[1]))
         top_k = msg.top_k if s.spec.last else 0
-        return [Run(msg.session, msg.rid, msg.start, msg.x, s.spec.last, top_k)]
+        fwd = () if s.spec.last else msg.fwd
+        return [Run(msg.session, msg.rid, msg.start, msg.x, s.spec.last, top_k, fwd)]
 
     def _close(self, msg: Close, now: float) -> list[Action]:
         outcome = self._move(msg.session, Event.CLOSE)
@@ -290,13 +294,13 @@ class ServerMachine:
         s.last_active = now
         return s, rid, end
 
-    def ready(self, session: int, now: float) -> list[Action]:
+    def ready(self, session: int, now: float, key: bytes = b"") -> list[Action]:
         """The executor session exists (after :class:`Allocate`)."""
         s, rid, _ = self._finish(session, now)
         if s.state is not State.OPENING:
             raise LocalProtocolError(f"session {session} is not opening")
         self._move(session, Event.READY)
-        return [Send(Opened(rid, session, s.kv_bytes))]
+        return [Send(Opened(rid, session, s.kv_bytes, key))]
 
     def step_done(
         self,

@@ -34,6 +34,7 @@ from p2pedge.protocols.pipeline.handler import (
     PipelineServer,
     StreamHandler,
 )
+from p2pedge.protocols.pipeline.push import Pusher
 from p2pedge.runtime.config import RuntimeConfig
 from p2pedge.runtime.shard_session import ShardModel
 
@@ -80,6 +81,9 @@ class PipelineNode(Protocol):
 
     @property
     def latency(self) -> Latency: ...
+
+    @property
+    def nursery(self) -> trio.Nursery: ...
 
 
 def model_layers(model_dir: Path) -> int:
@@ -158,6 +162,11 @@ async def start_pipeline_server(
             ShardModel.from_dir, shard_dir, runtime
         )
     server = PipelineServer(shards, budget_bytes=budget_bytes, inline_step_s=inline_step_s)
+
+    def push_opener(peer: str, protocol: str) -> Awaitable[FramedStream]:
+        return node.lanes.open(peer, protocol, timeout=LANE_OPEN_TIMEOUT)
+
+    server.pusher = Pusher(push_opener, node.nursery)
     server.register(node)
     await node.lanes.serve(PROTOCOL_ID, server.handle)
     node.set_layers_served([served_layers_factory(m, r.start, r.end) for m, r in sorted(shards)])

@@ -1,0 +1,101 @@
+"""Server-to-server push: a server hands its step's output straight to the next server.
+
+Client relaying costs every extra hop a second message and the client's handling of two
+(measured here at 1.2-1.3 ms of client CPU per hop). With push, the client sends a step
+to the first server with the chain after it (:class:`~codec.Forward` entries: peer,
+session, that session's push key); each server pushes its output on as a step carrying
+the next session's key, and still answers the session's owner (the client) with its
+output, which the client keeps for recovery. A push that cannot be delivered is only
+logged: the client notices the missing output and relays that step itself.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+import numpy.typing as npt
+import trio
+
+from p2pedge.errors import LocalProtocolError, PeerUnavailable, RemoteProtocolError
+from p2pedge.protocols._stream import FramedStream
+from p2pedge.protocols.pipeline import codec
+
+log = logging.getLogger(__name__)
+
+DEFAULT_PUSH_TIMEOUT = 2.0
+PushOpener = Callable[[str, str], Awaitable[FramedStream]]
+
+
+class Pusher:
+    """Pushed steps over one cached stream per next server; their error replies are
+    read by a task in ``nursery`` and logged."""
+
+    def __init__(
+        self, opener: PushOpener, nursery: trio.Nursery, *, timeout: float = DEFAULT_PUSH_TIMEOUT
+    ) -> None:
+        self.opener = opener
+        self.nursery = nursery
+        self.timeout = timeout
+        self._streams: dict[str, FramedStream] = {}
+        self._locks: dict[str, trio.Lock] = {}
+        self._rid = 0
+        self.pushed = 0
+        self.failed = 0
+
+    async def push(self, fwd: tuple[codec.Forward, ...], start: int, y: npt.NDArray[Any]) -> bool:
+        """Send ``y`` (positions from ``start``) to ``fwd[0]`` with the rest of the chain."""
+        target, rest = fwd[0], fwd[1:]
+        lock = self._locks.setdefault(target.peer, trio.Lock())
+        async with lock:
+            with trio.move_on_after(self.timeout):
+                try:
+                    stream = await self._stream(target.peer)
+                    self._rid = self._rid % codec.MAX_ID + 1
+                    step = codec.Step(
+                        self._rid, target.session, start, y, target.top_k, rest, target.key
+                    )
+                    await stream.send(codec.to_map(step))
+                    self.pushed += 1
+                    return True
+                except (PeerUnavailable, LocalProtocolError) as exc:
+                    log.info("push to %s failed: %s", target.peer, exc)
+            self.failed += 1
+            self._forget(target.peer)
+            return False
+
+    async def _stream(self, peer: str) -> FramedStream:
+        stream = self._streams.get(peer)
+        if stream is None:
+            stream = await self.opener(peer, codec.PROTOCOL_ID)
+            self._streams[peer] = stream
+            self.nursery.start_soon(self._read_errors, peer, stream)
+        return stream
+
+    async def _read_errors(self, peer: str, stream: FramedStream) -> None:
+        try:
+            while True:
+                msg = codec.from_map(await stream.receive())
+                if isinstance(msg, codec.Error):
+                    log.info("%s refused a pushed step: %s: %s", peer, msg.code, msg.message)
+        except (PeerUnavailable, RemoteProtocolError) as exc:
+            log.debug("push stream to %s ended: %s", peer, exc)
+        finally:
+            if self._streams.get(peer) is stream:
+                del self._streams[peer]
+            await _close(stream)
+
+    def _forget(self, peer: str) -> None:
+        """Drop a stream that failed or hung; closing it ends its reader task too."""
+        stream = self._streams.pop(peer, None)
+        if stream is not None:
+            self.nursery.start_soon(_close, stream)
+
+
+async def _close(stream: FramedStream) -> None:
+    with trio.CancelScope(shield=True), trio.move_on_after(1):
+        try:
+            await stream.close()
+        except PeerUnavailable:
+            pass  # already gone

@@ -1,0 +1,179 @@
+"""Per-token decode latency, client relay vs server-to-server push, over modeled links.
+
+Four real Nodes in one process (``simnet.swarm.Swarm``): three serve thirds of a tiny
+random model through ``start_pipeline_server`` (real onnxruntime, real lanes on
+127.0.0.1), one is the client. Loopback has no latency worth the name and this
+container cannot add any (no netem), so the link is modeled: ``ModeledLinkDelay`` makes
+every pipeline frame wait ``delay`` in its sender before it leaves (a fault injector in
+the sense of simnet; the protocol code is untouched). Relaying costs a token
+``2 x hops`` link delays, push ``hops + 1``; the tiny model keeps compute small so the
+difference shows. For each delay, relay and push sessions decode in interleaved rounds.
+
+    .venv/bin/python -m simnet.push_latency [--tokens 16] [--rounds 3] [--no-doc]
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+import tempfile
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import trio
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+from benchmarks._report import machine, table, write_section  # noqa: E402
+from p2pedge.ids import LayerRange  # noqa: E402
+from p2pedge.protocols._stream import FramedStream  # noqa: E402
+from p2pedge.protocols.pipeline.client import ClientConfig, ShardedSession  # noqa: E402
+from p2pedge.protocols.pipeline.serving import (  # noqa: E402
+    open_sharded_session,
+    start_pipeline_server,
+)
+from p2pedge.runtime.config import RuntimeConfig  # noqa: E402
+from p2pedge.testing.tiny import build_tiny_model  # noqa: E402
+from simnet.swarm import Swarm  # noqa: E402
+
+MODEL = "tiny"
+THIRDS = [LayerRange(0, 2), LayerRange(2, 4), LayerRange(4, 6)]
+PROMPT = [5, 17, 42, 99, 100, 101, 7, 8]
+DELAYS_MS = (0.0, 5.0, 20.0)
+
+
+@contextmanager
+def modeled_link_delay(seconds: list[float]) -> Iterator[None]:
+    """Every FramedStream frame waits ``seconds[0]`` before it is sent (a modeled link)."""
+    original = FramedStream.send_bytes
+
+    async def delayed(self: FramedStream, payload: bytes) -> None:
+        if seconds[0] > 0:
+            await trio.sleep(seconds[0])
+        await original(self, payload)
+
+    FramedStream.send_bytes = delayed  # type: ignore[method-assign]
+    try:
+        yield
+    finally:
+        FramedStream.send_bytes = original  # type: ignore[method-assign]
+
+
+async def per_token(session: ShardedSession, tokens: int) -> tuple[float, list[int]]:
+    """Median seconds per decoded token, and the tokens."""
+    out = [int(np.argmax(await session.extend(PROMPT)))]
+    times = []
+    while len(out) < tokens:
+        began = time.perf_counter()
+        out.append(int(np.argmax(await session.extend([out[-1]]))))
+        times.append(time.perf_counter() - began)
+    return statistics.median(times), out
+
+
+async def run(args: Any) -> dict[float, dict[str, Any]]:
+    work = Path(tempfile.mkdtemp(prefix="p2pedge-push-"))
+    model_dir = build_tiny_model(work / MODEL, seed=5, n_layers=6)
+    delay = [0.0]
+    results: dict[float, dict[str, Any]] = {}
+    with modeled_link_delay(delay):
+        async with Swarm(4, seed=7, measure_compute=False) as swarm:
+            client = swarm.nodes[0]
+            for i, (node, layers) in enumerate(zip(swarm.nodes[1:], THIRDS, strict=True)):
+                await start_pipeline_server(
+                    node,
+                    [(MODEL, model_dir, layers)],
+                    shards_root=work / f"s{i}",
+                    runtime=RuntimeConfig(intra_op_threads=1),
+                )
+                await node.announce()
+            for ms in DELAYS_MS:
+                delay[0] = ms / 1000
+                runs: dict[str, list[float]] = {"relay": [], "push": []}
+                outputs: dict[str, list[int]] = {}
+                pushed = 0
+                for _ in range(args.rounds):
+                    for mode in ("relay", "push"):
+                        config = ClientConfig(
+                            max_length=64, step_timeout=30, logits_top_k=1, push=mode == "push"
+                        )
+                        async with await open_sharded_session(
+                            client, MODEL, config=config
+                        ) as session:
+                            seconds, outputs[mode] = await per_token(session, args.tokens)
+                            pushed += session.pushed_steps
+                        runs[mode].append(seconds)
+                results[ms] = {
+                    "relay": statistics.median(runs["relay"]),
+                    "push": statistics.median(runs["push"]),
+                    "same": outputs["relay"] == outputs["push"],
+                    "pushed": pushed,
+                }
+                print(
+                    f"delay {ms:g} ms: relay {results[ms]['relay'] * 1000:.2f}, "
+                    f"push {results[ms]['push'] * 1000:.2f} ms per token",
+                    flush=True,
+                )
+    return results
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--tokens", type=int, default=16, help="tokens decoded per session")
+    ap.add_argument("--rounds", type=int, default=3, help="interleaved rounds per delay")
+    ap.add_argument("--no-doc", action="store_true", help="do not update docs/benchmarks.md")
+    args = ap.parse_args(argv)
+    results = trio.run(run, args)
+    rows = []
+    for ms, r in results.items():
+        rows.append(
+            [
+                f"{ms:g}",
+                f"{r['relay'] * 1000:.2f}",
+                f"{r['push'] * 1000:.2f}",
+                f"{r['relay'] / r['push']:.2f}x",
+                f"{(r['relay'] - r['push']) * 1000:.2f}",
+                "yes" if r["same"] else "NO",
+            ]
+        )
+    body = table(
+        [
+            "link delay per frame, ms",
+            "relay ms/token",
+            "push ms/token",
+            "push speed-up",
+            "saved ms/token",
+            "same tokens",
+        ],
+        rows,
+    )
+    print(body)
+    if not args.no_doc:
+        write_section(
+            "push",
+            "## Server-to-server push over modeled links (`simnet/push_latency.py`)\n\n"
+            f"{machine()}. Three in-process servers hold thirds of a tiny random model "
+            "(real onnxruntime, real lanes on 127.0.0.1), one client; every pipeline frame "
+            "waits the given delay in its sender (modeled link: loopback has none and this "
+            "container cannot add any). Greedy, median per-token decode time of "
+            f"{args.rounds} interleaved sessions per mode, {args.tokens} tokens each. With "
+            "3 hops, relaying costs a token 6 link delays and push 4, so push should save "
+            "2 delays per token.\n\n" + body,
+        )
+    top = results[DELAYS_MS[-1]]
+    zero = results[DELAYS_MS[0]]
+    print(
+        f"push_speedup_{DELAYS_MS[-1]:g}ms={top['relay'] / top['push']:.2f} "
+        f"push_saved_ms={(top['relay'] - top['push']) * 1000:.1f} "
+        f"push_vs_relay_0ms={zero['relay'] / zero['push']:.2f}"
+    )
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,126 @@
+"""Server-to-server push at the protocol level: a pushed step runs in the session its key
+names and answers that session's owner; unknown or stale keys are refused; a server pushes
+its output on. Real ``PipelineServer`` + onnxruntime over in-process streams."""
+
+from __future__ import annotations
+
+import secrets
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+import numpy as np
+import pytest
+import trio
+
+from p2pedge.ids import LayerRange
+from p2pedge.protocols._stream import FramedStream, memory_stream_pair
+from p2pedge.protocols.pipeline import codec
+from p2pedge.protocols.pipeline.handler import PipelineServer
+from p2pedge.protocols.pipeline.local import tiny_shards
+from p2pedge.protocols.pipeline.push import Pusher
+
+MODEL = "tiny"
+FIRST, LAST = LayerRange(0, 2), LayerRange(2, 4)
+
+
+@pytest.fixture(scope="module")
+def shards() -> dict[LayerRange, Any]:
+    return tiny_shards([(0, 2), (2, 4)], n_layers=4, seed=1)[0]
+
+
+class Peer:
+    """One client stream to a server."""
+
+    def __init__(self, stream: FramedStream) -> None:
+        self.stream = stream
+        self.rid = 0
+
+    async def send(self, msg: codec.Message) -> None:
+        self.rid += 1
+        await self.stream.send(codec.to_map(msg) | {"rid": self.rid})
+
+    async def next(self) -> codec.Message:
+        return codec.from_map(await self.stream.receive(timeout=10))
+
+    async def ask(self, msg: codec.Message) -> codec.Message:
+        await self.send(msg)
+        return await self.next()
+
+
+def connector(server: PipelineServer, nursery: trio.Nursery) -> Callable[[], Peer]:
+    def connect() -> Peer:
+        ours, theirs = memory_stream_pair()
+        nursery.start_soon(server.handle, FramedStream(theirs), "peer")
+        return Peer(FramedStream(ours))
+
+    return connect
+
+
+def pushing_server(
+    shards: dict[LayerRange, Any], layers: LayerRange, nursery: trio.Nursery, opener: Any = None
+) -> PipelineServer:
+    server = PipelineServer({(MODEL, layers): shards[layers]}, offload=False)
+
+    async def nowhere(peer: str, protocol: str) -> FramedStream:
+        raise AssertionError("this server pushes nowhere")
+
+    server.pusher = Pusher(opener or nowhere, nursery)
+    return server
+
+
+async def test_a_pushed_step_runs_in_the_keyed_session_and_answers_its_owner(
+    shards: dict[LayerRange, Any],
+) -> None:
+    hidden = np.random.default_rng(0).standard_normal((1, 3, 64)).astype(np.float32)
+    async with trio.open_nursery() as nursery:
+        connect = connector(pushing_server(shards, LAST, nursery), nursery)
+        owner, other = connect(), connect()
+        opened = await owner.ask(codec.Open(0, MODEL, LAST.start, LAST.end, 32))
+        assert isinstance(opened, codec.Opened) and len(opened.key) == codec.PUSH_KEY_BYTES
+        sid, key = opened.session, opened.key
+        await other.send(codec.Step(0, sid, 0, hidden, 1, (), key))
+        pushed = await owner.next()  # the output goes to the owner, as rid 0
+        assert isinstance(pushed, codec.Output) and pushed.rid == 0 and pushed.session == sid
+        again = await owner.ask(codec.Step(0, sid, 0, hidden, 1))  # same step, same answer
+        assert isinstance(again, codec.Output) and np.array_equal(again.y, pushed.y)
+        assert pushed.ids is not None and again.ids is not None
+        assert np.array_equal(again.ids, pushed.ids)
+        stranger = await other.ask(codec.Step(0, sid, 0, hidden, 0, (), secrets.token_bytes(16)))
+        assert isinstance(stranger, codec.Error) and stranger.code == codec.E_UNKNOWN_SESSION
+        assert isinstance(await owner.ask(codec.Close(0, sid)), codec.Closed)
+        stale = await other.ask(codec.Step(0, sid, 0, hidden, 0, (), key))
+        assert isinstance(stale, codec.Error) and stale.code == codec.E_UNKNOWN_SESSION
+        nursery.cancel_scope.cancel()
+
+
+async def test_a_server_pushes_its_output_on_to_the_next_server(
+    shards: dict[LayerRange, Any],
+) -> None:
+    ids = np.array([[3, 14, 15, 92]], np.int64)
+    async with trio.open_nursery() as nursery:
+        second = pushing_server(shards, LAST, nursery)
+        to_second = connector(second, nursery)
+
+        def opener(peer: str, protocol: str) -> Awaitable[FramedStream]:
+            assert peer == "second" and protocol == codec.PROTOCOL_ID
+
+            async def open_stream() -> FramedStream:
+                return to_second().stream
+
+            return open_stream()
+
+        first = pushing_server(shards, FIRST, nursery, opener)
+        client_first, client_second = connector(first, nursery)(), to_second()
+        a = await client_first.ask(codec.Open(0, MODEL, FIRST.start, FIRST.end, 32))
+        b = await client_second.ask(codec.Open(0, MODEL, LAST.start, LAST.end, 32))
+        assert isinstance(a, codec.Opened) and isinstance(b, codec.Opened)
+        fwd = (codec.Forward("second", b.session, b.key, 1),)
+        hidden = await client_first.ask(codec.Step(0, a.session, 0, ids, 0, fwd))
+        assert isinstance(hidden, codec.Output) and hidden.y.shape == (1, 4, 64)
+        pushed = await client_second.next()
+        assert isinstance(pushed, codec.Output) and pushed.rid == 0
+        relayed = await client_second.ask(codec.Step(0, b.session, 0, hidden.y, 1))
+        assert isinstance(relayed, codec.Output) and np.array_equal(relayed.y, pushed.y)
+        assert first.pusher is not None and first.pusher.pushed == 1
+        assert second.steps_pushed_in == 1
+        nursery.cancel_scope.cancel()
