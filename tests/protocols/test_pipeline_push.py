@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 import trio
 
+from p2pedge.errors import PeerUnavailable
 from p2pedge.ids import LayerRange
 from p2pedge.protocols._stream import FramedStream, memory_stream_pair
 from p2pedge.protocols.pipeline import codec
@@ -124,3 +125,38 @@ async def test_a_server_pushes_its_output_on_to_the_next_server(
         assert first.pusher is not None and first.pusher.pushed == 1
         assert second.steps_pushed_in == 1
         nursery.cancel_scope.cancel()
+
+
+async def test_the_pusher_keeps_a_bounded_set_of_streams() -> None:
+    from p2pedge.protocols.pipeline import push
+
+    opened: list[FramedStream] = []
+    received: list[dict[str, Any]] = []
+
+    async def opener(peer: str, protocol: str) -> FramedStream:
+        ours, theirs = memory_stream_pair()
+        far = FramedStream(theirs)
+        nursery.start_soon(sink, far)
+        opened.append(FramedStream(ours))
+        return opened[-1]
+
+    async def sink(stream: FramedStream) -> None:
+        try:
+            while True:
+                received.append(await stream.receive())
+        except PeerUnavailable:  # the pusher closed it
+            return
+
+    hidden = np.zeros((1, 1, 64), np.float32)
+    async with trio.open_nursery() as nursery:
+        pusher = Pusher(opener, nursery)
+        for i in range(push.MAX_PUSH_STREAMS + 1):
+            target = (codec.Forward(f"peer-{i}", 1, bytes(16)),)
+            assert await pusher.push(target, 0, hidden)
+        assert pusher.pushed == push.MAX_PUSH_STREAMS + 1
+        assert len(pusher.peers) == push.MAX_PUSH_STREAMS
+        assert "peer-0" not in pusher.peers  # the oldest made room
+        assert await pusher.push((codec.Forward("peer-0", 1, bytes(16)),), 0, hidden)
+        assert len(opened) == push.MAX_PUSH_STREAMS + 2  # it had to be opened again
+        nursery.cancel_scope.cancel()
+    assert len(received) >= push.MAX_PUSH_STREAMS

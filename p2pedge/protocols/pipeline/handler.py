@@ -157,6 +157,7 @@ class PipelineServer:
                 await conn.serve()
                 nursery.cancel_scope.cancel()
         finally:
+            conn.closed = True
             conn.apply_releases(machine.stream_ended())
             with trio.CancelScope(shield=True), trio.move_on_after(1):
                 try:
@@ -199,6 +200,7 @@ class _Connection:
         self.peer = peer
         self.sessions: dict[int, ShardSession] = {}
         self.keys: dict[int, bytes] = {}
+        self.closed = False  # the stream ended; a pushed step may still be running here
         self.changed = trio.Event()
         self.send_lock = trio.Lock()  # a pushed step's reply may race this stream's own
 
@@ -279,6 +281,8 @@ class _Connection:
             log.warning("pipeline step failed for %s: %s", self.peer, exc)
             return self.machine.failed(action.session, f"step failed: {exc}", trio.current_time())
         self.server.steps_served += 1
+        if self.closed:  # the owner left while a pushed step ran: nobody to answer
+            return []
         if action.fwd and self.server.pusher is not None:  # the next server first
             wire = codec.as_wire(y, self.machine.sessions[action.session].dtype)
             await self.server.pusher.push(action.fwd, action.start, wire)

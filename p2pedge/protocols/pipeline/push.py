@@ -25,6 +25,7 @@ from p2pedge.protocols.pipeline import codec
 log = logging.getLogger(__name__)
 
 DEFAULT_PUSH_TIMEOUT = 2.0
+MAX_PUSH_STREAMS = 64  # clients name the next servers; the oldest stream makes room
 PushOpener = Callable[[str, str], Awaitable[FramedStream]]
 
 
@@ -43,6 +44,11 @@ class Pusher:
         self._rid = 0
         self.pushed = 0
         self.failed = 0
+
+    @property
+    def peers(self) -> list[str]:
+        """Next servers with an open push stream, oldest first."""
+        return list(self._streams)
 
     async def push(self, fwd: tuple[codec.Forward, ...], start: int, y: npt.NDArray[Any]) -> bool:
         """Send ``y`` (positions from ``start``) to ``fwd[0]`` with the rest of the chain."""
@@ -68,6 +74,8 @@ class Pusher:
     async def _stream(self, peer: str) -> FramedStream:
         stream = self._streams.get(peer)
         if stream is None:
+            if len(self._streams) >= MAX_PUSH_STREAMS:
+                self._forget(next(iter(self._streams)))
             stream = await self.opener(peer, codec.PROTOCOL_ID)
             self._streams[peer] = stream
             self.nursery.start_soon(self._read_errors, peer, stream)
