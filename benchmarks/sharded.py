@@ -11,12 +11,12 @@ and sharded decode each get one compute thread per step.
 2. Concurrency: decode tok/s summed over 4 sessions decoding at once through the same
    three servers, divided by the rate of one session alone.
 3. Added latency per hop: a fourth server holds all 30 blocks. A 1-hop chain (that
-   server) and the 3-hop chain decode the same tokens in lock-step, alternating which
-   goes first; both do the same compute, so per token ``(t3 - t1) / 2`` is what one
-   extra hop adds (framing, msgpack, loopback TCP, two process wake-ups, one more
-   onnxruntime run, the client's bookkeeping). The client also runs the three shard
-   graphs itself on the same tokens, so each hop's round trip splits into compute and
-   the rest.
+   server) and two 3-hop chains (one pushing server to server, one relayed by the
+   client) decode the same tokens in lock-step, taking turns to go first; all do the same
+   compute, so per token ``(t3 - t1) / 2`` is what one extra hop adds (framing, msgpack,
+   loopback TCP, process wake-ups, one more onnxruntime run, the client's bookkeeping).
+   The client also runs the three shard graphs itself on the same tokens, so each relayed
+   hop's round trip splits into compute and the rest.
 
 Run ``make model`` first, then
 ``python benchmarks/sharded.py [--tokens N] [--rounds R] [--inline-step-ms MS]``;
