@@ -7,6 +7,10 @@ it has consumed, so one routine does prefill, decode and recovery alike: drive e
 hop until it has consumed all positions. Hops run as concurrent tasks, so a long
 prompt split into chunks keeps several servers busy at once (pipelining).
 
+Decode steps (one new position, every hop in step) go server to server instead when every
+server issued a push key (``push.py``): the client sends hop 0 the chain, then collects each
+hop's output as it arrives, so the boundaries' histories stay complete either way.
+
 When a hop fails (stream end, our own step deadline, an error reply) the client bans
 the peer with back-off, picks a replacement chain for that hop's blocks, and sets the
 new hops' counters to zero: driving again replays the stored history into them and
