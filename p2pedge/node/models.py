@@ -306,6 +306,7 @@ class NodeModels:
             max_length=len(ids) + max_tokens + 1,
             step_timeout=self.node.config.shard_step_timeout,
             logits_top_k=logits_needed(params.temperature, params.top_k),
+            push=self.node.config.shard_push,
         )
         decoder = codec.decoder()
         stops = list(params.stop)

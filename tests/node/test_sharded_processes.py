@@ -17,6 +17,7 @@ from collections.abc import Iterator
 from contextlib import aclosing
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -105,13 +106,14 @@ def servers(tmp_path_factory: pytest.TempPathFactory) -> Iterator[list[Server]]:
         server.proc.wait(timeout=30)
 
 
-async def _client(servers: list[Server], tmp: Path) -> Node:
+async def _client(servers: list[Server], tmp: Path, *, shard_push: bool = True) -> Node:
     config = NodeConfig(
         data_dir=tmp / "client",
         bootstrap=tuple(s.addr for s in servers),
         model_dirs=((MODEL, real_model_dir()),),
         shard_step_timeout=STEP_TIMEOUT,
         measure_compute=False,
+        shard_push=shard_push,
     )
     return Node(config)
 
@@ -134,6 +136,19 @@ async def test_sharded_greedy_tokens_equal_local_on_five_prompts(
             assert len(local) > 3
 
 
+async def test_shard_push_off_relays_every_step(servers: list[Server], tmp_path: Path) -> None:
+    async with await _client(servers, tmp_path, shard_push=False) as node:
+        info: dict[str, object] = {}
+        stream = node.models.sharded_stream(
+            MODEL, messages=[{"role": "user", "content": PROMPTS[1]}], max_tokens=6, info=info
+        )
+        async with aclosing(stream) as pairs:
+            tokens = [token async for _piece, token in pairs]
+        session: Any = info["session"]
+        assert len(tokens) > 3 and session.pushed_steps == 0 and not session.push_ok
+        assert tokens == await _tokens(node, PROMPTS[1], "local", n=len(tokens))
+
+
 async def _generate_with_fault(
     node: Node, prompt: str, hop: int, fault: signal.Signals, servers: list[Server]
 ) -> tuple[list[int], Server, float]:
@@ -153,6 +168,7 @@ async def _generate_with_fault(
             tokens.append(token)
             if len(tokens) == 4:
                 session = info["session"]
+                assert session.pushed_steps == 3  # type: ignore[attr-defined]  # decode steps
                 peer = session.route[hop].peer_id  # type: ignore[attr-defined]
                 victim = next(s for s in servers if s.peer_id == peer)
                 victim.proc.send_signal(fault)
