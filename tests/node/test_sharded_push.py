@@ -113,3 +113,31 @@ async def test_a_server_that_does_not_push_is_relayed_around(
             assert not session.push_ok and session.pushed_steps == 0
             assert session.recoveries == 0  # the step was relayed, not the server banned
     assert tokens == expected
+
+
+async def test_a_server_holding_consecutive_ranges_is_relayed_not_pushed_to_itself(
+    model_dir: Path, tmp_path: Path
+) -> None:
+    async with Swarm(3, seed=5, measure_compute=False) as swarm:
+        client, both, last = swarm.nodes
+        await start_pipeline_server(
+            both,
+            [(MODEL, model_dir, THIRDS[0]), (MODEL, model_dir, THIRDS[1])],
+            shards_root=tmp_path / "both",
+            runtime=RuntimeConfig(intra_op_threads=1),
+        )
+        await start_pipeline_server(
+            last,
+            [(MODEL, model_dir, THIRDS[2])],
+            shards_root=tmp_path / "last",
+            runtime=RuntimeConfig(intra_op_threads=1),
+        )
+        for node in (both, last):
+            await node.announce()
+        async with await open_sharded_session(client, MODEL, config=config(push=False)) as relay:
+            expected = await generate(relay, 6)
+        async with await open_sharded_session(client, MODEL, config=config()) as session:
+            assert [h.peer_id for h in session.route][:2] == [both.peer_id] * 2
+            tokens = await generate(session, 6)
+            assert session.pushed_steps == 0 and session.push_ok  # never tried, never stalled
+    assert tokens == expected

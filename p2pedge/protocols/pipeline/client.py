@@ -19,6 +19,7 @@ rebuilds their KV caches, while the hops downstream keep theirs.
 
 from __future__ import annotations
 
+import itertools
 import logging
 import math
 from collections.abc import Awaitable, Callable, Sequence
@@ -324,6 +325,8 @@ class ShardedSession:
             and len(self.hops) > 1
             and all(h.done == target - 1 for h in self.hops)
             and all(h.conn.key for h in self.hops)  # a server without a key does not push
+            # a server holding two consecutive ranges would push to itself: relay instead
+            and all(a.conn.peer != b.conn.peer for a, b in itertools.pairwise(self.hops))
         )
 
     async def _push_step(self, target: int) -> None:
