@@ -43,6 +43,7 @@ bench: venv model
 	$(PY) benchmarks/sharded.py
 	$(PY) benchmarks/preload.py
 	$(PY) -m simnet.federated
+	$(PY) -m simnet.push_latency
 
 clean:
 	rm -rf $(VENV) .cache build *.egg-info
