@@ -104,10 +104,9 @@ def plan_step(
             continue
         victim: LoadedLike | None = None
         if len(loaded) >= max_models:
-            idle = [r for r in loaded if not r.in_use and not r.pinned and prob_of(r) < p]
-            if not idle:
+            victim = _least_likely(probs, [r for r in loaded if prob_of(r) < p])
+            if victim is None:
                 return None
-            victim = min(idle, key=lambda r: (prob_of(r), r.name))
         cost = cost_of(model)
         if cost is not None and risk is not None:
             warm_after = warm_now + p - (prob_of(victim) if victim else 0.0)
@@ -117,10 +116,16 @@ def plan_step(
     return None
 
 
+def _least_likely(probs: Mapping[str, float], rows: Sequence[LoadedLike]) -> LoadedLike | None:
+    """The idle (unleased, unpinned) row least likely to be asked next, ties by name."""
+    idle = [r for r in rows if not r.in_use and not r.pinned]
+    return min(idle, key=lambda r: (_prob_of(probs, r), r.name)) if idle else None
+
+
 def choose_victim(probs: Mapping[str, float], loaded: Sequence[LoadedLike]) -> str | None:
     """The idle resident model least likely to be asked next (None if all are busy)."""
-    idle = [r for r in loaded if not r.in_use and not r.pinned]
-    return min(idle, key=lambda r: (_prob_of(probs, r), r.name)).name if idle else None
+    victim = _least_likely(probs, loaded)
+    return victim.name if victim is not None else None
 
 
 @dataclass

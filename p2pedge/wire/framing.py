@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import struct
 
-from p2pedge.errors import FrameTooLarge, LocalProtocolError
+from p2pedge.errors import FrameTooLarge, LocalProtocolError, RemoteProtocolError
 
 PREFIX = struct.Struct(">I")
 DEFAULT_MAX_FRAME = 16 * 1024 * 1024
@@ -22,12 +22,16 @@ def encode_frame(payload: bytes, max_frame: int = DEFAULT_MAX_FRAME) -> bytes:
 
 
 class FrameDecoder:
-    """Reassembles frames from arbitrary chunks of a byte stream."""
+    """Reassembles frames from arbitrary chunks of a byte stream.
 
-    def __init__(self, max_frame: int = DEFAULT_MAX_FRAME) -> None:
-        if max_frame <= 0:
-            raise LocalProtocolError("max_frame must be positive")
+    ``min_frame`` refuses, at the prefix, frames too short to be valid (a sealed frame
+    needs room for its tag)."""
+
+    def __init__(self, max_frame: int = DEFAULT_MAX_FRAME, *, min_frame: int = 0) -> None:
+        if max_frame <= 0 or not 0 <= min_frame <= max_frame:
+            raise LocalProtocolError("need 0 <= min_frame <= max_frame and max_frame > 0")
         self.max_frame = max_frame
+        self.min_frame = min_frame
         self._buffer = bytearray()
         self._expected: int | None = None
 
@@ -48,6 +52,10 @@ class FrameDecoder:
                 if length > self.max_frame:
                     raise FrameTooLarge(
                         f"peer announced a {length}-byte frame (limit {self.max_frame})"
+                    )
+                if length < self.min_frame:
+                    raise RemoteProtocolError(
+                        f"peer announced a {length}-byte frame (at least {self.min_frame})"
                     )
                 del self._buffer[: PREFIX.size]
                 self._expected = length

@@ -48,6 +48,15 @@ def test_oversized_frame_is_refused_at_the_prefix() -> None:
         encode_frame(b"x" * 11, max_frame=10)
 
 
+def test_too_short_frame_is_refused_at_the_prefix() -> None:
+    decoder = FrameDecoder(64, min_frame=16)
+    with pytest.raises(RemoteProtocolError):
+        decoder.feed((15).to_bytes(4, "big"))
+    assert FrameDecoder(64, min_frame=16).feed((16).to_bytes(4, "big") + bytes(16)) == [bytes(16)]
+    with pytest.raises(LocalProtocolError):
+        FrameDecoder(8, min_frame=9)
+
+
 @given(st.lists(st.binary(max_size=300), max_size=20), st.integers(1, 64))
 def test_any_split_gives_the_same_frames(payloads: list[bytes], step: int) -> None:
     stream = b"".join(encode_frame(p) for p in payloads)

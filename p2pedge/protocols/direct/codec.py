@@ -26,8 +26,8 @@ from typing import Any
 from cryptography.exceptions import InvalidTag
 from cryptography.hazmat.primitives.ciphers.aead import ChaCha20Poly1305
 
-from p2pedge.errors import FrameTooLarge, LocalProtocolError, RemoteProtocolError
-from p2pedge.wire.framing import DEFAULT_MAX_FRAME
+from p2pedge.errors import LocalProtocolError, RemoteProtocolError
+from p2pedge.wire.framing import DEFAULT_MAX_FRAME, PREFIX, FrameDecoder
 from p2pedge.wire.messages import require
 
 PROTOCOL_ID = "/p2pedge/direct/1.0.0"
@@ -38,7 +38,6 @@ TAG_BYTES = 16
 GREETING = b"hello"
 MAX_PROTOCOL_CHARS = 128
 MAX_TICKET_FRAME = 1024  # a ticket request or answer is ~100 bytes; refuse more unread
-_LENGTH = struct.Struct(">I")
 _NONCE = struct.Struct(">IQ")
 CLIENT_TO_SERVER = 0
 SERVER_TO_CLIENT = 1
@@ -95,8 +94,9 @@ class SealedChannel:
     """Seals outgoing frames and opens incoming ones for one lane end.
 
     Sans-IO: :meth:`seal` gives bytes to write, :meth:`feed` takes received bytes and
-    returns whole payloads. A length above ``max_frame`` is refused when its prefix
-    arrives, before anything is buffered for it.
+    returns whole payloads. Framing is the shared :class:`FrameDecoder` (a length above
+    ``max_frame`` plus the tag is refused when its prefix arrives, before anything is
+    buffered for it); the length prefix is the associated data.
     """
 
     def __init__(self, key: bytes, *, client: bool, max_frame: int = DEFAULT_MAX_FRAME) -> None:
@@ -108,38 +108,26 @@ class SealedChannel:
         self._sent = 0
         self._received = 0
         self.max_frame = max_frame
-        self._buffer = bytearray()
+        self._frames = FrameDecoder(max_frame + TAG_BYTES, min_frame=TAG_BYTES)
 
     @property
     def buffered(self) -> int:
-        return len(self._buffer)
+        return self._frames.buffered
 
     def seal(self, payload: bytes) -> bytes:
         if len(payload) > self.max_frame:
             raise LocalProtocolError(f"frame of {len(payload)} bytes exceeds {self.max_frame}")
-        prefix = _LENGTH.pack(len(payload) + TAG_BYTES)
+        prefix = PREFIX.pack(len(payload) + TAG_BYTES)
         nonce = _NONCE.pack(self._send_dir, self._sent)
         self._sent += 1
         return prefix + self._aead.encrypt(nonce, payload, prefix)
 
     def feed(self, data: bytes) -> list[bytes]:
-        self._buffer += data
         frames: list[bytes] = []
-        while len(self._buffer) >= _LENGTH.size:
-            (length,) = _LENGTH.unpack_from(self._buffer)
-            if length > self.max_frame + TAG_BYTES:
-                raise FrameTooLarge(f"peer announced a {length}-byte sealed frame")
-            if length < TAG_BYTES:
-                raise RemoteProtocolError(f"sealed frame of {length} bytes has no room for a tag")
-            end = _LENGTH.size + length
-            if len(self._buffer) < end:
-                break
-            prefix = bytes(self._buffer[: _LENGTH.size])
-            body = bytes(self._buffer[_LENGTH.size : end])
-            del self._buffer[:end]
+        for body in self._frames.feed(data):
             nonce = _NONCE.pack(self._recv_dir, self._received)
             try:
-                frames.append(self._aead.decrypt(nonce, body, prefix))
+                frames.append(self._aead.decrypt(nonce, body, PREFIX.pack(len(body))))
             except InvalidTag as exc:
                 raise RemoteProtocolError("sealed frame failed authentication") from exc
             self._received += 1

@@ -1,7 +1,8 @@
 """Server-to-server push: a server hands its step's output straight to the next server.
 
 Client relaying costs every extra hop a second message and the client's handling of two
-(measured here at 1.2-1.3 ms of client CPU per hop). With push, the client sends a step
+(about 1.2 ms of client CPU per hop here, in a one-off profile; on a real network, a
+second link delay: ``simnet/push_latency.py``). With push, the client sends a step
 to the first server with the chain after it (:class:`~codec.Forward` entries: peer,
 session, that session's push key); each server pushes its output on as a step carrying
 the next session's key, and still answers the session's owner (the client) with its

@@ -13,6 +13,7 @@ Client side::
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 from collections.abc import Awaitable, Callable, Iterable, Sequence
@@ -97,13 +98,15 @@ def model_layers(model_dir: Path) -> int:
 async def swarm_options(node: PipelineNode, model: str) -> list[ServerOption]:
     """What every known card (our own included) offers for ``model``, with the measured
     round trip to each offering peer (pinged when not measured in the last minute)."""
-    cards = await node.find_peers(None)
-    offering = {o.peer_id for o in options_from_cards(cards, model)}
-    return options_from_cards(cards, model, await node.latency.rtts(sorted(offering)))
+    options = options_from_cards(await node.find_peers(None), model)
+    rtts = await node.latency.rtts(sorted({o.peer_id for o in options}))
+    return [dataclasses.replace(o, rtt_s=rtts.get(o.peer_id)) for o in options]
 
 
 async def place(node: PipelineNode, model: str, n_layers: int, n_blocks: int) -> LayerRange:
-    options = [o for o in await swarm_options(node, model) if o.peer_id != node.card.peer_id]
+    # placement weighs compute only: no pings at start-up
+    cards = await node.find_peers(None)
+    options = [o for o in options_from_cards(cards, model) if o.peer_id != node.card.peer_id]
     placement = choose_blocks_from_options(
         n_layers, n_blocks, options, float(node.card.compute_gflops), DEFAULT_GFLOP_PER_BLOCK_TOKEN
     )
