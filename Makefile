@@ -40,6 +40,8 @@ bench: venv model
 	$(PY) benchmarks/decode.py
 	$(PY) benchmarks/local.py
 	$(PY) benchmarks/pull.py
+	$(PY) benchmarks/hop_cold.py
+	$(PY) benchmarks/kv_in_place.py
 	$(PY) benchmarks/sharded.py
 	$(PY) benchmarks/preload.py
 	$(PY) -m simnet.federated

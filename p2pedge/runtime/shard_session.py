@@ -5,6 +5,14 @@ session gets a :class:`ShardSession` holding only its own KV arrays, so many ses
 share one copy of the weights. The shard's role is read from its graph: ``input_ids``
 in means it embeds, ``logits`` out means it ends with the final norm and LM head.
 No trio here: callers run :meth:`ShardSession.step` in a worker thread.
+
+On CPU, a GroupQueryAttention shard runs like onnxruntime-genai runs the whole model: each
+block's past and present KV are one buffer sized for the session (bound through an
+``IOBinding``), which GQA appends to in place. The plain ``run()`` path instead copies the
+whole cache into a new present array every step (O(length) per token) and converts two
+arrays per block each way (measured in one process, same tokens, bit-identical outputs:
+0.2 ms less per step for 10 blocks at 70 positions, 1.5 ms at 600; 1.1-1.5 ms for all
+30). Other graphs and providers keep that plain path.
 """
 
 from __future__ import annotations
@@ -92,20 +100,25 @@ def _static(dim: Any, what: str) -> int:
     return dim
 
 
-def gather_table_rows(model: str | Path | bytes) -> dict[str, int]:
+def _graph(model: str | Path | bytes) -> Any:
+    """The graph without external weights (enough to read ops and initialiser shapes)."""
+    import onnx
+
+    if isinstance(model, bytes):
+        return onnx.load_from_string(model)
+    return onnx.load(str(model), load_external_data=False)
+
+
+def gather_table_rows(model: Any) -> dict[str, int]:
     """Rows of the tables that ``Gather`` (or ``RotaryEmbedding``'s cos cache) indexes
     with each graph input.
 
     ``input_ids`` -> vocabulary size, ``position_ids`` -> context length (rotary table).
-    Reads only the graph, not external weights: the runtime cannot tell us these, and a
-    server must reject ids and positions out of range before they reach a kernel.
+    Reads only the graph (``model`` is a path, bytes or a loaded ``ModelProto``), not
+    external weights: the runtime cannot tell us these, and a server must reject ids and
+    positions out of range before they reach a kernel.
     """
-    import onnx
-
-    if isinstance(model, bytes):
-        proto = onnx.load_from_string(model)
-    else:
-        proto = onnx.load(str(model), load_external_data=False)
+    proto = model if hasattr(model, "graph") else _graph(model)
     dims = {t.name: list(t.dims) for t in proto.graph.initializer}
     rows: dict[str, int] = {}
     for node in proto.graph.node:
@@ -154,6 +167,16 @@ def inspect_session(session: ort.InferenceSession, vocab_in: int | None = None) 
     )
 
 
+def _can_share_kv(session: ort.InferenceSession, proto: Any, info: ShardInfo) -> bool:
+    """Past and present KV may be one in-place buffer: every block's attention is GQA
+    (which appends in place when the two are the same memory), on CPU (the buffers are
+    numpy arrays), with a float32 output we can preallocate."""
+    attention = sum(n.op_type == "GroupQueryAttention" for n in proto.graph.node)
+    output = next(o for o in session.get_outputs() if o.name == info.output)
+    on_cpu = session.get_providers()[0] == "CPUExecutionProvider"
+    return attention == len(info.blocks) and on_cpu and str(output.type) == "tensor(float)"
+
+
 class ShardModel:
     """A loaded shard graph; cheap :class:`ShardSession` objects run it."""
 
@@ -182,9 +205,11 @@ class ShardModel:
         except Exception as exc:  # ORT raises bare RuntimeError subclasses on bad files
             raise ModelLoadError(f"cannot load shard: {exc}") from exc
         self.n_layers: int | None = None
-        rows = gather_table_rows(model)
+        proto = _graph(model)
+        rows = gather_table_rows(proto)
         self.info = inspect_session(self.session, rows.get(INPUT_IDS))
         self.context_length: int | None = rows.get(POSITION_IDS)
+        self.shares_kv = _can_share_kv(self.session, proto, self.info)
 
     @classmethod
     def from_dir(
@@ -230,16 +255,43 @@ class ShardSession:
             raise LocalProtocolError("max_length must be >= 1")
         self.model = model
         self.max_length = max_length
+        self.limit = min(max_length, model.context_length or max_length)
         self._kv: dict[str, npt.NDArray[np.float32]] = {}
-        self.reset()
+        self._length = 0
+        # attention mask and position ids are slices of these (allocating them per step
+        # costs more than the slicing once the step has flushed the CPU caches)
+        self._ones = np.ones((1, self.limit), dtype=np.int64)
+        self._positions = np.arange(self.limit, dtype=np.int64)[None, :]
+        self._io: ort.IOBinding | None = None
+        if model.shares_kv:
+            self._bind_shared_kv()
+        else:
+            self.reset()
+
+    def _bind_shared_kv(self) -> None:
+        """One zeroed buffer per block key and value, bound as both past and present (pages
+        are committed as positions are written, so a long ``max_length`` costs little)."""
+        info = self.model.info
+        io = self.model.session.io_binding()
+        shape = (1, info.n_kv_heads, self.limit, info.head_dim)
+        for b in info.blocks:
+            for kind in ("key", "value"):
+                buffer = np.zeros(shape, dtype=np.float32)
+                self._kv[f"{b}.{kind}"] = buffer
+                value = ort.OrtValue.ortvalue_from_numpy(buffer)
+                io.bind_ortvalue_input(f"past_key_values.{b}.{kind}", value)
+                io.bind_ortvalue_output(f"present.{b}.{kind}", value)
+        self._io = io
 
     @property
     def length(self) -> int:
         """Positions currently cached."""
-        first = next(iter(self._kv.values()))
-        return int(first.shape[2])
+        return self._length
 
     def reset(self) -> None:
+        self._length = 0
+        if self._io is not None:
+            return  # stale positions are overwritten before attention reads them
         info = self.model.info
         empty = np.zeros((1, info.n_kv_heads, 0, info.head_dim), dtype=np.float32)
         self._kv = {}
@@ -249,10 +301,11 @@ class ShardSession:
 
     def rewind(self, length: int) -> None:
         """Forget every position from ``length`` on (a resent or replayed step)."""
-        if not 0 <= length <= self.length:
-            raise LocalProtocolError(f"cannot rewind to {length}; {self.length} cached")
-        if length < self.length:
+        if not 0 <= length <= self._length:
+            raise LocalProtocolError(f"cannot rewind to {length}; {self._length} cached")
+        if length < self._length and self._io is None:
             self._kv = {k: np.ascontiguousarray(v[:, :, :length]) for k, v in self._kv.items()}
+        self._length = length
 
     def step(self, x: npt.NDArray[Any], start: int, *, last_only: bool = True) -> npt.NDArray[Any]:
         """Run positions ``start .. start + n`` (rewinding first); keeps the new KV.
@@ -263,28 +316,55 @@ class ShardSession:
         """
         info = self.model.info
         n = int(x.shape[1])
-        limit = min(self.max_length, self.model.context_length or self.max_length)
-        if start + n > limit:
-            raise LocalProtocolError(f"{start + n} positions exceed the limit {limit}")
+        if start + n > self.limit:
+            raise LocalProtocolError(f"{start + n} positions exceed the limit {self.limit}")
         self.rewind(start)
-        feeds: dict[str, npt.NDArray[Any]] = dict(self._kv)
         if info.first:
-            feeds[INPUT_IDS] = np.ascontiguousarray(x, dtype=np.int64)
+            x = np.ascontiguousarray(x, dtype=np.int64)
         else:
-            feeds[HIDDEN_IN] = np.ascontiguousarray(x, dtype=np.float32)
-        feeds[ATTENTION_MASK] = np.ones((1, start + n), dtype=np.int64)
-        feeds[POSITION_IDS] = np.arange(start, start + n, dtype=np.int64)[None, :]
+            x = np.ascontiguousarray(x, dtype=np.float32)
+        mask = self._ones[:, : start + n]
+        positions = self._positions[:, start : start + n]
+        try:
+            if self._io is not None:
+                out = self._run_shared(x, mask, positions)
+            else:
+                out = self._run_plain(x, mask, positions)
+        except _ORT_ERRORS as exc:
+            raise ShardFailed(f"onnxruntime step failed: {exc}") from exc
+        self._length = start + n
+        if info.last and last_only:
+            return np.ascontiguousarray(out[:, -1, :])
+        return out
+
+    def _run_shared(
+        self, x: npt.NDArray[Any], mask: npt.NDArray[np.int64], positions: npt.NDArray[np.int64]
+    ) -> npt.NDArray[np.float32]:
+        info, io = self.model.info, self._io
+        assert io is not None
+        io.bind_cpu_input(INPUT_IDS if info.first else HIDDEN_IN, x)
+        io.bind_cpu_input(ATTENTION_MASK, mask)
+        io.bind_cpu_input(POSITION_IDS, positions)
+        width = info.vocab if info.last else info.hidden
+        out = np.empty((1, x.shape[1], width or 0), dtype=np.float32)
+        io.bind_output(info.output, "cpu", 0, np.float32, list(out.shape), out.ctypes.data)
+        self.model.session.run_with_iobinding(io)
+        return out
+
+    def _run_plain(
+        self, x: npt.NDArray[Any], mask: npt.NDArray[np.int64], positions: npt.NDArray[np.int64]
+    ) -> npt.NDArray[Any]:
+        info = self.model.info
+        feeds: dict[str, npt.NDArray[Any]] = dict(self._kv)
+        feeds[INPUT_IDS if info.first else HIDDEN_IN] = x
+        feeds[ATTENTION_MASK] = mask
+        feeds[POSITION_IDS] = positions
         names = [info.output]
         for b in info.blocks:
             names += [f"present.{b}.key", f"present.{b}.value"]
-        try:
-            results = self.model.session.run(names, feeds)
-        except _ORT_ERRORS as exc:
-            raise ShardFailed(f"onnxruntime step failed: {exc}") from exc
+        results = self.model.session.run(names, feeds)
         for b, i in zip(info.blocks, range(1, len(results), 2), strict=True):
             self._kv[f"past_key_values.{b}.key"] = results[i]
             self._kv[f"past_key_values.{b}.value"] = results[i + 1]
         out: npt.NDArray[Any] = results[0]
-        if info.last and last_only:
-            return np.ascontiguousarray(out[:, -1, :])
         return out

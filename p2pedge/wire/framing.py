@@ -42,6 +42,10 @@ class FrameDecoder:
 
     def feed(self, data: bytes) -> list[bytes]:
         """Add received bytes; return every frame now complete, in order."""
+        if not self._buffer and self._expected is None and len(data) >= PREFIX.size:
+            (length,) = PREFIX.unpack_from(data)
+            if len(data) == PREFIX.size + length and self.min_frame <= length <= self.max_frame:
+                return [data[PREFIX.size :]]  # the common case: exactly one whole frame
         self._buffer += data
         frames: list[bytes] = []
         while True:

@@ -11,6 +11,7 @@ from typing import Any
 import numpy as np
 import pytest
 import trio
+import trio.testing
 
 from p2pedge.errors import PeerUnavailable
 from p2pedge.ids import LayerRange
@@ -94,6 +95,30 @@ async def test_a_pushed_step_runs_in_the_keyed_session_and_answers_its_owner(
         nursery.cancel_scope.cancel()
 
 
+async def test_a_late_pushed_copy_is_refused_to_the_pusher_not_the_owner(
+    shards: dict[LayerRange, Any],
+) -> None:
+    """The client relayed a step itself after its push was late; the pushed copy that
+    then arrives must neither rewind the session nor send the owner an error."""
+    hidden = np.random.default_rng(0).standard_normal((1, 2, 64)).astype(np.float32)
+    async with trio.open_nursery() as nursery:
+        server = pushing_server(shards, LAST, nursery)
+        connect = connector(server, nursery)
+        owner, pusher = connect(), connect()
+        opened = await owner.ask(codec.Open(0, MODEL, LAST.start, LAST.end, 32))
+        assert isinstance(opened, codec.Opened)
+        sid, key = opened.session, opened.key
+        relayed = await owner.ask(codec.Step(0, sid, 0, hidden, 1))  # positions 0 and 1
+        assert isinstance(relayed, codec.Output)
+        late = await pusher.ask(codec.Step(0, sid, 0, hidden, 1, (), key))  # start 0 again
+        assert isinstance(late, codec.Error) and late.code == codec.E_BAD_REQUEST
+        assert server.pushes_refused == 1 and server.steps_pushed_in == 0
+        # the session still holds both positions, and the owner's stream has no stray error
+        nxt = await owner.ask(codec.Step(0, sid, 2, hidden[:, :1], 1))
+        assert isinstance(nxt, codec.Output) and nxt.rid == owner.rid
+        nursery.cancel_scope.cancel()
+
+
 async def test_a_server_pushes_its_output_on_to_the_next_server(
     shards: dict[LayerRange, Any],
 ) -> None:
@@ -160,3 +185,47 @@ async def test_the_pusher_keeps_a_bounded_set_of_streams() -> None:
         assert len(opened) == push.MAX_PUSH_STREAMS + 2  # it had to be opened again
         nursery.cancel_scope.cancel()
     assert len(received) >= push.MAX_PUSH_STREAMS
+
+
+class StuckWrites:
+    """Fault injection: a stream whose writes never complete until it is reset (a next
+    server that stopped reading, its socket buffer full)."""
+
+    def __init__(self) -> None:
+        self.was_reset = trio.Event()
+
+    async def read(self, n: int | None = None) -> bytes:
+        await self.was_reset.wait()
+        return b""
+
+    async def write(self, data: bytes) -> None:
+        await self.was_reset.wait()
+        raise trio.ClosedResourceError("reset while writing")
+
+    async def close(self) -> None:
+        self.was_reset.set()
+
+    async def reset(self) -> None:
+        self.was_reset.set()
+
+
+async def test_a_push_stuck_in_send_is_dropped_after_the_timeout(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    stuck = StuckWrites()
+
+    async def opener(peer: str, protocol: str) -> FramedStream:
+        return FramedStream(stuck)
+
+    async with trio.open_nursery() as nursery:
+        pusher = Pusher(opener, nursery, timeout=2.0)
+        began = trio.current_time()
+        with trio.fail_after(10):  # without the watchdog the send would hang
+            ok = await pusher.push(
+                (codec.Forward("frozen", 1, bytes(16)),), 0, np.zeros((1, 1, 4), np.float32)
+            )
+        waited = trio.current_time() - began
+        assert not ok and pusher.failed == 1 and pusher.pushed == 0
+        assert stuck.was_reset.is_set()
+        assert 2.0 < waited <= 3.0  # noticed by the watchdog, every timeout / 2
+        assert pusher.peers == []

@@ -159,6 +159,24 @@ class PipelineMachineTest(RuleBasedStateMachine):
             self.expected[session] = State.CLOSED
             self.pending.pop(session)
 
+    @rule(session=st.one_of(sessions, st.integers(1000, 1010)), offset=st.integers(-2, 2))
+    def push_arrives(self, session: int, offset: int) -> None:
+        """A pushed step may run only at the next new position of an idle session; the
+        check changes nothing."""
+        start = self.lengths.get(session, 0) + offset
+        refusal = self.m.refuse_push(session, start, 7)
+        state = self.expected.get(session, State.ABSENT)
+        if state is State.OPEN and offset == 0:
+            assert refusal is None
+            return
+        assert refusal is not None and refusal.rid == 7
+        if state is State.BUSY:
+            assert refusal.code == codec.E_BUSY
+        elif state is State.OPEN:
+            assert refusal.code == codec.E_BAD_REQUEST
+        else:
+            assert refusal.code == codec.E_CLOSED
+
     @rule(session=consumes(sessions))
     def close(self, session: int) -> None:
         rid = self._rid()

@@ -128,28 +128,31 @@ class ShardConnection:
         reply = await self._request(lambda rid: codec.Step(rid, self.session, start, x, top_k, fwd))
         return self._output(reply, top_k, began)
 
-    async def pushed(self, top_k: int = 0) -> npt.NDArray[Any]:
-        """The output of a step another server pushed into this session (``rid`` 0).
+    async def pushed(
+        self, top_k: int = 0, *, within: float | None = None
+    ) -> npt.NDArray[Any] | None:
+        """The output of a step another server pushed into this session (``rid`` 0), or
+        None if it has not come ``within`` seconds (when that is shorter than the step
+        timeout, which raises :class:`PeerTimeout` as usual). One deadline, not two
+        nested: each cancel scope costs ~0.1 ms once the caches are cold.
 
         Replies to earlier requests still on the stream are skipped; an error about the
         pushed step raises like a failed request.
         """
         began = trio.current_time()
-        try:
-            with trio.fail_after(self.timeout):
-                while True:
-                    msg = codec.from_map(await self.stream.receive())
-                    if msg.rid == 0:
-                        break
-                    if msg.rid == self._pending:
-                        self._pending = None
-        except trio.TooSlowError as exc:
-            raise PeerTimeout(
-                f"{self.peer} sent no pushed output within {self.timeout:.3g} s"
-            ) from exc
-        if isinstance(msg, codec.Error):
-            raise error_to_exception(msg, self.peer)
-        return self._output(msg, top_k, began)
+        grace = within is not None and within < self.timeout
+        with trio.move_on_after(within if grace and within is not None else self.timeout):
+            while True:
+                msg = codec.from_map(await self.stream.receive())
+                if msg.rid == 0:
+                    if isinstance(msg, codec.Error):
+                        raise error_to_exception(msg, self.peer)
+                    return self._output(msg, top_k, began)
+                if msg.rid == self._pending:
+                    self._pending = None
+        if grace:
+            return None
+        raise PeerTimeout(f"{self.peer} sent no pushed output within {self.timeout:.3g} s")
 
     def _output(self, reply: codec.Message, top_k: int, began: float) -> npt.NDArray[Any]:
         if not isinstance(reply, codec.Output) or reply.session != self.session:

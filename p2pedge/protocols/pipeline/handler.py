@@ -33,7 +33,7 @@ from p2pedge.errors import (
     ShardFailed,
 )
 from p2pedge.ids import LayerRange
-from p2pedge.protocols._stream import FramedStream
+from p2pedge.protocols._stream import FramedStream, QuickLock
 from p2pedge.protocols.pipeline import codec
 from p2pedge.protocols.pipeline.machine import (
     DEFAULT_IDLE_TIMEOUT,
@@ -136,6 +136,7 @@ class PipelineServer:
         self.steps_served = 0
         self.steps_inline = 0
         self.steps_pushed_in = 0
+        self.pushes_refused = 0  # late copies of steps the client relayed itself
         # push key -> (the connection that owns the session, its session id)
         self.by_key: dict[bytes, tuple[_Connection, int]] = {}
         self.pusher: Pusher | None = None  # set where the server can reach other servers
@@ -202,7 +203,7 @@ class _Connection:
         self.keys: dict[int, bytes] = {}
         self.closed = False  # the stream ended; a pushed step may still be running here
         self.changed = trio.Event()
-        self.send_lock = trio.Lock()  # a pushed step's reply may race this stream's own
+        self.send_lock = QuickLock()  # a pushed step's reply may race this stream's own
 
     async def serve(self) -> None:
         while True:
@@ -242,6 +243,11 @@ class _Connection:
             await self._send(codec.Error(msg.rid, codec.E_UNKNOWN_SESSION, "unknown push key"))
             return
         conn, session = owner
+        refusal = conn.machine.refuse_push(session, msg.start, msg.rid)
+        if refusal is not None:
+            self.server.pushes_refused += 1
+            await self._send(refusal)
+            return
         self.server.steps_pushed_in += 1
         await conn.receive(codec.Step(0, session, msg.start, msg.x, msg.top_k, msg.fwd))
 

@@ -25,6 +25,7 @@ from p2pedge.protocols.pipeline.codec import Close, Closed, Error, Open, Opened,
 DEFAULT_IDLE_TIMEOUT = 60.0
 DEFAULT_MAX_STEP_TOKENS = 2048
 DEFAULT_MAX_SESSIONS = 64
+_INT64 = np.dtype(np.int64)
 
 
 class State(enum.Enum):
@@ -227,14 +228,15 @@ class ServerMachine:
         return [Allocate(session, msg.model, layers, msg.max_length)]
 
     def _check_step(self, s: _Session, msg: Step) -> str | None:
-        x, first = msg.x, s.spec.first
-        n = x.shape[1] if x.ndim >= 2 else 0
+        x, first, shape = msg.x, s.spec.first, msg.x.shape
+        n = shape[1] if len(shape) >= 2 else 0
         if first:
-            if x.dtype != np.int64 or x.ndim != 2 or x.shape[0] != 1:
-                return f"first shard takes int64 token ids [1, n], got {x.dtype} {list(x.shape)}"
-            if n and (int(x.min()) < 0 or int(x.max()) >= s.spec.vocab):
+            if x.dtype != _INT64 or len(shape) != 2 or shape[0] != 1:
+                return f"first shard takes int64 token ids [1, n], got {x.dtype} {list(shape)}"
+            ids = x.ravel().tolist()  # Python min/max: numpy's reductions are slow cold
+            if n and (min(ids) < 0 or max(ids) >= s.spec.vocab):
                 return f"token id outside [0, {s.spec.vocab})"
-        elif x.dtype != np.dtype(s.dtype) or x.ndim != 3 or x.shape[::2] != (1, s.spec.hidden):
+        elif x.dtype != codec.NUMPY_DTYPES[s.dtype] or shape != (1, n, s.spec.hidden):
             want = f"{s.dtype} [1, n, {s.spec.hidden}]"
             return f"hidden states must be {want}, got {x.dtype} {list(x.shape)}"
         if not 1 <= n <= self.max_step_tokens:
@@ -282,6 +284,23 @@ class ServerMachine:
                 )
             ]
         return [Release(msg.session), Send(Closed(msg.rid, msg.session))]
+
+    def refuse_push(self, session: int, start: int, rid: int) -> Error | None:
+        """The answer to a pushed step that must not run, or None if it may.
+
+        A push only ever carries the next new position of an idle session. Anything else
+        is a copy that came late, after the client gave up waiting and relayed that step
+        itself: run, it would find the session busy (and the owner would read the error
+        as a failed hop) or rewind the cache under the client's later steps. Refusing it
+        to the pusher leaves the owner's session as the client drives it.
+        """
+        s = self.sessions.get(session)
+        if s is None or s.state is not State.OPEN:
+            code = codec.E_BUSY if s is not None and s.state is State.BUSY else codec.E_CLOSED
+            return Error(rid, code, f"session {session} is {self.state_of(session).value}")
+        if start != s.length:
+            return Error(rid, codec.E_BAD_REQUEST, f"pushed start {start}, next is {s.length}")
+        return None
 
     # --- results from the executor ---------------------------------------------------
 
