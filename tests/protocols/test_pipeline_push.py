@@ -5,6 +5,7 @@ its output on. Real ``PipelineServer`` + onnxruntime over in-process streams."""
 from __future__ import annotations
 
 import secrets
+import threading
 from collections.abc import Awaitable, Callable
 from typing import Any
 
@@ -20,6 +21,7 @@ from p2pedge.protocols.pipeline import codec
 from p2pedge.protocols.pipeline.handler import PipelineServer
 from p2pedge.protocols.pipeline.local import tiny_shards
 from p2pedge.protocols.pipeline.push import Pusher
+from p2pedge.runtime.shard_session import ShardModel, ShardSession
 
 MODEL = "tiny"
 FIRST, LAST = LayerRange(0, 2), LayerRange(2, 4)
@@ -58,15 +60,15 @@ def connector(server: PipelineServer, nursery: trio.Nursery) -> Callable[[], Pee
     return connect
 
 
+async def nowhere_opener(peer: str, protocol: str) -> FramedStream:
+    raise AssertionError("this server pushes nowhere")
+
+
 def pushing_server(
     shards: dict[LayerRange, Any], layers: LayerRange, nursery: trio.Nursery, opener: Any = None
 ) -> PipelineServer:
     server = PipelineServer({(MODEL, layers): shards[layers]}, offload=False)
-
-    async def nowhere(peer: str, protocol: str) -> FramedStream:
-        raise AssertionError("this server pushes nowhere")
-
-    server.pusher = Pusher(opener or nowhere, nursery)
+    server.pusher = Pusher(opener or nowhere_opener, nursery)
     return server
 
 
@@ -229,3 +231,43 @@ async def test_a_push_stuck_in_send_is_dropped_after_the_timeout(
         assert stuck.was_reset.is_set()
         assert 2.0 < waited <= 3.0  # noticed by the watchdog, every timeout / 2
         assert pusher.peers == []
+
+
+class GatedSession(ShardSession):
+    """Fault injection: a real shard session whose steps wait for a gate (a server that
+    is slow to finish a pushed step)."""
+
+    def __init__(self, model: ShardModel, max_length: int, gate: threading.Event) -> None:
+        super().__init__(model, max_length)
+        self.gate = gate
+
+    def step(self, x: np.ndarray, start: int, *, last_only: bool = True) -> np.ndarray:
+        assert self.gate.wait(timeout=30)
+        return super().step(x, start, last_only=last_only)
+
+
+async def test_a_relayed_copy_of_the_running_pushed_step_gets_its_result() -> None:
+    """The client's grace time ran out and it relayed the step a push is still running:
+    it gets that step's output under its own rid, not a busy error."""
+    model = tiny_shards([(2, 4)], n_layers=4, seed=1)[0][LAST]
+    gate = threading.Event()
+    model.new_session = lambda max_length: GatedSession(model, max_length, gate)  # type: ignore[method-assign]
+    hidden = np.random.default_rng(0).standard_normal((1, 1, 64)).astype(np.float32)
+    async with trio.open_nursery() as nursery:
+        server = PipelineServer({(MODEL, LAST): model})  # steps in worker threads
+        server.pusher = Pusher(nowhere_opener, nursery)
+        connect = connector(server, nursery)
+        owner, pusher = connect(), connect()
+        opened = await owner.ask(codec.Open(0, MODEL, LAST.start, LAST.end, 32))
+        assert isinstance(opened, codec.Opened)
+        await pusher.send(codec.Step(0, opened.session, 0, hidden, 1, (), opened.key))
+        await trio.testing.wait_all_tasks_blocked()  # the pushed step waits at the gate
+        await owner.send(codec.Step(0, opened.session, 0, hidden.copy(), 1))
+        await trio.testing.wait_all_tasks_blocked()  # the relayed copy was taken in
+        gate.set()
+        first, second = await owner.next(), await owner.next()
+        assert isinstance(first, codec.Output) and first.rid == 0
+        assert isinstance(second, codec.Output) and second.rid == owner.rid
+        assert np.array_equal(first.y, second.y)
+        assert server.steps_served == 1  # computed once
+        nursery.cancel_scope.cancel()

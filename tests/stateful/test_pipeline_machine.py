@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import numpy as np
-from hypothesis import settings
+from hypothesis import event, settings
 from hypothesis import strategies as st
 from hypothesis.stateful import (
     Bundle,
@@ -53,6 +53,9 @@ class PipelineMachineTest(RuleBasedStateMachine):
         self.reserved: dict[int, int] = {}
         self.pending: dict[int, int] = {}
         self.active: dict[int, float] = {}
+        self.in_flight: dict[int, tuple[int, int, np.ndarray]] = {}  # rid, start, x
+        self.joined: dict[int, int] = {}
+        self.dtypes: dict[int, str] = {}
 
     def _rid(self) -> int:
         self.rid += 1
@@ -93,6 +96,7 @@ class PipelineMachineTest(RuleBasedStateMachine):
         self.lengths[alloc.session] = 0
         self.first[alloc.session] = start == 0
         self.reserved[alloc.session] = max_length * PER_TOKEN
+        self.dtypes[alloc.session] = dtype
         self.active[alloc.session] = self.now
         return alloc.session
 
@@ -127,14 +131,19 @@ class PipelineMachineTest(RuleBasedStateMachine):
         else:
             x = np.zeros((1, n, HIDDEN), np.float32 if good_dtype else np.float64)
         actions = self.m.receive(codec.Step(rid, session, start, x), self.now)
-        reply = self._one_reply(actions, rid)
         state = self.expected.get(session, State.ABSENT)
+        if self._joins(session, start, x):
+            assert actions == []  # answered with the pushed step's result
+            self.joined[session] = rid
+            return
+        reply = self._one_reply(actions, rid)
         if reply is None:
             (run,) = actions
             assert isinstance(run, Run) and run.start == start
             assert state is State.OPEN and 1 <= n <= 8 and good_dtype and start <= length
             self.expected[session] = State.BUSY
             self.pending[session] = start + n
+            self.in_flight[session] = (rid, start, x)
             return
         assert isinstance(reply, codec.Error)
         if state is State.OPEN:
@@ -142,20 +151,80 @@ class PipelineMachineTest(RuleBasedStateMachine):
         else:
             assert reply.code == TRANSITIONS[(state, Event.STEP)]
 
+    def _joins(self, session: int, start: int, x: np.ndarray) -> bool:
+        flight = self.in_flight.get(session)
+        return (
+            self.expected.get(session) is State.BUSY
+            and flight is not None
+            and flight[0] == 0
+            and session not in self.joined
+            and flight[1] == start
+            and flight[2].shape == x.shape
+            and flight[2].dtype == x.dtype
+            and bool(np.array_equal(flight[2], x))
+        )
+
+    @rule(session=sessions, n=st.integers(1, 3), then_relay=st.booleans())
+    def pushed_step(self, session: int, n: int, then_relay: bool) -> None:
+        """Another server pushes the next positions (rid 0; the handler lets a push run
+        only at the next new position of an idle session), maybe relayed right after."""
+        start = self.lengths[session]
+        if self.m.refuse_push(session, start, 9) is not None:
+            assert self.expected[session] is not State.OPEN
+            return
+        if start + n > self.reserved[session] // PER_TOKEN:
+            return  # past max_length: refused like any step (the step rule covers it)
+        if self.first[session]:
+            x = (np.arange(n, dtype=np.int64)[None] + start) % VOCAB
+        else:
+            x = np.full((1, n, HIDDEN), float(start), self.dtypes[session])
+        (run,) = self.m.receive(codec.Step(0, session, start, x), self.now)
+        assert isinstance(run, Run) and run.rid == 0
+        self.expected[session] = State.BUSY
+        self.pending[session] = start + n
+        self.in_flight[session] = (0, start, x)
+        if then_relay:
+            self.relay_the_pushed_step(session)
+
+    @rule(session=sessions)
+    def relay_again(self, session: int) -> None:
+        self.relay_the_pushed_step(session)
+
+    def relay_the_pushed_step(self, session: int) -> None:
+        """The client relays the very step a push is running (its grace time ran out)."""
+        flight = self.in_flight.get(session)
+        if flight is None or self.expected[session] is not State.BUSY:
+            return
+        rid = self._rid()
+        actions = self.m.receive(codec.Step(rid, session, flight[1], flight[2].copy()), self.now)
+        if self._joins(session, flight[1], flight[2]):
+            assert actions == []
+            self.joined[session] = rid
+            event("a relayed step joined the pushed step in flight")
+        else:
+            assert self._one_reply(actions, rid).code == codec.E_BUSY  # type: ignore[union-attr]
+
     @rule(session=sessions, ok=st.booleans())
     def finish_step(self, session: int, ok: bool) -> None:
         if self.expected[session] is not State.BUSY:
             return
+        rid = self.in_flight.pop(session)[0]
+        joined = self.joined.pop(session, None)
+        want = [rid] if joined is None else [rid, joined]
         if ok:
             y = np.zeros((1, 1, HIDDEN), np.float32)
-            (send,) = self.m.step_done(session, y, self.now)
-            assert isinstance(send.reply, codec.Output)
+            sends = self.m.step_done(session, y, self.now)
+            assert all(isinstance(a, Send) and isinstance(a.reply, codec.Output) for a in sends)
+            assert [a.reply.rid for a in sends] == want  # type: ignore[union-attr]
             self.expected[session] = State.OPEN
             self.lengths[session] = self.pending.pop(session)
             self.active[session] = self.now
         else:
             actions = self.m.failed(session, "kernel error", self.now)
             assert isinstance(actions[0], Release) and actions[0].session == session
+            errors = actions[1:]
+            assert all(isinstance(a, Send) and a.reply.code == codec.E_INTERNAL for a in errors)
+            assert [a.reply.rid for a in errors] == want  # type: ignore[union-attr]
             self.expected[session] = State.CLOSED
             self.pending.pop(session)
 

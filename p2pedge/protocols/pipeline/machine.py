@@ -9,6 +9,7 @@ Nothing here awaits: callers pass ``now`` and carry out the returned actions.
 
 from __future__ import annotations
 
+import dataclasses
 import enum
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -158,6 +159,8 @@ class _Session:
     last_active: float
     length: int = 0
     pending: tuple[int, int] | None = None  # (rid, end position) of the request in flight
+    pushed: Step | None = None  # the step in flight, when another server pushed it
+    joined: int | None = None  # a relayed request answered by that pushed step's result
 
 
 @dataclass
@@ -249,6 +252,9 @@ class ServerMachine:
 
     def _step(self, msg: Step, now: float) -> list[Action]:
         s = self.sessions.get(msg.session)
+        if s is not None and self._joins_pushed(s, msg):
+            s.joined = msg.rid
+            return []  # answered when the pushed copy finishes (see step_done)
         if s is not None and s.state is State.OPEN:
             problem = self._check_step(s, msg)
             if problem is not None:
@@ -267,6 +273,7 @@ class ServerMachine:
         assert s is not None
         s.last_active = now
         s.pending = (msg.rid, msg.start + int(msg.x.shape[1]))
+        s.pushed = msg if msg.rid == 0 else None
         top_k = msg.top_k if s.spec.last else 0
         fwd = () if s.spec.last else msg.fwd
         return [Run(msg.session, msg.rid, msg.start, msg.x, s.spec.last, top_k, fwd)]
@@ -284,6 +291,23 @@ class ServerMachine:
                 )
             ]
         return [Release(msg.session), Send(Closed(msg.rid, msg.session))]
+
+    @staticmethod
+    def _joins_pushed(s: _Session, msg: Step) -> bool:
+        """A relayed step that is the very step a push is running now: the client gave
+        up waiting for the pushed output and relayed the same input itself. Answering
+        it with ``busy`` would read as a failed hop; it gets the pushed step's result."""
+        p = s.pushed
+        return (
+            s.state is State.BUSY
+            and p is not None
+            and s.joined is None
+            and msg.rid != 0
+            and (msg.start, msg.top_k) == (p.start, p.top_k)
+            and msg.x.shape == p.x.shape
+            and msg.x.dtype == p.x.dtype
+            and np.array_equal(msg.x, p.x)
+        )
 
     def refuse_push(self, session: int, start: int, rid: int) -> Error | None:
         """The answer to a pushed step that must not run, or None if it may.
@@ -309,9 +333,17 @@ class ServerMachine:
         if s is None or s.pending is None:
             raise LocalProtocolError(f"session {session} has nothing in flight")
         rid, end = s.pending
-        s.pending = None
+        s.pending, s.pushed = None, None
         s.last_active = now
         return s, rid, end
+
+    @staticmethod
+    def _answer_joined(s: _Session, reply: Output | Error) -> list[Action]:
+        """``reply`` to the request in flight, and a copy to a joined relayed request."""
+        joined, s.joined = s.joined, None
+        if joined is None:
+            return [Send(reply)]
+        return [Send(reply), Send(dataclasses.replace(reply, rid=joined))]
 
     def ready(self, session: int, now: float, key: bytes = b"") -> list[Action]:
         """The executor session exists (after :class:`Allocate`)."""
@@ -335,9 +367,9 @@ class ServerMachine:
         self._move(session, Event.READY)
         s.length = end
         if ids is not None:
-            return [Send(Output(rid, session, y, ids, s.spec.vocab))]
+            return self._answer_joined(s, Output(rid, session, y, ids, s.spec.vocab))
         out = y if s.spec.last else codec.as_wire(y, s.dtype)
-        return [Send(Output(rid, session, out))]
+        return self._answer_joined(s, Output(rid, session, out))
 
     def failed(self, session: int, reason: str, now: float) -> list[Action]:
         """The executor failed an open or a step: the session is closed and freed."""
@@ -345,7 +377,8 @@ class ServerMachine:
         was_busy = s.state is State.BUSY
         self._move(session, Event.FAIL)
         release: list[Action] = [Release(session)] if was_busy else []
-        return [*release, Send(Error(rid, codec.E_INTERNAL, reason[: codec.MAX_TEXT]))]
+        error = Error(rid, codec.E_INTERNAL, reason[: codec.MAX_TEXT])
+        return [*release, *self._answer_joined(s, error)]
 
     # --- time and teardown -----------------------------------------------------------
 
@@ -368,7 +401,7 @@ class ServerMachine:
             if s.state in LIVE:
                 had_executor = s.state is not State.OPENING
                 self.budget.release(s.kv_bytes)
-                s.state, s.pending = State.CLOSED, None
+                s.state, s.pending, s.pushed, s.joined = State.CLOSED, None, None, None
                 if had_executor:
                     actions.append(Release(sid))
         return actions
