@@ -28,12 +28,13 @@ from p2pedge.testing import real_model_dir  # noqa: E402
 MODEL = "smollm2-135m-instruct"
 QUESTION = [{"role": "user", "content": "What is the capital of France?"}]
 THIRDS = ("0-10", "10-20", "20-30")
+THREADS = os.cpu_count() or 1
 
 
 def start_servers(model_dir: Path, root: Path) -> tuple[list[subprocess.Popen[bytes]], list[str]]:
     procs, addrs = [], []
     for index, layers in enumerate(THIRDS):
-        cmd = [sys.executable, "-m", "p2pedge.node", "--json", "--threads", "1"]
+        cmd = [sys.executable, "-m", "p2pedge.node", "--json", "--threads", str(THREADS)]
         cmd += ["--data-dir", str(root / f"shard{index}"), "--model", f"{MODEL}={model_dir}"]
         cmd += ["--serve", f"{MODEL}:{layers}", *(["--bootstrap", addrs[0]] if addrs else [])]
         proc = subprocess.Popen(
@@ -60,7 +61,7 @@ async def main() -> None:
         print(f"  answer: {local.text.strip()!r}")
         print(f"  {local.tok_per_s:.1f} tok/s, first token after {local.ttft_s * 1000:.0f} ms")
 
-    print("== 2. sharded: three processes serve a third of the blocks each")
+    print(f"== 2. sharded: three processes serve a third of the blocks each ({THREADS} threads)")
     procs, addrs = start_servers(model_dir, root)
     try:
         client = NodeConfig(
