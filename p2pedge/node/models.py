@@ -12,6 +12,7 @@ import time
 from collections.abc import AsyncGenerator, Mapping, Sequence
 from contextlib import aclosing
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -32,9 +33,11 @@ if TYPE_CHECKING:
     from p2pedge.orchestrator.orchestrator import Orchestrator
     from p2pedge.protocols.infer.codec import InferRequest
     from p2pedge.protocols.pipeline.handler import PipelineServer
+    from p2pedge.runtime.text import TextCodec
 
 log = logging.getLogger("p2pedge.node")
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "p2pedge_model.json")
+MAX_TEXT_CODECS = 16
 
 
 @dataclass(frozen=True)
@@ -75,6 +78,7 @@ class NodeModels:
         self.pipeline: PipelineServer | None = None
         self.orchestrator: Orchestrator | None = None
         self.shard_bans: dict[str, tuple[float, int]] = {}  # shared by sharded sessions
+        self._text_codecs: dict[Path, TextCodec] = {}  # tokenizers the sharded path loaded
         for name, path in config.model_dirs:
             self._register_dir(name, Path(path))
 
@@ -266,6 +270,20 @@ class NodeModels:
             hint = f"the sharded path needs its tokenizer; pull it with files={TOKENIZER_FILES}"
             raise ModelNotCached(f"{model} ({hint})") from exc
 
+    async def _text_codec(self, model: str) -> TextCodec:
+        """The model's tokenizer and chat template, loaded once per directory and off the
+        event loop (parsing SmolLM2's tokenizer.json takes ~0.2 s of CPU)."""
+        from p2pedge.runtime.text import TextCodec
+
+        path = await trio.to_thread.run_sync(self._tokenizer_dir, model)
+        codec = self._text_codecs.get(path)
+        if codec is None:
+            codec = await trio.to_thread.run_sync(TextCodec, path)
+            if len(self._text_codecs) >= MAX_TEXT_CODECS:
+                del self._text_codecs[next(iter(self._text_codecs))]
+            self._text_codecs[path] = codec
+        return codec
+
     async def sharded_stream(
         self,
         model: str,
@@ -288,14 +306,15 @@ class NodeModels:
             make_sampler,
         )
         from p2pedge.protocols.pipeline.serving import open_sharded_session
-        from p2pedge.runtime.text import TextCodec
 
         params = SamplingParams.make(
             max_tokens=max_tokens, temperature=temperature, top_p=top_p, top_k=top_k,
             seed=seed, stop=stop,
         )  # fmt: skip
-        codec = TextCodec(await trio.to_thread.run_sync(self._tokenizer_dir, model))
-        ids = codec.prompt_ids(messages=messages, prompt=prompt)
+        codec = await self._text_codec(model)
+        ids = await trio.to_thread.run_sync(
+            partial(codec.prompt_ids, messages=messages, prompt=prompt)
+        )
         sampler = (
             greedy
             if params.greedy

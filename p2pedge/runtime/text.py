@@ -30,6 +30,7 @@ class TextCodec:
         self.eos_token: str | None = _token_text(config.get("eos_token"))
         self.bos_token: str | None = _token_text(config.get("bos_token"))
         self.eos_id = self.tokenizer.token_to_id(self.eos_token) if self.eos_token else None
+        self._template: Any = None
 
     def encode(self, text: str) -> list[int]:
         return list(self.tokenizer.encode(text, add_special_tokens=False).ids)
@@ -37,16 +38,18 @@ class TextCodec:
     def render_chat(self, messages: Sequence[Mapping[str, str]]) -> str:
         if not self.chat_template:
             raise ModelLoadError(f"{self.path}: tokenizer_config.json has no chat_template")
-        from jinja2.sandbox import ImmutableSandboxedEnvironment
+        if self._template is None:  # compiled once per codec
+            from jinja2.sandbox import ImmutableSandboxedEnvironment
 
-        env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True)
-        template = env.from_string(self.chat_template)
-        return template.render(
+            env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True)
+            self._template = env.from_string(self.chat_template)
+        rendered: str = self._template.render(
             messages=[dict(m) for m in messages],
             add_generation_prompt=True,
             bos_token=self.bos_token or "",
             eos_token=self.eos_token or "",
         )
+        return rendered
 
     def prompt_ids(
         self, *, messages: Sequence[Mapping[str, str]] | None, prompt: str | None
