@@ -25,6 +25,7 @@ from p2pedge.node.config import NodeConfig
 from p2pedge.node.facade import ModelsFacade
 from p2pedge.node.hardware import Hardware, cached_gflops, probe_hardware, ram_available
 from p2pedge.node.identity import Identity, read_psk
+from p2pedge.planning.latency import StepTimes
 from p2pedge.protocols._stream import FramedStream
 from p2pedge.records.card import CachedModel, CapabilityCard, ServedLayers, sign_card
 
@@ -75,6 +76,7 @@ class Node(ModelsFacade):
 
         self.lanes = Lanes(self)
         self.latency = PeerLatency(lambda peer: libp2p_ping(self.host, peer), own_peer=self.peer_id)
+        self.step_times = StepTimes()  # decode steps our sharded sessions saw, per hop
         self.models: NodeModels = NodeModels(self)
 
     # -- lifecycle ---------------------------------------------------------------------

@@ -32,6 +32,7 @@ class ServerOption:
     compute_gflops: float = 10.0
     load: float = 0.0
     rtt_s: float | None = None
+    step_s: float | None = None  # a decode step's measured time here, from earlier sessions
 
 
 @dataclass(frozen=True)
@@ -40,12 +41,17 @@ class CostModel:
 
     gflop_per_block_token: float = 0.01
     default_rtt_s: float = 0.05
+    default_gflops: float = 10.0  # for a card that says 0: not measured, not infinitely slow
     hop_overhead_s: float = 0.001
     tokens: int = 1
 
     def hop_seconds(self, option: ServerOption) -> float:
+        """A measured decode step when there is one (it already holds the round trip, the
+        real load and the real compute), else the estimate from ping and card."""
+        if option.step_s is not None and self.tokens == 1:
+            return option.step_s
         rtt = self.default_rtt_s if option.rtt_s is None else option.rtt_s
-        gflops = max(option.compute_gflops, 1e-6)
+        gflops = option.compute_gflops if option.compute_gflops > 0 else self.default_gflops
         slowdown = 1.0 / (1.0 - min(max(option.load, 0.0), MAX_LOAD))
         compute = len(option.layers) * self.gflop_per_block_token * self.tokens / gflops
         return rtt + self.hop_overhead_s + compute * slowdown

@@ -6,17 +6,25 @@ in their cards; the client picks a route from the cards, and survives a server's
 
 from __future__ import annotations
 
+import dataclasses
 import threading
+import time
+from functools import partial
 from pathlib import Path
 
 import numpy as np
 import pytest
 
 from p2pedge.ids import LayerRange
+from p2pedge.planning.routes import choose_route
 from p2pedge.protocols.pipeline.client import ClientConfig
-from p2pedge.protocols.pipeline.serving import open_sharded_session, start_pipeline_server
+from p2pedge.protocols.pipeline.serving import (
+    open_sharded_session,
+    start_pipeline_server,
+    swarm_options,
+)
 from p2pedge.runtime.config import RuntimeConfig
-from p2pedge.runtime.shard_session import ShardModel
+from p2pedge.runtime.shard_session import ShardModel, ShardSession
 from p2pedge.runtime.text import TextCodec
 from p2pedge.testing.tiny import build_tiny_model
 from simnet.swarm import Swarm
@@ -100,3 +108,63 @@ async def test_node_complete_loads_the_tokenizer_once_off_the_event_loop(
         again = await client.complete(MODEL, prompt="hello there", max_tokens=4, route="sharded")
     assert first.route and first.token_ids == again.token_ids
     assert loads == [(model_dir, False)]  # once, and not on the trio (main) thread
+
+
+class SlowSession(ShardSession):
+    """Fault injection: a real shard session whose steps take ``delay["s"]`` longer (a
+    server that is slower than its card says, e.g. busy with other work)."""
+
+    def __init__(self, model: ShardModel, max_length: int, delay: dict[str, float]) -> None:
+        super().__init__(model, max_length)
+        self.delay = delay
+
+    def step(self, x: np.ndarray, start: int, *, last_only: bool = True) -> np.ndarray:
+        time.sleep(self.delay["s"])  # in the server's worker thread
+        return super().step(x, start, last_only=last_only)
+
+
+async def test_route_choice_learns_from_measured_decode_steps(
+    model_dir: Path, tmp_path: Path
+) -> None:
+    """Two servers offer blocks 3-6 with the same card; the one a first session found slow
+    is avoided by later sessions (first for the unmeasured one, then with both measured),
+    though cards and pings alone would pick it again."""
+    runtime = RuntimeConfig(intra_op_threads=1)
+    delays: dict[str, dict[str, float]] = {}
+    async with Swarm(4, seed=3, measure_compute=False) as swarm:
+        client, *servers = swarm.nodes
+        ranges = [LayerRange(0, 3), LayerRange(3, 6), LayerRange(3, 6)]
+        for i, (node, layers) in enumerate(zip(servers, ranges, strict=True)):
+            server = await start_pipeline_server(
+                node, [(MODEL, model_dir, layers)], shards_root=tmp_path / str(i), runtime=runtime
+            )
+            server.costs.inline_budget_s = 0.0  # slow steps must not stall the shared loop
+            model = server.shards[(MODEL, layers)]
+            delay = delays[node.peer_id] = {"s": 0.0}
+            model.new_session = partial(SlowSession, model, delay=delay)  # type: ignore[method-assign]
+            await node.announce()
+        config = ClientConfig(max_length=64, chunk=4, step_timeout=10, logits_top_k=1)
+        first = await open_sharded_session(client, MODEL, config=config)
+        async with first:
+            route = first.route
+            slow_peer = route[1].peer_id
+            delays[slow_peer]["s"] = 0.05
+            tokens = [int(np.argmax(await first.extend(PROMPT)))]
+            for _ in range(4):
+                tokens.append(int(np.argmax(await first.extend([tokens[-1]]))))
+        options = await swarm_options(client, MODEL)
+        measured = {o.peer_id: o.step_s for o in options if o.layers == LayerRange(3, 6)}
+        assert measured[slow_peer] is not None and measured[slow_peer] >= 0.05
+        on_cards_alone = [dataclasses.replace(o, step_s=None) for o in options]
+        assert choose_route(on_cards_alone, 6) == route  # it would pick the slow one again
+        runs = []
+        for _ in range(2):  # the other server, unmeasured, then measured as the faster one
+            async with await open_sharded_session(client, MODEL, config=config) as later:
+                assert later.route[1].peer_id != slow_peer
+                again = [int(np.argmax(await later.extend(PROMPT)))]
+                for _ in range(4):
+                    again.append(int(np.argmax(await later.extend([again[-1]]))))
+                runs.append(again)
+        options = await swarm_options(client, MODEL)
+        assert all(o.step_s is not None for o in options)  # every hop has been measured
+    assert runs == [tokens, tokens]

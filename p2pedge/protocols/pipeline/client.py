@@ -36,6 +36,7 @@ from p2pedge.errors import (
     RemoteProtocolError,
     ShardFailed,
 )
+from p2pedge.ids import LayerRange
 from p2pedge.planning.routes import CostModel, Hop, NoRoute, ServerOption, choose_route
 from p2pedge.protocols.pipeline import codec
 from p2pedge.protocols.pipeline.connection import ShardConnection, StreamOpener
@@ -43,6 +44,8 @@ from p2pedge.protocols.pipeline.connection import ShardConnection, StreamOpener
 log = logging.getLogger(__name__)
 
 OptionsFinder = Callable[[], Awaitable[list[ServerOption]]]
+# told, as a session ends, each hop's mean decode-step time (peer, blocks, seconds)
+StepObserver = Callable[[str, LayerRange, float], None]
 Sampler = Callable[[npt.NDArray[np.float32]], int]
 HOP_ERRORS = (PeerUnavailable, ShardFailed, RemoteProtocolError, Busy)
 # How long to wait for a pushed output before relaying that step instead: a multiple of
@@ -154,9 +157,11 @@ class ShardedSession:
         config: ClientConfig | None = None,
         *,
         bans: dict[str, tuple[float, int]] | None = None,
+        observe: StepObserver | None = None,
     ) -> None:
         """``bans`` may be shared between sessions (a node's), so a dead peer found by one
-        session is skipped by the next instead of being re-learned."""
+        session is skipped by the next instead of being re-learned; ``observe`` hears each
+        hop's decode-step time when the session ends, for later route choice."""
         self.opener = opener
         self.find_options = find_options
         self.model = model
@@ -167,6 +172,7 @@ class ShardedSession:
         self.last_logits: npt.NDArray[np.float32] | None = None
         self.recoveries = 0
         self._bans: dict[str, tuple[float, int]] = {} if bans is None else bans
+        self._observe = observe
         self._progress = trio.Event()
         self.push_ok = self.config.push  # off for good once a pushed output fails to come
         self.pushed_steps = 0
@@ -210,6 +216,11 @@ class ShardedSession:
         self.boundaries += [_History(self.config.max_length) for _ in self.hops]
 
     async def aclose(self) -> None:
+        if self._observe is not None:
+            for hop in self.hops:
+                if hop.conn.decode_steps:
+                    mean = hop.conn.decode_seconds / hop.conn.decode_steps
+                    self._observe(hop.conn.peer, hop.conn.layers, mean)
         async with trio.open_nursery() as nursery:
             for hop in self.hops:
                 nursery.start_soon(hop.conn.close)

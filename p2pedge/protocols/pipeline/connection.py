@@ -51,6 +51,8 @@ class ShardConnection:
         self._pending: int | None = None
         self.steps = 0
         self.busy_seconds = 0.0
+        self.decode_steps = 0  # one-position steps and their seconds, send to output
+        self.decode_seconds = 0.0
 
     @classmethod
     async def open(
@@ -126,7 +128,7 @@ class ShardConnection:
         ``fwd`` the server also pushes its output on to those servers."""
         began = trio.current_time()
         reply = await self._request(lambda rid: codec.Step(rid, self.session, start, x, top_k, fwd))
-        return self._output(reply, top_k, began)
+        return self._output(reply, top_k, began, int(x.shape[1]))
 
     async def pushed(
         self, top_k: int = 0, *, within: float | None = None
@@ -147,18 +149,24 @@ class ShardConnection:
                 if msg.rid == 0:
                     if isinstance(msg, codec.Error):
                         raise error_to_exception(msg, self.peer)
-                    return self._output(msg, top_k, began)
+                    return self._output(msg, top_k, began, 1)
                 if msg.rid == self._pending:
                     self._pending = None
         if grace:
             return None
         raise PeerTimeout(f"{self.peer} sent no pushed output within {self.timeout:.3g} s")
 
-    def _output(self, reply: codec.Message, top_k: int, began: float) -> npt.NDArray[Any]:
+    def _output(
+        self, reply: codec.Message, top_k: int, began: float, positions: int
+    ) -> npt.NDArray[Any]:
         if not isinstance(reply, codec.Output) or reply.session != self.session:
             raise RemoteProtocolError(f"{self.peer} answered a step with {reply!r}")
+        took = trio.current_time() - began
         self.steps += 1
-        self.busy_seconds += trio.current_time() - began
+        self.busy_seconds += took
+        if positions == 1:
+            self.decode_steps += 1
+            self.decode_seconds += took
         if reply.ids is not None:
             if not top_k or reply.ids.shape[1] > top_k:
                 raise RemoteProtocolError(f"{self.peer} sent {reply.ids.shape[1]} top logits")

@@ -24,6 +24,7 @@ import trio
 
 from p2pedge.errors import ModelLoadError
 from p2pedge.ids import LayerRange
+from p2pedge.planning.latency import StepTimes
 from p2pedge.planning.placement import choose_blocks_from_options
 from p2pedge.planning.routes import NoRoute, ServerOption, options_from_cards
 from p2pedge.protocols._stream import FramedStream
@@ -67,6 +68,9 @@ class PipelineNode(Protocol):
     @property
     def lanes(self) -> Lanes: ...
 
+    @property
+    def step_times(self) -> StepTimes: ...
+
     def set_stream_handler(self, protocol_id: str, handler: StreamHandler) -> None: ...
 
     async def open_stream(
@@ -97,10 +101,19 @@ def model_layers(model_dir: Path) -> int:
 
 async def swarm_options(node: PipelineNode, model: str) -> list[ServerOption]:
     """What every known card (our own included) offers for ``model``, with the measured
-    round trip to each offering peer (pinged when not measured in the last minute)."""
+    round trip to each offering peer (pinged when not measured in the last minute) and
+    the decode-step time our earlier sessions saw there, if fresh."""
     options = options_from_cards(await node.find_peers(None), model)
     rtts = await node.latency.rtts(sorted({o.peer_id for o in options}))
-    return [dataclasses.replace(o, rtt_s=rtts.get(o.peer_id)) for o in options]
+    now = trio.current_time()
+    return [
+        dataclasses.replace(
+            o,
+            rtt_s=rtts.get(o.peer_id),
+            step_s=node.step_times.fresh(o.peer_id, model, o.layers.start, o.layers.end, now),
+        )
+        for o in options
+    ]
 
 
 async def place(node: PipelineNode, model: str, n_layers: int, n_blocks: int) -> LayerRange:
@@ -198,6 +211,10 @@ async def open_sharded_session(
     def opener(peer: str, protocol: str) -> Awaitable[FramedStream]:
         return node.lanes.open(peer, protocol, timeout=LANE_OPEN_TIMEOUT)
 
-    session = ShardedSession(opener, find, model, n_layers, config, bans=bans)
+    def observe(peer: str, layers: LayerRange, seconds: float) -> None:
+        now = trio.current_time()
+        node.step_times.record(peer, model, layers.start, layers.end, seconds, now)
+
+    session = ShardedSession(opener, find, model, n_layers, config, bans=bans, observe=observe)
     await session.start()
     return session
