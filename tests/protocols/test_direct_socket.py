@@ -1,10 +1,12 @@
 """The lane's socket I/O: immediate reads and writes skip trio's scheduler, yet a flood
 still yields, a blocked read wakes when the stream closes, and a closed stream refuses
-I/O instead of touching a recycled file descriptor. Real loopback TCP."""
+I/O instead of touching a recycled file descriptor; the fallback to trio's own calls
+(for Windows, where sockets are not descriptors) behaves the same. Real loopback TCP."""
 
 from __future__ import annotations
 
 from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
 
 import pytest
 import trio
@@ -13,16 +15,26 @@ import trio.testing
 from p2pedge.protocols.direct.handler import YIELD_EVERY, SocketByteStream
 
 
-@pytest.fixture
-async def pair() -> AsyncIterator[tuple[SocketByteStream, trio.SocketStream]]:
+@asynccontextmanager
+async def tcp_pair(direct: bool) -> AsyncIterator[tuple[SocketByteStream, trio.SocketStream]]:
     listeners = await trio.open_tcp_listeners(0, host="127.0.0.1")
     port = listeners[0].socket.getsockname()[1]
     client = await trio.open_tcp_stream("127.0.0.1", port)
     server = await listeners[0].accept()
-    yield SocketByteStream(client), server
-    await client.aclose()
-    await server.aclose()
-    await listeners[0].aclose()
+    try:
+        yield SocketByteStream(client, direct=direct), server
+    finally:
+        await client.aclose()
+        await server.aclose()
+        await listeners[0].aclose()
+
+
+@pytest.fixture(params=[True, False], ids=["descriptor I/O", "trio's calls (Windows)"])
+async def pair(
+    request: pytest.FixtureRequest,
+) -> AsyncIterator[tuple[SocketByteStream, trio.SocketStream]]:
+    async with tcp_pair(request.param) as streams:
+        yield streams
 
 
 async def test_round_trip(pair: tuple[SocketByteStream, trio.SocketStream]) -> None:
@@ -35,10 +47,12 @@ async def test_round_trip(pair: tuple[SocketByteStream, trio.SocketStream]) -> N
     assert bytes(got) == b"x" * 100_000 and await ours.read() == b"pong"
 
 
-async def test_a_flood_of_ready_bytes_still_yields_to_other_tasks(
-    pair: tuple[SocketByteStream, trio.SocketStream],
-) -> None:
-    ours, theirs = pair
+async def test_a_flood_of_ready_bytes_still_yields_to_other_tasks() -> None:
+    async with tcp_pair(direct=True) as (ours, theirs):
+        await flood(ours, theirs)
+
+
+async def flood(ours: SocketByteStream, theirs: trio.SocketStream) -> None:
     reads = 4 * YIELD_EVERY
     await theirs.send_all(b"y" * reads)
     assert await ours.read(1) == b"y"  # wait until the bytes are here
