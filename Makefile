@@ -46,6 +46,7 @@ bench: venv model
 	$(PY) benchmarks/preload.py
 	$(PY) -m simnet.federated
 	$(PY) -m simnet.push_latency
+	$(PY) -m simnet.route_learning
 
 clean:
 	rm -rf $(VENV) .cache build *.egg-info
