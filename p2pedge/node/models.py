@@ -272,7 +272,7 @@ class NodeModels:
 
     async def _text_codec(self, model: str) -> TextCodec:
         """The model's tokenizer and chat template, loaded once per directory and off the
-        event loop (parsing SmolLM2's tokenizer.json takes ~0.2 s of CPU)."""
+        event loop (parsing SmolLM2's tokenizer.json took 0.2 s of CPU in a one-off profile)."""
         from p2pedge.runtime.text import TextCodec
 
         path = await trio.to_thread.run_sync(self._tokenizer_dir, model)

@@ -10,9 +10,9 @@ On CPU, a GroupQueryAttention shard runs like onnxruntime-genai runs the whole m
 block's past and present KV are one buffer sized for the session (bound through an
 ``IOBinding``), which GQA appends to in place. The plain ``run()`` path instead copies the
 whole cache into a new present array every step (O(length) per token) and converts two
-arrays per block each way (measured in one process, same tokens, bit-identical outputs:
-0.2 ms less per step for 10 blocks at 70 positions, 1.5 ms at 600; 1.1-1.5 ms for all
-30). Other graphs and providers keep that plain path.
+arrays per block each way (bit-identical outputs; for blocks 10-20 of SmolLM2, 0.35 ms
+less per step at 40-100 positions and 1.45 ms at 580-640: ``benchmarks/kv_in_place.py``).
+Other graphs and providers keep that plain path.
 """
 
 from __future__ import annotations
@@ -277,7 +277,7 @@ class ShardSession:
         for b in info.blocks:
             for kind in ("key", "value"):
                 buffer = np.zeros(shape, dtype=np.float32)
-                self._kv[f"{b}.{kind}"] = buffer
+                self._kv[f"past_key_values.{b}.{kind}"] = buffer  # the binding borrows it
                 value = ort.OrtValue.ortvalue_from_numpy(buffer)
                 io.bind_ortvalue_input(f"past_key_values.{b}.{kind}", value)
                 io.bind_ortvalue_output(f"present.{b}.{kind}", value)

@@ -38,7 +38,7 @@ class SocketByteStream:
     A read or write that can complete at once does so without yielding to trio's
     scheduler; otherwise it waits for readiness as trio does. trio's own socket calls
     pass through the scheduler on every call, which is slow when a shard step has just
-    flushed the CPU caches (a 2.4 KB send: 299 us through ``send_all`` against 121 us
+    flushed the CPU caches (a 2.4 KB send: 283 us through ``send_all`` against 114 us
     here, ``benchmarks/hop_cold.py``), several times per hop. Every :data:`YIELD_EVERY`
     immediate calls still yield once, so a flooding peer cannot keep the loop from its
     other tasks; a closed stream raises ``ClosedResourceError``. Where sockets are not

@@ -18,15 +18,13 @@ import numpy.typing as npt
 from p2pedge.errors import LocalProtocolError, RemoteProtocolError
 from p2pedge.wire.framing import DEFAULT_MAX_FRAME, FrameDecoder, encode_frame
 from p2pedge.wire.messages import pack, require, unpack_map
-from p2pedge.wire.tensors import TensorLimits, decode_tensor, encode_tensor
+from p2pedge.wire.tensors import ALLOWED_DTYPES, TensorLimits, decode_tensor, encode_tensor
 
 PROTOCOL_ID = "/p2pedge/pipeline/1.0.0"
 MAX_FRAME = DEFAULT_MAX_FRAME
 MAX_ID = (1 << 63) - 1
 MAX_LENGTH = 1 << 20
 WIRE_DTYPES = ("float32", "float16")
-# numpy dtypes by wire name, built once: ``np.dtype(name)`` costs 30 us cold per call
-NUMPY_DTYPES = {name: np.dtype(name) for name in (*WIRE_DTYPES, "int64")}
 TENSOR_LIMITS = TensorLimits(max_bytes=MAX_FRAME, max_rank=3, max_dim=MAX_LENGTH)
 MAX_TOP_K = 4096
 MAX_VOCAB = 1 << 20
@@ -298,7 +296,7 @@ def _check_top_k(values: npt.NDArray[Any], ids: npt.NDArray[Any], vocab: int) ->
     k = values.shape[1]
     if not 1 <= k <= min(MAX_TOP_K, vocab):
         raise RemoteProtocolError(f"top-k of {k} logits outside [1, {min(MAX_TOP_K, vocab)}]")
-    # Python over at most MAX_TOP_K items: numpy's reductions cost ~50 us each cold
+    # Python over at most MAX_TOP_K items: numpy's reductions are slow cold (hop_cold.py)
     id_list = ids.ravel().tolist()
     if min(id_list) < 0 or max(id_list) >= vocab or len(set(id_list)) != k:
         raise RemoteProtocolError(f"top-k ids must be distinct and in [0, {vocab})")
@@ -360,5 +358,5 @@ class Decoder:
 
 def as_wire(array: npt.NDArray[Any], dtype: str) -> npt.NDArray[Any]:
     """Cast hidden states to the session's wire dtype (token ids stay int64)."""
-    want = NUMPY_DTYPES["int64" if array.dtype.kind in "iu" else dtype]
+    want = ALLOWED_DTYPES["int64" if array.dtype.kind in "iu" else dtype]
     return np.ascontiguousarray(array, dtype=want)

@@ -290,8 +290,8 @@ class _Connection:
         if self.closed:  # the owner left while a pushed step ran: nobody to answer
             return []
         if action.fwd and self.server.pusher is not None:  # the next server first
-            wire = codec.as_wire(y, self.machine.sessions[action.session].dtype)
-            await self.server.pusher.push(action.fwd, action.start, wire)
+            y = codec.as_wire(y, self.machine.sessions[action.session].dtype)
+            await self.server.pusher.push(action.fwd, action.start, y)
         return self.machine.step_done(action.session, y, trio.current_time(), ids)
 
     def _release(self, session: int) -> None:

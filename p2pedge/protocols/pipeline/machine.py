@@ -22,11 +22,11 @@ from p2pedge.errors import LocalProtocolError
 from p2pedge.ids import LayerRange
 from p2pedge.protocols.pipeline import codec
 from p2pedge.protocols.pipeline.codec import Close, Closed, Error, Open, Opened, Output, Step
+from p2pedge.wire.tensors import ALLOWED_DTYPES
 
 DEFAULT_IDLE_TIMEOUT = 60.0
 DEFAULT_MAX_STEP_TOKENS = 2048
 DEFAULT_MAX_SESSIONS = 64
-_INT64 = np.dtype(np.int64)
 
 
 class State(enum.Enum):
@@ -234,12 +234,12 @@ class ServerMachine:
         x, first, shape = msg.x, s.spec.first, msg.x.shape
         n = shape[1] if len(shape) >= 2 else 0
         if first:
-            if x.dtype != _INT64 or len(shape) != 2 or shape[0] != 1:
+            if x.dtype != ALLOWED_DTYPES["int64"] or len(shape) != 2 or shape[0] != 1:
                 return f"first shard takes int64 token ids [1, n], got {x.dtype} {list(shape)}"
             ids = x.ravel().tolist()  # Python min/max: numpy's reductions are slow cold
             if n and (min(ids) < 0 or max(ids) >= s.spec.vocab):
                 return f"token id outside [0, {s.spec.vocab})"
-        elif x.dtype != codec.NUMPY_DTYPES[s.dtype] or shape != (1, n, s.spec.hidden):
+        elif x.dtype != ALLOWED_DTYPES[s.dtype] or shape != (1, n, s.spec.hidden):
             want = f"{s.dtype} [1, n, {s.spec.hidden}]"
             return f"hidden states must be {want}, got {x.dtype} {list(x.shape)}"
         if not 1 <= n <= self.max_step_tokens:
