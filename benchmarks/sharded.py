@@ -13,10 +13,13 @@ and sharded decode each get one compute thread per step.
 3. Added latency per hop: a fourth server holds all 30 blocks. A 1-hop chain (that
    server) and two 3-hop chains (one pushing server to server, one relayed by the
    client) decode the same tokens in lock-step, taking turns to go first; all do the same
-   compute, so per token ``(t3 - t1) / 2`` is what one extra hop adds (framing, msgpack,
-   loopback TCP, process wake-ups, one more onnxruntime run, the client's bookkeeping).
-   The client also runs the three shard graphs itself on the same tokens, so each relayed
-   hop's round trip splits into compute and the rest.
+   compute, so per token ``(t3 - t1) / 2`` is what each of the two extra servers adds
+   (framing, msgpack, loopback TCP, process wake-ups, one more onnxruntime run, the
+   client's bookkeeping). A third 3-hop chain decodes the same tokens round a ring (the
+   default for greedy: the last server feeds each token to the first); it runs ahead by
+   itself, so it goes after the lock-step chains in each round and its per-token time is
+   the gap between tokens. The client also runs the three shard graphs itself on the
+   same tokens, so each relayed hop's round trip splits into compute and the rest.
 
 Run ``make model`` first, then
 ``python benchmarks/sharded.py [--tokens N] [--rounds R] [--inline-step-ms MS]``;
@@ -26,6 +29,7 @@ server data (and the shard graphs built on first use) stay in ``.cache/bench-sha
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import os
 import signal
@@ -35,6 +39,7 @@ import sys
 import threading
 import time
 from collections.abc import Callable, Sequence
+from contextlib import aclosing
 from dataclasses import dataclass
 from pathlib import Path
 from typing import IO, Any
@@ -183,25 +188,24 @@ async def local_vs_sharded(node: Node, tokens: int, rounds: int) -> dict[str, An
 async def decode_rate(
     sessions: Sequence[ShardedSession], prompts: Sequence[list[int]], n: int
 ) -> float:
-    """Prefill every session (untimed), then total decode tokens/s of all of them at once."""
-    firsts: list[int] = [0] * len(sessions)
+    """Total decode tokens/s of all sessions at once, greedy through ``stream`` (round the
+    ring, as ``node.generate`` goes): ``n`` tokens each after the first, over the time from
+    the first session's first token to the last session's last."""
+    firsts: list[float] = [0.0] * len(sessions)
+    lasts: list[float] = [0.0] * len(sessions)
 
-    async def prefill(i: int) -> None:
-        firsts[i] = int(np.argmax(await sessions[i].extend(prompts[i])))
-
-    async def decode(i: int) -> None:
-        token = firsts[i]
-        for _ in range(n):
-            token = int(np.argmax(await sessions[i].extend([token])))
+    async def run(i: int) -> None:
+        async with aclosing(sessions[i].stream(prompts[i], n + 1)) as tokens:
+            async for _ in tokens:
+                lasts[i] = time.perf_counter()
+                firsts[i] = firsts[i] or lasts[i]
 
     async with trio.open_nursery() as nursery:
         for i in range(len(sessions)):
-            nursery.start_soon(prefill, i)
-    start = time.perf_counter()
-    async with trio.open_nursery() as nursery:
-        for i in range(len(sessions)):
-            nursery.start_soon(decode, i)
-    return len(sessions) * n / (time.perf_counter() - start)
+            nursery.start_soon(run, i)
+    if sum(s.ring_steps for s in sessions) != len(sessions) * n:
+        raise RuntimeError("not every decode step came round a ring")
+    return len(sessions) * n / (max(lasts) - min(firsts))
 
 
 async def concurrency(node: Node, codec: TextCodec, tokens: int, rounds: int) -> dict[str, Any]:
@@ -209,7 +213,9 @@ async def concurrency(node: Node, codec: TextCodec, tokens: int, rounds: int) ->
         codec.prompt_ids(messages=[{"role": "user", "content": p}], prompt=None)
         for p in CONCURRENT_PROMPTS
     ]
-    config = ClientConfig(max_length=max(map(len, prompts)) + tokens + 2, step_timeout=STEP_TIMEOUT)
+    config = ClientConfig(
+        max_length=max(map(len, prompts)) + tokens + 2, step_timeout=STEP_TIMEOUT, logits_top_k=1
+    )
     rates: dict[int, list[float]] = {1: [], 4: []}
     for _ in range(rounds):
         for width in (1, 4):
@@ -229,7 +235,7 @@ async def concurrency(node: Node, codec: TextCodec, tokens: int, rounds: int) ->
 
 
 async def chain(
-    node: Node, route: list[Hop], max_length: int, *, push: bool = False
+    node: Node, route: list[Hop], max_length: int, *, push: bool = False, ring: bool = False
 ) -> ShardedSession:
     async def find() -> list[ServerOption]:
         return []  # routes are fixed here; a failure should surface, not be re-planned
@@ -243,6 +249,7 @@ async def chain(
         max_recoveries=0,
         logits_top_k=1,
         push=push,
+        ring=ring,
     )
     session = ShardedSession(opener, find, MODEL, N_LAYERS, config)
     await session.start(route=route)
@@ -280,6 +287,20 @@ async def timed_extend(session: ShardedSession, token: int) -> tuple[float, int,
     return took, int(np.argmax(logits)), hops
 
 
+async def ring_gaps(
+    session: ShardedSession, prompt: list[int], n: int
+) -> tuple[list[float], list[int]]:
+    """Seconds between consecutive tokens of a ring (each gap is one position decoded
+    round the chain), and the tokens."""
+    arrivals: list[float] = []
+    tokens: list[int] = []
+    async with aclosing(session.stream(prompt, n + 1)) as stream:
+        async for token in stream:
+            arrivals.append(time.perf_counter())
+            tokens.append(token)
+    return [b - a for a, b in itertools.pairwise(arrivals)], tokens
+
+
 async def hop_latency(
     node: Node,
     whole: Server,
@@ -294,6 +315,7 @@ async def hop_latency(
     t1s: list[float] = []
     t3s: list[float] = []
     t3ps: list[float] = []
+    t3rs: list[float] = []
     hop_rtts: list[list[float]] = [[] for _ in thirds]
     hop_compute: list[list[float]] = [[] for _ in thirds]
     mismatches = 0
@@ -301,14 +323,17 @@ async def hop_latency(
         s1 = await chain(node, one_route, len(prompt) + tokens + 2)
         s3 = await chain(node, three_route, len(prompt) + tokens + 2)
         s3p = await chain(node, three_route, len(prompt) + tokens + 2, push=True)
+        s3r = await chain(node, three_route, len(prompt) + tokens + 2, push=True, ring=True)
         local = local_thirds()
+        n = tokens if rnd > 0 else WARMUP_TOKENS
         try:
             token = int(np.argmax(await s1.extend(prompt)))
             mismatches += token != int(np.argmax(await s3.extend(prompt)))
             mismatches += token != int(np.argmax(await s3p.extend(prompt)))
             compute_only(local, np.asarray([prompt], dtype=np.int64), 0)
             round_t1, round_t3, round_t3p, round_hops, round_compute = [], [], [], [], []
-            for i in range(tokens if rnd > 0 else WARMUP_TOKENS):
+            lock_step = [token]
+            for i in range(n):
                 position = len(prompt) + i
                 timed: dict[int, tuple[float, int, list[float]]] = {}
                 chains = [s1, s3, s3p]
@@ -318,31 +343,39 @@ async def hop_latency(
                 round_compute.append(compute_only(local, np.asarray([[token]]), position))
                 mismatches += len({timed[k][1] for k in timed}) != 1
                 token = timed[1][1]
+                lock_step.append(token)
                 round_t1.append(timed[0][0])
                 round_t3.append(timed[1][0])
                 round_t3p.append(timed[2][0])
                 round_hops.append(timed[1][2])
+            round_t3r, ring_tokens = await ring_gaps(s3r, prompt, n)
+            mismatches += sum(a != b for a, b in zip(ring_tokens, lock_step, strict=True))
         finally:
-            await s1.aclose()
-            await s3.aclose()
-            await s3p.aclose()
+            for session in (s1, s3, s3p, s3r):
+                await session.aclose()
         if rnd > 0:
             if s3p.pushed_steps != len(round_t3p):
                 raise RuntimeError(f"pushed {s3p.pushed_steps} of {len(round_t3p)} steps")
+            if s3r.ring_steps != len(round_t3r):
+                raise RuntimeError(f"{s3r.ring_steps} of {len(round_t3r)} tokens came round")
             t1s += round_t1
             t3s += round_t3
             t3ps += round_t3p
+            t3rs += round_t3r
             for hops, computed in zip(round_hops, round_compute, strict=True):
                 for k, (rtt, own) in enumerate(zip(hops, computed, strict=True)):
                     hop_rtts[k].append(rtt)
                     hop_compute[k].append(own)
     added = [(t3 - t1) / 2 for t1, t3 in zip(t1s, t3s, strict=True)]
     added_push = [(t3 - t1) / 2 for t1, t3 in zip(t1s, t3ps, strict=True)]
+    added_ring = [(t3 - t1) / 2 for t1, t3 in zip(t1s, t3rs, strict=True)]
     client = [t3 - sum(h) for t3, h in zip(t3s, zip(*hop_rtts, strict=True), strict=True)]
     return {
         "added": added,
         "added_push": added_push,
+        "added_ring": added_ring,
         "t1": t1s,
+        "t3r": t3rs,
         "t3": t3s,
         "t3p": t3ps,
         "hop_rtts": hop_rtts,
@@ -361,7 +394,7 @@ def ms(seconds: float) -> str:
 
 def report(lvs: dict[str, Any], conc: dict[str, Any], hop: dict[str, Any], args: Any) -> str:
     ratio = lvs["sharded"] / lvs["local"]
-    added, added_push = hop["added"], hop["added_push"]
+    added, added_push, added_ring = hop["added"], hop["added_push"], hop["added_ring"]
     rows: list[list[object]] = [
         ["local decode (node.complete, 1 thread)", f"{lvs['local']:.1f} tok/s", "baseline"],
         [
@@ -375,9 +408,14 @@ def report(lvs: dict[str, Any], conc: dict[str, Any], hop: dict[str, Any], args:
             "prefill included",
         ],
         [
-            "added latency per hop, pushed (the default), median / p95",
-            f"{ms(statistics.median(added_push))} / {ms(pct(added_push, 95))} ms",
+            "added latency per hop, round a ring (the default for greedy), median / p95",
+            f"{ms(statistics.median(added_ring))} / {ms(pct(added_ring, 95))} ms",
             "target <= 1.5 ms",
+        ],
+        [
+            "added latency per hop, pushed (sampling), median / p95",
+            f"{ms(statistics.median(added_push))} / {ms(pct(added_push, 95))} ms",
+            "",
         ],
         [
             "added latency per hop, relayed by the client, median / p95",
@@ -390,8 +428,9 @@ def report(lvs: dict[str, Any], conc: dict[str, Any], hop: dict[str, Any], args:
             "same compute as 3-hop",
         ],
         [
-            "per-token step, 3-hop chain pushed / relayed, median",
-            f"{ms(statistics.median(hop['t3p']))} / {ms(statistics.median(hop['t3']))} ms",
+            "per-token step, 3-hop chain ring / pushed / relayed, median",
+            f"{ms(statistics.median(hop['t3r']))} / {ms(statistics.median(hop['t3p']))} / "
+            f"{ms(statistics.median(hop['t3']))} ms",
             "",
         ],
     ]
@@ -418,7 +457,7 @@ def report(lvs: dict[str, Any], conc: dict[str, Any], hop: dict[str, Any], args:
             f"{conc['speedup']:.2f}x one session",
         ],
     ]
-    hop_p50 = statistics.median(added_push)
+    hop_p50 = statistics.median(added_ring)
     notes = [
         f"Targets: sharded >= 0.9x local {'met' if ratio >= 0.9 else 'MISSED'} "
         f"({ratio:.2f}x); added latency per hop <= 1.5 ms "
@@ -435,10 +474,15 @@ def report(lvs: dict[str, Any], conc: dict[str, Any], hop: dict[str, Any], args:
         "plain onnxruntime on its blocks, so the ratio includes that engine difference.",
         f"Added latency per hop: a 1-hop chain (one server with blocks 0-30) and two 3-hop "
         "chains, one pushing server to server and one relayed by the client, decode the same "
-        "tokens in lock-step, taking turns to go first; per token (t3 - t1) / 2, over "
+        "tokens in lock-step, taking turns to go first; per token (t3 - t1) / 2, the time "
+        "each of the two extra servers adds, over "
         f"{len(added)} tokens ({args.rounds} rounds after a "
-        f"{WARMUP_TOKENS}-token warm-up). Its p95 carries scheduling noise from both "
-        "chains. Token mismatches "
+        f"{WARMUP_TOKENS}-token warm-up). A third 3-hop chain decodes the same tokens round "
+        "a ring right after, in the same round; its t3 is the gap between consecutive "
+        "tokens, paired with the 1-hop chain's step at the same position. The 1-hop chain "
+        "keeps the client in its loop (two messages per token: a ring needs two servers), "
+        "the ring has three server-to-server messages per token and the pushed chain four. "
+        "The p95 carries scheduling noise from both chains. Token mismatches "
         f"between the chains: {hop['mismatches']}. Relayed hops' round trips are `ShardConnection` "
         "busy time per token (send to reply); the in-process figure is the same shard graph "
         "run in the client process on the same token right after, so round trip minus it is "
@@ -453,9 +497,10 @@ def report(lvs: dict[str, Any], conc: dict[str, Any], hop: dict[str, Any], args:
         + "The client's CPU per token covers the whole call "
         "(prefill included): for local that is the model itself.",
         f"Concurrency: decode tok/s summed over 4 sessions decoding {CONCURRENT_TOKENS} "
-        "tokens each "
-        "at once (prefill untimed) through the same 3 servers (each runs one step at a time), "
-        f"divided by one session alone; median of {args.rounds}.",
+        "tokens each at once, greedy round a ring, through the same 3 servers (each runs one "
+        "step at a time), timed from the first session's first token to the last session's "
+        "last (so other sessions' prefills fall inside the window), divided by one session "
+        f"alone; median of {args.rounds}.",
         f"One machine, {os.cpu_count()} cores, shared by 3-4 server processes, the client and "
         "whatever else runs: every hop is loopback TCP, and the servers' compute contends for "
         "the same cores, so this measures protocol overhead, not a speed-up from more "
@@ -496,7 +541,7 @@ async def run(args: Any, model_dir: Path, root: Path) -> tuple[str, dict[str, st
         stop(servers)
     headline = {
         "sharded_vs_local": f"{lvs['sharded'] / lvs['local']:.2f}",
-        "hop_p50_ms": ms(statistics.median(hop["added_push"])),
+        "hop_p50_ms": ms(statistics.median(hop["added_ring"])),
         "concurrency4_speedup": f"{conc['speedup']:.2f}",
     }
     return report(lvs, conc, hop, args), headline

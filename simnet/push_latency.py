@@ -1,4 +1,5 @@
-"""Per-token decode latency, client relay vs server-to-server push, over modeled links.
+"""Per-token decode latency, client relay vs server-to-server push vs a ring, over
+modeled links.
 
 Four real Nodes in one process (``simnet.swarm.Swarm``): three serve thirds of a tiny
 random model through ``start_pipeline_server`` (real onnxruntime, real lanes on
@@ -6,8 +7,9 @@ random model through ``start_pipeline_server`` (real onnxruntime, real lanes on
 container cannot add any (no netem), so the link is modeled: ``ModeledLinkDelay`` makes
 every pipeline frame wait ``delay`` in its sender before it leaves (a fault injector in
 the sense of simnet; the protocol code is untouched). Relaying costs a token
-``2 x hops`` link delays, push ``hops + 1``; the tiny model keeps compute small so the
-difference shows. For each delay, relay and push sessions decode in interleaved rounds.
+``2 x hops`` link delays, push ``hops + 1`` and a ring (greedy: the last server feeds
+the first) ``hops``; the tiny model keeps compute small so the difference shows. For
+each delay, relay, push and ring sessions decode in interleaved rounds.
 
     .venv/bin/python -m simnet.push_latency [--tokens 16] [--rounds 3] [--no-doc]
 """
@@ -15,12 +17,13 @@ difference shows. For each delay, relay and push sessions decode in interleaved 
 from __future__ import annotations
 
 import argparse
+import itertools
 import statistics
 import sys
 import tempfile
 import time
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import aclosing, contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -46,6 +49,7 @@ MODEL = "tiny"
 THIRDS = [LayerRange(0, 2), LayerRange(2, 4), LayerRange(4, 6)]
 PROMPT = [5, 17, 42, 99, 100, 101, 7, 8]
 DELAYS_MS = (0.0, 5.0, 20.0)
+MODES = ("relay", "push", "ring")
 
 
 @contextmanager
@@ -76,6 +80,17 @@ async def per_token(session: ShardedSession, tokens: int) -> tuple[float, list[i
     return statistics.median(times), out
 
 
+async def per_ring_token(session: ShardedSession, tokens: int) -> tuple[float, list[int]]:
+    """Median seconds between tokens coming round the ring, and the tokens."""
+    out: list[int] = []
+    arrivals: list[float] = []
+    async with aclosing(session.stream(PROMPT, tokens)) as stream:
+        async for token in stream:
+            arrivals.append(time.perf_counter())
+            out.append(token)
+    return statistics.median(b - a for a, b in itertools.pairwise(arrivals)), out
+
+
 async def run(args: Any) -> dict[float, dict[str, Any]]:
     work = Path(tempfile.mkdtemp(prefix="p2pedge-push-"))
     model_dir = build_tiny_model(work / MODEL, seed=5, n_layers=6)
@@ -94,29 +109,33 @@ async def run(args: Any) -> dict[float, dict[str, Any]]:
                 await node.announce()
             for ms in DELAYS_MS:
                 delay[0] = ms / 1000
-                runs: dict[str, list[float]] = {"relay": [], "push": []}
+                runs: dict[str, list[float]] = {mode: [] for mode in MODES}
                 outputs: dict[str, list[int]] = {}
-                pushed = 0
                 for _ in range(args.rounds):
-                    for mode in ("relay", "push"):
+                    for mode in MODES:
                         config = ClientConfig(
-                            max_length=64, step_timeout=30, logits_top_k=1, push=mode == "push"
+                            max_length=64,
+                            step_timeout=30,
+                            logits_top_k=1,
+                            push=mode != "relay",
+                            ring=mode == "ring",
                         )
                         async with await open_sharded_session(
                             client, MODEL, config=config
                         ) as session:
-                            seconds, outputs[mode] = await per_token(session, args.tokens)
-                            pushed += session.pushed_steps
+                            timer = per_ring_token if mode == "ring" else per_token
+                            seconds, outputs[mode] = await timer(session, args.tokens)
+                            paths = {"push": session.pushed_steps, "ring": session.ring_steps}
+                            want = {m: args.tokens - 1 if m == mode else 0 for m in paths}
+                            if paths != want:
+                                raise RuntimeError(f"{mode}: decode steps went {paths}")
                         runs[mode].append(seconds)
-                results[ms] = {
-                    "relay": statistics.median(runs["relay"]),
-                    "push": statistics.median(runs["push"]),
-                    "same": outputs["relay"] == outputs["push"],
-                    "pushed": pushed,
-                }
+                results[ms] = {mode: statistics.median(runs[mode]) for mode in MODES}
+                results[ms]["same"] = len({tuple(v) for v in outputs.values()}) == 1
                 print(
-                    f"delay {ms:g} ms: relay {results[ms]['relay'] * 1000:.2f}, "
-                    f"push {results[ms]['push'] * 1000:.2f} ms per token",
+                    f"delay {ms:g} ms: "
+                    + ", ".join(f"{m} {results[ms][m] * 1000:.2f}" for m in MODES)
+                    + " ms per token",
                     flush=True,
                 )
     return results
@@ -138,6 +157,8 @@ def main(argv: list[str] | None = None) -> int:
                 f"{r['push'] * 1000:.2f}",
                 f"{r['relay'] / r['push']:.2f}x",
                 f"{(r['relay'] - r['push']) * 1000:.2f}",
+                f"{r['ring'] * 1000:.2f}",
+                f"{r['push'] / r['ring']:.2f}x",
                 "yes" if r["same"] else "NO",
             ]
         )
@@ -148,6 +169,8 @@ def main(argv: list[str] | None = None) -> int:
             "push ms/token",
             "push speed-up",
             "saved ms/token",
+            "ring ms/token",
+            "ring vs push",
             "same tokens",
         ],
         rows,
@@ -161,16 +184,18 @@ def main(argv: list[str] | None = None) -> int:
             "(real onnxruntime, real lanes on 127.0.0.1), one client; every pipeline frame "
             "waits the given delay in its sender (modeled link: loopback has none and this "
             "container cannot add any). Greedy, median per-token decode time of "
-            f"{args.rounds} interleaved sessions per mode, {args.tokens} tokens each. With "
-            "3 hops, relaying costs a token 6 link delays and push 4, so push should save "
-            "2 delays per token.\n\n" + body,
+            f"{args.rounds} interleaved sessions per mode, {args.tokens} tokens each (for the "
+            "ring: the median gap between tokens). With 3 hops, relaying costs a token 6 "
+            "link delays, push 4 and a ring 3, so push should save 2 delays per token and "
+            "a ring one more.\n\n" + body,
         )
     top = results[DELAYS_MS[-1]]
     zero = results[DELAYS_MS[0]]
     print(
         f"push_speedup_{DELAYS_MS[-1]:g}ms={top['relay'] / top['push']:.2f} "
         f"push_saved_ms={(top['relay'] - top['push']) * 1000:.1f} "
-        f"push_vs_relay_0ms={zero['relay'] / zero['push']:.2f}"
+        f"push_vs_relay_0ms={zero['relay'] / zero['push']:.2f} "
+        f"ring_vs_push_{DELAYS_MS[-1]:g}ms={top['push'] / top['ring']:.2f}"
     )
     return 0
 

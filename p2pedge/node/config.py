@@ -56,6 +56,7 @@ class NodeConfig:
     model_dirs: tuple[tuple[str, Path], ...] = ()
     shard_step_timeout: float = 10.0
     shard_push: bool = True  # decode steps go server to server; False relays them here
+    shard_ring: bool = True  # greedy decode goes round the chain without us (needs push)
     inline_step_ms: float = 50.0  # decode steps this short skip the worker thread; 0: never
     direct_lane: bool = True
     direct_lane_port: int = 0  # 0: the OS picks; fix it to open one port in a firewall

@@ -299,12 +299,8 @@ class NodeModels:
         info: dict[str, Any] | None = None,
     ) -> AsyncGenerator[tuple[str, int], None]:
         """(text piece, token id) pairs through shard servers; ``info`` gets the route."""
-        from p2pedge.protocols.pipeline.client import (
-            ClientConfig,
-            greedy,
-            logits_needed,
-            make_sampler,
-        )
+        from p2pedge.protocols.pipeline.client import ClientConfig
+        from p2pedge.protocols.pipeline.sampling import greedy, logits_needed, make_sampler
         from p2pedge.protocols.pipeline.serving import open_sharded_session
 
         params = SamplingParams.make(
@@ -326,6 +322,7 @@ class NodeModels:
             step_timeout=self.node.config.shard_step_timeout,
             logits_top_k=logits_needed(params.temperature, params.top_k),
             push=self.node.config.shard_push,
+            ring=self.node.config.shard_ring,
         )
         decoder = codec.decoder()
         stops = list(params.stop)
@@ -333,19 +330,18 @@ class NodeModels:
         async with session:
             if info is not None:
                 info["session"] = session
-            logits = await session.extend(ids)
             produced = ""
-            for _ in range(max_tokens):
-                token = sampler(logits)
-                if token == codec.eos_id:
-                    yield "", token  # reported like the local path: the id, no text
-                    break
-                piece = decoder.push(token)
-                produced += piece
-                yield piece, token
-                if any(s in produced for s in stops):
-                    break
-                logits = await session.extend([token])
+            tokens = session.stream(ids, max_tokens, eos_id=codec.eos_id, sampler=sampler)
+            async with aclosing(tokens):
+                async for token in tokens:
+                    if token == codec.eos_id:
+                        yield "", token  # reported like the local path: the id, no text
+                        break
+                    piece = decoder.push(token)
+                    produced += piece
+                    yield piece, token
+                    if any(s in produced for s in stops):
+                        break
             if info is not None:
                 info.update(
                     prompt_tokens=len(ids),

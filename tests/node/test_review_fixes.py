@@ -10,7 +10,7 @@ import trio
 
 from p2pedge.node.config import NodeConfig
 from p2pedge.node.node import Node
-from p2pedge.protocols.pipeline.client import make_sampler
+from p2pedge.protocols.pipeline.sampling import make_sampler
 from p2pedge.testing import build_tiny_model
 
 

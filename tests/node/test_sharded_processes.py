@@ -1,8 +1,9 @@
 """SmolLM2 split in thirds across real `python -m p2pedge.node --serve` processes.
 
 Five server processes (two spares) and an in-process client node: sharded greedy tokens
-equal local ones on five prompts; a SIGKILLed server and a SIGSTOPped one are replaced
-mid-generation with identical tokens.
+(round the ring: the last server feeds each token to the first) equal local ones on five
+prompts; a SIGKILLed server and a SIGSTOPped one are replaced mid-generation with
+identical tokens.
 """
 
 from __future__ import annotations
@@ -146,6 +147,7 @@ async def test_shard_push_off_relays_every_step(servers: list[Server], tmp_path:
             tokens = [token async for _piece, token in pairs]
         session: Any = info["session"]
         assert len(tokens) > 3 and session.pushed_steps == 0 and not session.push_ok
+        assert session.ring_steps == 0  # a ring needs push too
         assert tokens == await _tokens(node, PROMPTS[1], "local", n=len(tokens))
 
 
@@ -168,7 +170,7 @@ async def _generate_with_fault(
             tokens.append(token)
             if len(tokens) == 4:
                 session = info["session"]
-                assert session.pushed_steps == 3  # type: ignore[attr-defined]  # decode steps
+                assert session.ring_steps == 3  # type: ignore[attr-defined]  # decode steps
                 peer = session.route[hop].peer_id  # type: ignore[attr-defined]
                 victim = next(s for s in servers if s.peer_id == peer)
                 victim.proc.send_signal(fault)

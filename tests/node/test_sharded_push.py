@@ -104,7 +104,7 @@ async def test_a_server_that_does_not_push_is_relayed_around(
         muted = servers[0].pusher
         assert muted is not None
 
-        async def drop(*args: Any) -> bool:
+        async def drop(*args: Any, **kwargs: Any) -> bool:
             return False
 
         muted.push = drop  # type: ignore[method-assign]

@@ -31,6 +31,19 @@ MESSAGES: list[codec.Message] = [
     codec.Opened(7, 8, 4096, KEY),
     codec.Step(8, 7, 3, HIDDEN, 0, (codec.Forward("12D3KooWpeer", 9, KEY, 1),)),
     codec.Step(9, 9, 3, HIDDEN, 1, (), KEY),
+    codec.Step(
+        10,
+        9,
+        3,
+        np.array([[5]], np.int64),
+        0,
+        (codec.Forward("12D3KooWb", 2, KEY, 1),),
+        ring=codec.Ring(
+            (codec.Forward("12D3KooWa", 1, KEY), codec.Forward("12D3KooWb", 2, KEY, 1)), 7, 2
+        ),
+        epoch=3,
+    ),
+    codec.Step(11, 9, 3, HIDDEN, 1, (), KEY, codec.Ring((codec.Forward("a", 1, KEY),), 1), 1),
 ]
 
 
@@ -150,7 +163,7 @@ def test_top_k_names_the_argmax_and_ranks_ties_by_token_id() -> None:
 
 @pytest.mark.parametrize("seed", range(5))
 def test_sampling_from_top_k_logits_equals_sampling_from_all(seed: int) -> None:
-    from p2pedge.protocols.pipeline.client import greedy, logits_needed, make_sampler
+    from p2pedge.protocols.pipeline.sampling import greedy, logits_needed, make_sampler
 
     rng = np.random.default_rng(seed)
     logits = rng.normal(size=(1, 500)).astype(np.float32) * 3
@@ -237,3 +250,33 @@ def test_too_many_forwards_is_a_local_error() -> None:
     many = tuple(codec.Forward("p", 1, KEY) for _ in range(codec.MAX_FORWARDS + 1))
     with pytest.raises(LocalProtocolError):
         codec.to_map(codec.Step(1, 7, 0, HIDDEN, 0, many))
+
+
+def _ring(**changes: Any) -> dict[str, Any]:
+    return {"chain": [_fwd()], "left": 3, "eos": 2} | changes
+
+
+@pytest.mark.parametrize(
+    "extra",
+    [
+        {"ring": "not a map"},
+        {"ring": _ring(chain=[])},
+        {"ring": _ring(chain=[_fwd(key=b"short")])},
+        {"ring": _ring(chain=[_fwd()] * (codec.MAX_FORWARDS + 1))},
+        {"ring": _ring(left=0)},
+        {"ring": _ring(left=codec.MAX_LENGTH + 1)},
+        {"ring": _ring(eos=-2)},
+        {"ring": _ring(eos="2")},
+        {"ring": {"chain": [_fwd()], "eos": 2}},
+        {"ep": -1},
+        {"ep": "1"},
+    ],
+)
+def test_hostile_ring_fields_are_remote_errors(extra: dict[str, Any]) -> None:
+    with pytest.raises(RemoteProtocolError):
+        codec.from_map(_step_map(**extra))
+
+
+def test_a_ring_without_tokens_left_is_a_local_error() -> None:
+    with pytest.raises(LocalProtocolError):
+        codec.to_map(codec.Step(1, 7, 0, HIDDEN, ring=codec.Ring((codec.Forward("p", 1, KEY),), 0)))

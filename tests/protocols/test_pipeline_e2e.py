@@ -13,9 +13,10 @@ import trio.testing
 
 from p2pedge.errors import ShardFailed
 from p2pedge.ids import LayerRange
-from p2pedge.protocols.pipeline.client import ClientConfig, ShardedSession, make_sampler
+from p2pedge.protocols.pipeline.client import ClientConfig, ShardedSession
 from p2pedge.protocols.pipeline.handler import PipelineServer
 from p2pedge.protocols.pipeline.local import FaultyShardServer, LocalSwarm, tiny_shards
+from p2pedge.protocols.pipeline.sampling import make_sampler
 
 N_LAYERS = 6
 MODEL = "tiny"

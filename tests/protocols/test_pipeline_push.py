@@ -72,6 +72,19 @@ def pushing_server(
     return server
 
 
+async def owner_and_pusher(
+    shards: dict[LayerRange, Any], nursery: trio.Nursery
+) -> tuple[PipelineServer, Peer, Peer, int, bytes]:
+    """A last-blocks server, a client that opened a session there, and another peer
+    holding nothing but that session's push key."""
+    server = pushing_server(shards, LAST, nursery)
+    connect = connector(server, nursery)
+    owner, pusher = connect(), connect()
+    opened = await owner.ask(codec.Open(0, MODEL, LAST.start, LAST.end, 32))
+    assert isinstance(opened, codec.Opened)
+    return server, owner, pusher, opened.session, opened.key
+
+
 async def test_a_pushed_step_runs_in_the_keyed_session_and_answers_its_owner(
     shards: dict[LayerRange, Any],
 ) -> None:
@@ -104,12 +117,7 @@ async def test_a_late_pushed_copy_is_refused_to_the_pusher_not_the_owner(
     then arrives must neither rewind the session nor send the owner an error."""
     hidden = np.random.default_rng(0).standard_normal((1, 2, 64)).astype(np.float32)
     async with trio.open_nursery() as nursery:
-        server = pushing_server(shards, LAST, nursery)
-        connect = connector(server, nursery)
-        owner, pusher = connect(), connect()
-        opened = await owner.ask(codec.Open(0, MODEL, LAST.start, LAST.end, 32))
-        assert isinstance(opened, codec.Opened)
-        sid, key = opened.session, opened.key
+        server, owner, pusher, sid, key = await owner_and_pusher(shards, nursery)
         relayed = await owner.ask(codec.Step(0, sid, 0, hidden, 1))  # positions 0 and 1
         assert isinstance(relayed, codec.Output)
         late = await pusher.ask(codec.Step(0, sid, 0, hidden, 1, (), key))  # start 0 again
@@ -270,4 +278,125 @@ async def test_a_relayed_copy_of_the_running_pushed_step_gets_its_result() -> No
         assert isinstance(second, codec.Output) and second.rid == owner.rid
         assert np.array_equal(first.y, second.y)
         assert server.steps_served == 1  # computed once
+        nursery.cancel_scope.cancel()
+
+
+async def _ring_pair(
+    shards: dict[LayerRange, Any], nursery: trio.Nursery
+) -> tuple[PipelineServer, PipelineServer, Peer, Peer]:
+    """Servers for the first and the last blocks that push to each other by name, and a
+    client stream to each."""
+    servers: dict[str, PipelineServer] = {}
+
+    def opener(peer: str, protocol: str) -> Awaitable[FramedStream]:
+        async def open_stream() -> FramedStream:
+            return connector(servers[peer], nursery)().stream
+
+        return open_stream()
+
+    servers["first"] = pushing_server(shards, FIRST, nursery, opener)
+    servers["last"] = pushing_server(shards, LAST, nursery, opener)
+    return (
+        servers["first"],
+        servers["last"],
+        connector(servers["first"], nursery)(),
+        connector(servers["last"], nursery)(),
+    )
+
+
+async def _open_both(a: Peer, b: Peer) -> tuple[codec.Opened, codec.Opened]:
+    first = await a.ask(codec.Open(0, MODEL, FIRST.start, FIRST.end, 32))
+    last = await b.ask(codec.Open(0, MODEL, LAST.start, LAST.end, 32))
+    assert isinstance(first, codec.Opened) and isinstance(last, codec.Opened)
+    return first, last
+
+
+async def _relayed_tokens(a: Peer, b: Peer, token: int, n: int) -> list[int]:
+    """The greedy tokens after ``token``, the client relaying every step itself."""
+    first, last = await _open_both(a, b)
+    out = []
+    for at in range(n):
+        hidden = await a.ask(codec.Step(0, first.session, at, np.array([[token]], np.int64)))
+        assert isinstance(hidden, codec.Output)
+        logits = await b.ask(codec.Step(0, last.session, at, hidden.y, 1))
+        assert isinstance(logits, codec.Output) and logits.ids is not None
+        token = int(logits.ids[0, 0])
+        out.append(token)
+    return out
+
+
+def _ring_chain(first: codec.Opened, last: codec.Opened) -> tuple[codec.Forward, ...]:
+    return (
+        codec.Forward("first", first.session, first.key),
+        codec.Forward("last", last.session, last.key, 1),
+    )
+
+
+async def _ring_outputs(a: Peer, b: Peer, count: int) -> list[int]:
+    """The tokens of the ring's first ``count`` steps, each checked at both servers."""
+    tokens = []
+    for i in range(count):
+        hidden = await a.next()
+        assert isinstance(hidden, codec.Output) and hidden.rid == (a.rid if i == 0 else 0)
+        logits = await b.next()
+        assert isinstance(logits, codec.Output) and logits.rid == 0 and logits.ids is not None
+        tokens.append(int(logits.ids[0, 0]))
+    return tokens
+
+
+async def test_the_last_server_feeds_greedy_tokens_round_the_ring(
+    shards: dict[LayerRange, Any],
+) -> None:
+    async with trio.open_nursery() as nursery:
+        first_server, last_server, a, b = await _ring_pair(shards, nursery)
+        expected = await _relayed_tokens(a, b, 7, 4)
+        first, last = await _open_both(a, b)
+        chain = _ring_chain(first, last)
+        x = np.array([[7]], np.int64)
+        await a.send(codec.Step(0, first.session, 0, x, 0, chain[1:], ring=codec.Ring(chain, 4)))
+        assert await _ring_outputs(a, b, 4) == expected
+        # three tokens went back to the head; the fourth ended the ring
+        assert last_server.ring_steps_sent == 3 and first_server.steps_pushed_in == 3
+        # the sessions hold all four positions: the client carries on from position 4
+        nxt = await a.ask(codec.Step(0, first.session, 4, np.array([[expected[-1]]], np.int64)))
+        assert isinstance(nxt, codec.Output) and nxt.rid == a.rid
+        nursery.cancel_scope.cancel()
+
+
+async def test_a_ring_stops_at_end_of_sequence(shards: dict[LayerRange, Any]) -> None:
+    async with trio.open_nursery() as nursery:
+        _, last_server, a, b = await _ring_pair(shards, nursery)
+        expected = await _relayed_tokens(a, b, 7, 4)
+        first, last = await _open_both(a, b)
+        chain = _ring_chain(first, last)
+        ring = codec.Ring(chain, 8, eos=expected[1])
+        await a.send(
+            codec.Step(0, first.session, 0, np.array([[7]], np.int64), 0, chain[1:], ring=ring)
+        )
+        assert await _ring_outputs(a, b, 2) == expected[:2]
+        assert last_server.ring_steps_sent == 1  # nothing was pushed after the end token
+        closed = await a.ask(codec.Close(0, first.session))  # idle: no step came round again
+        assert isinstance(closed, codec.Closed)
+        nursery.cancel_scope.cancel()
+
+
+async def test_pushes_from_an_abandoned_ring_epoch_are_refused(
+    shards: dict[LayerRange, Any],
+) -> None:
+    hidden = np.random.default_rng(0).standard_normal((1, 1, 64)).astype(np.float32)
+    async with trio.open_nursery() as nursery:
+        server, owner, pusher, sid, key = await owner_and_pusher(shards, nursery)
+        # the client gave up on ring 0: its own step carries epoch 1
+        mine = await owner.ask(codec.Step(0, sid, 0, hidden, 1, epoch=1))
+        assert isinstance(mine, codec.Output)
+        stale = await pusher.ask(codec.Step(0, sid, 1, hidden, 1, (), key, epoch=0))
+        assert isinstance(stale, codec.Error) and "epoch" in stale.message
+        await pusher.send(codec.Step(0, sid, 1, hidden, 1, (), key, epoch=1))
+        pushed = await owner.next()  # a push from the current epoch runs, for the owner
+        assert isinstance(pushed, codec.Output) and pushed.rid == 0
+        assert server.steps_pushed_in == 1 and server.pushes_refused == 1
+        # a ring's last shard must be asked for the top-k it picks the token from
+        chain = (codec.Forward("first", 1, key), codec.Forward("last", sid, key))
+        bad = await owner.ask(codec.Step(0, sid, 2, hidden, 0, ring=codec.Ring(chain, 2)))
+        assert isinstance(bad, codec.Error) and bad.code == codec.E_BAD_REQUEST
         nursery.cancel_scope.cancel()

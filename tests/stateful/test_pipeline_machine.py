@@ -56,6 +56,7 @@ class PipelineMachineTest(RuleBasedStateMachine):
         self.in_flight: dict[int, tuple[int, int, np.ndarray]] = {}  # rid, start, x
         self.joined: dict[int, int] = {}
         self.dtypes: dict[int, str] = {}
+        self.floors: dict[int, int] = {}  # ring epoch a push must be from, at least
 
     def _rid(self) -> int:
         self.rid += 1
@@ -119,8 +120,9 @@ class PipelineMachineTest(RuleBasedStateMachine):
         n=st.integers(0, 10),
         back=st.integers(0, 3),
         good_dtype=st.booleans(),
+        epoch=st.integers(0, 3),
     )
-    def step(self, session: int, n: int, back: int, good_dtype: bool) -> None:
+    def step(self, session: int, n: int, back: int, good_dtype: bool, epoch: int) -> None:
         rid = self._rid()
         known = session in self.expected
         first = self.first.get(session, True)
@@ -130,7 +132,9 @@ class PipelineMachineTest(RuleBasedStateMachine):
             x = np.arange(n, dtype=np.int64 if good_dtype else np.int32)[None] % VOCAB
         else:
             x = np.zeros((1, n, HIDDEN), np.float32 if good_dtype else np.float64)
-        actions = self.m.receive(codec.Step(rid, session, start, x), self.now)
+        actions = self.m.receive(codec.Step(rid, session, start, x, epoch=epoch), self.now)
+        if known:  # the client's own step: pushes from older rings are stale now
+            self.floors[session] = max(self.floors.get(session, 0), epoch)
         state = self.expected.get(session, State.ABSENT)
         if self._joins(session, start, x):
             assert actions == []  # answered with the pushed step's result
@@ -169,7 +173,7 @@ class PipelineMachineTest(RuleBasedStateMachine):
         """Another server pushes the next positions (rid 0; the handler lets a push run
         only at the next new position of an idle session), maybe relayed right after."""
         start = self.lengths[session]
-        if self.m.refuse_push(session, start, 9) is not None:
+        if self.m.refuse_push(session, start, 9, self.floors.get(session, 0)) is not None:
             assert self.expected[session] is not State.OPEN
             return
         if start + n > self.reserved[session] // PER_TOKEN:
@@ -228,17 +232,23 @@ class PipelineMachineTest(RuleBasedStateMachine):
             self.expected[session] = State.CLOSED
             self.pending.pop(session)
 
-    @rule(session=st.one_of(sessions, st.integers(1000, 1010)), offset=st.integers(-2, 2))
-    def push_arrives(self, session: int, offset: int) -> None:
-        """A pushed step may run only at the next new position of an idle session; the
-        check changes nothing."""
+    @rule(
+        session=st.one_of(sessions, st.integers(1000, 1010)),
+        offset=st.integers(-2, 2),
+        epoch=st.integers(0, 3),
+    )
+    def push_arrives(self, session: int, offset: int, epoch: int) -> None:
+        """A pushed step may run only at the next new position of an idle session, from a
+        ring epoch the client has not moved past; the check changes nothing."""
         start = self.lengths.get(session, 0) + offset
-        refusal = self.m.refuse_push(session, start, 7)
+        refusal = self.m.refuse_push(session, start, 7, epoch)
         state = self.expected.get(session, State.ABSENT)
-        if state is State.OPEN and offset == 0:
+        if state is State.OPEN and offset == 0 and epoch >= self.floors.get(session, 0):
             assert refusal is None
             return
         assert refusal is not None and refusal.rid == 7
+        if state is State.OPEN and offset == 0:
+            event("a push from an abandoned ring epoch was refused")
         if state is State.BUSY:
             assert refusal.code == codec.E_BUSY
         elif state is State.OPEN:

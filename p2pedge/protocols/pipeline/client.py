@@ -9,7 +9,11 @@ prompt split into chunks keeps several servers busy at once (pipelining).
 
 Decode steps (one new position, every hop in step) go server to server instead when every
 server issued a push key (``push.py``): the client sends hop 0 the chain, then collects each
-hop's output as it arrives, so the boundaries' histories stay complete either way.
+hop's output as it arrives, so the boundaries' histories stay complete either way. Greedy
+decoding goes further (``codec.Ring``): the last server picks the token and pushes it to the
+first, so the client only listens, and each token costs one hop less. Each ring has an
+epoch; once the client gives up on a ring (a failure, or an output that does not come), the
+steps it sends carry the next epoch and servers refuse pushes from the old one.
 
 When a hop fails (stream end, our own step deadline, an error reply) the client bans
 the peer with back-off, picks a replacement chain for that hop's blocks, and sets the
@@ -22,8 +26,8 @@ from __future__ import annotations
 import itertools
 import logging
 import math
-from collections.abc import Awaitable, Callable, Sequence
-from dataclasses import dataclass, field
+from collections.abc import AsyncGenerator, Awaitable, Callable, Sequence
+from contextlib import aclosing
 from typing import Any
 
 import numpy as np
@@ -37,112 +41,24 @@ from p2pedge.errors import (
     ShardFailed,
 )
 from p2pedge.ids import LayerRange
-from p2pedge.planning.routes import CostModel, Hop, NoRoute, ServerOption, choose_route
+from p2pedge.planning.routes import Hop, NoRoute, ServerOption, choose_route
 from p2pedge.protocols.pipeline import codec
+from p2pedge.protocols.pipeline.chain import ClientConfig, History, HopFailed, HopState, leaves
 from p2pedge.protocols.pipeline.connection import ShardConnection, StreamOpener
+from p2pedge.protocols.pipeline.sampling import Sampler, greedy
+
+__all__ = ["HOP_ERRORS", "ClientConfig", "ShardedSession"]
 
 log = logging.getLogger(__name__)
 
 OptionsFinder = Callable[[], Awaitable[list[ServerOption]]]
 # told, as a session ends, each hop's mean decode-step time (peer, blocks, seconds)
 StepObserver = Callable[[str, LayerRange, float], None]
-Sampler = Callable[[npt.NDArray[np.float32]], int]
 HOP_ERRORS = (PeerUnavailable, ShardFailed, RemoteProtocolError, Busy)
 # How long to wait for a pushed output before relaying that step instead: a multiple of
 # the hop's mean step time, never under the floor.
 PUSH_GRACE_FACTOR = 4.0
 PUSH_GRACE_MIN_S = 1.0
-
-
-def greedy(logits: npt.NDArray[np.float32]) -> int:
-    return int(np.argmax(logits))
-
-
-def logits_needed(temperature: float, top_k: int) -> int:
-    """How many of the largest logits a sampler needs to pick what it would pick from all."""
-    if temperature <= 0:
-        return 1
-    return top_k if top_k > 0 else 0
-
-
-def make_sampler(
-    temperature: float = 1.0, top_k: int = 0, seed: int = 0, top_p: float = 1.0
-) -> Sampler:
-    """Temperature / top-k / top-p sampling with its own seeded generator (reproducible)."""
-    rng = np.random.default_rng(seed)
-
-    def sample(logits: npt.NDArray[np.float32]) -> int:
-        if temperature <= 0:
-            return greedy(logits)
-        z = logits.astype(np.float64) / temperature
-        if 0 < top_k < z.size:
-            z[z < np.partition(z, -top_k)[-top_k]] = -np.inf
-        p = np.exp(z - z.max())
-        p /= p.sum()
-        if top_p < 1.0:
-            order = np.argsort(-p)
-            keep = np.cumsum(p[order]) - p[order] < top_p  # smallest set reaching top_p
-            mask = np.zeros_like(p, dtype=bool)
-            mask[order[keep]] = True
-            p = np.where(mask, p, 0.0)
-            p /= p.sum()
-        return int(rng.choice(z.size, p=p))
-
-    return sample
-
-
-@dataclass
-class ClientConfig:
-    max_length: int = 512
-    chunk: int = 16
-    step_timeout: float = 30.0
-    dtype: str = "float32"
-    max_recoveries: int = 8
-    ban_seconds: float = 5.0
-    max_ban_seconds: float = 300.0
-    cost: CostModel = field(default_factory=CostModel)
-    # Logits the last shard sends per step: 0 = all; k = the k largest (enough for greedy
-    # with k = 1, and for top-k sampling with k = top_k). See `logits_needed`.
-    logits_top_k: int = 0
-    # Decode steps go server to server (see `push.py`); prefill and replay are relayed.
-    push: bool = True
-
-
-class _History:
-    """A boundary's values by position, in one array allocated at the first write."""
-
-    def __init__(self, max_length: int) -> None:
-        self.max_length = max_length
-        self.data: npt.NDArray[Any] | None = None
-        self.length = 0
-
-    def write(self, at: int, values: npt.NDArray[Any]) -> None:
-        """Store ``values`` from position ``at``; positions already known stay as they are."""
-        if self.data is None:
-            self.data = np.zeros((self.max_length, *values.shape[1:]), dtype=values.dtype)
-        n = values.shape[0]
-        if at + n > self.length:
-            skip = self.length - at
-            self.data[self.length : at + n] = values[skip:]
-            self.length = at + n
-
-    def read(self, start: int, end: int) -> npt.NDArray[Any]:
-        assert self.data is not None
-        return self.data[start:end]
-
-
-@dataclass
-class _HopState:
-    conn: ShardConnection
-    done: int = 0  # positions of the input boundary this hop has consumed
-
-
-class _HopFailed(Exception):
-    def __init__(self, index: int, peer: str, cause: BaseException) -> None:
-        super().__init__(f"hop {index} ({peer}) failed: {cause}")
-        self.index = index
-        self.peer = peer
-        self.cause = cause
 
 
 class ShardedSession:
@@ -167,8 +83,8 @@ class ShardedSession:
         self.model = model
         self.n_layers = n_layers
         self.config = config or ClientConfig()
-        self.hops: list[_HopState] = []
-        self.boundaries: list[_History] = []
+        self.hops: list[HopState] = []
+        self.boundaries: list[History] = []
         self.last_logits: npt.NDArray[np.float32] | None = None
         self.recoveries = 0
         self._bans: dict[str, tuple[float, int]] = {} if bans is None else bans
@@ -176,6 +92,9 @@ class ShardedSession:
         self._progress = trio.Event()
         self.push_ok = self.config.push  # off for good once a pushed output fails to come
         self.pushed_steps = 0
+        self.ring_ok = self.config.ring and self.config.push  # off until a hop is replaced
+        self.ring_steps = 0  # tokens that came round a ring
+        self.epoch = 0  # rings so far; see the module docstring
 
     # --- set-up and tear-down --------------------------------------------------------
 
@@ -203,7 +122,7 @@ class ShardedSession:
         self._bans[peer] = (trio.current_time() + seconds, strikes + 1)
 
     async def start(self, route: Sequence[Hop] | None = None) -> None:
-        self.boundaries = [_History(self.config.max_length)]
+        self.boundaries = [History(self.config.max_length)]
         first = True
         while True:
             plan = list(route) if route is not None and first else await self._plan(0, None)
@@ -211,9 +130,9 @@ class ShardedSession:
             try:
                 self.hops = await self._open_chain(plan)
                 break
-            except _HopFailed as failure:
+            except HopFailed as failure:
                 await self._note_failure(failure)
-        self.boundaries += [_History(self.config.max_length) for _ in self.hops]
+        self.boundaries += [History(self.config.max_length) for _ in self.hops]
 
     async def aclose(self) -> None:
         if self._observe is not None:
@@ -236,9 +155,9 @@ class ShardedSession:
             banned=self.banned(),
         )
 
-    async def _open_chain(self, plan: Sequence[Hop]) -> list[_HopState]:
+    async def _open_chain(self, plan: Sequence[Hop]) -> list[HopState]:
         conns: list[ShardConnection | None] = [None] * len(plan)
-        failures: list[_HopFailed] = []
+        failures: list[HopFailed] = []
 
         async def open_one(i: int, hop: Hop) -> None:
             try:
@@ -252,7 +171,7 @@ class ShardedSession:
                     dtype=self.config.dtype,
                 )
             except HOP_ERRORS as exc:
-                failures.append(_HopFailed(i, hop.peer_id, exc))
+                failures.append(HopFailed(i, hop.peer_id, exc))
 
         async with trio.open_nursery() as nursery:
             for i, hop in enumerate(plan):
@@ -267,9 +186,9 @@ class ShardedSession:
                     log.warning("pipeline %s", other)
                     self.ban(other.peer)
             raise first
-        return [_HopState(c) for c in conns if c is not None]
+        return [HopState(c) for c in conns if c is not None]
 
-    async def _note_failure(self, failure: _HopFailed) -> None:
+    async def _note_failure(self, failure: HopFailed) -> None:
         self.recoveries += 1
         log.warning("pipeline %s", failure)
         self.ban(failure.peer)
@@ -285,12 +204,16 @@ class ShardedSession:
         if ids.size == 0 or target > self.config.max_length:
             raise ValueError(f"{target} positions do not fit max_length {self.config.max_length}")
         self.boundaries[0].write(self.boundaries[0].length, ids)
+        return await self._settle(target)
+
+    async def _settle(self, target: int) -> npt.NDArray[np.float32]:
+        """Drive every hop through position ``target``, recovering from failed hops."""
         while True:
-            failure: _HopFailed | None = None
+            failure: HopFailed | None = None
             try:
                 await self._drive(target)
-            except* _HopFailed as group:
-                failure = min(_leaves(group), key=lambda f: f.index)
+            except* HopFailed as group:
+                failure = min(leaves(group), key=lambda f: f.index)
             if failure is None:
                 assert self.last_logits is not None
                 return self.last_logits
@@ -316,52 +239,120 @@ class ShardedSession:
             x = source.read(hop.done, end)[None]
             try:
                 top_k = self.config.logits_top_k if last else 0
-                y = await hop.conn.step(x, hop.done, top_k=top_k)
+                y = await hop.conn.step(x, hop.done, top_k=top_k, epoch=self.epoch)
             except HOP_ERRORS as exc:
-                raise _HopFailed(k, hop.conn.peer, exc) from exc
+                raise HopFailed(k, hop.conn.peer, exc) from exc
             self._accept(k, y, hop.done, end, target)
+
+    def _chain_pushes(self, *, ring: bool = False) -> bool:
+        hops = self.hops + self.hops[:1] if ring else self.hops
+        return (
+            len(self.hops) > 1
+            and all(h.conn.key for h in self.hops)  # a server without a key does not push
+            # a server holding two consecutive ranges would push to itself: relay instead
+            and all(a.conn.peer != b.conn.peer for a, b in itertools.pairwise(hops))
+        )
 
     def _can_push(self, target: int) -> bool:
         return (
-            self.push_ok
-            and len(self.hops) > 1
-            and all(h.done == target - 1 for h in self.hops)
-            and all(h.conn.key for h in self.hops)  # a server without a key does not push
-            # a server holding two consecutive ranges would push to itself: relay instead
-            and all(a.conn.peer != b.conn.peer for a, b in itertools.pairwise(self.hops))
+            self.push_ok and all(h.done == target - 1 for h in self.hops) and self._chain_pushes()
         )
+
+    def _forwards(self) -> tuple[codec.Forward, ...]:
+        """Every hop as a push target; the last one sends the top-k the config asks for."""
+        last = len(self.hops) - 1
+        return tuple(
+            codec.Forward(
+                h.conn.peer, h.conn.session, h.conn.key,
+                self.config.logits_top_k if k == last else 0,
+            )
+            for k, h in enumerate(self.hops)
+        )  # fmt: skip
+
+    async def _collect_pushed(self, k: int, start: int) -> bool:
+        """Hop ``k``'s pushed output for position ``start``, stored; False if it did not
+        come within the hop's grace time."""
+        hop, last = self.hops[k], k == len(self.hops) - 1
+        mean = hop.conn.busy_seconds / hop.conn.steps if hop.conn.steps else 0.0
+        grace = max(PUSH_GRACE_MIN_S, PUSH_GRACE_FACTOR * mean)
+        try:
+            out = await hop.conn.pushed(self.config.logits_top_k if last else 0, within=grace)
+        except HOP_ERRORS as exc:
+            raise HopFailed(k, hop.conn.peer, exc) from exc
+        if out is None:
+            log.info("no pushed output from hop %s in %.3g s", k, grace)
+            return False
+        self._accept(k, out, start, start + 1, start + 1)
+        return True
 
     async def _push_step(self, target: int) -> None:
         """One new position through the chain, pushed server to server: send it to the
         first hop with the chain after it, then collect every hop's output (the client
         keeps each boundary's history for recovery)."""
-        start, last = target - 1, len(self.hops) - 1
-        top_k = self.config.logits_top_k
-        fwd = tuple(
-            codec.Forward(h.conn.peer, h.conn.session, h.conn.key, top_k if k == last else 0)
-            for k, h in enumerate(self.hops)
-            if k > 0
-        )
-        first = self.hops[0]
-        try:
-            y = await first.conn.step(self.boundaries[0].read(start, target)[None], start, fwd=fwd)
-        except HOP_ERRORS as exc:
-            raise _HopFailed(0, first.conn.peer, exc) from exc
-        self._accept(0, y, start, target, target)
-        for k in range(1, last + 1):
-            hop = self.hops[k]
-            mean = hop.conn.busy_seconds / hop.conn.steps if hop.conn.steps else 0.0
-            grace = max(PUSH_GRACE_MIN_S, PUSH_GRACE_FACTOR * mean)
-            try:
-                out = await hop.conn.pushed(top_k if k == last else 0, within=grace)
-            except HOP_ERRORS as exc:
-                raise _HopFailed(k, hop.conn.peer, exc) from exc
-            if out is None:
-                self.push_ok = False
-                log.info("no pushed output from hop %s in %.3g s; relaying from now on", k, grace)
+        start = target - 1
+        await self._first_step(start, self._forwards()[1:])
+        for k in range(1, len(self.hops)):
+            if not await self._collect_pushed(k, start):
+                self.push_ok = False  # relaying from now on
                 return
-            self._accept(k, out, start, target, target)
         self.pushed_steps += 1
+
+    async def _first_step(
+        self, start: int, fwd: tuple[codec.Forward, ...], ring: codec.Ring | None = None
+    ) -> None:
+        first = self.hops[0]
+        x = self.boundaries[0].read(start, start + 1)[None]
+        try:
+            y = await first.conn.step(x, start, fwd=fwd, ring=ring, epoch=self.epoch)
+        except HOP_ERRORS as exc:
+            raise HopFailed(0, first.conn.peer, exc) from exc
+        self._accept(0, y, start, start + 1, start + 1)
+
+    def _can_ring(self, sampler: Sampler) -> bool:
+        at = self.boundaries[0].length
+        return (
+            self.ring_ok
+            and sampler is greedy
+            and self.config.logits_top_k >= 1
+            and all(h.done == at for h in self.hops)
+            and self._chain_pushes(ring=True)
+        )
+
+    async def _ring(self, token: int, n: int, eos_id: int | None) -> AsyncGenerator[int, None]:
+        """Feed ``token`` and let the chain produce up to ``n`` greedy tokens by itself,
+        each yielded once every hop's output for it is stored. Ends early, leaving the
+        rest to relayed steps, when a hop fails (it is replaced) or an output is late."""
+        start = self.boundaries[0].length
+        self.boundaries[0].write(start, np.array([token], dtype=np.int64))
+        chain = self._forwards()
+        ring = codec.Ring(chain, n, codec.NO_EOS if eos_id is None else eos_id)
+        try:
+            for i in range(n):
+                at = start + i
+                try:
+                    if i == 0:
+                        await self._first_step(at, chain[1:], ring)
+                    elif not await self._collect_pushed(0, at):
+                        self.ring_ok = False
+                        return
+                    for k in range(1, len(self.hops)):
+                        if not await self._collect_pushed(k, at):
+                            self.ring_ok = False
+                            return
+                except HopFailed as failure:
+                    await self._note_failure(failure)
+                    await self._replace(failure.index)
+                    return
+                assert self.last_logits is not None
+                token = greedy(self.last_logits)
+                self.ring_steps += 1
+                if i < n - 1 and token != eos_id:
+                    self.boundaries[0].write(at + 1, np.array([token], dtype=np.int64))
+                yield token
+                if token == eos_id:
+                    return
+        finally:
+            self.epoch += 1  # whatever is still going round is stale from here on
 
     def _accept(self, k: int, y: npt.NDArray[Any], start: int, end: int, target: int) -> None:
         """Hop ``k``'s output for positions ``start .. end``, checked and stored (the last
@@ -369,7 +360,7 @@ class ShardedSession:
         hop, last = self.hops[k], k == len(self.hops) - 1
         problem = self._check_output(y, end - start, last)
         if problem:
-            raise _HopFailed(k, hop.conn.peer, RemoteProtocolError(problem))
+            raise HopFailed(k, hop.conn.peer, RemoteProtocolError(problem))
         if last:
             if end == target:
                 self.last_logits = y[0]
@@ -410,13 +401,14 @@ class ShardedSession:
             try:
                 new = await self._open_chain(plan)
                 break
-            except _HopFailed as failure:
+            except HopFailed as failure:
                 await self._note_failure(failure)
         for gone in self.hops[index + 1 : last_replaced + 1]:
             await gone.conn.close()
-        inner = [_History(self.config.max_length) for _ in new[:-1]]
+        inner = [History(self.config.max_length) for _ in new[:-1]]
         self.hops[index : last_replaced + 1] = new
         self.boundaries[index + 1 : last_replaced + 1] = inner
+        self.ring_ok = self.config.ring and self.config.push  # a new chain: try again
         log.info("pipeline replaced hop %s with %s", index, [str(h.layers) for h in plan])
 
     # --- generation ------------------------------------------------------------------
@@ -430,15 +422,38 @@ class ShardedSession:
         sampler: Sampler = greedy,
     ) -> list[int]:
         """Prefill ``prompt`` (pipelined in chunks), then decode token by token."""
+        tokens = self.stream(prompt, max_new_tokens, eos_id=eos_id, sampler=sampler)
+        async with aclosing(tokens):
+            return [token async for token in tokens]
+
+    async def stream(
+        self,
+        prompt: Sequence[int],
+        max_new_tokens: int,
+        *,
+        eos_id: int | None = None,
+        sampler: Sampler = greedy,
+    ) -> AsyncGenerator[int, None]:
+        """:meth:`generate`, one token at a time (greedy ones through a ring when the
+        chain allows). Leaving early leaves a ring running until the session closes."""
         logits = await self.extend(prompt)
-        out: list[int] = []
-        while len(out) < max_new_tokens:
-            token = sampler(logits)
-            out.append(token)
-            if token == eos_id or len(out) == max_new_tokens:
-                break
-            logits = await self.extend([token])
-        return out
+        token, produced = sampler(logits), 1
+        yield token
+        while produced < max_new_tokens and token != eos_id:
+            if self._can_ring(sampler):
+                ring = self._ring(token, max_new_tokens - produced, eos_id)
+                async with aclosing(ring):
+                    async for token in ring:
+                        produced += 1
+                        yield token
+                if produced >= max_new_tokens or token == eos_id:
+                    return
+                # the ring broke off: its last token is fed but not yet through every hop
+                logits = await self._settle(self.boundaries[0].length)
+            else:
+                logits = await self.extend([token])
+            token, produced = sampler(logits), produced + 1
+            yield token
 
     def hop_stats(self) -> list[dict[str, Any]]:
         """Per hop: peer, blocks, steps and mean seconds per step (for reports)."""
@@ -451,13 +466,3 @@ class ShardedSession:
             }
             for h in self.hops
         ]
-
-
-def _leaves(group: BaseExceptionGroup[_HopFailed]) -> list[_HopFailed]:
-    found: list[_HopFailed] = []
-    for exc in group.exceptions:
-        if isinstance(exc, BaseExceptionGroup):
-            found.extend(_leaves(exc))
-        elif isinstance(exc, _HopFailed):
-            found.append(exc)
-    return found

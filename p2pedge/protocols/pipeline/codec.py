@@ -54,6 +54,7 @@ MAX_TEXT = 1024
 PUSH_KEY_BYTES = 16
 MAX_FORWARDS = 16
 MAX_PEER_ID = 128
+NO_EOS = -1
 
 
 @dataclass(frozen=True)
@@ -66,6 +67,22 @@ class Forward:
     session: int
     key: bytes
     top_k: int = 0
+
+
+@dataclass(frozen=True)
+class Ring:
+    """Decode without the client in each token's loop: the last server picks the greedy
+    token from its output and pushes it, as the next step, to ``chain[0]`` (every server
+    of the chain, in order), so each token costs one hop less. ``left`` counts the tokens
+    still to produce, this step's included; the ring stops after the last of them, or
+    after ``eos`` (:data:`NO_EOS` for none)."""
+
+    chain: tuple[Forward, ...]
+    left: int
+    eos: int = NO_EOS
+
+    def then(self) -> Ring:
+        return Ring(self.chain, self.left - 1, self.eos)
 
 
 @dataclass(frozen=True)
@@ -100,7 +117,12 @@ class Step:
 
     ``fwd`` asks the server to push its output on to the next servers as a step (the first
     entry gets it, with the rest as its ``fwd``). A pushed step carries the target
-    session's ``key``; its output goes to the session's owner with ``rid`` 0."""
+    session's ``key``; its output goes to the session's owner with ``rid`` 0.
+
+    ``ring`` goes along with the pushes (see :class:`Ring`). ``epoch`` is the client's ring
+    count: a step the client sends itself raises the session's floor to it, and a pushed
+    step from an older epoch is refused, so a ring the client gave up on cannot run on
+    under the steps it sends instead."""
 
     rid: int
     session: int
@@ -109,6 +131,8 @@ class Step:
     top_k: int = 0
     fwd: tuple[Forward, ...] = ()
     key: bytes = b""
+    ring: Ring | None = None
+    epoch: int = 0
 
 
 @dataclass(frozen=True, eq=False)
@@ -154,6 +178,12 @@ def _tensor(array: npt.NDArray[Any]) -> dict[str, Any]:
     return encode_tensor(array)
 
 
+def _forward_maps(fwd: tuple[Forward, ...]) -> list[dict[str, Any]]:
+    if len(fwd) > MAX_FORWARDS:
+        raise LocalProtocolError(f"{len(fwd)} forwards; at most {MAX_FORWARDS}")
+    return [{"peer": f.peer, "session": f.session, "key": f.key, "k": f.top_k} for f in fwd]
+
+
 def to_map(msg: Message) -> dict[str, Any]:
     """The msgpack map for ``msg`` (what :class:`FramedStream.send` takes)."""
     match msg:
@@ -175,8 +205,6 @@ def to_map(msg: Message) -> dict[str, Any]:
         case Step():
             if not 0 <= msg.top_k <= MAX_TOP_K:
                 raise LocalProtocolError(f"top_k {msg.top_k} outside [0, {MAX_TOP_K}]")
-            if len(msg.fwd) > MAX_FORWARDS:
-                raise LocalProtocolError(f"{len(msg.fwd)} forwards; at most {MAX_FORWARDS}")
             step = {
                 "t": "step",
                 "rid": msg.rid,
@@ -187,12 +215,20 @@ def to_map(msg: Message) -> dict[str, Any]:
             if msg.top_k:
                 step["k"] = msg.top_k
             if msg.fwd:
-                step["fwd"] = [
-                    {"peer": f.peer, "session": f.session, "key": f.key, "k": f.top_k}
-                    for f in msg.fwd
-                ]
+                step["fwd"] = _forward_maps(msg.fwd)
             if msg.key:
                 step["key"] = msg.key
+            if msg.ring is not None:
+                if not msg.ring.chain or not 1 <= msg.ring.left <= MAX_LENGTH:
+                    raise LocalProtocolError(f"bad ring {msg.ring!r}")
+                ring = msg.ring
+                step["ring"] = {
+                    "chain": _forward_maps(ring.chain),
+                    "left": ring.left,
+                    "eos": ring.eos,
+                }
+            if msg.epoch:
+                step["ep"] = msg.epoch
             return step
         case Output():
             out = {"t": "out", "rid": msg.rid, "session": msg.session, "y": _tensor(msg.y)}
@@ -245,6 +281,16 @@ def _forwards(value: Any) -> tuple[Forward, ...]:
     return tuple(out)
 
 
+def _ring(value: Any) -> Ring:
+    if not isinstance(value, dict):
+        raise RemoteProtocolError("ring must be a map")
+    return Ring(
+        _forwards(value.get("chain")),
+        _int(value, "left", 1, MAX_LENGTH),
+        _int(value, "eos", NO_EOS, MAX_VOCAB),
+    )
+
+
 def from_map(m: dict[str, Any], limits: TensorLimits = TENSOR_LIMITS) -> Message:
     """Validate a decoded map from a peer and build the typed message."""
     kind = _str(m, "t")
@@ -268,6 +314,8 @@ def from_map(m: dict[str, Any], limits: TensorLimits = TENSOR_LIMITS) -> Message
             _int(m, "k", 0, MAX_TOP_K) if "k" in m else 0,
             _forwards(m["fwd"]) if "fwd" in m else (),
             _key(m) if "key" in m else b"",
+            _ring(m["ring"]) if "ring" in m else None,
+            _int(m, "ep") if "ep" in m else 0,
         )
     if kind == "out":
         y = decode_tensor(m.get("y"), limits)

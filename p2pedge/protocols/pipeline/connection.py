@@ -122,12 +122,19 @@ class ShardConnection:
         *,
         top_k: int = 0,
         fwd: tuple[codec.Forward, ...] = (),
+        ring: codec.Ring | None = None,
+        epoch: int = 0,
     ) -> npt.NDArray[Any]:
         """The hop's output; with ``top_k`` on a last shard, full-width logits rebuilt from
         the top-k the server sent (a server that ignores ``top_k`` sends them all). With
-        ``fwd`` the server also pushes its output on to those servers."""
+        ``fwd`` the server also pushes its output on to those servers (``ring``: and on
+        round the chain, see :class:`codec.Ring`)."""
         began = trio.current_time()
-        reply = await self._request(lambda rid: codec.Step(rid, self.session, start, x, top_k, fwd))
+
+        def make(rid: int) -> codec.Step:
+            return codec.Step(rid, self.session, start, x, top_k, fwd, ring=ring, epoch=epoch)
+
+        reply = await self._request(make)
         return self._output(reply, top_k, began, int(x.shape[1]))
 
     async def pushed(

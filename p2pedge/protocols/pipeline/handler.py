@@ -15,6 +15,7 @@ suddenly slows stalls it once, then its estimate moves it back to a thread).
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import secrets
 import time
@@ -137,6 +138,7 @@ class PipelineServer:
         self.steps_inline = 0
         self.steps_pushed_in = 0
         self.pushes_refused = 0  # late copies of steps the client relayed itself
+        self.ring_steps_sent = 0  # greedy tokens a last shard pushed to a ring's head
         # push key -> (the connection that owns the session, its session id)
         self.by_key: dict[bytes, tuple[_Connection, int]] = {}
         self.pusher: Pusher | None = None  # set where the server can reach other servers
@@ -243,13 +245,13 @@ class _Connection:
             await self._send(codec.Error(msg.rid, codec.E_UNKNOWN_SESSION, "unknown push key"))
             return
         conn, session = owner
-        refusal = conn.machine.refuse_push(session, msg.start, msg.rid)
+        refusal = conn.machine.refuse_push(session, msg.start, msg.rid, msg.epoch)
         if refusal is not None:
             self.server.pushes_refused += 1
             await self._send(refusal)
             return
         self.server.steps_pushed_in += 1
-        await conn.receive(codec.Step(0, session, msg.start, msg.x, msg.top_k, msg.fwd))
+        await conn.receive(dataclasses.replace(msg, rid=0, session=session, key=b""))
 
     async def _send(self, reply: codec.Message) -> None:
         try:
@@ -289,10 +291,28 @@ class _Connection:
         self.server.steps_served += 1
         if self.closed:  # the owner left while a pushed step ran: nobody to answer
             return []
-        if action.fwd and self.server.pusher is not None:  # the next server first
+        pusher = self.server.pusher
+        if action.fwd and pusher is not None:
             y = codec.as_wire(y, self.machine.sessions[action.session].dtype)
-            await self.server.pusher.push(action.fwd, action.start, y)
-        return self.machine.step_done(action.session, y, trio.current_time(), ids)
+        # the session is idle again before anything is pushed: in a ring of two, the next
+        # step may come back while this push is still being sent
+        replies = self.machine.step_done(action.session, y, trio.current_time(), ids)
+        if pusher is not None:  # the next server first, the owner's reply after
+            if action.fwd:
+                await pusher.push(action.fwd, action.start, y, ring=action.ring, epoch=action.epoch)
+            elif action.ring is not None and ids is not None:
+                await self._continue_ring(action, action.ring, int(ids[0, 0]))
+        return replies
+
+    async def _continue_ring(self, action: Run, ring: codec.Ring, token: int) -> None:
+        """A last shard in a ring: the greedy token goes to the chain's head as its next
+        step, unless it was the ring's last token or end of sequence."""
+        if ring.left <= 1 or token == ring.eos or self.server.pusher is None:
+            return
+        self.server.ring_steps_sent += 1
+        x = np.array([[token]], dtype=np.int64)
+        start = action.start + int(action.x.shape[1])
+        await self.server.pusher.push(ring.chain, start, x, ring=ring.then(), epoch=action.epoch)
 
     def _release(self, session: int) -> None:
         self.sessions.pop(session, None)

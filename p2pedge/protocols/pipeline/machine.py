@@ -132,9 +132,9 @@ class Run:
     x: npt.NDArray[Any]
     last_only: bool
     top_k: int = 0
-    fwd: tuple[
-        codec.Forward, ...
-    ] = ()  # push the output on to these servers (not from a last shard)
+    fwd: tuple[codec.Forward, ...] = ()  # push the output on to these (not from a last shard)
+    ring: codec.Ring | None = None  # goes along with the pushes; a last shard continues it
+    epoch: int = 0
 
 
 @dataclass(frozen=True)
@@ -161,6 +161,7 @@ class _Session:
     pending: tuple[int, int] | None = None  # (rid, end position) of the request in flight
     pushed: Step | None = None  # the step in flight, when another server pushed it
     joined: int | None = None  # a relayed request answered by that pushed step's result
+    floor: int = 0  # pushed steps from an older ring epoch are refused (see codec.Step)
 
 
 @dataclass
@@ -248,10 +249,14 @@ class ServerMachine:
             return f"start {msg.start} is past the {s.length} cached positions"
         if msg.start + n > s.max_length:
             return f"positions up to {msg.start + n} exceed max_length {s.max_length}"
+        if msg.ring is not None and s.spec.last and msg.top_k < 1:
+            return "a ring's last shard picks the next token: top_k must be >= 1"
         return None
 
     def _step(self, msg: Step, now: float) -> list[Action]:
         s = self.sessions.get(msg.session)
+        if s is not None and msg.rid != 0:
+            s.floor = max(s.floor, msg.epoch)
         if s is not None and self._joins_pushed(s, msg):
             s.joined = msg.rid
             return []  # answered when the pushed copy finishes (see step_done)
@@ -276,7 +281,8 @@ class ServerMachine:
         s.pushed = msg if msg.rid == 0 else None
         top_k = msg.top_k if s.spec.last else 0
         fwd = () if s.spec.last else msg.fwd
-        return [Run(msg.session, msg.rid, msg.start, msg.x, s.spec.last, top_k, fwd)]
+        ring, epoch = msg.ring, msg.epoch
+        return [Run(msg.session, msg.rid, msg.start, msg.x, s.spec.last, top_k, fwd, ring, epoch)]
 
     def _close(self, msg: Close, now: float) -> list[Action]:
         outcome = self._move(msg.session, Event.CLOSE)
@@ -309,14 +315,15 @@ class ServerMachine:
             and np.array_equal(msg.x, p.x)
         )
 
-    def refuse_push(self, session: int, start: int, rid: int) -> Error | None:
+    def refuse_push(self, session: int, start: int, rid: int, epoch: int = 0) -> Error | None:
         """The answer to a pushed step that must not run, or None if it may.
 
-        A push only ever carries the next new position of an idle session. Anything else
-        is a copy that came late, after the client gave up waiting and relayed that step
-        itself: run, it would find the session busy (and the owner would read the error
-        as a failed hop) or rewind the cache under the client's later steps. Refusing it
-        to the pusher leaves the owner's session as the client drives it.
+        A push only ever carries the next new position of an idle session, from a ring
+        epoch the client has not moved past. Anything else is a copy that came late, after
+        the client gave up waiting and relayed that step itself: run, it would find the
+        session busy (and the owner would read the error as a failed hop) or rewind the
+        cache under the client's later steps. Refusing it to the pusher leaves the owner's
+        session as the client drives it.
         """
         s = self.sessions.get(session)
         if s is None or s.state is not State.OPEN:
@@ -324,6 +331,8 @@ class ServerMachine:
             return Error(rid, code, f"session {session} is {self.state_of(session).value}")
         if start != s.length:
             return Error(rid, codec.E_BAD_REQUEST, f"pushed start {start}, next is {s.length}")
+        if epoch < s.floor:
+            return Error(rid, codec.E_BAD_REQUEST, f"pushed from epoch {epoch}, now {s.floor}")
         return None
 
     # --- results from the executor ---------------------------------------------------

@@ -53,8 +53,17 @@ class Pusher:
         """Next servers with an open push stream, oldest first."""
         return list(self._streams)
 
-    async def push(self, fwd: tuple[codec.Forward, ...], start: int, y: npt.NDArray[Any]) -> bool:
-        """Send ``y`` (positions from ``start``) to ``fwd[0]`` with the rest of the chain.
+    async def push(
+        self,
+        fwd: tuple[codec.Forward, ...],
+        start: int,
+        y: npt.NDArray[Any],
+        *,
+        ring: codec.Ring | None = None,
+        epoch: int = 0,
+    ) -> bool:
+        """Send ``y`` (positions from ``start``) to ``fwd[0]`` with the rest of the chain
+        (and the ring and epoch the step came with).
 
         Only opening a stream runs under a deadline here: a cancel scope per push cost
         0.10-0.14 ms once a step had flushed the caches (a one-off hop trace). A send that
@@ -69,7 +78,7 @@ class Pusher:
                 stream = self._streams.get(target.peer) or await self._open(target.peer)
                 self._rid = self._rid % codec.MAX_ID + 1
                 step = codec.Step(
-                    self._rid, target.session, start, y, target.top_k, rest, target.key
+                    self._rid, target.session, start, y, target.top_k, rest, target.key, ring, epoch
                 )
                 self._sending[target.peer] = trio.current_time()
                 try:

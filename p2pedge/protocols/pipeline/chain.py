@@ -1,0 +1,80 @@
+"""What a sharded session's client keeps per chain: its settings, each boundary's
+history (token ids, then every hop's hidden states, by position), and each hop's
+connection and progress. Recovery replays from these histories."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import numpy.typing as npt
+
+from p2pedge.planning.routes import CostModel
+from p2pedge.protocols.pipeline.connection import ShardConnection
+
+
+@dataclass
+class ClientConfig:
+    max_length: int = 512
+    chunk: int = 16
+    step_timeout: float = 30.0
+    dtype: str = "float32"
+    max_recoveries: int = 8
+    ban_seconds: float = 5.0
+    max_ban_seconds: float = 300.0
+    cost: CostModel = field(default_factory=CostModel)
+    # Logits the last shard sends per step: 0 = all; k = the k largest (enough for greedy
+    # with k = 1, and for top-k sampling with k = top_k). See `logits_needed`.
+    logits_top_k: int = 0
+    # Decode steps go server to server (see `push.py`); prefill and replay are relayed.
+    push: bool = True
+    # Greedy decode goes round the chain without the client (see `codec.Ring`); needs push.
+    ring: bool = True
+
+
+class History:
+    """A boundary's values by position, in one array allocated at the first write."""
+
+    def __init__(self, max_length: int) -> None:
+        self.max_length = max_length
+        self.data: npt.NDArray[Any] | None = None
+        self.length = 0
+
+    def write(self, at: int, values: npt.NDArray[Any]) -> None:
+        """Store ``values`` from position ``at``; positions already known stay as they are."""
+        if self.data is None:
+            self.data = np.zeros((self.max_length, *values.shape[1:]), dtype=values.dtype)
+        n = values.shape[0]
+        if at + n > self.length:
+            skip = self.length - at
+            self.data[self.length : at + n] = values[skip:]
+            self.length = at + n
+
+    def read(self, start: int, end: int) -> npt.NDArray[Any]:
+        assert self.data is not None
+        return self.data[start:end]
+
+
+@dataclass
+class HopState:
+    conn: ShardConnection
+    done: int = 0  # positions of the input boundary this hop has consumed
+
+
+class HopFailed(Exception):
+    def __init__(self, index: int, peer: str, cause: BaseException) -> None:
+        super().__init__(f"hop {index} ({peer}) failed: {cause}")
+        self.index = index
+        self.peer = peer
+        self.cause = cause
+
+
+def leaves(group: BaseExceptionGroup[HopFailed]) -> list[HopFailed]:
+    found: list[HopFailed] = []
+    for exc in group.exceptions:
+        if isinstance(exc, BaseExceptionGroup):
+            found.extend(leaves(exc))
+        elif isinstance(exc, HopFailed):
+            found.append(exc)
+    return found

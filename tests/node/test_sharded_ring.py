@@ -1,0 +1,118 @@
+"""Greedy decode round the chain (``codec.Ring``) over real libp2p nodes on 127.0.0.1, in
+one process: the last server feeds each token to the first, the client only listens; the
+tokens equal relaying, end of sequence stops the ring, and a hop that dies or goes quiet
+mid-ring is replaced or relayed around with the same tokens."""
+
+from __future__ import annotations
+
+from contextlib import aclosing
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from p2pedge.ids import LayerRange
+from p2pedge.protocols.pipeline import codec
+from p2pedge.protocols.pipeline.client import ClientConfig
+from p2pedge.protocols.pipeline.serving import open_sharded_session
+from p2pedge.testing.tiny import build_tiny_model
+from simnet.swarm import Swarm
+from tests.node.test_sharded_push import MODEL, PROMPT, THIRDS, serve_thirds
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return build_tiny_model(tmp_path_factory.mktemp("tiny") / MODEL, seed=5, n_layers=6)
+
+
+def config(**kw: Any) -> ClientConfig:
+    return ClientConfig(max_length=64, chunk=4, step_timeout=10, logits_top_k=1, **kw)
+
+
+async def relayed(swarm: Swarm, n: int) -> list[int]:
+    """``n`` greedy tokens with the client relaying every step (the reference)."""
+    async with await open_sharded_session(swarm.nodes[0], MODEL, config=config(push=False)) as s:
+        tokens = await s.generate(PROMPT, n)
+        assert s.ring_steps == 0 and s.pushed_steps == 0
+    return tokens
+
+
+async def test_greedy_tokens_go_round_the_ring_and_match_relaying(
+    model_dir: Path, tmp_path: Path
+) -> None:
+    async with Swarm(4, seed=6, measure_compute=False) as swarm:
+        client = swarm.nodes[0]
+        servers = await serve_thirds(swarm, model_dir, tmp_path, THIRDS)
+        expected = await relayed(swarm, 10)
+        async with await open_sharded_session(client, MODEL, config=config()) as ring:
+            tokens = await ring.generate(PROMPT, 10)
+            # the prefill gives the first token; the other nine came round the ring
+            assert ring.ring_steps == 9 and ring.pushed_steps == 0 and ring.recoveries == 0
+    assert tokens == expected
+    # the last server fed eight tokens back to the first; the ninth ended the ring
+    assert [s.ring_steps_sent for s in servers] == [0, 0, 8]
+    assert [s.steps_pushed_in for s in servers] == [8, 9, 9]
+
+
+async def test_end_of_sequence_stops_the_ring(model_dir: Path, tmp_path: Path) -> None:
+    async with Swarm(4, seed=7, measure_compute=False) as swarm:
+        client = swarm.nodes[0]
+        servers = await serve_thirds(swarm, model_dir, tmp_path, THIRDS)
+        expected = await relayed(swarm, 10)
+        eos = expected[3]
+        assert eos not in expected[:3]  # the tiny model's output, checked: a fair end token
+        async with await open_sharded_session(client, MODEL, config=config()) as ring:
+            tokens = await ring.generate(PROMPT, 10, eos_id=eos)
+    assert tokens == expected[:4]
+    assert servers[2].ring_steps_sent == 2  # tokens 1 and 2 went back; 3 was the end
+
+
+async def test_a_server_killed_mid_ring_is_replaced_and_the_ring_resumes(
+    model_dir: Path, tmp_path: Path
+) -> None:
+    ranges = [*THIRDS, LayerRange(2, 4)]  # a spare for the middle blocks
+    async with Swarm(5, seed=8, measure_compute=False) as swarm:
+        client = swarm.nodes[0]
+        await serve_thirds(swarm, model_dir, tmp_path, ranges)
+        expected = await relayed(swarm, 12)
+        session = await open_sharded_session(client, MODEL, config=config())
+        tokens: list[int] = []
+        async with session, aclosing(session.stream(PROMPT, 12)) as stream:
+            async for token in stream:
+                tokens.append(token)
+                if len(tokens) == 4:
+                    assert session.ring_steps == 3
+                    victim = session.route[1].peer_id
+                    await swarm.kill(1 + [n.peer_id for n in swarm.nodes[1:]].index(victim))
+            assert session.recoveries == 1 and session.route[1].peer_id != victim
+            assert session.ring_steps >= 8  # round the new chain after the replacement
+            assert session.epoch >= 2  # the broken ring's pushes are refused from here on
+    assert tokens == expected
+
+
+async def test_a_ring_whose_token_never_comes_back_falls_back_to_relaying(
+    model_dir: Path, tmp_path: Path
+) -> None:
+    async with Swarm(4, seed=9, measure_compute=False) as swarm:
+        client = swarm.nodes[0]
+        servers = await serve_thirds(swarm, model_dir, tmp_path, THIRDS)
+        expected = await relayed(swarm, 6)
+        # fault injection: the last server's pushes to the ring's head are lost
+        pusher = servers[2].pusher
+        assert pusher is not None
+        real_push = pusher.push
+
+        async def lose_ring_pushes(
+            fwd: tuple[codec.Forward, ...], start: int, y: Any, **kw: Any
+        ) -> bool:
+            if len(fwd) == len(THIRDS):  # the whole chain: a token going back to the head
+                return False
+            return await real_push(fwd, start, y, **kw)
+
+        pusher.push = lose_ring_pushes  # type: ignore[method-assign]
+        async with await open_sharded_session(client, MODEL, config=config()) as session:
+            tokens = await session.generate(PROMPT, 6)
+            assert session.ring_steps == 1 and not session.ring_ok
+            assert session.recoveries == 0  # nobody was banned: the step was relayed
+            assert session.pushed_steps == 4  # the rest went by plain push
+    assert tokens == expected
