@@ -15,10 +15,12 @@ and sharded decode each get one compute thread per step.
    client) decode the same tokens in lock-step, taking turns to go first; all do the same
    compute, so per token ``(t3 - t1) / 2`` is what each of the two extra servers adds
    (framing, msgpack, loopback TCP, process wake-ups, one more onnxruntime run, the
-   client's bookkeeping). A third 3-hop chain decodes the same tokens round a ring (the
-   default for greedy: the last server feeds each token to the first); it runs ahead by
-   itself, so it goes after the lock-step chains in each round and its per-token time is
-   the gap between tokens. The client also runs the three shard graphs itself on the
+   client's bookkeeping). Two more 3-hop chains decode the same tokens round a ring (the
+   default for greedy: the last server feeds each token to the first), one of them quiet
+   (only the last server answers the client); a ring runs ahead by itself, so the rings
+   take turns with the lock-step chains in blocks of 8 tokens, their per-token time is
+   the gap between tokens, and each pairs with the 1-hop chain's step at the same
+   position. The client also runs the three shard graphs itself on the
    same tokens, so each relayed hop's round trip splits into compute and the rest.
 
 Run ``make model`` first, then
@@ -29,7 +31,6 @@ server data (and the shard graphs built on first use) stay in ``.cache/bench-sha
 from __future__ import annotations
 
 import argparse
-import itertools
 import json
 import os
 import signal
@@ -83,6 +84,7 @@ STEP_TIMEOUT = 30.0
 # the 50 ms default) is served like the thirds and the 1-hop vs 3-hop difference is hops
 INLINE_STEP_MS = 100
 WARMUP_TOKENS = 8
+RING_BLOCK = 8  # tokens per turn when rings and lock-step chains take turns
 CONCURRENT_TOKENS = 32
 
 
@@ -235,7 +237,13 @@ async def concurrency(node: Node, codec: TextCodec, tokens: int, rounds: int) ->
 
 
 async def chain(
-    node: Node, route: list[Hop], max_length: int, *, push: bool = False, ring: bool = False
+    node: Node,
+    route: list[Hop],
+    max_length: int,
+    *,
+    push: bool = False,
+    ring: bool = False,
+    quiet: bool = False,
 ) -> ShardedSession:
     async def find() -> list[ServerOption]:
         return []  # routes are fixed here; a failure should surface, not be re-planned
@@ -250,6 +258,7 @@ async def chain(
         logits_top_k=1,
         push=push,
         ring=ring,
+        ring_quiet=quiet,
     )
     session = ShardedSession(opener, find, MODEL, N_LAYERS, config)
     await session.start(route=route)
@@ -287,18 +296,52 @@ async def timed_extend(session: ShardedSession, token: int) -> tuple[float, int,
     return took, int(np.argmax(logits)), hops
 
 
-async def ring_gaps(
-    session: ShardedSession, prompt: list[int], n: int
-) -> tuple[list[float], list[int]]:
-    """Seconds between consecutive tokens of a ring (each gap is one position decoded
-    round the chain), and the tokens."""
-    arrivals: list[float] = []
-    tokens: list[int] = []
-    async with aclosing(session.stream(prompt, n + 1)) as stream:
+async def ring_block(
+    session: ShardedSession, feed: list[int], at: int, n: int
+) -> tuple[dict[int, tuple[float, int]], int]:
+    """``n`` tokens from ``session.stream(feed)`` (``feed`` goes in at position ``at``):
+    for each token after the first, the seconds since the one before and the token, keyed
+    by the position whose step produced it (round the ring); and the last token."""
+    out: dict[int, tuple[float, int]] = {}
+    previous, position, token = 0.0, at + len(feed), -1
+    async with aclosing(session.stream(feed, n)) as stream:
         async for token in stream:
-            arrivals.append(time.perf_counter())
-            tokens.append(token)
-    return [b - a for a, b in itertools.pairwise(arrivals)], tokens
+            now = time.perf_counter()
+            if previous:
+                out[position] = (now - previous, token)
+                position += 1
+            previous = now
+    return out, token
+
+
+async def in_lock_step(
+    chains: Sequence[ShardedSession],
+    local: Sequence[ShardSession],
+    at: int,
+    token: int,
+    n: int,
+) -> dict[str, Any]:
+    """``n`` tokens (``token`` fed at position ``at``, then each next one) through the
+    1-hop, relayed and pushed chains in lock-step, each going first, second and third in
+    turn, and the same blocks in-process per token."""
+    out: dict[str, Any] = {k: [] for k in ("t1", "t3", "t3p", "hops", "compute", "positions")}
+    out["tokens"], out["mismatches"] = [], 0
+    for i in range(n):
+        position = at + i
+        timed: dict[int, tuple[float, int, list[float]]] = {}
+        for j in range(3):
+            k = (i + j) % 3
+            timed[k] = await timed_extend(chains[k], token)
+        out["compute"].append(compute_only(local, np.asarray([[token]]), position))
+        out["mismatches"] += len({timed[k][1] for k in timed}) != 1
+        token = timed[1][1]
+        out["tokens"].append(token)
+        out["positions"].append(position)
+        out["t1"].append(timed[0][0])
+        out["t3"].append(timed[1][0])
+        out["t3p"].append(timed[2][0])
+        out["hops"].append(timed[1][2])
+    return out
 
 
 async def hop_latency(
@@ -316,6 +359,8 @@ async def hop_latency(
     t3s: list[float] = []
     t3ps: list[float] = []
     t3rs: list[float] = []
+    t3qs: list[float] = []
+    t1_ring: list[float] = []  # the 1-hop chain's steps at the positions the rings timed
     hop_rtts: list[list[float]] = [[] for _ in thirds]
     hop_compute: list[list[float]] = [[] for _ in thirds]
     mismatches = 0
@@ -324,6 +369,9 @@ async def hop_latency(
         s3 = await chain(node, three_route, len(prompt) + tokens + 2)
         s3p = await chain(node, three_route, len(prompt) + tokens + 2, push=True)
         s3r = await chain(node, three_route, len(prompt) + tokens + 2, push=True, ring=True)
+        s3q = await chain(
+            node, three_route, len(prompt) + tokens + 2, push=True, ring=True, quiet=True
+        )
         local = local_thirds()
         n = tokens if rnd > 0 else WARMUP_TOKENS
         try:
@@ -331,49 +379,73 @@ async def hop_latency(
             mismatches += token != int(np.argmax(await s3.extend(prompt)))
             mismatches += token != int(np.argmax(await s3p.extend(prompt)))
             compute_only(local, np.asarray([prompt], dtype=np.int64), 0)
-            round_t1, round_t3, round_t3p, round_hops, round_compute = [], [], [], [], []
-            lock_step = [token]
-            for i in range(n):
-                position = len(prompt) + i
-                timed: dict[int, tuple[float, int, list[float]]] = {}
-                chains = [s1, s3, s3p]
-                for j in range(3):  # each chain goes first, second and third in turn
-                    k = (i + j) % 3
-                    timed[k] = await timed_extend(chains[k], token)
-                round_compute.append(compute_only(local, np.asarray([[token]]), position))
-                mismatches += len({timed[k][1] for k in timed}) != 1
-                token = timed[1][1]
-                lock_step.append(token)
-                round_t1.append(timed[0][0])
-                round_t3.append(timed[1][0])
-                round_t3p.append(timed[2][0])
-                round_hops.append(timed[1][2])
-            round_t3r, ring_tokens = await ring_gaps(s3r, prompt, n)
-            mismatches += sum(a != b for a, b in zip(ring_tokens, lock_step, strict=True))
+            # Blocks of RING_BLOCK tokens: the lock-step chains, then each ring, in turns,
+            # so drift within a round does not favour either; rings pair with the 1-hop
+            # chain by position (the first step of each later ring block is the client's
+            # own, not timed, so those positions have no pair).
+            lock: dict[str, Any] = {"t1": [], "t3": [], "t3p": [], "hops": [], "compute": []}
+            lock_tokens: dict[int, tuple[float, int]] = {}
+            ring_at = {s3r: (list(prompt), 0), s3q: (list(prompt), 0)}
+            ring_seen: dict[ShardedSession, dict[int, tuple[float, int]]] = {s3r: {}, s3q: {}}
+            at = len(prompt)
+            for block in range(0, n, RING_BLOCK):
+                size = min(RING_BLOCK, n - block)
+                rings = [s3r, s3q] if (block // RING_BLOCK + rnd) % 2 else [s3q, s3r]
+                part = await in_lock_step((s1, s3, s3p), local, at, token, size)
+                for key in lock:
+                    lock[key] += part[key]
+                mismatches += part["mismatches"]
+                for position, t1, produced in zip(
+                    part["positions"], part["t1"], part["tokens"], strict=True
+                ):
+                    lock_tokens[position] = (t1, produced)
+                token, at = part["tokens"][-1], at + size
+                for session in rings:
+                    feed, fed_at = ring_at[session]
+                    seen, last = await ring_block(
+                        session, feed, fed_at, at - fed_at - len(feed) + 1
+                    )
+                    ring_seen[session] |= seen
+                    ring_at[session] = ([last], at)
+            for session in (s3r, s3q):
+                for position, (_, produced) in ring_seen[session].items():
+                    mismatches += lock_tokens[position][1] != produced
+            round_t1, round_t3, round_t3p = lock["t1"], lock["t3"], lock["t3p"]
+            round_hops, round_compute = lock["hops"], lock["compute"]
+            paired = sorted(set(ring_seen[s3r]) & set(ring_seen[s3q]))
+            round_p1 = [lock_tokens[q][0] for q in paired]
+            round_t3r = [ring_seen[s3r][q][0] for q in paired]
+            round_t3q = [ring_seen[s3q][q][0] for q in paired]
         finally:
-            for session in (s1, s3, s3p, s3r):
+            for session in (s1, s3, s3p, s3r, s3q):
                 await session.aclose()
         if rnd > 0:
             if s3p.pushed_steps != len(round_t3p):
                 raise RuntimeError(f"pushed {s3p.pushed_steps} of {len(round_t3p)} steps")
-            if s3r.ring_steps != len(round_t3r):
-                raise RuntimeError(f"{s3r.ring_steps} of {len(round_t3r)} tokens came round")
+            for session in (s3r, s3q):
+                if session.ring_steps != len(ring_seen[session]):
+                    raise RuntimeError(f"{session.ring_steps} tokens came round, not all timed")
             t1s += round_t1
             t3s += round_t3
             t3ps += round_t3p
             t3rs += round_t3r
+            t3qs += round_t3q
+            t1_ring += round_p1
             for hops, computed in zip(round_hops, round_compute, strict=True):
                 for k, (rtt, own) in enumerate(zip(hops, computed, strict=True)):
                     hop_rtts[k].append(rtt)
                     hop_compute[k].append(own)
     added = [(t3 - t1) / 2 for t1, t3 in zip(t1s, t3s, strict=True)]
     added_push = [(t3 - t1) / 2 for t1, t3 in zip(t1s, t3ps, strict=True)]
-    added_ring = [(t3 - t1) / 2 for t1, t3 in zip(t1s, t3rs, strict=True)]
+    added_ring = [(t3 - t1) / 2 for t1, t3 in zip(t1_ring, t3rs, strict=True)]
+    added_quiet = [(t3 - t1) / 2 for t1, t3 in zip(t1_ring, t3qs, strict=True)]
     client = [t3 - sum(h) for t3, h in zip(t3s, zip(*hop_rtts, strict=True), strict=True)]
     return {
         "added": added,
         "added_push": added_push,
         "added_ring": added_ring,
+        "added_quiet": added_quiet,
+        "t3q": t3qs,
         "t1": t1s,
         "t3r": t3rs,
         "t3": t3s,
@@ -413,6 +485,11 @@ def report(lvs: dict[str, Any], conc: dict[str, Any], hop: dict[str, Any], args:
             "target <= 1.5 ms",
         ],
         [
+            "added latency per hop, round a quiet ring, median / p95",
+            f"{ms(statistics.median(hop['added_quiet']))} / {ms(pct(hop['added_quiet'], 95))} ms",
+            "",
+        ],
+        [
             "added latency per hop, pushed (sampling), median / p95",
             f"{ms(statistics.median(added_push))} / {ms(pct(added_push, 95))} ms",
             "",
@@ -428,9 +505,9 @@ def report(lvs: dict[str, Any], conc: dict[str, Any], hop: dict[str, Any], args:
             "same compute as 3-hop",
         ],
         [
-            "per-token step, 3-hop chain ring / pushed / relayed, median",
-            f"{ms(statistics.median(hop['t3r']))} / {ms(statistics.median(hop['t3p']))} / "
-            f"{ms(statistics.median(hop['t3']))} ms",
+            "per-token step, 3-hop chain ring / quiet ring / pushed / relayed, median",
+            f"{ms(statistics.median(hop['t3r']))} / {ms(statistics.median(hop['t3q']))} / "
+            f"{ms(statistics.median(hop['t3p']))} / {ms(statistics.median(hop['t3']))} ms",
             "",
         ],
     ]
@@ -477,11 +554,15 @@ def report(lvs: dict[str, Any], conc: dict[str, Any], hop: dict[str, Any], args:
         "tokens in lock-step, taking turns to go first; per token (t3 - t1) / 2, the time "
         "each of the two extra servers adds, over "
         f"{len(added)} tokens ({args.rounds} rounds after a "
-        f"{WARMUP_TOKENS}-token warm-up). A third 3-hop chain decodes the same tokens round "
-        "a ring right after, in the same round; its t3 is the gap between consecutive "
-        "tokens, paired with the 1-hop chain's step at the same position. The 1-hop chain "
-        "keeps the client in its loop (two messages per token: a ring needs two servers), "
-        "the ring has three server-to-server messages per token and the pushed chain four. "
+        f"{WARMUP_TOKENS}-token warm-up). Two more 3-hop chains decode the same tokens round "
+        "a ring (full, and quiet: only the last server answers the client) in the same "
+        f"round, taking turns with the lock-step chains in blocks of {RING_BLOCK} tokens; "
+        "their t3 is the gap between consecutive tokens, paired with the 1-hop chain's step "
+        f"at the same position ({len(hop['t3r'])} pairs: a later block's first step is the "
+        "client's own and is not timed). "
+        "The 1-hop chain keeps the client in its loop (two messages per token: a ring "
+        "needs two servers), a ring has three server-to-server messages per token and "
+        "the pushed chain four. "
         "The p95 carries scheduling noise from both chains. Token mismatches "
         f"between the chains: {hop['mismatches']}. Relayed hops' round trips are `ShardConnection` "
         "busy time per token (send to reply); the in-process figure is the same shard graph "

@@ -74,6 +74,7 @@ async def main() -> None:
             print(f"  answer: {sharded.text.strip()!r}")
             ttft_ms = sharded.ttft_s * 1000
             print(f"  {sharded.tok_per_s:.1f} tok/s over 3 hops, first token in {ttft_ms:.0f} ms")
+            print("  (greedy: each token goes round a ring, the last server feeding the first)")
             same = list(sharded.token_ids) == list(local.token_ids)
             print(f"  identical tokens to the local run: {same}")
 

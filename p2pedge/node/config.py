@@ -57,6 +57,9 @@ class NodeConfig:
     shard_step_timeout: float = 10.0
     shard_push: bool = True  # decode steps go server to server; False relays them here
     shard_ring: bool = True  # greedy decode goes round the chain without us (needs push)
+    # only the last server answers us during a ring: less CPU per token, but a dead middle
+    # server shows only as a late token, and recovery replays the ring's positions
+    shard_ring_quiet: bool = False
     inline_step_ms: float = 50.0  # decode steps this short skip the worker thread; 0: never
     direct_lane: bool = True
     direct_lane_port: int = 0  # 0: the OS picks; fix it to open one port in a firewall

@@ -323,6 +323,7 @@ class NodeModels:
             logits_top_k=logits_needed(params.temperature, params.top_k),
             push=self.node.config.shard_push,
             ring=self.node.config.shard_ring,
+            ring_quiet=self.node.config.shard_ring_quiet,
         )
         decoder = codec.decoder()
         stops = list(params.stop)

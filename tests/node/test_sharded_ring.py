@@ -116,3 +116,30 @@ async def test_a_ring_whose_token_never_comes_back_falls_back_to_relaying(
             assert session.recoveries == 0  # nobody was banned: the step was relayed
             assert session.pushed_steps == 4  # the rest went by plain push
     assert tokens == expected
+
+
+async def test_a_quiet_ring_gives_the_same_tokens_and_replays_after_a_kill(
+    model_dir: Path, tmp_path: Path
+) -> None:
+    """Only the last server answers the client during a quiet ring, so a dead middle
+    server shows as a late token; the client then replays the ring's positions (it has
+    no hidden states for them) through a replacement, with the same tokens."""
+    ranges = [*THIRDS, LayerRange(2, 4)]
+    async with Swarm(5, seed=10, measure_compute=False) as swarm:
+        client = swarm.nodes[0]
+        await serve_thirds(swarm, model_dir, tmp_path, ranges)
+        expected = await relayed(swarm, 12)
+        session = await open_sharded_session(client, MODEL, config=config(ring_quiet=True))
+        tokens: list[int] = []
+        async with session, aclosing(session.stream(PROMPT, 12)) as stream:
+            async for token in stream:
+                tokens.append(token)
+                if len(tokens) == 4:
+                    assert session.ring_steps == 3
+                    # only the ring's first step was answered by the first two hops
+                    assert [h.conn.steps for h in session.hops[:2]] == [4, 3]
+                    victim = session.route[1].peer_id
+                    await swarm.kill(1 + [n.peer_id for n in swarm.nodes[1:]].index(victim))
+            assert session.recoveries == 1 and session.route[1].peer_id != victim
+            assert session.ring_steps >= 8
+    assert tokens == expected

@@ -44,6 +44,7 @@ MESSAGES: list[codec.Message] = [
         epoch=3,
     ),
     codec.Step(11, 9, 3, HIDDEN, 1, (), KEY, codec.Ring((codec.Forward("a", 1, KEY),), 1), 1),
+    codec.Step(12, 9, 3, HIDDEN, ring=codec.Ring((codec.Forward("a", 1, KEY),), 2, quiet=True)),
 ]
 
 
@@ -268,6 +269,7 @@ def _ring(**changes: Any) -> dict[str, Any]:
         {"ring": _ring(eos=-2)},
         {"ring": _ring(eos="2")},
         {"ring": {"chain": [_fwd()], "eos": 2}},
+        {"ring": _ring(quiet=1)},
         {"ep": -1},
         {"ep": "1"},
     ],

@@ -363,6 +363,32 @@ async def test_the_last_server_feeds_greedy_tokens_round_the_ring(
         nursery.cancel_scope.cancel()
 
 
+async def test_in_a_quiet_ring_only_the_last_server_answers_pushed_steps(
+    shards: dict[LayerRange, Any],
+) -> None:
+    async with trio.open_nursery() as nursery:
+        first_server, _, a, b = await _ring_pair(shards, nursery)
+        expected = await _relayed_tokens(a, b, 7, 3)
+        first, last = await _open_both(a, b)
+        chain = _ring_chain(first, last)
+        ring = codec.Ring(chain, 3, quiet=True)
+        x = np.array([[7]], np.int64)
+        await a.send(codec.Step(0, first.session, 0, x, 0, chain[1:], ring=ring))
+        hidden = await a.next()  # the client's own step is answered
+        assert isinstance(hidden, codec.Output) and hidden.rid == a.rid
+        tokens = []
+        for _ in range(3):
+            logits = await b.next()
+            assert isinstance(logits, codec.Output) and logits.ids is not None
+            tokens.append(int(logits.ids[0, 0]))
+        assert tokens == expected and first_server.steps_pushed_in == 2
+        # the first server sent nothing for the two pushed steps: the next frame on its
+        # stream is the answer to this request
+        closed = await a.ask(codec.Close(0, first.session))
+        assert isinstance(closed, codec.Closed)
+        nursery.cancel_scope.cancel()
+
+
 async def test_a_ring_stops_at_end_of_sequence(shards: dict[LayerRange, Any]) -> None:
     async with trio.open_nursery() as nursery:
         _, last_server, a, b = await _ring_pair(shards, nursery)

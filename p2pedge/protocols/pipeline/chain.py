@@ -31,6 +31,8 @@ class ClientConfig:
     push: bool = True
     # Greedy decode goes round the chain without the client (see `codec.Ring`); needs push.
     ring: bool = True
+    # Only the last server answers the client during a ring (`codec.Ring.quiet`).
+    ring_quiet: bool = False
 
 
 class History:

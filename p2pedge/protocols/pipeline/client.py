@@ -324,21 +324,21 @@ class ShardedSession:
         rest to relayed steps, when a hop fails (it is replaced) or an output is late."""
         start = self.boundaries[0].length
         self.boundaries[0].write(start, np.array([token], dtype=np.int64))
-        chain = self._forwards()
-        ring = codec.Ring(chain, n, codec.NO_EOS if eos_id is None else eos_id)
+        chain, quiet = self._forwards(), self.config.ring_quiet
+        ring = codec.Ring(chain, n, codec.NO_EOS if eos_id is None else eos_id, quiet)
         try:
             for i in range(n):
                 at = start + i
                 try:
                     if i == 0:
                         await self._first_step(at, chain[1:], ring)
-                    elif not await self._collect_pushed(0, at):
+                    if quiet:
+                        arrived = await self._quiet_token()
+                    else:  # every hop's output, the first hop's already in for i == 0
+                        arrived = await self._collect_outputs(at, 1 if i == 0 else 0)
+                    if not arrived:
                         self.ring_ok = False
                         return
-                    for k in range(1, len(self.hops)):
-                        if not await self._collect_pushed(k, at):
-                            self.ring_ok = False
-                            return
                 except HopFailed as failure:
                     await self._note_failure(failure)
                     await self._replace(failure.index)
@@ -353,6 +353,34 @@ class ShardedSession:
                     return
         finally:
             self.epoch += 1  # whatever is still going round is stale from here on
+
+    async def _collect_outputs(self, at: int, first: int) -> bool:
+        """Pushed outputs for position ``at`` from hop ``first`` on; False at the first late."""
+        for k in range(first, len(self.hops)):
+            if not await self._collect_pushed(k, at):
+                return False
+        return True
+
+    async def _quiet_token(self) -> bool:
+        """The last hop's logits for the next position of a quiet ring (kept as
+        ``last_logits``; no history is stored, so hops past the first stay where the ring
+        began and driving again replays the ring's positions); False if they are late."""
+        k = len(self.hops) - 1
+        last = self.hops[k]
+        means = [h.conn.busy_seconds / h.conn.steps for h in self.hops if h.conn.steps]
+        grace = max(PUSH_GRACE_MIN_S, PUSH_GRACE_FACTOR * sum(means))
+        try:
+            y = await last.conn.pushed(self.config.logits_top_k, within=grace, timed=False)
+        except HOP_ERRORS as exc:
+            raise HopFailed(k, last.conn.peer, exc) from exc
+        if y is None:
+            log.info("no token round the quiet ring in %.3g s", grace)
+            return False
+        problem = self._check_output(y, 1, True)
+        if problem:
+            raise HopFailed(k, last.conn.peer, RemoteProtocolError(problem))
+        self.last_logits = y[0]
+        return True
 
     def _accept(self, k: int, y: npt.NDArray[Any], start: int, end: int, target: int) -> None:
         """Hop ``k``'s output for positions ``start .. end``, checked and stored (the last

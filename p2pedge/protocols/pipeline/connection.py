@@ -138,7 +138,7 @@ class ShardConnection:
         return self._output(reply, top_k, began, int(x.shape[1]))
 
     async def pushed(
-        self, top_k: int = 0, *, within: float | None = None
+        self, top_k: int = 0, *, within: float | None = None, timed: bool = True
     ) -> npt.NDArray[Any] | None:
         """The output of a step another server pushed into this session (``rid`` 0), or
         None if it has not come ``within`` seconds (when that is shorter than the step
@@ -146,7 +146,8 @@ class ShardConnection:
         nested: each cancel scope cost 0.10-0.14 ms with cold caches in a one-off hop trace.
 
         Replies to earlier requests still on the stream are skipped; an error about the
-        pushed step raises like a failed request.
+        pushed step raises like a failed request. ``timed=False`` leaves the hop's step
+        times alone (the wait covered other servers' work too).
         """
         began = trio.current_time()
         grace = within is not None and within < self.timeout
@@ -156,7 +157,7 @@ class ShardConnection:
                 if msg.rid == 0:
                     if isinstance(msg, codec.Error):
                         raise error_to_exception(msg, self.peer)
-                    return self._output(msg, top_k, began, 1)
+                    return self._output(msg, top_k, began if timed else None, 1)
                 if msg.rid == self._pending:
                     self._pending = None
         if grace:
@@ -164,16 +165,17 @@ class ShardConnection:
         raise PeerTimeout(f"{self.peer} sent no pushed output within {self.timeout:.3g} s")
 
     def _output(
-        self, reply: codec.Message, top_k: int, began: float, positions: int
+        self, reply: codec.Message, top_k: int, began: float | None, positions: int
     ) -> npt.NDArray[Any]:
         if not isinstance(reply, codec.Output) or reply.session != self.session:
             raise RemoteProtocolError(f"{self.peer} answered a step with {reply!r}")
-        took = trio.current_time() - began
-        self.steps += 1
-        self.busy_seconds += took
-        if positions == 1:
-            self.decode_steps += 1
-            self.decode_seconds += took
+        if began is not None:
+            took = trio.current_time() - began
+            self.steps += 1
+            self.busy_seconds += took
+            if positions == 1:
+                self.decode_steps += 1
+                self.decode_seconds += took
         if reply.ids is not None:
             if not top_k or reply.ids.shape[1] > top_k:
                 raise RemoteProtocolError(f"{self.peer} sent {reply.ids.shape[1]} top logits")

@@ -297,6 +297,9 @@ class _Connection:
         # the session is idle again before anything is pushed: in a ring of two, the next
         # step may come back while this push is still being sent
         replies = self.machine.step_done(action.session, y, trio.current_time(), ids)
+        if action.ring is not None and action.ring.quiet and ids is None:
+            # a middle server of a quiet ring answers only requests, not its pushed steps
+            replies = [r for r in replies if not isinstance(r, Send) or r.reply.rid != 0]
         if pusher is not None:  # the next server first, the owner's reply after
             if action.fwd:
                 await pusher.push(action.fwd, action.start, y, ring=action.ring, epoch=action.epoch)
