@@ -10,10 +10,12 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+import trio
 
 from p2pedge.ids import LayerRange
 from p2pedge.protocols.pipeline import codec
 from p2pedge.protocols.pipeline.client import ClientConfig
+from p2pedge.protocols.pipeline.handler import PipelineServer
 from p2pedge.protocols.pipeline.serving import open_sharded_session
 from p2pedge.testing.tiny import build_tiny_model
 from simnet.swarm import Swarm
@@ -23,6 +25,21 @@ from tests.node.test_sharded_push import MODEL, PROMPT, THIRDS, serve_thirds
 @pytest.fixture(scope="module")
 def model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return build_tiny_model(tmp_path_factory.mktemp("tiny") / MODEL, seed=5, n_layers=6)
+
+
+async def stall_then_kill(swarm: Swarm, servers: list[PipelineServer], peer: str) -> None:
+    """Fault injection: the server of ``peer`` hangs at its next step; once a step has
+    reached it (so the ring is certainly waiting on it), its node is killed."""
+    index = [n.peer_id for n in swarm.nodes[1:]].index(peer)
+    reached = trio.Event()
+
+    async def stuck(*args: Any) -> Any:
+        reached.set()
+        await trio.sleep_forever()
+
+    servers[index].run_step = stuck  # type: ignore[method-assign]
+    await reached.wait()
+    await swarm.kill(1 + index)
 
 
 def config(**kw: Any) -> ClientConfig:
@@ -73,7 +90,7 @@ async def test_a_server_killed_mid_ring_is_replaced_and_the_ring_resumes(
     ranges = [*THIRDS, LayerRange(2, 4)]  # a spare for the middle blocks
     async with Swarm(5, seed=8, measure_compute=False) as swarm:
         client = swarm.nodes[0]
-        await serve_thirds(swarm, model_dir, tmp_path, ranges)
+        servers = await serve_thirds(swarm, model_dir, tmp_path, ranges)
         expected = await relayed(swarm, 12)
         session = await open_sharded_session(client, MODEL, config=config())
         tokens: list[int] = []
@@ -83,7 +100,7 @@ async def test_a_server_killed_mid_ring_is_replaced_and_the_ring_resumes(
                 if len(tokens) == 4:
                     assert session.ring_steps == 3
                     victim = session.route[1].peer_id
-                    await swarm.kill(1 + [n.peer_id for n in swarm.nodes[1:]].index(victim))
+                    await stall_then_kill(swarm, servers, victim)
             assert session.recoveries == 1 and session.route[1].peer_id != victim
             assert session.ring_steps >= 8  # round the new chain after the replacement
             assert session.epoch >= 2  # the broken ring's pushes are refused from here on
@@ -127,7 +144,7 @@ async def test_a_quiet_ring_gives_the_same_tokens_and_replays_after_a_kill(
     ranges = [*THIRDS, LayerRange(2, 4)]
     async with Swarm(5, seed=10, measure_compute=False) as swarm:
         client = swarm.nodes[0]
-        await serve_thirds(swarm, model_dir, tmp_path, ranges)
+        servers = await serve_thirds(swarm, model_dir, tmp_path, ranges)
         expected = await relayed(swarm, 12)
         session = await open_sharded_session(client, MODEL, config=config(ring_quiet=True))
         tokens: list[int] = []
@@ -139,7 +156,7 @@ async def test_a_quiet_ring_gives_the_same_tokens_and_replays_after_a_kill(
                     # only the ring's first step was answered by the first two hops
                     assert [h.conn.steps for h in session.hops[:2]] == [4, 3]
                     victim = session.route[1].peer_id
-                    await swarm.kill(1 + [n.peer_id for n in swarm.nodes[1:]].index(victim))
+                    await stall_then_kill(swarm, servers, victim)
             assert session.recoveries == 1 and session.route[1].peer_id != victim
             assert session.ring_steps >= 8
     assert tokens == expected
