@@ -48,10 +48,10 @@ async def test_card_load_reflects_running_and_queued_requests(
 def test_top_p_samples_only_from_the_nucleus() -> None:
     logits = np.log(np.array([0.5, 0.3, 0.15, 0.05], dtype=np.float32))
     sample = make_sampler(temperature=1.0, seed=0, top_p=0.75)
-    picks = {sample(logits) for _ in range(300)}
+    picks = {sample(logits, position) for position in range(300)}
     assert picks == {0, 1}  # 0.5 + 0.3 reaches 0.75; the tail is never drawn
     wide = make_sampler(temperature=1.0, seed=0, top_p=1.0)
-    assert {wide(logits) for _ in range(300)} == {0, 1, 2, 3}
+    assert {wide(logits, position) for position in range(300)} == {0, 1, 2, 3}
 
 
 @pytest.mark.parametrize(

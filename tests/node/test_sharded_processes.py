@@ -151,6 +151,23 @@ async def test_shard_push_off_relays_every_step(servers: list[Server], tmp_path:
         assert tokens == await _tokens(node, PROMPTS[1], "local", n=len(tokens))
 
 
+async def test_sampled_tokens_round_the_ring_equal_relayed_ones(
+    servers: list[Server], tmp_path: Path
+) -> None:
+    sampling: dict[str, Any] = {"max_tokens": 10, "temperature": 0.9, "top_p": 0.95, "seed": 5}
+    messages = [{"role": "user", "content": PROMPTS[2]}]
+    runs: list[list[int]] = []
+    for name, push in (("ring", True), ("relay", False)):
+        async with await _client(servers, tmp_path / name, shard_push=push) as node:
+            info: dict[str, object] = {}
+            stream = node.models.sharded_stream(MODEL, messages=messages, info=info, **sampling)
+            async with aclosing(stream) as pairs:
+                runs.append([token async for _piece, token in pairs])
+            session: Any = info["session"]
+            assert (session.ring_steps > 0) == push
+    assert runs[0] == runs[1] and len(runs[0]) > 3
+
+
 async def _generate_with_fault(
     node: Node, prompt: str, hop: int, fault: signal.Signals, servers: list[Server]
 ) -> tuple[list[int], Server, float]:

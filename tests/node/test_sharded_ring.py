@@ -1,7 +1,7 @@
-"""Greedy decode round the chain (``codec.Ring``) over real libp2p nodes on 127.0.0.1, in
-one process: the last server feeds each token to the first, the client only listens; the
-tokens equal relaying, end of sequence stops the ring, and a hop that dies or goes quiet
-mid-ring is replaced or relayed around with the same tokens."""
+"""Decode round the chain (``codec.Ring``) over real libp2p nodes on 127.0.0.1, in one
+process: the last server feeds each token to the first, the client only listens; greedy
+and sampled tokens equal relaying, end of sequence stops the ring, and a hop that dies or
+goes quiet mid-ring is replaced or relayed around with the same tokens."""
 
 from __future__ import annotations
 
@@ -16,6 +16,7 @@ from p2pedge.ids import LayerRange
 from p2pedge.protocols.pipeline import codec
 from p2pedge.protocols.pipeline.client import ClientConfig
 from p2pedge.protocols.pipeline.handler import PipelineServer
+from p2pedge.protocols.pipeline.sampling import make_sampler
 from p2pedge.protocols.pipeline.serving import open_sharded_session
 from p2pedge.testing.tiny import build_tiny_model
 from simnet.swarm import Swarm
@@ -43,7 +44,9 @@ async def stall_then_kill(swarm: Swarm, servers: list[PipelineServer], peer: str
 
 
 def config(**kw: Any) -> ClientConfig:
-    return ClientConfig(max_length=64, chunk=4, step_timeout=10, logits_top_k=1, **kw)
+    return ClientConfig(
+        **{"max_length": 64, "chunk": 4, "step_timeout": 10, "logits_top_k": 1} | kw
+    )
 
 
 async def relayed(swarm: Swarm, n: int) -> list[int]:
@@ -160,3 +163,42 @@ async def test_a_quiet_ring_gives_the_same_tokens_and_replays_after_a_kill(
             assert session.recoveries == 1 and session.route[1].peer_id != victim
             assert session.ring_steps >= 8
     assert tokens == expected
+
+
+async def test_sampled_tokens_round_a_ring_equal_sampled_relaying(
+    model_dir: Path, tmp_path: Path
+) -> None:
+    """The last server samples with the ring's spec; the draw for each position is fixed
+    by the seed, so relaying, a ring, and a ring whose tokens stop coming back (the client
+    takes over) all give the same tokens."""
+    sampler = make_sampler(temperature=1.3, top_k=0, seed=11, top_p=0.9)
+    async with Swarm(4, seed=11, measure_compute=False) as swarm:
+        client = swarm.nodes[0]
+        servers = await serve_thirds(swarm, model_dir, tmp_path, THIRDS)
+        # every logit reaches the client when it samples itself (logits_needed is 0)
+        relay_config = config(push=False, logits_top_k=0)
+        async with await open_sharded_session(client, MODEL, config=relay_config) as relay:
+            expected = await relay.generate(PROMPT, 10, sampler=sampler)
+        assert len(set(expected)) > 2  # sampled: not the greedy run's tokens over and over
+        sampled = config(logits_top_k=0)
+        async with await open_sharded_session(client, MODEL, config=sampled) as ring:
+            assert await ring.generate(PROMPT, 10, sampler=sampler) == expected
+            assert ring.ring_steps == 9
+        # fault injection: after two tokens, the last server's pushes to the head are lost
+        pusher = servers[2].pusher
+        assert pusher is not None
+        real_push, sent = pusher.push, []
+
+        async def lose_later_ring_pushes(
+            fwd: tuple[codec.Forward, ...], start: int, y: Any, **kw: Any
+        ) -> bool:
+            if len(fwd) == len(THIRDS):
+                sent.append(start)
+                if len(sent) > 2:
+                    return False
+            return await real_push(fwd, start, y, **kw)
+
+        pusher.push = lose_later_ring_pushes  # type: ignore[method-assign]
+        async with await open_sharded_session(client, MODEL, config=sampled) as broken:
+            assert await broken.generate(PROMPT, 10, sampler=sampler) == expected
+            assert broken.ring_steps == 3 and not broken.ring_ok and broken.recoveries == 0

@@ -11,6 +11,7 @@ import pytest
 
 from p2pedge.errors import FrameTooLarge, LocalProtocolError, RemoteProtocolError
 from p2pedge.protocols.pipeline import codec
+from p2pedge.protocols.pipeline.sampling import SamplingSpec
 from p2pedge.wire.tensors import TensorLimits
 
 HIDDEN = np.arange(2 * 8, dtype=np.float32).reshape(1, 2, 8)
@@ -45,6 +46,16 @@ MESSAGES: list[codec.Message] = [
     ),
     codec.Step(11, 9, 3, HIDDEN, 1, (), KEY, codec.Ring((codec.Forward("a", 1, KEY),), 1), 1),
     codec.Step(12, 9, 3, HIDDEN, ring=codec.Ring((codec.Forward("a", 1, KEY),), 2, quiet=True)),
+    codec.Step(
+        13,
+        9,
+        3,
+        HIDDEN,
+        ring=codec.Ring(
+            (codec.Forward("a", 1, KEY),), 2, sampling=SamplingSpec(0.7, 40, 0.9, 2**64 - 1)
+        ),
+    ),
+    codec.Output(14, 7, np.array([[3.0]], np.float32), np.array([[9]], np.int64), 100, token=42),
 ]
 
 
@@ -176,8 +187,8 @@ def test_sampling_from_top_k_logits_equals_sampling_from_all(seed: int) -> None:
             make_sampler(temperature, top_k, seed, top_p),
             make_sampler(temperature, top_k, seed, top_p),
         )
-        assert [a(logits[0]) for _ in range(20)] == [b(rebuilt[0]) for _ in range(20)]
-        assert greedy(rebuilt[0]) == greedy(logits[0])
+        assert [a(logits[0], i) for i in range(20)] == [b(rebuilt[0], i) for i in range(20)]
+        assert greedy(rebuilt[0], 0) == greedy(logits[0], 0)
     assert logits_needed(0.7, 0) == 0  # plain temperature sampling needs every logit
 
 
@@ -253,6 +264,10 @@ def test_too_many_forwards_is_a_local_error() -> None:
         codec.to_map(codec.Step(1, 7, 0, HIDDEN, 0, many))
 
 
+def _spec(**changes: Any) -> dict[str, Any]:
+    return {"t": 0.7, "k": 0, "p": 1.0, "seed": 1} | changes
+
+
 def _ring(**changes: Any) -> dict[str, Any]:
     return {"chain": [_fwd()], "left": 3, "eos": 2} | changes
 
@@ -270,6 +285,16 @@ def _ring(**changes: Any) -> dict[str, Any]:
         {"ring": _ring(eos="2")},
         {"ring": {"chain": [_fwd()], "eos": 2}},
         {"ring": _ring(quiet=1)},
+        {"ring": _ring(s="greedy")},
+        {"ring": _ring(s=_spec(t=0.0))},
+        {"ring": _ring(s=_spec(t=float("nan")))},
+        {"ring": _ring(s=_spec(t=1000.0))},
+        {"ring": _ring(s=_spec(t=1))},
+        {"ring": _ring(s=_spec(p=0.0))},
+        {"ring": _ring(s=_spec(p=1.5))},
+        {"ring": _ring(s=_spec(k=-1))},
+        {"ring": _ring(s=_spec(seed=2**64))},
+        {"ring": _ring(s={"t": 0.7, "k": 0, "p": 1.0})},
         {"ep": -1},
         {"ep": "1"},
     ],
@@ -282,3 +307,10 @@ def test_hostile_ring_fields_are_remote_errors(extra: dict[str, Any]) -> None:
 def test_a_ring_without_tokens_left_is_a_local_error() -> None:
     with pytest.raises(LocalProtocolError):
         codec.to_map(codec.Step(1, 7, 0, HIDDEN, ring=codec.Ring((codec.Forward("p", 1, KEY),), 0)))
+
+
+@pytest.mark.parametrize("tok", [-1, 100, "7"])
+def test_a_named_token_outside_the_vocabulary_is_a_remote_error(tok: Any) -> None:
+    out = codec.Output(1, 7, np.array([[3.0]], np.float32), np.array([[9]], np.int64), 100)
+    with pytest.raises(RemoteProtocolError):
+        codec.from_map(codec.to_map(out) | {"tok": tok})

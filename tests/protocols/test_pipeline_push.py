@@ -21,6 +21,7 @@ from p2pedge.protocols.pipeline import codec
 from p2pedge.protocols.pipeline.handler import PipelineServer
 from p2pedge.protocols.pipeline.local import tiny_shards
 from p2pedge.protocols.pipeline.push import Pusher
+from p2pedge.protocols.pipeline.sampling import SamplingSpec, pick
 from p2pedge.runtime.shard_session import ShardModel, ShardSession
 
 MODEL = "tiny"
@@ -386,6 +387,39 @@ async def test_in_a_quiet_ring_only_the_last_server_answers_pushed_steps(
         # stream is the answer to this request
         closed = await a.ask(codec.Close(0, first.session))
         assert isinstance(closed, codec.Closed)
+        nursery.cancel_scope.cancel()
+
+
+async def test_a_sampled_ring_picks_what_the_client_would_pick(
+    shards: dict[LayerRange, Any],
+) -> None:
+    """The last server samples from its full logits with the ring's spec and names the
+    token; the client, relaying with all logits and the same spec, picks the same."""
+    spec = SamplingSpec(temperature=1.5, top_k=0, top_p=0.95, seed=7)
+    async with trio.open_nursery() as nursery:
+        _, last_server, a, b = await _ring_pair(shards, nursery)
+        first, last = await _open_both(a, b)
+        expected, token = [], 7
+        for at in range(5):  # relayed, every logit, picked here
+            hidden = await a.ask(codec.Step(0, first.session, at, np.array([[token]], np.int64)))
+            assert isinstance(hidden, codec.Output)
+            logits = await b.ask(codec.Step(0, last.session, at, hidden.y))
+            assert isinstance(logits, codec.Output) and logits.ids is None
+            token = pick(logits.y, spec, at + 1)
+            expected.append(token)
+        assert len(set(expected)) > 1  # sampled, not one token over and over
+        first, last = await _open_both(a, b)
+        chain = _ring_chain(first, last)
+        ring = codec.Ring(chain, 5, sampling=spec)
+        x = np.array([[7]], np.int64)
+        await a.send(codec.Step(0, first.session, 0, x, 0, chain[1:], ring=ring))
+        named = []
+        for _ in range(5):
+            out = await b.next()
+            while not isinstance(out, codec.Output) or out.rid != 0:
+                out = await b.next()
+            named.append(out.token)
+        assert named == expected and last_server.ring_steps_sent == 4
         nursery.cancel_scope.cancel()
 
 

@@ -9,9 +9,10 @@ prompt split into chunks keeps several servers busy at once (pipelining).
 
 Decode steps (one new position, every hop in step) go server to server instead when every
 server issued a push key (``push.py``): the client sends hop 0 the chain, then collects each
-hop's output as it arrives, so the boundaries' histories stay complete either way. Greedy
-decoding goes further (``codec.Ring``): the last server picks the token and pushes it to the
-first, so the client only listens, and each token costs one hop less. Each ring has an
+hop's output as it arrives, so the boundaries' histories stay complete either way. Decoding
+goes further (``codec.Ring``): the last server picks the token (greedy, or sampled by the
+spec it is sent) and pushes it to the first, so the client only listens, and each token
+costs one hop less. Each ring has an
 epoch; once the client gives up on a ring (a failure, or an output that does not come), the
 steps it sends carry the next epoch and servers refuse pushes from the old one.
 
@@ -59,6 +60,7 @@ HOP_ERRORS = (PeerUnavailable, ShardFailed, RemoteProtocolError, Busy)
 # the hop's mean step time, never under the floor.
 PUSH_GRACE_FACTOR = 4.0
 PUSH_GRACE_MIN_S = 1.0
+RING_TOP_K = 1  # a ring's last server names its token; the client needs only the top-1
 
 
 class ShardedSession:
@@ -258,25 +260,24 @@ class ShardedSession:
             self.push_ok and all(h.done == target - 1 for h in self.hops) and self._chain_pushes()
         )
 
-    def _forwards(self) -> tuple[codec.Forward, ...]:
-        """Every hop as a push target; the last one sends the top-k the config asks for."""
+    def _forwards(self, last_top_k: int) -> tuple[codec.Forward, ...]:
+        """Every hop as a push target; the last one sends ``last_top_k`` logits."""
         last = len(self.hops) - 1
         return tuple(
-            codec.Forward(
-                h.conn.peer, h.conn.session, h.conn.key,
-                self.config.logits_top_k if k == last else 0,
-            )
+            codec.Forward(h.conn.peer, h.conn.session, h.conn.key, last_top_k if k == last else 0)
             for k, h in enumerate(self.hops)
-        )  # fmt: skip
+        )
 
-    async def _collect_pushed(self, k: int, start: int) -> bool:
+    async def _collect_pushed(self, k: int, start: int, top_k: int | None = None) -> bool:
         """Hop ``k``'s pushed output for position ``start``, stored; False if it did not
-        come within the hop's grace time."""
+        come within the hop's grace time. A last hop sends ``top_k`` logits (default: as
+        the config asks)."""
         hop, last = self.hops[k], k == len(self.hops) - 1
         mean = hop.conn.busy_seconds / hop.conn.steps if hop.conn.steps else 0.0
         grace = max(PUSH_GRACE_MIN_S, PUSH_GRACE_FACTOR * mean)
         try:
-            out = await hop.conn.pushed(self.config.logits_top_k if last else 0, within=grace)
+            k_sent = self.config.logits_top_k if top_k is None else top_k
+            out = await hop.conn.pushed(k_sent if last else 0, within=grace)
         except HOP_ERRORS as exc:
             raise HopFailed(k, hop.conn.peer, exc) from exc
         if out is None:
@@ -290,7 +291,7 @@ class ShardedSession:
         first hop with the chain after it, then collect every hop's output (the client
         keeps each boundary's history for recovery)."""
         start = target - 1
-        await self._first_step(start, self._forwards()[1:])
+        await self._first_step(start, self._forwards(self.config.logits_top_k)[1:])
         for k in range(1, len(self.hops)):
             if not await self._collect_pushed(k, start):
                 self.push_ok = False  # relaying from now on
@@ -311,21 +312,21 @@ class ShardedSession:
     def _can_ring(self, sampler: Sampler) -> bool:
         at = self.boundaries[0].length
         return (
-            self.ring_ok
-            and sampler is greedy
-            and self.config.logits_top_k >= 1
-            and all(h.done == at for h in self.hops)
-            and self._chain_pushes(ring=True)
+            self.ring_ok and all(h.done == at for h in self.hops) and self._chain_pushes(ring=True)
         )
 
-    async def _ring(self, token: int, n: int, eos_id: int | None) -> AsyncGenerator[int, None]:
-        """Feed ``token`` and let the chain produce up to ``n`` greedy tokens by itself,
-        each yielded once every hop's output for it is stored. Ends early, leaving the
-        rest to relayed steps, when a hop fails (it is replaced) or an output is late."""
+    async def _ring(
+        self, token: int, n: int, eos_id: int | None, sampler: Sampler
+    ) -> AsyncGenerator[int, None]:
+        """Feed ``token`` and let the chain produce up to ``n`` tokens by itself (the last
+        server picks each as ``sampler`` would), each yielded once every hop's output for
+        it is stored. Ends early, leaving the rest to relayed steps, when a hop fails (it
+        is replaced) or an output is late."""
         start = self.boundaries[0].length
         self.boundaries[0].write(start, np.array([token], dtype=np.int64))
-        chain, quiet = self._forwards(), self.config.ring_quiet
-        ring = codec.Ring(chain, n, codec.NO_EOS if eos_id is None else eos_id, quiet)
+        chain, quiet = self._forwards(RING_TOP_K), self.config.ring_quiet
+        eos = codec.NO_EOS if eos_id is None else eos_id
+        ring = codec.Ring(chain, n, eos, quiet, sampler.spec)
         try:
             for i in range(n):
                 at = start + i
@@ -339,12 +340,11 @@ class ShardedSession:
                     if not arrived:
                         self.ring_ok = False
                         return
+                    token = self._ring_token(sampler)
                 except HopFailed as failure:
                     await self._note_failure(failure)
                     await self._replace(failure.index)
                     return
-                assert self.last_logits is not None
-                token = greedy(self.last_logits)
                 self.ring_steps += 1
                 if i < n - 1 and token != eos_id:
                     self.boundaries[0].write(at + 1, np.array([token], dtype=np.int64))
@@ -357,9 +357,23 @@ class ShardedSession:
     async def _collect_outputs(self, at: int, first: int) -> bool:
         """Pushed outputs for position ``at`` from hop ``first`` on; False at the first late."""
         for k in range(first, len(self.hops)):
-            if not await self._collect_pushed(k, at):
+            if not await self._collect_pushed(k, at, RING_TOP_K):
                 return False
         return True
+
+    def _ring_token(self, sampler: Sampler) -> int:
+        """The token the last server says it picked; for greedy, checked against its top-1."""
+        last = self.hops[-1].conn
+        token = last.last_token
+        greedy_mismatch = (
+            sampler.spec.greedy
+            and self.last_logits is not None
+            and token != int(np.argmax(self.last_logits))
+        )
+        if token is None or greedy_mismatch:
+            problem = f"ring step answered with token {token}, not the greedy pick"
+            raise HopFailed(len(self.hops) - 1, last.peer, RemoteProtocolError(problem))
+        return token
 
     async def _quiet_token(self) -> bool:
         """The last hop's logits for the next position of a quiet ring (kept as
@@ -370,7 +384,7 @@ class ShardedSession:
         means = [h.conn.busy_seconds / h.conn.steps for h in self.hops if h.conn.steps]
         grace = max(PUSH_GRACE_MIN_S, PUSH_GRACE_FACTOR * sum(means))
         try:
-            y = await last.conn.pushed(self.config.logits_top_k, within=grace, timed=False)
+            y = await last.conn.pushed(RING_TOP_K, within=grace, timed=False)
         except HOP_ERRORS as exc:
             raise HopFailed(k, last.conn.peer, exc) from exc
         if y is None:
@@ -462,14 +476,15 @@ class ShardedSession:
         eos_id: int | None = None,
         sampler: Sampler = greedy,
     ) -> AsyncGenerator[int, None]:
-        """:meth:`generate`, one token at a time (greedy ones through a ring when the
-        chain allows). Leaving early leaves a ring running until the session closes."""
+        """:meth:`generate`, one token at a time (round a ring when the chain allows; the
+        sampler is called with each token's position). Leaving early leaves a ring running
+        until the session closes."""
         logits = await self.extend(prompt)
-        token, produced = sampler(logits), 1
+        token, produced = sampler(logits, self.boundaries[0].length), 1
         yield token
         while produced < max_new_tokens and token != eos_id:
             if self._can_ring(sampler):
-                ring = self._ring(token, max_new_tokens - produced, eos_id)
+                ring = self._ring(token, max_new_tokens - produced, eos_id, sampler)
                 async with aclosing(ring):
                     async for token in ring:
                         produced += 1
@@ -480,7 +495,7 @@ class ShardedSession:
                 logits = await self._settle(self.boundaries[0].length)
             else:
                 logits = await self.extend([token])
-            token, produced = sampler(logits), produced + 1
+            token, produced = sampler(logits, self.boundaries[0].length), produced + 1
             yield token
 
     def hop_stats(self) -> list[dict[str, Any]]:

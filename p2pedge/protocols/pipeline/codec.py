@@ -17,6 +17,12 @@ import numpy as np
 import numpy.typing as npt
 
 from p2pedge.errors import LocalProtocolError, RemoteProtocolError
+from p2pedge.protocols.pipeline.sampling import (
+    GREEDY,
+    MAX_TEMPERATURE,
+    SEED_BITS,
+    SamplingSpec,
+)
 from p2pedge.wire.framing import DEFAULT_MAX_FRAME, FrameDecoder, encode_frame
 from p2pedge.wire.messages import pack, require, unpack_map
 from p2pedge.wire.tensors import ALLOWED_DTYPES, TensorLimits, decode_tensor, encode_tensor
@@ -72,9 +78,10 @@ class Forward:
 
 @dataclass(frozen=True)
 class Ring:
-    """Decode without the client in each token's loop: the last server picks the greedy
-    token from its output and pushes it, as the next step, to ``chain[0]`` (every server
-    of the chain, in order), so each token costs one hop less. ``left`` counts the tokens
+    """Decode without the client in each token's loop: the last server picks the next
+    token from its output as ``sampling`` says (greedy by default; see ``sampling.py``)
+    and pushes it, as the next step, to ``chain[0]`` (every server of the chain, in
+    order), so each token costs one hop less. ``left`` counts the tokens
     still to produce, this step's included; the ring stops after the last of them, or
     after ``eos`` (:data:`NO_EOS` for none).
 
@@ -87,6 +94,7 @@ class Ring:
     left: int
     eos: int = NO_EOS
     quiet: bool = False
+    sampling: SamplingSpec = GREEDY
 
     def then(self) -> Ring:
         return dataclasses.replace(self, left=self.left - 1)
@@ -148,6 +156,8 @@ class Output:
 
     When the step asked for a top-k, ``y`` holds the ``k`` largest logits ``[1, k]``, ``ids``
     their token ids ``int64 [1, k]`` and ``vocab`` the full width (see :func:`full_logits`).
+    A ring's last server also names the ``token`` it picked (and fed on, unless the ring
+    ended there).
     """
 
     rid: int
@@ -155,6 +165,7 @@ class Output:
     y: npt.NDArray[Any]
     ids: npt.NDArray[Any] | None = None
     vocab: int = 0
+    token: int | None = None
 
 
 @dataclass(frozen=True)
@@ -189,6 +200,15 @@ def _forward_maps(fwd: tuple[Forward, ...]) -> list[dict[str, Any]]:
     if len(fwd) > MAX_FORWARDS:
         raise LocalProtocolError(f"{len(fwd)} forwards; at most {MAX_FORWARDS}")
     return [{"peer": f.peer, "session": f.session, "key": f.key, "k": f.top_k} for f in fwd]
+
+
+def _spec_map(spec: SamplingSpec) -> dict[str, Any]:
+    return {
+        "t": float(spec.temperature),
+        "k": spec.top_k,
+        "p": float(spec.top_p),
+        "seed": spec.seed,
+    }
 
 
 def to_map(msg: Message) -> dict[str, Any]:
@@ -234,6 +254,7 @@ def to_map(msg: Message) -> dict[str, Any]:
                     "left": ring.left,
                     "eos": ring.eos,
                     **({"quiet": True} if ring.quiet else {}),
+                    **({"s": _spec_map(ring.sampling)} if not ring.sampling.greedy else {}),
                 }
             if msg.epoch:
                 step["ep"] = msg.epoch
@@ -242,6 +263,8 @@ def to_map(msg: Message) -> dict[str, Any]:
             out = {"t": "out", "rid": msg.rid, "session": msg.session, "y": _tensor(msg.y)}
             if msg.ids is not None:
                 out |= {"ids": _tensor(msg.ids), "vocab": msg.vocab}
+                if msg.token is not None:
+                    out["tok"] = msg.token
             return out
         case Close():
             return {"t": "close", "rid": msg.rid, "session": msg.session}
@@ -297,7 +320,18 @@ def _ring(value: Any) -> Ring:
         _int(value, "left", 1, MAX_LENGTH),
         _int(value, "eos", NO_EOS, MAX_VOCAB),
         require(value, "quiet", bool) if "quiet" in value else False,
+        _spec(value["s"]) if "s" in value else GREEDY,
     )
+
+
+def _spec(value: Any) -> SamplingSpec:
+    if not isinstance(value, dict):
+        raise RemoteProtocolError("ring sampling must be a map")
+    temperature, top_p = require(value, "t", float), require(value, "p", float)
+    if not 0.0 < temperature <= MAX_TEMPERATURE or not 0.0 < top_p <= 1.0:
+        raise RemoteProtocolError(f"sampling temperature {temperature} or top_p {top_p} bad")
+    top_k, seed = _int(value, "k", 0, MAX_TOP_K), _int(value, "seed", 0, (1 << SEED_BITS) - 1)
+    return SamplingSpec(temperature, top_k, top_p, seed)
 
 
 def from_map(m: dict[str, Any], limits: TensorLimits = TENSOR_LIMITS) -> Message:
@@ -332,7 +366,8 @@ def from_map(m: dict[str, Any], limits: TensorLimits = TENSOR_LIMITS) -> Message
             return Output(rid, _int(m, "session"), y)
         ids, vocab = decode_tensor(m.get("ids"), limits), _int(m, "vocab", 1, MAX_VOCAB)
         _check_top_k(y, ids, vocab)
-        return Output(rid, _int(m, "session"), y, ids, vocab)
+        token = _int(m, "tok", 0, vocab - 1) if "tok" in m else None
+        return Output(rid, _int(m, "session"), y, ids, vocab, token)
     if kind == "close":
         return Close(rid, _int(m, "session"))
     if kind == "closed":

@@ -53,6 +53,7 @@ class ShardConnection:
         self.busy_seconds = 0.0
         self.decode_steps = 0  # one-position steps and their seconds, send to output
         self.decode_seconds = 0.0
+        self.last_token: int | None = None  # the token named by the last output, if any
 
     @classmethod
     async def open(
@@ -169,6 +170,7 @@ class ShardConnection:
     ) -> npt.NDArray[Any]:
         if not isinstance(reply, codec.Output) or reply.session != self.session:
             raise RemoteProtocolError(f"{self.peer} answered a step with {reply!r}")
+        self.last_token = reply.token
         if began is not None:
             took = trio.current_time() - began
             self.steps += 1

@@ -48,6 +48,7 @@ from p2pedge.protocols.pipeline.machine import (
     ShardSpec,
 )
 from p2pedge.protocols.pipeline.push import Pusher
+from p2pedge.protocols.pipeline.sampling import pick
 from p2pedge.runtime.shard_session import ShardModel, ShardSession
 
 log = logging.getLogger(__name__)
@@ -56,6 +57,8 @@ DEFAULT_BUDGET_BYTES = 1 << 30
 DEFAULT_INLINE_STEP_S = 0.05
 COST_SMOOTHING = 0.3  # weight of the newest decode step in a shard's cost estimate
 StreamHandler = Callable[[FramedStream, str], Awaitable[None]]
+# a step's output (or top-k logits), top-k ids, and the token a ring's last shard picked
+StepResult = tuple[Any, npt.NDArray[np.int64] | None, int | None]
 
 
 class NodeLike(Protocol):
@@ -168,20 +171,25 @@ class PipelineServer:
                 except PeerUnavailable:
                     pass  # already gone; its sessions were freed above
 
-    async def run_step(
-        self, session: ShardSession, action: Run
-    ) -> tuple[Any, npt.NDArray[np.int64] | None]:
-        """Output (or top-k logits) and top-k ids, computed off the trio thread unless the
-        step is a short decode step on an idle server."""
+    async def run_step(self, session: ShardSession, action: Run) -> StepResult:
+        """Output (or top-k logits), top-k ids and, in a ring's last shard, the token it
+        picks; computed off the trio thread unless the step is a short decode step on an
+        idle server."""
         positions = int(action.x.shape[1])
 
-        def work() -> tuple[Any, npt.NDArray[np.int64] | None]:
+        def work() -> StepResult:
             began = time.perf_counter()
             y = session.step(action.x, action.start, last_only=action.last_only)
             self.costs.record(session.model, positions, time.perf_counter() - began)
-            if action.top_k:
-                return codec.top_k_of(y, action.top_k)
-            return y, None
+            if not action.top_k:
+                return y, None, None
+            ring, token = action.ring, None
+            if ring is not None and not ring.sampling.greedy:  # from all the logits
+                token = pick(y, ring.sampling, action.start + positions)
+            values, ids = codec.top_k_of(y, action.top_k)
+            if ring is not None and token is None:
+                token = int(ids[0, 0])  # greedy: the top-1, ties to the lower id as in pick
+            return values, ids, token
 
         if not self.offload:
             return work()
@@ -284,7 +292,7 @@ class _Connection:
     async def _run(self, action: Run) -> list[Action]:
         session = self.sessions[action.session]
         try:
-            y, ids = await self.server.run_step(session, action)
+            y, ids, token = await self.server.run_step(session, action)
         except (ShardFailed, LocalProtocolError, MemoryError) as exc:
             log.warning("pipeline step failed for %s: %s", self.peer, exc)
             return self.machine.failed(action.session, f"step failed: {exc}", trio.current_time())
@@ -296,20 +304,20 @@ class _Connection:
             y = codec.as_wire(y, self.machine.sessions[action.session].dtype)
         # the session is idle again before anything is pushed: in a ring of two, the next
         # step may come back while this push is still being sent
-        replies = self.machine.step_done(action.session, y, trio.current_time(), ids)
+        replies = self.machine.step_done(action.session, y, trio.current_time(), ids, token)
         if action.ring is not None and action.ring.quiet and ids is None:
             # a middle server of a quiet ring answers only requests, not its pushed steps
             replies = [r for r in replies if not isinstance(r, Send) or r.reply.rid != 0]
         if pusher is not None:  # the next server first, the owner's reply after
             if action.fwd:
                 await pusher.push(action.fwd, action.start, y, ring=action.ring, epoch=action.epoch)
-            elif action.ring is not None and ids is not None:
-                await self._continue_ring(action, action.ring, int(ids[0, 0]))
+            elif action.ring is not None and token is not None:
+                await self._continue_ring(action, action.ring, token)
         return replies
 
     async def _continue_ring(self, action: Run, ring: codec.Ring, token: int) -> None:
-        """A last shard in a ring: the greedy token goes to the chain's head as its next
-        step, unless it was the ring's last token or end of sequence."""
+        """A last shard in a ring: the token it picked goes to the chain's head as its
+        next step, unless it was the ring's last token or end of sequence."""
         if ring.left <= 1 or token == ring.eos or self.server.pusher is None:
             return
         self.server.ring_steps_sent += 1

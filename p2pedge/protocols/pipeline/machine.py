@@ -368,15 +368,17 @@ class ServerMachine:
         y: npt.NDArray[Any],
         now: float,
         ids: npt.NDArray[Any] | None = None,
+        token: int | None = None,
     ) -> list[Action]:
-        """The executor's result: hidden states, logits, or top-k logits with their ``ids``."""
+        """The executor's result: hidden states, logits, or top-k logits with their ``ids``
+        (and, from a ring's last shard, the ``token`` it picked)."""
         s, rid, end = self._finish(session, now)
         if s.state is not State.BUSY:
             raise LocalProtocolError(f"session {session} is not running a step")
         self._move(session, Event.READY)
         s.length = end
         if ids is not None:
-            return self._answer_joined(s, Output(rid, session, y, ids, s.spec.vocab))
+            return self._answer_joined(s, Output(rid, session, y, ids, s.spec.vocab, token))
         out = y if s.spec.last else codec.as_wire(y, s.dtype)
         return self._answer_joined(s, Output(rid, session, out))
 

@@ -1,22 +1,93 @@
 """Picking the next token from logits: greedy, or seeded temperature / top-k / top-p.
 
-Pure numpy. A last shard can send only the top-k logits a sampler needs
-(:func:`logits_needed`), and greedy decoding can run without the client in the loop
-(``codec.Ring``), which is why greedy is a named function callers can test for.
+Pure numpy. The random draw for a token is fixed by the seed and the token's position
+(:func:`uniform`), not by a generator's running state: a ring's last server can sample
+from nothing but the :class:`SamplingSpec` it was sent, and the client, a ring that broke
+off, a replay after recovery and a run without failures all pick the same tokens.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import hashlib
+import math
+import struct
+from dataclasses import dataclass
 
 import numpy as np
 import numpy.typing as npt
 
-Sampler = Callable[[npt.NDArray[np.float32]], int]
+MAX_TEMPERATURE = 100.0
+SEED_BITS = 64
 
 
-def greedy(logits: npt.NDArray[np.float32]) -> int:
-    return int(np.argmax(logits))
+@dataclass(frozen=True)
+class SamplingSpec:
+    """How to pick a token; ``temperature <= 0`` is greedy (the other fields are unused)."""
+
+    temperature: float = 0.0
+    top_k: int = 0
+    top_p: float = 1.0
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        if not (math.isfinite(self.temperature) and self.temperature <= MAX_TEMPERATURE):
+            raise ValueError(f"temperature must be finite and <= {MAX_TEMPERATURE}")
+        if self.top_k < 0 or not 0.0 < self.top_p <= 1.0:
+            raise ValueError(f"top_k must be >= 0 and top_p in (0, 1], got {self}")
+        if not 0 <= self.seed < 1 << SEED_BITS:
+            raise ValueError(f"seed must be in [0, 2**{SEED_BITS})")
+
+    @property
+    def greedy(self) -> bool:
+        return self.temperature <= 0
+
+
+def uniform(seed: int, position: int) -> float:
+    """A draw in [0, 1) fixed by ``(seed, position)``: counter-based, so nothing to carry."""
+    digest = hashlib.blake2b(struct.pack("<QQ", seed, position), digest_size=8).digest()
+    return (int.from_bytes(digest, "little") >> 11) / float(1 << 53)
+
+
+def pick(logits: npt.NDArray[np.float32], spec: SamplingSpec, position: int) -> int:
+    """The token at ``position`` from last-position ``logits`` (any shape of one row).
+
+    Greedy takes the argmax (the lower id on ties). Otherwise: divide by the temperature,
+    keep the ``top_k`` largest, then the smallest set reaching ``top_p``, and invert the
+    cumulative distribution at :func:`uniform`.
+    """
+    row = np.asarray(logits).reshape(-1)
+    if spec.greedy:
+        return int(np.argmax(row))
+    z = row.astype(np.float64) / spec.temperature
+    if 0 < spec.top_k < z.size:
+        z[z < np.partition(z, -spec.top_k)[-spec.top_k]] = -np.inf
+    p = np.exp(z - z.max())
+    p /= p.sum()
+    if spec.top_p < 1.0:
+        order = np.argsort(-p, kind="stable")
+        keep = np.cumsum(p[order]) - p[order] < spec.top_p  # smallest set reaching top_p
+        mask = np.zeros_like(p, dtype=bool)
+        mask[order[keep]] = True
+        p = np.where(mask, p, 0.0)
+    cdf = np.cumsum(p)
+    index = int(np.searchsorted(cdf, uniform(spec.seed, position) * cdf[-1], side="right"))
+    return min(index, int(np.flatnonzero(p)[-1]))  # rounding at the very top end
+
+
+GREEDY = SamplingSpec()
+
+
+class Sampler:
+    """Picks the token at a position; its :attr:`spec` can travel to a ring's last server."""
+
+    def __init__(self, spec: SamplingSpec) -> None:
+        self.spec = spec
+
+    def __call__(self, logits: npt.NDArray[np.float32], position: int) -> int:
+        return pick(logits, self.spec, position)
+
+
+greedy = Sampler(GREEDY)
 
 
 def logits_needed(temperature: float, top_k: int) -> int:
@@ -29,24 +100,5 @@ def logits_needed(temperature: float, top_k: int) -> int:
 def make_sampler(
     temperature: float = 1.0, top_k: int = 0, seed: int = 0, top_p: float = 1.0
 ) -> Sampler:
-    """Temperature / top-k / top-p sampling with its own seeded generator (reproducible)."""
-    rng = np.random.default_rng(seed)
-
-    def sample(logits: npt.NDArray[np.float32]) -> int:
-        if temperature <= 0:
-            return greedy(logits)
-        z = logits.astype(np.float64) / temperature
-        if 0 < top_k < z.size:
-            z[z < np.partition(z, -top_k)[-top_k]] = -np.inf
-        p = np.exp(z - z.max())
-        p /= p.sum()
-        if top_p < 1.0:
-            order = np.argsort(-p)
-            keep = np.cumsum(p[order]) - p[order] < top_p  # smallest set reaching top_p
-            mask = np.zeros_like(p, dtype=bool)
-            mask[order[keep]] = True
-            p = np.where(mask, p, 0.0)
-            p /= p.sum()
-        return int(rng.choice(z.size, p=p))
-
-    return sample
+    """Temperature / top-k / top-p sampling, reproducible from ``seed``."""
+    return Sampler(SamplingSpec(float(temperature), top_k, float(top_p), seed))
