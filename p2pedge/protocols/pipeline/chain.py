@@ -4,6 +4,7 @@ connection and progress. Recovery replays from these histories."""
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -80,3 +81,28 @@ def leaves(group: BaseExceptionGroup[HopFailed]) -> list[HopFailed]:
         elif isinstance(exc, HopFailed):
             found.append(exc)
     return found
+
+
+def check_output(y: npt.NDArray[Any], n: int, last: bool) -> str | None:
+    """What is wrong with a hop's output for ``n`` positions, or None."""
+    if last:
+        # -inf marks logits a top-k reply left out; NaN or +inf is garbage (and makes
+        # the maximum NaN or +inf: one pass over the row)
+        if y.ndim != 2 or y.shape[0] != 1 or not y.max(initial=-np.inf) < np.inf:
+            return f"bad logits {y.dtype} {list(y.shape)}"
+    elif y.ndim != 3 or y.shape[:2] != (1, n):
+        return f"bad hidden states {y.dtype} {list(y.shape)} for {n} positions"
+    return None
+
+
+def hop_stats(hops: list[HopState]) -> list[dict[str, Any]]:
+    """Per hop: peer, blocks, steps and mean seconds per step (for reports)."""
+    return [
+        {
+            "peer": h.conn.peer,
+            "layers": str(h.conn.layers),
+            "steps": h.conn.steps,
+            "mean_s": h.conn.busy_seconds / h.conn.steps if h.conn.steps else math.nan,
+        }
+        for h in hops
+    ]

@@ -26,7 +26,6 @@ from __future__ import annotations
 
 import itertools
 import logging
-import math
 from collections.abc import AsyncGenerator, Awaitable, Callable, Sequence
 from contextlib import aclosing
 from typing import Any
@@ -44,7 +43,15 @@ from p2pedge.errors import (
 from p2pedge.ids import LayerRange
 from p2pedge.planning.routes import Hop, NoRoute, ServerOption, choose_route
 from p2pedge.protocols.pipeline import codec
-from p2pedge.protocols.pipeline.chain import ClientConfig, History, HopFailed, HopState, leaves
+from p2pedge.protocols.pipeline.chain import (
+    ClientConfig,
+    History,
+    HopFailed,
+    HopState,
+    check_output,
+    hop_stats,
+    leaves,
+)
 from p2pedge.protocols.pipeline.connection import ShardConnection, StreamOpener
 from p2pedge.protocols.pipeline.sampling import Sampler, greedy
 
@@ -390,7 +397,7 @@ class ShardedSession:
         if y is None:
             log.info("no token round the quiet ring in %.3g s", grace)
             return False
-        problem = self._check_output(y, 1, True)
+        problem = check_output(y, 1, True)
         if problem:
             raise HopFailed(k, last.conn.peer, RemoteProtocolError(problem))
         self.last_logits = y[0]
@@ -400,7 +407,7 @@ class ShardedSession:
         """Hop ``k``'s output for positions ``start .. end``, checked and stored (the last
         hop's logits are kept when they are for ``target``, the end of this extend)."""
         hop, last = self.hops[k], k == len(self.hops) - 1
-        problem = self._check_output(y, end - start, last)
+        problem = check_output(y, end - start, last)
         if problem:
             raise HopFailed(k, hop.conn.peer, RemoteProtocolError(problem))
         if last:
@@ -412,16 +419,6 @@ class ShardedSession:
         hop.done = end
         self._progress.set()
         self._progress = trio.Event()
-
-    def _check_output(self, y: npt.NDArray[Any], n: int, last: bool) -> str | None:
-        if last:
-            # -inf marks logits a top-k reply left out; NaN or +inf is garbage (and makes
-            # the maximum NaN or +inf: one pass over the row)
-            if y.ndim != 2 or y.shape[0] != 1 or not y.max(initial=-np.inf) < np.inf:
-                return f"bad logits {y.dtype} {list(y.shape)}"
-        elif y.ndim != 3 or y.shape[:2] != (1, n):
-            return f"bad hidden states {y.dtype} {list(y.shape)} for {n} positions"
-        return None
 
     async def _replace(self, index: int) -> None:
         """Swap hop ``index`` for a fresh chain over its blocks (or up to a later boundary)."""
@@ -500,12 +497,4 @@ class ShardedSession:
 
     def hop_stats(self) -> list[dict[str, Any]]:
         """Per hop: peer, blocks, steps and mean seconds per step (for reports)."""
-        return [
-            {
-                "peer": h.conn.peer,
-                "layers": str(h.conn.layers),
-                "steps": h.conn.steps,
-                "mean_s": h.conn.busy_seconds / h.conn.steps if h.conn.steps else math.nan,
-            }
-            for h in self.hops
-        ]
+        return hop_stats(self.hops)
