@@ -12,9 +12,9 @@ server issued a push key (``push.py``): the client sends hop 0 the chain, then c
 hop's output as it arrives, so the boundaries' histories stay complete either way. Decoding
 goes further (``codec.Ring``): the last server picks the token (greedy, or sampled by the
 spec it is sent) and pushes it to the first, so the client only listens, and each token
-costs one hop less. Each ring has an
-epoch; once the client gives up on a ring (a failure, or an output that does not come), the
-steps it sends carry the next epoch and servers refuse pushes from the old one.
+costs one hop less. Each ring has an epoch; once the client gives up on a ring (a failure,
+or an output that does not come), the steps it sends carry the next epoch and servers
+refuse pushes from the old one.
 
 When a hop fails (stream end, our own step deadline, an error reply) the client bans
 the peer with back-off, picks a replacement chain for that hop's blocks, and sets the
@@ -316,7 +316,7 @@ class ShardedSession:
             raise HopFailed(0, first.conn.peer, exc) from exc
         self._accept(0, y, start, start + 1, start + 1)
 
-    def _can_ring(self, sampler: Sampler) -> bool:
+    def _can_ring(self) -> bool:
         at = self.boundaries[0].length
         return (
             self.ring_ok and all(h.done == at for h in self.hops) and self._chain_pushes(ring=True)
@@ -480,7 +480,7 @@ class ShardedSession:
         token, produced = sampler(logits, self.boundaries[0].length), 1
         yield token
         while produced < max_new_tokens and token != eos_id:
-            if self._can_ring(sampler):
+            if self._can_ring():
                 ring = self._ring(token, max_new_tokens - produced, eos_id, sampler)
                 async with aclosing(ring):
                     async for token in ring:

@@ -141,7 +141,7 @@ class PipelineServer:
         self.steps_inline = 0
         self.steps_pushed_in = 0
         self.pushes_refused = 0  # late copies of steps the client relayed itself
-        self.ring_steps_sent = 0  # greedy tokens a last shard pushed to a ring's head
+        self.ring_steps_sent = 0  # tokens a last shard pushed to a ring's head
         # push key -> (the connection that owns the session, its session id)
         self.by_key: dict[bytes, tuple[_Connection, int]] = {}
         self.pusher: Pusher | None = None  # set where the server can reach other servers
