@@ -5,7 +5,8 @@ goes quiet mid-ring is replaced or relayed around with the same tokens."""
 
 from __future__ import annotations
 
-from contextlib import aclosing
+from collections.abc import AsyncIterator
+from contextlib import aclosing, asynccontextmanager
 from pathlib import Path
 from typing import Any
 
@@ -13,6 +14,7 @@ import pytest
 import trio
 
 from p2pedge.ids import LayerRange
+from p2pedge.node.node import Node
 from p2pedge.protocols.pipeline import codec
 from p2pedge.protocols.pipeline.client import ClientConfig
 from p2pedge.protocols.pipeline.handler import PipelineServer
@@ -43,6 +45,15 @@ async def stall_then_kill(swarm: Swarm, servers: list[PipelineServer], peer: str
     await swarm.kill(1 + index)
 
 
+@asynccontextmanager
+async def ring_swarm(
+    model_dir: Path, tmp_path: Path, seed: int, ranges: list[LayerRange] = THIRDS
+) -> AsyncIterator[tuple[Swarm, Node, list[PipelineServer]]]:
+    """A client (node 0) and one shard server per range, real nodes in one process."""
+    async with Swarm(1 + len(ranges), seed=seed, measure_compute=False) as swarm:
+        yield swarm, swarm.nodes[0], await serve_thirds(swarm, model_dir, tmp_path, ranges)
+
+
 def config(**kw: Any) -> ClientConfig:
     return ClientConfig(
         **{"max_length": 64, "chunk": 4, "step_timeout": 10, "logits_top_k": 1} | kw
@@ -60,9 +71,7 @@ async def relayed(swarm: Swarm, n: int) -> list[int]:
 async def test_greedy_tokens_go_round_the_ring_and_match_relaying(
     model_dir: Path, tmp_path: Path
 ) -> None:
-    async with Swarm(4, seed=6, measure_compute=False) as swarm:
-        client = swarm.nodes[0]
-        servers = await serve_thirds(swarm, model_dir, tmp_path, THIRDS)
+    async with ring_swarm(model_dir, tmp_path, 6) as (swarm, client, servers):
         expected = await relayed(swarm, 10)
         async with await open_sharded_session(client, MODEL, config=config()) as ring:
             tokens = await ring.generate(PROMPT, 10)
@@ -75,9 +84,7 @@ async def test_greedy_tokens_go_round_the_ring_and_match_relaying(
 
 
 async def test_end_of_sequence_stops_the_ring(model_dir: Path, tmp_path: Path) -> None:
-    async with Swarm(4, seed=7, measure_compute=False) as swarm:
-        client = swarm.nodes[0]
-        servers = await serve_thirds(swarm, model_dir, tmp_path, THIRDS)
+    async with ring_swarm(model_dir, tmp_path, 7) as (swarm, client, servers):
         expected = await relayed(swarm, 10)
         eos = expected[3]
         assert eos not in expected[:3]  # the tiny model's output, checked: a fair end token
@@ -91,9 +98,7 @@ async def test_a_server_killed_mid_ring_is_replaced_and_the_ring_resumes(
     model_dir: Path, tmp_path: Path
 ) -> None:
     ranges = [*THIRDS, LayerRange(2, 4)]  # a spare for the middle blocks
-    async with Swarm(5, seed=8, measure_compute=False) as swarm:
-        client = swarm.nodes[0]
-        servers = await serve_thirds(swarm, model_dir, tmp_path, ranges)
+    async with ring_swarm(model_dir, tmp_path, 8, ranges) as (swarm, client, servers):
         expected = await relayed(swarm, 12)
         session = await open_sharded_session(client, MODEL, config=config())
         tokens: list[int] = []
@@ -113,9 +118,7 @@ async def test_a_server_killed_mid_ring_is_replaced_and_the_ring_resumes(
 async def test_a_ring_whose_token_never_comes_back_falls_back_to_relaying(
     model_dir: Path, tmp_path: Path
 ) -> None:
-    async with Swarm(4, seed=9, measure_compute=False) as swarm:
-        client = swarm.nodes[0]
-        servers = await serve_thirds(swarm, model_dir, tmp_path, THIRDS)
+    async with ring_swarm(model_dir, tmp_path, 9) as (swarm, client, servers):
         expected = await relayed(swarm, 6)
         # fault injection: the last server's pushes to the ring's head are lost
         pusher = servers[2].pusher
@@ -145,9 +148,7 @@ async def test_a_quiet_ring_gives_the_same_tokens_and_replays_after_a_kill(
     server shows as a late token; the client then replays the ring's positions (it has
     no hidden states for them) through a replacement, with the same tokens."""
     ranges = [*THIRDS, LayerRange(2, 4)]
-    async with Swarm(5, seed=10, measure_compute=False) as swarm:
-        client = swarm.nodes[0]
-        servers = await serve_thirds(swarm, model_dir, tmp_path, ranges)
+    async with ring_swarm(model_dir, tmp_path, 10, ranges) as (swarm, client, servers):
         expected = await relayed(swarm, 12)
         session = await open_sharded_session(client, MODEL, config=config(ring_quiet=True))
         tokens: list[int] = []
@@ -172,9 +173,7 @@ async def test_sampled_tokens_round_a_ring_equal_sampled_relaying(
     by the seed, so relaying, a ring, and a ring whose tokens stop coming back (the client
     takes over) all give the same tokens."""
     sampler = make_sampler(temperature=1.3, top_k=0, seed=11, top_p=0.9)
-    async with Swarm(4, seed=11, measure_compute=False) as swarm:
-        client = swarm.nodes[0]
-        servers = await serve_thirds(swarm, model_dir, tmp_path, THIRDS)
+    async with ring_swarm(model_dir, tmp_path, 11) as (_, client, servers):
         # every logit reaches the client when it samples itself (logits_needed is 0)
         relay_config = config(push=False, logits_top_k=0)
         async with await open_sharded_session(client, MODEL, config=relay_config) as relay:

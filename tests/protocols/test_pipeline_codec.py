@@ -287,6 +287,7 @@ def _ring(**changes: Any) -> dict[str, Any]:
         {"ring": _ring(quiet=1)},
         {"ring": _ring(s="greedy")},
         {"ring": _ring(s=_spec(t=0.0))},
+        {"ring": _ring(s=_spec(t=1e-300))},  # would overflow the logits: greedy instead
         {"ring": _ring(s=_spec(t=float("nan")))},
         {"ring": _ring(s=_spec(t=1000.0))},
         {"ring": _ring(s=_spec(t=1))},
@@ -314,3 +315,15 @@ def test_a_named_token_outside_the_vocabulary_is_a_remote_error(tok: Any) -> Non
     out = codec.Output(1, 7, np.array([[3.0]], np.float32), np.array([[9]], np.int64), 100)
     with pytest.raises(RemoteProtocolError):
         codec.from_map(codec.to_map(out) | {"tok": tok})
+
+
+def test_a_vanishing_temperature_picks_greedily() -> None:
+    from p2pedge.protocols.pipeline.sampling import GREEDY, SamplingSpec, pick
+
+    logits = np.array([[1.0, 7.5, -3.0, 7.4]], np.float32)
+    tiny = SamplingSpec(temperature=1e-300, seed=3)
+    assert tiny.greedy
+    assert [pick(logits, tiny, q) for q in range(20)] == [pick(logits, GREEDY, 0)] * 20 == [1] * 20
+    # the wire carries no spec for it: the server picks greedily too
+    ring = codec.Ring((codec.Forward("a", 1, KEY),), 2, sampling=tiny)
+    assert "s" not in codec.to_map(codec.Step(1, 1, 0, HIDDEN, ring=ring))["ring"]

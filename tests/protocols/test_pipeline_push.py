@@ -326,11 +326,20 @@ async def _relayed_tokens(a: Peer, b: Peer, token: int, n: int) -> list[int]:
     return out
 
 
-def _ring_chain(first: codec.Opened, last: codec.Opened) -> tuple[codec.Forward, ...]:
-    return (
+async def _start_ring(a: Peer, b: Peer, left: int, **ring: Any) -> codec.Opened:
+    """Fresh sessions on both servers, and token 7 fed to the first at position 0 as a
+    ring of ``left`` tokens (``ring``: the rest of :class:`codec.Ring`); the first
+    server's session."""
+    first, last = await _open_both(a, b)
+    chain = (
         codec.Forward("first", first.session, first.key),
         codec.Forward("last", last.session, last.key, 1),
     )
+    x = np.array([[7]], np.int64)
+    await a.send(
+        codec.Step(0, first.session, 0, x, 0, chain[1:], ring=codec.Ring(chain, left, **ring))
+    )
+    return first
 
 
 async def _ring_outputs(a: Peer, b: Peer, count: int) -> list[int]:
@@ -351,10 +360,7 @@ async def test_the_last_server_feeds_greedy_tokens_round_the_ring(
     async with trio.open_nursery() as nursery:
         first_server, last_server, a, b = await _ring_pair(shards, nursery)
         expected = await _relayed_tokens(a, b, 7, 4)
-        first, last = await _open_both(a, b)
-        chain = _ring_chain(first, last)
-        x = np.array([[7]], np.int64)
-        await a.send(codec.Step(0, first.session, 0, x, 0, chain[1:], ring=codec.Ring(chain, 4)))
+        first = await _start_ring(a, b, 4)
         assert await _ring_outputs(a, b, 4) == expected
         # three tokens went back to the head; the fourth ended the ring
         assert last_server.ring_steps_sent == 3 and first_server.steps_pushed_in == 3
@@ -370,11 +376,7 @@ async def test_in_a_quiet_ring_only_the_last_server_answers_pushed_steps(
     async with trio.open_nursery() as nursery:
         first_server, _, a, b = await _ring_pair(shards, nursery)
         expected = await _relayed_tokens(a, b, 7, 3)
-        first, last = await _open_both(a, b)
-        chain = _ring_chain(first, last)
-        ring = codec.Ring(chain, 3, quiet=True)
-        x = np.array([[7]], np.int64)
-        await a.send(codec.Step(0, first.session, 0, x, 0, chain[1:], ring=ring))
+        first = await _start_ring(a, b, 3, quiet=True)
         hidden = await a.next()  # the client's own step is answered
         assert isinstance(hidden, codec.Output) and hidden.rid == a.rid
         tokens = []
@@ -408,11 +410,7 @@ async def test_a_sampled_ring_picks_what_the_client_would_pick(
             token = pick(logits.y, spec, at + 1)
             expected.append(token)
         assert len(set(expected)) > 1  # sampled, not one token over and over
-        first, last = await _open_both(a, b)
-        chain = _ring_chain(first, last)
-        ring = codec.Ring(chain, 5, sampling=spec)
-        x = np.array([[7]], np.int64)
-        await a.send(codec.Step(0, first.session, 0, x, 0, chain[1:], ring=ring))
+        await _start_ring(a, b, 5, sampling=spec)
         named = []
         for _ in range(5):
             out = await b.next()
@@ -427,12 +425,7 @@ async def test_a_ring_stops_at_end_of_sequence(shards: dict[LayerRange, Any]) ->
     async with trio.open_nursery() as nursery:
         _, last_server, a, b = await _ring_pair(shards, nursery)
         expected = await _relayed_tokens(a, b, 7, 4)
-        first, last = await _open_both(a, b)
-        chain = _ring_chain(first, last)
-        ring = codec.Ring(chain, 8, eos=expected[1])
-        await a.send(
-            codec.Step(0, first.session, 0, np.array([[7]], np.int64), 0, chain[1:], ring=ring)
-        )
+        first = await _start_ring(a, b, 8, eos=expected[1])
         assert await _ring_outputs(a, b, 2) == expected[:2]
         assert last_server.ring_steps_sent == 1  # nothing was pushed after the end token
         closed = await a.ask(codec.Close(0, first.session))  # idle: no step came round again

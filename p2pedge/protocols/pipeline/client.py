@@ -275,34 +275,39 @@ class ShardedSession:
             for k, h in enumerate(self.hops)
         )
 
-    async def _collect_pushed(self, k: int, start: int, top_k: int | None = None) -> bool:
-        """Hop ``k``'s pushed output for position ``start``, stored; False if it did not
-        come within the hop's grace time. A last hop sends ``top_k`` logits (default: as
-        the config asks)."""
-        hop, last = self.hops[k], k == len(self.hops) - 1
-        mean = hop.conn.busy_seconds / hop.conn.steps if hop.conn.steps else 0.0
-        grace = max(PUSH_GRACE_MIN_S, PUSH_GRACE_FACTOR * mean)
-        try:
-            k_sent = self.config.logits_top_k if top_k is None else top_k
-            out = await hop.conn.pushed(k_sent if last else 0, within=grace)
-        except HOP_ERRORS as exc:
-            raise HopFailed(k, hop.conn.peer, exc) from exc
-        if out is None:
-            log.info("no pushed output from hop %s in %.3g s", k, grace)
-            return False
-        self._accept(k, out, start, start + 1, start + 1)
+    @staticmethod
+    def _grace(hops: Sequence[HopState]) -> float:
+        """How long to wait for an output that needs ``hops``' steps before giving up on
+        it: a multiple of their mean step times, never under the floor."""
+        means = [h.conn.busy_seconds / h.conn.steps for h in hops if h.conn.steps]
+        return max(PUSH_GRACE_MIN_S, PUSH_GRACE_FACTOR * sum(means))
+
+    async def _collect_outputs(self, at: int, first: int, last_top_k: int) -> bool:
+        """Every pushed output for position ``at`` from hop ``first`` on (the last hop
+        sends ``last_top_k`` logits), stored; False at the first that is late."""
+        last = len(self.hops) - 1
+        for k in range(first, last + 1):
+            hop = self.hops[k]
+            grace = self._grace([hop])
+            try:
+                out = await hop.conn.pushed(last_top_k if k == last else 0, within=grace)
+            except HOP_ERRORS as exc:
+                raise HopFailed(k, hop.conn.peer, exc) from exc
+            if out is None:
+                log.info("no pushed output from hop %s in %.3g s", k, grace)
+                return False
+            self._accept(k, out, at, at + 1, at + 1)
         return True
 
     async def _push_step(self, target: int) -> None:
         """One new position through the chain, pushed server to server: send it to the
         first hop with the chain after it, then collect every hop's output (the client
         keeps each boundary's history for recovery)."""
-        start = target - 1
-        await self._first_step(start, self._forwards(self.config.logits_top_k)[1:])
-        for k in range(1, len(self.hops)):
-            if not await self._collect_pushed(k, start):
-                self.push_ok = False  # relaying from now on
-                return
+        start, top_k = target - 1, self.config.logits_top_k
+        await self._first_step(start, self._forwards(top_k)[1:])
+        if not await self._collect_outputs(start, 1, top_k):
+            self.push_ok = False  # relaying from now on
+            return
         self.pushed_steps += 1
 
     async def _first_step(
@@ -343,7 +348,7 @@ class ShardedSession:
                     if quiet:
                         arrived = await self._quiet_token()
                     else:  # every hop's output, the first hop's already in for i == 0
-                        arrived = await self._collect_outputs(at, 1 if i == 0 else 0)
+                        arrived = await self._collect_outputs(at, 1 if i == 0 else 0, RING_TOP_K)
                     if not arrived:
                         self.ring_ok = False
                         return
@@ -360,13 +365,6 @@ class ShardedSession:
                     return
         finally:
             self.epoch += 1  # whatever is still going round is stale from here on
-
-    async def _collect_outputs(self, at: int, first: int) -> bool:
-        """Pushed outputs for position ``at`` from hop ``first`` on; False at the first late."""
-        for k in range(first, len(self.hops)):
-            if not await self._collect_pushed(k, at, RING_TOP_K):
-                return False
-        return True
 
     def _ring_token(self, sampler: Sampler) -> int:
         """The token the last server says it picked; for greedy, checked against its top-1."""
@@ -387,9 +385,7 @@ class ShardedSession:
         ``last_logits``; no history is stored, so hops past the first stay where the ring
         began and driving again replays the ring's positions); False if they are late."""
         k = len(self.hops) - 1
-        last = self.hops[k]
-        means = [h.conn.busy_seconds / h.conn.steps for h in self.hops if h.conn.steps]
-        grace = max(PUSH_GRACE_MIN_S, PUSH_GRACE_FACTOR * sum(means))
+        last, grace = self.hops[k], self._grace(self.hops)
         try:
             y = await last.conn.pushed(RING_TOP_K, within=grace, timed=False)
         except HOP_ERRORS as exc:

@@ -20,6 +20,7 @@ from p2pedge.errors import LocalProtocolError, RemoteProtocolError
 from p2pedge.protocols.pipeline.sampling import (
     GREEDY,
     MAX_TEMPERATURE,
+    MIN_TEMPERATURE,
     SEED_BITS,
     SamplingSpec,
 )
@@ -81,9 +82,9 @@ class Ring:
     """Decode without the client in each token's loop: the last server picks the next
     token from its output as ``sampling`` says (greedy by default; see ``sampling.py``)
     and pushes it, as the next step, to ``chain[0]`` (every server of the chain, in
-    order), so each token costs one hop less. ``left`` counts the tokens
-    still to produce, this step's included; the ring stops after the last of them, or
-    after ``eos`` (:data:`NO_EOS` for none).
+    order), so each token costs one hop less. ``left`` counts the tokens still to
+    produce, this step's included; the ring stops after the last of them, or after
+    ``eos`` (:data:`NO_EOS` for none).
 
     ``quiet``: servers other than the last do not answer the owner for the ring's pushed
     steps, which saves each token two messages per middle server on the machines that
@@ -328,7 +329,7 @@ def _spec(value: Any) -> SamplingSpec:
     if not isinstance(value, dict):
         raise RemoteProtocolError("ring sampling must be a map")
     temperature, top_p = require(value, "t", float), require(value, "p", float)
-    if not 0.0 < temperature <= MAX_TEMPERATURE or not 0.0 < top_p <= 1.0:
+    if not MIN_TEMPERATURE <= temperature <= MAX_TEMPERATURE or not 0.0 < top_p <= 1.0:
         raise RemoteProtocolError(f"sampling temperature {temperature} or top_p {top_p} bad")
     top_k, seed = _int(value, "k", 0, MAX_TOP_K), _int(value, "seed", 0, (1 << SEED_BITS) - 1)
     return SamplingSpec(temperature, top_k, top_p, seed)

@@ -17,12 +17,16 @@ import numpy as np
 import numpy.typing as npt
 
 MAX_TEMPERATURE = 100.0
+# Below this, sampling is greedy: dividing logits by a vanishing temperature overflows,
+# and long before that the distribution is all on the argmax anyway.
+MIN_TEMPERATURE = 1e-6
 SEED_BITS = 64
 
 
 @dataclass(frozen=True)
 class SamplingSpec:
-    """How to pick a token; ``temperature <= 0`` is greedy (the other fields are unused)."""
+    """How to pick a token; a temperature under :data:`MIN_TEMPERATURE` is greedy (the
+    other fields are then unused)."""
 
     temperature: float = 0.0
     top_k: int = 0
@@ -39,7 +43,7 @@ class SamplingSpec:
 
     @property
     def greedy(self) -> bool:
-        return self.temperature <= 0
+        return self.temperature < MIN_TEMPERATURE
 
 
 def uniform(seed: int, position: int) -> float:
