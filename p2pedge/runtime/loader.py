@@ -11,7 +11,7 @@ from typing import Protocol
 from p2pedge.errors import ModelLoadError
 from p2pedge.runtime.config import RuntimeConfig
 from p2pedge.runtime.manifest import read_manifest
-from p2pedge.runtime.memory import rss_bytes
+from p2pedge.runtime.memory import release_free_heap, rss_bytes
 
 
 class LoadedModel(Protocol):
@@ -64,6 +64,7 @@ def measured_load(model_dir: Path, config: RuntimeConfig) -> LoadReport:
     """
     engine = _engine(read_manifest(model_dir).kind)
     gc.collect()
+    release_free_heap()
     before = rss_bytes()
     start = time.perf_counter()
     model = _open(model_dir, config, engine)

@@ -172,11 +172,14 @@ def test_lossless4_maps_every_block_matrix_to_matmulnbits(
     weights: LlamaWeights, model_dirs: dict[str, Path], tmp_path: Path
 ) -> None:
     n_layers = weights.config.n_layers
-    # qkv, o, gate_up, down per block in 4 bits; the embedding stays fp32 at accuracy 0 ...
+    # qkv, o, gate_up, down per block in 4 bits; at accuracy 0 the Q8_0 embedding is
+    # gathered as 8-bit blocks and the head runs as its two 4-bit halves ...
     bits, names = _nbits(model_dirs["lossless4"] / "model.onnx")
-    assert bits == [4] * (4 * n_layers)
+    assert bits == [4] * (4 * n_layers) + [4, 4]
     assert not any(n.endswith(".weight_t") for n in names)
-    assert "model.embed_tokens.weight" in names
+    assert "model.embed_tokens.weight" not in names
+    assert "model.embed_tokens.q8_weight" in names
+    assert "model.embed_tokens.head_hi_qweight" in names
     # ... and with int8 activations the Q8_0 embedding doubles as an exact 8-bit head.
     bits, names = _nbits(_write(tmp_path, weights, "lossless4", int8=True))
     assert bits == [4] * (4 * n_layers) + [8]

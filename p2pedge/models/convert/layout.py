@@ -37,8 +37,9 @@ MODEL_FILE = "model.onnx"
 FACTS_FILE = "p2pedge_model.json"
 GENAI_CONFIG_FILE = "genai_config.json"
 # Bumped whenever the graph layout or its runtime config changes, so a split never mixes
-# builder versions and `make model` re-imports (4: genai shares the KV buffer).
-FORMAT_VERSION = 4
+# builder versions and `make model` re-imports (4: genai shares the KV buffer; 5: the exact
+# fp32-activation head is the Q8_0 table as two 4-bit halves).
+FORMAT_VERSION = 5
 
 
 @dataclass(frozen=True)

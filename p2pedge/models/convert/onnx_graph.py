@@ -13,8 +13,9 @@ multi-token decode are both right), and the rotary inputs for ``position_ids``.
 Layout choices, all checked against :mod:`p2pedge.runtime.reference`: Q/K/V and gate/up
 are fused into one matmul each; RMSNorm + residual use com.microsoft
 SkipSimplifiedLayerNormalization; a power-of-two softmax scale (head_dim 16, 64, 256) is
-folded into W_q exactly; in ``lossless4`` Q4_1 maps onto MatMulNBits (see ``Linear``) and,
-with int8 activations or int8 limbs, the Q8_0 embedding doubles as an exact 8-bit LM head.
+folded into W_q exactly; in ``lossless4`` Q4_1 maps onto MatMulNBits (see ``Linear``) and
+the Q8_0 embedding doubles as an exact LM head (8-bit on the int8 path, two 4-bit halves
+with fp32 activations; see ``Q8Table``).
 """
 
 from __future__ import annotations
@@ -411,12 +412,10 @@ class _Builder:
         return self.linear(act, [self._matrix(block.w_down)], f"layers.{i}.mlp.down")
 
     def _q8_table(self, prefix: str, matrix: np.ndarray) -> Q8Table | None:
-        """A Q8_0-exact table (the GGUF embedding) stays 8-bit in ``lossless4`` when the
-        head runs on MatMulNBits' int8 path (int8 activations or limbs); its 8-bit fp32
-        path is ~30x slower than an fp32 Gemm, so plain fp32 activations keep the table."""
+        """A Q8_0-exact table (the GGUF embedding) stays 8-bit in ``lossless4``: gathered as
+        8-bit blocks, and as the head on MatMulNBits' int8 path (int8 activations or limbs)
+        or, with fp32 activations, as two exact 4-bit halves (``Q8Table.matmul_fp32``)."""
         if self.variant != "lossless4":
-            return None
-        if self.linear.accuracy_level != 4 and not self.linear.use_limbs:
             return None
         if prefix not in self.q8_tables:
             blocks = q8_0_blocks(matrix)
@@ -432,8 +431,10 @@ class _Builder:
         if table is not None:
             if self.linear.use_limbs:
                 out = self.linear.sum_limbs(table.matmul(self.linear.limbs(x, cfg.hidden), 4))
+            elif self.linear.accuracy_level == 4:
+                out = table.matmul(x, 4)
             else:
-                out = table.matmul(x, self.linear.accuracy_level)
+                out = table.matmul_fp32(x)
             g.op("Identity", [out], outputs=[LOGITS], name="logits/Identity")
         else:
             name = f"{prefix}.weight"

@@ -281,29 +281,45 @@ def q8_0_blocks(matrix: F32Array) -> tuple[npt.NDArray[np.uint8], F32Array] | No
 
 
 class Q8Table:
-    """One Q8_0 ``[N, K]`` table used as a ``GatherBlockQuantized`` embedding and/or a
-    ``MatMulNBits`` (bits=8, zero point 128) LM head; both dequantise to ``(u - 128) * d``,
-    i.e. exactly the GGUF values. Stored once, in the ``MatMulNBits`` layout."""
+    """One Q8_0 ``[N, K]`` table used as a ``GatherBlockQuantized`` embedding and/or an LM
+    head; every form dequantises to ``(u - 128) * d``, i.e. exactly the GGUF values.
+
+    The head runs as ``MatMulNBits`` bits=8 (zero point 128) on the int8 path, or, with fp32
+    activations, as two 4-bit halves of the same numbers (:meth:`matmul_fp32`). Initializers
+    are written on first use, so a shard holds only the forms it runs."""
 
     def __init__(self, g: GraphBuilder, prefix: str, quants: npt.NDArray[np.uint8], d: F32Array):
         self.g = g
+        self.prefix = prefix
+        self.quants = quants
+        self.d = d
         self.n, blocks, _ = quants.shape
         self.k = blocks * Q4_1_BLOCK
-        self.weight = g.initializer(f"{prefix}.q8_weight", quants)
-        self.scales = g.initializer(f"{prefix}.q8_scales", d.reshape(-1))
-        self.zeros = g.initializer(
-            f"{prefix}.q8_zero_points", np.full(d.size, Q8_ZERO_POINT, dtype=np.uint8)
-        )
+        self._q8: tuple[str, str, str] | None = None
+
+    def _q8_inputs(self) -> tuple[str, str, str]:
+        """Weights, scales and zero points in the ``MatMulNBits`` bits=8 layout."""
+        if self._q8 is None:
+            g, p = self.g, self.prefix
+            self._q8 = (
+                g.initializer(f"{p}.q8_weight", self.quants),
+                g.initializer(f"{p}.q8_scales", self.d.reshape(-1)),
+                g.initializer(
+                    f"{p}.q8_zero_points", np.full(self.d.size, Q8_ZERO_POINT, dtype=np.uint8)
+                ),
+            )
+        return self._q8
 
     def gather(self, ids: str) -> str:
         g, blocks = self.g, self.k // Q4_1_BLOCK
+        weight, scales, zeros = self._q8_inputs()
         return g.op1(
             "GatherBlockQuantized",
             [
-                g.op1("Reshape", [self.weight, g.i64(self.n, self.k)]),
+                g.op1("Reshape", [weight, g.i64(self.n, self.k)]),
                 ids,
-                g.op1("Reshape", [self.scales, g.i64(self.n, blocks)]),
-                g.op1("Reshape", [self.zeros, g.i64(self.n, blocks)]),
+                g.op1("Reshape", [scales, g.i64(self.n, blocks)]),
+                g.op1("Reshape", [zeros, g.i64(self.n, blocks)]),
             ],
             domain=MS_DOMAIN,
             name="embed/GatherBlockQuantized",
@@ -316,7 +332,7 @@ class Q8Table:
     def matmul(self, x: str, accuracy_level: int) -> str:
         return self.g.op1(
             "MatMulNBits",
-            [x, self.weight, self.scales, self.zeros],
+            [x, *self._q8_inputs()],
             domain=MS_DOMAIN,
             name="lm_head/MatMulNBits",
             K=self.k,
@@ -325,3 +341,44 @@ class Q8Table:
             block_size=Q4_1_BLOCK,
             accuracy_level=accuracy_level,
         )
+
+    def matmul_fp32(self, x: str) -> str:
+        """The head for fp32 activations without rounding a weight, on the 4-bit kernel.
+
+        ``MatMulNBits`` bits=8 has no fast fp32 path (~30x slower than a dense ``Gemm``), and
+        the dense ``Gemm`` reads a 4-byte float per weight. Each stored ``u = q + 128`` is
+        two nibbles, ``q = 16 (hi - 8) + lo``, so ``d q = (16 d)(hi - 8) + d (lo - 0)``: two
+        4-bit matmuls (scales ``16 d``, exact in float32, with the default zero point 8; and
+        ``d`` with zero point 0) whose sum is ``x @ (d q)`` up to float32 summation order,
+        like every other matmul here. A quarter of the bytes per token; measured faster
+        than the ``Gemm`` on AVX-512 (docs/model-format.md)."""
+        g, p = self.g, self.prefix
+        hi, lo = self.quants >> 4, self.quants & 0x0F
+        halves = [
+            (hi, (self.d * np.float32(16.0)).astype(np.float32), None),
+            (lo, self.d, np.zeros(self.n * ((self.k // Q4_1_BLOCK + 1) // 2), dtype=np.uint8)),
+        ]
+        outs = []
+        for name, (nibbles, scales, zeros) in zip(("hi", "lo"), halves, strict=True):
+            packed = (nibbles[..., 0::2] | (nibbles[..., 1::2] << 4)).astype(np.uint8)
+            inputs = [
+                x,
+                g.initializer(f"{p}.head_{name}_qweight", packed),
+                g.initializer(f"{p}.head_{name}_scales", scales.reshape(-1)),
+            ]
+            if zeros is not None:
+                inputs.append(g.initializer(f"{p}.head_{name}_zero_points", zeros))
+            outs.append(
+                g.op1(
+                    "MatMulNBits",
+                    inputs,
+                    domain=MS_DOMAIN,
+                    name=f"lm_head/{name}/MatMulNBits",
+                    K=self.k,
+                    N=self.n,
+                    bits=4,
+                    block_size=Q4_1_BLOCK,
+                    accuracy_level=0,
+                )
+            )
+        return g.op1("Add", outs, name="lm_head/Add")
