@@ -166,7 +166,10 @@ class Swarm:
         async def one(node: Node) -> None:
             async with limiter:
                 await node.announce()
-            node.start_announcing(now=False)
+            # a node stopped meanwhile (killed, or the swarm is closing while it replicates
+            # in the background) has no nursery left to announce from
+            if any(slot.node is node and not slot.stop.is_set() for slot in self._slots):
+                node.start_announcing(now=False)
 
         async with trio.open_nursery() as nursery:
             for node in nodes:
