@@ -7,6 +7,7 @@ from pathlib import Path
 
 from p2pedge.errors import ConfigError
 from p2pedge.ids import LayerRange
+from p2pedge.planning.slowdown import SlowdownPolicy
 
 
 def default_data_dir() -> Path:
@@ -60,6 +61,8 @@ class NodeConfig:
     # only the last server answers us during a ring: less CPU per token, but a dead middle
     # server shows only as a late token, and recovery replays the ring's positions
     shard_ring_quiet: bool = False
+    # leave a shard server whose decode steps turn slow mid-session for a replica; None stays
+    shard_slowdown: SlowdownPolicy | None = field(default_factory=SlowdownPolicy)
     inline_step_ms: float = 50.0  # decode steps this short skip the worker thread; 0: never
     direct_lane: bool = True
     direct_lane_port: int = 0  # 0: the OS picks; fix it to open one port in a firewall

@@ -324,6 +324,7 @@ class NodeModels:
             push=self.node.config.shard_push,
             ring=self.node.config.shard_ring,
             ring_quiet=self.node.config.shard_ring_quiet,
+            slowdown=self.node.config.shard_slowdown,
         )
         decoder = codec.decoder()
         stops = list(params.stop)

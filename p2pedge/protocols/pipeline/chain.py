@@ -5,14 +5,20 @@ connection and progress. Recovery replays from these histories."""
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
 import numpy.typing as npt
+import trio
 
-from p2pedge.planning.routes import CostModel
-from p2pedge.protocols.pipeline.connection import ShardConnection
+from p2pedge.errors import Busy, PeerUnavailable, RemoteProtocolError, ShardFailed
+from p2pedge.planning.routes import CostModel, Hop
+from p2pedge.planning.slowdown import SlowdownPolicy, StepWindow
+from p2pedge.protocols.pipeline.connection import ShardConnection, StreamOpener
+
+HOP_ERRORS = (PeerUnavailable, ShardFailed, RemoteProtocolError, Busy)
 
 
 @dataclass
@@ -34,6 +40,8 @@ class ClientConfig:
     ring: bool = True
     # Only the last server answers the client during a ring (`codec.Ring.quiet`).
     ring_quiet: bool = False
+    # Move off a hop whose decode steps turn slow mid-session (None: stay on the route).
+    slowdown: SlowdownPolicy | None = field(default_factory=SlowdownPolicy)
 
 
 class History:
@@ -71,6 +79,46 @@ class HopFailed(Exception):
         self.index = index
         self.peer = peer
         self.cause = cause
+        self.others: list[HopFailed] = []  # further hops that failed at the same time
+
+
+async def open_chain(
+    opener: StreamOpener, model: str, plan: Sequence[Hop], config: ClientConfig
+) -> list[HopState]:
+    """A session on every hop of ``plan``, opened at once. If any fails, the rest are
+    closed and the failure of the lowest hop is raised, the others in its ``others``."""
+    conns: list[ShardConnection | None] = [None] * len(plan)
+    failures: list[HopFailed] = []
+
+    async def open_one(i: int, hop: Hop) -> None:
+        try:
+            conns[i] = await ShardConnection.open(
+                opener,
+                hop.peer_id,
+                model,
+                hop.layers,
+                config.max_length,
+                timeout=config.step_timeout,
+                dtype=config.dtype,
+            )
+        except HOP_ERRORS as exc:
+            failures.append(HopFailed(i, hop.peer_id, exc))
+
+    async with trio.open_nursery() as nursery:
+        for i, hop in enumerate(plan):
+            nursery.start_soon(open_one, i, hop)
+    if failures:
+        for conn in conns:
+            if conn is not None:
+                await conn.close()
+        first = min(failures, key=lambda f: f.index)
+        first.others = [f for f in failures if f is not first]
+        raise first
+    opened = [c for c in conns if c is not None]
+    if config.slowdown is not None:
+        for conn in opened:
+            conn.window = StepWindow(config.slowdown)
+    return [HopState(c) for c in opened]
 
 
 def leaves(group: BaseExceptionGroup[HopFailed]) -> list[HopFailed]:
@@ -106,3 +154,11 @@ def hop_stats(hops: list[HopState]) -> list[dict[str, Any]]:
         }
         for h in hops
     ]
+
+
+def slow_hop(hops: Sequence[HopState]) -> int | None:
+    """The first hop whose decode steps turned slow (``ClientConfig.slowdown``), if any."""
+    for k, hop in enumerate(hops):
+        if hop.conn.window is not None and hop.conn.window.slowed():
+            return k
+    return None

@@ -35,8 +35,6 @@ import numpy.typing as npt
 import trio
 
 from p2pedge.errors import (
-    Busy,
-    PeerUnavailable,
     RemoteProtocolError,
     ShardFailed,
 )
@@ -44,6 +42,7 @@ from p2pedge.ids import LayerRange
 from p2pedge.planning.routes import Hop, NoRoute, ServerOption, choose_route
 from p2pedge.protocols.pipeline import codec
 from p2pedge.protocols.pipeline.chain import (
+    HOP_ERRORS,
     ClientConfig,
     History,
     HopFailed,
@@ -51,8 +50,10 @@ from p2pedge.protocols.pipeline.chain import (
     check_output,
     hop_stats,
     leaves,
+    open_chain,
+    slow_hop,
 )
-from p2pedge.protocols.pipeline.connection import ShardConnection, StreamOpener
+from p2pedge.protocols.pipeline.connection import StreamOpener
 from p2pedge.protocols.pipeline.sampling import Sampler, greedy
 
 __all__ = ["HOP_ERRORS", "ClientConfig", "ShardedSession"]
@@ -62,7 +63,6 @@ log = logging.getLogger(__name__)
 OptionsFinder = Callable[[], Awaitable[list[ServerOption]]]
 # told, as a session ends, each hop's mean decode-step time (peer, blocks, seconds)
 StepObserver = Callable[[str, LayerRange, float], None]
-HOP_ERRORS = (PeerUnavailable, ShardFailed, RemoteProtocolError, Busy)
 # How long to wait for a pushed output before relaying that step instead: a multiple of
 # the hop's mean step time, never under the floor.
 PUSH_GRACE_FACTOR = 4.0
@@ -104,6 +104,7 @@ class ShardedSession:
         self.ring_ok = self.config.ring and self.config.push  # off until a hop is replaced
         self.ring_steps = 0  # tokens that came round a ring
         self.epoch = 0  # rings so far; see the module docstring
+        self.reroutes = 0  # hops left mid-session because they turned slow
 
     # --- set-up and tear-down --------------------------------------------------------
 
@@ -154,48 +155,25 @@ class ShardedSession:
                 nursery.start_soon(hop.conn.close)
         self.hops = []
 
-    async def _plan(self, start: int, end: int | None) -> list[Hop]:
+    async def _plan(self, start: int, end: int | None, avoid: str | None = None) -> list[Hop]:
         options = await self.find_options()
+        banned = self.banned() if avoid is None else self.banned() | {avoid}
         return choose_route(
             options,
             self.n_layers if end is None else end,
             start=start,
             cost=self.config.cost,
-            banned=self.banned(),
+            banned=banned,
         )
 
     async def _open_chain(self, plan: Sequence[Hop]) -> list[HopState]:
-        conns: list[ShardConnection | None] = [None] * len(plan)
-        failures: list[HopFailed] = []
-
-        async def open_one(i: int, hop: Hop) -> None:
-            try:
-                conns[i] = await ShardConnection.open(
-                    self.opener,
-                    hop.peer_id,
-                    self.model,
-                    hop.layers,
-                    self.config.max_length,
-                    timeout=self.config.step_timeout,
-                    dtype=self.config.dtype,
-                )
-            except HOP_ERRORS as exc:
-                failures.append(HopFailed(i, hop.peer_id, exc))
-
-        async with trio.open_nursery() as nursery:
-            for i, hop in enumerate(plan):
-                nursery.start_soon(open_one, i, hop)
-        if failures:
-            for conn in conns:
-                if conn is not None:
-                    await conn.close()
-            first = min(failures, key=lambda f: f.index)
-            for other in failures:  # every peer that failed is banned, not only the first
-                if other is not first:
-                    log.warning("pipeline %s", other)
-                    self.ban(other.peer)
-            raise first
-        return [HopState(c) for c in conns if c is not None]
+        try:
+            return await open_chain(self.opener, self.model, plan, self.config)
+        except HopFailed as first:
+            for other in first.others:  # every peer that failed is banned, not only the first
+                log.warning("pipeline %s", other)
+                self.ban(other.peer)
+            raise
 
     async def _note_failure(self, failure: HopFailed) -> None:
         self.recoveries += 1
@@ -361,8 +339,8 @@ class ShardedSession:
                 if i < n - 1 and token != eos_id:
                     self.boundaries[0].write(at + 1, np.array([token], dtype=np.int64))
                 yield token
-                if token == eos_id:
-                    return
+                if token == eos_id or slow_hop(self.hops) is not None:
+                    return  # a slowed hop: the client drives again once it has moved
         finally:
             self.epoch += 1  # whatever is still going round is stale from here on
 
@@ -416,35 +394,55 @@ class ShardedSession:
         self._progress.set()
         self._progress = trio.Event()
 
-    async def _replace(self, index: int) -> None:
-        """Swap hop ``index`` for a fresh chain over its blocks (or up to a later boundary)."""
+    async def _replace(self, index: int, avoid: str | None = None) -> bool:
+        """Swap hop ``index`` for a fresh chain over its blocks (or up to a later boundary).
+
+        For a failed hop (``avoid`` None) the old stream is dropped first and no server
+        left raises :class:`ShardFailed`. Moving off a slow but working hop avoids its peer
+        and keeps the hop, returning False, when nobody else serves those blocks."""
         old = self.hops[index]
-        await old.conn.abort()
+        if avoid is None:
+            await old.conn.abort()
         start = old.conn.layers.start
         ends = [h.conn.layers.end for h in self.hops[index:]]
         while True:
             plan: list[Hop] | None = None
             for j, end in enumerate(ends):
                 try:
-                    plan = await self._plan(start, end)
+                    plan = await self._plan(start, end, avoid)
                 except NoRoute:
                     continue
                 last_replaced = index + j
                 break
             if plan is None:
+                if avoid is not None:
+                    return False
                 raise ShardFailed(f"no server left for blocks {start}-{ends[-1]}")
             try:
                 new = await self._open_chain(plan)
                 break
             except HopFailed as failure:
                 await self._note_failure(failure)
-        for gone in self.hops[index + 1 : last_replaced + 1]:
+        first_gone = index if avoid is not None else index + 1  # a failed hop is dropped
+        for gone in self.hops[first_gone : last_replaced + 1]:
             await gone.conn.close()
         inner = [History(self.config.max_length) for _ in new[:-1]]
         self.hops[index : last_replaced + 1] = new
         self.boundaries[index + 1 : last_replaced + 1] = inner
         self.ring_ok = self.config.ring and self.config.push  # a new chain: try again
         log.info("pipeline replaced hop %s with %s", index, [str(h.layers) for h in plan])
+        return True
+
+    async def _move_off_slow_hops(self) -> None:
+        """Replace each slowed hop by another server for its blocks (the history replays
+        into it); a hop nobody else serves stays, and is not judged again this session."""
+        while (k := slow_hop(self.hops)) is not None:
+            conn = self.hops[k].conn
+            log.info("pipeline hop %s (%s, blocks %s) %s", k, conn.peer, conn.layers, conn.window)
+            if await self._replace(k, avoid=conn.peer):
+                self.reroutes += 1
+            else:
+                conn.window = None
 
     # --- generation ------------------------------------------------------------------
 
@@ -485,8 +483,10 @@ class ShardedSession:
                 if produced >= max_new_tokens or token == eos_id:
                     return
                 # the ring broke off: its last token is fed but not yet through every hop
+                await self._move_off_slow_hops()
                 logits = await self._settle(self.boundaries[0].length)
             else:
+                await self._move_off_slow_hops()
                 logits = await self.extend([token])
             token, produced = sampler(logits, self.boundaries[0].length), produced + 1
             yield token

@@ -22,6 +22,7 @@ from p2pedge.errors import (
     ShardFailed,
 )
 from p2pedge.ids import LayerRange
+from p2pedge.planning.slowdown import StepWindow
 from p2pedge.protocols._stream import FramedStream
 from p2pedge.protocols.pipeline import codec
 
@@ -53,6 +54,7 @@ class ShardConnection:
         self.busy_seconds = 0.0
         self.decode_steps = 0  # one-position steps and their seconds, send to output
         self.decode_seconds = 0.0
+        self.window: StepWindow | None = None  # decode-step times, to spot a slowdown
         self.last_token: int | None = None  # the token named by the last output, if any
 
     @classmethod
@@ -178,6 +180,8 @@ class ShardConnection:
             if positions == 1:
                 self.decode_steps += 1
                 self.decode_seconds += took
+                if self.window is not None:
+                    self.window.add(took)
         if reply.ids is not None:
             if not top_k or reply.ids.shape[1] > top_k:
                 raise RemoteProtocolError(f"{self.peer} sent {reply.ids.shape[1]} top logits")
