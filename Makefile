@@ -47,6 +47,7 @@ bench: venv model
 	$(PY) -m simnet.federated
 	$(PY) -m simnet.push_latency
 	$(PY) -m simnet.route_learning
+	$(PY) -m simnet.slowdown
 
 clean:
 	rm -rf $(VENV) .cache build *.egg-info

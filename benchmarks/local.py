@@ -11,7 +11,7 @@ llama.cpp on the same GGUF joins the real model's rounds when it is available (`
 naming a llama-bench binary, or an importable ``llama_cpp``; see docs/runtime.md): same
 prompt depth, same token count, same threads; ``vs_llamacpp`` is the median per-round ratio.
 
-    .venv/bin/python benchmarks/local.py [--tokens 64] [--rounds 5] [--model-dir DIR] [--no-doc]
+    .venv/bin/python benchmarks/local.py [--tokens 64] [--rounds 15] [--model-dir DIR] [--no-doc]
 """
 
 from __future__ import annotations
@@ -204,7 +204,7 @@ async def run(args: argparse.Namespace) -> int:
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--tokens", type=int, default=64, help="tokens decoded per round")
-    ap.add_argument("--rounds", type=int, default=5, help="interleaved rounds per model")
+    ap.add_argument("--rounds", type=int, default=15, help="interleaved rounds per model")
     ap.add_argument("--model-dir", type=Path, default=REAL, help="the real model's directory")
     ap.add_argument("--no-doc", action="store_true", help="do not update docs/benchmarks.md")
     return trio.run(run, ap.parse_args(argv))

@@ -70,8 +70,11 @@ class NodeModels:
         self.store = Store(config.models_dir or config.data_dir / "store")
         self.trust = TrustStore.load(config.trusted_publishers)
         self.dirs: dict[str, Path] = {}
+        inline = config.inline_step_ms / 1000  # local tokens and shard steps alike
         runtime = (
-            RuntimeConfig(intra_op_threads=config.threads) if config.threads else RuntimeConfig()
+            RuntimeConfig(intra_op_threads=config.threads, inline_step_s=inline)
+            if config.threads
+            else RuntimeConfig(inline_step_s=inline)
         )
         self.runtime = runtime
         self.inference = LocalInference(self.resolve, runtime)

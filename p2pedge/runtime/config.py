@@ -9,6 +9,7 @@ import os
 from dataclasses import dataclass, field
 
 from p2pedge.errors import ConfigError
+from p2pedge.runtime.inline import DEFAULT_INLINE_STEP_S
 from p2pedge.runtime.policy import DEFAULT_HALF_LIFE_S
 
 DEFAULT_PROVIDER_ORDER: tuple[str, ...] = (
@@ -40,6 +41,9 @@ class RuntimeConfig:
     queue_limit: int = 8
     max_active_per_model: int = 1
     cache_half_life_s: float = DEFAULT_HALF_LIFE_S  # see runtime/policy.py
+    # a generated token whose recent cost is this short runs on the event loop's thread
+    # instead of a worker thread (runtime/inline.py); 0 never does
+    inline_step_s: float = DEFAULT_INLINE_STEP_S
 
     def __post_init__(self) -> None:
         if not self.providers:
@@ -58,6 +62,8 @@ class RuntimeConfig:
             raise ConfigError(f"queue_limit must be >= 0, got {self.queue_limit}")
         if self.cache_half_life_s <= 0:
             raise ConfigError(f"cache_half_life_s must be > 0, got {self.cache_half_life_s}")
+        if not 0.0 <= self.inline_step_s <= 1.0:
+            raise ConfigError(f"inline_step_s must be in [0, 1], got {self.inline_step_s}")
         if self.max_active_per_model < 1:
             raise ConfigError(f"max_active_per_model must be >= 1, got {self.max_active_per_model}")
 

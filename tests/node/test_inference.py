@@ -6,6 +6,7 @@ import json
 import math
 from collections.abc import Iterator
 from contextlib import aclosing
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -271,6 +272,56 @@ async def test_infer_runs_tensor_models(inference: LocalInference) -> None:
         await inference.infer("clf", {"x": np.array([1], dtype=np.int64)})
     with pytest.raises(ValueError, match="generate"):
         await inference.infer("tiny-a", {"x": np.zeros(1, dtype=np.float32)})
+
+
+async def test_cheap_tokens_run_inline_with_the_same_output(dirs: dict[str, Path]) -> None:
+    """After the first token (no cost known yet), a tiny model's tokens are far under the
+    inline budget and skip the worker thread; the tokens are those of the threaded path."""
+    runs = {}
+    for budget in (0.05, 0.0):
+        local = LocalInference(lambda mid: dirs["tiny-a"], replace(CONFIG, inline_step_s=budget))
+        done = await local.complete("tiny-a", prompt="hello", max_tokens=20, temperature=1.0,
+                                    seed=4)  # fmt: skip
+        runs[budget] = (done.token_ids, local.steps_inline)
+        local.close()
+    (inline_ids, inlined), (threaded_ids, never) = runs[0.05], runs[0.0]
+    assert inline_ids == threaded_ids and len(inline_ids) == 20
+    assert inlined == 19 and never == 0
+
+
+async def test_two_generations_at_once_keep_their_tokens_off_the_loop(
+    dirs: dict[str, Path],
+) -> None:
+    """While two generations decode, neither runs inline (the loop would serve one while
+    the other waits): in lock-step, only a stream's first or last token can find the
+    other not decoding."""
+    local = LocalInference(lambda mid: dirs[mid.name], CONFIG)
+    for name in ("tiny-a", "tiny-b"):  # costs known, so any token could be inlined
+        await local.complete(name, prompt="warm", max_tokens=4)
+    before = local.steps_inline
+    cond = trio.Condition()
+    progress = {"tiny-a": 0, "tiny-b": 0}
+    finished = {"tiny-a": False, "tiny-b": False}
+
+    async def one(name: str, other: str) -> None:
+        stream = local.stream(name, prompt="go", max_tokens=30, temperature=1.0, seed=1)
+        async with aclosing(stream):
+            async for _ in stream:
+                async with cond:
+                    progress[name] += 1
+                    cond.notify_all()
+                    while progress[other] < progress[name] and not finished[other]:
+                        await cond.wait()
+        async with cond:
+            finished[name] = True
+            cond.notify_all()
+
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(one, "tiny-a", "tiny-b")
+        nursery.start_soon(one, "tiny-b", "tiny-a")
+    local.close()
+    assert progress == {"tiny-a": 30, "tiny-b": 30}
+    assert local.steps_inline - before <= 4  # 60 if the busy rule were ignored
 
 
 async def test_event_loop_keeps_ticking_while_generating(inference: LocalInference) -> None:

@@ -7,10 +7,7 @@ stream (its sessions are freed), never the server or other streams.
 
 Steps run in worker threads so the node keeps serving while onnxruntime computes. A
 one-position (decode) step whose recent cost is within ``inline_step_s`` runs on the trio
-thread instead when no other step is running or queued: handing it to a thread and back
-costs two thread wake-ups, 0.4-0.9 ms per hop on a 2-vCPU VM (``benchmarks/transport.py``),
-3-7% of a 13 ms step. The bound caps how long the event loop can stall (a shard that
-suddenly slows stalls it once, then its estimate moves it back to a thread).
+thread instead when no other step is running or queued (``runtime.inline.StepCosts``).
 """
 
 from __future__ import annotations
@@ -49,13 +46,12 @@ from p2pedge.protocols.pipeline.machine import (
 )
 from p2pedge.protocols.pipeline.push import Pusher
 from p2pedge.protocols.pipeline.sampling import pick
+from p2pedge.runtime.inline import DEFAULT_INLINE_STEP_S, StepCosts
 from p2pedge.runtime.shard_session import ShardModel, ShardSession
 
 log = logging.getLogger(__name__)
 
 DEFAULT_BUDGET_BYTES = 1 << 30
-DEFAULT_INLINE_STEP_S = 0.05
-COST_SMOOTHING = 0.3  # weight of the newest decode step in a shard's cost estimate
 StreamHandler = Callable[[FramedStream, str], Awaitable[None]]
 # a step's output (or top-k logits), top-k ids, and the token a ring's last shard picked
 StepResult = tuple[Any, npt.NDArray[np.int64] | None, int | None]
@@ -77,36 +73,6 @@ def spec_of(model: ShardModel, max_length: int) -> ShardSpec:
         kv_bytes_per_token=info.kv_bytes_per_token,
         max_length=max_length,
     )
-
-
-class StepCosts:
-    """Recent decode-step seconds per shard, and whether the next one may run inline.
-
-    Only one-position steps count and qualify: a prefill chunk's cost grows with its
-    length, so it always goes to a worker thread. A shard with no measured step yet is
-    never inlined, so the first decode step of a slow shard cannot stall the loop.
-    """
-
-    def __init__(self, inline_budget_s: float) -> None:
-        if inline_budget_s < 0:
-            raise ValueError(f"inline step budget must be >= 0, got {inline_budget_s}")
-        self.inline_budget_s = inline_budget_s
-        self._decode_s: dict[ShardModel, float] = {}
-
-    def record(self, model: ShardModel, positions: int, seconds: float) -> None:
-        if positions != 1:
-            return
-        old = self._decode_s.get(model)
-        self._decode_s[model] = seconds if old is None else old + COST_SMOOTHING * (seconds - old)
-
-    def estimate(self, model: ShardModel) -> float | None:
-        return self._decode_s.get(model)
-
-    def may_inline(self, model: ShardModel, positions: int, *, busy: bool) -> bool:
-        if busy or positions != 1:
-            return False
-        cost = self._decode_s.get(model)
-        return cost is not None and cost <= self.inline_budget_s
 
 
 class PipelineServer:

@@ -32,12 +32,12 @@ from p2pedge.protocols.pipeline.client import ClientConfig, ShardedSession
 from p2pedge.protocols.pipeline.codec import PROTOCOL_ID
 from p2pedge.protocols.pipeline.handler import (
     DEFAULT_BUDGET_BYTES,
-    DEFAULT_INLINE_STEP_S,
     PipelineServer,
     StreamHandler,
 )
 from p2pedge.protocols.pipeline.push import Pusher
 from p2pedge.runtime.config import RuntimeConfig
+from p2pedge.runtime.inline import DEFAULT_INLINE_STEP_S
 from p2pedge.runtime.shard_session import ShardModel
 
 log = logging.getLogger(__name__)
