@@ -15,9 +15,10 @@ from dataclasses import dataclass
 
 @dataclass(frozen=True)
 class SlowdownPolicy:
-    """A hop is slow once the mean of its last ``window`` decode steps is at least
-    ``factor`` times the mean of its first ``baseline_steps`` and ``min_extra_s`` more per
-    step (so jitter on millisecond steps never triggers a move, which costs a replay)."""
+    """A hop is slow once each of its last ``window`` decode steps took at least ``factor``
+    times the mean of its first ``baseline_steps`` and ``min_extra_s`` more: sustained, so
+    one hiccup (a pause, a busy moment) never triggers a move, which costs a replay, and
+    jitter on millisecond steps is below the margin."""
 
     factor: float = 3.0
     min_extra_s: float = 0.02
@@ -68,8 +69,9 @@ class StepWindow:
         return f"decode steps {1e3 * base:.1f} ms at first, {1e3 * recent:.1f} ms lately"
 
     def slowed(self) -> bool:
-        """True once the recent steps are slower than the baseline by the policy's margins."""
-        base, recent = self.baseline_s, self.recent_s
-        if base is None or recent is None:
+        """True once every recent step is slower than the baseline by the policy's margins."""
+        base = self.baseline_s
+        if base is None or len(self._recent) < self.policy.window:
             return False
-        return recent >= self.policy.factor * base and recent - base >= self.policy.min_extra_s
+        fastest = min(self._recent)
+        return fastest >= self.policy.factor * base and fastest - base >= self.policy.min_extra_s

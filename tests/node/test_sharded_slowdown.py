@@ -14,7 +14,7 @@ from p2pedge.ids import LayerRange
 from p2pedge.planning.slowdown import SlowdownPolicy
 from p2pedge.protocols.pipeline.client import ClientConfig, ShardedSession
 from p2pedge.protocols.pipeline.handler import PipelineServer
-from p2pedge.protocols.pipeline.serving import open_sharded_session
+from p2pedge.protocols.pipeline.serving import open_sharded_session, swarm_options
 from p2pedge.testing.tiny import build_tiny_model
 from simnet.swarm import Swarm
 from tests.node.test_sharded_push import MODEL, PROMPT, serve_thirds
@@ -91,6 +91,12 @@ async def test_a_hop_that_slows_down_is_left_for_a_replica(
             assert slow_peer not in session.banned()  # slow is not dead: no ban
             if mode == "ring":
                 assert session.ring_steps > SLOW_AFTER  # rings before and after the move
+        # the slow steps reach route choice (smoothed with the reference run's fast ones),
+        # so the next session starts on the other replica
+        steps = {o.peer_id: o.step_s for o in await swarm_options(client, MODEL)}
+        assert (steps[slow_peer] or 0.0) > DELAY_S / 4
+        async with await open_sharded_session(client, MODEL, config=config()) as later:
+            assert later.route[1].peer_id != slow_peer
     assert tokens == expected
 
 

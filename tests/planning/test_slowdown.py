@@ -31,6 +31,14 @@ def test_a_hop_three_times_slower_by_at_least_the_margin_is_slow() -> None:
     assert str(w) == "decode steps 10.0 ms at first, 100.0 ms lately"
 
 
+def test_one_hiccup_is_not_a_slowdown() -> None:
+    w = window_of(0.01, 0.01, 0.01, 0.01, 0.01, 0.01, 0.01, 2.0)  # mean 0.5 s, one step
+    assert not w.slowed()
+    for _ in range(3):
+        w.add(0.05)  # now every recent step is 5x the baseline: sustained
+    assert w.slowed()
+
+
 def test_the_window_forgets_old_steps() -> None:
     w = window_of(0.01, 0.01, 0.01, 0.01, 0.1, 0.1, 0.1, 0.1)
     for _ in range(4):

@@ -423,8 +423,9 @@ class ShardedSession:
                 break
             except HopFailed as failure:
                 await self._note_failure(failure)
-        first_gone = index if avoid is not None else index + 1  # a failed hop is dropped
-        for gone in self.hops[first_gone : last_replaced + 1]:
+        if avoid is not None:
+            await old.conn.abort()  # not waiting on a slow server to say goodbye
+        for gone in self.hops[index + 1 : last_replaced + 1]:
             await gone.conn.close()
         inner = [History(self.config.max_length) for _ in new[:-1]]
         self.hops[index : last_replaced + 1] = new
@@ -437,12 +438,14 @@ class ShardedSession:
         """Replace each slowed hop by another server for its blocks (the history replays
         into it); a hop nobody else serves stays, and is not judged again this session."""
         while (k := slow_hop(self.hops)) is not None:
-            conn = self.hops[k].conn
-            log.info("pipeline hop %s (%s, blocks %s) %s", k, conn.peer, conn.layers, conn.window)
-            if await self._replace(k, avoid=conn.peer):
-                self.reroutes += 1
-            else:
+            conn, window = self.hops[k].conn, self.hops[k].conn.window
+            log.info("pipeline hop %s (%s, blocks %s) %s", k, conn.peer, conn.layers, window)
+            if not await self._replace(k, avoid=conn.peer):
                 conn.window = None
+                continue
+            self.reroutes += 1
+            if self._observe is not None and window is not None and window.recent_s:
+                self._observe(conn.peer, conn.layers, window.recent_s)  # for later routes
 
     # --- generation ------------------------------------------------------------------
 
