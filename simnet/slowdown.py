@@ -137,7 +137,8 @@ def main(argv: list[str] | None = None) -> int:
             f"{args.sessions} sessions per mode, taking turns; ms per token from the "
             "slowdown to the last token (the move and its replay included), median. "
             "`stay`: `ClientConfig(slowdown=None)`; `move`: the default `SlowdownPolicy` "
-            "(each of the last four steps >= 3x the mean of the hop's first four, and >= 20 ms more). Tokens "
+            "(each of the last four steps >= 3x the mean of the hop's first four, and "
+            ">= 20 ms more). Tokens "
             f"identical everywhere: {'yes' if r['same_tokens'] else 'NO'}.\n\n" + body,
         )
     print(f"move_vs_stay={stay / move:.2f} moved={r['moves']['move']}/{args.sessions}")
