@@ -64,6 +64,31 @@ class ModeledSlowMachine(ShardSession):
         return super().step(x, start, last_only=last_only)
 
 
+async def serve_slowable(
+    nodes: list[Any], ranges: list[LayerRange], model_dir: Path, work: Path
+) -> dict[str, dict[str, float]]:
+    """Start a shard server for each range on each node and announce it; returns each
+    server's modeled delay (``{"s": seconds}`` per peer, 0 until a caller slows it)."""
+    delays: dict[str, dict[str, float]] = {}
+    for i, (node, layers) in enumerate(zip(nodes, ranges, strict=True)):
+        server = await start_pipeline_server(
+            node,
+            [(MODEL, model_dir, layers)],
+            shards_root=work / f"s{i}",
+            runtime=RuntimeConfig(intra_op_threads=1),
+        )
+        server.costs.inline_budget_s = 0.0  # modeled slow steps must not stall the loop
+        model = server.shards[(MODEL, layers)]
+        delay = delays[node.peer_id] = {"s": 0.0}
+
+        def slow_session(max_length: int, m: ShardModel = model, d: Any = delay) -> Any:
+            return ModeledSlowMachine(m, max_length, d)
+
+        model.new_session = slow_session  # type: ignore[method-assign]
+        await node.announce()
+    return delays
+
+
 def never_fresh() -> StepTimes:
     """A step-time table whose entries are stale as soon as they are written."""
     return StepTimes(ttl_s=-1.0)
@@ -85,29 +110,13 @@ async def run(args: Any) -> dict[str, Any]:
     work = Path(tempfile.mkdtemp(prefix="p2pedge-routes-"))
     model_dir = build_tiny_model(work / MODEL, seed=5, n_layers=6)
     rng = random.Random(args.seed)
-    delays: dict[str, dict[str, float]] = {}
     per_token: dict[str, list[float]] = {p: [] for p in POLICIES}
     slow_hops: dict[str, int] = dict.fromkeys(POLICIES, 0)
     hops: dict[str, int] = dict.fromkeys(POLICIES, 0)
     outputs: set[tuple[int, ...]] = set()
     async with Swarm(6, seed=11, measure_compute=False) as swarm:
         cards_client, learning_client, *servers = swarm.nodes
-        for i, (node, layers) in enumerate(zip(servers, RANGES, strict=True)):
-            server = await start_pipeline_server(
-                node,
-                [(MODEL, model_dir, layers)],
-                shards_root=work / f"s{i}",
-                runtime=RuntimeConfig(intra_op_threads=1),
-            )
-            server.costs.inline_budget_s = 0.0  # modeled slow steps must not stall the loop
-            model = server.shards[(MODEL, layers)]
-            delay = delays[node.peer_id] = {"s": 0.0}
-
-            def slow_session(max_length: int, m: ShardModel = model, d: Any = delay) -> Any:
-                return ModeledSlowMachine(m, max_length, d)
-
-            model.new_session = slow_session  # type: ignore[method-assign]
-            await node.announce()
+        delays = await serve_slowable(servers, RANGES, model_dir, work)
         by_range: dict[LayerRange, list[str]] = {}
         for node, layers in zip(servers, RANGES, strict=True):
             by_range.setdefault(layers, []).append(node.peer_id)

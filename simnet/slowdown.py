@@ -32,14 +32,9 @@ from benchmarks._report import machine, table, write_section  # noqa: E402
 from p2pedge.ids import LayerRange  # noqa: E402
 from p2pedge.planning.slowdown import SlowdownPolicy  # noqa: E402
 from p2pedge.protocols.pipeline.client import ClientConfig  # noqa: E402
-from p2pedge.protocols.pipeline.serving import (  # noqa: E402
-    open_sharded_session,
-    start_pipeline_server,
-)
-from p2pedge.runtime.config import RuntimeConfig  # noqa: E402
-from p2pedge.runtime.shard_session import ShardModel  # noqa: E402
+from p2pedge.protocols.pipeline.serving import open_sharded_session  # noqa: E402
 from p2pedge.testing.tiny import build_tiny_model  # noqa: E402
-from simnet.route_learning import MODEL, PROMPT, ModeledSlowMachine  # noqa: E402
+from simnet.route_learning import MODEL, PROMPT, serve_slowable  # noqa: E402
 from simnet.swarm import Swarm  # noqa: E402
 
 RANGES = [LayerRange(0, 3), LayerRange(3, 6), LayerRange(3, 6)]
@@ -70,28 +65,12 @@ async def one_session(
 async def run(args: Any) -> dict[str, Any]:
     work = Path(tempfile.mkdtemp(prefix="p2pedge-slowdown-"))
     model_dir = build_tiny_model(work / MODEL, seed=5, n_layers=6)
-    delays: dict[str, dict[str, float]] = {}
     ms: dict[str, list[float]] = {m: [] for m in MODES}
     moves: dict[str, int] = dict.fromkeys(MODES, 0)
     outputs: set[tuple[int, ...]] = set()
     async with Swarm(1 + len(RANGES), seed=21, measure_compute=False) as swarm:
         client, *servers = swarm.nodes
-        for i, (node, layers) in enumerate(zip(servers, RANGES, strict=True)):
-            server = await start_pipeline_server(
-                node,
-                [(MODEL, model_dir, layers)],
-                shards_root=work / f"s{i}",
-                runtime=RuntimeConfig(intra_op_threads=1),
-            )
-            server.costs.inline_budget_s = 0.0  # modeled slow steps must not stall the loop
-            model = server.shards[(MODEL, layers)]
-            delay = delays[node.peer_id] = {"s": 0.0}
-
-            def slow_session(max_length: int, m: ShardModel = model, d: Any = delay) -> Any:
-                return ModeledSlowMachine(m, max_length, d)
-
-            model.new_session = slow_session  # type: ignore[method-assign]
-            await node.announce()
+        delays = await serve_slowable(servers, RANGES, model_dir, work)
         for n in range(args.sessions):
             for mode in MODES if n % 2 == 0 else MODES[::-1]:
                 per_token, moved, tokens = await one_session(client, mode, delays, args)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import numpy as np
 import numpy.typing as npt
 import onnxruntime as ort
@@ -34,11 +36,18 @@ def _activations(rng: np.random.Generator, rows: int) -> npt.NDArray[np.float32]
 def _run(
     matrix: Q4_1Matrix, x: npt.NDArray[np.float32], accuracy_level: int, limbs: bool
 ) -> npt.NDArray[np.float32]:
-    g = GraphBuilder("limbs")
-    g.add_input("x", TensorProto.FLOAT, [1, "s", K])
-    out = Linear(g, accuracy_level, limbs=limbs)("x", [matrix], "m")
-    g.op("Identity", [out], outputs=["y"])
-    g.add_output("y", TensorProto.FLOAT, [1, "s", N])
+    return run_matmul(lambda g: Linear(g, accuracy_level, limbs=limbs)("x", [matrix], "m"), x, N)
+
+
+def run_matmul(
+    emit: Callable[[GraphBuilder], str], x: npt.NDArray[np.float32], n: int
+) -> npt.NDArray[np.float32]:
+    """Run the graph ``emit`` builds from input ``x`` ``[1, s, K]`` to a ``[1, s, n]``
+    output, on one onnxruntime CPU thread."""
+    g = GraphBuilder("matmul")
+    g.add_input("x", TensorProto.FLOAT, [1, "s", x.shape[-1]])
+    g.op("Identity", [emit(g)], outputs=["y"])
+    g.add_output("y", TensorProto.FLOAT, [1, "s", n])
     opts = ort.SessionOptions()
     opts.intra_op_num_threads = 1
     sess = ort.InferenceSession(g.model().SerializeToString(), opts, ["CPUExecutionProvider"])

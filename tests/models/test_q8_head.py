@@ -4,12 +4,11 @@ from __future__ import annotations
 
 import numpy as np
 import numpy.typing as npt
-import onnxruntime as ort
 import pytest
-from onnx import TensorProto
 
-from p2pedge.models.convert.onnx_ops import Q8_ZERO_POINT, GraphBuilder, Q8Table
+from p2pedge.models.convert.onnx_ops import Q8_ZERO_POINT, Q8Table
 from p2pedge.models.convert.weights import Q4_1_BLOCK
+from tests.models.test_limbs import run_matmul
 
 N, K = 200, 256
 
@@ -31,15 +30,7 @@ def _values(u: npt.NDArray[np.uint8], d: npt.NDArray[np.float32]) -> npt.NDArray
 def _head(
     u: npt.NDArray[np.uint8], d: npt.NDArray[np.float32], x: npt.NDArray[np.float32]
 ) -> npt.NDArray[np.float32]:
-    g = GraphBuilder("head")
-    g.add_input("x", TensorProto.FLOAT, [1, "s", K])
-    g.op("Identity", [Q8Table(g, "t", u, d).matmul_fp32("x")], outputs=["y"])
-    g.add_output("y", TensorProto.FLOAT, [1, "s", N])
-    opts = ort.SessionOptions()
-    opts.intra_op_num_threads = 1
-    sess = ort.InferenceSession(g.model().SerializeToString(), opts, ["CPUExecutionProvider"])
-    y: npt.NDArray[np.float32] = sess.run(None, {"x": x})[0]
-    return y
+    return run_matmul(lambda g: Q8Table(g, "t", u, d).matmul_fp32("x"), x, N)
 
 
 def test_one_hot_rows_give_every_weight_bit_for_bit() -> None:
