@@ -7,8 +7,8 @@ computed. onnxruntime-genai 0.18 holds the GIL during each call, so the loop is 
 free *between* calls: hops are kept short on purpose (see ``Generation``). For the same
 reason a token whose recent cost is within ``RuntimeConfig.inline_step_s`` runs on the
 loop's own thread when no other generation is running: the worker thread would not free
-the loop meanwhile, and its two wake-ups cost 0.4-0.5 ms of a 14 ms SmolLM2 token here. Requests for
-one model queue FIFO (trio's semaphore hands a released slot to the longest waiter)
+the loop meanwhile, and its two wake-ups cost 0.4-0.5 ms of a 14 ms SmolLM2 token here.
+Requests for one model queue FIFO (trio's semaphore hands a released slot to the longest waiter)
 and are refused with Busy beyond ``RuntimeConfig.queue_limit`` waiters.
 """
 

@@ -11,7 +11,7 @@ import logging
 import time
 from collections.abc import AsyncGenerator, Mapping, Sequence
 from contextlib import aclosing
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from functools import partial
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -70,12 +70,10 @@ class NodeModels:
         self.store = Store(config.models_dir or config.data_dir / "store")
         self.trust = TrustStore.load(config.trusted_publishers)
         self.dirs: dict[str, Path] = {}
-        inline = config.inline_step_ms / 1000  # local tokens and shard steps alike
-        runtime = (
-            RuntimeConfig(intra_op_threads=config.threads, inline_step_s=inline)
-            if config.threads
-            else RuntimeConfig(inline_step_s=inline)
-        )
+        # the inline budget serves local tokens and shard steps alike
+        runtime = RuntimeConfig(inline_step_s=config.inline_step_ms / 1000)
+        if config.threads:
+            runtime = replace(runtime, intra_op_threads=config.threads)
         self.runtime = runtime
         self.inference = LocalInference(self.resolve, runtime)
         self.pipeline: PipelineServer | None = None

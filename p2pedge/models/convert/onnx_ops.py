@@ -121,6 +121,13 @@ def pack_q4_1(
 Q4_ZERO_POINT = 8
 
 
+def zero_points_4bit(n: int, k: int, value: int) -> npt.NDArray[np.uint8]:
+    """``MatMulNBits`` bits=4 zero points, all ``value``: two 4-bit points per byte, each
+    of the ``n`` rows padded to whole bytes over its ``k / 32`` blocks."""
+    per_row = (k // Q4_1_BLOCK + 1) // 2
+    return np.full(n * per_row, value | (value << 4), dtype=np.uint8)
+
+
 def centered_offsets(scales: F32Array, mins: F32Array) -> F32Array | None:
     """``mins + 8 * scales`` when float32 holds it exactly for every block, else None.
 
@@ -229,7 +236,7 @@ class Linear:
             else:
                 offsets = mins
                 offset_name = f"{prefix}.mins_t"
-                zero = np.zeros(n * ((k // Q4_1_BLOCK + 1) // 2), dtype=np.uint8)
+                zero = zero_points_4bit(n, k, 0)
                 inputs.append(g.initializer(f"{prefix}.zero_points", zero))
             main = g.op1(
                 "MatMulNBits",
@@ -356,7 +363,7 @@ class Q8Table:
         hi, lo = self.quants >> 4, self.quants & 0x0F
         halves = [
             (hi, (self.d * np.float32(16.0)).astype(np.float32), None),
-            (lo, self.d, np.zeros(self.n * ((self.k // Q4_1_BLOCK + 1) // 2), dtype=np.uint8)),
+            (lo, self.d, zero_points_4bit(self.n, self.k, 0)),
         ]
         outs = []
         for name, (nibbles, scales, zeros) in zip(("hi", "lo"), halves, strict=True):
