@@ -1,4 +1,6 @@
-"""Pull throughput of the real model directory: registry (HTTP) vs 1 and 3 libp2p peers.
+"""Pull throughput of the real model directory: registry (HTTP) vs 1 and 3 libp2p peers;
+and what a shard server fetches from 1 peer for the middle third (blocks 10-20) against the
+whole model.
 
 Every pull goes into a fresh store and does the full work: manifest check, ranged fetches,
 per-chunk sha256, durable commit to ``partial/``, assembly into blobs. Registry, peers and
@@ -27,7 +29,8 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from benchmarks._report import write_section as write_doc_section  # noqa: E402
-from p2pedge.ids import ModelId  # noqa: E402
+from p2pedge.ids import LayerRange, ModelId  # noqa: E402
+from p2pedge.models.convert.shards import shard_files  # noqa: E402
 from p2pedge.models.keys import TrustStore, generate_key, public_key_hex  # noqa: E402
 from p2pedge.models.pull import PullResult, pull  # noqa: E402
 from p2pedge.models.sources import ChunkSource  # noqa: E402
@@ -40,6 +43,7 @@ from p2pedge.registry.server import serve_registry  # noqa: E402
 DOC = ROOT / "docs" / "benchmarks.md"
 SECTION = "pull"
 MODEL = ModelId("smollm2-135m-instruct", "bench")
+SHARD = LayerRange(10, 20)
 
 
 def model_dir() -> Path:
@@ -52,16 +56,24 @@ def model_dir() -> Path:
 
 
 async def timed_pull(
-    work: Path, label: str, sources: list[ChunkSource], trust: TrustStore, per_source: int
+    work: Path,
+    label: str,
+    sources: list[ChunkSource],
+    trust: TrustStore,
+    per_source: int,
+    files: list[str] | None = None,
 ) -> PullResult:
     target = work / f"pull-{label}"
     shutil.rmtree(target, ignore_errors=True)
-    result = await pull(MODEL, Store(target), sources, trust, per_source=per_source, progress=False)
+    result = await pull(
+        MODEL, Store(target), sources, trust, per_source=per_source, files=files, progress=False
+    )
     shutil.rmtree(target, ignore_errors=True)
     return result
 
 
-async def run(args: argparse.Namespace) -> dict[str, list[float]]:
+async def run(args: argparse.Namespace) -> tuple[dict[str, list[float]], dict[str, list[float]]]:
+    """MB/s per source setup, and (MB, seconds) of whole-model and shard pulls from 1 peer."""
     from simnet import Swarm
 
     source = model_dir()
@@ -69,6 +81,8 @@ async def run(args: argparse.Namespace) -> dict[str, list[float]]:
     trust = TrustStore([public_key_hex(key)])
     work = Path(tempfile.mkdtemp(prefix="bench-pull-", dir=args.tmp))
     rates: dict[str, list[float]] = {"registry": [], "peers1": [], "peers3": []}
+    third = shard_files(source, SHARD)
+    shard: dict[str, list[float]] = {"whole_s": [], "shard_s": [], "whole_mb": [], "shard_mb": []}
     try:
         seed = Store(work / "seed")
         chunk = args.chunk_mib * 1024 * 1024
@@ -101,12 +115,25 @@ async def run(args: argparse.Namespace) -> dict[str, list[float]]:
                             f"{rate:7.1f} MB/s {result.by_source}",
                             file=sys.stderr,
                         )
+                        if label == "peers1":
+                            shard["whole_s"].append(result.seconds)
+                            shard["whole_mb"].append(result.fetched_bytes / 1e6)
+                    part = await timed_pull(
+                        work, "shard", [peers[0]], trust, args.per_source, files=third
+                    )
+                    shard["shard_s"].append(part.seconds)
+                    shard["shard_mb"].append(part.fetched_bytes / 1e6)
+                    print(
+                        f"round {round_index + 1} shard {SHARD} {part.seconds:6.2f} s "
+                        f"{part.fetched_bytes / 1e6:.1f} MB",
+                        file=sys.stderr,
+                    )
                 for peer in peers:
                     await peer.aclose()
             nursery.cancel_scope.cancel()
     finally:
         shutil.rmtree(work, ignore_errors=True)
-    return rates
+    return rates, shard
 
 
 def main() -> None:
@@ -116,7 +143,7 @@ def main() -> None:
     parser.add_argument("--per-source", type=int, default=4)
     parser.add_argument("--tmp", default=None, help="scratch directory (default: system temp)")
     args = parser.parse_args()
-    rates = trio.run(run, args)
+    rates, shard = trio.run(run, args)
     best = {label: max(values) for label, values in rates.items()}
     median = {label: statistics.median(values) for label, values in rates.items()}
     ratio = best["peers3"] / best["registry"]
@@ -135,20 +162,40 @@ def main() -> None:
         )
     table = "\n".join(rows)
     print(table)
+    whole_s, shard_s = statistics.median(shard["whole_s"]), statistics.median(shard["shard_s"])
+    whole_mb, shard_mb = shard["whole_mb"][0], shard["shard_mb"][0]
+    shard_table = "\n".join(
+        [
+            "| pulled from 1 peer | MB | median s | vs whole model |",
+            "|---|---:|---:|---:|",
+            f"| whole model | {whole_mb:.1f} | {whole_s:.2f} | 1.00x |",
+            f"| shard server's files for blocks {SHARD} | {shard_mb:.1f} | {shard_s:.2f} | "
+            f"{shard_s / whole_s:.2f}x time, {shard_mb / whole_mb:.2f}x bytes |",
+        ]
+    )
+    print(shard_table)
     machine = f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores"
     write_doc_section(
         SECTION,
         f"### Model pull (`benchmarks/pull.py`)\n\n"
         f"{datetime.now(UTC):%Y-%m-%d} on {machine}; SmolLM2-135M-Instruct lossless-4 dir "
-        f"(~200 MB), {args.chunk_mib} MiB chunks, {args.per_source} streams per source, "
+        f"(~150 MB, one data file per block), {args.chunk_mib} MiB chunks, "
+        f"{args.per_source} streams per source, "
         f"{args.rounds} rounds, registry/peers/puller in one process on loopback.\n\n{table}\n\n"
         "All peers share the puller's process (one GIL) and py-libp2p runs Noise and yamux in "
         "Python, so here extra peers add no CPU and peer pulls are CPU-bound below HTTP; on "
-        "separate machines each peer brings its own CPU and uplink.\n",
+        "separate machines each peer brings its own CPU and uplink.\n\n"
+        f"{shard_table}\n\n"
+        f"A shard server fetches only what building its shard reads (`shard_files`): the graph, "
+        f"the facts and its blocks' data files ({len(shard_files(model_dir(), SHARD))} files); "
+        "the first and last thirds "
+        "also need the embedding table (the last one for its tied head).\n",
     )
     print(
         f"peers3_vs_registry={ratio:.2f} registry_mb_s={best['registry']:.1f} "
-        f"peers1_mb_s={best['peers1']:.1f} peers3_mb_s={best['peers3']:.1f}"
+        f"peers1_mb_s={best['peers1']:.1f} peers3_mb_s={best['peers3']:.1f} "
+        f"shard_vs_whole_time={shard_s / whole_s:.2f} "
+        f"shard_vs_whole_bytes={shard_mb / whole_mb:.2f}"
     )
 
 

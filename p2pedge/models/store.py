@@ -273,6 +273,10 @@ class Store:
             return False
         return all(self.has_blob(f.sha256) for f in manifest.select(paths))
 
+    def held_paths(self, model: ModelId) -> list[str]:
+        """The paths of ``model``'s files whose blobs are here (all of them, or a shard's)."""
+        return [f.path for f in self.get_manifest(model).files if self.has_blob(f.sha256)]
+
     def remove_model(self, model: ModelId) -> None:
         """Forget a model; its blobs go at the next :meth:`gc` unless shared."""
         model = self.resolve(model)

@@ -54,6 +54,18 @@ def build_parser() -> argparse.ArgumentParser:
     )
     run.add_argument("--models-dir", type=Path, default=None, help="model store root")
     run.add_argument(
+        "--registry", default=None, help="registry URL to fetch a served model's files from"
+    )
+    run.add_argument(
+        "--trust",
+        dest="trusted",
+        action="append",
+        default=[],
+        type=Path,
+        metavar="KEY.pub",
+        help="publisher key whose signed manifests are trusted (repeatable)",
+    )
+    run.add_argument(
         "--model",
         dest="model_dirs",
         action="append",
@@ -101,6 +113,8 @@ def _config(args: argparse.Namespace, *, throwaway: bool = False) -> NodeConfig:
         announce_interval=args.announce_interval,
         serve=tuple(ServeSpec.parse(s) for s in getattr(args, "serve", [])),
         models_dir=getattr(args, "models_dir", None),
+        registry=getattr(args, "registry", None),
+        trusted_publishers=tuple(getattr(args, "trusted", [])),
         model_dirs=tuple(_model_dir(m) for m in getattr(args, "model_dirs", [])),
         threads=getattr(args, "threads", 0),
         direct_lane=not getattr(args, "no_direct_lane", False),

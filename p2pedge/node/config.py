@@ -52,6 +52,8 @@ class NodeConfig:
     serve: tuple[ServeSpec, ...] = ()
     threads: int = 0
     trusted_publishers: tuple[Path, ...] = ()
+    # where a shard server also fetches the files of a model it does not hold (peers first)
+    registry: str | None = None
     measure_compute: bool = True
     identity_seed: bytes | None = None
     model_dirs: tuple[tuple[str, Path], ...] = ()

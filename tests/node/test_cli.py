@@ -96,6 +96,21 @@ def test_lane_flags_reach_the_node_config(tmp_path: Path) -> None:
     assert not chosen.direct_lane and chosen.direct_lane_port == 4002
 
 
+def test_shard_source_flags_reach_the_node_config(tmp_path: Path) -> None:
+    from p2pedge.ids import LayerRange
+    from p2pedge.node.cli import _config, build_parser
+
+    base = ["run", "--data-dir", str(tmp_path)]
+    default = _config(build_parser().parse_args(base))
+    assert default.registry is None and default.trusted_publishers == ()
+    args = [*base, "--serve", "tiny@2:3-6", "--registry", "http://127.0.0.1:8080"]
+    args += ["--trust", "a.pub", "--trust", "keys"]
+    chosen = _config(build_parser().parse_args(args))
+    assert chosen.registry == "http://127.0.0.1:8080"
+    assert chosen.trusted_publishers == (Path("a.pub"), Path("keys"))
+    assert [(s.model, s.layers) for s in chosen.serve] == [("tiny@2", LayerRange(3, 6))]
+
+
 def test_inline_step_flag_reaches_the_node_config_and_is_checked(tmp_path: Path) -> None:
     from p2pedge.errors import ConfigError
     from p2pedge.node.cli import _config, build_parser

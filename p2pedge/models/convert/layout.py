@@ -2,8 +2,9 @@
 
 ::
 
-    model.onnx              decoder graph (weights in model.onnx.data)
-    model.onnx.data         external initializers
+    model.onnx              decoder graph (small tensors inline, weights in the files below)
+    model.onnx.<part>.data  external initializers by part (see ``weight_part``): embed,
+                            block-000 .. block-<n-1>, final, lm_head, head, common
     genai_config.json       onnxruntime-genai configuration
     tokenizer.json          Hugging Face byte-level BPE tokenizer
     tokenizer_config.json   special tokens and chat template
@@ -20,6 +21,7 @@ from pathlib import Path
 from typing import Any
 
 import onnx
+from onnx.external_data_helper import set_external_data
 
 from p2pedge.models.convert.onnx_graph import (
     ATTENTION_MASK,
@@ -38,8 +40,11 @@ FACTS_FILE = "p2pedge_model.json"
 GENAI_CONFIG_FILE = "genai_config.json"
 # Bumped whenever the graph layout or its runtime config changes, so a split never mixes
 # builder versions and `make model` re-imports (4: genai shares the KV buffer; 5: the exact
-# fp32-activation head is the Q8_0 table as two 4-bit halves).
-FORMAT_VERSION = 5
+# fp32-activation head is the Q8_0 table as two 4-bit halves; 6: weights in one file per
+# part, so a shard server fetches only its blocks' bytes).
+FORMAT_VERSION = 6
+# Initializers at least this big go to external data files; smaller ones stay in the graph.
+EXTERNAL_MIN_BYTES = 1024
 
 
 @dataclass(frozen=True)
@@ -106,20 +111,55 @@ def read_model_facts(model_dir: Path) -> ModelFacts:
     return ModelFacts(**data)
 
 
-def save_onnx(model: onnx.ModelProto, out_dir: Path, filename: str = MODEL_FILE) -> Path:
-    """Save with every initializer in one ``<filename>.data`` file next to the graph."""
+def weight_part(name: str) -> str:
+    """Which data file of a model directory holds initializer ``name``.
+
+    One file per transformer block (``block-007``), the embedding table (``embed``), the
+    final norm (``final``), an untied LM head's table (``lm_head``), the tables the full
+    model's head derives from a Q8_0 table (``head``: a shard rebuilds them from the
+    table), and the rest (``common``: rotary caches). A shard needs only some of them.
+    """
+    if name.startswith("layers."):
+        return f"block-{int(name.split('.', 2)[1]):03d}"
+    if ".head_" in name:
+        return "head"
+    if name.startswith("model.embed_tokens."):
+        return "embed"
+    if name.startswith("lm_head."):
+        return "lm_head"
+    if name == "final_norm":
+        return "final"
+    return "common"
+
+
+def part_file(part: str, filename: str = MODEL_FILE) -> str:
+    return f"{filename}.{part}.data"
+
+
+def save_onnx(
+    model: onnx.ModelProto, out_dir: Path, filename: str = MODEL_FILE, *, by_part: bool = False
+) -> Path:
+    """Save with the initializers in ``<filename>.data`` next to the graph, or with
+    ``by_part`` in one file per :func:`weight_part` (a model directory that is published,
+    so that pulling one shard's weights means pulling only some files)."""
     out_dir.mkdir(parents=True, exist_ok=True)
     path = out_dir / filename
-    data = out_dir / f"{filename}.data"
-    data.unlink(missing_ok=True)  # onnx appends to an existing data file
-    onnx.save_model(
-        model,
-        str(path),
-        save_as_external_data=True,
-        all_tensors_to_one_file=True,
-        location=data.name,
-        size_threshold=1024,
-    )
+    for stale in out_dir.glob(f"{filename}*.data"):
+        stale.unlink()  # onnx appends to an existing data file
+    if not by_part:
+        onnx.save_model(
+            model,
+            str(path),
+            save_as_external_data=True,
+            all_tensors_to_one_file=True,
+            location=f"{filename}.data",
+            size_threshold=EXTERNAL_MIN_BYTES,
+        )
+        return path
+    for tensor in model.graph.initializer:
+        if tensor.HasField("raw_data") and len(tensor.raw_data) >= EXTERNAL_MIN_BYTES:
+            set_external_data(tensor, part_file(weight_part(tensor.name), filename))
+    onnx.save_model(model, str(path))  # writes each marked tensor to its file
     return path
 
 
@@ -192,7 +232,7 @@ def write_model_dir(
     """Build the decoder for ``variant`` and write the whole model directory."""
     facts = ModelFacts.of(weights, tokenizer, variant, int8_activations, attention, int8_limbs)
     model = build_decoder(weights, variant, int8_activations, attention, int8_limbs)
-    save_onnx(model, out_dir)
+    save_onnx(model, out_dir, by_part=True)
     write_json(out_dir / GENAI_CONFIG_FILE, genai_config(facts))
     write_tokenizer(out_dir, tokenizer)
     write_json(out_dir / FACTS_FILE, asdict(facts))

@@ -25,11 +25,12 @@ import shutil
 from collections.abc import Sequence
 from dataclasses import asdict
 from pathlib import Path
-from typing import Literal
+from typing import Literal, overload
 
 import numpy as np
 import onnx
 from onnx import numpy_helper
+from onnx.external_data_helper import load_external_data_for_tensor
 
 from p2pedge.ids import LayerRange
 from p2pedge.models.convert.layout import (
@@ -39,6 +40,7 @@ from p2pedge.models.convert.layout import (
     ModelFacts,
     read_model_facts,
     save_onnx,
+    weight_part,
     write_json,
 )
 from p2pedge.models.convert.onnx_graph import (
@@ -74,6 +76,7 @@ __all__ = [
     "Role",
     "build_shard",
     "load_model_weights",
+    "shard_files",
     "shard_io_names",
     "shard_role",
     "split_model_dir",
@@ -149,12 +152,89 @@ def _unscale(m: Matrix, factor: float) -> Matrix:
     return values
 
 
-def load_model_weights(model_dir: Path) -> LlamaWeights:
-    """Recover the :class:`LlamaWeights` a model directory (or full shard) was built from."""
+class _LoadedBlocks(Sequence[LlamaBlock]):
+    """The blocks of one range, indexed by global block number; any other is not loaded."""
+
+    def __init__(self, n_layers: int, start: int, blocks: Sequence[LlamaBlock]) -> None:
+        self.n_layers, self.start, self.blocks = n_layers, start, tuple(blocks)
+
+    def __len__(self) -> int:
+        return self.n_layers
+
+    @overload
+    def __getitem__(self, index: int) -> LlamaBlock: ...
+
+    @overload
+    def __getitem__(self, index: slice) -> Sequence[LlamaBlock]: ...
+
+    def __getitem__(self, index: int | slice) -> LlamaBlock | Sequence[LlamaBlock]:
+        if isinstance(index, slice):
+            return [self[i] for i in range(*index.indices(self.n_layers))]
+        i = index + self.n_layers if index < 0 else index
+        if not self.start <= i < self.start + len(self.blocks):
+            end = self.start + len(self.blocks)
+            raise IndexError(f"block {index} not loaded (only {self.start}-{end})")
+        return self.blocks[i - self.start]
+
+
+def _is_tied(graph: onnx.ModelProto) -> bool:
+    return not any(weight_part(t.name) == "lm_head" for t in graph.graph.initializer)
+
+
+def _shard_parts(layers: LayerRange, n_layers: int, tied: bool) -> set[str]:
+    """The :func:`weight_part` files building the shard over ``layers`` reads."""
+    parts = {weight_part(f"layers.{i}.") for i in range(layers.start, layers.end)}
+    first, last = layers.start == 0, layers.end == n_layers
+    if first or (last and tied):
+        parts.add("embed")
+    if last:
+        parts |= {"final"} if tied else {"final", "lm_head"}
+    return parts
+
+
+def _external_location(tensor: onnx.TensorProto) -> str | None:
+    if tensor.data_location != onnx.TensorProto.EXTERNAL:
+        return None
+    return next((e.value for e in tensor.external_data if e.key == "location"), None)
+
+
+def shard_files(model_dir: Path, layers: LayerRange) -> list[str]:
+    """The files of an imported model directory that building the shard over ``layers``
+    reads: its facts, its graph, and the data files of the blocks, tables and norm that
+    the shard uses. Needs only those two small files to be present; a shard server
+    fetches the rest of the list and nothing else (see ``docs/sharding.md``)."""
+    facts = _checked_facts(model_dir)
+    if layers.end > facts.n_layers:
+        raise ValueError(f"layer range {layers} exceeds {facts.n_layers} blocks")
+    graph = onnx.load(str(model_dir / MODEL_FILE), load_external_data=False)
+    parts = _shard_parts(layers, facts.n_layers, _is_tied(graph))
+    files = {FACTS_FILE, MODEL_FILE}
+    for tensor in graph.graph.initializer:
+        location = _external_location(tensor)
+        if location is not None and weight_part(tensor.name) in parts:
+            files.add(location)
+    return sorted(files)
+
+
+def load_model_weights(model_dir: Path, layers: LayerRange | None = None) -> LlamaWeights:
+    """Recover the :class:`LlamaWeights` a model directory (or full shard) was built from.
+
+    With ``layers``, only what building that shard reads is loaded, so the directory needs
+    only :func:`shard_files`: other blocks raise ``IndexError``, and the embedding table of
+    a shard that neither embeds nor uses it as its head is empty.
+    """
     facts = read_model_facts(model_dir)
     cfg = _config(facts)
-    model = onnx.load(str(model_dir / MODEL_FILE), load_external_data=True)
-    init = {t.name: numpy_helper.to_array(t) for t in model.graph.initializer}
+    span = layers or LayerRange(0, cfg.n_layers)
+    model = onnx.load(str(model_dir / MODEL_FILE), load_external_data=False)
+    parts = _shard_parts(span, cfg.n_layers, _is_tied(model))
+    init: dict[str, np.ndarray] = {}
+    for tensor in model.graph.initializer:
+        if _external_location(tensor) is not None:
+            if layers is not None and weight_part(tensor.name) not in parts:
+                continue
+            load_external_data_for_tensor(tensor, str(model_dir))
+        init[tensor.name] = numpy_helper.to_array(tensor)
 
     def matrix(prefix: str, k: int) -> Matrix:
         if f"{prefix}.weight_t" in init:
@@ -173,7 +253,7 @@ def load_model_weights(model_dir: Path) -> LlamaWeights:
     scale = 1.0 / math.sqrt(cfg.head_dim)
     q_dim, kv_dim = cfg.n_heads * cfg.head_dim, cfg.n_kv_heads * cfg.head_dim
     blocks = []
-    for i in range(cfg.n_layers):
+    for i in range(span.start, span.end):
         wq, wk, wv = _split_rows(
             matrix(f"layers.{i}.attn.qkv", cfg.hidden), [q_dim, kv_dim, kv_dim]
         )
@@ -208,12 +288,16 @@ def load_model_weights(model_dir: Path) -> LlamaWeights:
 
     token_embd = table("model.embed_tokens")
     if token_embd is None:
-        raise ValueError(f"{model_dir} has no token embedding")
+        if "embed" in parts:
+            raise ValueError(f"{model_dir} has no token embedding")
+        token_embd = np.zeros((0, cfg.hidden), np.float32)
+    last = span.end == cfg.n_layers
+    output_norm = init["final_norm"] if last else np.zeros(0, np.float32)
     return LlamaWeights(
         config=cfg,
         token_embd=token_embd,
-        blocks=tuple(blocks),
-        output_norm=init["final_norm"],
+        blocks=tuple(blocks) if layers is None else _LoadedBlocks(cfg.n_layers, span.start, blocks),
+        output_norm=output_norm,
         lm_head=table("lm_head"),
     )
 
@@ -246,7 +330,7 @@ def write_shard_dir(
     facts: ModelFacts | None = None
     if isinstance(source, Path):
         facts = _checked_facts(source)
-        weights = load_model_weights(source)
+        weights = load_model_weights(source, layers)
         variant = variant or as_variant(facts.variant)
         if int8_activations is None:
             int8_activations = facts.int8_activations

@@ -8,6 +8,7 @@ it losslessly onto ``MatMulNBits``.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -78,6 +79,6 @@ class LlamaBlock:
 class LlamaWeights:
     config: LlamaConfig
     token_embd: F32  # [vocab, hidden]
-    blocks: tuple[LlamaBlock, ...]
+    blocks: Sequence[LlamaBlock]  # indexed by global block number
     output_norm: F32  # [hidden]
     lm_head: F32 | None  # [vocab, hidden]; None when tied to token_embd

@@ -23,7 +23,6 @@ from p2pedge.errors import (
     RemoteProtocolError,
 )
 from p2pedge.ids import ModelId
-from p2pedge.models.manifest import Manifest
 from p2pedge.models.sources import SourceMissing
 from p2pedge.models.store import Store
 from p2pedge.protocols._stream import FramedStream
@@ -192,7 +191,9 @@ class Provider(Protocol):
 async def announce_store(
     node: Provider, store: Store, models: Iterable[ModelId] | None = None
 ) -> int:
-    """Provide every blob of ``models`` (default: all stored) and their names; returns keys."""
+    """Provide every held blob of ``models`` (default: all stored) and their names; returns
+    the keys. A node holding only some files of a model (a shard server) announces its name
+    too: it serves the manifest and those files, and a puller asks others for the rest."""
     keys: set[str] = set()
     for model in store.list_models() if models is None else models:
         manifest = store.get_manifest(model)
@@ -204,16 +205,15 @@ async def announce_store(
 
 
 async def swarm_sources(
-    node: Any, model: ModelId, *, manifest: Manifest | None = None, limit: int = 8
+    node: Any, model: ModelId, *, blobs: Iterable[str] = (), limit: int = 8
 ) -> list[PeerChunkSource]:
-    """Sources for peers that announced ``model`` (or, given a manifest, any of its blobs).
+    """Sources for peers that announced ``model`` or hold any of ``blobs`` (sha256 digests:
+    peers holding only some files of a model, such as shard servers, announce those).
 
-    Provider lookups can miss some holders, so with a manifest the blob keys are asked
-    too and the answers merged; this node is left out.
+    Provider lookups can miss some holders, so the blob keys are asked too and the answers
+    merged; this node is left out.
     """
-    keys = [model_key(model.name)]
-    if manifest is not None:
-        keys += sorted({provider_key(f.sha256) for f in manifest.files})
+    keys = [model_key(model.name), *sorted({provider_key(d) for d in blobs})]
     peers: dict[str, None] = {}
     for key in keys:
         for peer in await node.find_providers(key, limit=limit):
