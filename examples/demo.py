@@ -1,9 +1,11 @@
 """`make demo`: the main job on the real model, locally and through a swarm of shards.
 
 1. A node in local mode answers a chat prompt with SmolLM2-135M-Instruct.
-2. Three `python -m p2pedge.node --serve` processes each serve a third of the model's
-   blocks on 127.0.0.1; a client node finds them through signed cards on the DHT and
-   generates the same answer through them. Both paths' tok/s are printed.
+2. A client node signs and publishes the model; three `python -m p2pedge.node --serve`
+   processes that hold no model each fetch only their third's files from it (verified
+   against the signature), serve those blocks on 127.0.0.1, and the client finds them
+   through signed cards on the DHT and generates the same answer through them. Both
+   paths' tok/s are printed.
 3. The orchestrator routes a few requests to specialists and says why.
 """
 
@@ -23,32 +25,48 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from p2pedge import Node, NodeConfig  # noqa: E402
+from p2pedge.ids import ModelId  # noqa: E402
+from p2pedge.models.keys import generate_key, public_key_hex  # noqa: E402
+from p2pedge.models.store import Store  # noqa: E402
 from p2pedge.testing import real_model_dir  # noqa: E402
 
 MODEL = "smollm2-135m-instruct"
+MODEL_ID = f"{MODEL}@1"
 QUESTION = [{"role": "user", "content": "What is the capital of France?"}]
 THIRDS = ("0-10", "10-20", "20-30")
 THREADS = os.cpu_count() or 1
 
 
-def start_servers(model_dir: Path, root: Path) -> tuple[list[subprocess.Popen[bytes]], list[str]]:
-    procs, addrs = [], []
-    for index, layers in enumerate(THIRDS):
-        cmd = [sys.executable, "-m", "p2pedge.node", "--json", "--threads", str(THREADS)]
-        cmd += ["--data-dir", str(root / f"shard{index}"), "--model", f"{MODEL}={model_dir}"]
-        cmd += ["--serve", f"{MODEL}:{layers}", *(["--bootstrap", addrs[0]] if addrs else [])]
-        proc = subprocess.Popen(
-            cmd, stdout=subprocess.PIPE, env={**os.environ, "PYTHONUNBUFFERED": "1"}
-        )
-        assert proc.stdout is not None
-        for line in proc.stdout:
-            event = json.loads(line)
-            if event["event"] == "listening":
-                addrs.append(event["addrs"][0])
-                print(f"  shard server {index}: blocks {layers} at {event['addrs'][0]}")
-                break
-        procs.append(proc)
-    return procs, addrs
+def start_server(root: Path, index: int, boot: str, trusted: Path) -> subprocess.Popen[bytes]:
+    """A shard server that holds no model: it fetches its third from the swarm."""
+    cmd = [sys.executable, "-m", "p2pedge.node", "--json", "--threads", str(THREADS)]
+    cmd += ["--data-dir", str(root / f"shard{index}"), "--bootstrap", boot]
+    cmd += ["--serve", f"{MODEL_ID}:{THIRDS[index]}", "--trust", str(trusted)]
+    return subprocess.Popen(
+        cmd, stdout=subprocess.PIPE, env={**os.environ, "PYTHONUNBUFFERED": "1"}
+    )
+
+
+def announced(proc: subprocess.Popen[bytes]) -> str:
+    """A server's address once its card (with the blocks it serves) is on the DHT."""
+    assert proc.stdout is not None
+    addr = ""
+    for line in proc.stdout:
+        event = json.loads(line)
+        if event["event"] == "listening":
+            addr = str(event["addrs"][0])
+        elif event["event"] == "announced":
+            return addr
+    raise SystemExit("a shard server exited before it was up")
+
+
+def fetched(root: Path, index: int) -> str:
+    """What a shard server pulled, read from its store."""
+    store = Store(root / f"shard{index}" / "store")
+    manifest = store.get_manifest(ModelId.parse(MODEL_ID))
+    held = manifest.select(store.held_paths(manifest.model))
+    total = sum(f.size for f in manifest.files)
+    return f"{len(held)} files, {sum(f.size for f in held) / 1e6:.1f} of {total / 1e6:.1f} MB"
 
 
 async def main() -> None:
@@ -61,19 +79,39 @@ async def main() -> None:
         print(f"  answer: {local.text.strip()!r}")
         print(f"  {local.tok_per_s:.1f} tok/s, first token after {local.ttft_s * 1000:.0f} ms")
 
-    print(f"== 2. sharded: three processes serve a third of the blocks each ({THREADS} threads)")
-    procs, addrs = start_servers(model_dir, root)
+    print(f"== 2. sharded: three processes fetch a third of the blocks each ({THREADS} threads)")
+    key = generate_key()
+    trusted = root / "publisher.pub"
+    trusted.write_text(public_key_hex(key))
+    procs: list[subprocess.Popen[bytes]] = []
     try:
         client = NodeConfig(
-            data_dir=root / "client", bootstrap=tuple(addrs), model_dirs=((MODEL, model_dir),)
+            data_dir=root / "client",
+            model_dirs=((MODEL, model_dir),),
+            trusted_publishers=(trusted,),
         )
         async with Node(client) as node:
+            await node.publish(model_dir, MODEL_ID, key)
+            print(f"  this node signed and published {MODEL_ID}; servers fetch from it, verified")
+            for index in range(len(THIRDS)):
+                procs.append(start_server(root, index, node.addrs[0], trusted))
+                addr = await trio.to_thread.run_sync(announced, procs[-1])
+                print(f"  shard server {index}: blocks {THIRDS[index]} at {addr}")
+                print(f"    fetched only its shard's files: {fetched(root, index)}")
             peers = await node.find_peers()
             print(f"  client sees {len(peers) - 1} verified peer cards")
-            sharded = await node.complete(MODEL, messages=QUESTION, max_tokens=32, route="sharded")
+            for request in ("first", "second"):
+                sharded = await node.complete(
+                    MODEL, messages=QUESTION, max_tokens=32, route="sharded"
+                )
+                ttft_ms = sharded.ttft_s * 1000
+                print(
+                    f"  {request} request: {sharded.tok_per_s:.1f} tok/s over 3 hops, "
+                    f"first token in {ttft_ms:.0f} ms"
+                )
+            print("  (the first one also opens the lanes between client and servers, and")
+            print("   between the servers, and loads the tokenizer)")
             print(f"  answer: {sharded.text.strip()!r}")
-            ttft_ms = sharded.ttft_s * 1000
-            print(f"  {sharded.tok_per_s:.1f} tok/s over 3 hops, first token in {ttft_ms:.0f} ms")
             print("  (greedy: each token goes round a ring, the last server feeding the first)")
             same = list(sharded.token_ids) == list(local.token_ids)
             print(f"  identical tokens to the local run: {same}")

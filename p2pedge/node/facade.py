@@ -8,8 +8,12 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from p2pedge.errors import LocalProtocolError
+from p2pedge.ids import ModelId
 
 if TYPE_CHECKING:
+    from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+
+    from p2pedge.models.manifest import Manifest
     from p2pedge.models.store import Store
     from p2pedge.node.inference import Completion
     from p2pedge.node.models import NodeModels, ShardedCompletion
@@ -57,6 +61,22 @@ class ModelsFacade:
     ) -> Path:
         """Fetch ``model`` from peers and/or a registry, verifying every chunk."""
         return await self.models.pull(model, registry=registry, files=files)
+
+    async def publish(
+        self,
+        directory: Path,
+        model: str,
+        key: Ed25519PrivateKey | Path,
+        *,
+        category: str = "llm",
+        tags: Sequence[str] = (),
+    ) -> Manifest:
+        """Sign an imported model directory as ``model`` (``name@version``) with ``key`` (a
+        PEM file or key) into this node's store and announce it, so peers can pull it, or
+        only a shard's files of it, from here."""
+        return await self.models.distribution.publish(
+            Path(directory), ModelId.parse(model), key, category=category, tags=tags
+        )
 
     # -- orchestrator ------------------------------------------------------------------
 

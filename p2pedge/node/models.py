@@ -19,17 +19,17 @@ from typing import TYPE_CHECKING, Any
 import trio
 
 from p2pedge.errors import IntegrityError, ModelLoadError, ModelNotCached, PeerUnavailable
-from p2pedge.ids import LayerRange, ModelId
+from p2pedge.ids import ModelId
 from p2pedge.models.keys import TrustStore
-from p2pedge.models.manifest import Manifest, ManifestError
+from p2pedge.models.manifest import ManifestError
 from p2pedge.models.store import Store
+from p2pedge.node.distribution import Distribution
 from p2pedge.node.inference import Completion, LocalInference
 from p2pedge.records.card import CachedModel
 from p2pedge.runtime.config import RuntimeConfig
 from p2pedge.runtime.sampling import SamplingParams
 
 if TYPE_CHECKING:
-    from p2pedge.models.pull import PullResult
     from p2pedge.node.node import Node
     from p2pedge.orchestrator.orchestrator import Orchestrator
     from p2pedge.protocols.infer.codec import InferRequest
@@ -81,6 +81,7 @@ class NodeModels:
         self.orchestrator: Orchestrator | None = None
         self.shard_bans: dict[str, tuple[float, int]] = {}  # shared by sharded sessions
         self._text_codecs: dict[Path, TextCodec] = {}  # tokenizers the sharded path loaded
+        self.distribution = Distribution(self)
         for name, path in config.model_dirs:
             self._register_dir(name, Path(path))
 
@@ -152,7 +153,7 @@ class NodeModels:
         for spec in self.node.config.serve:
             model = ModelId.parse(spec.model)
             try:
-                path, layers = await self._shard_source(model, spec.layers)
+                path, layers = await self.distribution.shard_source(model, spec.layers)
             except (PeerUnavailable, IntegrityError, ModelNotCached, ValueError, OSError) as exc:
                 raise ModelLoadError(f"cannot serve {spec.model}: {exc}") from exc
             serve.append((model.name, path, layers))
@@ -171,40 +172,6 @@ class NodeModels:
         for served in self.node.card.layers_served:
             log.info("serving %s blocks %d-%d", served.model, served.start, served.end)
 
-    async def _shard_source(
-        self, model: ModelId, layers: LayerRange | None
-    ) -> tuple[Path, LayerRange | None]:
-        """Where to build a served shard from: the model's directory when it is here in
-        full, else only the files that shard reads, pulled from peers (and the configured
-        registry) and verified chunk by chunk: its graph and facts first, then, once the
-        range is known (placement may choose it), its blocks' weights."""
-        try:
-            return await trio.to_thread.run_sync(self.resolve, model), layers
-        except ModelNotCached:
-            pass
-        from p2pedge.models.convert.layout import FACTS_FILE, MODEL_FILE
-        from p2pedge.models.convert.shards import shard_files
-        from p2pedge.protocols.pipeline.serving import model_layers, place
-
-        registry = self.node.config.registry
-        head = await self._pull(model, registry, [FACTS_FILE, MODEL_FILE])
-        if layers is None:
-            n_layers = model_layers(head)
-            layers = await place(self.node, model.name, n_layers, max(n_layers // 2, 1))
-        files = await trio.to_thread.run_sync(shard_files, head, layers)
-        path = await self._pull(model, registry, files)
-        manifest = self.store.get_manifest(self.store.resolve(model))
-        wanted = manifest.select(files)
-        log.info(
-            "pulled %s blocks %s: %d files, %.1f of %.1f MB",
-            manifest.model,
-            layers,
-            len(wanted),
-            sum(f.size for f in wanted) / 1e6,
-            sum(f.size for f in manifest.files) / 1e6,
-        )
-        return path, layers
-
     def _start_orchestrator(self) -> None:
         from p2pedge.orchestrator import NodePeers, Orchestrator, install_infer
 
@@ -222,53 +189,13 @@ class NodeModels:
     def close(self) -> None:
         self.inference.close()
 
-    # -- pulls -------------------------------------------------------------------------
+    # -- pulls and publishing (see distribution.py) -----------------------------------
 
     async def pull(
         self, model: str, *, registry: str | None = None, files: Sequence[str] | None = None
     ) -> Path:
         """Fetch ``model`` from peers (and the registry, if given), verified chunk by chunk."""
-        model_id = ModelId.parse(model)
-        result = await self._fetch(model_id, registry, files)
-        return await trio.to_thread.run_sync(self.store.materialize, result.manifest.model, files)
-
-    async def _pull(self, model: ModelId, registry: str | None, files: Sequence[str]) -> Path:
-        """``files`` of ``model`` fetched; its directory holds every file held so far (a
-        node may hold a shard's files and a client's tokenizer files of one model)."""
-        result = await self._fetch(model, registry, files)
-        held = self.store.held_paths(result.manifest.model)
-        return await trio.to_thread.run_sync(self.store.materialize, result.manifest.model, held)
-
-    async def _fetch(
-        self, model: ModelId, registry: str | None, files: Sequence[str] | None
-    ) -> PullResult:
-        from p2pedge.models.pull import pull
-        from p2pedge.protocols.blob.handler import announce_store, swarm_sources
-        from p2pedge.registry.client import RegistryClient
-
-        known = self._stored_manifest(model)  # then peers holding some of its files count too
-        blobs = [f.sha256 for f in known.select(files)] if known is not None else []
-        sources: list[Any] = []
-        if not self.node.config.local_only:
-            sources.extend(await swarm_sources(self.node, model, blobs=blobs))
-        client = RegistryClient(registry) if registry else None
-        if client is not None:
-            sources.append(client)
-        try:
-            result = await pull(model, self.store, sources, self.trust, files=files)
-        finally:
-            for source in sources:
-                await source.aclose()
-        self.node.set_models(self.cached_models())
-        if not self.node.config.local_only:
-            await announce_store(self.node, self.store, [result.manifest.model])
-        return result
-
-    def _stored_manifest(self, model: ModelId) -> Manifest | None:
-        try:
-            return self.store.get_manifest(self.store.resolve(model), self.trust)
-        except (ModelNotCached, IntegrityError, ManifestError, KeyError):
-            return None
+        return await self.distribution.pull(ModelId.parse(model), registry, files)
 
     # -- generation --------------------------------------------------------------------
 

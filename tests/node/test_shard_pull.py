@@ -34,9 +34,8 @@ async def test_shard_servers_pull_only_their_blocks_and_serve_them(
     trusted = tmp_path / "publisher.pub"
     trusted.write_text(public_key_hex(key))
     async with Node(config("publisher")) as publisher:
-        store = publisher.models.store
-        manifest = store.add_model_dir(model_dir, MODEL.name, MODEL.version, "llm", key)
-        await announce_store(publisher, store)
+        manifest = await publisher.publish(model_dir, str(MODEL), key)
+        assert [m.id for m in publisher.models.cached_models()] == [str(MODEL)]
         boot = (publisher.addrs[0],)
 
         def server(name: str, span: str) -> NodeConfig:

@@ -1,0 +1,137 @@
+"""The node's share of model distribution: pulls (verified, from peers and a registry),
+publishing into the swarm, and fetching only the files a served shard reads.
+
+Kept apart from :mod:`p2pedge.node.models` (runtime and generation); the wiring of peers as
+chunk sources to :func:`p2pedge.models.pull.pull` happens here, so ``models/`` never
+imports the protocols.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import trio
+
+from p2pedge.errors import IntegrityError, ModelNotCached
+from p2pedge.ids import LayerRange, ModelId
+from p2pedge.models.manifest import Manifest, ManifestError
+
+if TYPE_CHECKING:
+    from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+
+    from p2pedge.models.pull import PullResult
+    from p2pedge.node.models import NodeModels
+
+log = logging.getLogger("p2pedge.node")
+
+
+class Distribution:
+    def __init__(self, models: NodeModels) -> None:
+        self.models = models
+        self.node = models.node
+        self.store = models.store
+
+    async def pull(
+        self, model: ModelId, registry: str | None, files: Sequence[str] | None = None
+    ) -> Path:
+        """``files`` of ``model`` (all by default) fetched and verified; the directory."""
+        result = await self._fetch(model, registry, files)
+        return await trio.to_thread.run_sync(self.store.materialize, result.manifest.model, files)
+
+    async def publish(
+        self,
+        directory: Path,
+        model: ModelId,
+        key: Ed25519PrivateKey | Path,
+        *,
+        category: str = "llm",
+        tags: Sequence[str] = (),
+    ) -> Manifest:
+        """Sign ``directory`` as ``model`` into the store and announce it: from then on peers
+        (shard servers among them) can pull it, or any of its files, from this node."""
+        from p2pedge.protocols.blob.handler import announce_store
+
+        manifest = await trio.to_thread.run_sync(
+            lambda: self.store.add_model_dir(
+                directory, model.name, model.version, category, key, tags=tags
+            )
+        )
+        self.node.set_models(self.models.cached_models())
+        if not self.node.config.local_only:
+            await announce_store(self.node, self.store, [manifest.model])
+        return manifest
+
+    async def shard_source(
+        self, model: ModelId, layers: LayerRange | None
+    ) -> tuple[Path, LayerRange | None]:
+        """Where to build a served shard from: the model's directory when it is here in
+        full, else only the files that shard reads, pulled from peers (and the configured
+        registry) and verified chunk by chunk: its graph and facts first, then, once the
+        range is known (placement may choose it), its blocks' weights."""
+        try:
+            return await trio.to_thread.run_sync(self.models.resolve, model), layers
+        except ModelNotCached:
+            pass
+        from p2pedge.models.convert.layout import FACTS_FILE, MODEL_FILE
+        from p2pedge.models.convert.shards import shard_files
+        from p2pedge.protocols.pipeline.serving import model_layers, place
+
+        registry = self.node.config.registry
+        head = await self._pull_held(model, registry, [FACTS_FILE, MODEL_FILE])
+        if layers is None:
+            n_layers = model_layers(head)
+            layers = await place(self.node, model.name, n_layers, max(n_layers // 2, 1))
+        files = await trio.to_thread.run_sync(shard_files, head, layers)
+        path = await self._pull_held(model, registry, files)
+        manifest = self.store.get_manifest(self.store.resolve(model))
+        wanted = manifest.select(files)
+        log.info(
+            "pulled %s blocks %s: %d files, %.1f of %.1f MB",
+            manifest.model,
+            layers,
+            len(wanted),
+            sum(f.size for f in wanted) / 1e6,
+            sum(f.size for f in manifest.files) / 1e6,
+        )
+        return path, layers
+
+    async def _pull_held(self, model: ModelId, registry: str | None, files: Sequence[str]) -> Path:
+        """``files`` of ``model`` fetched; its directory holds every file held so far (a
+        node may hold a shard's files and a client's tokenizer files of one model)."""
+        result = await self._fetch(model, registry, files)
+        held = self.store.held_paths(result.manifest.model)
+        return await trio.to_thread.run_sync(self.store.materialize, result.manifest.model, held)
+
+    async def _fetch(
+        self, model: ModelId, registry: str | None, files: Sequence[str] | None
+    ) -> PullResult:
+        from p2pedge.models.pull import pull
+        from p2pedge.protocols.blob.handler import announce_store, swarm_sources
+        from p2pedge.registry.client import RegistryClient
+
+        known = self._stored_manifest(model)  # then peers holding some of its files count too
+        blobs = [f.sha256 for f in known.select(files)] if known is not None else []
+        sources: list[Any] = []
+        if not self.node.config.local_only:
+            sources.extend(await swarm_sources(self.node, model, blobs=blobs))
+        client = RegistryClient(registry) if registry else None
+        if client is not None:
+            sources.append(client)
+        try:
+            result = await pull(model, self.store, sources, self.models.trust, files=files)
+        finally:
+            for source in sources:
+                await source.aclose()
+        self.node.set_models(self.models.cached_models())
+        if not self.node.config.local_only:
+            await announce_store(self.node, self.store, [result.manifest.model])
+        return result
+
+    def _stored_manifest(self, model: ModelId) -> Manifest | None:
+        try:
+            return self.store.get_manifest(self.store.resolve(model), self.models.trust)
+        except (ModelNotCached, IntegrityError, ManifestError, KeyError):
+            return None
