@@ -201,3 +201,34 @@ async def test_sampled_tokens_round_a_ring_equal_sampled_relaying(
         async with await open_sharded_session(client, MODEL, config=sampled) as broken:
             assert await broken.generate(PROMPT, 10, sampler=sampler) == expected
             assert broken.ring_steps == 3 and not broken.ring_ok and broken.recoveries == 0
+
+
+async def test_servers_open_their_push_streams_at_session_open(
+    model_dir: Path, tmp_path: Path
+) -> None:
+    """Told where they will push when the session opens, servers dial during the prefill:
+    round the ring every push (the last server's to the first included) reuses that."""
+    async with ring_swarm(model_dir, tmp_path, 12) as (swarm, client, servers):
+        expected = await relayed(swarm, 8)
+        peers = [n.peer_id for n in swarm.nodes[1:]]
+        async with await open_sharded_session(client, MODEL, config=config()) as ring:
+            assert [h.peer_id for h in ring.route] == peers
+            with trio.fail_after(10):
+                for server, successor in zip(servers, peers[1:] + peers[:1], strict=True):
+                    assert server.pusher is not None
+                    await server.pusher.stream_to(successor)
+            lanes = [n.lanes.opened for n in swarm.nodes[1:]]
+            tokens = await ring.generate(PROMPT, 8)
+            assert ring.ring_steps == 7
+        assert tokens == expected
+        assert [n.lanes.opened for n in swarm.nodes[1:]] == lanes  # no push had to dial
+        assert [s.pusher.warmed for s in servers if s.pusher] == [1, 1, 1]
+
+
+async def test_without_push_servers_are_not_told_where_to_push(
+    model_dir: Path, tmp_path: Path
+) -> None:
+    async with ring_swarm(model_dir, tmp_path, 13) as (swarm, _client, servers):
+        await relayed(swarm, 4)
+        assert [s.pusher.warmed for s in servers if s.pusher] == [0, 0, 0]
+        assert [n.lanes.opened for n in swarm.nodes[1:]] == [0, 0, 0]

@@ -56,6 +56,7 @@ MESSAGES: list[codec.Message] = [
         ),
     ),
     codec.Output(14, 7, np.array([[3.0]], np.float32), np.array([[9]], np.int64), 100, token=42),
+    codec.Open(15, "tiny", 4, 8, 128, next="12D3KooWnext"),
 ]
 
 
@@ -256,6 +257,13 @@ def _fwd(**changes: Any) -> dict[str, Any]:
 def test_hostile_push_fields_are_remote_errors(extra: dict[str, Any]) -> None:
     with pytest.raises(RemoteProtocolError):
         codec.from_map(_step_map(**extra))
+
+
+@pytest.mark.parametrize("bad", ["", "p" * (codec.MAX_PEER_ID + 1), 7, b"12D3KooW"])
+def test_hostile_next_peer_in_open_is_a_remote_error(bad: object) -> None:
+    opening = codec.to_map(codec.Open(1, "tiny", 0, 4, 128)) | {"next": bad}
+    with pytest.raises(RemoteProtocolError, match="next"):
+        codec.from_map(opening)
 
 
 def test_too_many_forwards_is_a_local_error() -> None:

@@ -4,6 +4,7 @@ connection and progress. Recovery replays from these histories."""
 
 from __future__ import annotations
 
+import itertools
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -83,12 +84,22 @@ class HopFailed(Exception):
 
 
 async def open_chain(
-    opener: StreamOpener, model: str, plan: Sequence[Hop], config: ClientConfig
+    opener: StreamOpener,
+    model: str,
+    plan: Sequence[Hop],
+    config: ClientConfig,
+    successor: str = "",
 ) -> list[HopState]:
     """A session on every hop of ``plan``, opened at once. If any fails, the rest are
-    closed and the failure of the lowest hop is raised, the others in its ``others``."""
+    closed and the failure of the lowest hop is raised, the others in its ``others``.
+
+    With push on, each server is told where it will push (the next hop; for the last,
+    ``successor``: the hop after the chain, or round a ring the first), so it opens that
+    stream while the prompt is relayed instead of at the first decode step."""
     conns: list[ShardConnection | None] = [None] * len(plan)
     failures: list[HopFailed] = []
+    peers = [h.peer_id for h in plan] + [successor]
+    pushes_to = [b if config.push and b != a else "" for a, b in itertools.pairwise(peers)]
 
     async def open_one(i: int, hop: Hop) -> None:
         try:
@@ -100,6 +111,7 @@ async def open_chain(
                 config.max_length,
                 timeout=config.step_timeout,
                 dtype=config.dtype,
+                pushes_to=pushes_to[i],
             )
         except HOP_ERRORS as exc:
             failures.append(HopFailed(i, hop.peer_id, exc))
@@ -119,6 +131,18 @@ async def open_chain(
         for conn in opened:
             conn.window = StepWindow(config.slowdown)
     return [HopState(c) for c in opened]
+
+
+def successor(
+    hops: Sequence[HopState], first: int, last: int, plan: Sequence[Hop], *, ring: bool
+) -> str:
+    """Where the last server of ``plan``, replacing ``hops[first..last]``, will push: the
+    hop after them, or round a ring the chain's first server ('' when it will not push)."""
+    if last + 1 < len(hops):
+        return hops[last + 1].conn.peer
+    if not ring:
+        return ""
+    return hops[0].conn.peer if first > 0 else plan[0].peer_id
 
 
 def leaves(group: BaseExceptionGroup[HopFailed]) -> list[HopFailed]:

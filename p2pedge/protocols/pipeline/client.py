@@ -34,10 +34,7 @@ import numpy as np
 import numpy.typing as npt
 import trio
 
-from p2pedge.errors import (
-    RemoteProtocolError,
-    ShardFailed,
-)
+from p2pedge.errors import RemoteProtocolError, ShardFailed
 from p2pedge.ids import LayerRange
 from p2pedge.planning.routes import Hop, NoRoute, ServerOption, choose_route
 from p2pedge.protocols.pipeline import codec
@@ -52,6 +49,7 @@ from p2pedge.protocols.pipeline.chain import (
     leaves,
     open_chain,
     slow_hop,
+    successor,
 )
 from p2pedge.protocols.pipeline.connection import StreamOpener
 from p2pedge.protocols.pipeline.sampling import Sampler, greedy
@@ -138,7 +136,7 @@ class ShardedSession:
             plan = list(route) if route is not None and first else await self._plan(0, None)
             first = False
             try:
-                self.hops = await self._open_chain(plan)
+                self.hops = await self._open_chain(plan, plan[0].peer_id if self.ring_ok else "")
                 break
             except HopFailed as failure:
                 await self._note_failure(failure)
@@ -166,9 +164,9 @@ class ShardedSession:
             banned=banned,
         )
 
-    async def _open_chain(self, plan: Sequence[Hop]) -> list[HopState]:
+    async def _open_chain(self, plan: Sequence[Hop], successor: str) -> list[HopState]:
         try:
-            return await open_chain(self.opener, self.model, plan, self.config)
+            return await open_chain(self.opener, self.model, plan, self.config, successor)
         except HopFailed as first:
             for other in first.others:  # every peer that failed is banned, not only the first
                 log.warning("pipeline %s", other)
@@ -418,8 +416,9 @@ class ShardedSession:
                 if avoid is not None:
                     return False
                 raise ShardFailed(f"no server left for blocks {start}-{ends[-1]}")
+            nxt = successor(self.hops, index, last_replaced, plan, ring=self.config.ring)
             try:
-                new = await self._open_chain(plan)
+                new = await self._open_chain(plan, nxt)
                 break
             except HopFailed as failure:
                 await self._note_failure(failure)

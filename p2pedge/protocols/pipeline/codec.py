@@ -103,7 +103,11 @@ class Ring:
 
 @dataclass(frozen=True)
 class Open:
-    """Ask for a session on ``[start, end)`` of ``model`` holding up to ``max_length`` tokens."""
+    """Ask for a session on ``[start, end)`` of ``model`` holding up to ``max_length`` tokens.
+
+    ``next`` names the server this one will push to (the next hop, or round a ring the
+    first), so that it can open that stream while the prompt is still being relayed.
+    """
 
     rid: int
     model: str
@@ -111,6 +115,7 @@ class Open:
     end: int
     max_length: int
     dtype: str = "float32"
+    next: str = ""
 
 
 @dataclass(frozen=True)
@@ -218,7 +223,7 @@ def to_map(msg: Message) -> dict[str, Any]:
         case Open():
             if msg.dtype not in WIRE_DTYPES:
                 raise LocalProtocolError(f"wire dtype {msg.dtype!r} not supported")
-            return {
+            opening = {
                 "t": "open",
                 "rid": msg.rid,
                 "model": msg.model,
@@ -227,6 +232,7 @@ def to_map(msg: Message) -> dict[str, Any]:
                 "max_length": msg.max_length,
                 "dtype": msg.dtype,
             }
+            return opening | {"next": msg.next} if msg.next else opening
         case Opened():
             opened = {"t": "opened", "rid": msg.rid, "session": msg.session, "kv": msg.kv_bytes}
             return opened | {"key": msg.key} if msg.key else opened
@@ -297,6 +303,16 @@ def _key(m: dict[str, Any]) -> bytes:
     return value
 
 
+def _peer(m: dict[str, Any], field: str) -> str:
+    """An optional peer id ('' when absent), at most ``MAX_PEER_ID`` characters."""
+    if field not in m:
+        return ""
+    peer = _str(m, field)
+    if not 0 < len(peer) <= MAX_PEER_ID:
+        raise RemoteProtocolError(f"{field!r} must be a peer id of 1 to {MAX_PEER_ID} characters")
+    return peer
+
+
 def _forwards(value: Any) -> tuple[Forward, ...]:
     if not isinstance(value, list) or not 1 <= len(value) <= MAX_FORWARDS:
         raise RemoteProtocolError(f"fwd must be a list of 1 to {MAX_FORWARDS} entries")
@@ -304,9 +320,9 @@ def _forwards(value: Any) -> tuple[Forward, ...]:
     for entry in value:
         if not isinstance(entry, dict):
             raise RemoteProtocolError("fwd entries must be maps")
-        peer = _str(entry, "peer")
-        if not 0 < len(peer) <= MAX_PEER_ID:
-            raise RemoteProtocolError(f"fwd peer id must be 1 to {MAX_PEER_ID} characters")
+        peer = _peer(entry, "peer")
+        if not peer:
+            raise RemoteProtocolError("fwd entries need a peer id")
         out.append(
             Forward(peer, _int(entry, "session"), _key(entry), _int(entry, "k", 0, MAX_TOP_K))
         )
@@ -346,7 +362,8 @@ def from_map(m: dict[str, Any], limits: TensorLimits = TENSOR_LIMITS) -> Message
         dtype = _str(m, "dtype")
         if dtype not in WIRE_DTYPES:
             raise RemoteProtocolError(f"wire dtype {dtype!r} not supported")
-        return Open(rid, _str(m, "model"), start, end, _int(m, "max_length", 1, MAX_LENGTH), dtype)
+        max_length = _int(m, "max_length", 1, MAX_LENGTH)
+        return Open(rid, _str(m, "model"), start, end, max_length, dtype, _peer(m, "next"))
     if kind == "opened":
         return Opened(rid, _int(m, "session"), _int(m, "kv"), _key(m) if "key" in m else b"")
     if kind == "step":

@@ -68,6 +68,7 @@ class ShardConnection:
         *,
         timeout: float,
         dtype: str = "float32",
+        pushes_to: str = "",
     ) -> ShardConnection:
         try:
             with trio.fail_after(timeout) if timeout else trio.CancelScope():
@@ -79,7 +80,9 @@ class ShardConnection:
         conn = cls(peer, layers, stream, timeout)
         try:
             reply = await conn._request(
-                lambda rid: codec.Open(rid, model, layers.start, layers.end, max_length, dtype)
+                lambda rid: codec.Open(
+                    rid, model, layers.start, layers.end, max_length, dtype, pushes_to
+                )
             )
         except BaseException:
             await conn.abort()

@@ -251,6 +251,8 @@ class _Connection:
                     key = secrets.token_bytes(codec.PUSH_KEY_BYTES)
                     self.keys[action.session] = key
                     self.server.by_key[key] = (self, action.session)
+                    if action.warm:
+                        self.server.pusher.warm(action.warm)
                 pending[:0] = self.machine.ready(action.session, now(), key)
             elif isinstance(action, Run):
                 pending[:0] = await self._run(action)

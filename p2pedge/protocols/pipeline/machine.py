@@ -120,6 +120,7 @@ class Allocate:
     model: str
     layers: LayerRange
     max_length: int
+    warm: str = ""  # the peer this session will push to: open that stream ahead of time
 
 
 @dataclass(frozen=True, eq=False)
@@ -229,7 +230,7 @@ class ServerMachine:
         )
         self._move(session, Event.OPEN)
         self.sessions[session].pending = (msg.rid, 0)
-        return [Allocate(session, msg.model, layers, msg.max_length)]
+        return [Allocate(session, msg.model, layers, msg.max_length, msg.next)]
 
     def _check_step(self, s: _Session, msg: Step) -> str | None:
         x, first, shape = msg.x, s.spec.first, msg.x.shape

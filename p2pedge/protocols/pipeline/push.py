@@ -47,6 +47,8 @@ class Pusher:
         self._rid = 0
         self.pushed = 0
         self.failed = 0
+        self.warmed = 0  # streams opened ahead of their first push
+        self._opened = trio.Event()  # set (and replaced) whenever a stream opens
 
     @property
     def peers(self) -> list[str]:
@@ -93,12 +95,39 @@ class Pusher:
             self._forget(target.peer)
             return False
 
+    def warm(self, peer: str) -> None:
+        """Open the stream to ``peer`` in the background (a session's client says where it
+        will push), so that the first push does not wait for a dial and a handshake. A
+        failure is only logged: the first push tries again."""
+        if peer not in self._streams:
+            self.nursery.start_soon(self._warm, peer)
+
+    async def stream_to(self, peer: str) -> None:
+        """Wait until a push stream to ``peer`` is open (for callers that must know)."""
+        while peer not in self._streams:
+            await self._opened.wait()
+
+    async def _warm(self, peer: str) -> None:
+        lock = self._locks.get(peer)
+        if lock is None:
+            lock = self._locks[peer] = QuickLock()
+        async with lock:
+            if peer in self._streams:
+                return
+            try:
+                await self._open(peer)
+                self.warmed += 1
+            except (PeerUnavailable, LocalProtocolError, trio.TooSlowError) as exc:
+                log.info("could not open a push stream to %s ahead of time: %r", peer, exc)
+
     async def _open(self, peer: str) -> FramedStream:
         if len(self._streams) >= MAX_PUSH_STREAMS:
             self._forget(next(iter(self._streams)))
         with trio.fail_after(self.timeout):
             stream = await self.opener(peer, codec.PROTOCOL_ID)
         self._streams[peer] = stream
+        self._opened.set()
+        self._opened = trio.Event()
         self.nursery.start_soon(self._read_errors, peer, stream)
         if not self._watching:
             self._watching = True
