@@ -58,7 +58,7 @@ class NodeConfig:
     identity_seed: bytes | None = None
     model_dirs: tuple[tuple[str, Path], ...] = ()
     shard_step_timeout: float = 10.0
-    shard_push: bool = True  # decode steps go server to server; False relays them here
+    shard_push: bool = True  # prompts and decode steps go server to server; False relays
     shard_ring: bool = True  # greedy decode goes round the chain without us (needs push)
     # only the last server answers us during a ring: less CPU per token, but a dead middle
     # server shows only as a late token, and recovery replays the ring's positions

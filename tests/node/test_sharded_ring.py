@@ -77,10 +77,11 @@ async def test_greedy_tokens_go_round_the_ring_and_match_relaying(
             tokens = await ring.generate(PROMPT, 10)
             # the prefill gives the first token; the other nine came round the ring
             assert ring.ring_steps == 9 and ring.pushed_steps == 0 and ring.recoveries == 0
+            assert ring.pushed_chunks == 3  # the 10-token prompt went server to server too
     assert tokens == expected
     # the last server fed eight tokens back to the first; the ninth ended the ring
     assert [s.ring_steps_sent for s in servers] == [0, 0, 8]
-    assert [s.steps_pushed_in for s in servers] == [8, 9, 9]
+    assert [s.steps_pushed_in for s in servers] == [8 + 3, 9 + 3, 9 + 3]
 
 
 async def test_end_of_sequence_stops_the_ring(model_dir: Path, tmp_path: Path) -> None:
@@ -157,8 +158,11 @@ async def test_a_quiet_ring_gives_the_same_tokens_and_replays_after_a_kill(
                 tokens.append(token)
                 if len(tokens) == 4:
                     assert session.ring_steps == 3
-                    # only the ring's first step was answered by the first two hops
-                    assert [h.conn.steps for h in session.hops[:2]] == [4, 3]
+                    # only the ring's first step was answered, by the first hop alone: the
+                    # client holds no later hidden states (the prompt went by push)
+                    assert session.pushed_chunks == 3 and session.hops[0].conn.steps == 1
+                    n = len(PROMPT)
+                    assert [h.done for h in session.hops] == [n + 1, n, n]
                     victim = session.route[1].peer_id
                     await stall_then_kill(swarm, servers, victim)
             assert session.recoveries == 1 and session.route[1].peer_id != victim

@@ -212,7 +212,7 @@ class PipelineMachineTest(RuleBasedStateMachine):
     def finish_step(self, session: int, ok: bool) -> None:
         if self.expected[session] is not State.BUSY:
             return
-        rid = self.in_flight.pop(session)[0]
+        rid, start, _ = self.in_flight.pop(session)
         joined = self.joined.pop(session, None)
         want = [rid] if joined is None else [rid, joined]
         if ok:
@@ -220,6 +220,9 @@ class PipelineMachineTest(RuleBasedStateMachine):
             sends = self.m.step_done(session, y, self.now)
             assert all(isinstance(a, Send) and isinstance(a.reply, codec.Output) for a in sends)
             assert [a.reply.rid for a in sends] == want  # type: ignore[union-attr]
+            # a pushed step's output says where it starts; a reply to a request does not
+            at = [a.reply.at for a in sends]  # type: ignore[union-attr]
+            assert at == [start if rid == 0 else None, None][: len(want)]
             self.expected[session] = State.OPEN
             self.lengths[session] = self.pending.pop(session)
             self.active[session] = self.now

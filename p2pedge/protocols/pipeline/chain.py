@@ -35,7 +35,7 @@ class ClientConfig:
     # Logits the last shard sends per step: 0 = all; k = the k largest (enough for greedy
     # with k = 1, and for top-k sampling with k = top_k). See `logits_needed`.
     logits_top_k: int = 0
-    # Decode steps go server to server (see `push.py`); prefill and replay are relayed.
+    # Prompts and decode steps go server to server (see `pushing.py`); replays are relayed.
     push: bool = True
     # Greedy decode goes round the chain without the client (see `codec.Ring`); needs push.
     ring: bool = True

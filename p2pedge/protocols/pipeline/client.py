@@ -7,9 +7,10 @@ it has consumed, so one routine does prefill, decode and recovery alike: drive e
 hop until it has consumed all positions. Hops run as concurrent tasks, so a long
 prompt split into chunks keeps several servers busy at once (pipelining).
 
-Decode steps (one new position, every hop in step) go server to server instead when every
-server issued a push key (``push.py``): the client sends hop 0 the chain, then collects each
-hop's output as it arrives, so the boundaries' histories stay complete either way. Decoding
+With every hop in step, new positions go server to server instead when every server
+issued a push key (``push.py``, ``pushing.py``): a decode step, or a prompt in chunks all
+sent to hop 0 at once; the client collects each hop's output as it arrives, so the
+boundaries' histories stay complete either way. Decoding
 goes further (``codec.Ring``): the last server picks the token (greedy, or sampled by the
 spec it is sent) and pushes it to the first, so the client only listens, and each token
 costs one hop less. Each ring has an epoch; once the client gives up on a ring (a failure,
@@ -24,7 +25,6 @@ rebuilds their KV caches, while the hops downstream keep theirs.
 
 from __future__ import annotations
 
-import itertools
 import logging
 from collections.abc import AsyncGenerator, Awaitable, Callable, Sequence
 from contextlib import aclosing
@@ -52,6 +52,7 @@ from p2pedge.protocols.pipeline.chain import (
     successor,
 )
 from p2pedge.protocols.pipeline.connection import StreamOpener
+from p2pedge.protocols.pipeline.pushing import PushedChain
 from p2pedge.protocols.pipeline.sampling import Sampler, greedy
 
 __all__ = ["HOP_ERRORS", "ClientConfig", "ShardedSession"]
@@ -61,14 +62,10 @@ log = logging.getLogger(__name__)
 OptionsFinder = Callable[[], Awaitable[list[ServerOption]]]
 # told, as a session ends, each hop's mean decode-step time (peer, blocks, seconds)
 StepObserver = Callable[[str, LayerRange, float], None]
-# How long to wait for a pushed output before relaying that step instead: a multiple of
-# the hop's mean step time, never under the floor.
-PUSH_GRACE_FACTOR = 4.0
-PUSH_GRACE_MIN_S = 1.0
 RING_TOP_K = 1  # a ring's last server names its token; the client needs only the top-1
 
 
-class ShardedSession:
+class ShardedSession(PushedChain):
     """Generation state for one sequence across a chain of shard servers."""
 
     def __init__(
@@ -99,6 +96,7 @@ class ShardedSession:
         self._progress = trio.Event()
         self.push_ok = self.config.push  # off for good once a pushed output fails to come
         self.pushed_steps = 0
+        self.pushed_chunks = 0
         self.ring_ok = self.config.ring and self.config.push  # off until a hop is replaced
         self.ring_steps = 0  # tokens that came round a ring
         self.epoch = 0  # rings so far; see the module docstring
@@ -207,7 +205,7 @@ class ShardedSession:
 
     async def _drive(self, target: int) -> None:
         if self._can_push(target):
-            await self._push_step(target)  # relaying below finishes whatever it did not
+            await self._push_steps(target)  # relaying below finishes whatever it did not
             if all(h.done == target for h in self.hops):
                 return  # every hop is done: no idle hop workers to start
         async with trio.open_nursery() as nursery:
@@ -228,74 +226,6 @@ class ShardedSession:
             except HOP_ERRORS as exc:
                 raise HopFailed(k, hop.conn.peer, exc) from exc
             self._accept(k, y, hop.done, end, target)
-
-    def _chain_pushes(self, *, ring: bool = False) -> bool:
-        hops = self.hops + self.hops[:1] if ring else self.hops
-        return (
-            len(self.hops) > 1
-            and all(h.conn.key for h in self.hops)  # a server without a key does not push
-            # a server holding two consecutive ranges would push to itself: relay instead
-            and all(a.conn.peer != b.conn.peer for a, b in itertools.pairwise(hops))
-        )
-
-    def _can_push(self, target: int) -> bool:
-        return (
-            self.push_ok and all(h.done == target - 1 for h in self.hops) and self._chain_pushes()
-        )
-
-    def _forwards(self, last_top_k: int) -> tuple[codec.Forward, ...]:
-        """Every hop as a push target; the last one sends ``last_top_k`` logits."""
-        last = len(self.hops) - 1
-        return tuple(
-            codec.Forward(h.conn.peer, h.conn.session, h.conn.key, last_top_k if k == last else 0)
-            for k, h in enumerate(self.hops)
-        )
-
-    @staticmethod
-    def _grace(hops: Sequence[HopState]) -> float:
-        """How long to wait for an output that needs ``hops``' steps before giving up on
-        it: a multiple of their mean step times, never under the floor."""
-        means = [h.conn.busy_seconds / h.conn.steps for h in hops if h.conn.steps]
-        return max(PUSH_GRACE_MIN_S, PUSH_GRACE_FACTOR * sum(means))
-
-    async def _collect_outputs(self, at: int, first: int, last_top_k: int) -> bool:
-        """Every pushed output for position ``at`` from hop ``first`` on (the last hop
-        sends ``last_top_k`` logits), stored; False at the first that is late."""
-        last = len(self.hops) - 1
-        for k in range(first, last + 1):
-            hop = self.hops[k]
-            grace = self._grace([hop])
-            try:
-                out = await hop.conn.pushed(last_top_k if k == last else 0, within=grace)
-            except HOP_ERRORS as exc:
-                raise HopFailed(k, hop.conn.peer, exc) from exc
-            if out is None:
-                log.info("no pushed output from hop %s in %.3g s", k, grace)
-                return False
-            self._accept(k, out, at, at + 1, at + 1)
-        return True
-
-    async def _push_step(self, target: int) -> None:
-        """One new position through the chain, pushed server to server: send it to the
-        first hop with the chain after it, then collect every hop's output (the client
-        keeps each boundary's history for recovery)."""
-        start, top_k = target - 1, self.config.logits_top_k
-        await self._first_step(start, self._forwards(top_k)[1:])
-        if not await self._collect_outputs(start, 1, top_k):
-            self.push_ok = False  # relaying from now on
-            return
-        self.pushed_steps += 1
-
-    async def _first_step(
-        self, start: int, fwd: tuple[codec.Forward, ...], ring: codec.Ring | None = None
-    ) -> None:
-        first = self.hops[0]
-        x = self.boundaries[0].read(start, start + 1)[None]
-        try:
-            y = await first.conn.step(x, start, fwd=fwd, ring=ring, epoch=self.epoch)
-        except HOP_ERRORS as exc:
-            raise HopFailed(0, first.conn.peer, exc) from exc
-        self._accept(0, y, start, start + 1, start + 1)
 
     def _can_ring(self) -> bool:
         at = self.boundaries[0].length
@@ -320,11 +250,12 @@ class ShardedSession:
                 at = start + i
                 try:
                     if i == 0:
-                        await self._first_step(at, chain[1:], ring)
+                        await self._first_step(at, at + 1, chain[1:], ring)
                     if quiet:
-                        arrived = await self._quiet_token()
+                        arrived = await self._quiet_token(at)
                     else:  # every hop's output, the first hop's already in for i == 0
-                        arrived = await self._collect_outputs(at, 1 if i == 0 else 0, RING_TOP_K)
+                        first = 1 if i == 0 else 0
+                        arrived = await self._collect_outputs(at, at + 1, first, RING_TOP_K)
                     if not arrived:
                         self.ring_ok = False
                         return
@@ -356,14 +287,14 @@ class ShardedSession:
             raise HopFailed(len(self.hops) - 1, last.peer, RemoteProtocolError(problem))
         return token
 
-    async def _quiet_token(self) -> bool:
+    async def _quiet_token(self, at: int) -> bool:
         """The last hop's logits for the next position of a quiet ring (kept as
         ``last_logits``; no history is stored, so hops past the first stay where the ring
         began and driving again replays the ring's positions); False if they are late."""
         k = len(self.hops) - 1
         last, grace = self.hops[k], self._grace(self.hops)
         try:
-            y = await last.conn.pushed(RING_TOP_K, within=grace, timed=False)
+            y = await last.conn.pushed(RING_TOP_K, start=at, within=grace, timed=False)
         except HOP_ERRORS as exc:
             raise HopFailed(k, last.conn.peer, exc) from exc
         if y is None:
@@ -374,23 +305,6 @@ class ShardedSession:
             raise HopFailed(k, last.conn.peer, RemoteProtocolError(problem))
         self.last_logits = y[0]
         return True
-
-    def _accept(self, k: int, y: npt.NDArray[Any], start: int, end: int, target: int) -> None:
-        """Hop ``k``'s output for positions ``start .. end``, checked and stored (the last
-        hop's logits are kept when they are for ``target``, the end of this extend)."""
-        hop, last = self.hops[k], k == len(self.hops) - 1
-        problem = check_output(y, end - start, last)
-        if problem:
-            raise HopFailed(k, hop.conn.peer, RemoteProtocolError(problem))
-        if last:
-            if end == target:
-                self.last_logits = y[0]
-            self.boundaries[k + 1].write(start, np.zeros(end - start, dtype=np.int8))
-        else:
-            self.boundaries[k + 1].write(start, y[0])
-        hop.done = end
-        self._progress.set()
-        self._progress = trio.Event()
 
     async def _replace(self, index: int, avoid: str | None = None) -> bool:
         """Swap hop ``index`` for a fresh chain over its blocks (or up to a later boundary).

@@ -163,7 +163,8 @@ class Output:
     When the step asked for a top-k, ``y`` holds the ``k`` largest logits ``[1, k]``, ``ids``
     their token ids ``int64 [1, k]`` and ``vocab`` the full width (see :func:`full_logits`).
     A ring's last server also names the ``token`` it picked (and fed on, unless the ring
-    ended there).
+    ended there). The output of a pushed step (``rid`` 0) says where it starts (``at``), so
+    the client can tell it from one of a step it already gave up waiting for.
     """
 
     rid: int
@@ -172,6 +173,7 @@ class Output:
     ids: npt.NDArray[Any] | None = None
     vocab: int = 0
     token: int | None = None
+    at: int | None = None
 
 
 @dataclass(frozen=True)
@@ -272,6 +274,8 @@ def to_map(msg: Message) -> dict[str, Any]:
                 out |= {"ids": _tensor(msg.ids), "vocab": msg.vocab}
                 if msg.token is not None:
                     out["tok"] = msg.token
+            if msg.at is not None:
+                out["at"] = msg.at
             return out
         case Close():
             return {"t": "close", "rid": msg.rid, "session": msg.session}
@@ -380,12 +384,13 @@ def from_map(m: dict[str, Any], limits: TensorLimits = TENSOR_LIMITS) -> Message
         )
     if kind == "out":
         y = decode_tensor(m.get("y"), limits)
+        at = _int(m, "at", 0, MAX_LENGTH) if "at" in m else None
         if "ids" not in m:
-            return Output(rid, _int(m, "session"), y)
+            return Output(rid, _int(m, "session"), y, at=at)
         ids, vocab = decode_tensor(m.get("ids"), limits), _int(m, "vocab", 1, MAX_VOCAB)
         _check_top_k(y, ids, vocab)
         token = _int(m, "tok", 0, vocab - 1) if "tok" in m else None
-        return Output(rid, _int(m, "session"), y, ids, vocab, token)
+        return Output(rid, _int(m, "session"), y, ids, vocab, token, at)
     if kind == "close":
         return Close(rid, _int(m, "session"))
     if kind == "closed":

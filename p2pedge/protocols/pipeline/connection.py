@@ -143,17 +143,38 @@ class ShardConnection:
         reply = await self._request(make)
         return self._output(reply, top_k, began, int(x.shape[1]))
 
-    async def pushed(
-        self, top_k: int = 0, *, within: float | None = None, timed: bool = True
-    ) -> npt.NDArray[Any] | None:
-        """The output of a step another server pushed into this session (``rid`` 0), or
-        None if it has not come ``within`` seconds (when that is shorter than the step
-        timeout, which raises :class:`PeerTimeout` as usual). One deadline, not two
-        nested: each cancel scope cost 0.10-0.14 ms with cold caches in a one-off hop trace.
+    async def push(
+        self, x: npt.NDArray[Any], start: int, fwd: tuple[codec.Forward, ...], epoch: int
+    ) -> None:
+        """Send a step into our own session the way another server would push one (with
+        the session's key, no reply awaited): its output comes as a pushed one (see
+        :meth:`pushed`). The server reads its stream in order and runs each step before
+        the next, so several such steps sent at once run one after another."""
+        if not self.key:
+            raise LocalProtocolError(f"{self.peer} gave no push key for session {self.session}")
+        step = codec.Step(0, self.session, start, x, 0, fwd, self.key, epoch=epoch)
+        with trio.fail_after(self.timeout):
+            await self.stream.send(codec.to_map(step))
 
-        Replies to earlier requests still on the stream are skipped; an error about the
-        pushed step raises like a failed request. ``timed=False`` leaves the hop's step
-        times alone (the wait covered other servers' work too).
+    async def pushed(
+        self,
+        top_k: int = 0,
+        *,
+        start: int,
+        positions: int = 1,
+        within: float | None = None,
+        timed: bool = True,
+    ) -> npt.NDArray[Any] | None:
+        """The output of a step another server pushed into this session (``rid`` 0) for
+        ``positions`` from ``start``, or None if it has not come ``within`` seconds (when
+        that is shorter than the step timeout, which raises :class:`PeerTimeout` as usual).
+        One deadline, not two nested: each cancel scope cost 0.10-0.14 ms with cold caches
+        in a one-off hop trace.
+
+        Replies to earlier requests still on the stream are skipped, and so are pushed
+        outputs for other positions (of steps the client already gave up waiting for); an
+        error about a pushed step raises like a failed request. ``timed=False`` leaves the
+        hop's step times alone (the wait covered other servers' work too).
         """
         began = trio.current_time()
         grace = within is not None and within < self.timeout
@@ -163,7 +184,9 @@ class ShardConnection:
                 if msg.rid == 0:
                     if isinstance(msg, codec.Error):
                         raise error_to_exception(msg, self.peer)
-                    return self._output(msg, top_k, began if timed else None, 1)
+                    if isinstance(msg, codec.Output) and msg.at != start:
+                        continue  # a stale output: its step was relayed since
+                    return self._output(msg, top_k, began if timed else None, positions)
                 if msg.rid == self._pending:
                     self._pending = None
         if grace:

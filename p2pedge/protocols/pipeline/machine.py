@@ -160,6 +160,7 @@ class _Session:
     last_active: float
     length: int = 0
     pending: tuple[int, int] | None = None  # (rid, end position) of the request in flight
+    started: int = 0  # where the step in flight starts
     pushed: Step | None = None  # the step in flight, when another server pushed it
     joined: int | None = None  # a relayed request answered by that pushed step's result
     floor: int = 0  # pushed steps from an older ring epoch are refused (see codec.Step)
@@ -279,6 +280,7 @@ class ServerMachine:
         assert s is not None
         s.last_active = now
         s.pending = (msg.rid, msg.start + int(msg.x.shape[1]))
+        s.started = msg.start
         s.pushed = msg if msg.rid == 0 else None
         top_k = msg.top_k if s.spec.last else 0
         fwd = () if s.spec.last else msg.fwd
@@ -353,6 +355,8 @@ class ServerMachine:
         joined, s.joined = s.joined, None
         if joined is None:
             return [Send(reply)]
+        if isinstance(reply, Output):  # a reply to a request, not a pushed step's output
+            return [Send(reply), Send(dataclasses.replace(reply, rid=joined, at=None))]
         return [Send(reply), Send(dataclasses.replace(reply, rid=joined))]
 
     def ready(self, session: int, now: float, key: bytes = b"") -> list[Action]:
@@ -378,10 +382,11 @@ class ServerMachine:
             raise LocalProtocolError(f"session {session} is not running a step")
         self._move(session, Event.READY)
         s.length = end
+        at = s.started if rid == 0 else None  # a pushed step's output says where it starts
         if ids is not None:
-            return self._answer_joined(s, Output(rid, session, y, ids, s.spec.vocab, token))
+            return self._answer_joined(s, Output(rid, session, y, ids, s.spec.vocab, token, at))
         out = y if s.spec.last else codec.as_wire(y, s.dtype)
-        return self._answer_joined(s, Output(rid, session, out))
+        return self._answer_joined(s, Output(rid, session, out, at=at))
 
     def failed(self, session: int, reason: str, now: float) -> list[Action]:
         """The executor failed an open or a step: the session is closed and freed."""
