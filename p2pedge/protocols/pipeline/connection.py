@@ -153,8 +153,11 @@ class ShardConnection:
         if not self.key:
             raise LocalProtocolError(f"{self.peer} gave no push key for session {self.session}")
         step = codec.Step(0, self.session, start, x, 0, fwd, self.key, epoch=epoch)
-        with trio.fail_after(self.timeout):
-            await self.stream.send(codec.to_map(step))
+        try:
+            with trio.fail_after(self.timeout):
+                await self.stream.send(codec.to_map(step))
+        except trio.TooSlowError as exc:
+            raise PeerTimeout(f"{self.peer} took no step within {self.timeout:.3g} s") from exc
 
     async def pushed(
         self,

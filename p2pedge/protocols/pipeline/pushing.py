@@ -161,7 +161,7 @@ class PushedChain:
             for a, b in chunks:  # all at once: the first server runs them one by one
                 try:
                     await first.push(self.boundaries[0].read(a, b)[None], a, fwd, self.epoch)
-                except (*HOP_ERRORS, trio.TooSlowError) as exc:
+                except HOP_ERRORS as exc:
                     raise HopFailed(0, first.peer, exc) from exc
             self._chunk_s = 0.0
             async with trio.open_nursery() as nursery:
