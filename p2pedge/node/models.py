@@ -154,7 +154,14 @@ class NodeModels:
             model = ModelId.parse(spec.model)
             try:
                 path, layers = await self.distribution.shard_source(model, spec.layers)
-            except (PeerUnavailable, IntegrityError, ModelNotCached, ValueError, OSError) as exc:
+            except (
+                PeerUnavailable,
+                IntegrityError,
+                ModelNotCached,
+                KeyError,
+                ValueError,
+                OSError,
+            ) as exc:
                 raise ModelLoadError(f"cannot serve {spec.model}: {exc}") from exc
             serve.append((model.name, path, layers))
         try:

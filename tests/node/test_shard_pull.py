@@ -3,6 +3,7 @@ from a peer that holds it (real libp2p nodes on 127.0.0.1, one process)."""
 
 from __future__ import annotations
 
+import shutil
 from collections.abc import Callable
 from pathlib import Path
 
@@ -112,3 +113,25 @@ async def test_a_replica_pulls_its_shard_from_a_shard_server_once_the_publisher_
                 held = replica.models.store.held_paths(MODEL)
                 assert sorted(held) == shard_files(model_dir, LayerRange(1, 3))
                 assert [(s.start, s.end) for s in replica.card.layers_served] == [(1, 3)]
+
+
+async def test_a_published_model_missing_a_blocks_file_is_a_clear_error(
+    model_dir: Path, tmp_path: Path, config: Callable[..., NodeConfig]
+) -> None:
+    key = generate_key()
+    trusted = tmp_path / "publisher.pub"
+    trusted.write_text(public_key_hex(key))
+    broken = tmp_path / "broken"
+    shutil.copytree(model_dir, broken)
+    (broken / "model.onnx.block-001.data").unlink()  # the graph still names it
+    async with Node(config("publisher")) as publisher:
+        await publisher.publish(broken, str(MODEL), key)
+        settings = config(
+            "server",
+            bootstrap=(publisher.addrs[0],),
+            trusted_publishers=(trusted,),
+            serve=(ServeSpec.parse(f"{MODEL}:0-2"),),
+        )
+        with pytest.raises(ModelLoadError, match=r"not in manifest.*model\.onnx\.block-001\.data"):
+            async with Node(settings):
+                pass
