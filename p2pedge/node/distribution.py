@@ -80,13 +80,12 @@ class Distribution:
         from p2pedge.protocols.pipeline.serving import model_layers, place
 
         registry = self.node.config.registry
-        head = await self._pull_held(model, registry, [FACTS_FILE, MODEL_FILE])
+        head, _ = await self._pull_held(model, registry, [FACTS_FILE, MODEL_FILE])
         if layers is None:
             n_layers = model_layers(head)
             layers = await place(self.node, model.name, n_layers, max(n_layers // 2, 1))
         files = await trio.to_thread.run_sync(shard_files, head, layers)
-        path = await self._pull_held(model, registry, files)
-        manifest = self.store.get_manifest(self.store.resolve(model))
+        path, manifest = await self._pull_held(model, registry, files)
         wanted = manifest.select(files)
         log.info(
             "pulled %s blocks %s: %d files, %.1f of %.1f MB",
@@ -98,12 +97,16 @@ class Distribution:
         )
         return path, layers
 
-    async def _pull_held(self, model: ModelId, registry: str | None, files: Sequence[str]) -> Path:
-        """``files`` of ``model`` fetched; its directory holds every file held so far (a
-        node may hold a shard's files and a client's tokenizer files of one model)."""
+    async def _pull_held(
+        self, model: ModelId, registry: str | None, files: Sequence[str]
+    ) -> tuple[Path, Manifest]:
+        """``files`` of ``model`` fetched, and its manifest; the directory holds every file
+        held so far (a node may hold a shard's files and a client's tokenizer files of one
+        model)."""
         result = await self._fetch(model, registry, files)
         held = self.store.held_paths(result.manifest.model)
-        return await trio.to_thread.run_sync(self.store.materialize, result.manifest.model, held)
+        path = await trio.to_thread.run_sync(self.store.materialize, result.manifest.model, held)
+        return path, result.manifest
 
     async def _fetch(
         self, model: ModelId, registry: str | None, files: Sequence[str] | None
