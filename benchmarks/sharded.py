@@ -7,7 +7,8 @@ client is an in-process :class:`~p2pedge.node.node.Node` with ``threads=1`` too,
 and sharded decode each get one compute thread per step.
 
 1. ``node.complete`` greedy on one prompt, ``route="local"`` and ``route="sharded"``
-   (three servers: blocks 0-10, 10-20, 20-30), interleaved, median decode tok/s of R runs.
+   (three servers: blocks 0-10, 10-20, 20-30), interleaved, median decode tok/s of R runs;
+   then again with the three servers pinned to one CPU (Linux), the client left free.
 2. Concurrency: decode tok/s summed over 4 sessions decoding at once through the same
    three servers, divided by the rate of one session alone.
 3. Added latency per hop: a fourth server holds all 30 blocks. A 1-hop chain (that
@@ -175,6 +176,10 @@ async def local_vs_sharded(node: Node, tokens: int, rounds: int) -> dict[str, An
     return {
         "local": statistics.median(rates["local"]),
         "sharded": statistics.median(rates["sharded"]),
+        # each round's two runs are adjacent, so their ratio cancels drift between rounds
+        "paired": statistics.median(
+            s / loc for s, loc in zip(rates["sharded"], rates["local"], strict=True)
+        ),
         "local_runs": rates["local"],
         "sharded_runs": rates["sharded"],
         "cpu_local": statistics.median(cpu["local"]),
@@ -182,6 +187,33 @@ async def local_vs_sharded(node: Node, tokens: int, rounds: int) -> dict[str, An
         "same_tokens": ids["local"] == ids["sharded"],
         "n_tokens": len(ids["sharded"]),
     }
+
+
+def pin(pids: Sequence[int], cpus: set[int]) -> None:
+    """Set the CPU affinity of every thread of each process (Linux)."""
+    for pid in pids:
+        for task in Path(f"/proc/{pid}/task").iterdir():
+            os.sched_setaffinity(int(task.name), cpus)
+
+
+def can_pin() -> bool:
+    return hasattr(os, "sched_setaffinity") and len(os.sched_getaffinity(0)) >= 2
+
+
+async def pinned_local_vs_sharded(
+    node: Node, servers: Sequence[Server], tokens: int, rounds: int
+) -> dict[str, Any] | None:
+    """Section 1 again with the three servers sharing one CPU (the client keeps the rest):
+    what is left when the co-located processes stop trading places on the vCPUs."""
+    if not can_pin():
+        return None
+    every = os.sched_getaffinity(0)
+    pids = [s.proc.pid for s in servers]
+    pin(pids, {max(every)})
+    try:
+        return await local_vs_sharded(node, tokens, rounds)
+    finally:
+        pin(pids, every)
 
 
 # --- 2. 1 vs 4 concurrent sessions ------------------------------------------------------
@@ -464,16 +496,33 @@ def ms(seconds: float) -> str:
     return f"{seconds * 1000:.2f}"
 
 
-def report(lvs: dict[str, Any], conc: dict[str, Any], hop: dict[str, Any], args: Any) -> str:
+def report(
+    lvs: dict[str, Any],
+    pinned: dict[str, Any] | None,
+    conc: dict[str, Any],
+    hop: dict[str, Any],
+    args: Any,
+) -> str:
     ratio = lvs["sharded"] / lvs["local"]
+    one_cpu: list[list[object]] = []
+    if pinned is not None:
+        one_cpu.append(
+            [
+                "same, the 3 servers sharing one CPU: local / sharded",
+                f"{pinned['local']:.1f} / {pinned['sharded']:.1f} tok/s",
+                f"{pinned['sharded'] / pinned['local']:.2f}x local; per round, median: "
+                f"{pinned['paired']:.2f}x",
+            ]
+        )
     added, added_push, added_ring = hop["added"], hop["added_push"], hop["added_ring"]
     rows: list[list[object]] = [
         ["local decode (node.complete, 1 thread)", f"{lvs['local']:.1f} tok/s", "baseline"],
         [
             "sharded decode, 3 processes (0-10, 10-20, 20-30)",
             f"{lvs['sharded']:.1f} tok/s",
-            f"{ratio:.2f}x local (target >= 0.9x)",
+            f"{ratio:.2f}x local (target >= 0.9x); per round, median: {lvs['paired']:.2f}x",
         ],
+        *one_cpu,
         [
             "client process CPU per token: local / sharded, median",
             f"{ms(lvs['cpu_local'])} / {ms(lvs['cpu_client'])} ms",
@@ -539,13 +588,31 @@ def report(lvs: dict[str, Any], conc: dict[str, Any], hop: dict[str, Any], args:
         f"Targets: sharded >= 0.9x local {'met' if ratio >= 0.9 else 'MISSED'} "
         f"({ratio:.2f}x); added latency per hop <= 1.5 ms "
         f"{'met' if hop_p50 <= 0.0015 else 'MISSED'} ({ms(hop_p50)} ms median).",
-        f"Greedy, {args.tokens} new tokens, median of {args.rounds} interleaved runs; "
+        f"Greedy, {args.tokens} new tokens, median of {args.rounds} interleaved runs (per "
+        "round: the ratio of each round's two adjacent runs, median over rounds; it cancels "
+        "this machine's drift between rounds); "
         f"sharded tokens identical to local: {lvs['same_tokens']} "
         f"({lvs['n_tokens']} tokens). Runs: local "
         + ", ".join(f"{r:.1f}" for r in lvs["local_runs"])
         + "; sharded "
         + ", ".join(f"{r:.1f}" for r in lvs["sharded_runs"])
         + " tok/s.",
+        *(
+            [
+                "Servers sharing one CPU: the same measure run again (after the first, same "
+                "servers and client) with every thread of the three server processes pinned "
+                "to the last CPU and the client left free; runs: local "
+                + ", ".join(f"{r:.1f}" for r in pinned["local_runs"])
+                + "; sharded "
+                + ", ".join(f"{r:.1f}" for r in pinned["sharded_runs"])
+                + " tok/s. The servers compute one after another for a single session, so "
+                "one CPU is all they use; what pinning removes is the four processes trading "
+                "places on the two vCPUs (a wake-up lands on the other, idle vCPU, a process "
+                "migrates, the client's bookkeeping shares a core with a server's compute)."
+            ]
+            if pinned is not None
+            else []
+        ),
         "Decode tok/s = (tokens - 1) / (time from first to last token), as `node.complete` "
         "reports it. Local runs onnxruntime-genai on the whole model; each shard server runs "
         "plain onnxruntime on its blocks, so the ratio includes that engine difference.",
@@ -604,6 +671,13 @@ async def run(args: Any, model_dir: Path, root: Path) -> tuple[str, dict[str, st
         async with Node(client_config(root, "client-a", servers, model_dir)) as node:
             lvs = await local_vs_sharded(node, args.tokens, args.rounds)
             print(f"local {lvs['local']:.1f} tok/s, sharded {lvs['sharded']:.1f} tok/s", flush=True)
+            pinned = await pinned_local_vs_sharded(node, servers, args.tokens, args.rounds)
+            if pinned is not None:
+                print(
+                    f"servers on one CPU: local {pinned['local']:.1f} tok/s, "
+                    f"sharded {pinned['sharded']:.1f} tok/s",
+                    flush=True,
+                )
             conc = await concurrency(node, codec, CONCURRENT_TOKENS, args.rounds)
             print(f"1 session {conc['one']:.1f}, 4 sessions {conc['four']:.1f} tok/s", flush=True)
         whole = start_server(model_dir, root, "whole", f"0-{N_LAYERS}", boot, inline)
@@ -625,7 +699,9 @@ async def run(args: Any, model_dir: Path, root: Path) -> tuple[str, dict[str, st
         "hop_p50_ms": ms(statistics.median(hop["added_ring"])),
         "concurrency4_speedup": f"{conc['speedup']:.2f}",
     }
-    return report(lvs, conc, hop, args), headline
+    if pinned is not None:
+        headline["sharded_vs_local_one_cpu"] = f"{pinned['sharded'] / pinned['local']:.2f}"
+    return report(lvs, pinned, conc, hop, args), headline
 
 
 def main(argv: list[str] | None = None) -> int:

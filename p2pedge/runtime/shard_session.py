@@ -247,6 +247,34 @@ class ShardModel:
         return ShardSession(self, max_length)
 
 
+@dataclass(frozen=True)
+class _DecodeBuffers:
+    """A decode step's input, position and output, bound to a session's IOBinding; the
+    binding reads and writes these arrays in place."""
+
+    x: npt.NDArray[Any]
+    position: npt.NDArray[np.int64]
+    out: npt.NDArray[np.float32]
+
+    @classmethod
+    def bind(cls, io: ort.IOBinding, info: ShardInfo) -> _DecodeBuffers:
+        if info.first:
+            x: npt.NDArray[Any] = np.zeros((1, 1), dtype=np.int64)
+        else:
+            x = np.zeros((1, 1, info.hidden), dtype=np.float32)
+        width = info.vocab if info.last else info.hidden
+        buffers = cls(x, np.zeros((1, 1), dtype=np.int64), np.empty((1, 1, width or 0), np.float32))
+        io.bind_ortvalue_input(INPUT_IDS if info.first else HIDDEN_IN, _borrow(buffers.x))
+        io.bind_ortvalue_input(POSITION_IDS, _borrow(buffers.position))
+        io.bind_ortvalue_output(info.output, _borrow(buffers.out))
+        return buffers
+
+
+def _borrow(array: npt.NDArray[Any]) -> ort.OrtValue:
+    """An OrtValue over ``array``'s memory (no copy; the array must outlive it)."""
+    return ort.OrtValue.ortvalue_from_numpy(array)
+
+
 class ShardSession:
     """One client's KV cache on a shard; ``step`` appends ``n`` positions after ``start``."""
 
@@ -263,6 +291,9 @@ class ShardSession:
         self._ones = np.ones((1, self.limit), dtype=np.int64)
         self._positions = np.arange(self.limit, dtype=np.int64)[None, :]
         self._io: ort.IOBinding | None = None
+        self._decode: _DecodeBuffers | None = None  # bound while decode steps repeat
+        info = model.info
+        self._decode_shape = (1, 1) if info.first else (1, 1, info.hidden)
         if model.shares_kv:
             self._bind_shared_kv()
         else:
@@ -326,6 +357,8 @@ class ShardSession:
         mask = self._ones[:, : start + n]
         positions = self._positions[:, start : start + n]
         try:
+            if self._io is not None and x.shape == self._decode_shape:
+                return self._run_decode(x, start, mask, last_only)
             if self._io is not None:
                 out = self._run_shared(x, mask, positions)
             else:
@@ -337,11 +370,32 @@ class ShardSession:
             return np.ascontiguousarray(out[:, -1, :])
         return out
 
+    def _run_decode(
+        self, x: npt.NDArray[Any], start: int, mask: npt.NDArray[np.int64], last_only: bool
+    ) -> npt.NDArray[Any]:
+        """One position through buffers bound once: only the mask is bound per step
+        (binding the token or hidden state, the position and the output each step cost
+        0.07-0.09 ms per shard step once a step had flushed the CPU caches)."""
+        info, io = self.model.info, self._io
+        assert io is not None
+        buffers = self._decode
+        if buffers is None:
+            buffers = self._decode = _DecodeBuffers.bind(io, info)
+        buffers.x[...] = x.reshape(buffers.x.shape)
+        buffers.position[0, 0] = start
+        io.bind_cpu_input(ATTENTION_MASK, mask)
+        self.model.session.run_with_iobinding(io)
+        self._length = start + 1
+        if info.last and not last_only:
+            return buffers.out.copy()
+        return buffers.out[:, -1, :].copy() if info.last else buffers.out.copy()
+
     def _run_shared(
         self, x: npt.NDArray[Any], mask: npt.NDArray[np.int64], positions: npt.NDArray[np.int64]
     ) -> npt.NDArray[np.float32]:
         info, io = self.model.info, self._io
         assert io is not None
+        self._decode = None  # the bindings below replace the decode buffers'
         io.bind_cpu_input(INPUT_IDS if info.first else HIDDEN_IN, x)
         io.bind_cpu_input(ATTENTION_MASK, mask)
         io.bind_cpu_input(POSITION_IDS, positions)
