@@ -386,9 +386,9 @@ class ShardSession:
         io.bind_cpu_input(ATTENTION_MASK, mask)
         self.model.session.run_with_iobinding(io)
         self._length = start + 1
-        if info.last and not last_only:
-            return buffers.out.copy()
-        return buffers.out[:, -1, :].copy() if info.last else buffers.out.copy()
+        if info.last and last_only:
+            return buffers.out[:, -1, :].copy()
+        return buffers.out.copy()
 
     def _run_shared(
         self, x: npt.NDArray[Any], mask: npt.NDArray[np.int64], positions: npt.NDArray[np.int64]

@@ -72,10 +72,7 @@ class Pusher:
         blocks (the next server stopped reading) is ended by the watchdog instead.
         """
         target, rest = fwd[0], fwd[1:]
-        lock = self._locks.get(target.peer)
-        if lock is None:
-            lock = self._locks[target.peer] = QuickLock()
-        async with lock:
+        async with self._lock(target.peer):
             try:
                 stream = self._streams.get(target.peer) or await self._open(target.peer)
                 self._rid = self._rid % codec.MAX_ID + 1
@@ -107,11 +104,15 @@ class Pusher:
         while peer not in self._streams:
             await self._opened.wait()
 
-    async def _warm(self, peer: str) -> None:
+    def _lock(self, peer: str) -> QuickLock:
+        """The lock that keeps one send (or open) at a time on the stream to ``peer``."""
         lock = self._locks.get(peer)
         if lock is None:
             lock = self._locks[peer] = QuickLock()
-        async with lock:
+        return lock
+
+    async def _warm(self, peer: str) -> None:
+        async with self._lock(peer):
             if peer in self._streams:
                 return
             try:
