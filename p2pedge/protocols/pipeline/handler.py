@@ -178,7 +178,7 @@ class _Connection:
         self.sessions: dict[int, ShardSession] = {}
         self.keys: dict[int, bytes] = {}
         self.closed = False  # the stream ended; a pushed step may still be running here
-        self.changed = trio.Event()
+        self.parked: trio.Event | None = None  # set while expiry waits for an idle session
         self.send_lock = QuickLock()  # a pushed step's reply may race this stream's own
 
     async def serve(self) -> None:
@@ -208,8 +208,8 @@ class _Connection:
 
     async def receive(self, msg: codec.Message) -> None:
         await self.perform(self.machine.receive(msg, trio.current_time()))
-        self.changed.set()
-        self.changed = trio.Event()
+        if self.parked is not None:
+            self.parked.set()
 
     async def _pushed(self, msg: codec.Step) -> None:
         """A step another server pushed into a session a client opened (maybe on another
@@ -305,10 +305,16 @@ class _Connection:
                 self._release(action.session)
 
     async def expire_idle(self) -> None:
+        """Expire sessions idle past the timeout. A session's deadline only ever moves
+        later (a step restarts its clock), so this sleeps until the earliest one and
+        looks again, instead of waking on every message; only with no idle session does
+        it wait for the next message."""
         while True:
             deadline = self.machine.next_deadline()
-            changed = self.changed
-            with trio.move_on_at(deadline if deadline is not None else float("inf")):
-                await changed.wait()
+            if deadline is None:
+                self.parked = trio.Event()
+                await self.parked.wait()
+                self.parked = None
                 continue
+            await trio.sleep_until(deadline)
             self.apply_releases(self.machine.tick(trio.current_time()))
