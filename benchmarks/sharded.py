@@ -130,7 +130,7 @@ async def local_vs_sharded(
         "bare": statistics.median(rates["bare"]),
         "paired": paired("sharded", "local"),
         "paired_bare": paired("bare", "local"),
-        "sharded_vs_bare": paired("sharded", "bare"),
+        "paired_sharded_bare": paired("sharded", "bare"),
         "local_runs": rates["local"],
         "sharded_runs": rates["sharded"],
         "bare_runs": rates["bare"],
@@ -267,7 +267,7 @@ def report(
             f"{lvs['bare']:.1f} tok/s",
             f"{lvs['bare'] / lvs['local']:.2f}x local (per round, median: "
             f"{lvs['paired_bare']:.2f}x); sharded / bare ring: "
-            f"{lvs['sharded'] / lvs['bare']:.2f}x (per round {lvs['sharded_vs_bare']:.2f}x)",
+            f"{lvs['sharded'] / lvs['bare']:.2f}x (per round {lvs['paired_sharded_bare']:.2f}x)",
         ],
         *one_cpu,
         [
