@@ -64,7 +64,17 @@ class IntegrityError(P2PEdgeError):
 
 
 class Busy(P2PEdgeError):
-    """A queue is full; retry later or elsewhere."""
+    """A queue or quota is full; retry later or elsewhere.
+
+    ``limit`` names the limit that refused (e.g. ``"blob.bytes_in_flight"``) and ``scope``
+    whose share was exhausted: ``"peer"``, ``"source"`` (one network address, whatever
+    peer ids it uses) or ``"total"``. Both are empty for an unnamed queue.
+    """
+
+    def __init__(self, message: str = "", *, limit: str = "", scope: str = "") -> None:
+        super().__init__(message)
+        self.limit = limit
+        self.scope = scope
 
 
 class ShardFailed(P2PEdgeError):

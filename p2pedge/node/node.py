@@ -26,7 +26,7 @@ from p2pedge.node.facade import ModelsFacade
 from p2pedge.node.hardware import Hardware, cached_gflops, probe_hardware, ram_available
 from p2pedge.node.identity import Identity, read_psk
 from p2pedge.planning.latency import StepTimes
-from p2pedge.protocols._stream import FramedStream
+from p2pedge.protocols._stream import FramedStream, contain, remote_host
 from p2pedge.records.card import CachedModel, CapabilityCard, ServedLayers, sign_card
 
 if TYPE_CHECKING:
@@ -417,11 +417,9 @@ class Node(ModelsFacade):
             if self._allowed and remote not in self._allowed:
                 await stream.reset()
                 return
-            framed = FramedStream(stream)
+            framed = FramedStream(stream, source=remote_host(stream))
             try:
-                await handler(framed, remote)
-            except PeerUnavailable as exc:
-                log.debug("%s stream from %s ended: %s", protocol_id, remote, exc)
+                await contain(handler(framed, remote), protocol_id, remote)
             finally:
                 with trio.move_on_after(1):
                     await framed.close()

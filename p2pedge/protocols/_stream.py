@@ -8,15 +8,19 @@ become :class:`~p2pedge.errors.PeerUnavailable`; a silent peer becomes
 
 from __future__ import annotations
 
+import logging
+from collections.abc import Awaitable
 from typing import Any, Protocol
 
 import trio
 
-from p2pedge.errors import PeerTimeout, PeerUnavailable
+from p2pedge.errors import Busy, PeerTimeout, PeerUnavailable, ProtocolError
 from p2pedge.wire.framing import DEFAULT_MAX_FRAME, FrameDecoder, encode_frame
 from p2pedge.wire.messages import pack, unpack_map
 
 READ_CHUNK = 1 << 20
+
+log = logging.getLogger("p2pedge.protocols")
 
 
 class ByteStream(Protocol):
@@ -38,11 +42,18 @@ def _stream_errors() -> tuple[type[BaseException], ...]:
 
 
 class FramedStream:
-    """Length-prefixed msgpack frames over a :class:`ByteStream`."""
+    """Length-prefixed msgpack frames over a :class:`ByteStream`.
 
-    def __init__(self, stream: ByteStream, *, max_frame: int = DEFAULT_MAX_FRAME) -> None:
+    ``source`` is the remote network address (host only) the stream came from, when known:
+    servers charge quotas to it as well as to the peer id, since peer ids cost nothing.
+    """
+
+    def __init__(
+        self, stream: ByteStream, *, max_frame: int = DEFAULT_MAX_FRAME, source: str = ""
+    ) -> None:
         self.stream = stream
         self.max_frame = max_frame
+        self.source = source
         self._decoder = FrameDecoder(max_frame)
         self._ready: list[bytes] = []
         self._errors = _stream_errors()
@@ -86,6 +97,10 @@ class FramedStream:
                 raise PeerUnavailable("peer closed the stream")
             self._ready.extend(self._decode(chunk))
         return self._ready.pop(0)
+
+    def reframed(self, max_frame: int) -> FramedStream:
+        """The same (not yet read) stream with another frame limit; keeps ``source``."""
+        return FramedStream(self.stream, max_frame=max_frame, source=self.source)
 
     async def close(self) -> None:
         try:
@@ -144,6 +159,43 @@ class MemoryByteStream:
     async def reset(self) -> None:
         await self._send.aclose()
         await self._receive.aclose()
+
+
+async def contain(work: Awaitable[None], what: str, peer: str) -> None:
+    """Await ``work`` (a stream handler, or a task a peer's message started) so that no
+    failure escapes into the nursery that runs it: a peer's message may end its stream or
+    session, never the node. Each failure becomes one log line naming the peer; a failure
+    of our own code (not a typed error) is logged with its traceback, since it is a bug.
+    Cancellation and KeyboardInterrupt pass through. Errors arriving inside an
+    ``ExceptionGroup`` (from a nursery in the handler) are matched member by member.
+    """
+    try:
+        await work
+    except* PeerUnavailable as group:
+        log.debug("%s with %s ended: %s", what, peer, _first(group))
+    except* Busy as group:
+        log.info("%s with %s refused: %s", what, peer, _first(group))
+    except* ProtocolError as group:
+        log.warning("%s with %s broke the protocol: %s", what, peer, _first(group))
+    except* Exception as group:
+        log.error("%s with %s failed in our code", what, peer, exc_info=_first(group))
+
+
+def _first(group: BaseExceptionGroup[BaseException]) -> BaseException:
+    first: BaseException = group
+    while isinstance(first, BaseExceptionGroup):
+        first = first.exceptions[0]
+    return first
+
+
+def remote_host(stream: object) -> str:
+    """The remote IP of a py-libp2p stream, or "" when the transport does not say."""
+    get = getattr(stream, "get_remote_address", None)
+    try:
+        address = get() if get is not None else None
+    except (OSError, AttributeError):
+        return ""
+    return str(address[0]) if address else ""
 
 
 def memory_stream_pair() -> tuple[MemoryByteStream, MemoryByteStream]:
