@@ -5,7 +5,7 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 MODEL_STAMP := .cache/models/.complete
 
-.PHONY: venv model demo test test-fast lint bench clean llamacpp
+.PHONY: venv model demo test test-fast lint docs bench clean llamacpp
 
 venv: $(STAMP)
 
@@ -34,6 +34,10 @@ lint: venv
 	$(VENV)/bin/ruff check p2pedge simnet benchmarks examples tests
 	$(VENV)/bin/ruff format --check p2pedge simnet benchmarks examples tests
 	$(VENV)/bin/mypy --strict p2pedge
+
+# the guide and API reference (docs/, mkdocs.yml) into build/site; any warning fails it
+docs: venv
+	$(VENV)/bin/mkdocs build --strict
 
 bench: venv model
 	$(PY) benchmarks/dht.py

@@ -30,7 +30,7 @@ def _store_arg(parser: argparse.ArgumentParser) -> None:
 
 
 def _parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="python -m p2pedge.models", description=__doc__)
+    parser = argparse.ArgumentParser(prog="p2pedge models", description=__doc__)
     commands = parser.add_subparsers(dest="command", required=True)
     pull = commands.add_parser("pull", help="pull a model from a registry into the store")
     pull.add_argument("model", help="NAME or NAME@VERSION")

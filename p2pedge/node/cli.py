@@ -45,7 +45,7 @@ def _common(parser: argparse.ArgumentParser) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="python -m p2pedge.node", description=__doc__)
+    parser = argparse.ArgumentParser(prog="p2pedge node", description=__doc__)
     sub = parser.add_subparsers(dest="command")
     run = sub.add_parser("run", help="join the swarm and stay (default)")
     _common(run)

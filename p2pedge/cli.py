@@ -1,0 +1,76 @@
+"""``p2pedge``: the one console command, dispatching to each part's own program.
+
+``p2pedge node ...`` is ``python -m p2pedge.node ...``, ``p2pedge models ...`` is
+``python -m p2pedge.models ...`` and ``p2pedge registry ...`` is
+``python -m p2pedge.registry ...``: the rest of the command line goes to that program
+unchanged, so each keeps one parser and one set of exit codes. A subcommand's modules
+load only when it is chosen, which keeps ``p2pedge --help`` quick and light.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Callable, Sequence
+
+EXIT_USAGE = 2
+
+
+def _node(argv: list[str]) -> int:
+    from p2pedge.node.cli import main
+
+    return main(argv)
+
+
+def _models(argv: list[str]) -> int:
+    from p2pedge.models.__main__ import main
+
+    return main(argv)
+
+
+def _registry(argv: list[str]) -> int:
+    from p2pedge.registry.__main__ import main
+
+    return main(argv)
+
+
+# name -> (program, one-line help); the order is the order of --help.
+COMMANDS: dict[str, tuple[Callable[[list[str]], int], str]] = {
+    "node": (_node, "run a node: join or start a swarm, serve shards, list peers"),
+    "models": (_models, "the model store: import-gguf, pull, list, verify, gc, keygen"),
+    "registry": (_registry, "run a model registry, or publish a model to one"),
+}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The top-level parser; used for ``--help`` and errors, not to parse subcommands."""
+    from p2pedge import __version__
+
+    parser = argparse.ArgumentParser(
+        prog="p2pedge",
+        description="Turn ordinary computers into one AI swarm.",
+        epilog="Run 'p2pedge COMMAND --help' for a command's options.",
+    )
+    parser.add_argument("--version", action="version", version=f"p2pedge {__version__}")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    for name, (_, summary) in COMMANDS.items():
+        sub.add_parser(name, help=summary, add_help=False)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run ``p2pedge COMMAND ARGS...``; returns the exit code of COMMAND's program."""
+    args = list(sys.argv[1:] if argv is None else argv)
+    if args and args[0] in COMMANDS:
+        program, _ = COMMANDS[args[0]]
+        return program(args[1:])
+    parser = build_parser()
+    if not args:
+        parser.print_help(sys.stderr)
+        return EXIT_USAGE
+    parser.parse_args(args)  # --help / --version exit here; anything else is an error
+    parser.error(f"unknown command {args[0]!r}")  # pragma: no cover - parse_args exits first
+
+
+if __name__ == "__main__":
+    sys.exit(main())
