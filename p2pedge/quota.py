@@ -74,7 +74,7 @@ class Quota:
 
     def release(self, grant: Grant) -> None:
         for book, key in ((self._peers, grant.peer), (self._sources, grant.source)):
-            left = book[key] - grant.cost
+            left = book.get(key, 0) - grant.cost
             if left < 0:
                 raise LocalProtocolError(f"{self.name}: released more than held by {key}")
             if left:

@@ -34,6 +34,7 @@ from p2pedge.runtime.inline import StepCosts
 from p2pedge.runtime.sampling import SamplingParams
 
 ModelRef = str | ModelId
+QUEUE_LIMIT = "inference.queue"  # the limit a full per-model queue names in its Busy
 Resolver = Callable[[ModelId], Path]
 # mypy 2.4 rejects keyword arguments after trio's TypeVarTuple ``*args``; go untyped here.
 _to_thread_abandonable: Callable[..., Awaitable[None]] = trio.to_thread.run_sync
@@ -90,7 +91,9 @@ class _Queue:
         if self.slots.value == 0 and self.slots.statistics().tasks_waiting >= self.limit:
             raise Busy(
                 f"{name}: {self.slots.statistics().tasks_waiting} requests already queued "
-                f"(limit {self.limit}); retry later or ask another peer"
+                f"(limit {self.limit}); retry later or ask another peer",
+                limit=QUEUE_LIMIT,
+                scope="total",
             )
 
 

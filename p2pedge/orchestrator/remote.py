@@ -9,7 +9,7 @@ from typing import Any, Protocol
 from p2pedge.errors import ModelNotCached
 from p2pedge.orchestrator.interfaces import CardLike, LocalInferenceLike
 from p2pedge.protocols._stream import FramedStream
-from p2pedge.protocols.infer.codec import PROTOCOL_ID, InferRequest, InferResult
+from p2pedge.protocols.infer.codec import PROTOCOL_ID, InferLimits, InferRequest, InferResult
 from p2pedge.protocols.infer.handler import InferServer, OnPiece, StreamHandler, request_completion
 
 
@@ -83,8 +83,11 @@ class LocalBackend:
         )  # fmt: skip
 
 
-def install_infer(node: NodeLike, local: LocalInferenceLike, **server_options: Any) -> InferServer:
-    """Serve ``/p2pedge/infer/1.0.0`` on ``node`` from ``local``; returns the server."""
-    server = InferServer(LocalBackend(local, node.peer_id[:12]), **server_options)
+def install_infer(
+    node: NodeLike, local: LocalInferenceLike, *, limits: InferLimits | None = None
+) -> InferServer:
+    """Serve ``/p2pedge/infer/1.0.0`` on ``node`` from ``local`` within ``limits``
+    (queue slots per peer, per source address and in total); returns the server."""
+    server = InferServer(LocalBackend(local, node.peer_id[:12]), limits=limits)
     node.set_stream_handler(PROTOCOL_ID, server.handle)
     return server

@@ -174,8 +174,9 @@ async def test_queue_is_fifo_and_busy_beyond_its_limit(
         await holder.__anext__()  # holds the only slot
         nursery.start_soon(request, "first")
         await wait_queued(inference, dirs["tiny-a"], 1)
-        with pytest.raises(Busy, match="queued"):
+        with pytest.raises(Busy, match="queued") as refused:
             await inference.complete("tiny-a", prompt="third", max_tokens=2)
+        assert (refused.value.limit, refused.value.scope) == ("inference.queue", "total")
         await holder.aclose()
     assert order == ["first"]
 
@@ -213,6 +214,9 @@ async def test_bad_input_is_refused_before_compute(
         {"max_tokens": 0},
         {"temperature": -1.0},
         {"temperature": 11.0},
+        {"temperature": 2.5},  # the one range: OpenAI's 0..2
+        {"top_k": 2**40},  # past genai's int32, once a crash mid-request
+        {"seed": 2**31},
         {"top_p": 0.0},
         {"top_p": 1.01},
         {"top_k": -3},

@@ -3,17 +3,27 @@ back-pressure and timeouts (MockClock)."""
 
 from __future__ import annotations
 
+import contextlib
 from pathlib import Path
+from typing import Any
 
 import pytest
 import trio
 import trio.testing
 
-from p2pedge.errors import Busy, ModelNotCached, P2PEdgeError, PeerTimeout
+from p2pedge.errors import (
+    Busy,
+    ModelNotCached,
+    P2PEdgeError,
+    PeerTimeout,
+    PeerUnavailable,
+    RemoteProtocolError,
+)
 from p2pedge.ids import ModelId
 from p2pedge.node.inference import LocalInference
 from p2pedge.orchestrator.remote import LocalBackend
-from p2pedge.protocols._stream import FramedStream, memory_stream_pair
+from p2pedge.protocols._stream import FramedStream, contain, memory_stream_pair
+from p2pedge.protocols.infer import codec
 from p2pedge.protocols.infer.codec import (
     GenParams,
     InferLimits,
@@ -23,6 +33,7 @@ from p2pedge.protocols.infer.codec import (
 )
 from p2pedge.protocols.infer.handler import InferServer, OnPiece, request_completion
 from p2pedge.runtime.config import RuntimeConfig
+from p2pedge.runtime.sampling import PromptTooLong
 from p2pedge.testing import build_tiny_model
 
 
@@ -52,12 +63,15 @@ class GatedBackend:
         return InferResult("ok", 1, 1, 0.0, 1.0, "stop", "gated")
 
 
-async def call(server: InferServer, request: InferRequest, **kw: object) -> InferResult:
-    """One exchange; the caller's error is re-raised outside the nursery, unwrapped."""
+async def call(
+    server: InferServer, request: InferRequest, peer: str = "caller", source: str = "", **kw: object
+) -> InferResult:
+    """One exchange, the handler contained as the node runs it; the caller's error is
+    re-raised outside the nursery, unwrapped."""
     a, b = memory_stream_pair()
     error: P2PEdgeError | None = None
     async with trio.open_nursery() as nursery:
-        nursery.start_soon(server.handle, FramedStream(b), "caller")
+        nursery.start_soon(contain, server.handle(FramedStream(b, source=source), peer), "t", peer)
         try:
             return await request_completion(FramedStream(a), request, **kw)  # type: ignore[arg-type]
         except P2PEdgeError as exc:
@@ -95,23 +109,34 @@ async def test_oversized_prompt_is_refused_with_typed_error() -> None:
         await call(server, req(text="x" * 11))
 
 
-async def test_full_queue_answers_busy() -> None:
+async def test_full_queue_answers_busy_naming_the_scope() -> None:
+    """Slots per peer, per source address and in total, each refusal a typed Busy."""
     backend = GatedBackend()
-    server = InferServer(backend, max_active=1, max_queue=1)
+    limits = InferLimits(max_active=1, slots_per_peer=2, slots_per_source=3, slots_total=4)
+    server = InferServer(backend, limits=limits)
     results: list[InferResult] = []
 
-    async def occupy() -> None:
-        results.append(await call(server, req()))
+    async def occupy(peer: str, source: str) -> None:
+        results.append(await call(server, req(), peer, source))
 
     async with trio.open_nursery() as nursery:
-        nursery.start_soon(occupy)
-        nursery.start_soon(occupy)
+        for peer, source in (("a", "10.0.0.1"), ("a", "10.0.0.1"), ("b", "10.0.0.1")):
+            nursery.start_soon(occupy, peer, source)
         await trio.testing.wait_all_tasks_blocked()
-        assert server.admission.admitted == 2 and backend.started == 1
-        with pytest.raises(Busy):
-            await call(server, req())
+        assert server.admission.admitted == 3 and backend.started == 1
+        refusals = []
+        for peer, source in (("a", "10.0.0.2"), ("c", "10.0.0.1")):
+            with pytest.raises(Busy) as refused:
+                await call(server, req(), peer, source)
+            refusals.append((refused.value.limit, refused.value.scope))
+        assert refusals == [("infer.queue_slots", "peer"), ("infer.queue_slots", "source")]
+        nursery.start_soon(occupy, "d", "10.0.0.3")  # the last slot, from another address
+        await trio.testing.wait_all_tasks_blocked()
+        with pytest.raises(Busy) as refused:
+            await call(server, req(), "e", "10.0.0.4")
+        assert refused.value.scope == "total"
         backend.gate.set()
-    assert [r.text for r in results] == ["ok", "ok"] and server.admission.admitted == 0
+    assert [r.text for r in results] == ["ok"] * 4 and server.admission.admitted == 0
 
 
 async def test_silent_server_times_out(autojump_clock: trio.testing.MockClock) -> None:
@@ -123,12 +148,74 @@ async def test_silent_server_times_out(autojump_clock: trio.testing.MockClock) -
     assert server.admission.admitted == 0
 
 
-async def test_garbage_from_caller_gets_bad_request() -> None:
+async def server_exchange(
+    server: InferServer, frame: dict[str, Any]
+) -> tuple[list[dict[str, Any]], Exception | None]:
+    """Send one raw frame straight to ``server.handle``: every frame it answers with
+    (until it closes the stream) and the error the handler raised, if any, unwrapped."""
     a, b = memory_stream_pair()
-    server = InferServer(GatedBackend())
     client = FramedStream(a)
+    error: Exception | None = None
+    answers: list[dict[str, Any]] = []
+
+    async def serve() -> None:
+        nonlocal error
+        try:
+            await server.handle(FramedStream(b), "caller")
+        except Exception as exc:  # inspected by the test
+            error = exc
+
     async with trio.open_nursery() as nursery:
-        nursery.start_soon(server.handle, FramedStream(b), "caller")
-        await client.send({"t": "infer", "v": 1, "id": 4, "model": 12})
-        answer = await client.receive(timeout=5)
-    assert answer["t"] == "error" and answer["code"] == "bad_request" and answer["id"] == 4
+        nursery.start_soon(serve)
+        await client.send(frame)
+        with contextlib.suppress(PeerUnavailable):
+            while True:
+                answers.append(await client.receive(timeout=5))
+    return answers, error
+
+
+async def test_garbage_from_caller_gets_bad_request() -> None:
+    server = InferServer(GatedBackend())
+    answers, error = await server_exchange(server, {"t": "infer", "v": 1, "id": 4, "model": 12})
+    assert answers == [
+        {"t": "error", "id": 4, "code": "bad_request", "message": "field 'model' has type int"}
+    ]
+    assert isinstance(error, RemoteProtocolError)  # answered, then raised for contain to log
+
+
+class FailingBackend:
+    """Fault injector: the backend raises what it was given (inside the server's nursery)."""
+
+    def __init__(self, error: Exception) -> None:
+        self.error = error
+
+    async def serves(self, model: str) -> bool:
+        return True
+
+    async def run(self, request: InferRequest, on_piece: OnPiece) -> InferResult:
+        await trio.lowlevel.checkpoint()
+        raise self.error
+
+
+@pytest.mark.parametrize(
+    ("error", "code", "raised"),
+    [
+        (PromptTooLong(300, 128), "too_large", None),
+        (ValueError("prompt is empty"), "bad_request", None),
+        (ModelNotCached("m@1"), "unknown_model", None),
+        (Busy("queue", limit="inference.queue", scope="total"), "busy", Busy),
+        (RuntimeError("genai exploded"), "internal", RuntimeError),
+    ],
+)
+async def test_backend_failures_reach_the_caller_typed(
+    error: Exception, code: str, raised: type[Exception] | None
+) -> None:
+    """A failure inside the backend (an ExceptionGroup member in the nursery) is answered
+    with its code; hostile or unexpected ones are raised bare afterwards, for the log."""
+    server = InferServer(FailingBackend(error))
+    answers, exc = await server_exchange(server, codec.encode_request(req()))
+    assert [a["t"] for a in answers] == ["accepted", "error"] and answers[1]["code"] == code
+    assert type(exc) is raised if raised else exc is None
+    assert server.admission.admitted == 0
+    if code == "busy":
+        assert (answers[1]["limit"], answers[1]["scope"]) == ("inference.queue", "total")

@@ -9,7 +9,7 @@ from hypothesis import settings
 from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, invariant, precondition, rule
 
-from p2pedge.errors import LocalProtocolError, PeerTimeout, RemoteProtocolError
+from p2pedge.errors import Busy, LocalProtocolError, PeerTimeout, RemoteProtocolError
 from p2pedge.protocols.infer.codec import InferLimits, InferRequest, InferResult
 from p2pedge.protocols.infer.machine import (
     Accepted,
@@ -22,6 +22,7 @@ from p2pedge.protocols.infer.machine import (
     Piece,
     ServerState,
 )
+from p2pedge.quota import Grant
 
 LIMITS = InferLimits(max_piece_chars=8, max_text_chars=40)
 RESULT = InferResult("abc", 1, 1, 0.1, 10.0, "stop", "cpu")
@@ -171,36 +172,82 @@ InferExchange.TestCase.settings = settings(max_examples=60, stateful_step_count=
 TestInferExchange = InferExchange.TestCase
 
 
+ADMISSION = InferLimits(max_active=2, slots_per_peer=2, slots_per_source=3, slots_total=5)
+SOURCE_OF = {"a": "10.0.0.1", "b": "10.0.0.1", "c": "10.0.0.2", "d": "10.0.0.3"}
+
+
 class AdmissionMachine(RuleBasedStateMachine):
+    """Slots per peer, per source address and in total, against a model of the books: a
+    refusal names the scope that ran out, positions count from ``max_active``."""
+
     def __init__(self) -> None:
         super().__init__()
-        self.adm = Admission(max_active=2, max_queue=3)
-        self.held = 0
+        self.adm = Admission(ADMISSION)
+        self.grants: list[Grant] = []
 
-    @rule()
-    def admit(self) -> None:
-        position = self.adm.admit()
-        if self.held >= 5:
-            assert position is None
-        else:
-            assert position == max(0, self.held - 1)
-            self.held += 1
+    def held(self, *, peer: str | None = None, source: str | None = None) -> int:
+        return sum(1 for g in self.grants if peer in (None, g.peer) and source in (None, g.source))
 
-    @precondition(lambda self: self.held > 0)
-    @rule()
-    def release(self) -> None:
-        self.adm.release()
-        self.held -= 1
+    @rule(peer=st.sampled_from(sorted(SOURCE_OF)))
+    def admit(self, peer: str) -> None:
+        source = SOURCE_OF[peer]
+        full = [
+            scope
+            for scope, held, cap in (
+                ("peer", self.held(peer=peer), ADMISSION.slots_per_peer),
+                ("source", self.held(source=source), ADMISSION.slots_per_source),
+                ("total", self.held(), ADMISSION.slots_total),
+            )
+            if held >= cap
+        ]
+        if full:
+            with pytest.raises(Busy) as refused:
+                self.adm.admit(peer, source)
+            assert refused.value.limit == "infer.queue_slots"
+            assert refused.value.scope == full[0]
+            return
+        grant, position = self.adm.admit(peer, source)
+        self.grants.append(grant)
+        assert position == max(0, len(self.grants) - ADMISSION.max_active)
 
-    @precondition(lambda self: self.held == 0)
-    @rule()
-    def over_release_is_local_error(self) -> None:
-        with pytest.raises(LocalProtocolError):
-            self.adm.release()
+    @precondition(lambda self: bool(self.grants))
+    @rule(data=st.data())
+    def release(self, data: st.DataObject) -> None:
+        grant = self.grants.pop(data.draw(st.integers(0, len(self.grants) - 1)))
+        self.adm.release(grant)
 
     @invariant()
-    def bounded(self) -> None:
-        assert 0 <= self.adm.admitted == self.held <= 5
+    def books_match(self) -> None:
+        assert self.adm.admitted == len(self.grants) <= ADMISSION.slots_total
+        for peer, source in SOURCE_OF.items():
+            assert self.adm.quota.held(peer=peer) == self.held(peer=peer)
+            assert self.adm.quota.held(source=source) == self.held(source=source)
 
 
 TestAdmission = AdmissionMachine.TestCase
+
+
+def test_busy_frame_carries_the_limit_and_scope() -> None:
+    client, server, _ = new_pair()
+    frame = server.reject("busy", "full", limit="infer.queue_slots", scope="source")
+    event = client.receive(frame, 1.0)
+    assert isinstance(event, Failed) and isinstance(event.error, Busy)
+    assert (event.error.limit, event.error.scope) == ("infer.queue_slots", "source")
+
+
+@pytest.mark.parametrize(
+    "frame",
+    [
+        {"t": "error", "id": 3, "code": "busy", "message": "x", "scope": "planet"},
+        {"t": "error", "id": 3, "code": "busy", "message": "x", "limit": "l" * 65},
+        {"t": "error", "id": 3, "code": "busy", "message": "x" * 1025},
+        {"t": "done", "id": 3, "text": "", "prompt_tokens": 1, "completion_tokens": 1,
+         "ttft_s": float("nan"), "tok_per_s": 1.0, "finish_reason": "stop", "provider": ""},
+    ],
+)  # fmt: skip
+def test_client_blames_a_server_for_hostile_answers(frame: dict[str, Any]) -> None:
+    client, server, _ = new_pair()
+    client.receive(server.accept(0), 1.0)
+    with pytest.raises(RemoteProtocolError):
+        client.receive(frame, 1.0)
+    assert client.state is ClientState.FAILED

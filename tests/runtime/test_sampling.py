@@ -6,7 +6,15 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from p2pedge.runtime.sampling import SamplingParams, StopMatcher
+from p2pedge.protocols.infer.codec import GenParams
+from p2pedge.protocols.pipeline.sampling import SamplingSpec
+from p2pedge.runtime.sampling import (
+    MAX_SEED,
+    MAX_TEMPERATURE,
+    MAX_TOP_K,
+    SamplingParams,
+    StopMatcher,
+)
 
 
 @pytest.mark.parametrize(
@@ -18,6 +26,15 @@ from p2pedge.runtime.sampling import SamplingParams, StopMatcher
         {"max_tokens": True},
         {"temperature": -0.1},
         {"temperature": 10.5},
+        {"temperature": MAX_TEMPERATURE + 1e-9},
+        {"temperature": float("inf")},
+        {"temperature": 10**400},
+        {"top_k": MAX_TOP_K + 1},
+        {"top_k": 2**40},
+        {"seed": MAX_SEED + 1},
+        {"seed": 2**63},
+        {"seed": True},
+        {"stop": 5},
         {"temperature": float("nan")},
         {"top_p": 0.0},
         {"top_p": 1.5},
@@ -33,6 +50,55 @@ from p2pedge.runtime.sampling import SamplingParams, StopMatcher
 def test_absurd_parameters_are_refused(kwargs: dict[str, object]) -> None:
     with pytest.raises(ValueError):
         SamplingParams.make(**kwargs)  # type: ignore[arg-type]
+
+
+def accepts(make: object, *args: object) -> bool:
+    try:
+        make(*args)  # type: ignore[operator]
+    except ValueError:
+        return False
+    return True
+
+
+values = st.one_of(
+    st.floats(allow_nan=True, allow_infinity=True),
+    st.integers(-(2**65), 2**65),
+    st.sampled_from([0, 1, 2, 0.0, 1.0, 2.0, 1e-7, MAX_TOP_K, MAX_SEED, MAX_SEED + 1, None, True]),
+)
+
+
+@given(
+    st.one_of(st.floats(-1, 120), values),
+    st.one_of(st.floats(-0.5, 1.5), values),
+    st.one_of(st.integers(-5, 2 * MAX_TOP_K), values),
+    st.one_of(st.integers(-5, 2**64), values),
+)
+def test_the_three_parameter_types_agree_on_every_range(
+    temperature: object, top_p: object, top_k: object, seed: object
+) -> None:
+    """Local generation, the infer protocol and the pipeline take exactly the same values,
+    so nothing a peer gets past one codec fails in a later layer (issue 17)."""
+    local = accepts(SamplingParams, 4, temperature, top_p, top_k, seed)
+    remote = accepts(GenParams, 4, temperature, top_p, top_k, seed)
+    assert local == remote
+    if seed is not None:
+        assert accepts(SamplingSpec, temperature, top_k, top_p, seed) == local
+
+
+def test_defaults_agree() -> None:
+    local, remote, ring = SamplingParams(), GenParams(), SamplingSpec()
+    assert local.temperature == remote.temperature == ring.temperature == 0.0
+    assert local.top_p == remote.top_p == ring.top_p and local.top_k == remote.top_k == ring.top_k
+    assert local.max_tokens == remote.max_tokens
+    assert local.greedy and ring.greedy
+
+
+def test_a_top_k_over_the_vocabulary_is_no_cut() -> None:
+    """genai refuses top_k > vocab mid-request; keeping every token is the same as top_k 0."""
+    params = SamplingParams.make(temperature=0.7, top_k=MAX_TOP_K)
+    assert params.search_options(30, vocab_size=355)["top_k"] == 0
+    assert params.search_options(30, vocab_size=49152)["top_k"] == MAX_TOP_K
+    assert params.search_options(30)["top_k"] == MAX_TOP_K
 
 
 def test_greedy_and_sampled_search_options() -> None:

@@ -2,12 +2,14 @@
 
 One request per stream. The caller sends ``infer``; the server answers ``accepted`` (with
 its queue position) or ``error``, then zero or more ``piece`` frames and one ``done`` or
-``error``. Every field from a peer is checked against :class:`InferLimits` before use,
-and a broken message is a :class:`RemoteProtocolError`.
+``error``. Every field from a peer is checked against :class:`InferLimits` and the
+shared sampling ranges (:mod:`p2pedge.runtime.sampling`) at decode, before anything is
+queued or computed, and a broken message is a :class:`RemoteProtocolError`.
 """
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -17,6 +19,14 @@ from p2pedge.errors import (
     ModelNotCached,
     P2PEdgeError,
     RemoteProtocolError,
+)
+from p2pedge.runtime.sampling import (
+    DEFAULT_MAX_TOKENS,
+    DEFAULT_TEMPERATURE,
+    DEFAULT_TOP_K,
+    DEFAULT_TOP_P,
+    check_generation,
+    check_sampling,
 )
 from p2pedge.wire.messages import require
 
@@ -28,11 +38,25 @@ FINISH_REASONS = frozenset({"stop", "length", "cancelled", "error"})
 ERROR_CODES = frozenset(
     {"busy", "too_large", "bad_request", "unknown_model", "internal", "timeout", "cancelled"}
 )
+BUSY_SCOPES = frozenset({"", "peer", "source", "total"})
+MAX_REQUEST_ID = (1 << 63) - 1
+MAX_ERROR_CHARS = 1024
+MAX_LIMIT_NAME = 64
 
 
 @dataclass(frozen=True)
 class InferLimits:
-    """Upper bounds both sides enforce; a server may choose tighter ones."""
+    """The infer protocol's limits: sizes both sides enforce on messages, and the server's
+    queue slots (running and waiting requests), charged to the calling peer id, its source
+    address and the total (:class:`p2pedge.quota.Quota`, limit ``infer.queue_slots``).
+
+    One peer can hold at most ``slots_per_peer`` of the ``slots_total`` slots and one
+    address ``slots_per_source``, so a flood from one machine (however many peer ids it
+    mints) leaves room for others. The defaults let one caller fan three specialists out
+    to one peer (``ask_many``) and take two sources to fill the node. ``max_request_bytes``
+    bounds the request frame before it is read; it covers ``max_prompt_chars`` of 4-byte
+    UTF-8 plus the message overhead.
+    """
 
     max_prompt_chars: int = 32_000
     max_messages: int = 64
@@ -42,17 +66,42 @@ class InferLimits:
     max_stop_chars: int = 64
     max_piece_chars: int = 4096
     max_text_chars: int = 64_000
-    max_message_chars: int = 1024
+    max_request_bytes: int = 256 * 1024
+    max_active: int = 1
+    slots_per_peer: int = 3
+    slots_per_source: int = 5
+    slots_total: int = 9
+    request_timeout_s: float = 10.0
+
+    def __post_init__(self) -> None:
+        sizes = (
+            self.max_prompt_chars, self.max_messages, self.max_tokens, self.max_model_len,
+            self.max_piece_chars, self.max_text_chars, self.max_request_bytes, self.max_active,
+        )  # fmt: skip
+        if min(sizes) < 1 or min(self.max_stop, self.max_stop_chars) < 0:
+            raise LocalProtocolError(f"infer limits must be positive: {self}")
+        if min(self.slots_per_peer, self.slots_per_source, self.slots_total) < 1:
+            raise LocalProtocolError(f"infer queue slots must be at least 1: {self}")
+        if not self.request_timeout_s > 0:
+            raise LocalProtocolError(f"request_timeout_s must be positive: {self}")
 
 
 @dataclass(frozen=True)
 class GenParams:
-    max_tokens: int = 128
-    temperature: float = 0.7
-    top_p: float = 1.0
-    top_k: int = 0
+    """Sampling parameters on the wire; the ranges and defaults are the shared ones
+    (:func:`~p2pedge.runtime.sampling.check_sampling`), so a request that decodes here
+    never fails validation later in local generation. Out of range: ``ValueError``."""
+
+    max_tokens: int = DEFAULT_MAX_TOKENS
+    temperature: float = DEFAULT_TEMPERATURE
+    top_p: float = DEFAULT_TOP_P
+    top_k: int = DEFAULT_TOP_K
     seed: int | None = None
     stop: tuple[str, ...] = ()
+
+    def __post_init__(self) -> None:
+        check_generation(self.max_tokens, self.stop)
+        check_sampling(self.temperature, self.top_p, self.top_k, self.seed)
 
 
 @dataclass(frozen=True)
@@ -88,6 +137,16 @@ class InferResult:
     provider: str
 
 
+@dataclass(frozen=True)
+class ErrorFrame:
+    """A server's ``error`` frame; ``limit`` and ``scope`` say which quota refused a busy."""
+
+    code: str
+    message: str
+    limit: str = ""
+    scope: str = ""
+
+
 class InferRejected(LocalProtocolError):
     """The server refused our request as malformed or too large (our side's fault)."""
 
@@ -100,10 +159,12 @@ class InferFailed(P2PEdgeError):
         self.code = code
 
 
-def error_from(code: str, message: str, model: str = "") -> P2PEdgeError:
+def error_from(
+    code: str, message: str, model: str = "", *, limit: str = "", scope: str = ""
+) -> P2PEdgeError:
     """The typed exception a caller raises for a server's ``error`` frame."""
     if code == "busy":
-        return Busy(message)
+        return Busy(message, limit=limit, scope=scope)
     if code == "unknown_model":
         return ModelNotCached(model or message)
     if code in ("too_large", "bad_request"):
@@ -122,13 +183,16 @@ def check_request(req: InferRequest, limits: InferLimits) -> None:
             raise ValueError(f"1..{limits.max_messages} messages allowed")
         if any(r not in ROLES for r, _ in req.messages):
             raise ValueError("unknown message role")
+    elif not req.prompt:
+        raise ValueError("empty prompt")
+    if not 0 <= req.id <= MAX_REQUEST_ID:
+        raise ValueError(f"request id must be in [0, {MAX_REQUEST_ID}]")
     if req.prompt_chars() > limits.max_prompt_chars:
         raise OverflowError(f"prompt of {req.prompt_chars()} chars over {limits.max_prompt_chars}")
+    # The sampling ranges were checked when GenParams was built; these are this server's.
     p = req.params
-    if not 1 <= p.max_tokens <= limits.max_tokens:
+    if p.max_tokens > limits.max_tokens:
         raise ValueError(f"max_tokens must be in 1..{limits.max_tokens}")
-    if not 0.0 <= p.temperature <= 2.0 or not 0.0 < p.top_p <= 1.0 or p.top_k < 0:
-        raise ValueError("temperature, top_p or top_k out of range")
     if len(p.stop) > limits.max_stop or any(len(s) > limits.max_stop_chars for s in p.stop):
         raise ValueError("too many or too long stop strings")
 
@@ -164,7 +228,10 @@ def encode_request(req: InferRequest, limits: InferLimits | None = None) -> dict
 def _num(value: Any, name: str) -> float:
     if isinstance(value, bool) or not isinstance(value, int | float):
         raise RemoteProtocolError(f"field {name!r} must be a number")
-    return float(value)
+    number = float(value)
+    if not math.isfinite(number) or number < 0:
+        raise RemoteProtocolError(f"field {name!r} must be finite and non-negative")
+    return number
 
 
 def _str(msg: dict[str, Any], key: str, limit: int) -> str:
@@ -175,24 +242,33 @@ def _str(msg: dict[str, Any], key: str, limit: int) -> str:
 
 
 def decode_params(raw: Any, limits: InferLimits) -> GenParams:
+    """A peer's sampling parameters, every field typed and in the shared range."""
     if not isinstance(raw, dict):
         raise RemoteProtocolError("params must be a map")
-    seed = raw.get("seed")
-    if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int)):
-        raise RemoteProtocolError("seed must be an int or nil")
     stop = raw.get("stop", [])
     if not isinstance(stop, list) or len(stop) > limits.max_stop:
-        raise RemoteProtocolError("stop must be a short list")
+        raise RemoteProtocolError(f"stop must be a list of at most {limits.max_stop}")
     if any(not isinstance(s, str) or len(s) > limits.max_stop_chars for s in stop):
-        raise RemoteProtocolError("stop strings must be short strings")
-    return GenParams(
-        max_tokens=int(require(raw, "max_tokens", int)),
-        temperature=_num(raw.get("temperature", 0.7), "temperature"),
-        top_p=_num(raw.get("top_p", 1.0), "top_p"),
-        top_k=int(require(raw, "top_k", int)) if "top_k" in raw else 0,
-        seed=seed,
-        stop=tuple(stop),
-    )
+        raise RemoteProtocolError(f"stop strings must be strings of <= {limits.max_stop_chars}")
+    try:
+        return GenParams(
+            max_tokens=raw.get("max_tokens", 0),
+            temperature=raw.get("temperature", DEFAULT_TEMPERATURE),
+            top_p=raw.get("top_p", DEFAULT_TOP_P),
+            top_k=raw.get("top_k", DEFAULT_TOP_K),
+            seed=raw.get("seed"),
+            stop=tuple(stop),
+        )
+    except ValueError as exc:
+        raise RemoteProtocolError(f"invalid params: {exc}") from exc
+
+
+def request_id(msg: dict[str, Any]) -> int:
+    """The request id a peer's frame carries, in ``[0, MAX_REQUEST_ID]``."""
+    value: int = require(msg, "id", int)
+    if not 0 <= value <= MAX_REQUEST_ID:
+        raise RemoteProtocolError(f"request id {value} outside [0, {MAX_REQUEST_ID}]")
+    return value
 
 
 def decode_request(msg: dict[str, Any], limits: InferLimits) -> InferRequest:
@@ -205,7 +281,7 @@ def decode_request(msg: dict[str, Any], limits: InferLimits) -> InferRequest:
     """
     if require(msg, "v", int) != VERSION:
         raise RemoteProtocolError(f"unsupported infer version {msg.get('v')!r}")
-    req_id = require(msg, "id", int)
+    req_id = request_id(msg)
     model = _str(msg, "model", limits.max_model_len)
     specialist = _str(msg, "specialist", limits.max_model_len) if "specialist" in msg else ""
     messages: tuple[tuple[str, str], ...] | None = None
@@ -261,10 +337,17 @@ def encode_done(req_id: int, result: InferResult) -> dict[str, Any]:
     }
 
 
-def encode_error(req_id: int, code: str, message: str) -> dict[str, Any]:
+def encode_error(
+    req_id: int, code: str, message: str, *, limit: str = "", scope: str = ""
+) -> dict[str, Any]:
     if code not in ERROR_CODES:
         raise LocalProtocolError(f"unknown infer error code {code!r}")
-    return {"t": "error", "id": req_id, "code": code, "message": message[:1024]}
+    if scope not in BUSY_SCOPES:
+        raise LocalProtocolError(f"unknown busy scope {scope!r}")
+    frame = {"t": "error", "id": req_id, "code": code, "message": message[:MAX_ERROR_CHARS]}
+    if limit or scope:
+        frame.update(limit=limit[:MAX_LIMIT_NAME], scope=scope)
+    return frame
 
 
 def decode_done(msg: dict[str, Any], limits: InferLimits) -> InferResult:
@@ -285,8 +368,12 @@ def decode_done(msg: dict[str, Any], limits: InferLimits) -> InferResult:
     )
 
 
-def decode_error(msg: dict[str, Any]) -> tuple[str, str]:
+def decode_error(msg: dict[str, Any]) -> ErrorFrame:
     code = _str(msg, "code", 32)
     if code not in ERROR_CODES:
         raise RemoteProtocolError(f"unknown error code {code!r}")
-    return code, _str(msg, "message", 1024)
+    limit = _str(msg, "limit", MAX_LIMIT_NAME) if "limit" in msg else ""
+    scope = _str(msg, "scope", 16) if "scope" in msg else ""
+    if scope not in BUSY_SCOPES:
+        raise RemoteProtocolError(f"unknown busy scope {scope!r}")
+    return ErrorFrame(code, _str(msg, "message", MAX_ERROR_CHARS), limit, scope)

@@ -3,20 +3,28 @@
 Register ``InferServer(backend).handle`` with ``node.set_stream_handler(PROTOCOL_ID, ...)``
 and call :func:`request_completion` on a stream from ``node.open_stream``. The backend
 does the actual work (the orchestrator wires it to local inference).
+
+The server contains its failures: whatever a request does (a malformed field, a quota
+refusal, a backend error, ExceptionGroups from its nurseries included), the caller gets
+a typed ``error`` frame and the handler then raises the typed error for the node's
+:func:`~p2pedge.protocols._stream.contain` to log with the peer's id; a request that is
+well formed but unservable (unknown model, prompt over the context) just gets its answer.
 """
 
 from __future__ import annotations
 
 import contextlib
 import itertools
+import logging
 from collections.abc import Awaitable, Callable
 from typing import Protocol
 
 import trio
 
 from p2pedge.errors import (
+    Busy,
+    FrameTooLarge,
     ModelNotCached,
-    P2PEdgeError,
     PeerTimeout,
     PeerUnavailable,
     ProtocolError,
@@ -32,9 +40,13 @@ from p2pedge.protocols.infer.machine import (
     InferClient,
     InferServerMachine,
     Piece,
+    ServerState,
 )
+from p2pedge.runtime.sampling import PromptTooLong
 
 __all__ = ["PROTOCOL_ID", "InferBackend", "InferServer", "request_completion"]
+
+log = logging.getLogger("p2pedge.protocols.infer")
 
 OnPiece = Callable[[str], Awaitable[None]]
 StreamHandler = Callable[[FramedStream, str], Awaitable[None]]
@@ -54,52 +66,45 @@ class InferBackend(Protocol):
 
 
 class InferServer:
-    """Serves remote callers with bounded concurrency and a bounded queue."""
+    """Serves remote callers within :class:`InferLimits`: bounded request size, queue
+    slots per peer, per source address and in total, at most ``max_active`` running."""
 
-    def __init__(
-        self,
-        backend: InferBackend,
-        *,
-        limits: InferLimits | None = None,
-        max_active: int = 1,
-        max_queue: int = 8,
-        request_timeout_s: float = 10.0,
-    ) -> None:
+    def __init__(self, backend: InferBackend, *, limits: InferLimits | None = None) -> None:
         self.backend = backend
         self.limits = limits or InferLimits()
-        self.admission = Admission(max_active, max_queue)
-        self._running = trio.Semaphore(max_active)
-        self.request_timeout_s = request_timeout_s
+        self.admission = Admission(self.limits)
+        self._running = trio.Semaphore(self.limits.max_active)
         self.served = 0
 
     async def handle(self, stream: FramedStream, peer_id: str) -> None:
-        """One exchange; errors from the peer end it, our own failures are reported."""
+        """One exchange. The caller always gets a typed answer; a hostile or failed
+        exchange then raises its typed error (see the module docstring)."""
+        stream = stream.reframed(min(stream.max_frame, self.limits.max_request_bytes))
         machine = InferServerMachine(self.limits)
         try:
-            first = await stream.receive(timeout=self.request_timeout_s)
+            first = await stream.receive(timeout=self.limits.request_timeout_s)
             outcome = machine.receive_request(first)
-            if isinstance(outcome, dict):
+            if isinstance(outcome, dict):  # too large: a legitimate refusal
                 await stream.send(outcome)
                 return
-            await self._serve(stream, machine, outcome)
-        except RemoteProtocolError as exc:
-            await _send_quietly(stream, machine, "bad_request", str(exc))
-        except PeerUnavailable:
-            return
+            await self._serve(stream, peer_id, machine, outcome)
+        except (ModelNotCached, ValueError) as exc:  # unservable, not hostile
+            log.info("infer request from %s refused: %s", peer_id, exc)
+            await _answer(stream, machine, exc)
+        except Exception as exc:
+            await _answer(stream, machine, exc)
+            raise
         finally:
             await _close_quietly(stream)
 
     async def _serve(
-        self, stream: FramedStream, machine: InferServerMachine, request: InferRequest
+        self, stream: FramedStream, peer: str, machine: InferServerMachine, request: InferRequest
     ) -> None:
-        if not await self.backend.serves(request.model):
-            await stream.send(machine.reject("unknown_model", f"{request.model} is not served"))
-            return
-        position = self.admission.admit()
-        if position is None:
-            await stream.send(machine.reject("busy", "queue full, try another peer"))
-            return
+        # The slot first: a flood is refused before it costs even a model lookup.
+        grant, position = self.admission.admit(peer, stream.source)
         try:
+            if not await self.backend.serves(request.model):
+                raise ModelNotCached(request.model)
             await stream.send(machine.accept(position))
             async with self._running:
 
@@ -107,26 +112,21 @@ class InferServer:
                     for frame in machine.piece(text):
                         await stream.send(frame)
 
-                try:
-                    result = await self._run_watched(stream, request, on_piece)
-                except PeerUnavailable:
-                    raise
-                except ModelNotCached as exc:
-                    await stream.send(machine.fail("unknown_model", str(exc)))
-                    return
-                except (P2PEdgeError, ValueError, RuntimeError) as exc:
-                    await stream.send(machine.fail("internal", f"{type(exc).__name__}: {exc}"))
-                    return
+                result = await self._run_watched(stream, request, on_piece)
                 await stream.send(machine.done(result))
                 self.served += 1
         finally:
-            self.admission.release()
+            self.admission.release(grant)
 
     async def _run_watched(
         self, stream: FramedStream, request: InferRequest, on_piece: OnPiece
     ) -> InferResult:
-        """Run the backend, cancelling it if the caller hangs up or sends ``cancel``."""
-        result: InferResult | None = None
+        """Run the backend, cancelling it if the caller hangs up or sends ``cancel``.
+
+        The backend's failure is caught inside the nursery and raised after it, bare, so
+        callers match it by type rather than inside an ExceptionGroup.
+        """
+        outcome: InferResult | Exception | None = None
         async with trio.open_nursery() as nursery:
 
             async def watch() -> None:
@@ -135,19 +135,43 @@ class InferServer:
                 nursery.cancel_scope.cancel()
 
             nursery.start_soon(watch)
-            result = await self.backend.run(request, on_piece)
+            try:
+                outcome = await self.backend.run(request, on_piece)
+            except Exception as exc:  # re-raised below, outside the nursery's group
+                outcome = exc
             nursery.cancel_scope.cancel()
-        if result is None:
+        if isinstance(outcome, Exception):
+            raise outcome
+        if outcome is None:
             raise PeerUnavailable("caller cancelled or hung up")
-        return result
+        return outcome
 
 
-async def _send_quietly(
-    stream: FramedStream, machine: InferServerMachine, code: str, msg: str
-) -> None:
-    """Best effort: the peer already broke the protocol, so a dead stream is fine."""
+def _error_code(exc: Exception) -> str:
+    """The wire code for why an exchange ended (``internal``: our side failed)."""
+    if isinstance(exc, Busy):
+        return "busy"
+    if isinstance(exc, ModelNotCached):
+        return "unknown_model"
+    if isinstance(exc, OverflowError | PromptTooLong | FrameTooLarge):
+        return "too_large"
+    if isinstance(exc, RemoteProtocolError | ValueError):
+        return "bad_request"
+    if isinstance(exc, PeerTimeout):
+        return "timeout"
+    return "internal"
+
+
+async def _answer(stream: FramedStream, machine: InferServerMachine, exc: Exception) -> None:
+    """Tell the caller why its exchange ends, unless it is over or the stream is gone."""
+    gone = isinstance(exc, PeerUnavailable) and not isinstance(exc, PeerTimeout)
+    if gone or machine.state is ServerState.CLOSED:
+        return
+    code = _error_code(exc)
+    message = str(exc) if code != "internal" else f"{type(exc).__name__}: {exc}"
+    limit, scope = (exc.limit, exc.scope) if isinstance(exc, Busy) else ("", "")
     try:
-        await stream.send(machine.fail(code, msg))
+        await stream.send(machine.fail(code, message, limit=limit, scope=scope))
     except (PeerUnavailable, ProtocolError):
         return
 
@@ -174,6 +198,8 @@ async def request_completion(
     ``PeerUnavailable`` when the stream dies and ``RemoteProtocolError`` on garbage.
     """
     client = InferClient(request, limits=limits, timeout_s=timeout_s)
+    # the longest frame an honest server sends is a ``done`` with the whole text
+    stream = stream.reframed(min(stream.max_frame, 4 * client.limits.max_text_chars + 4096))
     try:
         await stream.send(client.start(trio.current_time()))
         while True:

@@ -1,4 +1,4 @@
-"""Sans-IO state machines for one infer exchange, plus admission control.
+"""Sans-IO state machines for one infer exchange, plus admission by quota.
 
 The machines take ``now`` and never await, so every ordering rule (no piece before
 ``accepted``, nothing after ``done``, the right request id, a bounded total answer) is
@@ -15,6 +15,9 @@ from typing import Any
 from p2pedge.errors import LocalProtocolError, PeerTimeout, RemoteProtocolError
 from p2pedge.protocols.infer import codec
 from p2pedge.protocols.infer.codec import InferLimits, InferRequest, InferResult
+from p2pedge.quota import Grant, Limit, Quota
+
+QUEUE_SLOTS = "infer.queue_slots"
 
 
 class ClientState(enum.Enum):
@@ -128,9 +131,11 @@ class InferClient:
             self.state = ClientState.DONE
             return Completed(result)
         if kind == "error":
-            code, message = codec.decode_error(msg)
+            frame = codec.decode_error(msg)
             self.state = ClientState.FAILED
-            return Failed(codec.error_from(code, message, self.request.model))
+            model, limit, scope = self.request.model, frame.limit, frame.scope
+            error = codec.error_from(frame.code, frame.message, model, limit=limit, scope=scope)
+            return Failed(error)
         raise RemoteProtocolError(f"unknown frame type {kind!r}")
 
 
@@ -161,8 +166,10 @@ class InferServerMachine:
             raise RemoteProtocolError("only one request per stream")
         if msg.get("t") != "infer":
             raise RemoteProtocolError(f"expected an infer frame, got {msg.get('t')!r}")
-        raw_id = msg.get("id")
-        self.request_id = raw_id if isinstance(raw_id, int) and not isinstance(raw_id, bool) else 0
+        try:  # echo the id in an error frame even when the rest is broken
+            self.request_id = codec.request_id(msg)
+        except RemoteProtocolError:
+            self.request_id = 0
         try:
             request = codec.decode_request(msg, self.limits)
         except OverflowError as exc:
@@ -172,12 +179,14 @@ class InferServerMachine:
         self.state = ServerState.QUEUED
         return request
 
-    def reject(self, code: str, message: str) -> dict[str, Any]:
+    def reject(
+        self, code: str, message: str, *, limit: str = "", scope: str = ""
+    ) -> dict[str, Any]:
         """Refuse before running (``busy``, ``unknown_model``)."""
         if self.state is not ServerState.QUEUED:
             raise LocalProtocolError(f"cannot reject in state {self.state.value}")
         self.state = ServerState.CLOSED
-        return codec.encode_error(self.request_id, code, message)
+        return codec.encode_error(self.request_id, code, message, limit=limit, scope=scope)
 
     def accept(self, queue: int) -> dict[str, Any]:
         if self.state is not ServerState.QUEUED:
@@ -212,32 +221,38 @@ class InferServerMachine:
             )
         return codec.encode_done(self.request_id, result)
 
-    def fail(self, code: str, message: str) -> dict[str, Any]:
+    def fail(self, code: str, message: str, *, limit: str = "", scope: str = "") -> dict[str, Any]:
+        """The error frame ending the exchange, in any state but closed."""
         if self.state is ServerState.CLOSED:
             raise LocalProtocolError("exchange already closed")
         self.state = ServerState.CLOSED
-        return codec.encode_error(self.request_id, code, message)
+        return codec.encode_error(self.request_id, code, message, limit=limit, scope=scope)
 
 
 class Admission:
-    """Back-pressure: at most ``max_active`` running and ``max_queue`` waiting."""
+    """Queue slots (running or waiting requests) charged to the calling peer id, its
+    source address and the total; at most ``max_active`` of them run at once.
 
-    def __init__(self, max_active: int = 1, max_queue: int = 8) -> None:
-        if max_active < 1 or max_queue < 0:
-            raise LocalProtocolError("need max_active >= 1 and max_queue >= 0")
-        self.max_active = max_active
-        self.max_queue = max_queue
-        self.admitted = 0
+    A refusal is :class:`~p2pedge.errors.Busy` with ``limit="infer.queue_slots"`` and the
+    scope (peer, source or total) that ran out.
+    """
 
-    def admit(self) -> int | None:
-        """Queue position (0 = runs now) or ``None`` when full (answer ``busy``)."""
-        if self.admitted >= self.max_active + self.max_queue:
-            return None
-        position = max(0, self.admitted - self.max_active + 1)
-        self.admitted += 1
-        return position
+    def __init__(self, limits: InferLimits | None = None) -> None:
+        limits = limits or InferLimits()
+        self.max_active = limits.max_active
+        self.quota = Quota(
+            QUEUE_SLOTS, Limit(limits.slots_per_peer, limits.slots_per_source, limits.slots_total)
+        )
 
-    def release(self) -> None:
-        if self.admitted <= 0:
-            raise LocalProtocolError("release without admit")
-        self.admitted -= 1
+    @property
+    def admitted(self) -> int:
+        """Requests running or waiting, all peers together."""
+        return self.quota.held()
+
+    def admit(self, peer: str, source: str) -> tuple[Grant, int]:
+        """A slot and the queue position it starts at (0 = runs now), or ``Busy``."""
+        grant = self.quota.acquire(peer, source)
+        return grant, max(0, self.quota.held() - self.max_active)
+
+    def release(self, grant: Grant) -> None:
+        self.quota.release(grant)

@@ -9,24 +9,45 @@ off, a replay after recovery and a run without failures all pick the same tokens
 from __future__ import annotations
 
 import hashlib
-import math
 import struct
 from dataclasses import dataclass
 
 import numpy as np
 import numpy.typing as npt
 
-MAX_TEMPERATURE = 100.0
-# Below this, sampling is greedy: dividing logits by a vanishing temperature overflows,
-# and long before that the distribution is all on the argmax anyway.
-MIN_TEMPERATURE = 1e-6
-SEED_BITS = 64
+from p2pedge.runtime.sampling import (
+    MAX_SEED,
+    MAX_TEMPERATURE,
+    MAX_TOP_K,
+    MIN_TEMPERATURE,
+    check_sampling,
+)
+
+__all__ = [
+    "GREEDY",
+    "MAX_SEED",
+    "MAX_TEMPERATURE",
+    "MAX_TOP_K",
+    "MIN_TEMPERATURE",
+    "SEED_BITS",
+    "Sampler",
+    "SamplingSpec",
+    "greedy",
+    "logits_needed",
+    "make_sampler",
+    "pick",
+    "spec_from",
+    "uniform",
+]
+
+SEED_BITS = MAX_SEED.bit_length()  # seeds are in [0, 2**SEED_BITS)
 
 
 @dataclass(frozen=True)
 class SamplingSpec:
     """How to pick a token; a temperature under :data:`MIN_TEMPERATURE` is greedy (the
-    other fields are then unused)."""
+    other fields are then unused). The ranges are those of local generation and the
+    infer protocol (:func:`~p2pedge.runtime.sampling.check_sampling`)."""
 
     temperature: float = 0.0
     top_k: int = 0
@@ -34,12 +55,9 @@ class SamplingSpec:
     seed: int = 0
 
     def __post_init__(self) -> None:
-        if not (math.isfinite(self.temperature) and self.temperature <= MAX_TEMPERATURE):
-            raise ValueError(f"temperature must be finite and <= {MAX_TEMPERATURE}")
-        if self.top_k < 0 or not 0.0 < self.top_p <= 1.0:
-            raise ValueError(f"top_k must be >= 0 and top_p in (0, 1], got {self}")
-        if not 0 <= self.seed < 1 << SEED_BITS:
-            raise ValueError(f"seed must be in [0, 2**{SEED_BITS})")
+        if self.seed is None:
+            raise ValueError("a sampling spec needs a seed (0 when the caller gave none)")
+        check_sampling(self.temperature, self.top_p, self.top_k, self.seed)
 
     @property
     def greedy(self) -> bool:
@@ -96,9 +114,20 @@ greedy = Sampler(GREEDY)
 
 def logits_needed(temperature: float, top_k: int) -> int:
     """How many of the largest logits a sampler needs to pick what it would pick from all."""
-    if temperature <= 0:
+    if temperature < MIN_TEMPERATURE:
         return 1
     return top_k if top_k > 0 else 0
+
+
+def spec_from(temperature: object, top_k: object, top_p: object, seed: object) -> SamplingSpec:
+    """The sampled spec a peer sent: ``ValueError`` unless each value is in the shared
+    range, the floats are floats and it is not greedy (a greedy ring sends no spec)."""
+    if not isinstance(temperature, float) or not isinstance(top_p, float):
+        raise ValueError("temperature and top_p must be floats")
+    t, p, k, s = check_sampling(temperature, top_p, top_k, seed)
+    if s is None or t < MIN_TEMPERATURE:
+        raise ValueError("a sampling spec needs a seed and a temperature (greedy sends none)")
+    return SamplingSpec(t, k, p, s)
 
 
 def make_sampler(
