@@ -1,8 +1,8 @@
 """The swarm directory: a facade over py-libp2p's KadDHT for cards and providers.
 
-It owns three things py-libp2p leaves to us: a validator that only admits verified
-cards (and picks the newest), short hashed keys (lookups break past ~50 bytes), and our
-own timeouts (a frozen peer is never detected by the library).
+It owns what py-libp2p leaves to us: short hashed keys (lookups break past ~50 bytes)
+and our own timeouts (a frozen peer is never detected by the library). What the DHT
+admits (verified cards only, within limits) is :mod:`p2pedge.dht.strict`'s job.
 """
 
 from __future__ import annotations
@@ -16,7 +16,7 @@ from typing import Any
 import trio
 
 from p2pedge.errors import InvalidRecord
-from p2pedge.records.card import CARD_NAMESPACE, CapabilityCard, card_key, verify_card
+from p2pedge.records.card import MAX_CARD_LIFETIME_S, CapabilityCard, card_key, verify_card
 
 log = logging.getLogger("p2pedge.dht")
 
@@ -24,29 +24,6 @@ log = logging.getLogger("p2pedge.dht")
 def provider_key(key: str) -> str:
     """32 hex chars: py-libp2p decodes hex keys to 16 raw bytes, short and uniform."""
     return hashlib.sha256(key.encode()).hexdigest()[:32]
-
-
-def _make_card_validator(clock: Callable[[], float]) -> Any:
-    from libp2p.records.validator import Validator
-
-    class CardValidator(Validator):  # type: ignore[misc]
-        """Admits only cards signed by the peer they name, current and small."""
-
-        def validate(self, key: str, value: bytes) -> None:
-            verify_card(value, clock(), key)
-
-        def select(self, key: str, values: list[bytes]) -> int:
-            best, best_issued = 0, float("-inf")
-            for index, value in enumerate(values):
-                try:
-                    issued = verify_card(value, clock(), key).issued_at
-                except InvalidRecord:
-                    continue
-                if issued > best_issued:
-                    best, best_issued = index, issued
-            return best
-
-    return CardValidator()
 
 
 class Directory:
@@ -72,7 +49,11 @@ class Directory:
         self.timeout = timeout
         self.replication = replication
         self._cards: dict[str, CapabilityCard] = {}
-        dht.register_validator(CARD_NAMESPACE, _make_card_validator(clock))
+        limits = getattr(dht, "limits", None)
+        self.max_lifetime = limits.max_card_lifetime_s if limits else MAX_CARD_LIFETIME_S
+
+    def _verify(self, record: bytes, key: str | None = None) -> CapabilityCard:
+        return verify_card(record, self.clock(), key, max_lifetime=self.max_lifetime)
 
     async def _closest(self, key: bytes) -> list[Any]:
         table = self.dht.routing_table
@@ -87,7 +68,7 @@ class Directory:
     async def put_card(self, record: bytes, peer_id: str, *, replicate: bool = True) -> int:
         """Store our card locally and (``replicate``) at the closest peers; returns how
         many peers accepted it."""
-        card = verify_card(record, self.clock())
+        card = self._verify(record)
         key = card_key(peer_id).encode()
         self.dht.value_store.put(key, record)
         self.remember(card)
@@ -129,7 +110,7 @@ class Directory:
         if not isinstance(value, bytes):
             return None
         try:
-            verify_card(value, self.clock(), card_key(peer_id))
+            self._verify(value, card_key(peer_id))
         except InvalidRecord as exc:
             log.warning("peer %s returned a bad card for itself: %s", peer_id, exc)
             return None
@@ -147,7 +128,7 @@ class Directory:
                 if not isinstance(value, bytes):
                     return
                 try:
-                    verify_card(value, self.clock(), card_key(peer_id))
+                    self._verify(value, card_key(peer_id))
                 except InvalidRecord as exc:
                     log.warning("peer %s returned a bad card for %s: %s", peer, peer_id, exc)
                     return
@@ -190,7 +171,7 @@ class Directory:
         if value is None:
             return self.cached_card(peer_id)
         try:
-            card = verify_card(value, self.clock(), card_key(peer_id))
+            card = self._verify(value, card_key(peer_id))
         except InvalidRecord as exc:
             log.warning("rejected card for %s: %s", peer_id, exc)
             return self.cached_card(peer_id)

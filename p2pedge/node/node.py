@@ -141,10 +141,11 @@ class Node(ModelsFacade):
 
     async def _start_network(self, stack: AsyncExitStack) -> None:
         from libp2p import new_host
-        from libp2p.kad_dht.kad_dht import DHTMode, KadDHT
         from libp2p.network.config import ConnectionConfig
 
         from p2pedge.dht._protocol import use_p2pedge_kad_protocol
+        from p2pedge.dht.limits import DhtLimits
+        from p2pedge.dht.strict import StrictKadDHT
         from p2pedge.node.quirks import disable_auto_connect, quiet_libp2p
 
         quiet_libp2p()
@@ -165,10 +166,15 @@ class Node(ModelsFacade):
             self.host.get_network().register_notifee(AllowListGate(self._allowed, self.peer_id))
         for protocol_id, handler in self._handlers.items():
             self._install_handler(protocol_id, handler)
-        dht = KadDHT(self.host, DHTMode.SERVER)
-        # A shard server provides one key per block; py-libp2p's default of 10
-        # ADD_PROVIDER per peer per 10 s would drop most of them.
-        dht._provider_rate_max = 1000
+        # Only our own namespaces, bounded stores, PUTs and provider adds rate-limited;
+        # cards may live no longer than an hour or our own announce cadence needs.
+        lifetime = max(DhtLimits().max_card_lifetime_s, self.config.card_ttl)
+        limits = DhtLimits(max_card_lifetime_s=lifetime)
+        dht = StrictKadDHT(self.host, limits=limits, clock=self.clock)
+        if self._allowed:
+            from p2pedge.node.gate import guard_handlers
+
+            guard_handlers(self.host, self._allowed, self.peer_id)
         # Not run as a service: its main loop refreshes the whole routing table at start
         # on every node, which swamps a shared event loop. Our maintenance does the rest.
         self.directory = Directory(dht, clock=self.clock, timeout=self.config.dht_timeout)
@@ -291,9 +297,9 @@ class Node(ModelsFacade):
         await self.directory.put_card(self._card_record, self.peer_id, replicate=replicate)
         if not replicate:
             return
+        # Served blocks are in the card (layers_served), where routing reads them.
         keys = {f"model/{m.id.split('@')[0]}" for m in self._models}
         keys |= {f"model/{m.id}" for m in self._models}
-        keys |= {f"block/{s.model}/{b}" for s in self._layers for b in range(s.start, s.end)}
         for key in sorted(keys):
             await self.directory.provide(key)
 

@@ -4,17 +4,23 @@ Pure (no I/O). Boundaries between blocks are the graph's vertices and each serve
 is an edge from its start to its end, weighted by the estimated time of one step there:
 network round trip plus compute scaled by the server's load. Dijkstra over that graph
 gives the chain with the lowest estimated per-token latency, as in Petals.
+
+Compute and load come from the servers' own cards, so until a measured step time
+replaces them they are believed only within bounds: no more than ``max_gflops``, and no
+more than ``claim_spread`` times the median claim among the offers being compared.
 """
 
 from __future__ import annotations
 
 import heapq
+import statistics
 from collections.abc import Collection, Iterable, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any, Protocol
 
 from p2pedge.errors import P2PEdgeError
 from p2pedge.ids import LayerRange
+from p2pedge.records.card import MAX_CLAIMED_GFLOPS
 
 MAX_LOAD = 0.95
 
@@ -44,6 +50,8 @@ class CostModel:
     default_gflops: float = 10.0  # for a card that says 0: not measured, not infinitely slow
     hop_overhead_s: float = 0.001
     tokens: int = 1
+    max_gflops: float = MAX_CLAIMED_GFLOPS  # the most any card's claim is believed
+    claim_spread: float = 8.0  # and at most this many times the median claim offered
 
     def hop_seconds(self, option: ServerOption) -> float:
         """A measured decode step when there is one (it already holds the round trip, the
@@ -51,10 +59,26 @@ class CostModel:
         if option.step_s is not None and self.tokens == 1:
             return option.step_s
         rtt = self.default_rtt_s if option.rtt_s is None else option.rtt_s
-        gflops = option.compute_gflops if option.compute_gflops > 0 else self.default_gflops
+        claimed = min(option.compute_gflops, self.max_gflops)
+        gflops = claimed if claimed > 0 else self.default_gflops
         slowdown = 1.0 / (1.0 - min(max(option.load, 0.0), MAX_LOAD))
         compute = len(option.layers) * self.gflop_per_block_token * self.tokens / gflops
         return rtt + self.hop_overhead_s + compute * slowdown
+
+
+def believed(options: Iterable[ServerOption], cost: CostModel) -> list[ServerOption]:
+    """``options`` with each compute claim cut to ``claim_spread`` times the median claim
+    (one per peer): a card that says it is a thousand times faster than the rest is
+    believed to be a few times faster, until its measured step time says more."""
+    options = list(options)
+    claims = {o.peer_id: min(o.compute_gflops, cost.max_gflops) for o in options}
+    positive = [c for c in claims.values() if c > 0]
+    if not positive:
+        return options
+    ceiling = statistics.median_low(positive) * cost.claim_spread
+    return [
+        replace(o, compute_gflops=ceiling) if o.compute_gflops > ceiling else o for o in options
+    ]
 
 
 @dataclass(frozen=True)
@@ -78,8 +102,9 @@ def choose_route(
     """
     if not 0 <= start < end:
         raise ValueError(f"invalid block span [{start}, {end})")
+    options = list(options)
     edges: dict[int, list[tuple[float, ServerOption]]] = {}
-    for option in sorted(set(options)):
+    for option in sorted(set(believed(options, cost))):
         r = option.layers
         if option.peer_id in banned or r.start < start or r.end > end:
             continue
@@ -108,7 +133,7 @@ def choose_route(
 
 def route_seconds(route: Sequence[Hop], options: Iterable[ServerOption], cost: CostModel) -> float:
     """Estimated time of one step along ``route`` (for logs and benchmarks)."""
-    by_hop = {Hop(o.peer_id, o.layers): o for o in options}
+    by_hop = {Hop(o.peer_id, o.layers): o for o in believed(options, cost)}
     return sum(cost.hop_seconds(by_hop[h]) for h in route)
 
 

@@ -8,6 +8,7 @@ validation. Cards carry ``issued_at``/``expires_at``; the newest valid card wins
 from __future__ import annotations
 
 import hashlib
+import math
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
@@ -23,6 +24,13 @@ MAX_CARD_BYTES = 16 * 1024
 CARD_NAMESPACE = "p2pcard"
 CARD_VERSION = 1
 _MAX_SKEW_S = 300.0
+# A card is re-announced every interval and lives a few intervals; a lifetime beyond an
+# hour only lets a record outlive the peer's own say about itself.
+MAX_CARD_LIFETIME_S = 3600.0
+# Self-reported figures are believed only within these bounds (no float32 matmul on a
+# home machine reaches this); measured step times replace them where routing has them.
+MAX_CLAIMED_GFLOPS = 5000.0
+_MAX_COUNT = 1 << 16  # cores, accelerators: a sanity bound, not a capability
 
 
 @dataclass(frozen=True)
@@ -112,6 +120,21 @@ def _str_list(body: dict[str, Any], name: str) -> tuple[str, ...]:
     return tuple(items)
 
 
+def _finite(body: dict[str, Any], name: str) -> float:
+    """A finite, non-negative number: NaN or infinity would poison every comparison."""
+    value = float(_field(body, name, (int, float)))
+    if not math.isfinite(value) or value < 0:
+        raise InvalidRecord(f"card field {name!r} must be finite and non-negative")
+    return value
+
+
+def _count(body: dict[str, Any], name: str, cap: int) -> int:
+    value: int = _field(body, name, int)
+    if not 0 <= value <= cap:
+        raise InvalidRecord(f"card field {name!r} is out of range")
+    return value
+
+
 def _parse_body(body: dict[str, Any]) -> CapabilityCard:
     models = []
     for item in _field(body, "models", list):
@@ -132,7 +155,6 @@ def _parse_body(body: dict[str, Any]) -> CapabilityCard:
         ):
             raise InvalidRecord("card layer entries need model, start < end")
         served.append(ServedLayers(model, start, end))
-    number = (int, float)
     extra = body.get("extra", {})
     if not isinstance(extra, dict):
         raise InvalidRecord("card field 'extra' must be a map")
@@ -143,26 +165,34 @@ def _parse_body(body: dict[str, Any]) -> CapabilityCard:
         software_version=_field(body, "software_version", str),
         os=_field(body, "os", str),
         arch=_field(body, "arch", str),
-        cpu_cores=_field(body, "cpu_cores", int),
-        ram_total=_field(body, "ram_total", int),
-        ram_available=_field(body, "ram_available", int),
+        cpu_cores=_count(body, "cpu_cores", _MAX_COUNT),
+        ram_total=_count(body, "ram_total", 1 << 60),
+        ram_available=_count(body, "ram_available", 1 << 60),
         accelerators=_str_list(body, "accelerators"),
         execution_providers=_str_list(body, "execution_providers"),
-        compute_gflops=float(_field(body, "compute_gflops", number)),
+        compute_gflops=min(_finite(body, "compute_gflops"), MAX_CLAIMED_GFLOPS),
         models=tuple(models),
         layers_served=tuple(served),
-        load=float(_field(body, "load", number)),
-        issued_at=float(_field(body, "issued_at", number)),
-        expires_at=float(_field(body, "expires_at", number)),
+        load=min(_finite(body, "load"), 1.0),
+        issued_at=_finite(body, "issued_at"),
+        expires_at=_finite(body, "expires_at"),
         extra=extra,
     )
 
 
-def verify_card(record: bytes, now: float, key: str | None = None) -> CapabilityCard:
+def verify_card(
+    record: bytes,
+    now: float,
+    key: str | None = None,
+    *,
+    max_lifetime: float = MAX_CARD_LIFETIME_S,
+) -> CapabilityCard:
     """Parse and check a card from anyone; raise :class:`InvalidRecord` if it fails.
 
-    Checks, in order: size, shape, that the signing key is the one the peer id names,
-    the signature, the DHT key (when given), and that the card is current at ``now``.
+    Checks, in order: size, shape and ranges, that the signing key is the one the peer
+    id names, the signature, the DHT key (when given), that the card is current at
+    ``now``, and that it claims no lifetime beyond ``max_lifetime``. Compute and load
+    are clamped to plausible bounds (``MAX_CLAIMED_GFLOPS``, 1.0).
     """
     if len(record) > MAX_CARD_BYTES:
         raise InvalidRecord(f"card of {len(record)} bytes exceeds {MAX_CARD_BYTES}")
@@ -190,4 +220,8 @@ def verify_card(record: bytes, now: float, key: str | None = None) -> Capability
         raise InvalidRecord(f"card of {card.peer_id} expired")
     if card.issued_at > now + _MAX_SKEW_S or card.issued_at >= card.expires_at:
         raise InvalidRecord("card issued in the future or with a bad lifetime")
+    if card.expires_at - card.issued_at > max_lifetime:
+        raise InvalidRecord(
+            f"card lifetime {card.expires_at - card.issued_at:.0f} s exceeds {max_lifetime:.0f} s"
+        )
     return card

@@ -13,6 +13,7 @@ from p2pedge.planning.routes import (
     Hop,
     NoRoute,
     ServerOption,
+    believed,
     choose_route,
     options_from_cards,
     route_seconds,
@@ -93,3 +94,31 @@ def test_options_from_cards_skips_junk() -> None:
     ]
     got = options_from_cards(cards, "m", {"p": 0.02})
     assert got == [ServerOption("p", LayerRange(0, 4), 5.0, 0.1, 0.02)]
+
+
+def test_claimed_compute_is_believed_only_within_bounds() -> None:
+    """A card claiming 1e9 GFLOPS is believed to be a few times faster than its peers, so
+    a nearby honest server still wins; once step times are measured, they decide."""
+    cost = CostModel(gflop_per_block_token=10.0, default_rtt_s=0.01)
+    honest = opt("honest", 0, 8, gflops=100.0, rtt=0.001)
+    liar = opt("liar", 0, 8, gflops=1e9, rtt=0.75)
+    assert peers(choose_route([honest, liar], 8, cost=cost)) == ["honest"]
+    believing = CostModel(gflop_per_block_token=10.0, max_gflops=1e12, claim_spread=1e12)
+    assert peers(choose_route([honest, liar], 8, cost=believing)) == ["liar"]
+    # The bound is relative to what the offers claim: among fast peers a fast one is fast.
+    fast = [opt("a", 0, 8, gflops=400.0, rtt=0.001), opt("b", 0, 8, gflops=450.0, rtt=0.01)]
+    assert [o.compute_gflops for o in believed([*fast, liar], cost)] == [400.0, 450.0, 3600.0]
+    assert route_seconds([Hop("liar", LayerRange(0, 8))], [honest, liar], cost) == pytest.approx(
+        0.75 + cost.hop_overhead_s + 8 * 10.0 / (100.0 * cost.claim_spread)
+    )
+    # A measured decode step replaces the claim altogether.
+    measured = [honest, ServerOption("liar", LayerRange(0, 8), 1e9, 0.0, 0.001, step_s=0.002)]
+    assert peers(choose_route(measured, 8, cost=cost)) == ["liar"]
+    slow_liar = ServerOption("liar", LayerRange(0, 8), 1e9, 0.0, 0.001, step_s=5.0)
+    assert peers(choose_route([honest, slow_liar], 8, cost=cost)) == ["honest"]
+
+
+def test_absolute_ceiling_applies_to_a_lone_offer() -> None:
+    cost = CostModel(gflop_per_block_token=10.0)
+    lone = opt("lone", 0, 8, gflops=1e9, rtt=0.0)
+    assert cost.hop_seconds(lone) == pytest.approx(cost.hop_overhead_s + 8 * 10.0 / cost.max_gflops)
