@@ -16,6 +16,7 @@ from typing import Any, Protocol
 
 from p2pedge.errors import ConfigError, LocalProtocolError
 from p2pedge.ids import ModelId
+from p2pedge.runtime.sampling import check_generation, check_sampling
 
 DEFAULT_CATALOG = "catalog.toml"
 
@@ -182,6 +183,9 @@ def _specialist(entry: Any) -> Specialist:
         raise ConfigError(f"specialist {name!r}: {exc}") from exc
     if "{text}" not in spec.template:
         raise ConfigError(f"specialist {name!r}: template must contain {{text}}")
-    if spec.max_tokens <= 0 or not 0.0 <= spec.temperature <= 2.0:
-        raise ConfigError(f"specialist {name!r}: max_tokens > 0 and 0 <= temperature <= 2")
+    try:
+        check_sampling(spec.temperature, spec.top_p, spec.top_k, None)
+        check_generation(spec.max_tokens, ())
+    except ValueError as exc:
+        raise ConfigError(f"specialist {name!r}: {exc}") from exc
     return spec

@@ -36,6 +36,15 @@ MAX_MESSAGES = 1024
 PREFILL_CHUNK = 32  # prompt tokens per call: bounds how long one call holds the GIL
 
 
+def _vocab_size(model_dir: Path) -> int | None:
+    """The vocabulary size genai_config.json declares (genai refuses a larger top_k)."""
+    try:
+        size = json.loads((model_dir / "genai_config.json").read_text())["model"]["vocab_size"]
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+    return size if isinstance(size, int) and size > 0 else None
+
+
 @dataclass(frozen=True)
 class Token:
     """One generated token and the text it made safe to show (may be empty)."""
@@ -59,6 +68,7 @@ class GenaiModel:
         if ctx is None:
             raise ModelLoadError(f"{model_dir}: context_length unknown")
         self.context_length = ctx
+        self.vocab_size = _vocab_size(model_dir)
 
     @staticmethod
     def _load(model_dir: Path, config: RuntimeConfig) -> tuple[str, Any]:
@@ -158,7 +168,9 @@ class Generation:
         self.prompt_tokens = len(prompt_ids)
         self.max_tokens = min(params.max_tokens, owner.context_length - self.prompt_tokens)
         gp = og.GeneratorParams(owner.model)
-        gp.set_search_options(**params.search_options(self.prompt_tokens + self.max_tokens))
+        gp.set_search_options(
+            **params.search_options(self.prompt_tokens + self.max_tokens, owner.vocab_size)
+        )
         self._eos = owner.eos_ids
         self._gen = og.Generator(owner.model, gp)
         self._pending = [int(t) for t in prompt_ids]
