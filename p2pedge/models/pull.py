@@ -1,16 +1,22 @@
 """Pull a model into the local store from many sources at once, verifying every chunk.
 
-The manifest comes from the first source that returns one signed by a trusted publisher.
+Every source is asked for the manifest at once; a pinned version is the first one signed
+by a trusted publisher, ``@latest`` the highest signed version any source offers.
 Missing chunks go into one shared queue; each source runs ``per_source`` workers that take
 the next chunk that source has not said it lacks, so fast sources take more work (work
-stealing). A chunk is hashed against the manifest before it is committed to ``partial/``;
-a wrong hash drops that source for the rest of the pull and puts the chunk back for the
-others. Committed chunks survive a killed pull, so a re-run fetches only what is missing.
+stealing). No source can stall a pull that others can serve: each chunk has a deadline,
+and a chunk in flight for long (``hedge_after``, or four times the median chunk time) is
+asked of a second source too, the first good answer winning. A chunk is hashed against the
+manifest before it is committed to ``partial/``; a wrong hash drops that source for the
+rest of the pull and puts the chunk back for the others. Committed chunks survive a killed
+pull, so a re-run fetches only what is missing.
 """
 
 from __future__ import annotations
 
 import hashlib
+import math
+import statistics
 import sys
 import time
 from collections import deque
@@ -32,13 +38,17 @@ from p2pedge.models.keys import TrustStore
 from p2pedge.models.manifest import FileEntry, Manifest, chunk_count, chunk_length, load_verified
 from p2pedge.models.sources import ChunkSource, ManifestSource, SourceMissing
 from p2pedge.models.store import Store
+from p2pedge.models.store import _version_key as version_key
 
 MAX_BUSY = 100
+LATEST_GRACE = 5.0
 TRANSIENT: tuple[type[BaseException], ...] = (
     PeerUnavailable,
     RemoteProtocolError,
     trio.TooSlowError,
 )
+
+_UNANSWERED: tuple[type[BaseException], ...] = (SourceMissing, Busy, *TRANSIENT)
 
 
 class PullFailed(PeerUnavailable):
@@ -57,6 +67,7 @@ class PullResult:
     reused_chunks: int = 0
     by_source: dict[str, int] = field(default_factory=dict)
     dropped: dict[str, str] = field(default_factory=dict)
+    hedged: int = 0  # chunks also asked of a second source because the first was slow
     seconds: float = 0.0
 
 
@@ -86,70 +97,173 @@ class StoreChunkSource:
 
 
 async def fetch_manifest(
-    model: ModelId, sources: Sequence[ChunkSource], trust: TrustStore
+    model: ModelId,
+    sources: Sequence[ChunkSource],
+    trust: TrustStore,
+    *,
+    timeout: float = 30.0,
 ) -> Manifest:
-    """The first trusted manifest any source offers; integrity failures outrank absence."""
+    """A trusted manifest of ``model``, asked of every manifest source at once, each
+    within ``timeout`` (a hanging source cannot stall the pull).
+
+    A pinned version is the first trusted answer. ``@latest`` waits for every source (for
+    ``LATEST_GRACE`` seconds more once one answered) and takes the highest signed version
+    any trusted source offers, so a peer serving an older (validly signed) version cannot
+    hold a puller back; a version literally named ``latest`` is ignored there. Integrity
+    failures outrank absence in the error.
+    """
+    askable = [s for s in sources if isinstance(s, ManifestSource)]
+    latest = model.version == "latest"
+    found: list[tuple[int, Manifest]] = []
     errors: list[str] = []
-    integrity: IntegrityError | None = None
-    for source in sources:
-        if not isinstance(source, ManifestSource):
-            continue
+    integrity: list[IntegrityError] = []
+
+    async def ask(position: int, source: ManifestSource, done: trio.CancelScope) -> None:
         try:
-            data = await source.fetch_manifest(model)
-            return load_verified(data, trust, expect=model)
+            with trio.fail_after(timeout):
+                data = await source.fetch_manifest(model)
+            manifest = load_verified(data, trust, expect=model)
         except IntegrityError as exc:
-            integrity = integrity or exc
+            integrity.append(exc)
             errors.append(f"{source.name}: {exc}")
-        except SourceMissing as exc:
-            errors.append(f"{source.name}: {exc}")
-        except TRANSIENT as exc:
-            errors.append(f"{source.name}: {exc}")
-    if integrity is not None:
-        raise integrity
+            return
+        except _UNANSWERED as exc:
+            errors.append(f"{source.name}: {type(exc).__name__}: {exc}")
+            return
+        if latest and manifest.model.version == "latest":
+            errors.append(f"{source.name}: offered a version named 'latest'")
+            return
+        found.append((position, manifest))
+        if not latest:
+            done.cancel()
+        elif len(found) == 1:  # the others get a little longer, not the whole timeout
+            done.deadline = min(done.deadline, trio.current_time() + LATEST_GRACE)
+
+    with trio.CancelScope() as done:
+        async with trio.open_nursery() as nursery:
+            for position, source in enumerate(askable):
+                nursery.start_soon(ask, position, source, done)
+    if found:
+        if not latest:
+            return min(found, key=lambda item: item[0])[1]
+        return max(found, key=lambda item: (version_key(item[1].model.version), -item[0]))[1]
+    if integrity:
+        raise integrity[0]
     raise ModelNotCached(f"{model} ({'; '.join(errors) or 'no manifest source'})")
 
 
-class _Scheduler:
-    """The shared chunk queue; wakes idle workers whenever its state changes."""
+@dataclass
+class _Flight:
+    """One chunk being fetched, by one source or (hedged) two."""
 
-    def __init__(self, chunks: Iterable[_Chunk]) -> None:
+    chunk: _Chunk
+    started: float
+    tried: set[str] = field(default_factory=set)
+    scopes: dict[str, trio.CancelScope] = field(default_factory=dict)
+    done: bool = False
+
+
+class _Scheduler:
+    """The shared chunk queue; wakes idle workers whenever its state changes.
+
+    A chunk in flight longer than :meth:`hedge_delay` may be taken by one more source
+    (a hedged request); the first good answer wins and cancels the other attempt.
+    """
+
+    def __init__(self, chunks: Iterable[_Chunk], hedge_after: float, hedges: int) -> None:
         self.pending: deque[_Chunk] = deque(chunks)
-        self.in_flight = 0
+        self.flights: dict[tuple[str, int], _Flight] = {}
         self.lacks: dict[str, set[str]] = {}
         self.dropped: dict[str, str] = {}
+        self.hedge_after = hedge_after
+        self.hedges = hedges
+        self.hedged = 0
+        self.durations: deque[float] = deque(maxlen=32)
         self._changed = trio.Event()
 
     def _notify(self) -> None:
         self._changed.set()
         self._changed = trio.Event()
 
-    def take(self, source: str) -> _Chunk | None:
+    def hedge_delay(self) -> float:
+        """``hedge_after``, or four times the median chunk time once that is longer."""
+        if not self.durations:
+            return self.hedge_after
+        return max(self.hedge_after, 4 * statistics.median(self.durations))
+
+    def _hedgeable(self, source: str, flight: _Flight) -> bool:
+        return (
+            not flight.done
+            and source not in flight.tried
+            and len(flight.scopes) < self.hedges
+            and flight.chunk.entry.sha256 not in self.lacks.get(source, set())
+        )
+
+    def take(self, source: str, now: float) -> _Flight | None:
+        """A pending chunk this source may hold, else an overdue one to hedge."""
         lacking = self.lacks.get(source, set())
         for position, chunk in enumerate(self.pending):
             if chunk.entry.sha256 not in lacking:
                 del self.pending[position]
-                self.in_flight += 1
-                return chunk
+                flight = _Flight(chunk, now)
+                self.flights[(chunk.entry.sha256, chunk.index)] = flight
+                return self._attempt(flight, source)
+        due = now - self.hedge_delay()
+        for flight in self.flights.values():
+            if flight.started <= due and self._hedgeable(source, flight):
+                self.hedged += 1
+                return self._attempt(flight, source)
         return None
 
-    def give_back(self, chunk: _Chunk) -> None:
-        self.in_flight -= 1
-        self.pending.appendleft(chunk)
+    def _attempt(self, flight: _Flight, source: str) -> _Flight:
+        flight.tried.add(source)
+        flight.scopes[source] = trio.CancelScope()
+        return flight
+
+    def next_hedge(self, source: str) -> float:
+        """When a chunk in flight becomes hedgeable for ``source`` (inf: none will)."""
+        starts = [f.started for f in self.flights.values() if self._hedgeable(source, f)]
+        return min(starts) + self.hedge_delay() if starts else math.inf
+
+    def won(self, flight: _Flight, source: str, seconds: float) -> bool:
+        """``source`` brought good bytes: True if first (the others are cancelled)."""
+        del flight.scopes[source]
+        if flight.done:
+            return False
+        flight.done = True
+        self.durations.append(seconds)
+        for scope in flight.scopes.values():
+            scope.cancel()
+        return True
+
+    def lost(self, flight: _Flight, source: str) -> None:
+        """This attempt failed or was cancelled; the chunk is queued again if it was the
+        last attempt and nobody delivered it."""
+        flight.scopes.pop(source, None)
+        if not flight.done and not flight.scopes:
+            del self.flights[(flight.chunk.entry.sha256, flight.chunk.index)]
+            self.pending.appendleft(flight.chunk)
         self._notify()
 
-    def finish(self) -> None:
-        self.in_flight -= 1
+    def finish(self, flight: _Flight) -> None:
+        self.flights.pop((flight.chunk.entry.sha256, flight.chunk.index), None)
         self._notify()
 
     def drop(self, source: str, reason: str) -> None:
+        """Stop using ``source`` for this pull; its attempts in flight are cancelled."""
         self.dropped.setdefault(source, reason)
+        for flight in self.flights.values():
+            if source in flight.scopes:
+                flight.scopes[source].cancel()
         self._notify()
 
     def lack(self, source: str, digest: str) -> None:
         self.lacks.setdefault(source, set()).add(digest)
 
-    async def wait(self) -> None:
-        await self._changed.wait()
+    async def wait(self, source: str) -> None:
+        """Until something changes or a chunk becomes hedgeable for ``source``."""
+        with trio.move_on_at(self.next_hedge(source)):
+            await self._changed.wait()
 
 
 class _Pull:
@@ -162,12 +276,13 @@ class _Pull:
         result: PullResult,
         *,
         chunk_timeout: float,
+        hedge_after: float,
         max_failures: int,
         progress: object,
     ) -> None:
         self.store = store
         self.manifest = manifest
-        self.sched = _Scheduler(chunks)
+        self.sched = _Scheduler(chunks, hedge_after, hedges=2)
         self.remaining = remaining
         self.result = result
         self.chunk_timeout = chunk_timeout
@@ -177,36 +292,46 @@ class _Pull:
         self.cancel = trio.CancelScope()
 
     async def worker(self, source: ChunkSource, failures: list[int]) -> None:
-        """Fetch chunks for one source; ``failures`` = [errors in a row, busy in a row]."""
+        """Fetch chunks for one source; ``failures`` = [errors in a row, busy in a row].
+
+        Each chunk has ``chunk_timeout`` (a hanging source fails it, and after
+        ``max_failures`` in a row is dropped); losing a hedge race counts as a failure too,
+        so a source that never answers stops taking chunks from others."""
         sched = self.sched
         size = self.manifest.chunk_size
         while source.name not in sched.dropped:
-            chunk = sched.take(source.name)
-            if chunk is None:
-                if sched.in_flight == 0:
+            flight = sched.take(source.name, trio.current_time())
+            if flight is None:
+                if not sched.flights:  # nothing will come back to the queue
                     return
-                await sched.wait()
+                await sched.wait(source.name)
                 continue
-            entry = chunk.entry
+            chunk, entry = flight.chunk, flight.chunk.entry
+            started = trio.current_time()
+            attempt = flight.scopes[source.name]
+            data = b""
             try:
-                with trio.fail_after(self.chunk_timeout):
+                with attempt, trio.fail_after(self.chunk_timeout):
                     data = await source.fetch_chunk(entry.sha256, chunk.index, size)
             except SourceMissing:
                 sched.lack(source.name, entry.sha256)
-                sched.give_back(chunk)
+                sched.lost(flight, source.name)
                 continue
             except Busy:
-                sched.give_back(chunk)
+                sched.lost(flight, source.name)
                 failures[1] += 1
                 if failures[1] >= MAX_BUSY:
                     sched.drop(source.name, "busy for too long")
                 await trio.sleep(min(1.0, 0.01 * failures[1]))
                 continue
             except TRANSIENT as exc:
-                failures[0] += 1
-                if failures[0] >= self.max_failures:
-                    sched.drop(source.name, f"{type(exc).__name__}: {exc}")
-                sched.give_back(chunk)
+                self._strike(source.name, failures, f"{type(exc).__name__}: {exc}")
+                sched.lost(flight, source.name)
+                continue
+            if flight.done or attempt.cancelled_caught:  # another delivered it, or dropped
+                if flight.done and attempt.cancelled_caught:
+                    self._strike(source.name, failures, "slower than others, repeatedly")
+                sched.lost(flight, source.name)
                 continue
             expected = chunk_length(entry.size, size, chunk.index)
             if (
@@ -216,7 +341,9 @@ class _Pull:
                 sched.drop(
                     source.name, f"bad chunk {chunk.index} of {entry.path} (sha256 mismatch)"
                 )
-                sched.give_back(chunk)
+                sched.lost(flight, source.name)
+                continue
+            if not sched.won(flight, source.name, trio.current_time() - started):
                 continue
             failures[0] = failures[1] = 0
             try:
@@ -231,7 +358,12 @@ class _Pull:
                 self.fail(exc)
                 return
             finally:
-                sched.finish()
+                sched.finish(flight)
+
+    def _strike(self, source: str, failures: list[int], reason: str) -> None:
+        failures[0] += 1
+        if failures[0] >= self.max_failures:
+            self.sched.drop(source, reason)
 
     def fail(self, exc: Exception) -> None:
         """A local failure (disk full, corrupt partial state) ends the whole pull."""
@@ -267,7 +399,8 @@ async def pull(
     manifest: Manifest | None = None,
     files: Iterable[str] | None = None,
     per_source: int = 4,
-    chunk_timeout: float = 60.0,
+    chunk_timeout: float = 30.0,
+    hedge_after: float = 3.0,
     max_failures: int = 3,
     progress: bool | None = None,
 ) -> PullResult:
@@ -279,7 +412,7 @@ async def pull(
     """
     started = time.perf_counter()
     if manifest is None:
-        manifest = await fetch_manifest(model, sources, trust)
+        manifest = await fetch_manifest(model, sources, trust, timeout=chunk_timeout)
     else:
         manifest.verify(trust)
     entries = manifest.select(files)
@@ -311,7 +444,8 @@ async def pull(
     bar = _progress_bar(need, progress, str(manifest.model)) if chunks else None
     job = _Pull(
         store, manifest, chunks, remaining, result,
-        chunk_timeout=chunk_timeout, max_failures=max_failures, progress=bar,
+        chunk_timeout=chunk_timeout, hedge_after=hedge_after, max_failures=max_failures,
+        progress=bar,
     )  # fmt: skip
     try:
         with job.cancel:
@@ -327,6 +461,7 @@ async def pull(
     if job.fatal is not None:
         raise job.fatal
     result.dropped = dict(job.sched.dropped)
+    result.hedged = job.sched.hedged
     if job.sched.pending:
         reasons = "; ".join(f"{k}: {v}" for k, v in result.dropped.items()) or "no source had them"
         message = f"{len(job.sched.pending)} chunks of {manifest.model} unavailable ({reasons})"

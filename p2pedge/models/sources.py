@@ -7,6 +7,8 @@ the signed manifest before it is kept. A source signals, by exception type:
 
 * :class:`SourceMissing` - it does not hold that blob or manifest (ask someone else);
 * :class:`~p2pedge.errors.Busy` - it is rate-limiting us (back off, others take the work);
+  a source may also just be slow or silent: the puller's per-chunk deadline and hedged
+  requests handle that, so a source need not time itself out;
 * :class:`~p2pedge.errors.PeerUnavailable` / ``PeerTimeout`` /
   :class:`~p2pedge.errors.RemoteProtocolError` - a transient or protocol failure (retry
   elsewhere; repeated failures drop the source for this pull).
@@ -35,7 +37,8 @@ class ChunkSource(Protocol):
 
 @runtime_checkable
 class ManifestSource(Protocol):
-    """A source that can also hand out signed manifests (``@latest`` resolved by it)."""
+    """A source that can also hand out signed manifests. It resolves ``@latest`` to the
+    newest version it holds; the puller takes the highest across all its sources."""
 
     name: str
 

@@ -32,6 +32,7 @@ from p2pedge.runtime.sampling import SamplingParams
 if TYPE_CHECKING:
     from p2pedge.node.node import Node
     from p2pedge.orchestrator.orchestrator import Orchestrator
+    from p2pedge.protocols.blob.handler import BlobService
     from p2pedge.protocols.infer.codec import InferRequest
     from p2pedge.protocols.pipeline.handler import PipelineServer
     from p2pedge.runtime.text import TextCodec
@@ -78,6 +79,7 @@ class NodeModels:
         self.runtime = runtime
         self.inference = LocalInference(self.resolve, runtime)
         self.pipeline: PipelineServer | None = None
+        self.blobs: BlobService | None = None  # serves the store's blobs once started
         self.orchestrator: Orchestrator | None = None
         self.shard_bans: dict[str, tuple[float, int]] = {}  # shared by sharded sessions
         self._text_codecs: dict[Path, TextCodec] = {}  # tokenizers the sharded path loaded
@@ -141,7 +143,8 @@ class NodeModels:
         from p2pedge.protocols.blob.codec import PROTOCOL_ID
         from p2pedge.protocols.blob.handler import BlobService, announce_store
 
-        self.node.set_stream_handler(PROTOCOL_ID, BlobService(self.store).handle)
+        self.blobs = BlobService(self.store)
+        self.node.set_stream_handler(PROTOCOL_ID, self.blobs.handle)
         self.node.nursery.start_soon(announce_store, self.node, self.store)
         if self.node.config.serve:
             await self._start_shards()

@@ -5,11 +5,14 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+from collections.abc import Callable
 from functools import partial
 from pathlib import Path
+from typing import Any
 
 import pytest
 import trio
+import trio.testing
 
 from p2pedge.errors import IntegrityError, ModelNotCached, PeerUnavailable
 from p2pedge.ids import ModelId
@@ -23,7 +26,14 @@ from p2pedge.models.faults import (
 from p2pedge.models.keys import BadSignature, TrustStore, UntrustedPublisher, generate_key
 from p2pedge.models.keys import public_key_hex as pub
 from p2pedge.models.manifest import Manifest, canonical_json, chunk_count
-from p2pedge.models.pull import ChunkIntegrityError, PullFailed, StoreChunkSource, pull
+from p2pedge.models.pull import (
+    ChunkIntegrityError,
+    PullFailed,
+    StoreChunkSource,
+    fetch_manifest,
+    pull,
+)
+from p2pedge.models.sources import SourceMissing
 from p2pedge.models.store import Store, StoreFull
 from p2pedge.registry.client import RegistryClient
 from p2pedge.registry.server import serve_registry
@@ -187,3 +197,126 @@ async def test_disk_full_mid_pull_then_resume(tmp_path: Path) -> None:
     await pull(MODEL, store, [counter], seed.trust, progress=False)
     assert len(counter.fetches) == seed.chunks - done
     assert seed.same_as_source(store)
+
+
+@pytest.fixture
+def inline_threads(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Store calls run inline instead of in worker threads: an autojump clock jumps
+    whenever the event loop waits on a thread, so only then does virtual time measure
+    nothing but the waits under test (a source's silence, a deadline, a hedge)."""
+
+    async def inline(fn: Callable[..., Any], *args: Any, **_: Any) -> Any:
+        return fn(*args)
+
+    monkeypatch.setattr(trio.to_thread, "run_sync", inline)
+
+
+class MemorySource:
+    """A holder serving chunks and manifests from memory with no thread, so that under a
+    mock clock only real waits take time."""
+
+    def __init__(self, name: str, stores: list[Store]) -> None:
+        self.name = name
+        self.blobs = {d: s.blob_path(d).read_bytes() for s in stores for d in s.blob_digests()}
+        self.manifests = {str(m): s.manifest_bytes(m) for s in stores for m in s.list_models()}
+        self.versions = sorted(m.rsplit("@", 1)[1] for m in self.manifests)
+
+    async def fetch_chunk(self, digest: str, index: int, chunk_size: int) -> bytes:
+        await trio.lowlevel.checkpoint()
+        if digest not in self.blobs:
+            raise SourceMissing(digest)
+        return self.blobs[digest][index * chunk_size : (index + 1) * chunk_size]
+
+    async def fetch_manifest(self, model: ModelId) -> bytes:
+        await trio.lowlevel.checkpoint()
+        version = self.versions[-1] if model.version == "latest" else model.version
+        try:
+            return self.manifests[f"{model.name}@{version}"]
+        except KeyError:
+            raise SourceMissing(str(model)) from None
+
+
+class HangingSource:
+    """A peer that accepts every request and never answers."""
+
+    def __init__(self, name: str = "hang") -> None:
+        self.name = name
+        self.asked = 0
+
+    async def fetch_chunk(self, digest: str, index: int, chunk_size: int) -> bytes:
+        self.asked += 1
+        await trio.sleep_forever()
+        raise AssertionError("unreachable")
+
+    async def fetch_manifest(self, model: ModelId) -> bytes:
+        await trio.sleep_forever()
+        raise AssertionError("unreachable")
+
+
+async def test_hanging_source_cannot_stall_a_pull_others_can_serve(
+    tmp_path: Path, autojump_clock: trio.testing.MockClock, inline_threads: None
+) -> None:
+    seed = Seed(tmp_path)
+    hang, honest = HangingSource(), MemorySource("honest", [seed.store])
+    store = Store(tmp_path / "client")
+    started = trio.current_time()
+    result = await pull(
+        MODEL, store, [hang, honest], seed.trust, chunk_timeout=30, hedge_after=3, progress=False
+    )
+    elapsed = trio.current_time() - started
+    assert 3 <= elapsed < 30  # hedged after 3 s, long before the per-chunk deadline
+    assert result.by_source == {"honest": seed.chunks}
+    assert hang.asked == result.hedged == 4  # each chunk it held went to the other source
+    assert "slower than others" in result.dropped["hang"]
+    assert seed.same_as_source(store)
+
+
+async def test_per_chunk_deadline_drops_a_source_that_never_answers(
+    tmp_path: Path, autojump_clock: trio.testing.MockClock, inline_threads: None
+) -> None:
+    seed = Seed(tmp_path)
+    hang = HangingSource()
+    started = trio.current_time()
+    with pytest.raises(PullFailed, match="TooSlowError"):
+        await pull(
+            MODEL, Store(tmp_path / "c"), [hang], seed.trust,
+            manifest=seed.manifest, chunk_timeout=7, progress=False,
+        )  # fmt: skip
+    assert trio.current_time() - started == pytest.approx(7)
+
+
+def signed_versions(tmp_path: Path, seed: Seed, versions: list[str]) -> Store:
+    """A store holding ``versions`` of the model, all signed by the seed's trusted key."""
+    store = Store(tmp_path / f"v{'-'.join(versions)}")
+    for version in versions:
+        store.add_model_dir(seed.source, "tiny", version, "llm", seed.key, chunk_size=CHUNK)
+    return store
+
+
+async def test_latest_is_the_highest_signed_version_any_source_offers(
+    tmp_path: Path, autojump_clock: trio.testing.MockClock, inline_threads: None
+) -> None:
+    seed = Seed(tmp_path)
+    old = MemorySource("old", [seed.store])  # answers first, with a valid older version
+    new = MemorySource("new", [signed_versions(tmp_path, seed, ["1", "1.10"])])
+    newest = MemorySource("newest", [signed_versions(tmp_path, seed, ["1.9"])])
+    store = Store(tmp_path / "client")
+    result = await pull(ModelId("tiny"), store, [old, HangingSource(), newest, new], seed.trust)
+    assert result.manifest.model == ModelId("tiny", "1.10")  # natural order: 1.10 > 1.9
+    assert store.versions("tiny") == ["1.10"]
+    pinned = await fetch_manifest(ModelId("tiny", "1"), [HangingSource(), old], seed.trust)
+    assert pinned.model == MODEL  # a pinned version: the first trusted answer, no waiting
+
+
+async def test_latest_ignores_untrusted_higher_versions_and_one_named_latest(
+    tmp_path: Path, autojump_clock: trio.testing.MockClock, inline_threads: None
+) -> None:
+    seed = Seed(tmp_path)
+    stranger = Store(tmp_path / "stranger")
+    stranger.add_model_dir(seed.source, "tiny", "9", "llm", generate_key(), chunk_size=CHUNK)
+    literal = MemorySource("literal", [signed_versions(tmp_path, seed, ["latest"])])
+    sources = [MemorySource("forger", [stranger]), literal, MemorySource("ok", [seed.store])]
+    started = trio.current_time()
+    manifest = await fetch_manifest(ModelId("tiny"), sources, seed.trust)
+    assert manifest.model == MODEL
+    assert trio.current_time() - started < 1  # all answered: no waiting for the grace

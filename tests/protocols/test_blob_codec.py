@@ -39,6 +39,13 @@ requests = st.one_of(
 responses = st.one_of(
     st.builds(DataResponse, st.binary(max_size=4096)),
     st.builds(ErrorResponse, st.sampled_from(["not_found", "busy"]), st.text(max_size=50)),
+    st.builds(
+        ErrorResponse,
+        st.just("busy"),
+        st.text(max_size=50),
+        st.sampled_from(["blob.bytes_in_flight", "blob.requests"]),
+        st.sampled_from(["peer", "source", "total"]),
+    ),
 )
 
 
@@ -88,6 +95,12 @@ def test_oversized_frames_refused_before_buffering() -> None:
     "message",
     [
         {"op": "chunk", "digest": "AB" * 32, "index": 0, "chunk_size": 4096},
+        {"op": "chunk", "digest": DIGEST + "\n", "index": 0, "chunk_size": 4096},
+        {"op": "chunk", "digest": DIGEST[:-1] + "g", "index": 0, "chunk_size": 4096},
+        {"op": "chunk", "digest": DIGEST.encode(), "index": 0, "chunk_size": 4096},
+        {"op": "chunk", "digest": DIGEST, "index": 2**32, "chunk_size": 4096},
+        {"op": "chunk", "digest": DIGEST, "index": 0.0, "chunk_size": 4096},
+        {"op": "chunk", "digest": DIGEST, "index": 0, "chunk_size": 4096.0},
         {"op": "chunk", "digest": DIGEST, "index": -1, "chunk_size": 4096},
         {"op": "chunk", "digest": DIGEST, "index": True, "chunk_size": 4096},
         {"op": "chunk", "digest": DIGEST, "index": 0, "chunk_size": MAX_CHUNK + 1},
@@ -112,6 +125,12 @@ def test_bad_requests_are_remote_errors(message: object) -> None:
         {"ok": True, "data": b"", "extra": 1},
         {"ok": False, "error": "explode"},
         {"ok": False, "error": "busy", "message": 5},
+        {"ok": False, "error": "busy", "limit": "Blob Bytes"},
+        {"ok": False, "error": "busy", "limit": "x" * 65},
+        {"ok": False, "error": "busy", "limit": 3},
+        {"ok": False, "error": "busy", "scope": "everyone"},
+        {"ok": False, "error": "busy", "scope": None},
+        {"ok": False, "error": "busy", "extra": 1},
         {"ok": 1, "data": b""},
     ],
 )
@@ -127,3 +146,5 @@ def test_local_misuse_is_local_error() -> None:
         encode_response(DataResponse(b"x" * (MAX_CHUNK + 1)))
     with pytest.raises(LocalProtocolError):
         encode_response(ErrorResponse("explode"))
+    with pytest.raises(LocalProtocolError):
+        encode_response(ErrorResponse("busy", "", "blob.x", "galaxy"))

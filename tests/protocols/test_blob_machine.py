@@ -7,7 +7,7 @@ from hypothesis import settings
 from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, invariant, precondition, rule
 
-from p2pedge.errors import LocalProtocolError, RemoteProtocolError
+from p2pedge.errors import Busy, LocalProtocolError, RemoteProtocolError
 from p2pedge.ids import ModelId
 from p2pedge.protocols.blob.codec import (
     ChunkRequest,
@@ -18,6 +18,7 @@ from p2pedge.protocols.blob.codec import (
 )
 from p2pedge.protocols.blob.machine import (
     BlobClientMachine,
+    BlobLimits,
     BlobServerGate,
     ClientState,
     GateLimits,
@@ -186,3 +187,24 @@ def test_churning_other_peers_does_not_refill_a_drained_bucket() -> None:
     # newcomers share that debt until the forgotten bucket would have refilled
     assert not gate.admit("s4", request, 0.5)
     assert gate.admit("drained", request, 1.0)  # one token back after a second
+
+
+def test_gate_refusals_name_the_limit_and_scope() -> None:
+    gate = BlobServerGate(GateLimits(rate=1e-6, burst=2.0, per_peer_concurrency=1))
+    request = ChunkRequest(DIGEST, 0, 4096)
+    gate.enter("p", request, 0.0)
+    with pytest.raises(Busy) as crowded:
+        gate.enter("p", request, 0.0)
+    assert (crowded.value.limit, crowded.value.scope) == ("blob.requests", "peer")
+    gate.release("p")
+    gate.enter("p", request, 0.0)
+    gate.release("p")
+    with pytest.raises(Busy, match="rate"):
+        gate.enter("p", request, 0.0)
+    assert gate.in_flight == 0
+
+
+@pytest.mark.parametrize("field", ["idle_timeout", "write_timeout"])
+def test_blob_limits_refuse_non_positive_timeouts(field: str) -> None:
+    with pytest.raises(LocalProtocolError):
+        BlobLimits(**{field: 0.0})  # type: ignore[arg-type]

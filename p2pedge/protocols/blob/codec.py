@@ -2,7 +2,10 @@
 
 Requests: ``{"op": "chunk", "digest": hex64, "index": int, "chunk_size": int}`` or
 ``{"op": "manifest", "model": "name@version"}``. Responses: ``{"ok": True, "data": bytes}``
-or ``{"ok": False, "error": code, "message": str}``. Each message is one msgpack map in one
+or ``{"ok": False, "error": code, "message": str}``, a ``busy`` error also naming the
+``limit`` and ``scope`` that refused (optional fields, so older peers still decode it).
+Every field is checked at decode: digests are exactly 64 lowercase hex characters, indexes
+and sizes are bounded ints, texts are short. Each message is one msgpack map in one
 length-prefixed frame; a frame carries at most one chunk (4 MiB) plus a little overhead.
 """
 
@@ -26,7 +29,9 @@ MAX_RESPONSE_FRAME = MAX_DATA + 1024
 MAX_MESSAGE_TEXT = 200
 MAX_INDEX = 1 << 32
 ERROR_CODES = frozenset({"not_found", "busy", "bad_request", "internal"})
-_HEX64 = re.compile(r"^[0-9a-f]{64}$")
+SCOPES = frozenset({"", "peer", "source", "total"})
+_HEX64 = re.compile(r"\A[0-9a-f]{64}\Z")
+_LIMIT_NAME = re.compile(r"\A[a-z0-9_.]{0,64}\Z")
 
 
 @dataclass(frozen=True)
@@ -50,6 +55,8 @@ class DataResponse:
 class ErrorResponse:
     code: str
     message: str = ""
+    limit: str = ""  # for ``busy``: which limit refused, and whose share ran out
+    scope: str = ""
 
 
 Request = ChunkRequest | ManifestRequest
@@ -61,7 +68,11 @@ def _check_chunk(digest: object, index: object, chunk_size: object) -> ChunkRequ
         raise RemoteProtocolError("digest must be 64 lowercase hex characters")
     if not isinstance(index, int) or isinstance(index, bool) or not 0 <= index < MAX_INDEX:
         raise RemoteProtocolError(f"chunk index {index!r} out of range")
-    if not isinstance(chunk_size, int) or not MIN_CHUNK <= chunk_size <= MAX_CHUNK:
+    if (
+        not isinstance(chunk_size, int)
+        or isinstance(chunk_size, bool)
+        or not MIN_CHUNK <= chunk_size <= MAX_CHUNK
+    ):
         raise RemoteProtocolError(f"chunk_size {chunk_size!r} outside [{MIN_CHUNK}, {MAX_CHUNK}]")
     return ChunkRequest(digest, index, chunk_size)
 
@@ -108,9 +119,16 @@ def encode_response(response: Response) -> bytes:
         return pack({"ok": True, "data": response.data})
     if response.code not in ERROR_CODES:
         raise LocalProtocolError(f"unknown error code {response.code!r}")
-    return pack(
-        {"ok": False, "error": response.code, "message": response.message[:MAX_MESSAGE_TEXT]}
-    )
+    body: dict[str, Any] = {
+        "ok": False,
+        "error": response.code,
+        "message": response.message[:MAX_MESSAGE_TEXT],
+    }
+    if response.limit or response.scope:
+        if not _LIMIT_NAME.match(response.limit) or response.scope not in SCOPES:
+            raise LocalProtocolError(f"bad limit {response.limit!r} / {response.scope!r}")
+        body["limit"], body["scope"] = response.limit, response.scope
+    return pack(body)
 
 
 def decode_response(payload: bytes) -> Response:
@@ -124,13 +142,21 @@ def decode_response(payload: bytes) -> Response:
             raise RemoteProtocolError(f"response data of {len(data)} bytes over limit")
         return DataResponse(data)
     if ok is False:
+        if not set(message) <= {"ok", "error", "message", "limit", "scope"}:
+            raise RemoteProtocolError(f"unexpected error fields {sorted(message)[:8]}")
         code = require(message, "error", str)
         if code not in ERROR_CODES:
             raise RemoteProtocolError(f"unknown error code {code[:40]!r}")
         text = message.get("message", "")
+        limit = message.get("limit", "")
+        scope = message.get("scope", "")
         if not isinstance(text, str):
             raise RemoteProtocolError("error message must be a string")
-        return ErrorResponse(code, text[:MAX_MESSAGE_TEXT])
+        if not isinstance(limit, str) or not _LIMIT_NAME.match(limit):
+            raise RemoteProtocolError("error limit must be a short lowercase name")
+        if not isinstance(scope, str) or scope not in SCOPES:
+            raise RemoteProtocolError(f"unknown error scope {str(scope)[:20]!r}")
+        return ErrorResponse(code, text[:MAX_MESSAGE_TEXT], limit, scope)
     raise RemoteProtocolError("response lacks a boolean 'ok'")
 
 

@@ -9,6 +9,7 @@ records into sources. Nothing here trusts a peer: the puller hashes every chunk.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 from collections.abc import Awaitable, Callable, Iterable
 from typing import Any, Protocol
@@ -19,6 +20,7 @@ from p2pedge.errors import (
     Busy,
     IntegrityError,
     ModelNotCached,
+    PeerTimeout,
     PeerUnavailable,
     RemoteProtocolError,
 )
@@ -39,7 +41,14 @@ from p2pedge.protocols.blob.codec import (
     decode_request,
     encode_response,
 )
-from p2pedge.protocols.blob.machine import BlobClientMachine, BlobServerGate, ClientState
+from p2pedge.protocols.blob.machine import (
+    BYTES_IN_FLIGHT,
+    BlobClientMachine,
+    BlobLimits,
+    BlobServerGate,
+    ClientState,
+)
+from p2pedge.quota import Quota
 
 OpenStream = Callable[[], Awaitable[FramedStream]]
 
@@ -56,43 +65,102 @@ def model_key(name: str) -> str:
 
 
 class BlobService:
-    """Answers blob requests from peers, one request at a time per stream."""
+    """Answers blob requests from peers, one request at a time per stream.
+
+    A request that breaks the protocol (an oversize frame, a bad field, a chunk index
+    beyond the blob) gets ``bad_request`` and ends its stream with a
+    :class:`RemoteProtocolError`. A reply holds its bytes in the ``blob.bytes_in_flight``
+    quota from before it is read from disk until it is written, so readers that stop
+    reading hold at most their share; over it, they get ``busy`` naming the limit.
+    """
 
     def __init__(
         self,
         store: Store,
         gate: BlobServerGate | None = None,
         *,
-        idle_timeout: float = 60.0,
+        limits: BlobLimits | None = None,
         clock: Callable[[], float] = trio.current_time,
     ) -> None:
         self.store = store
-        self.gate = gate or BlobServerGate()
-        self.idle_timeout = idle_timeout
+        self.limits = limits or BlobLimits()
+        self.gate = gate or BlobServerGate(self.limits.gate)
+        self.bytes_in_flight = Quota(BYTES_IN_FLIGHT, self.limits.bytes_in_flight)
         self.clock = clock
         self.served_chunks = 0
 
     async def handle(self, stream: FramedStream, peer_id: str) -> None:
-        reader = FramedStream(stream.stream, max_frame=MAX_REQUEST_FRAME)
-        writer = FramedStream(stream.stream, max_frame=MAX_RESPONSE_FRAME)
+        reader = stream.reframed(MAX_REQUEST_FRAME)
+        writer = stream.reframed(MAX_RESPONSE_FRAME)
         while True:
             try:
-                payload = await reader.receive_bytes(timeout=self.idle_timeout)
+                payload = await reader.receive_bytes(timeout=self.limits.idle_timeout)
+                request = decode_request(payload)
             except PeerUnavailable:
                 return
-            try:
-                request = decode_request(payload)
             except RemoteProtocolError as exc:
-                await writer.send_bytes(encode_response(ErrorResponse("bad_request", str(exc))))
-                return
-            if not self.gate.admit(peer_id, request, self.clock()):
-                await writer.send_bytes(encode_response(ErrorResponse("busy", "slow down")))
+                await self._refuse(writer, exc)
+                raise
+            try:
+                self.gate.enter(peer_id, request, self.clock())
+            except Busy as exc:
+                await self._send(writer, _busy(exc))
                 continue
             try:
-                response = await self._answer(request)
-            finally:
+                cost = self._cost(request)
+                grant = self.bytes_in_flight.acquire(peer_id, stream.source, cost)
+            except RemoteProtocolError as exc:
                 self.gate.release(peer_id)
+                await self._refuse(writer, exc)
+                raise
+            except Busy as exc:
+                self.gate.release(peer_id)
+                await self._send(writer, _busy(exc))
+                continue
+            except ModelNotCached as exc:
+                self.gate.release(peer_id)
+                await self._send(writer, ErrorResponse("not_found", str(exc)))
+                continue
+            try:
+                try:
+                    response = await self._answer(request)
+                finally:
+                    self.gate.release(peer_id)
+                await self._send(writer, response)  # the bytes stay charged until written
+            finally:
+                self.bytes_in_flight.release(grant)
+
+    def _cost(self, request: Request) -> int:
+        """Bytes the answer will hold, known before it is read: a chunk's length from the
+        blob's size (an index beyond it is the peer's fault), a manifest's file size."""
+        if isinstance(request, ManifestRequest):
+            return len(self.store.manifest_bytes(request.model)) + _OVERHEAD
+        try:
+            size = self.store.blob_path(request.digest).stat().st_size
+        except FileNotFoundError as exc:
+            raise ModelNotCached(f"sha256-{request.digest[:16]}") from exc
+        start = request.index * request.chunk_size
+        if start >= size and not (start == 0 and size == 0):
+            chunks = -(-size // request.chunk_size)
+            raise RemoteProtocolError(
+                f"chunk index {request.index} beyond a blob of {chunks} chunks"
+            )
+        return min(request.chunk_size, size - start) + _OVERHEAD
+
+    async def _send(self, writer: FramedStream, response: Response) -> None:
+        """Write one answer within ``write_timeout``; a reader that stopped reading has
+        its stream reset (``PeerTimeout``), which frees what the reply held."""
+        with trio.move_on_after(self.limits.write_timeout) as scope:
             await writer.send_bytes(encode_response(response))
+        if scope.cancelled_caught:
+            with trio.move_on_after(1):
+                await writer.reset()
+            raise PeerTimeout(f"reply not read within {self.limits.write_timeout:g} s")
+
+    async def _refuse(self, writer: FramedStream, exc: RemoteProtocolError) -> None:
+        """Best effort ``bad_request`` before the stream ends (the peer may be gone)."""
+        with contextlib.suppress(PeerUnavailable):
+            await self._send(writer, ErrorResponse("bad_request", str(exc)))
 
     async def _answer(self, request: Request) -> Response:
         if isinstance(request, ManifestRequest):
@@ -114,22 +182,44 @@ class BlobService:
         return DataResponse(data)
 
 
+_OVERHEAD = 64  # msgpack map and frame prefix around a reply's data
+
+
+def _busy(exc: Busy) -> ErrorResponse:
+    return ErrorResponse("busy", str(exc), exc.limit, exc.scope)
+
+
 class _Conn:
-    def __init__(self, stream: FramedStream, timeout: float) -> None:
-        self.reader = FramedStream(stream.stream, max_frame=MAX_RESPONSE_FRAME)
-        self.writer = FramedStream(stream.stream, max_frame=MAX_REQUEST_FRAME)
+    def __init__(self, stream: FramedStream, timeout: float, now: float) -> None:
+        self.reader = stream.reframed(MAX_RESPONSE_FRAME)
+        self.writer = stream.reframed(MAX_REQUEST_FRAME)
         self.machine = BlobClientMachine(timeout)
+        self.used_at = now
 
 
 class PeerChunkSource:
-    """A pull source backed by one peer; keeps up to ``max_streams`` open streams."""
+    """A pull source backed by one peer; keeps up to ``max_streams`` open streams.
+
+    An idle stream is reused only if it was last used less than ``reuse_idle`` seconds
+    ago (well inside the server's idle timeout); a reused stream that turns out closed
+    (the server ended it meanwhile) is replaced by a fresh one once, so an honest peer's
+    idle streams never fail a request.
+    """
 
     def __init__(
-        self, open_stream: OpenStream, name: str, *, timeout: float = 30.0, max_streams: int = 4
+        self,
+        open_stream: OpenStream,
+        name: str,
+        *,
+        timeout: float = 30.0,
+        max_streams: int = 4,
+        reuse_idle: float = 15.0,
     ) -> None:
         self.open_stream = open_stream
         self.name = name
         self.timeout = timeout
+        self.reuse_idle = reuse_idle
+        self.opened = 0
         self._idle: list[_Conn] = []
         self._slots = trio.Semaphore(max_streams)
 
@@ -143,30 +233,54 @@ class PeerChunkSource:
 
         return cls(open_stream, f"peer {peer_id}", **kwargs)
 
+    async def _conn(self, now: float) -> tuple[_Conn, bool]:
+        """An idle stream fresh enough to reuse, else a new one; and whether it is reused."""
+        while self._idle:
+            conn = self._idle.pop()
+            if now - conn.used_at < self.reuse_idle:
+                return conn, True
+            await _discard(conn)
+        self.opened += 1
+        return _Conn(await self.open_stream(), self.timeout, now), False
+
+    async def _exchange(self, conn: _Conn, request: Request) -> Response:
+        try:
+            payload = conn.machine.send(request, trio.current_time())
+            await conn.writer.send_bytes(payload)
+            answer = await conn.reader.receive_bytes(timeout=self.timeout)
+            return conn.machine.receive(answer, trio.current_time())
+        except BaseException:
+            conn.machine.fail()
+            with trio.CancelScope(shield=True):
+                await _discard(conn)
+            raise
+
     async def _request(self, request: Request) -> bytes:
         async with self._slots:
-            conn = self._idle.pop() if self._idle else _Conn(await self.open_stream(), self.timeout)
+            conn, reused = await self._conn(trio.current_time())
             try:
-                payload = conn.machine.send(request, trio.current_time())
-                await conn.writer.send_bytes(payload)
-                answer = await conn.reader.receive_bytes(timeout=self.timeout)
-                response = conn.machine.receive(answer, trio.current_time())
-            except BaseException:
-                conn.machine.fail()
-                with trio.CancelScope(shield=True), trio.move_on_after(1):
-                    try:
-                        await conn.reader.reset()
-                    except PeerUnavailable:
-                        pass
+                response = await self._exchange(conn, request)
+            except PeerTimeout:
                 raise
+            except PeerUnavailable:
+                if not reused:
+                    raise
+                conn = _Conn(await self.open_stream(), self.timeout, trio.current_time())
+                self.opened += 1
+                response = await self._exchange(conn, request)
             if conn.machine.state is ClientState.IDLE:
+                conn.used_at = trio.current_time()
                 self._idle.append(conn)
         if isinstance(response, DataResponse):
             return response.data
         if response.code == "not_found":
             raise SourceMissing(f"{self.name}: {response.message}")
         if response.code == "busy":
-            raise Busy(f"{self.name} is busy")
+            raise Busy(
+                f"{self.name} is busy: {response.message}",
+                limit=response.limit,
+                scope=response.scope,
+            )
         raise RemoteProtocolError(f"{self.name} refused: {response.code} {response.message}")
 
     async def fetch_chunk(self, digest: str, index: int, chunk_size: int) -> bytes:
@@ -182,6 +296,12 @@ class PeerChunkSource:
                 await conn.writer.close()
             except PeerUnavailable:
                 continue
+
+
+async def _discard(conn: _Conn) -> None:
+    """Reset a stream we will not use again (it may be dead already)."""
+    with trio.move_on_after(1), contextlib.suppress(PeerUnavailable):
+        await conn.reader.reset()
 
 
 class Provider(Protocol):

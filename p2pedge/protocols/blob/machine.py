@@ -7,6 +7,11 @@ request before the answer is ours (``LocalProtocolError``). The server gate keep
 peer, a token bucket (``rate`` requests/s, ``burst``) and an in-flight count, so one peer
 cannot monopolise the disk or the uplink; peers with nothing in flight are forgotten
 first when too many are tracked.
+
+:class:`BlobLimits` gathers every server limit of the protocol: the gate's, the bytes a
+peer's replies may hold until they are written (charged to peer id, source address and
+total through :class:`~p2pedge.quota.Quota`, since a reader that stops reading leaves its
+replies in our memory), and the read/write deadlines of a stream.
 """
 
 from __future__ import annotations
@@ -15,7 +20,7 @@ from collections import OrderedDict
 from dataclasses import dataclass
 from enum import Enum
 
-from p2pedge.errors import LocalProtocolError, RemoteProtocolError
+from p2pedge.errors import Busy, LocalProtocolError, RemoteProtocolError
 from p2pedge.protocols.blob.codec import (
     ChunkRequest,
     DataResponse,
@@ -25,6 +30,7 @@ from p2pedge.protocols.blob.codec import (
     decode_response,
     encode_request,
 )
+from p2pedge.quota import Limit
 
 
 class ClientState(Enum):
@@ -99,6 +105,29 @@ class GateLimits:
             raise LocalProtocolError("gate limits must be positive")
 
 
+_MIB = 1 << 20
+BYTES_IN_FLIGHT = "blob.bytes_in_flight"
+REQUESTS = "blob.requests"
+_BYTES_IN_FLIGHT = Limit(per_peer=32 * _MIB, per_source=64 * _MIB, total=256 * _MIB)
+
+
+@dataclass(frozen=True)
+class BlobLimits:
+    """A blob server's limits. ``bytes_in_flight`` bounds the reply bytes read from disk
+    and not yet written (a reply holds its share until ``send_bytes`` returns); a write
+    that takes longer than ``write_timeout`` ends the stream (a reader that stopped);
+    ``idle_timeout`` ends a stream with no request."""
+
+    gate: GateLimits = GateLimits()
+    bytes_in_flight: Limit = _BYTES_IN_FLIGHT
+    idle_timeout: float = 60.0
+    write_timeout: float = 30.0
+
+    def __post_init__(self) -> None:
+        if self.idle_timeout <= 0 or self.write_timeout <= 0:
+            raise LocalProtocolError("blob timeouts must be positive")
+
+
 class BlobServerGate:
     """Admit or refuse (``busy``) each request; ``release`` when its answer is sent."""
 
@@ -141,19 +170,26 @@ class BlobServerGate:
 
     def admit(self, peer: str, request: Request, now: float) -> bool:
         """True: serve it now (and call :meth:`release` later); False: answer ``busy``."""
+        try:
+            self.enter(peer, request, now)
+        except Busy:
+            return False
+        return True
+
+    def enter(self, peer: str, request: Request, now: float) -> None:
+        """Admit (then :meth:`release` later) or raise :class:`Busy` naming the scope."""
         if not isinstance(request, ChunkRequest | ManifestRequest):
             raise LocalProtocolError("not a blob request")
         budget = self._budget(peer, now)
-        if (
-            budget.tokens < 1.0
-            or budget.in_flight >= self.limits.per_peer_concurrency
-            or self.in_flight >= self.limits.total_concurrency
-        ):
-            return False
+        if budget.tokens < 1.0:
+            raise Busy("blob: request rate over limit", limit=REQUESTS, scope="peer")
+        if budget.in_flight >= self.limits.per_peer_concurrency:
+            raise Busy("blob: too many requests in flight", limit=REQUESTS, scope="peer")
+        if self.in_flight >= self.limits.total_concurrency:
+            raise Busy("blob: server at capacity", limit=REQUESTS, scope="total")
         budget.tokens -= 1.0
         budget.in_flight += 1
         self.in_flight += 1
-        return True
 
     def release(self, peer: str) -> None:
         budget = self._peers.get(peer)

@@ -17,6 +17,7 @@ from p2pedge.ids import LayerRange
 from p2pedge.planning.routes import ServerOption
 from p2pedge.protocols._stream import FramedStream, memory_stream_pair
 from p2pedge.protocols.pipeline.handler import PipelineServer
+from p2pedge.wire.framing import DEFAULT_MAX_FRAME
 
 
 class StreamServer(Protocol):
@@ -100,9 +101,11 @@ class LocalSwarm:
         if server is None:
             raise PeerUnavailable(f"no server {peer_id} in this LocalSwarm")
         ours, theirs = memory_stream_pair()
-        kw = {} if self.max_frame is None else {"max_frame": self.max_frame}
-        self.nursery.start_soon(server.handle, FramedStream(theirs, **kw), "local-client")
-        return FramedStream(ours, **kw)
+        max_frame = DEFAULT_MAX_FRAME if self.max_frame is None else self.max_frame
+        self.nursery.start_soon(
+            server.handle, FramedStream(theirs, max_frame=max_frame), "local-client"
+        )
+        return FramedStream(ours, max_frame=max_frame)
 
     async def options(self) -> list[ServerOption]:
         """What the capability cards of every live server would offer."""
