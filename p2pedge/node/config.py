@@ -7,6 +7,7 @@ from pathlib import Path
 
 from p2pedge.errors import ConfigError
 from p2pedge.ids import LayerRange
+from p2pedge.node.limits import Limits
 from p2pedge.planning.slowdown import SlowdownPolicy
 
 
@@ -68,6 +69,7 @@ class NodeConfig:
     inline_step_ms: float = 50.0  # decode steps this short skip the worker thread; 0: never
     direct_lane: bool = True
     direct_lane_port: int = 0  # 0: the OS picks; fix it to open one port in a firewall
+    limits: Limits = field(default_factory=Limits)  # what peers may hold of this node
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "data_dir", Path(self.data_dir))

@@ -143,7 +143,7 @@ class NodeModels:
         from p2pedge.protocols.blob.codec import PROTOCOL_ID
         from p2pedge.protocols.blob.handler import BlobService, announce_store
 
-        self.blobs = BlobService(self.store)
+        self.blobs = BlobService(self.store, limits=self.node.config.limits.blob)
         self.node.set_stream_handler(PROTOCOL_ID, self.blobs.handle)
         self.node.nursery.start_soon(announce_store, self.node, self.store)
         if self.node.config.serve:
@@ -187,7 +187,7 @@ class NodeModels:
 
         peers: Any = _NoPeers() if self.node.config.local_only else NodePeers(self.node)
         if not self.node.config.local_only:
-            install_infer(self.node, self.inference)
+            install_infer(self.node, self.inference, limits=self.node.config.limits.infer)
         self.orchestrator = Orchestrator(
             self.inference,
             peers,

@@ -8,6 +8,7 @@ local features still work.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import time
 from collections.abc import Awaitable, Callable, Sequence
@@ -144,7 +145,6 @@ class Node(ModelsFacade):
         from libp2p.network.config import ConnectionConfig
 
         from p2pedge.dht._protocol import use_p2pedge_kad_protocol
-        from p2pedge.dht.limits import DhtLimits
         from p2pedge.dht.strict import StrictKadDHT
         from p2pedge.node.quirks import disable_auto_connect, quiet_libp2p
 
@@ -168,8 +168,8 @@ class Node(ModelsFacade):
             self._install_handler(protocol_id, handler)
         # Only our own namespaces, bounded stores, PUTs and provider adds rate-limited;
         # cards may live no longer than an hour or our own announce cadence needs.
-        lifetime = max(DhtLimits().max_card_lifetime_s, self.config.card_ttl)
-        limits = DhtLimits(max_card_lifetime_s=lifetime)
+        lifetime = max(self.config.limits.dht.max_card_lifetime_s, self.config.card_ttl)
+        limits = dataclasses.replace(self.config.limits.dht, max_card_lifetime_s=lifetime)
         dht = StrictKadDHT(self.host, limits=limits, clock=self.clock)
         if self._allowed:
             from p2pedge.node.gate import guard_handlers
