@@ -48,6 +48,8 @@ bench: venv model
 	$(PY) benchmarks/kv_in_place.py
 	$(PY) benchmarks/sharded.py
 	$(PY) benchmarks/preload.py
+	$(PY) benchmarks/transport.py
+	$(PY) benchmarks/hostile.py
 	$(PY) -m simnet.federated
 	$(PY) -m simnet.push_latency
 	$(PY) -m simnet.route_learning

@@ -5,7 +5,9 @@ from __future__ import annotations
 import datetime
 import os
 import platform
+import statistics
 from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 
 DOC = Path(__file__).resolve().parent.parent / "docs" / "benchmarks.md"
@@ -39,3 +41,53 @@ def write_section(name: str, body: str, doc: Path = DOC) -> None:
         text = text.rstrip() + "\n\n" + block + "\n"
     doc.parent.mkdir(parents=True, exist_ok=True)
     doc.write_text(text)
+
+
+@dataclass(frozen=True)
+class Ratio:
+    """The one ratio every benchmark reports: the median of paired per-round ratios, with
+    the smallest and largest of them (pairing rounds cancels the machine's drift)."""
+
+    median: float
+    low: float
+    high: float
+
+    def __str__(self) -> str:
+        return f"{self.median:.2f} ({self.low:.2f}-{self.high:.2f})"
+
+
+def paired_ratio(numerators: Sequence[float], denominators: Sequence[float]) -> Ratio:
+    ratios = [a / b if b else 0.0 for a, b in zip(numerators, denominators, strict=True)]
+    return Ratio(statistics.median(ratios), min(ratios), max(ratios))
+
+
+RATIO_DEFINITION = (
+    "Every ratio is the median of paired per-round ratios (each round measures both "
+    "sides, in alternating order), with the smallest and largest per-round ratio beside it."
+)
+
+
+def ratio_cell(ratio: Ratio, digits: int = 2, unit: str = "x") -> str:
+    """A table cell: ``0.92x (0.85-0.97)``, median then the min-max spread of the rounds."""
+    return f"{ratio.median:.{digits}f}{unit} ({ratio.low:.{digits}f}-{ratio.high:.{digits}f}{unit})"
+
+
+def ratio_fields(key: str, ratio: Ratio, digits: int = 2) -> dict[str, str]:
+    """Headline pairs for one ratio: ``key``, ``key_min`` and ``key_max``, in that order."""
+    return {
+        key: f"{ratio.median:.{digits}f}",
+        f"{key}_min": f"{ratio.low:.{digits}f}",
+        f"{key}_max": f"{ratio.high:.{digits}f}",
+    }
+
+
+def headline(fields: dict[str, str]) -> str:
+    """The last line a benchmark prints: ``key=value`` pairs separated by spaces."""
+    return " ".join(f"{key}={value}" for key, value in fields.items())
+
+
+def turns(sides: Sequence[str], round_index: int) -> list[str]:
+    """The order ``sides`` run in round ``round_index``: rotated by one each round, so
+    every side goes first as often as the others and drift within a round cancels."""
+    k = round_index % len(sides)
+    return [*sides[k:], *sides[:k]]

@@ -13,6 +13,8 @@ cheap and robust to one early divergence.
 llama.cpp (not a dependency; see docs/runtime.md) is measured in the same rounds when
 ``LLAMA_BENCH`` names a ``llama-bench`` binary or ``llama_cpp`` (llama-cpp-python) imports;
 it decodes as many tokens on a KV cache as deep as the chat prompt, with the same threads.
+Every ratio is the median of paired per-round ratios (the variants and llama.cpp run in
+each round, the order rotating), with its min-max spread.
 
 Run ``make model`` first, then ``python benchmarks/decode.py [--tokens N] [--rounds R]
 [--models-dir DIR]``.
@@ -38,7 +40,16 @@ import onnxruntime_genai as og
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from benchmarks._report import write_section
+from benchmarks._report import (
+    RATIO_DEFINITION,
+    Ratio,
+    headline,
+    paired_ratio,
+    ratio_cell,
+    ratio_fields,
+    turns,
+    write_section,
+)
 
 ROOT = Path(__file__).resolve().parent.parent
 MODELS = ROOT / ".cache" / "models"
@@ -222,11 +233,13 @@ def main(argv: list[str] | None = None) -> int:
     outputs: dict[str, list[int]] = {}
     for name, model in models.items():  # warm-up: first-run allocations and page faults
         outputs[name] = timed_decode(model, prompt, args.tokens)[2]
-    for _ in range(args.rounds):  # interleaved so machine noise hits every variant alike
-        for name, model in models.items():
-            runs[name].append(timed_decode(model, prompt, args.tokens)[:2])
-        if llama_round is not None:
-            llama_runs.append(llama_round())
+    sides = [*models, *(["llama.cpp"] if llama_round is not None else [])]
+    for r in range(args.rounds):  # interleaved so machine noise hits every variant alike
+        for name in turns(sides, r):
+            if name in models:
+                runs[name].append(timed_decode(models[name], prompt, args.tokens)[:2])
+            elif llama_round is not None:
+                llama_runs.append(llama_round())
     reference = outputs["fp32"]
     agreement: dict[str, float] = {}
     replies: dict[str, str] = {}
@@ -246,15 +259,21 @@ def main(argv: list[str] | None = None) -> int:
         for name, out in outputs.items()
     }
     llama_tok_s = statistics.median(llama_runs) if llama_runs else None
+    rates = {name: [r[1] for r in rs] for name, rs in runs.items()}
+    vs_fp32 = {name: paired_ratio(rates[name], rates["fp32"]) for name in rates}
+    vs_llama: dict[str, Ratio] = {}
+    if llama_runs:
+        vs_llama = {name: paired_ratio(rates[name], llama_runs) for name in rates}
     lines = [
-        "| variant | decode tok/s | vs fp32 | vs llama.cpp | prefill ms | top-1 agreement"
+        "| variant | decode tok/s | vs fp32 (min-max) | vs llama.cpp (min-max) | prefill ms"
+        " | top-1 agreement"
         " | same greedy prefix | disk MB | greedy reply to the test question |",
         "|---|---|---|---|---|---|---|---|---|",
     ]
     for name in tok_s:
-        vs_llama = f"{tok_s[name] / llama_tok_s:.2f}x" if llama_tok_s else "-"
+        llama_cell = ratio_cell(vs_llama[name]) if vs_llama else "-"
         lines.append(
-            f"| {name} | {tok_s[name]:.1f} | {tok_s[name] / tok_s['fp32']:.2f}x | {vs_llama} | "
+            f"| {name} | {tok_s[name]:.1f} | {ratio_cell(vs_fp32[name])} | {llama_cell} | "
             f"{prefill[name] * 1000:.0f} | {agreement[name]:.3f} | {same[name]}/{args.tokens} | "
             f"{disk[name]:.0f} | {_cell(replies[name])} |"
         )
@@ -277,21 +296,21 @@ def main(argv: list[str] | None = None) -> int:
             f" ({when}, {machine})\n\n"
             f"onnxruntime-genai {og.__version__}, CPU, {THREADS} intra-op threads, greedy, "
             f"{len(prompt)}-token chat prompt, {args.tokens} tokens per run (EOS held off), "
-            f"median of {args.rounds} interleaved rounds. Agreement: teacher-forced top-1 match "
+            f"median of {args.rounds} interleaved rounds. {RATIO_DEFINITION} "
+            "Agreement: teacher-forced top-1 match "
             f"with the fp32 variant's greedy continuation. Reply: greedy, {CHECK_TOKENS} tokens, "
             f"to the real-model test's question {CHECK!r}; llama.cpp's comes from its Python "
             "binding (`make llamacpp`) with its own chat template. "
             f"llama.cpp: {llama_how}.\n\n" + table
         )
         write_section(SECTION, body, DOC)
-    pairs = [f"{name}_tok_s={tok_s[name]:.1f}" for name in reversed(tok_s)]
+    fields = {f"{name}_tok_s": f"{tok_s[name]:.1f}" for name in reversed(tok_s)}
+    fields |= ratio_fields("lossless4_vs_fp32", vs_fp32["lossless4"])
     if llama_tok_s:
-        pairs += [
-            f"llamacpp_tok_s={llama_tok_s:.1f}",
-            f"vs_llamacpp={tok_s['lossless4'] / llama_tok_s:.3f}",
-            f"int8_vs_llamacpp={tok_s['lossless4_int8'] / llama_tok_s:.3f}",
-        ]
-    print(" ".join(pairs))
+        fields["llamacpp_tok_s"] = f"{llama_tok_s:.1f}"
+        fields |= ratio_fields("vs_llamacpp", vs_llama["lossless4"], 3)
+        fields |= ratio_fields("int8_vs_llamacpp", vs_llama["lossless4_int8"], 3)
+    print(headline(fields))
     return 0
 
 

@@ -4,8 +4,9 @@ replaced on that path (old and new side by side), all in one run on this machine
 A shard step streams tens of MB of weights through the CPU caches, so the Python that
 handles a hop's messages right after it runs with cold caches: instruction and data
 misses make each call many times slower than a warm micro-benchmark says. Every measure
-here runs N times right after sweeping 64 MB (cold) and N times back to back (warm);
-medians. In a real hop the sweep is the step itself.
+here runs N times right after sweeping 64 MB (cold) and N times back to back (warm), in R
+paired rounds; ratios are medians of the per-round ratios, with their min-max. In a real
+hop the sweep is the step itself.
 
 1. The hop path stage by stage, with the real code: the client encodes and seals a decode
    step (hidden states, 576 floats, as SmolLM2's boundaries carry), the server unseals,
@@ -16,7 +17,7 @@ medians. In a real hop the sweep is the step itself.
    over the top-k ids, ``trio.Lock`` vs :class:`QuickLock` (uncontended), and trio's
    ``SocketStream.send_all`` vs the direct lane's write, over a loopback TCP pair.
 
-``python benchmarks/hop_cold.py [--n N] [--no-doc]``.
+``python benchmarks/hop_cold.py [--n N] [--rounds R] [--no-doc]``.
 """
 
 from __future__ import annotations
@@ -35,7 +36,17 @@ import trio
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from benchmarks._report import machine, table, write_section  # noqa: E402
+from benchmarks._report import (  # noqa: E402
+    RATIO_DEFINITION,
+    headline,
+    machine,
+    paired_ratio,
+    ratio_cell,
+    ratio_fields,
+    table,
+    turns,
+    write_section,
+)
 from p2pedge.ids import LayerRange  # noqa: E402
 from p2pedge.protocols._stream import QuickLock  # noqa: E402
 from p2pedge.protocols.direct.codec import SealedChannel  # noqa: E402
@@ -53,29 +64,49 @@ def flush() -> None:
     SWEEP.sum()
 
 
-def timed(fn: Callable[[], object], n: int, cold: bool) -> float:
-    """Median microseconds of ``fn``, each call after a sweep when ``cold``."""
-    fn()
-    samples = []
-    for _ in range(n):
-        if cold:
-            flush()
-        began = time.perf_counter_ns()
+Samples = dict[str, list[float]]  # name -> one median in µs per round
+
+
+def paired_timed(fns: dict[str, Callable[[], object]], n: int, rounds: int) -> Samples:
+    """Per round, the median µs of each of ``fns`` over ``n`` calls, each right after a
+    sweep; the calls take turns, the order rotating per call, so drift hits all alike."""
+    for fn in fns.values():
         fn()
-        samples.append(time.perf_counter_ns() - began)
-    return statistics.median(samples) / 1000
+    out: Samples = {name: [] for name in fns}
+    for _ in range(rounds):
+        samples: dict[str, list[int]] = {name: [] for name in fns}
+        for i in range(n):
+            for name in turns(list(fns), i):
+                flush()
+                began = time.perf_counter_ns()
+                fns[name]()
+                samples[name].append(time.perf_counter_ns() - began)
+        for name, values in samples.items():
+            out[name].append(statistics.median(values) / 1000)
+    return out
 
 
-async def timed_async(fn: Callable[[], Awaitable[object]], n: int, cold: bool) -> float:
-    await fn()
-    samples = []
-    for _ in range(n):
-        if cold:
-            flush()
-        began = time.perf_counter_ns()
-        await fn()
-        samples.append(time.perf_counter_ns() - began)
-    return statistics.median(samples) / 1000
+async def paired_timed_async(
+    fns: dict[str, Callable[[], Awaitable[object]]],
+    n: int,
+    rounds: int,
+    after: Callable[[], Awaitable[object]] | None = None,
+) -> Samples:
+    """:func:`paired_timed` for coroutines; ``after`` runs untimed after each call."""
+    out: Samples = {name: [] for name in fns}
+    for _ in range(rounds):
+        samples: dict[str, list[int]] = {name: [] for name in fns}
+        for i in range(n):
+            for name in turns(list(fns), i):
+                flush()
+                began = time.perf_counter_ns()
+                await fns[name]()
+                samples[name].append(time.perf_counter_ns() - began)
+                if after is not None:
+                    await after()
+        for name, values in samples.items():
+            out[name].append(statistics.median(values) / 1000)
+    return out
 
 
 # --- 1. the hop path --------------------------------------------------------------------
@@ -135,30 +166,33 @@ class Hop:
         }
 
 
-def hop_path(n: int) -> dict[str, tuple[float, float]]:
-    """Stage -> (warm us, cold us); each round runs all stages in order."""
+def hop_path(n: int, rounds: int) -> dict[str, tuple[list[float], list[float]]]:
+    """Stage -> (warm µs, cold µs), one median of ``n`` passes per round each; in each
+    round the warm and the cold passes take turns to go first."""
     hop = Hop()
     stages = hop.stages()
-    warm: dict[str, list[int]] = {name: [] for name in stages}
-    cold: dict[str, list[int]] = {name: [] for name in stages}
-    for samples, sweep in ((warm, False), (cold, True)):
-        for _ in range(n):
-            for name, fn in stages.items():
-                if sweep:
-                    flush()
-                began = time.perf_counter_ns()
-                fn()
-                samples[name].append(time.perf_counter_ns() - began)
-    return {
-        name: (statistics.median(warm[name]) / 1000, statistics.median(cold[name]) / 1000)
-        for name in stages
-    }
+    out: dict[str, tuple[list[float], list[float]]] = {name: ([], []) for name in stages}
+    for r in range(rounds):
+        for mode in turns(("warm", "cold"), r):
+            samples: dict[str, list[int]] = {name: [] for name in stages}
+            for _ in range(n):
+                for name, fn in stages.items():
+                    if mode == "cold":
+                        flush()
+                    began = time.perf_counter_ns()
+                    fn()
+                    samples[name].append(time.perf_counter_ns() - began)
+            for name, values in samples.items():
+                out[name][mode == "cold"].append(statistics.median(values) / 1000)
+    return out
 
 
 # --- 2. old vs new calls ----------------------------------------------------------------
 
+Replaced = tuple[str, str, list[float], str, list[float]]  # what, old, µs, new, µs per round
 
-def replaced_calls(n: int) -> list[tuple[str, str, float, str, float]]:
+
+def replaced_calls(n: int, rounds: int) -> list[Replaced]:
     shape = [1, 1, HIDDEN]
     x = np.zeros(shape, dtype=np.float32)
     names = {np.dtype("<f4"): "float32"}
@@ -188,11 +222,12 @@ def replaced_calls(n: int) -> list[tuple[str, str, float, str, float]]:
         ),
     ]
     for what, old_name, old, new_name, new in pairs:
-        rows.append((what, old_name, timed(old, n, True), new_name, timed(new, n, True)))
+        got = paired_timed({"old": old, "new": new}, n, rounds)
+        rows.append((what, old_name, got["old"], new_name, got["new"]))
     return rows
 
 
-async def replaced_async(n: int) -> list[tuple[str, str, float, str, float]]:
+async def replaced_async(n: int, rounds: int) -> list[Replaced]:
     lock, quick = trio.Lock(), QuickLock()
 
     async def trio_lock() -> None:
@@ -203,15 +238,8 @@ async def replaced_async(n: int) -> list[tuple[str, str, float, str, float]]:
         async with quick:
             pass
 
-    rows = [
-        (
-            "uncontended lock",
-            "trio.Lock",
-            await timed_async(trio_lock, n, True),
-            "QuickLock",
-            await timed_async(quick_lock, n, True),
-        )
-    ]
+    locks = await paired_timed_async({"old": trio_lock, "new": quick_lock}, n, rounds)
+    rows = [("uncontended lock", "trio.Lock", locks["old"], "QuickLock", locks["new"])]
     listeners = await trio.open_tcp_listeners(0, host="127.0.0.1")
     port = listeners[0].socket.getsockname()[1]
     sender = await trio.open_tcp_stream("127.0.0.1", port)
@@ -230,21 +258,15 @@ async def replaced_async(n: int) -> list[tuple[str, str, float, str, float]]:
     async def lane_write() -> None:
         await lean.write(frame)
 
-    samples: dict[str, list[int]] = {"trio": [], "lane": []}
-    for _ in range(n):  # interleaved; the reader drains outside the timed part
-        for name, fn in (("trio", trio_send), ("lane", lane_write)):
-            flush()
-            began = time.perf_counter_ns()
-            await fn()
-            samples[name].append(time.perf_counter_ns() - began)
-            await drain()
+    # the reader drains outside the timed part
+    sends = await paired_timed_async({"old": trio_send, "new": lane_write}, n, rounds, drain)
     rows.append(
         (
             "send a 2.4 KB frame (loopback TCP)",
             "trio SocketStream.send_all",
-            statistics.median(samples["trio"]) / 1000,
+            sends["old"],
             "lane write (os.write when ready)",
-            statistics.median(samples["lane"]) / 1000,
+            sends["new"],
         )
     )
     await sender.aclose()
@@ -255,29 +277,53 @@ async def replaced_async(n: int) -> list[tuple[str, str, float, str, float]]:
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--n", type=int, default=300, help="samples per measure")
+    ap.add_argument("--n", type=int, default=60, help="samples per measure and round")
+    ap.add_argument("--rounds", type=int, default=5, help="paired rounds")
     ap.add_argument("--no-doc", action="store_true")
     args = ap.parse_args(argv)
     began = time.perf_counter()
-    path = hop_path(args.n)
-    calls = replaced_calls(args.n) + trio.run(replaced_async, args.n)
-    warm_total = sum(w for w, _ in path.values())
-    cold_total = sum(c for _, c in path.values())
-    hop_rows = [(name, f"{w:.1f}", f"{c:.1f}", f"{c / w:.1f}x") for name, (w, c) in path.items()]
+    path = hop_path(args.n, args.rounds)
+    calls = replaced_calls(args.n, args.rounds) + trio.run(replaced_async, args.n, args.rounds)
+    med = statistics.median
+    warm_totals = [sum(rounds) for rounds in zip(*(w for w, _ in path.values()), strict=True)]
+    cold_totals = [sum(rounds) for rounds in zip(*(c for _, c in path.values()), strict=True)]
+    total = paired_ratio(cold_totals, warm_totals)
+    hop_rows = [
+        (name, f"{med(w):.1f}", f"{med(c):.1f}", ratio_cell(paired_ratio(c, w), 1))
+        for name, (w, c) in path.items()
+    ]
     hop_rows.append(
-        ("**total**", f"{warm_total:.1f}", f"{cold_total:.1f}", f"{cold_total / warm_total:.1f}x")
+        ("**total**", f"{med(warm_totals):.1f}", f"{med(cold_totals):.1f}", ratio_cell(total, 1))
     )
     call_rows = [
-        (what, old_name, f"{old:.1f}", new_name, f"{new:.1f}", f"{old / new:.1f}x")
+        (
+            what,
+            old_name,
+            f"{med(old):.1f}",
+            new_name,
+            f"{med(new):.1f}",
+            ratio_cell(paired_ratio(old, new), 1),
+        )
         for what, old_name, old, new_name, new in calls
     ]
     body = "\n\n".join(
         [
             "## A hop's own Python, cold vs warm (benchmarks/hop_cold.py)",
-            f"Measured {machine()}; {args.n} samples per measure, medians.",
-            table(("stage", "warm us", "cold us", "cold / warm"), hop_rows),
+            f"Measured {machine()}; {args.rounds} paired rounds of {args.n} samples per "
+            f"measure; times are medians of the rounds' medians. {RATIO_DEFINITION}",
             table(
-                ("on the hop path", "before", "cold us", "now", "cold us", "before / now"),
+                ("stage", "warm µs", "cold µs (after a 64 MB sweep)", "cold / warm (min-max)"),
+                hop_rows,
+            ),
+            table(
+                (
+                    "on the hop path",
+                    "before",
+                    "cold µs",
+                    "now",
+                    "cold µs",
+                    "before / now (min-max)",
+                ),
                 call_rows,
             ),
             "- Cold: each call right after sweeping 64 MB, as after a shard step; warm: "
@@ -285,17 +331,19 @@ def main(argv: list[str] | None = None) -> int:
             "for one decode step of 576 floats; socket waits, trio's scheduler and "
             "onnxruntime are not in them (see the sharded section for whole hops).\n"
             "- The second table's left column is what the hop path called before this "
-            "change, measured in the same run.\n"
+            "change, measured in the same rounds (old and new calls taking turns).\n"
             f"- (took {time.perf_counter() - began:.0f} s)",
         ]
     )
     print(body)
     if not args.no_doc:
         write_section("hop_cold", body)
-    print(
-        f"hop_python_cold_us={cold_total:.0f} hop_python_warm_us={warm_total:.0f} "
-        f"cold_vs_warm={cold_total / warm_total:.1f}"
-    )
+    fields = {
+        "hop_python_cold_us": f"{med(cold_totals):.0f}",
+        "hop_python_warm_us": f"{med(warm_totals):.0f}",
+        **ratio_fields("cold_vs_warm", total, 1),
+    }
+    print(headline(fields))
     return 0
 
 

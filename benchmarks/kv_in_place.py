@@ -24,7 +24,17 @@ import numpy as np
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from benchmarks._report import machine, table, write_section  # noqa: E402
+from benchmarks._report import (  # noqa: E402
+    RATIO_DEFINITION,
+    Ratio,
+    headline,
+    machine,
+    paired_ratio,
+    ratio_cell,
+    ratio_fields,
+    table,
+    write_section,
+)
 from p2pedge.ids import LayerRange  # noqa: E402
 from p2pedge.protocols.pipeline.serving import ensure_shard_dir  # noqa: E402
 from p2pedge.runtime.config import RuntimeConfig  # noqa: E402
@@ -84,7 +94,7 @@ def main(argv: list[str] | None = None) -> int:
     args = ap.parse_args(argv)
     began = time.perf_counter()
     rows = []
-    headline: dict[str, float] = {}
+    ratios: dict[str, Ratio] = {}
     for layers, steps in (("10-20", args.steps), ("0-30", min(args.steps, 200))):
         in_place, plain = paired(layers, steps)
         for lo in (0, steps - WINDOW):
@@ -92,18 +102,18 @@ def main(argv: list[str] | None = None) -> int:
             ip, pl = statistics.median(in_place[window]), statistics.median(plain[window])
             pairs = list(zip(plain[window], in_place[window], strict=True))
             saved = statistics.median(p - q for p, q in pairs)
-            ratio = statistics.median(p / q for p, q in pairs)
+            ratio = paired_ratio(plain[window], in_place[window])
             where = f"{PROMPT + lo}-{PROMPT + lo + WINDOW}"
             rows.append(
                 [
-                    f"blocks {layers}, positions {where}",
+                    f"blocks {layers}, positions {where} (random inputs)",
                     f"{ip * 1000:.2f}",
                     f"{pl * 1000:.2f}",
                     f"{saved * 1000:.2f}",
-                    f"{ratio:.3f}x",
+                    ratio_cell(ratio, 3),
                 ]
             )
-            headline[f"{layers}@{PROMPT + lo + WINDOW}"] = ratio
+            ratios[f"{layers}@{PROMPT + lo + WINDOW}"] = ratio
     body = "\n\n".join(
         [
             "## KV cache appended in place (benchmarks/kv_in_place.py)",
@@ -114,15 +124,15 @@ def main(argv: list[str] | None = None) -> int:
                     "in place ms",
                     "copy per step ms",
                     "saved per step ms (paired median)",
-                    "speed-up",
+                    "speed-up (min-max)",
                 ],
                 rows,
             ),
             "- One process, 1 onnxruntime thread, the same random inputs for both sessions, "
             "taking turns to go first; every output was bit-identical. Medians over "
-            f"{WINDOW}-step windows at the start and end of the run; saved and speed-up are "
-            "medians of the per-step difference and ratio (this machine drifts too much for a "
-            "ratio of medians).\n"
+            f"{WINDOW}-step windows at the start and end of the run; a round is one decode "
+            "step of both sessions, and saved is the median of the per-step differences. "
+            f"{RATIO_DEFINITION}\n"
             "- Shard servers use the in-place path for GroupQueryAttention graphs on CPU "
             "(`ShardModel.shares_kv`); other graphs and providers keep the copy.\n"
             f"- (took {time.perf_counter() - began:.0f} s)",
@@ -133,7 +143,8 @@ def main(argv: list[str] | None = None) -> int:
         write_section("kv_in_place", body)
     long_key = f"10-20@{PROMPT + args.steps}"
     short_key = f"10-20@{PROMPT + WINDOW}"
-    print(f"kv_in_place_short={headline[short_key]:.3f} kv_in_place_long={headline[long_key]:.3f}")
+    fields = ratio_fields("kv_in_place_short", ratios[short_key], 3)
+    print(headline(fields | ratio_fields("kv_in_place_long", ratios[long_key], 3)))
     return 0
 
 

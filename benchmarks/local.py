@@ -2,14 +2,15 @@
 
 For each model (the real SmolLM2 when imported, and a tiny random Llama) the two paths
 decode the same greedy tokens from the same og.Model, interleaved round by round; the
-table reports medians of decode tok/s and time to first token, their ratio, and the
+table reports medians of decode tok/s and time to first token, the ratio, and the
 memory each warm model costs (RSS growth measured by ModelCache at load).
 ``generate()`` is ``stream()`` with empty pieces dropped, so both are timed through
 ``stream()`` to count tokens exactly.
 
 llama.cpp on the same GGUF joins the real model's rounds when it is available (``LLAMA_BENCH``
 naming a llama-bench binary, or an importable ``llama_cpp``; see docs/runtime.md): same
-prompt depth, same token count, same threads; ``vs_llamacpp`` is the median per-round ratio.
+prompt depth, same token count, same threads. Every ratio is the median of paired
+per-round ratios, with its min-max spread.
 
     .venv/bin/python benchmarks/local.py [--tokens 64] [--rounds 15] [--model-dir DIR] [--no-doc]
 """
@@ -26,13 +27,22 @@ import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import onnxruntime_genai as og
 import trio
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from benchmarks._report import write_section
+from benchmarks._report import (
+    RATIO_DEFINITION,
+    headline,
+    paired_ratio,
+    ratio_cell,
+    ratio_fields,
+    turns,
+    write_section,
+)
 from benchmarks.decode import llamacpp
 from p2pedge.ids import ModelId
 from p2pedge.node.inference import LocalInference
@@ -80,7 +90,7 @@ async def ours(local: LocalInference, name: str, n: int) -> Timing:
 
 async def bench_model(
     label: str, path: Path, tokens: int, rounds: int, with_llamacpp: bool = False
-) -> tuple[dict[str, float], str]:
+) -> tuple[dict[str, Any], str]:
     """Medians for ``label``, and what ran llama.cpp beside it (or why it did not)."""
     local = LocalInference(lambda mid: path, RuntimeConfig())
     info = await local.warm(label)
@@ -96,15 +106,15 @@ async def bench_model(
     raws: list[Timing] = []
     mine: list[Timing] = []
     llama: list[float] = []
-    for r in range(rounds):  # interleave so machine-load drift hits both alike
-        if r % 2:
-            mine.append(await ours(local, label, tokens))
-            raws.append(raw_loop(model, ids, tokens))
-        else:
-            raws.append(raw_loop(model, ids, tokens))
-            mine.append(await ours(local, label, tokens))
-        if llama_round is not None:
-            llama.append(await trio.to_thread.run_sync(llama_round))
+    sides = ["raw", "ours", *(["llama.cpp"] if llama_round is not None else [])]
+    for r in range(rounds):  # interleave so machine-load drift hits every side alike
+        for side in turns(sides, r):
+            if side == "raw":
+                raws.append(raw_loop(model, ids, tokens))
+            elif side == "ours":
+                mine.append(await ours(local, label, tokens))
+            elif llama_round is not None:
+                llama.append(await trio.to_thread.run_sync(llama_round))
     assert [t.tokens for t in mine] == [t.tokens for t in raws], "paths decoded differently"
     local.close()
     hop_start = time.perf_counter()
@@ -112,11 +122,11 @@ async def bench_model(
         await trio.to_thread.run_sync(lambda: None)
     hop_us = (time.perf_counter() - hop_start) / 200 * 1e6
     med = statistics.median
-    vs_llama = {}
+    vs_llama: dict[str, Any] = {}
     if llama:
         vs_llama = {
             "llamacpp_tok_s": med(llama),
-            "vs_llamacpp": med(m.tok_s / c for m, c in zip(mine, llama, strict=True)),
+            "vs_llamacpp": paired_ratio([m.tok_s for m in mine], llama),
         }
     return {
         **vs_llama,
@@ -128,9 +138,8 @@ async def bench_model(
         "rss_mb": info.size_bytes / 2**20,
         "load_s": info.load_s,
         "hop_us": hop_us,
-        # Rounds run back to back, so each pair shares the machine's load of the moment:
-        # the median of per-round ratios is steadier than a ratio of medians.
-        "ratio": med(m.tok_s / r.tok_s for m, r in zip(mine, raws, strict=True)),
+        # Rounds run back to back, so each pair shares the machine's load of the moment.
+        "ratio": paired_ratio([m.tok_s for m in mine], [r.tok_s for r in raws]),
     }, llama_how
 
 
@@ -159,18 +168,19 @@ async def run(args: argparse.Namespace) -> int:
         r = rows[0][1]
         llama_note = (
             f"llama.cpp via {llama_note}, same GGUF, same rounds: "
-            f"{r['llamacpp_tok_s']:.1f} tok/s; generate / llama.cpp = {r['vs_llamacpp']:.3f}"
+            f"{r['llamacpp_tok_s']:.1f} tok/s; generate / llama.cpp = "
+            f"{ratio_cell(r['vs_llamacpp'], 3)}"
         )
 
     header = (
-        "| model | tokens | raw tok/s | generate tok/s | ratio | raw TTFT ms | "
+        "| model | tokens | raw tok/s | generate tok/s | generate / raw (min-max) | raw TTFT ms | "
         "generate TTFT ms | RSS per warm model MB | load s | empty hop µs |"
     )
     lines = [header, "|" + "---|" * 10]
     for label, r in rows:
         lines.append(
             f"| {label} | {r['tokens']:.0f} | {r['raw_tok_s']:.1f} | {r['tok_s']:.1f} | "
-            f"{r['ratio']:.3f} | {r['raw_ttft_ms']:.1f} | {r['ttft_ms']:.1f} | "
+            f"{ratio_cell(r['ratio'], 3)} | {r['raw_ttft_ms']:.1f} | {r['ttft_ms']:.1f} | "
             f"{r['rss_mb']:.1f} | {r['load_s']:.2f} | {r['hop_us']:.0f} |"
         )
     table = "\n".join(lines)
@@ -182,8 +192,8 @@ async def run(args: argparse.Namespace) -> int:
         body = (
             f"## Local inference (`benchmarks/local.py`)\n\n"
             f"{datetime.date.today()}, {machine}, onnxruntime-genai {og.__version__}, "
-            f"{args.tokens} greedy tokens, median of {args.rounds} interleaved rounds; ratio = "
-            f"median of per-round generate/raw decode tok/s. "
+            f"{args.tokens} greedy tokens, median of {args.rounds} interleaved rounds; "
+            f"{RATIO_DEFINITION} "
             f"TTFT of generate counts from the call (template, tokenize, queue, prefill). "
             f"Load average {load:.1f} when it finished (the box is shared): the tiny "
             f"model's ~1 ms tokens are dominated by the cost of a thread hop, the real "
@@ -192,12 +202,11 @@ async def run(args: argparse.Namespace) -> int:
         )
         write_section("local", body, ROOT / "docs" / "benchmarks.md")
     head = rows[0][1]
-    last = f"generate_vs_raw={head['ratio']:.3f} tok_s={head['tok_s']:.1f}"
+    fields = {**ratio_fields("generate_vs_raw", head["ratio"], 3), "tok_s": f"{head['tok_s']:.1f}"}
     if "llamacpp_tok_s" in head:
-        last += (
-            f" llamacpp_tok_s={head['llamacpp_tok_s']:.1f} vs_llamacpp={head['vs_llamacpp']:.3f}"
-        )
-    print(last)
+        fields["llamacpp_tok_s"] = f"{head['llamacpp_tok_s']:.1f}"
+        fields |= ratio_fields("vs_llamacpp", head["vs_llamacpp"], 3)
+    print(headline(fields))
     return 0
 
 

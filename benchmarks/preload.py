@@ -4,19 +4,21 @@ Five real tiny Llama models of different depths (so loads are real and cost diff
 times) back the five specialists, one model each, as a deployment of distinct specialist
 models would; the cache holds 2 models in both modes. The same seeded trace
 (``p2pedge.orchestrator.trace``: workflow sessions with log-normal think times) is
-replayed through ``Orchestrator.ask`` twice in this run, closed-loop: the next request of
+replayed through ``Orchestrator.ask`` once per mode, closed-loop: the next request of
 a session goes out the user's think time after the previous answer came back. With
 pre-load, the predictor and the background warm-ups get exactly that think time; without,
 the cache's own eviction policy decides and a miss waits for a cold load.
 
 The default is 40 sessions (134 requests on seed 0); it was 22 (62 requests), too few for
-a stable median: the p50 of either mode sits near the hit/miss boundary.
+a stable median: the p50 of either mode sits near the hit/miss boundary. Each of
+``--rounds`` rounds replays its own trace (seed, seed + 1, ...) in both modes, taking
+turns to go first; a speed-up is the median of the per-round ratios, with its min-max.
 
 Think times are replayed at ``--time-scale`` (default 1/20) and any single wait is cut to
 ``--max-wait-s``; loads are not scaled. A hit is a request whose model was warm when it
 was routed; TTFT counts from the call to the model, load included.
 
-    .venv/bin/python benchmarks/preload.py [--sessions 40] [--seed 0] [--no-doc]
+    .venv/bin/python benchmarks/preload.py [--sessions 40] [--rounds 3] [--seed 0] [--no-doc]
 """
 
 from __future__ import annotations
@@ -27,6 +29,7 @@ import sys
 import tempfile
 from collections import Counter
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 
 import numpy as np
@@ -34,7 +37,17 @@ import trio
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from benchmarks._report import machine, table, write_section
+from benchmarks._report import (
+    RATIO_DEFINITION,
+    headline,
+    machine,
+    paired_ratio,
+    ratio_cell,
+    ratio_fields,
+    table,
+    turns,
+    write_section,
+)
 from p2pedge.errors import ModelNotCached
 from p2pedge.ids import ModelId
 from p2pedge.node.inference import LocalInference
@@ -82,6 +95,14 @@ class Result:
     @property
     def hit_rate(self) -> float:
         return sum(self.hit) / len(self.hit)
+
+    def __iadd__(self, other: Result) -> Result:
+        """Pool another round's requests and counts into this one."""
+        self.ttft += other.ttft
+        self.hit += other.hit
+        for name in ("loads", "warmed", "used", "wasted", "made_room", "overlapped", "skipped"):
+            setattr(self, name, getattr(self, name) + getattr(other, name))
+        return self
 
 
 def catalog() -> Catalog:
@@ -209,16 +230,20 @@ def plot(events: list[TraceEvent], off: Result, on: Result, path: Path) -> None:
 def main() -> None:
     parser = argparse.ArgumentParser(description=(__doc__ or "").splitlines()[0])
     parser.add_argument("--sessions", type=int, default=40)
-    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--seed", type=int, default=0, help="round r replays seed + r")
+    parser.add_argument("--rounds", type=int, default=3, help="paired off/on rounds")
     parser.add_argument("--time-scale", type=float, default=0.05)
     parser.add_argument("--max-wait-s", type=float, default=1.0)
     parser.add_argument("--save-trace", type=Path, default=None)
     parser.add_argument("--no-doc", action="store_true")
     args = parser.parse_args()
     print(f"load average {os.getloadavg()[0]:.1f} at the start")
-    events = generate_trace(seed=args.seed, sessions=args.sessions)
+    traces = [
+        generate_trace(seed=args.seed + r, sessions=args.sessions) for r in range(args.rounds)
+    ]
     if args.save_trace is not None:
-        save_trace(events, args.save_trace)
+        save_trace(traces[0], args.save_trace)
+    events = [event for trace in traces for event in trace]  # all rounds, in order
     with tempfile.TemporaryDirectory() as tmp:
         dirs = {
             model: build_tiny_model(Path(tmp) / model, seed=i, n_layers=layers)
@@ -228,19 +253,35 @@ def main() -> None:
         # Read every model once so neither mode pays first-read (page cache) costs.
         warmup = [TraceEvent(0.0, 0, i, c, c) for i, c in enumerate(BACKING)]
         trio.run(lambda: replay(dirs, warmup, preload=False, **kw))
-        off = trio.run(lambda: replay(dirs, events, preload=False, **kw))
-        on = trio.run(lambda: replay(dirs, events, preload=True, **kw))
+        rounds: dict[str, list[Result]] = {"off": [], "on": []}
+        for r, trace in enumerate(traces):
+            for mode in turns(("off", "on"), r):
+                rounds[mode].append(
+                    trio.run(partial(replay, dirs, trace, preload=mode == "on", **kw))
+                )
+    off, on = Result(), Result()
+    for off_round, on_round in zip(rounds["off"], rounds["on"], strict=True):
+        off += off_round
+        on += on_round
+
+    def per_round(mode: str, q: float) -> list[float]:
+        return [percentile(res.ttft, q) for res in rounds[mode]]
+
+    speedup = paired_ratio(per_round("off", 50), per_round("on", 50))
+    speedup95 = paired_ratio(per_round("off", 95), per_round("on", 95))
     headers = ["pre-load", "requests", "hit rate", "TTFT p50 ms", "TTFT p95 ms"]
     headers += ["model loads", "pre-loads", "used", "wasted", "skipped", "room on miss"]
-    headers += ["waited on a pre-load"]
+    headers += ["waited on a pre-load", "TTFT p50 speed-up (min-max)"]
     rows = []
     for name, res in (("off", off), ("on", on)):
         extra = [res.warmed, res.used, res.wasted, res.skipped, res.made_room, res.overlapped]
         rows.append(
             [
-                name, len(res.ttft), f"{res.hit_rate:.1%}",
+                f"{name} (tiny models, think times x{args.time_scale:g})", len(res.ttft),
+                f"{res.hit_rate:.1%}",
                 f"{percentile(res.ttft, 50) * 1000:.1f}", f"{percentile(res.ttft, 95) * 1000:.1f}",
                 res.loads, *(extra if name == "on" else ["-"] * len(extra)),
+                ratio_cell(speedup) if name == "on" else "baseline",
             ]
         )  # fmt: skip
     off_w, on_w = by_workflow(events, off), by_workflow(events, on)
@@ -250,33 +291,35 @@ def main() -> None:
         for w in WORKFLOWS
         if w.name in counts
     ]
-    speedup = percentile(off.ttft, 50) / percentile(on.ttft, 50)
-    speedup95 = percentile(off.ttft, 95) / percentile(on.ttft, 95)
+
     main_table = table(headers, rows)
     flow_table = table(["workflow", "share", "requests", "hit off", "hit on"], flow_rows)
     print(main_table)
     print(flow_table)
-    lru2, top2, oracle = offline_reference(events)
+    refs = [(len(trace), offline_reference(trace)) for trace in traces]
+    lru2, top2, oracle = (sum(n * ref[k] for n, ref in refs) / len(events) for k in range(3))
     reference = (
-        f"Offline reference on the same trace (true categories, loads instant): a plain "
+        f"Offline reference on the same traces (true categories, loads instant): a plain "
         f"LRU cache of 2 hits {lru2:.1%}; keeping the predictor's top 2 warm hits {top2:.1%}; "
         f"keeping the top 2 of the true workflow's distribution (knows the hidden workflow) "
         f"hits {oracle:.1%}."
     )
-    print(f"p50 speed-up {speedup:.2f}x, p95 speed-up {speedup95:.2f}x")
+    print(f"p50 speed-up {ratio_cell(speedup)}, p95 speed-up {ratio_cell(speedup95)}")
     print(reference)
     if not args.no_doc:
         plot(events, off, on, ROOT / "docs" / "preload.png")
         models = ", ".join(f"{c} -> {m} ({n} layers)" for c, (m, n) in BACKING.items())
         body = (
             "## Predictive pre-load (`benchmarks/preload.py`)\n\n"
-            f"{machine()}. Seeded trace (seed {args.seed}) of {args.sessions} workflow "
-            f"sessions, {len(events)} requests (`p2pedge.orchestrator.trace`, think time "
+            f"{machine()}. {args.rounds} rounds, each a seeded trace (seeds {args.seed}-"
+            f"{args.seed + args.rounds - 1}) of {args.sessions} workflow "
+            f"sessions, {len(events)} requests in all (`p2pedge.orchestrator.trace`, think time "
             f"log-normal, median {THINK_MEDIAN_S:.0f} s, sigma {THINK_SIGMA}), replayed "
             f"closed-loop at time scale {args.time_scale:g} (waits cut to "
             f"{args.max_wait_s:g} s; loads not scaled), through classifier routing. "
             f"One real tiny model per specialist: {models}; cache of {MAX_MODELS} models "
-            "in both modes, same run; 4 tokens per answer; TTFT from the call to the "
+            "in both modes, same rounds (off and on taking turns to go first); the tables "
+            "pool every round's requests. 4 tokens per answer; TTFT from the call to the "
             "model, load included. *Wasted*: pre-loaded, then evicted before any request "
             "used it. *Skipped*: passes that left a wanted model cold because its load "
             "would likely still run when the next request comes (from the user's recent "
@@ -285,11 +328,15 @@ def main() -> None:
             "pre-load*: requests that arrived while a warm-up was loading (a load holds the "
             "GIL, so they wait for it).\n\n"
             f"{main_table}\n\n{flow_table}\n\n"
-            f"TTFT p50 speed-up {speedup:.2f}x, p95 {speedup95:.2f}x. {reference}\n\n"
+            f"TTFT p50 speed-up {ratio_cell(speedup)}, p95 {ratio_cell(speedup95)} (per "
+            f"round: p50 off / p50 on of that round's trace). {RATIO_DEFINITION} "
+            f"{reference}\n\n"
             "![preload](preload.png)"
         )
         write_section("preload", body)
-    print(f"ttft_p50_speedup={speedup:.2f} hit_rate={on.hit_rate:.3f}")
+    fields = ratio_fields("ttft_p50_speedup", speedup)
+    fields |= ratio_fields("ttft_p95_speedup", speedup95)
+    print(headline(fields | {"hit_rate": f"{on.hit_rate:.3f}"}))
 
 
 if __name__ == "__main__":

@@ -5,9 +5,12 @@ whole model.
 Every pull goes into a fresh store and does the full work: manifest check, ranged fetches,
 per-chunk sha256, durable commit to ``partial/``, assembly into blobs. Registry, peers and
 puller all run in this one process on loopback (one trio loop, one GIL), so the figures
-are a lower bound for separate machines; the ratio is what compares sources.
+are a lower bound for separate machines; the ratio is what compares sources. Each round
+pulls from every setup (the order rotating per round); every ratio is the median of the
+paired per-round ratios, with its min-max spread.
 
-Run ``make model`` first, then ``python benchmarks/pull.py [--rounds R] [--chunk-mib N]``.
+Run ``make model`` first, then
+``python benchmarks/pull.py [--rounds R] [--chunk-mib N] [--no-doc]``.
 """
 
 from __future__ import annotations
@@ -28,6 +31,14 @@ import trio
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
+from benchmarks._report import (  # noqa: E402
+    RATIO_DEFINITION,
+    headline,
+    paired_ratio,
+    ratio_cell,
+    ratio_fields,
+    turns,
+)
 from benchmarks._report import write_section as write_doc_section  # noqa: E402
 from p2pedge.ids import LayerRange, ModelId  # noqa: E402
 from p2pedge.models.convert.shards import shard_files  # noqa: E402
@@ -100,13 +111,30 @@ async def run(args: argparse.Namespace) -> tuple[dict[str, list[float]], dict[st
                 for node in holders:
                     node.set_stream_handler(PROTOCOL_ID, BlobService(Store(seed.root)).handle)
                 peers = [PeerChunkSource.for_node(puller, n.peer_id) for n in holders]
+
+                async def pull_shard(round_index: int, peer: ChunkSource) -> None:
+                    part = await timed_pull(
+                        work, "shard", [peer], trust, args.per_source, files=third
+                    )
+                    shard["shard_s"].append(part.seconds)
+                    shard["shard_mb"].append(part.fetched_bytes / 1e6)
+                    print(
+                        f"round {round_index + 1} shard {SHARD} {part.seconds:6.2f} s "
+                        f"{part.fetched_bytes / 1e6:.1f} MB",
+                        file=sys.stderr,
+                    )
+
                 setups: dict[str, list[ChunkSource]] = {
                     "registry": [reg],
                     "peers1": [peers[0]],
                     "peers3": list(peers),
                 }
                 for round_index in range(args.rounds):
-                    for label, sources in setups.items():
+                    for label in turns([*setups, "shard"], round_index):
+                        if label == "shard":
+                            await pull_shard(round_index, peers[0])
+                            continue
+                        sources = setups[label]
                         result = await timed_pull(work, label, sources, trust, args.per_source)
                         rate = result.fetched_bytes / 1e6 / result.seconds
                         rates[label].append(rate)
@@ -118,16 +146,6 @@ async def run(args: argparse.Namespace) -> tuple[dict[str, list[float]], dict[st
                         if label == "peers1":
                             shard["whole_s"].append(result.seconds)
                             shard["whole_mb"].append(result.fetched_bytes / 1e6)
-                    part = await timed_pull(
-                        work, "shard", [peers[0]], trust, args.per_source, files=third
-                    )
-                    shard["shard_s"].append(part.seconds)
-                    shard["shard_mb"].append(part.fetched_bytes / 1e6)
-                    print(
-                        f"round {round_index + 1} shard {SHARD} {part.seconds:6.2f} s "
-                        f"{part.fetched_bytes / 1e6:.1f} MB",
-                        file=sys.stderr,
-                    )
                 for peer in peers:
                     await peer.aclose()
             nursery.cancel_scope.cancel()
@@ -138,65 +156,72 @@ async def run(args: argparse.Namespace) -> tuple[dict[str, list[float]], dict[st
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
-    parser.add_argument("--rounds", type=int, default=2)
+    parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--chunk-mib", type=int, default=4)
     parser.add_argument("--per-source", type=int, default=4)
     parser.add_argument("--tmp", default=None, help="scratch directory (default: system temp)")
+    parser.add_argument("--no-doc", action="store_true", help="do not update docs/benchmarks.md")
     args = parser.parse_args()
     rates, shard = trio.run(run, args)
-    best = {label: max(values) for label, values in rates.items()}
     median = {label: statistics.median(values) for label, values in rates.items()}
-    ratio = best["peers3"] / best["registry"]
+    vs_registry = {
+        label: paired_ratio(values, rates["registry"]) for label, values in rates.items()
+    }
     rows = [
-        "| source | best MB/s | median MB/s | vs registry |",
-        "|---|---:|---:|---:|",
+        "| source | median MB/s | vs registry (min-max) |",
+        "|---|---:|---:|",
     ]
     for label, title in (
         ("registry", "registry (HTTP)"),
-        ("peers1", "1 peer"),
-        ("peers3", "3 peers"),
+        ("peers1", "1 peer (harness: in the puller's process)"),
+        ("peers3", "3 peers (harness: in the puller's process)"),
     ):
-        rows.append(
-            f"| {title} | {best[label]:.1f} | {median[label]:.1f} | "
-            f"{best[label] / best['registry']:.2f}x |"
-        )
+        cell = "baseline" if label == "registry" else ratio_cell(vs_registry[label])
+        rows.append(f"| {title} | {median[label]:.1f} | {cell} |")
     table = "\n".join(rows)
     print(table)
     whole_s, shard_s = statistics.median(shard["whole_s"]), statistics.median(shard["shard_s"])
     whole_mb, shard_mb = shard["whole_mb"][0], shard["shard_mb"][0]
+    shard_time = paired_ratio(shard["shard_s"], shard["whole_s"])
     shard_table = "\n".join(
         [
-            "| pulled from 1 peer | MB | median s | vs whole model |",
+            "| pulled from 1 peer | MB | median s | vs whole model (time: min-max) |",
             "|---|---:|---:|---:|",
             f"| whole model | {whole_mb:.1f} | {whole_s:.2f} | 1.00x |",
             f"| shard server's files for blocks {SHARD} | {shard_mb:.1f} | {shard_s:.2f} | "
-            f"{shard_s / whole_s:.2f}x time, {shard_mb / whole_mb:.2f}x bytes |",
+            f"{ratio_cell(shard_time)} time, {shard_mb / whole_mb:.2f}x bytes |",
         ]
     )
     print(shard_table)
     machine = f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores"
-    write_doc_section(
-        SECTION,
-        f"### Model pull (`benchmarks/pull.py`)\n\n"
-        f"{datetime.now(UTC):%Y-%m-%d} on {machine}; SmolLM2-135M-Instruct lossless-4 dir "
-        f"(~150 MB, one data file per block), {args.chunk_mib} MiB chunks, "
-        f"{args.per_source} streams per source, "
-        f"{args.rounds} rounds, registry/peers/puller in one process on loopback.\n\n{table}\n\n"
-        "All peers share the puller's process (one GIL) and py-libp2p runs Noise and yamux in "
-        "Python, so here extra peers add no CPU and peer pulls are CPU-bound below HTTP; on "
-        "separate machines each peer brings its own CPU and uplink.\n\n"
-        f"{shard_table}\n\n"
-        f"A shard server fetches only what building its shard reads (`shard_files`): the graph, "
-        f"the facts and its blocks' data files ({len(shard_files(model_dir(), SHARD))} files); "
-        "the first and last thirds "
-        "also need the embedding table (the last one for its tied head).\n",
-    )
-    print(
-        f"peers3_vs_registry={ratio:.2f} registry_mb_s={best['registry']:.1f} "
-        f"peers1_mb_s={best['peers1']:.1f} peers3_mb_s={best['peers3']:.1f} "
-        f"shard_vs_whole_time={shard_s / whole_s:.2f} "
-        f"shard_vs_whole_bytes={shard_mb / whole_mb:.2f}"
-    )
+    if not args.no_doc:
+        write_doc_section(
+            SECTION,
+            f"### Model pull (`benchmarks/pull.py`)\n\n"
+            f"{datetime.now(UTC):%Y-%m-%d} on {machine}; SmolLM2-135M-Instruct lossless-4 dir "
+            f"(~150 MB, one data file per block), {args.chunk_mib} MiB chunks, "
+            f"{args.per_source} streams per source, {args.rounds} interleaved rounds, "
+            f"registry/peers/puller in one process on loopback. {RATIO_DEFINITION}\n\n"
+            f"{table}\n\n"
+            "All peers share the puller's process (one GIL) and py-libp2p runs Noise and yamux "
+            "in Python, so here extra peers add no CPU and peer pulls are CPU-bound below HTTP; "
+            "on separate machines each peer brings its own CPU and uplink.\n\n"
+            f"{shard_table}\n\n"
+            "A shard server fetches only what building its shard reads (`shard_files`): the "
+            f"graph, the facts and its blocks' data files ({len(shard_files(model_dir(), SHARD))} "
+            "files); the first and last thirds also need the embedding table (the last one for "
+            "its tied head).\n",
+        )
+    fields = {
+        **ratio_fields("peers3_vs_registry", vs_registry["peers3"]),
+        **ratio_fields("peers1_vs_registry", vs_registry["peers1"]),
+        "registry_mb_s": f"{median['registry']:.1f}",
+        "peers1_mb_s": f"{median['peers1']:.1f}",
+        "peers3_mb_s": f"{median['peers3']:.1f}",
+        **ratio_fields("shard_vs_whole_time", shard_time),
+        "shard_vs_whole_bytes": f"{shard_mb / whole_mb:.2f}",
+    }
+    print(headline(fields))
 
 
 if __name__ == "__main__":

@@ -9,11 +9,12 @@ and sharded decode each get one compute thread per step.
 1. ``node.complete`` greedy on one prompt, ``route="local"`` and ``route="sharded"``
    (three servers: blocks 0-10, 10-20, 20-30), and the bare ring (the same three shard
    graphs in three processes passing raw bytes: a floor for any protocol on this
-   machine, see ``_bare_ring.py``), interleaved, median decode tok/s of R runs; then
+   machine, see ``_bare_ring.py``), interleaved, median decode tok/s of R runs and the
+   median of per-round ratios with their min-max; then
    again with the three servers (and the bare ring) pinned to one CPU (Linux), the client
    left free.
 2. Concurrency: decode tok/s summed over 4 sessions decoding at once through the same
-   three servers, divided by the rate of one session alone.
+   three servers, divided by the rate of one session alone in the same round.
 3. Added latency per hop: a fourth server holds all 30 blocks. A 1-hop chain (that
    server) and two 3-hop chains (one pushing server to server, one relayed by the
    client) decode the same tokens in lock-step, taking turns to go first; all do the same
@@ -52,7 +53,18 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from benchmarks._bare_ring import BareRing  # noqa: E402
-from benchmarks._report import machine, table, write_section  # noqa: E402
+from benchmarks._report import (  # noqa: E402
+    RATIO_DEFINITION,
+    Ratio,
+    headline,
+    machine,
+    paired_ratio,
+    ratio_cell,
+    ratio_fields,
+    table,
+    turns,
+    write_section,
+)
 from benchmarks._shard_servers import (  # noqa: E402
     INLINE_STEP_MS,
     MODEL,
@@ -106,9 +118,8 @@ async def local_vs_sharded(
     cpu: dict[str, list[float]] = {"local": [], "sharded": []}
     ids: dict[str, list[int]] = {}
     me = psutil.Process()
-    kinds = ("local", "sharded", "bare")
     for r in range(rounds):
-        for route in kinds[r % 3 :] + kinds[: r % 3]:
+        for route in turns(("local", "sharded", "bare"), r):
             if route == "bare":
                 rate, ids["bare"] = await trio.to_thread.run_sync(bare.decode, prompt, tokens)
                 rates["bare"].append(rate)
@@ -119,9 +130,8 @@ async def local_vs_sharded(
             rates[route].append(done.tok_per_s)
             ids[route] = list(done.token_ids)
 
-    def paired(a: str, b: str) -> float:
-        """Median over rounds of each round's ratio: it cancels drift between rounds."""
-        return statistics.median(x / y for x, y in zip(rates[a], rates[b], strict=True))
+    def paired(a: str, b: str) -> Ratio:
+        return paired_ratio(rates[a], rates[b])
 
     n = len(ids["local"])
     return {
@@ -208,19 +218,20 @@ async def concurrency(node: Node, codec: TextCodec, tokens: int, rounds: int) ->
     config = ClientConfig(
         max_length=max(map(len, prompts)) + tokens + 2, step_timeout=STEP_TIMEOUT, logits_top_k=1
     )
-    rates: dict[int, list[float]] = {1: [], 4: []}
-    for _ in range(rounds):
-        for width in (1, 4):
+    rates: dict[str, list[float]] = {"1": [], "4": []}
+    for r in range(rounds):
+        for side in turns(("1", "4"), r):
+            width = int(side)
             sessions = [
                 await open_sharded_session(node, MODEL, config=config) for _ in range(width)
             ]
             try:
-                rates[width].append(await decode_rate(sessions, prompts[:width], tokens))
+                rates[side].append(await decode_rate(sessions, prompts[:width], tokens))
             finally:
                 for session in sessions:
                     await session.aclose()
-    one, four = statistics.median(rates[1]), statistics.median(rates[4])
-    return {"one": one, "four": four, "speedup": four / one, "runs": rates}
+    one, four = statistics.median(rates["1"]), statistics.median(rates["4"])
+    return {"one": one, "four": four, "speedup": paired_ratio(rates["4"], rates["1"])}
 
 
 # --- 3. added latency per hop: 1-hop vs 3-hop chain in lock-step --------------------------
@@ -240,7 +251,7 @@ def report(
     hop: dict[str, Any],
     args: Any,
 ) -> str:
-    ratio = lvs["sharded"] / lvs["local"]
+    ratio: Ratio = lvs["paired"]
     one_cpu: list[list[object]] = []
     if pinned is not None:
         one_cpu.append(
@@ -248,26 +259,25 @@ def report(
                 "same, the 3 servers (and the bare ring's 3) sharing one CPU: local / sharded "
                 "/ bare ring",
                 f"{pinned['local']:.1f} / {pinned['sharded']:.1f} / {pinned['bare']:.1f} tok/s",
-                f"sharded {pinned['sharded'] / pinned['local']:.2f}x local (per round, median: "
-                f"{pinned['paired']:.2f}x); bare ring {pinned['bare'] / pinned['local']:.2f}x "
-                f"local (per round {pinned['paired_bare']:.2f}x)",
+                f"sharded {ratio_cell(pinned['paired'])} local; bare ring "
+                f"{ratio_cell(pinned['paired_bare'])} local",
             ]
         )
     added, added_push, added_ring = hop["added"], hop["added_push"], hop["added_ring"]
     rows: list[list[object]] = [
         ["local decode (node.complete, 1 thread)", f"{lvs['local']:.1f} tok/s", "baseline"],
         [
-            "sharded decode, 3 processes (0-10, 10-20, 20-30)",
+            "sharded decode, 3 processes (0-10, 10-20, 20-30; harness: all on this machine, "
+            "loopback)",
             f"{lvs['sharded']:.1f} tok/s",
-            f"{ratio:.2f}x local (target >= 0.9x); per round, median: {lvs['paired']:.2f}x",
+            f"{ratio_cell(ratio)} local (target >= 0.9x)",
         ],
         [
             "bare ring: the same 3 shard graphs in 3 processes, raw bytes over blocking "
             "loopback TCP (a floor for any protocol)",
             f"{lvs['bare']:.1f} tok/s",
-            f"{lvs['bare'] / lvs['local']:.2f}x local (per round, median: "
-            f"{lvs['paired_bare']:.2f}x); sharded / bare ring: "
-            f"{lvs['sharded'] / lvs['bare']:.2f}x (per round {lvs['paired_sharded_bare']:.2f}x)",
+            f"{ratio_cell(lvs['paired_bare'])} local; sharded / bare ring: "
+            f"{ratio_cell(lvs['paired_sharded_bare'])}",
         ],
         *one_cpu,
         [
@@ -327,18 +337,17 @@ def report(
         [
             "decode, 4 concurrent sessions (sum)",
             f"{conc['four']:.1f} tok/s",
-            f"{conc['speedup']:.2f}x one session",
+            f"{ratio_cell(conc['speedup'])} one session",
         ],
     ]
     hop_p50 = statistics.median(added_ring)
     notes = [
-        f"Targets: sharded >= 0.9x local {'met' if ratio >= 0.9 else 'MISSED'} "
-        f"({ratio:.2f}x); added latency per hop <= 1.5 ms "
+        f"Targets: sharded >= 0.9x local {'met' if ratio.median >= 0.9 else 'MISSED'} "
+        f"({ratio.median:.2f}x); added latency per hop <= 1.5 ms "
         f"{'met' if hop_p50 <= 0.0015 else 'MISSED'} ({ms(hop_p50)} ms median).",
+        f"{RATIO_DEFINITION} "
         f"Greedy, {args.tokens} new tokens, median of {args.rounds} interleaved runs (local, "
-        "sharded and bare ring in turn, the order rotating per round; per round: the ratio "
-        "of that round's runs, median over rounds; it cancels this machine's drift between "
-        "rounds); "
+        "sharded and bare ring in turn, the order rotating per round); "
         f"sharded and bare-ring tokens identical to local: {lvs['same_tokens']} "
         f"({lvs['n_tokens']} tokens). Runs: local "
         + ", ".join(f"{r:.1f}" for r in lvs["local_runs"])
@@ -408,7 +417,7 @@ def report(
         "tokens each at once, greedy round a ring, through the same 3 servers (each runs one "
         "step at a time), timed from the first session's first token to the last session's "
         "last (so other sessions' prefills fall inside the window), divided by one session "
-        f"alone; median of {args.rounds}.",
+        f"alone in the same round (1 and 4 taking turns to go first); {args.rounds} rounds.",
         f"One machine, {os.cpu_count()} cores, shared by 3-4 server processes, the client and "
         "whatever else runs: every hop is loopback TCP, and the servers' compute contends for "
         "the same cores, so this measures protocol overhead, not a speed-up from more "
@@ -464,16 +473,16 @@ async def run(args: Any, model_dir: Path, root: Path) -> tuple[str, dict[str, st
             )
     finally:
         stop(servers)
-    headline = {
-        "sharded_vs_local": f"{lvs['sharded'] / lvs['local']:.2f}",
+    fields = {
+        **ratio_fields("sharded_vs_local", lvs["paired"]),
         "hop_p50_ms": ms(statistics.median(hop["added_ring"])),
-        "concurrency4_speedup": f"{conc['speedup']:.2f}",
-        "bare_vs_local": f"{lvs['bare'] / lvs['local']:.2f}",
-        "sharded_vs_bare": f"{lvs['sharded'] / lvs['bare']:.2f}",
+        **ratio_fields("concurrency4_speedup", conc["speedup"]),
+        **ratio_fields("bare_vs_local", lvs["paired_bare"]),
+        **ratio_fields("sharded_vs_bare", lvs["paired_sharded_bare"]),
     }
     if pinned is not None:
-        headline["sharded_vs_local_one_cpu"] = f"{pinned['sharded'] / pinned['local']:.2f}"
-    return report(lvs, pinned, conc, hop, args), headline
+        fields |= ratio_fields("sharded_vs_local_one_cpu", pinned["paired"])
+    return report(lvs, pinned, conc, hop, args), fields
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -495,13 +504,13 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     root = args.data_dir or ROOT / ".cache" / "bench-sharded"
     began = time.perf_counter()
-    body, headline = trio.run(run, args, model_dir, root)
+    body, fields = trio.run(run, args, model_dir, root)
     print(body)
     print(f"(took {time.perf_counter() - began:.0f} s)")
     if not args.no_doc:
         title = f"## Sharded decode (`benchmarks/sharded.py`): {REAL_MODEL_NAME}, lossless 4-bit"
         write_section("sharded", f"{title}\n\n{machine()}\n\n{body}\n")
-    print(" ".join(f"{key}={value}" for key, value in headline.items()))
+    print(headline(fields))
     return 0
 
 

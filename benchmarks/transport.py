@@ -5,7 +5,9 @@ A server process (a real :class:`~p2pedge.node.node.Node`) echoes frames on a te
 over both its libp2p stream handler and its direct lane; the client node sends one frame,
 waits for the echo, and repeats. 2304 bytes is one SmolLM2 token's fp32 hidden state (what
 a pipeline hop carries while decoding). Client CPU per round trip is measured too: on a
-small machine it competes with the shards' compute.
+small machine it competes with the shards' compute. The two paths take turns round by
+round; the lane's speed-up is the median of the per-round ratios of round-trip medians,
+with its min-max.
 
 A second table measures the same echo when the server first works for ``--work-ms``
 (13 ms: a third of SmolLM2's decode step here), as a shard server does: what a reply
@@ -14,7 +16,8 @@ thread (no trio, no libp2p: the machine's floor), the lane with the work on the 
 thread, and the lane with the work in ``trio.to_thread`` (as the pipeline server runs
 onnxruntime). On a VM an idle vCPU halts, and waking it again is slow.
 
-``python benchmarks/transport.py [--trips N] [--size BYTES] [--work-ms MS] [--no-doc]``
+``python benchmarks/transport.py [--trips N] [--rounds R] [--size BYTES] [--work-ms MS]
+[--no-doc]``
 """
 
 from __future__ import annotations
@@ -37,7 +40,17 @@ import trio
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from benchmarks._report import machine, table, write_section  # noqa: E402
+from benchmarks._report import (  # noqa: E402
+    RATIO_DEFINITION,
+    headline,
+    machine,
+    paired_ratio,
+    ratio_cell,
+    ratio_fields,
+    table,
+    turns,
+    write_section,
+)
 from p2pedge.node.config import NodeConfig  # noqa: E402
 from p2pedge.node.node import Node  # noqa: E402
 from p2pedge.protocols._stream import FramedStream  # noqa: E402
@@ -147,8 +160,9 @@ async def measure_paused(
     async with Node(node_config()) as node:
         peer = await node.connect(info["addr"])
         lane = await node.lanes.open(peer, PROTO, timeout=10)
-        for _ in range(rounds):
-            for name, mode in PAUSED.items():
+        for r in range(rounds):
+            for name in turns(list(PAUSED), r):
+                mode = PAUSED[name]
                 payload = bytes([mode]) + bytes(size - 1)
                 if name == "plain TCP, work inline":
                     times = await trio.to_thread.run_sync(plain_trips, info["plain"], payload, n)
@@ -167,7 +181,9 @@ PAUSED = {
 
 
 async def measure(addr: str, size: int, n: int, rounds: int) -> dict[str, list[float]]:
-    results: dict[str, list[float]] = {"libp2p": [], "lane": [], "cpu_libp2p": [], "cpu_lane": []}
+    results: dict[str, list[float]] = {
+        "libp2p": [], "lane": [], "cpu_libp2p": [], "cpu_lane": [], "p50_libp2p": [], "p50_lane": []
+    }  # fmt: skip
     payload = bytes(size)
     async with Node(node_config()) as node:
         peer = await node.connect(addr)
@@ -175,11 +191,13 @@ async def measure(addr: str, size: int, n: int, rounds: int) -> dict[str, list[f
         lane = await node.lanes.open(peer, PROTO, timeout=10)
         if type(lane) is FramedStream:
             raise RuntimeError("the server offered no direct lane")
-        for _ in range(rounds):  # interleaved so machine noise hits both alike
-            for name, stream in (("libp2p", plain), ("lane", lane)):
-                times, cpu = await trips(stream, payload, n)
+        streams = {"libp2p": plain, "lane": lane}
+        for r in range(rounds):  # interleaved so machine noise hits both alike
+            for name in turns(list(streams), r):
+                times, cpu = await trips(streams[name], payload, n)
                 results[name] += times
                 results[f"cpu_{name}"].append(cpu)
+                results[f"p50_{name}"].append(statistics.median(times))
         await plain.close()
         await lane.close()
     return results
@@ -192,7 +210,7 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--trips", type=int, default=500, help="round trips per round and path")
-    ap.add_argument("--rounds", type=int, default=3)
+    ap.add_argument("--rounds", type=int, default=5, help="paired rounds")
     ap.add_argument("--size", type=int, default=2304, help="frame payload bytes")
     ap.add_argument("--work-ms", type=float, default=13.0, help="server work per paused trip")
     ap.add_argument("--paused-trips", type=int, default=60, help="paused trips per round and path")
@@ -210,7 +228,8 @@ def main(argv: list[str] | None = None) -> int:
     finally:
         server.terminate()
         server.wait()
-    rows = []
+    rows: list[list[str]] = []
+    speedup = paired_ratio(res["p50_libp2p"], res["p50_lane"])
     p50: dict[str, float] = {}
     for name in ("libp2p", "lane"):
         ordered = sorted(res[name])
@@ -218,14 +237,20 @@ def main(argv: list[str] | None = None) -> int:
         p95 = ordered[int(len(ordered) * 0.95)] * 1e6
         cpu = statistics.median(res[f"cpu_{name}"]) * 1e6
         rows.append([name, f"{p50[name]:.0f}", f"{p95:.0f}", f"{cpu:.0f}"])
-    body = table(["path", "round trip p50 µs", "p95 µs", "client CPU per trip µs"], rows)
-    speedup = p50["libp2p"] / p50["lane"]
+    rows[0].append("baseline")
+    rows[1].append(ratio_cell(speedup))
+    body = table(
+        ["path", "round trip p50 µs", "p95 µs", "client CPU per trip µs", "speed-up (min-max)"],
+        rows,
+    )
     paused_p50 = {name: statistics.median(v) * 1e6 for name, v in paused.items()}
     paused_rows = [
         [name, f"{paused_p50[name]:.0f}", f"{sorted(v)[int(len(v) * 0.95)] * 1e6:.0f}"]
         for name, v in paused.items()
     ]
-    paused_body = table(["path", "beyond the work, p50 µs", "p95 µs"], paused_rows)
+    paused_body = table(
+        ["path (the work: modeled by hashing)", "beyond the work, p50 µs", "p95 µs"], paused_rows
+    )
     body += (
         f"\n\nAfter a pause: the server works {args.work_ms:g} ms before each echo "
         f"({args.paused_trips} trips per round and path, interleaved):\n\n{paused_body}"
@@ -237,18 +262,19 @@ def main(argv: list[str] | None = None) -> int:
             "## Transport: libp2p stream vs direct lane (`benchmarks/transport.py`)\n\n"
             f"{machine()}. Two node processes on 127.0.0.1; {args.size}-byte frames (one "
             f"SmolLM2 token's fp32 hidden state) echoed {args.trips} times per round, "
-            f"{args.rounds} interleaved rounds. The libp2p path is py-libp2p 0.8.1 (TCP, Noise, "
+            f"{args.rounds} interleaved rounds; speed-up per round: that round's libp2p p50 / "
+            f"lane p50. {RATIO_DEFINITION} The libp2p path is py-libp2p 0.8.1 (TCP, Noise, "
             "yamux); the lane is sealed TCP (ChaCha20-Poly1305) set up over libp2p.\n\n"
-            f"{body}\n\nRound trip p50 speed-up of the lane: {speedup:.1f}x. "
+            f"{body}\n\nRound trip p50 speed-up of the lane: {ratio_cell(speedup, 1)}. "
             "The paused rows are what one pipeline hop pays beyond its compute on this "
             "machine, before any pipeline code runs.",
         )
     floor = paused_p50["plain TCP, work inline"]
     threaded = paused_p50["lane, work in trio.to_thread"]
-    print(
-        f"lane_rtt_us={p50['lane']:.0f} libp2p_rtt_us={p50['libp2p']:.0f} speedup={speedup:.2f} "
-        f"paused_plain_us={floor:.0f} paused_lane_thread_us={threaded:.0f}"
-    )
+    fields = {"lane_rtt_us": f"{p50['lane']:.0f}", "libp2p_rtt_us": f"{p50['libp2p']:.0f}"}
+    fields |= ratio_fields("lane_speedup", speedup)
+    fields |= {"paused_plain_us": f"{floor:.0f}", "paused_lane_thread_us": f"{threaded:.0f}"}
+    print(headline(fields))
     return 0
 
 

@@ -8,7 +8,7 @@ the figures are deterministic for a seed (real time would measure this machine's
 shared cores, not the scheduler). A second run per N kills one peer midway
 (``PeerKiller``, a fault injector) and checks every result arrives exactly once.
 
-    .venv/bin/python -m simnet.federated [--prompts 400] [--seed 0] [--no-doc]
+    .venv/bin/python -m simnet.federated [--prompts 400] [--rounds 3] [--seed 0] [--no-doc]
 """
 
 from __future__ import annotations
@@ -18,13 +18,22 @@ import datetime
 import os
 import platform
 import random
+import statistics
 from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import trio
 import trio.testing
 
+from benchmarks._report import (
+    RATIO_DEFINITION,
+    headline,
+    paired_ratio,
+    ratio_cell,
+    ratio_fields,
+)
 from p2pedge.errors import PeerUnavailable
 from p2pedge.orchestrator.federated import MapStats, Worker, capacity, federated_map
 
@@ -97,51 +106,67 @@ async def run_once(cards: list[ModelCard], prompts: int, kill_at: float | None) 
     return {"time": elapsed, "bound": bound, "retries": stats.retries}
 
 
-def simulate(prompts: int, seed: int) -> list[dict[str, float]]:
-    rows: list[dict[str, float]] = []
+def simulate(prompts: int, seed: int, rounds: int) -> list[dict[str, Any]]:
+    """Per N: the speed-up over 1 peer and the mixed cards' share of the capacity bound,
+    each a median of per-round ratios (round r draws its mixed cards from ``seed + r``)."""
+    keys = ("time", "base", "bound", "mixed", "killed_time", "killed_retries")
+    per_n: dict[int, dict[str, list[float]]] = {n: {k: [] for k in keys} for n in NS}
 
     async def main() -> None:
-        base = None
-        for n in NS:
-            uniform = await run_once(cards_for(n, seed, uniform=True), prompts, None)
-            base = base or uniform["time"]
-            mixed = await run_once(cards_for(n, seed, uniform=False), prompts, None)
-            killed = await run_once(
-                cards_for(n, seed, uniform=True), prompts, uniform["time"] / 2 if n > 1 else None
-            )
-            rows.append(
-                {
-                    "n": n,
-                    "time": uniform["time"],
-                    "speedup": base / uniform["time"],
-                    "mixed_eff": mixed["bound"] / mixed["time"],
-                    "killed_time": killed["time"],
-                    "killed_retries": killed["retries"],
-                }
-            )
+        for r in range(rounds):
+            base = None
+            for n in NS:
+                uniform = await run_once(cards_for(n, seed + r, uniform=True), prompts, None)
+                base = base or uniform["time"]
+                mixed = await run_once(cards_for(n, seed + r, uniform=False), prompts, None)
+                kill_at = uniform["time"] / 2 if n > 1 else None
+                killed = await run_once(cards_for(n, seed + r, uniform=True), prompts, kill_at)
+                got = per_n[n]
+                got["time"].append(uniform["time"])
+                got["base"].append(base)
+                got["bound"].append(mixed["bound"])
+                got["mixed"].append(mixed["time"])
+                got["killed_time"].append(killed["time"])
+                got["killed_retries"].append(killed["retries"])
 
     trio.run(main, clock=trio.testing.MockClock(autojump_threshold=0))
-    return rows
+    return [
+        {
+            "n": n,
+            "time": statistics.median(got["time"]),
+            "speedup": paired_ratio(got["base"], got["time"]),
+            "mixed_eff": paired_ratio(got["bound"], got["mixed"]),
+            "killed_time": statistics.median(got["killed_time"]),
+            "killed_retries": statistics.median(got["killed_retries"]),
+        }
+        for n, got in per_n.items()
+    ]
 
 
-def table(rows: list[dict[str, float]], prompts: int) -> str:
+def table(rows: list[dict[str, Any]], prompts: int, rounds: int) -> str:
     lines = [
-        f"{prompts} independent prompts x 64 tokens, modeled compute, MockClock (virtual seconds).",
+        f"{prompts} independent prompts x 64 tokens, modeled compute, MockClock (virtual "
+        f"seconds), {rounds} rounds. {RATIO_DEFINITION} Harness shortcut: virtual time, so "
+        "identical cards give the same figure every round (min = max); mixed cards are "
+        "drawn anew per round.",
         "",
-        "| peers | time s | speed-up | ideal | efficiency | mixed cards: vs capacity bound | "
-        "1 peer killed midway: time s (retries) |",
+        "| peers (modeled compute, virtual time) | time s | speed-up (min-max) | ideal | "
+        "efficiency | "
+        "mixed cards: vs capacity bound (min-max) | 1 peer killed midway: time s (retries) |",
         "|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for r in rows:
+        mixed = r["mixed_eff"]
         lines.append(
-            f"| {r['n']:.0f} | {r['time']:.2f} | {r['speedup']:.2f}x | {r['n']:.0f}x | "
-            f"{r['speedup'] / r['n']:.1%} | {r['mixed_eff']:.1%} | "
+            f"| {r['n']:.0f} | {r['time']:.2f} | {ratio_cell(r['speedup'])} | {r['n']:.0f}x | "
+            f"{r['speedup'].median / r['n']:.1%} | "
+            f"{mixed.median:.1%} ({mixed.low:.1%}-{mixed.high:.1%}) | "
             f"{r['killed_time']:.2f} ({r['killed_retries']:.0f}) |"
         )
     return "\n".join(lines)
 
 
-def plot(rows: list[dict[str, float]], path: Path) -> None:
+def plot(rows: list[dict[str, Any]], path: Path) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -150,7 +175,7 @@ def plot(rows: list[dict[str, float]], path: Path) -> None:
     ns = [r["n"] for r in rows]
     fig, ax = plt.subplots(figsize=(5, 3.5))
     ax.plot(ns, ns, "--", color="grey", label="ideal (N x)")
-    ax.plot(ns, [r["speedup"] for r in rows], "o-", label="federated map")
+    ax.plot(ns, [r["speedup"].median for r in rows], "o-", label="federated map")
     ax.set_xlabel("peers")
     ax.set_ylabel("speed-up vs 1 peer")
     ax.set_title("Federated map, modeled compute")
@@ -175,11 +200,12 @@ def write_section(path: Path, name: str, body: str) -> None:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--prompts", type=int, default=400)
-    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--seed", type=int, default=0, help="round r draws seed + r")
+    parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--no-doc", action="store_true")
     args = parser.parse_args()
-    rows = simulate(args.prompts, args.seed)
-    text = table(rows, args.prompts)
+    rows = simulate(args.prompts, args.seed, args.rounds)
+    text = table(rows, args.prompts, args.rounds)
     print(text)
     if not args.no_doc:
         png = ROOT / "docs" / "federated.png"
@@ -195,7 +221,7 @@ def main() -> None:
         )
         write_section(ROOT / "docs" / "benchmarks.md", "federated", body)
     twenty = next(r for r in rows if r["n"] == 20)
-    print(f"speedup_20={twenty['speedup']:.2f}")
+    print(headline(ratio_fields("speedup_20", twenty["speedup"])))
 
 
 if __name__ == "__main__":

@@ -14,7 +14,8 @@ the first) ``hops``; the tiny model keeps compute small so the difference shows.
 relayed prompt costs each chunk two link delays per hop, each hop waiting on the client;
 a pushed one goes to the first server at once and on from server to server, about
 ``hops + 1`` delays in all. For each delay, relay, push and ring sessions run in
-interleaved rounds (push and ring both push the prompt).
+interleaved rounds (push and ring both push the prompt; the order rotates per round); a
+speed-up is the median of the per-round ratios, with its min-max.
 
     .venv/bin/python -m simnet.push_latency [--tokens 16] [--rounds 3] [--no-doc]
 """
@@ -39,7 +40,17 @@ import trio
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from benchmarks._report import machine, table, write_section  # noqa: E402
+from benchmarks._report import (  # noqa: E402
+    RATIO_DEFINITION,
+    headline,
+    machine,
+    paired_ratio,
+    ratio_cell,
+    ratio_fields,
+    table,
+    turns,
+    write_section,
+)
 from p2pedge.errors import PeerUnavailable  # noqa: E402
 from p2pedge.ids import LayerRange  # noqa: E402
 from p2pedge.protocols._stream import FramedStream  # noqa: E402
@@ -152,8 +163,8 @@ async def _measure(
             runs: dict[str, list[float]] = {mode: [] for mode in MODES}
             firsts: dict[str, list[float]] = {mode: [] for mode in MODES}
             outputs: dict[str, list[int]] = {}
-            for _ in range(args.rounds):
-                for mode in MODES:
+            for r in range(args.rounds):
+                for mode in turns(MODES, r):
                     config = ClientConfig(
                         max_length=128,
                         step_timeout=30,
@@ -173,6 +184,12 @@ async def _measure(
                     firsts[mode].append(first)
             results[ms] = {mode: statistics.median(runs[mode]) for mode in MODES}
             results[ms]["first"] = {m: statistics.median(firsts[m]) for m in MODES}
+            results[ms]["push_speedup"] = paired_ratio(runs["relay"], runs["push"])
+            results[ms]["ring_vs_push"] = paired_ratio(runs["push"], runs["ring"])
+            results[ms]["prompt_speedup"] = paired_ratio(firsts["relay"], firsts["push"])
+            results[ms]["saved"] = statistics.median(
+                a - b for a, b in zip(runs["relay"], runs["push"], strict=True)
+            )
             results[ms]["same"] = len({tuple(v) for v in outputs.values()}) == 1
             print(
                 f"delay {ms:g} ms: "
@@ -199,28 +216,28 @@ def main(argv: list[str] | None = None) -> int:
                 f"{ms:g}",
                 f"{r['relay'] * 1000:.2f}",
                 f"{r['push'] * 1000:.2f}",
-                f"{r['relay'] / r['push']:.2f}x",
-                f"{(r['relay'] - r['push']) * 1000:.2f}",
+                ratio_cell(r["push_speedup"]),
+                f"{r['saved'] * 1000:.2f}",
                 f"{r['ring'] * 1000:.2f}",
-                f"{r['push'] / r['ring']:.2f}x",
+                ratio_cell(r["ring_vs_push"]),
                 f"{r['first']['relay'] * 1000:.1f}",
                 f"{r['first']['push'] * 1000:.1f}",
-                f"{r['first']['relay'] / r['first']['push']:.2f}x",
+                ratio_cell(r["prompt_speedup"]),
                 "yes" if r["same"] else "NO",
             ]
         )
     body = table(
         [
-            "link delay per frame, ms",
+            "modeled link delay per frame, ms",
             "relay ms/token",
             "push ms/token",
-            "push speed-up",
-            "saved ms/token",
+            "push speed-up (min-max)",
+            "saved ms/token (paired median)",
             "ring ms/token",
-            "ring vs push",
+            "ring vs push (min-max)",
             "first token, prompt relayed, ms",
             "prompt pushed, ms",
-            "prompt speed-up",
+            "prompt speed-up (min-max)",
             "same tokens",
         ],
         rows,
@@ -242,18 +259,19 @@ def main(argv: list[str] | None = None) -> int:
             "a ring one more. First token: the median time from the call to the first "
             f"token of a {len(PROMPT)}-token prompt in chunks of {ClientConfig().chunk}, "
             "relayed chunk by chunk through the client, or pushed (sent to the first "
-            "server at once, then server to server).\n\n" + body,
+            f"server at once, then server to server). {RATIO_DEFINITION}\n\n" + body,
         )
     top = results[DELAYS_MS[-1]]
     zero = results[DELAYS_MS[0]]
-    print(
-        f"push_speedup_{DELAYS_MS[-1]:g}ms={top['relay'] / top['push']:.2f} "
-        f"push_saved_ms={(top['relay'] - top['push']) * 1000:.1f} "
-        f"push_vs_relay_0ms={zero['relay'] / zero['push']:.2f} "
-        f"ring_vs_push_{DELAYS_MS[-1]:g}ms={top['push'] / top['ring']:.2f} "
-        f"prompt_push_speedup_{DELAYS_MS[-1]:g}ms="
-        f"{top['first']['relay'] / top['first']['push']:.2f}"
-    )
+    last = f"{DELAYS_MS[-1]:g}ms"
+    fields = {
+        **ratio_fields(f"push_speedup_{last}", top["push_speedup"]),
+        "push_saved_ms": f"{top['saved'] * 1000:.1f}",
+        **ratio_fields("push_vs_relay_0ms", zero["push_speedup"]),
+        **ratio_fields(f"ring_vs_push_{last}", top["ring_vs_push"]),
+        **ratio_fields(f"prompt_push_speedup_{last}", top["prompt_speedup"]),
+    }
+    print(headline(fields))
     return 0
 
 

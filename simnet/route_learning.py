@@ -10,7 +10,9 @@ chosen at random. Two client nodes then take turns opening sessions: one chooses
 from cards and pings only (its step-time table never holds a fresh entry), the other
 also from the decode-step times its earlier sessions measured (the default). Each starts
 the round with an empty table. Reported: ms per decoded token after each client's first
-session of the round, and how many hops went to a slow replica.
+session of the round, and how many hops went to a slow replica. A round of the ratio is
+one session of each client, back to back (the order alternating); learning's speed-up is
+the median of the per-round ratios, with its min-max.
 
     .venv/bin/python -m simnet.route_learning [--assignments 4] [--sessions 4] [--no-doc]
 """
@@ -32,7 +34,17 @@ import trio
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from benchmarks._report import machine, table, write_section  # noqa: E402
+from benchmarks._report import (  # noqa: E402
+    RATIO_DEFINITION,
+    headline,
+    machine,
+    paired_ratio,
+    ratio_cell,
+    ratio_fields,
+    table,
+    turns,
+    write_section,
+)
 from p2pedge.ids import LayerRange  # noqa: E402
 from p2pedge.planning.latency import StepTimes  # noqa: E402
 from p2pedge.protocols.pipeline.client import ClientConfig  # noqa: E402
@@ -126,8 +138,10 @@ async def run(args: Any) -> dict[str, Any]:
                 delay["s"] = args.slow_ms / 1000 if peer in slow else 0.0
             cards_client.step_times = never_fresh()
             learning_client.step_times = StepTimes()
+            clients = dict(zip(POLICIES, (cards_client, learning_client), strict=True))
             for n in range(args.sessions):
-                for policy, client in zip(POLICIES, (cards_client, learning_client), strict=True):
+                for policy in turns(POLICIES, n):
+                    client = clients[policy]
                     seconds, route, out = await session_ms(client, args.tokens)
                     outputs.add(tuple(out))
                     if n == 0:
@@ -137,7 +151,8 @@ async def run(args: Any) -> dict[str, Any]:
                     slow_hops[policy] += sum(peer in slow for peer in route)
             print(f"round done: slow replicas {sorted(p[-6:] for p in slow)}", flush=True)
     return {
-        "ms": {p: statistics.mean(per_token[p]) * 1000 for p in POLICIES},
+        "ms": {p: statistics.median(per_token[p]) * 1000 for p in POLICIES},
+        "speedup": paired_ratio(per_token["cards only"], per_token["learning"]),
         "slow_share": {p: slow_hops[p] / hops[p] for p in POLICIES},
         "sessions": len(per_token[POLICIES[0]]),
         "same_tokens": len(outputs) == 1,
@@ -154,17 +169,13 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--no-doc", action="store_true", help="do not update docs/benchmarks.md")
     args = ap.parse_args(argv)
     r = trio.run(run, args)
-    cards, learning = r["ms"]["cards only"], r["ms"]["learning"]
     rows = [
-        [
-            policy,
-            f"{r['ms'][policy]:.2f}",
-            f"{r['slow_share'][policy]:.0%}",
-            f"{cards / r['ms'][policy]:.2f}x",
-        ]
-        for policy in POLICIES
+        [policy, f"{r['ms'][policy]:.2f}", f"{r['slow_share'][policy]:.0%}", cell]
+        for policy, cell in zip(POLICIES, ("baseline", ratio_cell(r["speedup"])), strict=True)
     ]
-    body = table(["route choice", "ms per token", "hops on a slow replica", "vs cards only"], rows)
+    headers = ["route choice (slow replicas: modeled delay)", "ms per token, median"]
+    headers += ["hops on a slow replica"]
+    body = table([*headers, "speed-up vs cards only (min-max)"], rows)
     print(body)
     if not args.no_doc:
         write_section(
@@ -177,13 +188,13 @@ def main(argv: list[str] | None = None) -> int:
             f"{args.sessions} sessions each per round of {args.tokens} greedy tokens; each "
             "client's first session of a round is left out (nothing measured yet), so "
             f"{r['sessions']} sessions per client count. Tokens identical everywhere: "
-            f"{'yes' if r['same_tokens'] else 'NO'}.\n\n" + body,
+            f"{'yes' if r['same_tokens'] else 'NO'}. A round of the ratio: one counted "
+            f"session of each client, back to back. {RATIO_DEFINITION}\n\n" + body,
         )
-    print(
-        f"learning_vs_cards={cards / learning:.2f} "
-        f"slow_hops_cards={r['slow_share']['cards only']:.2f} "
-        f"slow_hops_learning={r['slow_share']['learning']:.2f}"
-    )
+    fields = ratio_fields("learning_vs_cards", r["speedup"])
+    fields["slow_hops_cards"] = f"{r['slow_share']['cards only']:.2f}"
+    fields["slow_hops_learning"] = f"{r['slow_share']['learning']:.2f}"
+    print(headline(fields))
     return 0
 
 
