@@ -18,6 +18,7 @@ from p2pedge.errors import ConfigError, PeerUnavailable, RemoteProtocolError
 from p2pedge.protocols._stream import FramedStream
 from p2pedge.protocols.direct import codec
 from p2pedge.protocols.direct.handler import DirectLane, StreamHandler, open_direct
+from p2pedge.protocols.direct.machine import LaneLimits
 
 if TYPE_CHECKING:
     from p2pedge.node.node import Node
@@ -37,8 +38,12 @@ def lane_host(listen: tuple[str, ...]) -> str:
 
 
 class Lanes:
-    def __init__(self, node: Node) -> None:
+    """``limits`` bound what strangers on the lane port and ticket askers may hold; set
+    them before the first :meth:`serve` (the listener starts there)."""
+
+    def __init__(self, node: Node, limits: LaneLimits | None = None) -> None:
         self.node = node
+        self.limits = limits or LaneLimits()
         self.server: DirectLane | None = None
         self.opened = 0
         self.fallbacks = 0
@@ -54,7 +59,9 @@ class Lanes:
             return
         if self.server is None:
             config = self.node.config
-            server = DirectLane(host=lane_host(config.listen), port=config.direct_lane_port)
+            server = DirectLane(
+                host=lane_host(config.listen), port=config.direct_lane_port, limits=self.limits
+            )
             try:
                 await server.start(self.node.nursery)
             except OSError as exc:

@@ -12,13 +12,18 @@ from dataclasses import dataclass, field
 
 from p2pedge.dht.limits import DhtLimits
 from p2pedge.protocols.blob.machine import BlobLimits
+from p2pedge.protocols.direct.machine import LaneLimits
 from p2pedge.protocols.infer.codec import InferLimits
+from p2pedge.protocols.pipeline.limits import PipelineLimits
 
 
 @dataclass(frozen=True)
 class Limits:
-    """One field per protocol: model chunks, remote inference and the DHT."""
+    """One field per protocol: model chunks, remote inference, the DHT, shard sessions and
+    the direct lane's handshakes."""
 
     blob: BlobLimits = field(default_factory=BlobLimits)
+    pipeline: PipelineLimits = field(default_factory=PipelineLimits)
+    lane: LaneLimits = field(default_factory=LaneLimits)
     infer: InferLimits = field(default_factory=InferLimits)
     dht: DhtLimits = field(default_factory=DhtLimits)

@@ -174,6 +174,7 @@ class NodeModels:
                 shards_root=self.node.config.data_dir / "shards",
                 runtime=self.runtime,
                 inline_step_s=self.node.config.inline_step_ms / 1000,
+                limits=self.node.config.limits.pipeline,
             )
         except (ValueError, OSError) as exc:
             raise ModelLoadError(

@@ -75,7 +75,7 @@ class Node(ModelsFacade):
         from p2pedge.node.latency import PeerLatency, libp2p_ping
         from p2pedge.node.models import NodeModels
 
-        self.lanes = Lanes(self)
+        self.lanes = Lanes(self, self.config.limits.lane)
         self.latency = PeerLatency(lambda peer: libp2p_ping(self.host, peer), own_peer=self.peer_id)
         self.step_times = StepTimes()  # decode steps our sharded sessions saw, per hop
         self.models: NodeModels = NodeModels(self)

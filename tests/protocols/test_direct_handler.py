@@ -2,15 +2,18 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 import pytest
 import trio
 import trio.testing
 
-from p2pedge.errors import PeerUnavailable
+from p2pedge.errors import PeerUnavailable, RemoteProtocolError
 from p2pedge.protocols._stream import FramedStream
 from p2pedge.protocols.direct import codec
 from p2pedge.protocols.direct.codec import SealedChannel
 from p2pedge.protocols.direct.handler import DirectLane, SealedStream
+from p2pedge.protocols.direct.machine import LaneLimits
 
 PROTO = "/test/echo/1.0.0"
 
@@ -21,8 +24,8 @@ async def echo(stream: FramedStream, peer_id: str) -> None:
         await stream.send_bytes(peer_id.encode() + b":" + payload)
 
 
-async def start_lane(nursery: trio.Nursery, **kw: float) -> DirectLane:
-    lane = DirectLane(host="127.0.0.1", **kw)  # type: ignore[arg-type]
+async def start_lane(nursery: trio.Nursery, **kw: Any) -> DirectLane:
+    lane = DirectLane(host="127.0.0.1", limits=LaneLimits(**kw))
     lane.enable(PROTO, echo)
     await lane.start(nursery)
     return lane
@@ -160,3 +163,55 @@ def _framed_pair() -> tuple[FramedStream, FramedStream]:
 
     left, right = memory_stream_pair()
     return FramedStream(left), FramedStream(right)
+
+
+async def test_a_handler_that_fails_ends_only_its_connection() -> None:
+    """Whatever a lane handler raises (a peer's bad message, or a bug of ours) stays in its
+    connection: the accept loop runs in the node's nursery and must not take it down."""
+
+    async def explode(stream: FramedStream, peer_id: str) -> None:
+        payload = await stream.receive_bytes()
+        if payload == b"protocol":
+            raise RemoteProtocolError("the peer broke the protocol")
+        raise ValueError("a bug in our code")
+
+    async with trio.open_nursery() as nursery:
+        lane = await start_lane(nursery)
+        lane.enable("/test/explode/1.0.0", explode)
+        for payload in (b"protocol", b"bug"):
+            issued = lane.book.issue("peer-a", "/test/explode/1.0.0", trio.current_time())
+            assert not isinstance(issued, str)
+            stream = await dial(lane, *issued)
+            await stream.send_bytes(payload)
+            with pytest.raises(PeerUnavailable):
+                await stream.receive_bytes(timeout=5)  # closed on us
+        issued = lane.book.issue("peer-b", PROTO, trio.current_time())
+        assert not isinstance(issued, str)
+        stream = await dial(lane, *issued)
+        await stream.send_bytes(b"still here")
+        assert await stream.receive_bytes(timeout=5) == b"peer-b:still here"
+        assert lane.accepted == 3
+        nursery.cancel_scope.cancel()
+
+
+async def test_handshakes_are_charged_to_the_source_address() -> None:
+    async with trio.open_nursery() as nursery:
+        lane = await start_lane(nursery, handshakes_per_source=2, hello_timeout=30.0)
+        silent = [
+            await trio.open_tcp_stream("127.0.0.1", lane.port, local_address="127.0.0.3")
+            for _ in range(3)
+        ]
+        assert await silent[2].receive_some(100) == b""  # the third is refused at once
+        assert lane.handshakes.held(source="127.0.0.3") == 2
+
+        async def where(stream: FramedStream, peer_id: str) -> None:
+            await stream.send_bytes(stream.source.encode())
+
+        lane.enable("/test/where/1.0.0", where)
+        issued = lane.book.issue("peer-a", "/test/where/1.0.0", trio.current_time())
+        assert not isinstance(issued, str)
+        stream = await dial(lane, *issued)  # from 127.0.0.1: its own share
+        assert await stream.receive_bytes(timeout=5) == b"127.0.0.1"  # what quotas key on
+        for tcp in silent:
+            await tcp.aclose()
+        nursery.cancel_scope.cancel()

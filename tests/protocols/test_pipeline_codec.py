@@ -11,9 +11,12 @@ import pytest
 
 from p2pedge.errors import FrameTooLarge, LocalProtocolError, RemoteProtocolError
 from p2pedge.protocols.pipeline import codec
-from p2pedge.protocols.pipeline.sampling import SamplingSpec
+from p2pedge.protocols.pipeline.sampling import SEED_BITS, SamplingSpec
+from p2pedge.records.peer_ids import b58encode, peer_id_from_ed25519
 from p2pedge.wire.tensors import TensorLimits
 
+A, B, PEER = (peer_id_from_ed25519(bytes([i]) * 32) for i in range(3))
+MAX_SEED = (1 << SEED_BITS) - 1
 HIDDEN = np.arange(2 * 8, dtype=np.float32).reshape(1, 2, 8)
 KEY = bytes(range(codec.PUSH_KEY_BYTES))
 MESSAGES: list[codec.Message] = [
@@ -30,7 +33,7 @@ MESSAGES: list[codec.Message] = [
         6, 7, np.array([[3.0, 2.0, 1.0]], np.float32), np.array([[9, 4, 70]], np.int64), 100
     ),
     codec.Opened(7, 8, 4096, KEY),
-    codec.Step(8, 7, 3, HIDDEN, 0, (codec.Forward("12D3KooWpeer", 9, KEY, 1),)),
+    codec.Step(8, 7, 3, HIDDEN, 0, (codec.Forward(PEER, 9, KEY, 1),)),
     codec.Step(9, 9, 3, HIDDEN, 1, (), KEY),
     codec.Step(
         10,
@@ -38,25 +41,27 @@ MESSAGES: list[codec.Message] = [
         3,
         np.array([[5]], np.int64),
         0,
-        (codec.Forward("12D3KooWb", 2, KEY, 1),),
-        ring=codec.Ring(
-            (codec.Forward("12D3KooWa", 1, KEY), codec.Forward("12D3KooWb", 2, KEY, 1)), 7, 2
-        ),
+        (codec.Forward(B, 2, KEY, 1),),
+        ring=codec.Ring((codec.Forward(A, 1, KEY), codec.Forward(B, 2, KEY, 1)), 7, 2),
         epoch=3,
     ),
-    codec.Step(11, 9, 3, HIDDEN, 1, (), KEY, codec.Ring((codec.Forward("a", 1, KEY),), 1), 1),
-    codec.Step(12, 9, 3, HIDDEN, ring=codec.Ring((codec.Forward("a", 1, KEY),), 2, quiet=True)),
+    codec.Step(11, 9, 3, HIDDEN, 1, (), KEY, codec.Ring((codec.Forward(A, 1, KEY),), 1), 1),
+    codec.Step(12, 9, 3, HIDDEN, ring=codec.Ring((codec.Forward(A, 1, KEY),), 2, quiet=True)),
     codec.Step(
         13,
         9,
         3,
         HIDDEN,
         ring=codec.Ring(
-            (codec.Forward("a", 1, KEY),), 2, sampling=SamplingSpec(0.7, 40, 0.9, 2**64 - 1)
+            (codec.Forward(A, 1, KEY),),
+            2,
+            sampling=SamplingSpec(0.7, 40, 0.9, (1 << SEED_BITS) - 1),
         ),
     ),
     codec.Output(14, 7, np.array([[3.0]], np.float32), np.array([[9]], np.int64), 100, token=42),
-    codec.Open(15, "tiny", 4, 8, 128, next="12D3KooWnext"),
+    codec.Open(15, "tiny", 4, 8, 128, next=B),
+    codec.Error(16, codec.E_BUDGET, "full", "pipeline.sessions", "source"),
+    codec.Open(17, "tiny", 4, 8, 128, next=b58encode(b"\x12\x20" + bytes(range(32)))),
 ]
 
 
@@ -235,7 +240,7 @@ def _step_map(**extra: Any) -> dict[str, Any]:
 
 
 def _fwd(**changes: Any) -> dict[str, Any]:
-    return {"peer": "12D3KooWpeer", "session": 9, "key": KEY, "k": 0} | changes
+    return {"peer": PEER, "session": 9, "key": KEY, "k": 0} | changes
 
 
 @pytest.mark.parametrize(
@@ -259,15 +264,51 @@ def test_hostile_push_fields_are_remote_errors(extra: dict[str, Any]) -> None:
         codec.from_map(_step_map(**extra))
 
 
-@pytest.mark.parametrize("bad", ["", "p" * (codec.MAX_PEER_ID + 1), 7, b"12D3KooW"])
+NOT_PEER_IDS = [
+    "",
+    "p" * (codec.MAX_PEER_ID + 1),
+    "12D3KooW0OIl",  # not base58: the audit's node-killing id
+    "12D3KooWpeer",  # base58 and an identity multihash, but not of a public key
+    b58encode(b"\x12\x20" + bytes(31)),  # sha2-256 multihash one byte short
+    b58encode(b"\x00\x24" + bytes(35)),  # identity multihash one byte short
+    b58encode(b"\x00\x30" + bytes(48)),  # identity multihash of a key too large to inline
+    b58encode(b"\x13\x20" + bytes(32)),  # not sha2-256
+]
+
+
+@pytest.mark.parametrize("bad", [*NOT_PEER_IDS, 7, b"12D3KooW"])
 def test_hostile_next_peer_in_open_is_a_remote_error(bad: object) -> None:
     opening = codec.to_map(codec.Open(1, "tiny", 0, 4, 128)) | {"next": bad}
     with pytest.raises(RemoteProtocolError, match="next"):
         codec.from_map(opening)
 
 
+@pytest.mark.parametrize("bad", NOT_PEER_IDS)
+def test_forward_peers_that_are_not_peer_ids_are_remote_errors(bad: str) -> None:
+    for extra in ({"fwd": [_fwd(), _fwd(peer=bad)]}, {"ring": _ring(chain=[_fwd(peer=bad)])}):
+        with pytest.raises(RemoteProtocolError, match="peer"):
+            codec.from_map(_step_map(**extra))
+
+
+def test_real_peer_ids_are_peer_ids() -> None:
+    assert all(
+        codec.is_peer_id(p) for p in (A, B, "QmYyQSo1c1Ym7orWxLYvCrM2EmxFTANf8wXmmE7DWjhx5N")
+    )
+    assert not any(codec.is_peer_id(p) for p in NOT_PEER_IDS)
+
+
+@pytest.mark.parametrize(
+    "extra",
+    [{"limit": "x" * 65, "scope": "peer"}, {"limit": "q", "scope": "galaxy"}, {"limit": "q"}],
+)
+def test_hostile_busy_fields_are_remote_errors(extra: dict[str, Any]) -> None:
+    error = codec.to_map(codec.Error(1, codec.E_BUDGET, "full")) | extra
+    with pytest.raises(RemoteProtocolError):
+        codec.from_map(error)
+
+
 def test_too_many_forwards_is_a_local_error() -> None:
-    many = tuple(codec.Forward("p", 1, KEY) for _ in range(codec.MAX_FORWARDS + 1))
+    many = tuple(codec.Forward(A, 1, KEY) for _ in range(codec.MAX_FORWARDS + 1))
     with pytest.raises(LocalProtocolError):
         codec.to_map(codec.Step(1, 7, 0, HIDDEN, 0, many))
 
@@ -315,7 +356,7 @@ def test_hostile_ring_fields_are_remote_errors(extra: dict[str, Any]) -> None:
 
 def test_a_ring_without_tokens_left_is_a_local_error() -> None:
     with pytest.raises(LocalProtocolError):
-        codec.to_map(codec.Step(1, 7, 0, HIDDEN, ring=codec.Ring((codec.Forward("p", 1, KEY),), 0)))
+        codec.to_map(codec.Step(1, 7, 0, HIDDEN, ring=codec.Ring((codec.Forward(A, 1, KEY),), 0)))
 
 
 @pytest.mark.parametrize("tok", [-1, 100, "7"])
@@ -333,5 +374,5 @@ def test_a_vanishing_temperature_picks_greedily() -> None:
     assert tiny.greedy
     assert [pick(logits, tiny, q) for q in range(20)] == [pick(logits, GREEDY, 0)] * 20 == [1] * 20
     # the wire carries no spec for it: the server picks greedily too
-    ring = codec.Ring((codec.Forward("a", 1, KEY),), 2, sampling=tiny)
+    ring = codec.Ring((codec.Forward(A, 1, KEY),), 2, sampling=tiny)
     assert "s" not in codec.to_map(codec.Step(1, 1, 0, HIDDEN, ring=ring))["ring"]

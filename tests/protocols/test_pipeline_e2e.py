@@ -65,7 +65,7 @@ def server(tiny: tuple[dict[LayerRange, Any], bytes], a: int, b: int, **kw: Any)
 
 
 def session(swarm: LocalSwarm, **kw: Any) -> ShardedSession:
-    config = ClientConfig(max_length=64, chunk=kw.pop("chunk", 8), **kw)
+    config = ClientConfig(max_length=64, chunk=kw.pop("chunk", 8), push=False, **kw)
     return ShardedSession(swarm.open_stream, swarm.options, MODEL, N_LAYERS, config)
 
 

@@ -22,10 +22,13 @@ from p2pedge.protocols.pipeline.handler import PipelineServer
 from p2pedge.protocols.pipeline.local import tiny_shards
 from p2pedge.protocols.pipeline.push import Pusher
 from p2pedge.protocols.pipeline.sampling import SamplingSpec, pick
+from p2pedge.records.peer_ids import peer_id_from_ed25519
 from p2pedge.runtime.shard_session import ShardModel, ShardSession
 
 MODEL = "tiny"
 FIRST, LAST = LayerRange(0, 2), LayerRange(2, 4)
+# servers dial the peers clients name: the codec takes only real peer ids
+FIRST_ID, SECOND_ID, LAST_ID = (peer_id_from_ed25519(bytes([i]) * 32) for i in range(3))
 
 
 @pytest.fixture(scope="module")
@@ -139,7 +142,7 @@ async def test_a_server_pushes_its_output_on_to_the_next_server(
         to_second = connector(second, nursery)
 
         def opener(peer: str, protocol: str) -> Awaitable[FramedStream]:
-            assert peer == "second" and protocol == codec.PROTOCOL_ID
+            assert peer == SECOND_ID and protocol == codec.PROTOCOL_ID
 
             async def open_stream() -> FramedStream:
                 return to_second().stream
@@ -151,7 +154,7 @@ async def test_a_server_pushes_its_output_on_to_the_next_server(
         a = await client_first.ask(codec.Open(0, MODEL, FIRST.start, FIRST.end, 32))
         b = await client_second.ask(codec.Open(0, MODEL, LAST.start, LAST.end, 32))
         assert isinstance(a, codec.Opened) and isinstance(b, codec.Opened)
-        fwd = (codec.Forward("second", b.session, b.key, 1),)
+        fwd = (codec.Forward(SECOND_ID, b.session, b.key, 1),)
         hidden = await client_first.ask(codec.Step(0, a.session, 0, ids, 0, fwd))
         assert isinstance(hidden, codec.Output) and hidden.y.shape == (1, 4, 64)
         pushed = await client_second.next()
@@ -295,13 +298,13 @@ async def _ring_pair(
 
         return open_stream()
 
-    servers["first"] = pushing_server(shards, FIRST, nursery, opener)
-    servers["last"] = pushing_server(shards, LAST, nursery, opener)
+    servers[FIRST_ID] = pushing_server(shards, FIRST, nursery, opener)
+    servers[LAST_ID] = pushing_server(shards, LAST, nursery, opener)
     return (
-        servers["first"],
-        servers["last"],
-        connector(servers["first"], nursery)(),
-        connector(servers["last"], nursery)(),
+        servers[FIRST_ID],
+        servers[LAST_ID],
+        connector(servers[FIRST_ID], nursery)(),
+        connector(servers[LAST_ID], nursery)(),
     )
 
 
@@ -332,8 +335,8 @@ async def _start_ring(a: Peer, b: Peer, left: int, **ring: Any) -> codec.Opened:
     server's session."""
     first, last = await _open_both(a, b)
     chain = (
-        codec.Forward("first", first.session, first.key),
-        codec.Forward("last", last.session, last.key, 1),
+        codec.Forward(FIRST_ID, first.session, first.key),
+        codec.Forward(LAST_ID, last.session, last.key, 1),
     )
     x = np.array([[7]], np.int64)
     await a.send(
@@ -449,7 +452,40 @@ async def test_pushes_from_an_abandoned_ring_epoch_are_refused(
         assert isinstance(pushed, codec.Output) and pushed.rid == 0
         assert server.steps_pushed_in == 1 and server.pushes_refused == 1
         # a ring's last shard must be asked for the top-k it picks the token from
-        chain = (codec.Forward("first", 1, key), codec.Forward("last", sid, key))
+        chain = (codec.Forward(FIRST_ID, 1, key), codec.Forward(LAST_ID, sid, key))
         bad = await owner.ask(codec.Step(0, sid, 2, hidden, 0, ring=codec.Ring(chain, 2)))
         assert isinstance(bad, codec.Error) and bad.code == codec.E_BAD_REQUEST
+        nursery.cancel_scope.cancel()
+
+
+async def test_a_failing_warm_up_or_push_is_contained_and_warm_ups_are_bounded() -> None:
+    """The pusher's tasks run in the node's nursery: a dial that raises anything (the
+    audit's ``ID.from_base58`` ValueError, or a bug) must end only that attempt. Warm-ups
+    in flight are bounded, since each dials a peer a client named."""
+    gate = trio.Event()
+    dialled: list[str] = []
+
+    async def opener(peer: str, protocol: str) -> FramedStream:
+        dialled.append(peer)
+        if peer == "raises":
+            raise ValueError("invalid base58")
+        await gate.wait()
+        raise PeerUnavailable(f"no address known for {peer}")
+
+    async with trio.open_nursery() as nursery:
+        pusher = Pusher(opener, nursery, max_warming=2)
+        pusher.warm("raises")
+        await trio.testing.wait_all_tasks_blocked()
+        for peer in ("a", "b", "c"):
+            pusher.warm(peer)
+        await trio.testing.wait_all_tasks_blocked()
+        assert sorted(dialled) == ["a", "b", "raises"] and pusher.warm_skipped == 1
+        gate.set()
+        await trio.testing.wait_all_tasks_blocked()
+        pusher.warm("c")  # room again once the others failed
+        await trio.testing.wait_all_tasks_blocked()
+        assert dialled[-1] == "c" and pusher.warmed == 0
+        hidden = np.zeros((1, 1, 4), np.float32)
+        assert not await pusher.push((codec.Forward("a", 1, bytes(16)),), 0, hidden)
+        assert pusher.failed == 1
         nursery.cancel_scope.cancel()

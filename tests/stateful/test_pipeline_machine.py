@@ -1,4 +1,5 @@
-"""Hypothesis drives the pipeline server machine against a plain model of its sessions."""
+"""Hypothesis drives the pipeline server machine against a plain model of its sessions,
+its KV budget and its quotas (sessions and KV bytes per peer, steps refused by a queue)."""
 
 from __future__ import annotations
 
@@ -14,8 +15,10 @@ from hypothesis.stateful import (
     rule,
 )
 
+from p2pedge.errors import Busy
 from p2pedge.ids import LayerRange
 from p2pedge.protocols.pipeline import codec
+from p2pedge.protocols.pipeline.limits import PipelineLimits, PipelineQuotas
 from p2pedge.protocols.pipeline.machine import (
     LIVE,
     TRANSITIONS,
@@ -29,6 +32,7 @@ from p2pedge.protocols.pipeline.machine import (
     ShardSpec,
     State,
 )
+from p2pedge.quota import Limit
 
 HIDDEN, VOCAB, PER_TOKEN = 8, 50, 100
 CATALOG = {
@@ -36,6 +40,10 @@ CATALOG = {
     ("m", LayerRange(2, 4)): ShardSpec(False, True, HIDDEN, VOCAB, PER_TOKEN, max_length=64),
 }
 IDLE = 10.0
+SESSIONS_PER_PEER, KV_SHARE = 4, 0.6
+LIMITS = PipelineLimits(
+    sessions=Limit(SESSIONS_PER_PEER, SESSIONS_PER_PEER, 100), kv_peer_share=KV_SHARE
+)
 
 
 class PipelineMachineTest(RuleBasedStateMachine):
@@ -44,7 +52,16 @@ class PipelineMachineTest(RuleBasedStateMachine):
     def __init__(self) -> None:
         super().__init__()
         self.budget = KvBudget(PER_TOKEN * 100)
-        self.m = ServerMachine(CATALOG, self.budget, idle_timeout=IDLE, max_step_tokens=8)
+        self.quotas = PipelineQuotas(LIMITS, self.budget.limit)
+        self.m = ServerMachine(
+            CATALOG,
+            self.budget,
+            idle_timeout=IDLE,
+            max_step_tokens=8,
+            quotas=self.quotas,
+            peer="p",
+            source="10.0.0.1",
+        )
         self.now = 0.0
         self.rid = 0
         self.expected: dict[int, State] = {}
@@ -74,7 +91,7 @@ class PipelineMachineTest(RuleBasedStateMachine):
     @rule(
         target=sessions,
         start=st.sampled_from([0, 2, 1]),
-        max_length=st.integers(1, 80),
+        max_length=st.one_of(st.integers(1, 80), st.integers(1, 4)),  # small: many sessions
         dtype=st.sampled_from(codec.WIRE_DTYPES),
     )
     def open(self, start: int, max_length: int, dtype: str) -> object:
@@ -86,11 +103,19 @@ class PipelineMachineTest(RuleBasedStateMachine):
         reply = self._one_reply(actions, rid)
         served = start in (0, 2)
         fits = max_length <= 64 and used + max_length * PER_TOKEN <= self.budget.limit
+        live = sum(st_ in LIVE for st_ in self.expected.values())
+        kv_share = used + max_length * PER_TOKEN <= int(self.budget.limit * KV_SHARE)
+        quota = live < SESSIONS_PER_PEER and kv_share
         if reply is not None:
             assert isinstance(reply, codec.Error)
-            assert not (served and fits)
+            assert not (served and fits and quota)
+            if served and max_length <= 64 and not quota:
+                assert reply.code == codec.E_BUDGET and reply.scope == "peer"
+                want = "pipeline.sessions" if live >= SESSIONS_PER_PEER else "pipeline.kv_bytes"
+                assert reply.limit == want
+                event(f"an open was refused by {want}")
             return multiple()
-        assert served and fits
+        assert served and fits and quota
         (alloc,) = actions
         assert isinstance(alloc, Allocate)
         self.expected[alloc.session] = State.OPENING
@@ -235,6 +260,25 @@ class PipelineMachineTest(RuleBasedStateMachine):
             self.expected[session] = State.CLOSED
             self.pending.pop(session)
 
+    @rule(session=sessions)
+    def queue_refuses(self, session: int) -> None:
+        """The step in flight was refused by the step queue before it ran: the session is
+        idle again and unchanged, and the request (and a joined relay) gets the refusal."""
+        if self.expected[session] is not State.BUSY:
+            return
+        rid, _, _ = self.in_flight.pop(session)
+        joined = self.joined.pop(session, None)
+        busy = Busy("full", limit="pipeline.queued_steps", scope="source")
+        sends = self.m.refused(session, busy, self.now)
+        assert all(isinstance(a, Send) and a.reply.code == codec.E_BUDGET for a in sends)
+        replies = [a.reply for a in sends if isinstance(a, Send)]
+        assert [r.rid for r in replies] == ([rid] if joined is None else [rid, joined])
+        assert all(isinstance(r, codec.Error) and r.scope == "source" for r in replies)
+        self.expected[session] = State.OPEN
+        self.pending.pop(session)
+        self.active[session] = self.now
+        event("a queued step was refused" + (" with a joined relay" if joined else ""))
+
     @rule(
         session=st.one_of(sessions, st.integers(1000, 1010)),
         offset=st.integers(-2, 2),
@@ -298,9 +342,16 @@ class PipelineMachineTest(RuleBasedStateMachine):
         live = sum(self.reserved[s] for s, st_ in self.expected.items() if st_ in LIVE)
         assert self.budget.used == live <= self.budget.limit
 
+    @invariant()
+    def quotas_hold_exactly_the_live_sessions(self) -> None:
+        live = [s for s, st_ in self.expected.items() if st_ in LIVE]
+        assert self.quotas.sessions.held(peer="p") == len(live) <= SESSIONS_PER_PEER
+        assert self.quotas.kv_bytes.held(source="10.0.0.1") == self.budget.used
+
     def teardown(self) -> None:
         self.m.stream_ended()
         assert self.budget.used == 0
+        assert self.quotas.sessions.held() == self.quotas.kv_bytes.held() == 0
 
 
 TestPipelineMachine = PipelineMachineTest.TestCase

@@ -3,7 +3,10 @@
 A lane stream is a :class:`~p2pedge.protocols._stream.FramedStream` whose frames are
 sealed, so protocol handlers serve it exactly as they serve a libp2p stream. Every
 failure of a stranger on the TCP port (wrong magic, unknown ticket, forged frame, silence)
-ends only that connection.
+ends only that connection, and every connection's handler runs contained
+(:func:`~p2pedge.protocols._stream.contain`). Connections not yet authenticated are
+charged to their source address (:class:`~p2pedge.protocols.direct.machine.LaneLimits`),
+so silent connections from one address cannot crowd out other peers' handshakes.
 """
 
 from __future__ import annotations
@@ -15,17 +18,16 @@ from functools import partial
 
 import trio
 
-from p2pedge.errors import PeerUnavailable, RemoteProtocolError
-from p2pedge.protocols._stream import READ_CHUNK, FramedStream
+from p2pedge.errors import Busy, PeerUnavailable, RemoteProtocolError
+from p2pedge.protocols._stream import READ_CHUNK, FramedStream, contain
 from p2pedge.protocols.direct import codec
 from p2pedge.protocols.direct.codec import SealedChannel
-from p2pedge.protocols.direct.machine import TicketBook
+from p2pedge.protocols.direct.machine import LaneLimits, TicketBook
+from p2pedge.quota import Quota
 
 log = logging.getLogger(__name__)
 
 StreamHandler = Callable[[FramedStream, str], Awaitable[None]]
-DEFAULT_HELLO_TIMEOUT = 5.0
-DEFAULT_MAX_HANDSHAKES = 64
 DEFAULT_DIAL_TIMEOUT = 2.0
 YIELD_EVERY = 16
 DIRECT_FD_IO = os.name == "posix"  # os.read / os.write work on socket descriptors here
@@ -106,8 +108,8 @@ class SocketByteStream:
 class SealedStream(FramedStream):
     """Frames sealed with the lane's key; same interface as a libp2p framed stream."""
 
-    def __init__(self, stream: trio.SocketStream, channel: SealedChannel) -> None:
-        super().__init__(SocketByteStream(stream), max_frame=channel.max_frame)
+    def __init__(self, stream: trio.SocketStream, channel: SealedChannel, source: str = "") -> None:
+        super().__init__(SocketByteStream(stream), max_frame=channel.max_frame, source=source)
         self.channel = channel
 
     def _encode(self, payload: bytes) -> bytes:
@@ -135,18 +137,17 @@ class DirectLane:
         host: str,
         port: int = 0,
         book: TicketBook | None = None,
-        hello_timeout: float = DEFAULT_HELLO_TIMEOUT,
-        max_handshakes: int = DEFAULT_MAX_HANDSHAKES,
+        limits: LaneLimits | None = None,
     ) -> None:
         self.host = host
-        self.book = book or TicketBook()
-        self.hello_timeout = hello_timeout
-        self.max_handshakes = max_handshakes
+        self.limits = limits or LaneLimits()
+        self.book = book or self.limits.book()
+        self.hello_timeout = self.limits.hello_timeout
+        self.handshakes = Quota("direct.handshakes", self.limits.handshakes())
         self.handlers: dict[str, StreamHandler] = {}
         self.port = port
         self.accepted = 0
         self.rejected = 0
-        self._handshakes = 0
 
     async def start(self, nursery: trio.Nursery) -> None:
         """Listen (port 0: the OS chooses); connections live in ``nursery``."""
@@ -160,7 +161,7 @@ class DirectLane:
 
     async def handle_ticket(self, framed: FramedStream, peer_id: str) -> None:
         """libp2p side: one ticket request, one answer (a refusal is an answer too)."""
-        framed = FramedStream(framed.stream, max_frame=codec.MAX_TICKET_FRAME)  # unread yet
+        framed = framed.reframed(codec.MAX_TICKET_FRAME)  # nothing read from it yet
         try:
             request = codec.decode_request(await framed.receive(timeout=self.hello_timeout))
         except RemoteProtocolError as exc:
@@ -177,30 +178,35 @@ class DirectLane:
         await framed.send(codec.encode_ticket(reply))
 
     async def _serve_tcp(self, tcp: trio.SocketStream) -> None:
-        if self._handshakes >= self.max_handshakes:
-            self.rejected += 1
-            await tcp.aclose()
-            return
-        self._handshakes += 1
+        """One accepted connection, contained: whatever it does ends only itself."""
+        source = tcp_source(tcp)
         try:
-            accepted = await self._hello(tcp)
-        finally:
-            self._handshakes -= 1
-        if accepted is None:
-            self.rejected += 1
-            await tcp.aclose()
-            return
-        stream, peer_id, protocol = accepted
-        self.accepted += 1
-        try:
-            await self.handlers[protocol](stream, peer_id)
-        except PeerUnavailable as exc:
-            log.debug("direct %s stream from %s ended: %s", protocol, peer_id, exc)
+            await contain(self._connection(tcp, source), "direct lane connection", source)
         finally:
             with trio.CancelScope(shield=True), trio.move_on_after(1):
                 await tcp.aclose()
 
-    async def _hello(self, tcp: trio.SocketStream) -> tuple[SealedStream, str, str] | None:
+    async def _connection(self, tcp: trio.SocketStream, source: str) -> None:
+        try:
+            grant = self.handshakes.acquire(source, source)
+        except Busy as busy:
+            self.rejected += 1
+            log.info("direct lane: handshake from %s refused: %s", source, busy)
+            return
+        try:
+            accepted = await self._hello(tcp, source)
+        finally:
+            self.handshakes.release(grant)
+        if accepted is None:
+            self.rejected += 1
+            return
+        stream, peer_id, protocol = accepted
+        self.accepted += 1
+        await contain(self.handlers[protocol](stream, peer_id), f"direct {protocol}", peer_id)
+
+    async def _hello(
+        self, tcp: trio.SocketStream, source: str
+    ) -> tuple[SealedStream, str, str] | None:
         """Read and check the hello within the deadline; None for anything wrong."""
         with trio.move_on_after(self.hello_timeout):
             try:
@@ -215,7 +221,7 @@ class DirectLane:
                 if grant is None or grant.protocol not in self.handlers:
                     log.info("direct lane: unknown or expired ticket")
                     return None
-                stream = SealedStream(tcp, SealedChannel(grant.key, client=False))
+                stream = SealedStream(tcp, SealedChannel(grant.key, client=False), source)
                 stream.push_received(bytes(buffer[codec.HELLO_PREFIX :]))
                 codec.check_greeting(await stream.receive_bytes())
                 await stream.send_bytes(codec.GREETING)
@@ -225,6 +231,14 @@ class DirectLane:
                 return None
         log.info("direct lane: no hello within %.3g s", self.hello_timeout)
         return None
+
+
+def tcp_source(tcp: trio.SocketStream) -> str:
+    """The remote IP of an accepted TCP connection ("" if it is already gone)."""
+    try:
+        return str(tcp.socket.getpeername()[0])
+    except OSError:
+        return ""
 
 
 def remote_host(framed: FramedStream) -> str:
@@ -243,13 +257,15 @@ async def open_direct(
     timeout: float,
     dial_timeout: float = DEFAULT_DIAL_TIMEOUT,
     host: str | None = None,
+    local_address: str | None = None,
 ) -> SealedStream:
-    """Ask for a ticket on ``ticket_stream`` (libp2p), then dial and greet the lane.
+    """Ask for a ticket on ``ticket_stream`` (libp2p), then dial and greet the lane
+    (from ``local_address`` when given: a machine with several addresses picks one).
 
     The dial has its own short deadline: a firewalled lane port should cost a moment
     before the caller falls back to libp2p, not the whole request timeout.
     """
-    ticket_stream = FramedStream(ticket_stream.stream, max_frame=codec.MAX_TICKET_FRAME)
+    ticket_stream = ticket_stream.reframed(codec.MAX_TICKET_FRAME)
     await ticket_stream.send(codec.encode_request(codec.TicketRequest(protocol)))
     ticket = codec.decode_ticket(await ticket_stream.receive(timeout=timeout))
     if ticket.port == 0:
@@ -257,12 +273,12 @@ async def open_direct(
     host = host or remote_host(ticket_stream)
     try:
         with trio.fail_after(min(timeout, dial_timeout)):
-            tcp = await trio.open_tcp_stream(host, ticket.port)
+            tcp = await trio.open_tcp_stream(host, ticket.port, local_address=local_address)
     except (trio.TooSlowError, OSError) as exc:
         where = f"{host}:{ticket.port}"
         raise PeerUnavailable(f"cannot dial the direct lane at {where}: {exc}") from exc
     channel = SealedChannel(ticket.key, client=True)
-    stream = SealedStream(tcp, channel)
+    stream = SealedStream(tcp, channel, host)
     try:
         await stream.stream.write(codec.client_hello(ticket.ticket, channel))
         codec.check_greeting(await stream.receive_bytes(timeout=timeout))

@@ -12,10 +12,41 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 from p2pedge.protocols.direct.codec import KEY_BYTES, TICKET_BYTES
+from p2pedge.quota import Limit
 
 DEFAULT_TTL = 30.0
 DEFAULT_PER_PEER = 16
 DEFAULT_TOTAL = 1024
+DEFAULT_HELLO_TIMEOUT = 2.0
+DEFAULT_HANDSHAKES_PER_SOURCE = 8
+DEFAULT_HANDSHAKES_TOTAL = 128
+
+
+@dataclass(frozen=True)
+class LaneLimits:
+    """What strangers on the lane's TCP port may hold, and the tickets peers may ask for.
+
+    ``handshakes_*`` count connections that have not yet authenticated, by source address
+    and in total; ``hello_timeout`` is how long one may stay silent before it is closed.
+    One address opening many silent connections then delays only its own handshakes.
+    """
+
+    hello_timeout: float = DEFAULT_HELLO_TIMEOUT
+    handshakes_per_source: int = DEFAULT_HANDSHAKES_PER_SOURCE
+    handshakes_total: int = DEFAULT_HANDSHAKES_TOTAL
+    ticket_ttl: float = DEFAULT_TTL
+    tickets_per_peer: int = DEFAULT_PER_PEER
+    tickets_total: int = DEFAULT_TOTAL
+
+    def handshakes(self) -> Limit:
+        """Before its hello a connection has no peer id: it is charged by address only."""
+        total = self.handshakes_total
+        return Limit(per_peer=total, per_source=self.handshakes_per_source, total=total)
+
+    def book(self) -> TicketBook:
+        return TicketBook(
+            ttl=self.ticket_ttl, per_peer=self.tickets_per_peer, total=self.tickets_total
+        )
 
 
 @dataclass(frozen=True)

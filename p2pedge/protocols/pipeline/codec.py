@@ -17,13 +17,8 @@ import numpy as np
 import numpy.typing as npt
 
 from p2pedge.errors import LocalProtocolError, RemoteProtocolError
-from p2pedge.protocols.pipeline.sampling import (
-    GREEDY,
-    MAX_TEMPERATURE,
-    MIN_TEMPERATURE,
-    SEED_BITS,
-    SamplingSpec,
-)
+from p2pedge.protocols.pipeline.sampling import GREEDY, SamplingSpec, spec_from
+from p2pedge.records.peer_ids import b58decode
 from p2pedge.wire.framing import DEFAULT_MAX_FRAME, FrameDecoder, encode_frame
 from p2pedge.wire.messages import pack, require, unpack_map
 from p2pedge.wire.tensors import ALLOWED_DTYPES, TensorLimits, decode_tensor, encode_tensor
@@ -62,6 +57,9 @@ MAX_TEXT = 1024
 PUSH_KEY_BYTES = 16
 MAX_FORWARDS = 16
 MAX_PEER_ID = 128
+MAX_IDENTITY_KEY = 42  # libp2p inlines public keys up to this size; larger ones are hashed
+BUSY_SCOPES = frozenset({"", "peer", "source", "total"})
+MAX_LIMIT_NAME = 64
 NO_EOS = -1
 
 
@@ -190,9 +188,14 @@ class Closed:
 
 @dataclass(frozen=True)
 class Error:
+    """A refused request. A quota's refusal (code ``budget``) names the ``limit`` and the
+    ``scope`` (peer, source or total) that ran out, as :class:`~p2pedge.errors.Busy` does."""
+
     rid: int
     code: str
     message: str = field(default="")
+    limit: str = ""
+    scope: str = ""
 
 
 Message = Open | Opened | Step | Output | Close | Closed | Error
@@ -282,7 +285,8 @@ def to_map(msg: Message) -> dict[str, Any]:
         case Closed():
             return {"t": "closed", "rid": msg.rid, "session": msg.session}
         case Error():
-            return {"t": "error", "rid": msg.rid, "code": msg.code, "message": msg.message}
+            error = {"t": "error", "rid": msg.rid, "code": msg.code, "message": msg.message}
+            return error | {"limit": msg.limit, "scope": msg.scope} if msg.limit else error
     raise LocalProtocolError(f"not a pipeline message: {msg!r}")
 
 
@@ -307,13 +311,39 @@ def _key(m: dict[str, Any]) -> bytes:
     return value
 
 
+def is_peer_id(text: str) -> bool:
+    """Whether ``text`` is a libp2p peer id in base58btc: an identity multihash of a public
+    key (at most ``MAX_IDENTITY_KEY`` bytes) or a sha2-256 multihash of a larger one.
+    Servers dial the ids clients name, so anything else must stop at decode."""
+    if not 0 < len(text) <= MAX_PEER_ID:
+        return False
+    try:
+        raw = b58decode(text)
+    except ValueError:
+        return False
+    if raw[:2] == b"\x12\x20":
+        return len(raw) == 34
+    # identity multihash of a protobuf PublicKey: field 1 key type (RSA, Ed25519,
+    # Secp256k1, ECDSA), field 2 the key's bytes
+    return (
+        len(raw) > 6
+        and raw[0] == 0
+        and raw[1] <= MAX_IDENTITY_KEY
+        and len(raw) == 2 + raw[1]
+        and raw[2] == 0x08
+        and raw[3] <= 3
+        and raw[4] == 0x12
+        and raw[5] == len(raw) - 6
+    )
+
+
 def _peer(m: dict[str, Any], field: str) -> str:
-    """An optional peer id ('' when absent), at most ``MAX_PEER_ID`` characters."""
+    """An optional peer id ('' when absent) that must be a real one (:func:`is_peer_id`)."""
     if field not in m:
         return ""
     peer = _str(m, field)
-    if not 0 < len(peer) <= MAX_PEER_ID:
-        raise RemoteProtocolError(f"{field!r} must be a peer id of 1 to {MAX_PEER_ID} characters")
+    if not is_peer_id(peer):
+        raise RemoteProtocolError(f"{field!r} is not a base58 libp2p peer id")
     return peer
 
 
@@ -348,11 +378,10 @@ def _ring(value: Any) -> Ring:
 def _spec(value: Any) -> SamplingSpec:
     if not isinstance(value, dict):
         raise RemoteProtocolError("ring sampling must be a map")
-    temperature, top_p = require(value, "t", float), require(value, "p", float)
-    if not MIN_TEMPERATURE <= temperature <= MAX_TEMPERATURE or not 0.0 < top_p <= 1.0:
-        raise RemoteProtocolError(f"sampling temperature {temperature} or top_p {top_p} bad")
-    top_k, seed = _int(value, "k", 0, MAX_TOP_K), _int(value, "seed", 0, (1 << SEED_BITS) - 1)
-    return SamplingSpec(temperature, top_k, top_p, seed)
+    try:  # the one set of ranges, shared with local generation and the infer protocol
+        return spec_from(value.get("t"), value.get("k"), value.get("p"), value.get("seed"))
+    except ValueError as exc:
+        raise RemoteProtocolError(f"ring sampling: {exc}") from exc
 
 
 def from_map(m: dict[str, Any], limits: TensorLimits = TENSOR_LIMITS) -> Message:
@@ -371,11 +400,15 @@ def from_map(m: dict[str, Any], limits: TensorLimits = TENSOR_LIMITS) -> Message
     if kind == "opened":
         return Opened(rid, _int(m, "session"), _int(m, "kv"), _key(m) if "key" in m else b"")
     if kind == "step":
+        x = decode_tensor(m.get("x"), limits)
+        if x.dtype.kind == "f" and not np.isfinite(x).all():
+            # refused before it runs, session intact: the hop that made it takes the blame
+            raise RemoteProtocolError("step input is not finite")
         return Step(
             rid,
             _int(m, "session"),
             _int(m, "start", 0, MAX_LENGTH),
-            decode_tensor(m.get("x"), limits),
+            x,
             _int(m, "k", 0, MAX_TOP_K) if "k" in m else 0,
             _forwards(m["fwd"]) if "fwd" in m else (),
             _key(m) if "key" in m else b"",
@@ -399,7 +432,12 @@ def from_map(m: dict[str, Any], limits: TensorLimits = TENSOR_LIMITS) -> Message
         code = _str(m, "code")
         if code not in ERROR_CODES:
             raise RemoteProtocolError(f"unknown error code {code!r}")
-        return Error(rid, code, _str(m, "message"))
+        if "limit" not in m:
+            return Error(rid, code, _str(m, "message"))
+        limit, scope = _str(m, "limit"), _str(m, "scope")
+        if len(limit) > MAX_LIMIT_NAME or scope not in BUSY_SCOPES:
+            raise RemoteProtocolError(f"bad limit {limit[:MAX_LIMIT_NAME]!r} or scope {scope!r}")
+        return Error(rid, code, _str(m, "message"), limit, scope)
     raise RemoteProtocolError(f"unknown message type {kind!r}")
 
 

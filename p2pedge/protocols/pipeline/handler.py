@@ -5,9 +5,16 @@ Each stream gets its own :class:`ServerMachine`; a bad message is answered with 
 error and the stream goes on, an oversized frame or a vanished peer ends only that
 stream (its sessions are freed), never the server or other streams.
 
-Steps run in worker threads so the node keeps serving while onnxruntime computes. A
-one-position (decode) step whose recent cost is within ``inline_step_s`` runs on the trio
-thread instead when no other step is running or queued (``runtime.inline.StepCosts``).
+Steps run in worker threads so the node keeps serving while onnxruntime computes; they
+wait for a thread fairly by source address, then peer, charged the positions they compute
+(``fair.FairLimiter``): a peer that queues many long steps does not delay the others' short
+ones beyond the step already running. A one-position
+(decode) step whose recent cost is within ``inline_step_s`` runs on the trio thread
+instead when no other step is running or queued (``runtime.inline.StepCosts``).
+
+Hostile peers meet :class:`~p2pedge.protocols.pipeline.limits.PipelineLimits`: sessions,
+KV bytes and queued steps are charged to the peer id, its source address and the total,
+and a refusal names the limit (a ``budget`` error, which clients read as ``Busy``).
 """
 
 from __future__ import annotations
@@ -24,6 +31,7 @@ import numpy.typing as npt
 import trio
 
 from p2pedge.errors import (
+    Busy,
     FrameTooLarge,
     LocalProtocolError,
     PeerUnavailable,
@@ -33,6 +41,8 @@ from p2pedge.errors import (
 from p2pedge.ids import LayerRange
 from p2pedge.protocols._stream import FramedStream, QuickLock
 from p2pedge.protocols.pipeline import codec
+from p2pedge.protocols.pipeline.fair import FairLimiter
+from p2pedge.protocols.pipeline.limits import PipelineLimits, PipelineQuotas
 from p2pedge.protocols.pipeline.machine import (
     DEFAULT_IDLE_TIMEOUT,
     Action,
@@ -82,7 +92,7 @@ class PipelineServer:
     ``offload=False`` runs onnxruntime on the trio thread (deterministic tests with a
     mock clock); otherwise steps run in worker threads, ``max_parallel`` at a time,
     except short decode steps on an idle server (``inline_step_s``, see the module
-    docstring; 0 turns that off).
+    docstring; 0 turns that off). ``limits`` caps what each peer and source may hold.
     """
 
     def __init__(
@@ -95,13 +105,16 @@ class PipelineServer:
         max_parallel: int = 1,
         offload: bool = True,
         inline_step_s: float = DEFAULT_INLINE_STEP_S,
+        limits: PipelineLimits | None = None,
     ) -> None:
         self.shards = dict(shards)
         self.catalog = {key: spec_of(m, max_length) for key, m in self.shards.items()}
         self.budget = KvBudget(budget_bytes)
+        self.limits = limits or PipelineLimits()
+        self.quotas = PipelineQuotas(self.limits, budget_bytes)
         self.idle_timeout = idle_timeout
         self.offload = offload
-        self.limiter = trio.CapacityLimiter(max_parallel)
+        self.fair = FairLimiter(max_parallel)
         self.costs = StepCosts(inline_step_s)
         self.steps_served = 0
         self.steps_inline = 0
@@ -121,7 +134,15 @@ class PipelineServer:
 
     async def handle(self, stream: FramedStream, peer_id: str) -> None:
         """Serve one stream until the peer leaves; frees every session it opened."""
-        machine = ServerMachine(self.catalog, self.budget, idle_timeout=self.idle_timeout)
+        machine = ServerMachine(
+            self.catalog,
+            self.budget,
+            idle_timeout=self.idle_timeout,
+            max_step_tokens=self.limits.max_step_tokens,
+            quotas=self.quotas,
+            peer=peer_id,
+            source=stream.source,
+        )
         conn = _Connection(self, machine, stream, peer_id)
         try:
             async with trio.open_nursery() as nursery:
@@ -140,13 +161,20 @@ class PipelineServer:
     async def run_step(self, session: ShardSession, action: Run) -> StepResult:
         """Output (or top-k logits), top-k ids and, in a ring's last shard, the token it
         picks; computed off the trio thread unless the step is a short decode step on an
-        idle server."""
+        idle server. A long step takes its turns for the thread ``step_chunk`` positions
+        at a time, so other peers' steps run between its chunks."""
         positions = int(action.x.shape[1])
+        parts: list[Any] = []
 
-        def work() -> StepResult:
+        def compute(a: int, b: int) -> Any:
             began = time.perf_counter()
-            y = session.step(action.x, action.start, last_only=action.last_only)
-            self.costs.record(session.model, positions, time.perf_counter() - began)
+            y = session.step(action.x[:, a:b], action.start + a, last_only=action.last_only)
+            self.costs.record(session.model, b - a, time.perf_counter() - began)
+            return y
+
+        def work(a: int = 0, b: int = positions) -> StepResult:
+            parts.append(compute(a, b))
+            y = parts[-1] if action.last_only else np.concatenate(parts, axis=1)
             if not action.top_k:
                 return y, None, None
             ring, token = action.ring, None
@@ -159,12 +187,16 @@ class PipelineServer:
 
         if not self.offload:
             return work()
-        stats = self.limiter.statistics()
-        busy = stats.borrowed_tokens > 0 or stats.tasks_waiting > 0
-        if self.costs.may_inline(session.model, positions, busy=busy):
+        if self.costs.may_inline(session.model, positions, busy=self.fair.busy):
             self.steps_inline += 1
             return work()
-        return await trio.to_thread.run_sync(work, limiter=self.limiter)
+        chunk = self.limits.step_chunk or positions
+        for a in range(0, positions - chunk, chunk):  # every chunk but the last
+            async with self.fair.slot(action.peer, action.source, chunk):
+                parts.append(await trio.to_thread.run_sync(compute, a, a + chunk))
+        last = (positions - 1) // chunk * chunk
+        async with self.fair.slot(action.peer, action.source, positions - last):
+            return await trio.to_thread.run_sync(work, last, positions)
 
 
 class _Connection:
@@ -259,11 +291,18 @@ class _Connection:
 
     async def _run(self, action: Run) -> list[Action]:
         session = self.sessions[action.session]
+        queued = self.server.quotas.queued_steps
+        try:
+            grant = queued.acquire(self.peer, self.stream.source)
+        except Busy as busy:
+            return self.machine.refused(action.session, busy, trio.current_time())
         try:
             y, ids, token = await self.server.run_step(session, action)
         except (ShardFailed, LocalProtocolError, MemoryError) as exc:
             log.warning("pipeline step failed for %s: %s", self.peer, exc)
             return self.machine.failed(action.session, f"step failed: {exc}", trio.current_time())
+        finally:
+            queued.release(grant)
         self.server.steps_served += 1
         if self.closed:  # the owner left while a pushed step ran: nobody to answer
             return []

@@ -1,7 +1,8 @@
 """Sans-IO server side of the pipeline protocol: sessions, KV budget, idle expiry.
 
-One machine per stream; the :class:`KvBudget` is shared by every stream of a server, so
-an open past the budget is refused without touching other sessions. Every session
+One machine per stream; the :class:`KvBudget` and the :class:`PipelineQuotas` are shared
+by every stream of a server, so an open past the budget or past one peer's (or one source
+address's) share is refused without touching other sessions. Every session
 change goes through :data:`TRANSITIONS` (the single table); validation that does not
 change state (shapes, dtypes, positions) happens before the table is consulted.
 Nothing here awaits: callers pass ``now`` and carry out the returned actions.
@@ -18,14 +19,19 @@ from typing import Any
 import numpy as np
 import numpy.typing as npt
 
-from p2pedge.errors import LocalProtocolError
+from p2pedge.errors import Busy, LocalProtocolError
 from p2pedge.ids import LayerRange
 from p2pedge.protocols.pipeline import codec
 from p2pedge.protocols.pipeline.codec import Close, Closed, Error, Open, Opened, Output, Step
+from p2pedge.protocols.pipeline.limits import (
+    DEFAULT_MAX_STEP_TOKENS,
+    PipelineQuotas,
+    refusal,
+)
+from p2pedge.quota import Grant
 from p2pedge.wire.tensors import ALLOWED_DTYPES
 
 DEFAULT_IDLE_TIMEOUT = 60.0
-DEFAULT_MAX_STEP_TOKENS = 2048
 DEFAULT_MAX_SESSIONS = 64
 
 
@@ -136,6 +142,8 @@ class Run:
     fwd: tuple[codec.Forward, ...] = ()  # push the output on to these (not from a last shard)
     ring: codec.Ring | None = None  # goes along with the pushes; a last shard continues it
     epoch: int = 0
+    peer: str = ""  # the session's owner and its source address: whose turn the step takes
+    source: str = ""
 
 
 @dataclass(frozen=True)
@@ -164,17 +172,22 @@ class _Session:
     pushed: Step | None = None  # the step in flight, when another server pushed it
     joined: int | None = None  # a relayed request answered by that pushed step's result
     floor: int = 0  # pushed steps from an older ring epoch are refused (see codec.Step)
+    grants: tuple[Grant, Grant] | None = None  # what the session holds of the quotas
 
 
 @dataclass
 class ServerMachine:
-    """One stream's sessions. ``catalog`` maps ``(model, range)`` to what is served."""
+    """One stream's sessions. ``catalog`` maps ``(model, range)`` to what is served;
+    ``quotas`` (when given) charges each session to ``peer`` and ``source``."""
 
     catalog: Mapping[tuple[str, LayerRange], ShardSpec]
     budget: KvBudget
     idle_timeout: float = DEFAULT_IDLE_TIMEOUT
     max_step_tokens: int = DEFAULT_MAX_STEP_TOKENS
     max_sessions: int = DEFAULT_MAX_SESSIONS
+    quotas: PipelineQuotas | None = None
+    peer: str = ""
+    source: str = ""
     sessions: dict[int, _Session] = field(default_factory=dict)
     _next_id: int = 1
 
@@ -201,9 +214,15 @@ class ServerMachine:
         if isinstance(outcome, State):
             s = self.sessions[session]
             if s.state in LIVE and outcome not in LIVE:
-                self.budget.release(s.kv_bytes)
+                self._free(s)
             s.state = outcome
         return outcome
+
+    def _free(self, s: _Session) -> None:
+        self.budget.release(s.kv_bytes)
+        if s.grants is not None and self.quotas is not None:
+            self.quotas.close(s.grants)
+        s.grants = None
 
     def _open(self, msg: Open, now: float) -> list[Action]:
         def refuse(code: str, text: str) -> list[Action]:
@@ -221,7 +240,15 @@ class ServerMachine:
         if sum(s.state in LIVE for s in self.sessions.values()) >= self.max_sessions:
             return refuse(codec.E_BUDGET, f"at most {self.max_sessions} sessions per stream")
         kv_bytes = msg.max_length * spec.kv_bytes_per_token
+        grants = None
+        if self.quotas is not None:
+            try:
+                grants = self.quotas.open(self.peer, self.source, kv_bytes)
+            except Busy as busy:
+                return [Send(refusal(msg.rid, busy))]
         if not self.budget.reserve(kv_bytes):
+            if grants is not None and self.quotas is not None:
+                self.quotas.close(grants)
             free = self.budget.limit - self.budget.used
             return refuse(codec.E_BUDGET, f"KV cache needs {kv_bytes} bytes, {free} free")
         session = self._next_id
@@ -229,6 +256,7 @@ class ServerMachine:
         self.sessions[session] = _Session(
             msg.model, layers, spec, msg.max_length, msg.dtype, kv_bytes, State.ABSENT, now
         )
+        self.sessions[session].grants = grants
         self._move(session, Event.OPEN)
         self.sessions[session].pending = (msg.rid, 0)
         return [Allocate(session, msg.model, layers, msg.max_length, msg.next)]
@@ -285,7 +313,21 @@ class ServerMachine:
         top_k = msg.top_k if s.spec.last else 0
         fwd = () if s.spec.last else msg.fwd
         ring, epoch = msg.ring, msg.epoch
-        return [Run(msg.session, msg.rid, msg.start, msg.x, s.spec.last, top_k, fwd, ring, epoch)]
+        return [
+            Run(
+                msg.session,
+                msg.rid,
+                msg.start,
+                msg.x,
+                s.spec.last,
+                top_k,
+                fwd,
+                ring,
+                epoch,
+                self.peer,
+                self.source,
+            )
+        ]
 
     def _close(self, msg: Close, now: float) -> list[Action]:
         outcome = self._move(msg.session, Event.CLOSE)
@@ -388,6 +430,15 @@ class ServerMachine:
         out = y if s.spec.last else codec.as_wire(y, s.dtype)
         return self._answer_joined(s, Output(rid, session, out, at=at))
 
+    def refused(self, session: int, busy: Busy, now: float) -> list[Action]:
+        """A step was refused before it ran (a queue's quota): the session is idle again,
+        unchanged, and the request is answered with the refusal."""
+        s, rid, _ = self._finish(session, now)
+        if s.state is not State.BUSY:
+            raise LocalProtocolError(f"session {session} is not running a step")
+        self._move(session, Event.READY)
+        return self._answer_joined(s, refusal(rid, busy))
+
     def failed(self, session: int, reason: str, now: float) -> list[Action]:
         """The executor failed an open or a step: the session is closed and freed."""
         s, rid, _ = self._finish(session, now)
@@ -417,7 +468,7 @@ class ServerMachine:
         for sid, s in self.sessions.items():
             if s.state in LIVE:
                 had_executor = s.state is not State.OPENING
-                self.budget.release(s.kv_bytes)
+                self._free(s)
                 s.state, s.pending, s.pushed, s.joined = State.CLOSED, None, None, None
                 if had_executor:
                     actions.append(Release(sid))

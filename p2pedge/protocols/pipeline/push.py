@@ -8,25 +8,32 @@ session, that session's push key); each server pushes its output on as a step ca
 the next session's key, and still answers the session's owner (the client) with its
 output, which the client keeps for recovery. A push that cannot be delivered is only
 logged: the client notices the missing output and relays that step itself.
+
+Clients name the peers a server dials, so every task a message starts here (warm-ups,
+error readers, closes) runs under :func:`~p2pedge.protocols._stream.contain`: its failure
+ends that push stream, never the node; warm-ups in flight and streams kept are bounded.
 """
 
 from __future__ import annotations
 
 import logging
 from collections.abc import Awaitable, Callable
+from functools import partial
 from typing import Any
 
 import numpy.typing as npt
 import trio
 
-from p2pedge.errors import LocalProtocolError, PeerUnavailable, RemoteProtocolError
-from p2pedge.protocols._stream import FramedStream, QuickLock
+from p2pedge.errors import PeerUnavailable, ProtocolError, RemoteProtocolError
+from p2pedge.protocols._stream import FramedStream, QuickLock, contain
 from p2pedge.protocols.pipeline import codec
 
 log = logging.getLogger(__name__)
 
 DEFAULT_PUSH_TIMEOUT = 2.0
 MAX_PUSH_STREAMS = 64  # clients name the next servers; the oldest stream makes room
+MAX_WARMING = 16  # push streams being opened ahead of their first push
+PUSH_ERRORS = (PeerUnavailable, ProtocolError, trio.TooSlowError)
 PushOpener = Callable[[str, str], Awaitable[FramedStream]]
 
 
@@ -35,11 +42,21 @@ class Pusher:
     read by a task in ``nursery`` and logged."""
 
     def __init__(
-        self, opener: PushOpener, nursery: trio.Nursery, *, timeout: float = DEFAULT_PUSH_TIMEOUT
+        self,
+        opener: PushOpener,
+        nursery: trio.Nursery,
+        *,
+        timeout: float = DEFAULT_PUSH_TIMEOUT,
+        max_streams: int = MAX_PUSH_STREAMS,
+        max_warming: int = MAX_WARMING,
     ) -> None:
         self.opener = opener
         self.nursery = nursery
         self.timeout = timeout
+        self.max_streams = max_streams
+        self.max_warming = max_warming
+        self._warming: set[str] = set()
+        self.warm_skipped = 0  # warm-ups not started: too many in flight
         self._streams: dict[str, FramedStream] = {}
         self._locks: dict[str, QuickLock] = {}
         self._sending: dict[str, float] = {}  # peer -> when its current send began
@@ -86,7 +103,7 @@ class Pusher:
                     del self._sending[target.peer]
                 self.pushed += 1
                 return True
-            except (PeerUnavailable, LocalProtocolError, trio.TooSlowError) as exc:
+            except PUSH_ERRORS as exc:
                 log.info("push to %s failed: %r", target.peer, exc)
             self.failed += 1
             self._forget(target.peer)
@@ -95,9 +112,24 @@ class Pusher:
     def warm(self, peer: str) -> None:
         """Open the stream to ``peer`` in the background (a session's client says where it
         will push), so that the first push does not wait for a dial and a handshake. A
-        failure is only logged: the first push tries again."""
-        if peer not in self._streams:
-            self.nursery.start_soon(self._warm, peer)
+        failure is only logged: the first push tries again. At most ``max_warming`` run
+        at once (each is a dial to a peer a client named); past that the first push dials.
+        """
+        if peer in self._streams or peer in self._warming:
+            return
+        if len(self._warming) >= self.max_warming:
+            self.warm_skipped += 1
+            return
+        self._warming.add(peer)
+        self._spawn("push warm-up", peer, partial(self._warm, peer))
+
+    def _spawn(self, what: str, peer: str, work: Callable[[], Awaitable[None]]) -> None:
+        """Run ``work`` in the nursery, contained: its failure is logged, never raised."""
+
+        async def contained() -> None:
+            await contain(work(), what, peer)
+
+        self.nursery.start_soon(contained)
 
     async def stream_to(self, peer: str) -> None:
         """Wait until a push stream to ``peer`` is open (for callers that must know)."""
@@ -112,27 +144,30 @@ class Pusher:
         return lock
 
     async def _warm(self, peer: str) -> None:
-        async with self._lock(peer):
-            if peer in self._streams:
-                return
-            try:
-                await self._open(peer)
-                self.warmed += 1
-            except (PeerUnavailable, LocalProtocolError, trio.TooSlowError) as exc:
-                log.info("could not open a push stream to %s ahead of time: %r", peer, exc)
+        try:
+            async with self._lock(peer):
+                if peer in self._streams:
+                    return
+                try:
+                    await self._open(peer)
+                    self.warmed += 1
+                except PUSH_ERRORS as exc:
+                    log.info("could not open a push stream to %s ahead of time: %r", peer, exc)
+        finally:
+            self._warming.discard(peer)
 
     async def _open(self, peer: str) -> FramedStream:
-        if len(self._streams) >= MAX_PUSH_STREAMS:
+        if len(self._streams) >= self.max_streams:
             self._forget(next(iter(self._streams)))
         with trio.fail_after(self.timeout):
             stream = await self.opener(peer, codec.PROTOCOL_ID)
         self._streams[peer] = stream
         self._opened.set()
         self._opened = trio.Event()
-        self.nursery.start_soon(self._read_errors, peer, stream)
+        self._spawn("push stream reader", peer, partial(self._read_errors, peer, stream))
         if not self._watching:
             self._watching = True
-            self.nursery.start_soon(self._watchdog)
+            self._spawn("push watchdog", "", self._watchdog)
         return stream
 
     async def _watchdog(self) -> None:
@@ -172,7 +207,7 @@ class Pusher:
         if lock is not None and not lock.locked():
             del self._locks[peer]
         if stream is not None:
-            self.nursery.start_soon(_close, stream, reset)
+            self._spawn("push stream close", peer, partial(_close, stream, reset))
 
 
 async def _close(stream: FramedStream, reset: bool = False) -> None:

@@ -35,6 +35,7 @@ from p2pedge.protocols.pipeline.handler import (
     PipelineServer,
     StreamHandler,
 )
+from p2pedge.protocols.pipeline.limits import PipelineLimits
 from p2pedge.protocols.pipeline.push import Pusher
 from p2pedge.runtime.config import RuntimeConfig
 from p2pedge.runtime.inline import DEFAULT_INLINE_STEP_S
@@ -158,11 +159,13 @@ async def start_pipeline_server(
     n_blocks: int | None = None,
     served_layers_factory: Callable[[str, int, int], Any] | None = None,
     inline_step_s: float = DEFAULT_INLINE_STEP_S,
+    limits: PipelineLimits | None = None,
 ) -> PipelineServer:
     """Load (building if needed) each shard, register the protocol, update the card.
 
     ``serve`` holds ``(model name, imported model dir, block range or None)``; None lets
     placement pick ``n_blocks`` blocks (default: half the model) from the swarm's cards.
+    ``limits`` caps what each peer and source address may hold (safe defaults).
     """
     if served_layers_factory is None:
         from p2pedge.records.card import ServedLayers
@@ -177,12 +180,19 @@ async def start_pipeline_server(
         shards[(model, layers)] = await trio.to_thread.run_sync(
             ShardModel.from_dir, shard_dir, runtime
         )
-    server = PipelineServer(shards, budget_bytes=budget_bytes, inline_step_s=inline_step_s)
+    server = PipelineServer(
+        shards, budget_bytes=budget_bytes, inline_step_s=inline_step_s, limits=limits
+    )
 
     def push_opener(peer: str, protocol: str) -> Awaitable[FramedStream]:
         return node.lanes.open(peer, protocol, timeout=LANE_OPEN_TIMEOUT)
 
-    server.pusher = Pusher(push_opener, node.nursery)
+    server.pusher = Pusher(
+        push_opener,
+        node.nursery,
+        max_streams=server.limits.max_push_streams,
+        max_warming=server.limits.max_warming,
+    )
     server.register(node)
     await node.lanes.serve(PROTOCOL_ID, server.handle)
     node.set_layers_served([served_layers_factory(m, r.start, r.end) for m, r in sorted(shards)])

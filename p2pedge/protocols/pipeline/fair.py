@@ -1,0 +1,154 @@
+"""A capacity limiter that serves its waiters fairly by cost: first between source
+addresses, then between the peer ids of one address.
+
+Steps wait here for the compute thread. trio's ``CapacityLimiter`` is first come, first
+served: one peer with a 255-token step queued on each of eight streams made a normal
+client's decode step wait for all eight. Here each source, and each peer within it, is
+charged the positions its steps compute, and the waiter whose source (then peer) has been
+served least goes next; a newcomer starts level with the least-served active one, so
+idle time earns no credit. A one-token decode step then waits for at most the step
+already running, and minting peer ids on one address buys no more than the address gets.
+"""
+
+from __future__ import annotations
+
+import itertools
+from collections import deque
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from dataclasses import dataclass, field
+
+import trio
+
+from p2pedge.errors import LocalProtocolError
+
+
+@dataclass
+class _Account:
+    """Positions served to one source (or one peer), and its waiters and running steps."""
+
+    served: int
+    running: int = 0
+    waiters: deque[tuple[int, int, trio.Event]] = field(default_factory=deque)  # seq, cost
+    peers: dict[str, _Account] = field(default_factory=dict)  # a source's peers
+
+    @property
+    def idle(self) -> bool:
+        return not self.running and not self.waiters and not self.peers
+
+
+class _Level:
+    """Accounts of one level (sources, or one source's peers) and its virtual time: the
+    ``served`` of the last one picked, where a newly active account starts."""
+
+    def __init__(self) -> None:
+        self.accounts: dict[str, _Account] = {}
+        self.now = 0
+
+    def enter(self, key: str) -> _Account:
+        account = self.accounts.get(key)
+        if account is None:
+            account = self.accounts[key] = _Account(self.now)
+        return account
+
+
+class FairLimiter:
+    """``capacity`` holders at once; waiters go least-served first, by source then peer."""
+
+    def __init__(self, capacity: int = 1) -> None:
+        if capacity < 1:
+            raise LocalProtocolError("capacity must be >= 1")
+        self.capacity = capacity
+        self.borrowed = 0
+        self.waiting = 0
+        self._sources = _Level()
+        self._peers: dict[str, _Level] = {}  # source -> its peers' level
+        self._seq = itertools.count()
+
+    @property
+    def busy(self) -> bool:
+        """Whether anything holds or waits for a slot."""
+        return self.borrowed > 0 or self.waiting > 0
+
+    @asynccontextmanager
+    async def slot(self, peer: str, source: str, cost: int = 1) -> AsyncIterator[None]:
+        """Hold one slot for the ``with`` block, charged ``cost`` (positions computed)."""
+        await self.acquire(peer, source, cost)
+        try:
+            yield
+        finally:
+            self.release(peer, source)
+
+    async def acquire(self, peer: str, source: str, cost: int = 1) -> None:
+        src = self._sources.enter(source)
+        level = self._peers.setdefault(source, _Level())
+        account = level.enter(peer)
+        src.peers[peer] = account
+        if self.borrowed < self.capacity and not self.waiting:
+            self.borrowed += 1
+            self._start(source, peer, cost)
+            await trio.lowlevel.checkpoint()
+            return
+        woken = trio.Event()
+        account.waiters.append((next(self._seq), cost, woken))
+        self.waiting += 1
+        try:
+            await woken.wait()
+        except BaseException:
+            if woken.is_set():  # handed a slot as it was cancelled: pass it on
+                self.release(peer, source)
+            else:
+                account.waiters.remove(next(w for w in account.waiters if w[2] is woken))
+                self.waiting -= 1
+                self._tidy(source, peer)
+            raise
+
+    def release(self, peer: str, source: str) -> None:
+        """Give the slot back (``peer`` and ``source`` as acquired); the next waiter gets it."""
+        if self.borrowed < 1:
+            raise LocalProtocolError("release without acquire")
+        self._sources.accounts[source].running -= 1
+        self._peers[source].accounts[peer].running -= 1
+        self._tidy(source, peer)
+        if not self.waiting:
+            self.borrowed -= 1
+            return
+        source, peer = self._pick()
+        _, cost, woken = self._peers[source].accounts[peer].waiters.popleft()
+        self.waiting -= 1
+        self._start(source, peer, cost)
+        woken.set()  # the slot passes on: ``borrowed`` is unchanged
+
+    def _start(self, source: str, peer: str, cost: int) -> None:
+        for level, key in ((self._sources, source), (self._peers[source], peer)):
+            account = level.accounts[key]
+            level.now = max(level.now, account.served)
+            account.served += cost
+            account.running += 1
+
+    def _pick(self) -> tuple[str, str]:
+        """The least-served source with a waiter, then its least-served waiting peer (ties:
+        whoever has waited longest)."""
+
+        def waiting(level: _Level) -> list[tuple[int, int, str]]:
+            return [
+                (a.served, a.waiters[0][0], key) for key, a in level.accounts.items() if a.waiters
+            ]
+
+        sources = [
+            (a.served, min(w[1] for w in waiting(self._peers[key])), key)
+            for key, a in self._sources.accounts.items()
+            if any(p.waiters for p in a.peers.values())
+        ]
+        source = min(sources)[2]
+        return source, min(waiting(self._peers[source]))[2]
+
+    def _tidy(self, source: str, peer: str) -> None:
+        """Forget accounts with nothing running or waiting (they restart level)."""
+        level, src = self._peers[source], self._sources.accounts[source]
+        if not level.accounts[peer].running and not level.accounts[peer].waiters:
+            del level.accounts[peer]
+            del src.peers[peer]
+        if src.idle:
+            del self._sources.accounts[source]
+            del self._peers[source]
