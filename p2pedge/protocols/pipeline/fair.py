@@ -152,3 +152,41 @@ class FairLimiter:
         if src.idle:
             del self._sources.accounts[source]
             del self._peers[source]
+
+
+class ComputePacer:
+    """Positions per second one peer, and one source address, may have computed.
+
+    The fair limiter shares the compute thread between those waiting, but a peer alone
+    (or one that always has a step queued) still takes all of it, and on a machine whose
+    cores other work needs too, that is the cost a flood imposes. Each peer and each source
+    has a token bucket of positions: a step is charged its positions at once (the bucket
+    may go negative) and waits until both buckets are back to zero before it runs. Honest
+    use fits the burst (a long prompt) and the rate (decoding); a flood is held to the rate.
+    Time is a parameter; keys whose buckets are full again are forgotten.
+    """
+
+    def __init__(self, per_peer: float, per_source: float, burst: float) -> None:
+        if min(per_peer, per_source, burst) <= 0:
+            raise LocalProtocolError("pacing rates and burst must be positive")
+        self.rates = {"peer": per_peer, "source": per_source}
+        self.burst = burst
+        self._buckets: dict[tuple[str, str], tuple[float, float]] = {}
+
+    def charge(self, peer: str, source: str, cost: int, now: float) -> float:
+        """Charge ``cost`` positions; the seconds to wait before computing them."""
+        wait = 0.0
+        for scope, key in (("peer", peer), ("source", source)):
+            rate = self.rates[scope]
+            tokens, last = self._buckets.get((scope, key), (self.burst, now))
+            tokens = min(self.burst, tokens + max(0.0, now - last) * rate) - cost
+            self._buckets[(scope, key)] = (tokens, now)
+            wait = max(wait, -tokens / rate)
+        if len(self._buckets) > 4096:
+            self._forget_full(now)
+        return wait
+
+    def _forget_full(self, now: float) -> None:
+        for (scope, key), (tokens, last) in list(self._buckets.items()):
+            if tokens + (now - last) * self.rates[scope] >= self.burst:
+                del self._buckets[(scope, key)]

@@ -41,7 +41,7 @@ from p2pedge.errors import (
 from p2pedge.ids import LayerRange
 from p2pedge.protocols._stream import FramedStream, QuickLock
 from p2pedge.protocols.pipeline import codec
-from p2pedge.protocols.pipeline.fair import FairLimiter
+from p2pedge.protocols.pipeline.fair import ComputePacer, FairLimiter
 from p2pedge.protocols.pipeline.limits import PipelineLimits, PipelineQuotas
 from p2pedge.protocols.pipeline.machine import (
     DEFAULT_IDLE_TIMEOUT,
@@ -115,6 +115,11 @@ class PipelineServer:
         self.idle_timeout = idle_timeout
         self.offload = offload
         self.fair = FairLimiter(max_parallel)
+        self.pacer = ComputePacer(
+            self.limits.compute_rate_peer,
+            self.limits.compute_rate_source,
+            self.limits.compute_burst,
+        )
         self.costs = StepCosts(inline_step_s)
         self.steps_served = 0
         self.steps_inline = 0
@@ -165,6 +170,9 @@ class PipelineServer:
         at a time, so other peers' steps run between its chunks."""
         positions = int(action.x.shape[1])
         parts: list[Any] = []
+        wait = self.pacer.charge(action.peer, action.source, positions, trio.current_time())
+        if wait > 0:
+            await trio.sleep(wait)  # pacing a peer past its compute share, not a hand-off
 
         def compute(a: int, b: int) -> Any:
             began = time.perf_counter()

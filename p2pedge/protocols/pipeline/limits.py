@@ -31,7 +31,12 @@ class PipelineLimits:
     ``step_chunk`` is how many positions of a long step run per turn for the compute
     thread (other peers' steps run between its chunks; 0 runs whole steps).
     ``max_warming`` bounds the push streams being opened ahead of time (each is a dial to
-    a peer a client named); ``max_push_streams`` the push streams kept open."""
+    a peer a client named); ``max_push_streams`` the push streams kept open.
+
+    ``compute_rate_*`` are the positions per second one peer and one source address may
+    have computed after a burst of ``compute_burst`` (:class:`~.fair.ComputePacer`): a
+    step past its share waits, it is not refused. The burst covers a long prompt; the rates
+    cover decoding many sessions at once."""
 
     sessions: Limit = DEFAULT_SESSION_LIMIT
     kv_peer_share: float = 0.5
@@ -41,10 +46,15 @@ class PipelineLimits:
     step_chunk: int = DEFAULT_STEP_CHUNK
     max_warming: int = 16
     max_push_streams: int = 64
+    compute_rate_peer: float = 256.0
+    compute_rate_source: float = 512.0
+    compute_burst: float = 4096.0
 
     def __post_init__(self) -> None:
         if not (0.0 <= self.kv_peer_share <= 1.0 and 0.0 <= self.kv_source_share <= 1.0):
             raise LocalProtocolError(f"KV shares must be fractions in [0, 1]: {self}")
+        if min(self.compute_rate_peer, self.compute_rate_source, self.compute_burst) <= 0:
+            raise LocalProtocolError(f"compute rates and burst must be positive: {self}")
         if self.step_chunk < 0:
             raise LocalProtocolError(f"step_chunk must be >= 0: {self}")
         if min(self.max_step_tokens, self.max_warming, self.max_push_streams) < 1:
