@@ -43,6 +43,7 @@ FORBIDDEN = {
     ),
     "runtime": ("p2pedge.protocols", "p2pedge.node", "p2pedge.dht", "trio", "libp2p"),
     "models": ("p2pedge.protocols", "p2pedge.node", "p2pedge.dht"),
+    "api": ("libp2p", "onnxruntime", "p2pedge.protocols", "p2pedge.dht"),
 }
 
 

@@ -93,6 +93,22 @@ def build_parser() -> argparse.ArgumentParser:
         action="store_true",
         help="carry shard traffic over libp2p streams only",
     )
+    run.add_argument(
+        "--api",
+        default=None,
+        metavar="HOST:PORT",
+        help="serve the OpenAI-compatible API (PORT alone binds 127.0.0.1)",
+    )
+    run.add_argument(
+        "--api-key-file", type=Path, default=None, help="require this bearer key (first line)"
+    )
+    run.add_argument(
+        "--api-cors",
+        action="append",
+        default=[],
+        metavar="ORIGIN",
+        help="browser origin allowed to call the API (repeatable; * for any)",
+    )
     peers = sub.add_parser("peers", help="join, print the verified cards, exit")
     _common(peers)
     peers.add_argument("--model", default=None, help="only peers with this model cached")
@@ -120,6 +136,9 @@ def _config(args: argparse.Namespace, *, throwaway: bool = False) -> NodeConfig:
         direct_lane=not getattr(args, "no_direct_lane", False),
         direct_lane_port=getattr(args, "lane_port", 0),
         inline_step_ms=getattr(args, "inline_step_ms", 50.0),
+        api=getattr(args, "api", None),
+        api_key_file=getattr(args, "api_key_file", None),
+        api_cors_origins=tuple(getattr(args, "api_cors", [])),
     )
 
 
@@ -165,6 +184,11 @@ async def run_node(args: argparse.Namespace, printer: Printer) -> None:
             peer_id=node.peer_id,
             addrs=node.addrs,
         )
+        if node.api_port is not None and node.config.api is not None:
+            from p2pedge.api.server import parse_api_listen
+
+            url = f"http://{parse_api_listen(node.config.api)[0]}:{node.api_port}/v1"
+            printer.event("api", f"api {url}", url=url)
         await node.announced()
         printer.event("announced", "card announced", peer_id=node.peer_id)
         await trio.sleep_forever()

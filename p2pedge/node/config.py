@@ -70,6 +70,9 @@ class NodeConfig:
     direct_lane: bool = True
     direct_lane_port: int = 0  # 0: the OS picks; fix it to open one port in a firewall
     limits: Limits = field(default_factory=Limits)  # what peers may hold of this node
+    api: str | None = None  # HOST:PORT of the OpenAI-compatible API; None: off
+    api_key_file: Path | None = None  # bearer key on its first line; None: no key
+    api_cors_origins: tuple[str, ...] = ()  # browser origins allowed ("*": any)
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "data_dir", Path(self.data_dir))
@@ -80,6 +83,7 @@ class NodeConfig:
             "serve",
             "trusted_publishers",
             "model_dirs",
+            "api_cors_origins",
         ):
             value = getattr(self, name)
             if isinstance(value, str | Path):
@@ -97,6 +101,10 @@ class NodeConfig:
 
         for addr in (*self.listen, *self.bootstrap):
             check_multiaddr(addr)
+        if self.api is not None:
+            from p2pedge.api.server import parse_api_listen
+
+            parse_api_listen(self.api)  # ConfigError on a bad value
         for spec in self.serve:
             if not isinstance(spec, ServeSpec):
                 raise ConfigError(f"serve entries must be ServeSpec, got {spec!r}")

@@ -13,6 +13,7 @@ import logging
 import time
 from collections.abc import Awaitable, Callable, Sequence
 from contextlib import AsyncExitStack
+from functools import partial
 from types import TracebackType
 from typing import TYPE_CHECKING, Any
 
@@ -71,6 +72,7 @@ class Node(ModelsFacade):
         self._psk = read_psk(self.config.psk_file) if self.config.psk_file else None
         self._allowed = frozenset(self.config.allow_peers)
         self.started = False
+        self.api_port: int | None = None  # where the OpenAI-compatible API listens
         from p2pedge.node.lanes import Lanes
         from p2pedge.node.latency import PeerLatency, libp2p_ping
         from p2pedge.node.models import NodeModels
@@ -112,6 +114,18 @@ class Node(ModelsFacade):
         self._refresh_card()
         try:
             await self.models.start()
+            if self.config.api is not None:
+                from p2pedge.api.server import serve_node_api
+
+                self.api_port = await self._nursery.start(
+                    partial(
+                        serve_node_api,
+                        self,
+                        self.config.api,
+                        key_file=self.config.api_key_file,
+                        cors_origins=self.config.api_cors_origins,
+                    )
+                )  # stops with the node's tasks, before the models close
         except BaseException:
             await self.__aexit__(None, None, None)
             raise

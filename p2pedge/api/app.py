@@ -1,0 +1,496 @@
+"""The OpenAI-compatible HTTP API as a plain ASGI callable (no framework).
+
+Five routes do not need a framework, and a plain callable under hypercorn's trio worker
+adds no dependency and keeps full control of the two things that matter here: reading a
+body with a cap before parsing it, and noticing ``http.disconnect`` while a generation
+streams (a watcher task cancels the generation, so it stops within the token being
+computed). Routes: ``GET /v1/models``, ``GET /v1/models/{id}``,
+``POST /v1/chat/completions``, ``POST /v1/completions``, ``GET /metrics``.
+
+A streamed response starts only once the first token exists, so every refusal that comes
+before compute (unknown model, prompt too long, a full queue) is a proper HTTP status
+rather than an error inside a 200 stream.
+"""
+
+from __future__ import annotations
+
+import hmac
+import json
+import logging
+import time
+import uuid
+from collections.abc import AsyncGenerator, Awaitable, Callable, Sequence
+from contextlib import aclosing
+from typing import Any, cast
+
+import trio
+
+from p2pedge.api.backend import ApiBackend, Piece, Routed, Target, Usage
+from p2pedge.api.metrics import CONTENT_TYPE, ApiMetrics
+from p2pedge.api.schema import (
+    ApiError,
+    ApiLimits,
+    GenerationRequest,
+    bad,
+    parse_chat,
+    parse_completion,
+)
+from p2pedge.api.sse import DONE, Shape, event
+from p2pedge.errors import (
+    Busy,
+    ModelLoadError,
+    ModelNotCached,
+    P2PEdgeError,
+    PeerUnavailable,
+)
+from p2pedge.quota import Quota
+from p2pedge.runtime.sampling import PromptTooLong
+
+Scope = dict[str, Any]
+Receive = Callable[[], Awaitable[dict[str, Any]]]
+Send = Callable[[dict[str, Any]], Awaitable[None]]
+log = logging.getLogger("p2pedge.api")
+ROUTE_HEADERS = ("x-p2pedge-route", "x-p2pedge-peer", "x-p2pedge-specialist", "x-p2pedge-model")
+REFUSALS = frozenset({401, 408, 413, 429, 503})
+RETRY_S = 0.5  # a request waiting for a full node's queue also retries this often
+
+
+def as_api_error(exc: BaseException, limits: ApiLimits) -> ApiError | None:
+    """The HTTP error for a failure that happened before any response was sent."""
+    if isinstance(exc, ApiError):
+        return exc
+    if isinstance(exc, PromptTooLong):
+        return bad(str(exc), "messages", "context_length_exceeded")
+    if isinstance(exc, ModelNotCached):
+        return ApiError(404, str(exc), param="model", code="model_not_found")
+    if isinstance(exc, Busy):
+        retry = {"retry-after": str(limits.retry_after_s)}
+        if exc.scope == "total":
+            return ApiError(503, str(exc), type="server_error", code="overloaded", headers=retry)
+        return ApiError(
+            429, str(exc), type="rate_limit_error", code="rate_limit_exceeded", headers=retry
+        )
+    if isinstance(exc, PeerUnavailable):
+        return ApiError(503, str(exc), type="server_error", code="peer_unavailable")
+    if isinstance(exc, ModelLoadError):
+        return ApiError(500, str(exc), type="server_error", code="model_load_failed")
+    if isinstance(exc, ValueError | P2PEdgeError):
+        return bad(str(exc))
+    return None
+
+
+class _Sender:
+    """``send`` that remembers whether the response has started, and has ended."""
+
+    def __init__(self, send: Send) -> None:
+        self.send = send
+        self.started = False
+        self.ended = False
+
+    async def start(self, status: int, headers: dict[str, str]) -> None:
+        self.started = True
+        raw = [(k.encode(), v.encode("latin-1", "replace")) for k, v in headers.items()]
+        await self.send({"type": "http.response.start", "status": status, "headers": raw})
+
+    async def body(self, data: bytes, more: bool = False) -> None:
+        self.ended = not more
+        await self.send({"type": "http.response.body", "body": data, "more_body": more})
+
+    async def whole(self, status: int, data: bytes, headers: dict[str, str]) -> None:
+        await self.start(status, {**headers, "content-length": str(len(data))})
+        await self.body(data)
+
+
+class _Gone(Exception):
+    """The client disconnected before its request body ended."""
+
+
+class ApiApp:
+    """ASGI app over an :class:`ApiBackend`; ``key`` set requires ``Bearer <key>``."""
+
+    def __init__(
+        self,
+        backend: ApiBackend,
+        *,
+        key: str | None = None,
+        cors_origins: Sequence[str] = (),
+        limits: ApiLimits | None = None,
+    ) -> None:
+        self.backend = backend
+        self.key = key
+        self.cors_origins = frozenset(cors_origins)
+        self.limits = limits or ApiLimits()
+        self.metrics = ApiMetrics(backend.stats)
+        self.requests = Quota("api.requests", self.limits.requests)
+        self._freed = trio.Event()  # set (and replaced) whenever a generation here ends
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] == "lifespan":
+            while True:
+                message = await receive()
+                if message["type"] == "lifespan.startup":
+                    await send({"type": "lifespan.startup.complete"})
+                elif message["type"] == "lifespan.shutdown":
+                    await send({"type": "lifespan.shutdown.complete"})
+                    return
+        if scope["type"] != "http":
+            return
+        headers = {k.lower(): v.decode("latin-1") for k, v in scope.get("headers") or []}
+        cors = self._cors(headers.get(b"origin"))
+        out = _Sender(send)
+        endpoint = scope["path"] if scope["path"] in _ENDPOINTS else "other"
+        status = 200
+        try:
+            if scope["method"] == "OPTIONS":
+                status = await self._preflight(out, headers, cors)
+            else:
+                await self._route(scope, headers, receive, out, cors)
+        except _Gone:
+            status = 499
+        except ApiError as exc:
+            status = exc.status
+            if exc.status in REFUSALS:
+                self.metrics.refusals.labels(exc.code or str(exc.status)).inc()
+            if out.started:
+                # mid-stream: the error as a last event (OpenAI's clients raise it), then
+                # a clean end of the response rather than a cut connection
+                log.warning("API error after the response started: %s", exc.message)
+                if not out.ended:
+                    await out.body(event(exc.body()) + DONE)
+            else:
+                data = json.dumps(exc.body()).encode()
+                extra = {"content-type": "application/json", **exc.headers, **cors}
+                if scope["method"] == "POST" and exc.status in (408, 413):
+                    extra["connection"] = "close"  # the rest of the body was not read
+                await out.whole(exc.status, data, extra)
+        finally:
+            self.metrics.requests.labels(endpoint, str(status)).inc()
+
+    # -- access ------------------------------------------------------------------------
+
+    def _cors(self, origin: str | None) -> dict[str, str]:
+        if origin is None or not self.cors_origins:
+            return {}
+        if "*" in self.cors_origins:
+            allowed = "*"
+        elif origin in self.cors_origins:
+            allowed = origin
+        else:
+            return {}
+        return {
+            "access-control-allow-origin": allowed,
+            "access-control-expose-headers": ", ".join(ROUTE_HEADERS),
+            "vary": "origin",
+        }
+
+    async def _preflight(
+        self, out: _Sender, headers: dict[bytes, str], cors: dict[str, str]
+    ) -> int:
+        if not cors:
+            raise ApiError(403, "this origin is not allowed (see the API's CORS origins)")
+        asked = headers.get(b"access-control-request-headers", "authorization, content-type")
+        await out.whole(
+            204,
+            b"",
+            {
+                **cors,
+                "access-control-allow-methods": "GET, POST, OPTIONS",
+                "access-control-allow-headers": asked[:1024],
+                "access-control-max-age": "600",
+            },
+        )
+        return 204
+
+    def _authorize(self, headers: dict[bytes, str]) -> None:
+        if self.key is None:
+            return
+        given = headers.get(b"authorization", "").encode("latin-1")
+        if not hmac.compare_digest(given, f"Bearer {self.key}".encode()):
+            raise ApiError(
+                401, "missing or wrong API key (Authorization: Bearer ...)", code="invalid_api_key"
+            )
+
+    # -- routing -----------------------------------------------------------------------
+
+    async def _route(
+        self,
+        scope: Scope,
+        headers: dict[bytes, str],
+        receive: Receive,
+        out: _Sender,
+        cors: dict[str, str],
+    ) -> None:
+        path, method = scope["path"], scope["method"]
+        posts = {"/v1/chat/completions": parse_chat, "/v1/completions": parse_completion}
+        gets = path in ("/metrics", "/v1/models") or path.startswith("/v1/models/")
+        if path not in posts and not gets:
+            raise ApiError(404, f"no such endpoint {path!r}", code="unknown_url")
+        if (method != "POST") if path in posts else (method not in ("GET", "HEAD")):
+            raise ApiError(405, f"{method} is not allowed on {path}", code="method_not_allowed")
+        self._authorize(headers)
+        if path == "/metrics":
+            data = self.metrics.render()
+            await out.whole(200, data, {"content-type": CONTENT_TYPE, **cors})
+        elif path == "/v1/models":
+            listing = [_model_json(e.id, e.where, e.detail) for e in await self.backend.models()]
+            await self._json(out, {"object": "list", "data": listing}, cors)
+        elif gets:
+            name = path[len("/v1/models/") :]
+            found = [e for e in await self.backend.models() if e.id == name]
+            if not found:
+                raise _not_found(name)
+            await self._json(out, _model_json(name, found[0].where, found[0].detail), cors)
+        else:
+            body = await self._read_body(scope, headers, receive)
+            request = posts[path](body, self.limits)
+            await self._generate(scope, receive, out, request, cors)
+
+    async def _json(self, out: _Sender, body: object, cors: dict[str, str]) -> None:
+        await out.whole(
+            200, json.dumps(body).encode(), {"content-type": "application/json", **cors}
+        )
+
+    async def _read_body(self, scope: Scope, headers: dict[bytes, str], receive: Receive) -> bytes:
+        """The request body, refused (413) past ``max_body_bytes`` before it is parsed."""
+        limit = self.limits.max_body_bytes
+        declared = headers.get(b"content-length")
+        if declared is not None:
+            if not declared.strip().isdigit() or len(declared) > 20:
+                raise bad("bad content-length")
+            if int(declared) > limit:
+                raise _too_large(limit)
+        pieces: list[bytes] = []
+        total = 0
+        more = True
+        deadline = trio.current_time() + self.limits.body_s
+        while more:
+            message: dict[str, Any] | None = None
+            with trio.move_on_at(min(deadline, trio.current_time() + self.limits.read_idle_s)):
+                message = await receive()
+            if message is None:
+                raise ApiError(408, "the request body came too slowly", code="timeout")
+            if message["type"] == "http.disconnect":
+                raise _Gone()
+            piece: bytes = message.get("body", b"")
+            total += len(piece)
+            if total > limit:
+                raise _too_large(limit)
+            pieces.append(piece)
+            more = bool(message.get("more_body", False))
+        return b"".join(pieces)
+
+    # -- generation --------------------------------------------------------------------
+
+    async def _generate(
+        self,
+        scope: Scope,
+        receive: Receive,
+        out: _Sender,
+        request: GenerationRequest,
+        cors: dict[str, str],
+    ) -> None:
+        client = _client(scope)
+        try:
+            grant = self.requests.acquire(client, client)
+        except Busy as exc:
+            raise cast(ApiError, as_api_error(exc, self.limits)) from None
+        error: ApiError | None = None
+        try:
+            target = await self.backend.target(request.model)
+            if target is None:
+                raise _not_found(request.model)
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(self._watch, receive, nursery.cancel_scope)
+                try:
+                    if target.where in ("local", "sharded"):
+                        await self._tokens(out, request, target, cors)
+                    else:
+                        await self._routed(out, request, target, cors)
+                except Exception as exc:
+                    error = as_api_error(exc, self.limits)
+                    if error is None:
+                        raise
+                finally:
+                    nursery.cancel_scope.cancel()
+        finally:
+            self.requests.release(grant)
+        if error is not None:
+            raise error
+
+    async def _watch(self, receive: Receive, scope: trio.CancelScope) -> None:
+        """Cancel the generation when the client goes away (``http.disconnect``)."""
+        while True:
+            message = await receive()
+            if message["type"] == "http.disconnect":
+                self.metrics.disconnects.inc()
+                scope.cancel()
+                return
+
+    async def _tokens(
+        self, out: _Sender, request: GenerationRequest, target: Target, cors: dict[str, str]
+    ) -> None:
+        m = self.metrics
+        if target.warm is not None:
+            m.cache.labels("hit" if target.warm else "miss").inc()
+        shape = _shape(request)
+        usage = Usage() if request.include_usage or not request.stream else None
+        start = time.perf_counter()
+        tokens = m.tokens.labels(target.where)
+        per_token = m.per_token.labels(target.where)
+        m.waiting.inc()
+        try:
+            pieces, first = await self._first(target, request, usage)
+        finally:
+            m.waiting.dec()
+        async with aclosing(pieces):
+            m.active.inc()
+            try:
+                last = time.perf_counter()
+                m.ttft.labels(target.where).observe(last - start)
+                count = 0 if first is None else 1
+                tokens.inc(count)
+                headers = {"x-p2pedge-route": target.where, **cors}
+                if request.stream:
+                    await out.start(200, {**_SSE, **headers})
+                    await out.body(
+                        shape.chunk("", role=True) if shape.kind == "chat" else b"", True
+                    )
+                text: list[str] = []
+                if first is not None and first.text:
+                    await self._emit(out, shape, request, text, first.text)
+                async for piece in pieces:
+                    now = time.perf_counter()
+                    per_token.observe(now - last)
+                    last = now
+                    count += 1
+                    tokens.inc()
+                    if piece.text:
+                        await self._emit(out, shape, request, text, piece.text)
+            finally:
+                m.active.dec()
+                self._freed.set()  # wake requests waiting for a queue slot
+                self._freed = trio.Event()
+        finish = "length" if count >= request.params.max_tokens else "stop"
+        prompt_tokens = usage.prompt_tokens if usage is not None else 0
+        if request.stream:
+            tail = shape.chunk("", finish)
+            if request.include_usage:
+                tail += shape.usage_chunk(prompt_tokens, count)
+            await out.body(tail + DONE)
+        else:
+            body = shape.whole("".join(text), finish, prompt_tokens, count)
+            await out.whole(
+                200, json.dumps(body).encode(), {"content-type": "application/json", **headers}
+            )
+
+    async def _first(
+        self, target: Target, request: GenerationRequest, usage: Usage | None
+    ) -> tuple[AsyncGenerator[Piece, None], Piece | None]:
+        """The stream and its first piece. A full node (``Busy`` for everyone, scope
+        ``total``) is waited out for up to ``queue_wait_s``, retrying whenever a generation
+        here ends (and every ``RETRY_S``, for slots freed by peers' requests)."""
+        deadline = trio.current_time() + self.limits.queue_wait_s
+        while True:
+            pieces = cast(AsyncGenerator[Piece, None], self.backend.stream(target, request, usage))
+            try:
+                return pieces, await anext(pieces)
+            except StopAsyncIteration:
+                return pieces, None
+            except Busy as exc:  # raised inside the generator, which is finished now
+                if exc.scope != "total" or trio.current_time() >= deadline:
+                    raise
+            with trio.move_on_at(min(deadline, trio.current_time() + RETRY_S)):
+                await self._freed.wait()
+
+    @staticmethod
+    async def _emit(
+        out: _Sender, shape: Shape, request: GenerationRequest, text: list[str], piece: str
+    ) -> None:
+        if request.stream:
+            await out.body(shape.chunk(piece), True)
+        else:
+            text.append(piece)
+
+    async def _routed(
+        self, out: _Sender, request: GenerationRequest, target: Target, cors: dict[str, str]
+    ) -> None:
+        """``auto``, specialists and whole models on a peer: the orchestrator answers whole."""
+        m = self.metrics
+        start = time.perf_counter()
+        m.active.inc()
+        try:
+            answer = await self.backend.ask(target, request)
+        finally:
+            m.active.dec()
+        m.ttft.labels(answer.where).observe(time.perf_counter() - start)
+        m.tokens.labels(answer.where).inc(answer.completion_tokens)
+        shape = _shape(request, answer.model if target.where == "auto" else request.model)
+        headers = {**_route_headers(answer), **cors}
+        if request.stream:
+            await out.start(200, {**_SSE, **headers})
+            data = shape.chunk("", role=True) if shape.kind == "chat" else b""
+            data += shape.chunk(answer.text) + shape.chunk("", answer.finish_reason)
+            if request.include_usage:
+                data += shape.usage_chunk(answer.prompt_tokens, answer.completion_tokens)
+            await out.body(data + DONE)
+        else:
+            body = shape.whole(
+                answer.text, answer.finish_reason, answer.prompt_tokens, answer.completion_tokens
+            )
+            await out.whole(
+                200, json.dumps(body).encode(), {"content-type": "application/json", **headers}
+            )
+
+
+_ENDPOINTS = frozenset({"/v1/models", "/v1/chat/completions", "/v1/completions", "/metrics"})
+_SSE = {"content-type": "text/event-stream", "cache-control": "no-cache", "x-accel-buffering": "no"}
+
+
+def _shape(request: GenerationRequest, model: str | None = None) -> Shape:
+    prefix = "chatcmpl" if request.kind == "chat" else "cmpl"
+    return Shape(
+        request.kind,
+        f"{prefix}-{uuid.uuid4().hex}",
+        model or request.model,
+        int(time.time()),
+        request.include_usage,
+    )
+
+
+def _route_headers(answer: Routed) -> dict[str, str]:
+    headers = {
+        "x-p2pedge-route": answer.where,
+        "x-p2pedge-specialist": answer.specialist,
+        "x-p2pedge-model": answer.model,
+    }
+    if answer.peer_id:
+        headers["x-p2pedge-peer"] = answer.peer_id
+    return headers
+
+
+def _model_json(name: str, where: str, detail: dict[str, Any]) -> dict[str, Any]:
+    return {
+        "id": name,
+        "object": "model",
+        "created": 0,
+        "owned_by": "p2pedge",
+        "p2pedge": {"where": where, **detail},
+    }
+
+
+def _not_found(model: str) -> ApiError:
+    return ApiError(
+        404,
+        f"The model {model!r} does not exist on this node or in its swarm",
+        param="model",
+        code="model_not_found",
+    )
+
+
+def _too_large(limit: int) -> ApiError:
+    return ApiError(413, f"the request body is larger than {limit} bytes", code="request_too_large")
+
+
+def _client(scope: Scope) -> str:
+    client = scope.get("client")
+    return str(client[0]) if client else "unknown"

@@ -1,0 +1,212 @@
+"""An :class:`~p2pedge.api.backend.ApiBackend` over a running Node's public methods.
+
+Local models stream token by token from the node's runtime (``node.models.inference``),
+models whose blocks the swarm covers through shard servers (``node.models.sharded_stream``),
+and ``auto``, specialists and models a peer holds whole go through the orchestrator
+(``node.ask``, ``node.map``), which answers whole.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from collections.abc import AsyncGenerator
+from contextlib import aclosing
+from typing import TYPE_CHECKING, Any
+
+import trio
+
+from p2pedge.api.backend import BackendStats, ModelEntry, Piece, Routed, Target, Usage
+from p2pedge.api.schema import GenerationRequest
+from p2pedge.errors import LocalProtocolError, ModelNotCached, P2PEdgeError
+from p2pedge.ids import ModelId
+
+if TYPE_CHECKING:
+    from p2pedge.node.node import Node
+    from p2pedge.records.card import CapabilityCard
+
+log = logging.getLogger("p2pedge.api")
+AUTO = "auto"
+CARDS_TTL_S = 2.0
+
+
+def api_for(node: Node, *, cards_ttl_s: float = CARDS_TTL_S) -> NodeBackend:
+    """The API's view of ``node`` (which must be running)."""
+    return NodeBackend(node, cards_ttl_s)
+
+
+def _name(model_id: str) -> str | None:
+    try:
+        return ModelId.parse(model_id).name
+    except ValueError:
+        return None
+
+
+def _covered(cards: list[CapabilityCard], name: str) -> bool:
+    """Whether the served blocks of ``name`` in ``cards`` cover the whole model."""
+    served = sorted((s.start, s.end) for c in cards for s in c.layers_served if s.model == name)
+    covered = 0
+    for start, end in served:
+        if start <= covered:
+            covered = max(covered, end)
+    return bool(served) and covered >= max(end for _, end in served)
+
+
+class NodeBackend:
+    def __init__(self, node: Node, cards_ttl_s: float = CARDS_TTL_S) -> None:
+        self.node = node
+        self.cards_ttl_s = cards_ttl_s
+        self._cached: list[CapabilityCard] = []
+        self._cards_at = -math.inf
+        self._cards_lock = trio.Lock()
+
+    # -- names -------------------------------------------------------------------------
+
+    async def _cards(self) -> list[CapabilityCard]:
+        """Peers' verified cards, fetched at most once per ``cards_ttl_s``: every listing
+        and every request for a model not held here reads them, and a client must not
+        turn its requests into DHT traffic."""
+        if self.node.config.local_only:
+            return []
+        async with self._cards_lock:
+            if trio.current_time() - self._cards_at < self.cards_ttl_s:
+                return self._cached
+            try:
+                found = await self.node.find_peers()
+            except (P2PEdgeError, LocalProtocolError) as exc:
+                log.info("model listing without peers: %s", exc)
+                found = []
+            self._cached = [c for c in found if c.peer_id != self.node.peer_id]
+            self._cards_at = trio.current_time()
+            return self._cached
+
+    def _specialists(self) -> dict[str, Any]:
+        orchestrator = self.node.models.orchestrator
+        return dict(orchestrator.catalog.specialists) if orchestrator is not None else {}
+
+    async def models(self) -> list[ModelEntry]:
+        out: dict[str, ModelEntry] = {AUTO: ModelEntry(AUTO, "auto", {"routed": "orchestrator"})}
+        for cached in self.node.models.cached_models():
+            name = ModelId.parse(cached.id).name
+            out.setdefault(name, ModelEntry(name, "local", {"version": cached.id}))
+        cards = await self._cards()
+        for card in cards:
+            for offered in card.models:
+                peer_model = _name(offered.id)
+                if peer_model is None:
+                    continue  # a peer's card named something that is not a model id
+                entry = out.setdefault(peer_model, ModelEntry(peer_model, "peer", {"peers": []}))
+                if entry.where == "peer":
+                    entry.detail["peers"].append(card.peer_id)
+        for name in sorted({s.model for c in cards for s in c.layers_served}):
+            held = out.get(name)
+            if _covered(cards, name) and (held is None or held.where == "peer"):
+                out[name] = ModelEntry(name, "sharded", held.detail if held else {})
+        for name, spec in self._specialists().items():
+            detail = {"category": spec.category, "model": spec.model}
+            out.setdefault(name, ModelEntry(name, "specialist", detail))
+        return list(out.values())
+
+    async def target(self, model: str) -> Target | None:
+        if model == AUTO:
+            return Target(model, "auto")
+        try:
+            mid = ModelId.parse(model)
+        except ValueError:
+            return None
+
+        def local() -> bool | None:
+            try:
+                path = self.node.models.resolve(mid)
+            except ModelNotCached:
+                return None
+            return self.node.cache.is_loaded(path)
+
+        warm = await trio.to_thread.run_sync(local)
+        if warm is not None:
+            return Target(model, "local", warm=warm)
+        spec = self._specialists().get(model)
+        if spec is not None:
+            return Target(model, "specialist", category=spec.category)
+        cards = await self._cards()
+        if _covered(cards, mid.name):
+            return Target(model, "sharded")
+        if any(card.has_model(model) for card in cards):
+            return Target(model, "peer")
+        return None
+
+    # -- generation --------------------------------------------------------------------
+
+    async def stream(
+        self, target: Target, request: GenerationRequest, usage: Usage | None = None
+    ) -> AsyncGenerator[Piece, None]:
+        p = request.params
+        kwargs: dict[str, Any] = dict(
+            messages=request.messages, prompt=request.prompt, max_tokens=p.max_tokens,
+            temperature=p.temperature, top_p=p.top_p, top_k=p.top_k, seed=p.seed,
+            stop=list(p.stop),
+        )  # fmt: skip
+        if target.where == "local":
+            tokens = self.node.models.inference.stream(target.model, **kwargs)
+            async with aclosing(tokens):
+                async for token in tokens:
+                    yield Piece(token.text, token.id)
+            if usage is not None:
+                usage.prompt_tokens = await self._prompt_tokens(target.model, request)
+        elif target.where == "sharded":
+            info: dict[str, Any] = {}
+            pairs = self.node.models.sharded_stream(target.model, info=info, **kwargs)
+            async with aclosing(pairs):
+                async for text, token_id in pairs:
+                    yield Piece(text, token_id)
+            if usage is not None:
+                usage.prompt_tokens = int(info.get("prompt_tokens", 0))
+        else:
+            raise LocalProtocolError(f"{target.where} targets answer whole; use ask()")
+
+    async def _prompt_tokens(self, model: str, request: GenerationRequest) -> int:
+        """The prompt's length in tokens, by the loaded model's own tokenizer and template
+        (the one the runtime used); 0 if the model was evicted meanwhile."""
+
+        def count() -> int:
+            lease = self.node.cache.try_acquire(self.node.models.resolve(ModelId.parse(model)))
+            if lease is None:
+                return 0
+            try:
+                encode = getattr(lease.model, "encode_prompt", None)
+                if encode is None:
+                    return 0
+                return len(encode(prompt=request.prompt, messages=request.messages))
+            finally:
+                lease.release()
+
+        return await trio.to_thread.run_sync(count)
+
+    async def ask(self, target: Target, request: GenerationRequest) -> Routed:
+        max_tokens = request.params.max_tokens
+        if target.where == "peer":
+            answers = await self.node.map(target.model, [request.text], max_tokens=max_tokens)
+            answer = answers[0]
+        else:
+            answer = await self.node.ask(request.text, target.category, max_tokens=max_tokens)
+        d = answer.decision
+        return Routed(
+            text=answer.text,
+            where=d.where,
+            peer_id=d.peer_id,
+            specialist=d.specialist,
+            model=d.model,
+            prompt_tokens=answer.prompt_tokens,
+            completion_tokens=answer.completion_tokens,
+            finish_reason=answer.finish_reason,
+        )
+
+    def stats(self) -> BackendStats:
+        cache = self.node.cache.stats()
+        return BackendStats(
+            cache_models=int(cache["models"]),
+            cache_bytes=int(cache["used_bytes"]),
+            cache_loads=int(cache["loads"]),
+            cache_evictions=int(cache["evictions"]),
+            load=self.node.models.inference.load(),
+        )

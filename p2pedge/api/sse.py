@@ -1,0 +1,77 @@
+"""OpenAI's response objects, whole and as server-sent-event chunks (pure).
+
+A stream is ``data: {json}\\n\\n`` events ending with ``data: [DONE]\\n\\n``; with
+``stream_options.include_usage`` every chunk carries ``"usage": null`` and one last chunk
+with no choices carries the usage.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from typing import Any
+
+DONE = b"data: [DONE]\n\n"
+
+
+def event(data: dict[str, Any]) -> bytes:
+    return b"data: " + json.dumps(data, separators=(",", ":")).encode() + b"\n\n"
+
+
+def usage(prompt_tokens: int, completion_tokens: int) -> dict[str, int]:
+    return {
+        "prompt_tokens": prompt_tokens,
+        "completion_tokens": completion_tokens,
+        "total_tokens": prompt_tokens + completion_tokens,
+    }
+
+
+@dataclass(frozen=True)
+class Shape:
+    """One response's identity: chat or text completion, id, model, creation time."""
+
+    kind: str  # "chat" or "text"
+    id: str
+    model: str
+    created: int
+    include_usage: bool = False
+
+    def _base(self, obj: str) -> dict[str, Any]:
+        return {"id": self.id, "object": obj, "created": self.created, "model": self.model}
+
+    def _choice(self, text: str, finish: str | None, *, role: bool = False) -> dict[str, Any]:
+        if self.kind == "text":
+            return {"index": 0, "text": text, "logprobs": None, "finish_reason": finish}
+        delta: dict[str, Any] = {"role": "assistant"} if role else {}
+        if text or role:
+            delta["content"] = text
+        return {"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish}
+
+    def chunk(self, text: str, finish: str | None = None, *, role: bool = False) -> bytes:
+        obj = "chat.completion.chunk" if self.kind == "chat" else "text_completion"
+        body = self._base(obj)
+        body["choices"] = [self._choice(text, finish, role=role)]
+        if self.include_usage:
+            body["usage"] = None
+        return event(body)
+
+    def usage_chunk(self, prompt_tokens: int, completion_tokens: int) -> bytes:
+        obj = "chat.completion.chunk" if self.kind == "chat" else "text_completion"
+        body = self._base(obj)
+        body["choices"] = []
+        body["usage"] = usage(prompt_tokens, completion_tokens)
+        return event(body)
+
+    def whole(
+        self, text: str, finish: str, prompt_tokens: int, completion_tokens: int
+    ) -> dict[str, Any]:
+        if self.kind == "chat":
+            body = self._base("chat.completion")
+            message = {"role": "assistant", "content": text}
+            choice = {"index": 0, "message": message, "logprobs": None, "finish_reason": finish}
+        else:
+            body = self._base("text_completion")
+            choice = {"index": 0, "text": text, "logprobs": None, "finish_reason": finish}
+        body["choices"] = [choice]
+        body["usage"] = usage(prompt_tokens, completion_tokens)
+        return body
