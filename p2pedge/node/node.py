@@ -270,14 +270,20 @@ class Node(ModelsFacade):
     def set_models(self, models: Sequence[CachedModel]) -> None:
         """Declare the models this node has cached; announced at once."""
         self._models = tuple(models)
-        self._announce_now.set()
+        self._card_changed()
 
     def set_layers_served(self, layers: Sequence[ServedLayers]) -> None:
         self._layers = tuple(layers)
-        self._announce_now.set()
+        self._card_changed()
 
     def set_card_extra(self, key: str, value: Any) -> None:
         self._extra[key] = value
+        self._card_changed()
+
+    def _card_changed(self) -> None:
+        """Our card reads the change at once; peers see it at the next announce (now)."""
+        if self._card is not None:
+            self._refresh_card()
         self._announce_now.set()
 
     async def announce(self, *, replicate: bool = True) -> None:
