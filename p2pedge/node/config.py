@@ -9,6 +9,7 @@ from p2pedge.errors import ConfigError
 from p2pedge.ids import LayerRange
 from p2pedge.node.limits import Limits
 from p2pedge.planning.slowdown import SlowdownPolicy
+from p2pedge.planning.verification import VerifyPolicy
 
 
 def default_data_dir() -> Path:
@@ -66,6 +67,9 @@ class NodeConfig:
     shard_ring_quiet: bool = False
     # leave a shard server whose decode steps turn slow mid-session for a replica; None stays
     shard_slowdown: SlowdownPolicy | None = field(default_factory=SlowdownPolicy)
+    # spot-check shard servers on replicas (a hop nobody else serves stays unchecked); a
+    # mismatch bans the server and replays onto an honest one; None trusts every server
+    shard_verify: VerifyPolicy | None = field(default_factory=VerifyPolicy)
     inline_step_ms: float = 50.0  # decode steps this short skip the worker thread; 0: never
     direct_lane: bool = True
     direct_lane_port: int = 0  # 0: the OS picks; fix it to open one port in a firewall

@@ -54,7 +54,8 @@ class ShardedCompletion:
 
 
 def _dir_digest(path: Path) -> str:
-    """A cheap identity for a registered directory: hash of its names, sizes and arch file."""
+    """A cheap identity for a registered directory: hash of its names, sizes and arch file
+    (a few KB of JSON; the weights are never read)."""
     h = hashlib.sha256()
     for item in sorted(path.iterdir()):
         if item.is_file():
@@ -83,6 +84,7 @@ class NodeModels:
         self.orchestrator: Orchestrator | None = None
         self.shard_bans: dict[str, tuple[float, int]] = {}  # shared by sharded sessions
         self._text_codecs: dict[Path, TextCodec] = {}  # tokenizers the sharded path loaded
+        self._card_readings = 0  # counts store readings for the card; the newest one wins
         self.distribution = Distribution(self)
         for name, path in config.model_dirs:
             self._register_dir(name, Path(path))
@@ -90,8 +92,12 @@ class NodeModels:
     # -- what is local -----------------------------------------------------------------
 
     def add_model_dir(self, name: str, path: Path) -> None:
-        """Use an imported model directory as ``name`` without copying it into the store."""
+        """Use an imported model directory as ``name`` without copying it into the store.
+
+        Synchronous on purpose (a user's setup call): it only stats files and reads the
+        stored manifests, never a model's weights."""
         self._register_dir(name, Path(path))
+        self._card_readings += 1  # a refresh still reading in a thread is now older
         self.node.set_models(self.cached_models())
 
     def _register_dir(self, name: str, path: Path) -> None:
@@ -103,6 +109,8 @@ class NodeModels:
         self.dirs[ModelId.parse(name).name] = path
 
     def resolve(self, model: ModelId) -> Path:
+        """The model's directory. Blocking: the first use of a stored model hashes every file
+        it materializes, so async code calls this (and :meth:`has_local`) in a thread."""
         if model.name in self.dirs:
             return self.dirs[model.name]
         try:
@@ -121,10 +129,12 @@ class NodeModels:
         return True
 
     def cached_models(self) -> list[CachedModel]:
-        models = [
-            CachedModel(f"{name}@local", _dir_digest(path))
-            for name, path in sorted(self.dirs.items())
-        ]
+        """What the card offers. Blocking (reads every stored manifest): async code uses
+        :meth:`refresh_card_models`."""
+        return self._cached_models(sorted(self.dirs.items()))
+
+    def _cached_models(self, dirs: Sequence[tuple[str, Path]]) -> list[CachedModel]:
+        models = [CachedModel(f"{name}@local", _dir_digest(path)) for name, path in dirs]
         for model in self.store.list_models():
             if not self.store.has_model(model):
                 continue  # only some files (a shard's): not a model this node can run
@@ -132,11 +142,20 @@ class NodeModels:
             models.append(CachedModel(str(model), digest))
         return models
 
+    async def refresh_card_models(self) -> None:
+        """Put the models held now into the node's card, reading the store in a thread.
+        When refreshes overlap, the one begun last wins: an older reading is dropped."""
+        reading = self._card_readings = self._card_readings + 1
+        dirs = sorted(self.dirs.items())  # read here: add_model_dir changes it on the loop
+        models = await trio.to_thread.run_sync(self._cached_models, dirs)
+        if reading == self._card_readings:
+            self.node.set_models(models)
+
     # -- lifecycle ---------------------------------------------------------------------
 
     async def start(self) -> None:
         """Serve blobs, inference and shards once the node's network is up."""
-        self.node.set_models(self.cached_models())
+        await self.refresh_card_models()
         self._start_orchestrator()
         if self.node.config.local_only:
             return
@@ -210,18 +229,23 @@ class NodeModels:
 
     # -- generation --------------------------------------------------------------------
 
-    def _route(self, model: str, route: str) -> str:
+    async def _route(self, model: str, route: str) -> str:
+        """``auto`` is local when the model is here; finding out may hash its files (the
+        first use of a stored model), so that check runs in a thread."""
         if route not in ("auto", "local", "sharded"):
             raise ValueError("route must be auto, local or sharded")
         if route == "auto":
-            return "local" if self.has_local(model) or self.node.config.local_only else "sharded"
+            if self.node.config.local_only:
+                return "local"
+            local = await trio.to_thread.run_sync(self.has_local, model)
+            return "local" if local else "sharded"
         return route
 
     async def generate(
         self, model: str, *, route: str = "auto", **kwargs: Any
     ) -> AsyncGenerator[str, None]:
         """Text pieces, locally when the model is here, else through shard servers."""
-        if self._route(model, route) == "local":
+        if await self._route(model, route) == "local":
             async with aclosing(self.inference.generate(model, **kwargs)) as pieces:
                 async for piece in pieces:
                     yield piece
@@ -234,7 +258,7 @@ class NodeModels:
     async def complete(
         self, model: str, *, route: str = "auto", **kwargs: Any
     ) -> Completion | ShardedCompletion:
-        if self._route(model, route) == "local":
+        if await self._route(model, route) == "local":
             return await self.inference.complete(model, **kwargs)
         return await self.complete_sharded(model, **kwargs)
 
@@ -326,6 +350,7 @@ class NodeModels:
             ring=self.node.config.shard_ring,
             ring_quiet=self.node.config.shard_ring_quiet,
             slowdown=self.node.config.shard_slowdown,
+            verify=self.node.config.shard_verify,
         )
         decoder = codec.decoder()
         stops = list(params.stop)

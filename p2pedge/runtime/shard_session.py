@@ -344,6 +344,10 @@ class ShardSession:
         ``x`` is int64 token ids ``[1, n]`` for a first shard, float hidden states
         ``[1, n, hidden]`` otherwise. A last shard returns logits, of the last position
         only (``[1, vocab]``) when ``last_only``.
+
+        Non-finite input raises :class:`LocalProtocolError` and a non-finite output
+        :class:`ShardFailed`, so NaN is refused where it first shows instead of being
+        passed on and blamed on a later hop.
         """
         info = self.model.info
         n = int(x.shape[1])
@@ -354,20 +358,26 @@ class ShardSession:
             x = np.ascontiguousarray(x, dtype=np.int64)
         else:
             x = np.ascontiguousarray(x, dtype=np.float32)
+            if not np.isfinite(x).all():
+                raise LocalProtocolError("non-finite hidden states in")
         mask = self._ones[:, : start + n]
         positions = self._positions[:, start : start + n]
         try:
+            out: npt.NDArray[Any]
             if self._io is not None and x.shape == self._decode_shape:
-                return self._run_decode(x, start, mask, last_only)
-            if self._io is not None:
-                out = self._run_shared(x, mask, positions)
+                out = self._run_decode(x, start, mask, last_only)
             else:
-                out = self._run_plain(x, mask, positions)
+                if self._io is not None:
+                    out = self._run_shared(x, mask, positions)
+                else:
+                    out = self._run_plain(x, mask, positions)
+                self._length = start + n
+                if info.last and last_only:
+                    out = np.ascontiguousarray(out[:, -1, :])
         except _ORT_ERRORS as exc:
             raise ShardFailed(f"onnxruntime step failed: {exc}") from exc
-        self._length = start + n
-        if info.last and last_only:
-            return np.ascontiguousarray(out[:, -1, :])
+        if not np.isfinite(out).all():
+            raise ShardFailed(f"non-finite output at positions {start}-{start + n}")
         return out
 
     def _run_decode(

@@ -436,6 +436,7 @@ def test_busy_answers_read_as_busy_naming_the_limit() -> None:
 
     exc = error_to_exception(codec.Error(1, codec.E_BUDGET, "x", "pipeline.sessions", "peer"), "p")
     assert isinstance(exc, Busy)
+    assert (exc.limit, exc.scope) == ("pipeline.sessions", "peer")
 
 
 _: Callable[..., Any] = make_server

@@ -17,6 +17,7 @@ import trio
 from p2pedge.errors import Busy, PeerUnavailable, RemoteProtocolError, ShardFailed
 from p2pedge.planning.routes import CostModel, Hop
 from p2pedge.planning.slowdown import SlowdownPolicy, StepWindow
+from p2pedge.planning.verification import VerifyPolicy
 from p2pedge.protocols.pipeline.connection import ShardConnection, StreamOpener
 
 HOP_ERRORS = (PeerUnavailable, ShardFailed, RemoteProtocolError, Busy)
@@ -43,6 +44,8 @@ class ClientConfig:
     ring_quiet: bool = False
     # Move off a hop whose decode steps turn slow mid-session (None: stay on the route).
     slowdown: SlowdownPolicy | None = field(default_factory=SlowdownPolicy)
+    # Spot-check servers' outputs on replicas (see `verify.py`; None: trust them).
+    verify: VerifyPolicy | None = None
 
 
 class History:
@@ -62,6 +65,10 @@ class History:
             skip = self.length - at
             self.data[self.length : at + n] = values[skip:]
             self.length = at + n
+
+    def truncate(self, length: int) -> None:
+        """Forget every position from ``length`` on (values found wrong, to be redone)."""
+        self.length = min(self.length, length)
 
     def read(self, start: int, end: int) -> npt.NDArray[Any]:
         assert self.data is not None
@@ -164,7 +171,20 @@ def check_output(y: npt.NDArray[Any], n: int, last: bool) -> str | None:
             return f"bad logits {y.dtype} {list(y.shape)}"
     elif y.ndim != 3 or y.shape[:2] != (1, n):
         return f"bad hidden states {y.dtype} {list(y.shape)} for {n} positions"
+    elif not np.isfinite(y).all():
+        # blame stays with the hop that produced them: the next hop would only pass them on
+        return f"non-finite hidden states for {n} positions"
     return None
+
+
+def rollback(hops: Sequence[HopState], boundaries: Sequence[History], p: int, fed: int) -> None:
+    """Forget every hop's output from position ``p`` on, and the tokens from ``fed`` on:
+    driving again recomputes them (each step names its start, so servers rewind)."""
+    boundaries[0].truncate(fed)
+    for history in boundaries[1:]:
+        history.truncate(p)
+    for hop in hops:
+        hop.done = min(hop.done, p)
 
 
 def hop_stats(hops: list[HopState]) -> list[dict[str, Any]]:

@@ -21,6 +21,12 @@ When a hop fails (stream end, our own step deadline, an error reply) the client 
 the peer with back-off, picks a replacement chain for that hop's blocks, and sets the
 new hops' counters to zero: driving again replays the stored history into them and
 rebuilds their KV caches, while the hops downstream keep theirs.
+
+With ``ClientConfig.verify`` the client also checks what the servers compute, on replicas
+(``verify.py``), and hands out tokens only once checked; a hop caught computing wrong is
+banned and replaced, and generation goes on from the position it got wrong
+(``checked.py``). Every hop's hidden states must be finite, so NaN is blamed where it
+first shows.
 """
 
 from __future__ import annotations
@@ -51,9 +57,11 @@ from p2pedge.protocols.pipeline.chain import (
     slow_hop,
     successor,
 )
+from p2pedge.protocols.pipeline.checked import CheckedChain
 from p2pedge.protocols.pipeline.connection import StreamOpener
 from p2pedge.protocols.pipeline.pushing import PushedChain
 from p2pedge.protocols.pipeline.sampling import Sampler, greedy
+from p2pedge.protocols.pipeline.verify import Audits
 
 __all__ = ["HOP_ERRORS", "ClientConfig", "ShardedSession"]
 
@@ -65,7 +73,7 @@ StepObserver = Callable[[str, LayerRange, float], None]
 RING_TOP_K = 1  # a ring's last server names its token; the client needs only the top-1
 
 
-class ShardedSession(PushedChain):
+class ShardedSession(PushedChain, CheckedChain):
     """Generation state for one sequence across a chain of shard servers."""
 
     def __init__(
@@ -101,6 +109,12 @@ class ShardedSession(PushedChain):
         self.ring_steps = 0  # tokens that came round a ring
         self.epoch = 0  # rings so far; see the module docstring
         self.reroutes = 0  # hops left mid-session because they turned slow
+        policy = self.config.verify
+        self.audits: Audits | None = None  # spot checks of the servers' work (`verify.py`)
+        if policy is not None and policy.fraction > 0:
+            self.audits = Audits(policy, opener, find_options, model, self.config)
+        self.detections = 0  # hops caught computing wrong, banned and replaced
+        self._distrusted: set[str] = set()  # caught: off this session's routes for good
 
     # --- set-up and tear-down --------------------------------------------------------
 
@@ -120,7 +134,8 @@ class ShardedSession(PushedChain):
 
     def banned(self) -> set[str]:
         now = trio.current_time()
-        return {peer for peer, (until, _) in self._bans.items() if until > now}
+        banned = {peer for peer, (until, _) in self._bans.items() if until > now}
+        return banned | self._distrusted
 
     def ban(self, peer: str) -> None:
         _, strikes = self._bans.get(peer, (0.0, 0))
@@ -149,6 +164,8 @@ class ShardedSession(PushedChain):
         async with trio.open_nursery() as nursery:
             for hop in self.hops:
                 nursery.start_soon(hop.conn.close)
+            if self.audits is not None:
+                nursery.start_soon(self.audits.close)
         self.hops = []
 
     async def _plan(self, start: int, end: int | None, avoid: str | None = None) -> list[Hop]:
@@ -230,7 +247,10 @@ class ShardedSession(PushedChain):
     def _can_ring(self) -> bool:
         at = self.boundaries[0].length
         return (
-            self.ring_ok and all(h.done == at for h in self.hops) and self._chain_pushes(ring=True)
+            self.ring_ok
+            and not self.detections  # stale ring outputs could pass for redone positions
+            and all(h.done == at for h in self.hops)
+            and self._chain_pushes(ring=True)
         )
 
     async def _ring(
@@ -242,7 +262,8 @@ class ShardedSession(PushedChain):
         is replaced) or an output is late."""
         start = self.boundaries[0].length
         self.boundaries[0].write(start, np.array([token], dtype=np.int64))
-        chain, quiet = self._forwards(RING_TOP_K), self.config.ring_quiet
+        # a quiet ring leaves no hidden states to check: checked sessions ring aloud
+        chain, quiet = self._forwards(RING_TOP_K), self.config.ring_quiet and not self.audits
         eos = codec.NO_EOS if eos_id is None else eos_id
         ring = codec.Ring(chain, n, eos, quiet, sampler.spec)
         try:
@@ -385,19 +406,43 @@ class ShardedSession(PushedChain):
     ) -> AsyncGenerator[int, None]:
         """:meth:`generate`, one token at a time (round a ring when the chain allows; the
         sampler is called with each token's position). Leaving early leaves a ring running
-        until the session closes."""
+        until the session closes. With checks on (``ClientConfig.verify``) a token comes
+        out only once a check has covered it, so tokens come in bursts, and each is the
+        token an honest chain gives."""
         logits = await self.extend(prompt)
+        if self.audits is None:
+            tokens = self._tokens(logits, max_new_tokens, eos_id, sampler)
+        else:
+            tokens = self._checked(logits, max_new_tokens, eos_id, sampler)
+        async with aclosing(tokens):
+            async for token in tokens:
+                yield token
+
+    async def _tokens(
+        self, logits: npt.NDArray[np.float32], n: int, eos_id: int | None, sampler: Sampler
+    ) -> AsyncGenerator[int, None]:
+        """Up to ``n`` tokens, the first picked from ``logits`` (those of the last position
+        fed); each new one is fed, relayed, pushed or round a ring, before the next."""
         token, produced = sampler(logits, self.boundaries[0].length), 1
         yield token
-        while produced < max_new_tokens and token != eos_id:
+        while produced < n and token != eos_id:
             if self._can_ring():
-                ring = self._ring(token, max_new_tokens - produced, eos_id, sampler)
+                # a checked session's ring stops at the next check: servers do not run
+                # ahead of it (a bad one would go on computing wrong, and be paid for it)
+                span = n - produced
+                if self.audits is not None:
+                    span = min(span, self.audits.countdown)
+                ring = self._ring(token, span, eos_id, sampler)
                 async with aclosing(ring):
                     async for token in ring:
                         produced += 1
+                        span -= 1
                         yield token
-                if produced >= max_new_tokens or token == eos_id:
+                if produced >= n or token == eos_id:
                     return
+                if not span:  # ran its course: its last token is not fed yet
+                    await self._move_off_slow_hops()
+                    continue
                 # the ring broke off: its last token is fed but not yet through every hop
                 await self._move_off_slow_hops()
                 logits = await self._settle(self.boundaries[0].length)

@@ -32,7 +32,7 @@ StreamOpener = Callable[[str, str], Awaitable[FramedStream]]
 def error_to_exception(err: codec.Error, peer: str) -> Exception:
     text = f"{peer}: {err.code}: {err.message}"
     if err.code == codec.E_BUDGET:
-        return Busy(text)
+        return Busy(text, limit=err.limit, scope=err.scope)
     if err.code == codec.E_BAD_REQUEST:
         return LocalProtocolError(text)
     return ShardFailed(text)
@@ -144,7 +144,13 @@ class ShardConnection:
         return self._output(reply, top_k, began, int(x.shape[1]))
 
     async def push(
-        self, x: npt.NDArray[Any], start: int, fwd: tuple[codec.Forward, ...], epoch: int
+        self,
+        x: npt.NDArray[Any],
+        start: int,
+        fwd: tuple[codec.Forward, ...],
+        epoch: int,
+        *,
+        top_k: int = 0,
     ) -> None:
         """Send a step into our own session the way another server would push one (with
         the session's key, no reply awaited): its output comes as a pushed one (see
@@ -152,7 +158,7 @@ class ShardConnection:
         the next, so several such steps sent at once run one after another."""
         if not self.key:
             raise LocalProtocolError(f"{self.peer} gave no push key for session {self.session}")
-        step = codec.Step(0, self.session, start, x, 0, fwd, self.key, epoch=epoch)
+        step = codec.Step(0, self.session, start, x, top_k, fwd, self.key, epoch=epoch)
         try:
             with trio.fail_after(self.timeout):
                 await self.stream.send(codec.to_map(step))
