@@ -5,7 +5,7 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 MODEL_STAMP := .cache/models/.complete
 
-.PHONY: venv model demo test test-fast lint docs bench clean llamacpp
+.PHONY: venv model demo test test-fast lint docs bench clean llamacpp fuzz
 
 venv: $(STAMP)
 
@@ -31,8 +31,8 @@ test-fast: venv
 	$(PY) -m pytest -q -m "not real_model and not slow"
 
 lint: venv
-	$(VENV)/bin/ruff check p2pedge simnet benchmarks examples tests
-	$(VENV)/bin/ruff format --check p2pedge simnet benchmarks examples tests
+	$(VENV)/bin/ruff check p2pedge simnet benchmarks examples tests fuzz
+	$(VENV)/bin/ruff format --check p2pedge simnet benchmarks examples tests fuzz
 	$(VENV)/bin/mypy --strict p2pedge
 
 # the guide and API reference (docs/, mkdocs.yml) into build/site; any warning fails it
@@ -54,6 +54,11 @@ bench: venv model
 	$(PY) -m simnet.push_latency
 	$(PY) -m simnet.route_learning
 	$(PY) -m simnet.slowdown
+
+# 100,000 seeded inputs per decoder, each target in its own memory- and time-bounded
+# process (fuzz/run.py); reproducers go to .cache/fuzz; the last line is crashes=N.
+fuzz: venv
+	nice $(PY) -m fuzz --inputs 100000 --jobs 2
 
 clean:
 	rm -rf $(VENV) .cache build *.egg-info

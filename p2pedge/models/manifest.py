@@ -168,6 +168,8 @@ def parse_manifest(data: bytes | Mapping[str, Any]) -> Manifest:
             raw = json.loads(data)
         except (ValueError, UnicodeDecodeError) as exc:
             raise ManifestError(f"manifest is not JSON: {exc}") from exc
+        except RecursionError as exc:
+            raise ManifestError("manifest JSON nests too deeply") from exc
     else:
         raw = dict(data)
     if not isinstance(raw, dict):

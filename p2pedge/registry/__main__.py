@@ -1,7 +1,8 @@
 """``python -m p2pedge.registry serve|publish`` - run the registry or publish a model dir.
 
-``serve --root DIR --listen HOST:PORT [--token T] [--trust DIR]`` (token also from
-``$P2PEDGE_REGISTRY_TOKEN``); ``publish DIR --name N --version V --category C --key KEY``
+``serve --root DIR --listen HOST:PORT [--token T] [--trust DIR] [--grants FILE]`` (token
+also from ``$P2PEDGE_REGISTRY_TOKEN``; the grants file adds publisher keys to names, one
+``NAME KEYHEX`` per line); ``publish DIR --name N --version V --category C --key KEY``
 signs and stores locally into ``--root``, or uploads to ``--registry URL --token T``.
 """
 
@@ -21,7 +22,9 @@ from p2pedge.ids import ModelId
 from p2pedge.models.keys import TrustStore
 from p2pedge.models.manifest import DEFAULT_CHUNK_SIZE
 from p2pedge.models.store import Store
+from p2pedge.registry.app import is_reserved_version
 from p2pedge.registry.client import RegistryClient
+from p2pedge.registry.owners import load_grants
 from p2pedge.registry.server import TOKEN_ENV, parse_listen, serve_registry
 
 
@@ -33,6 +36,12 @@ def _parser() -> argparse.ArgumentParser:
     serve.add_argument("--listen", default="127.0.0.1:8080")
     serve.add_argument("--token", default=None, help=f"bearer token for publishing (${TOKEN_ENV})")
     serve.add_argument("--trust", type=Path, default=None, help="only accept these publishers")
+    serve.add_argument(
+        "--grants",
+        type=Path,
+        default=None,
+        help="file of 'NAME KEYHEX' lines: keys that may publish a name besides its owner",
+    )
     publish = commands.add_parser("publish", help="sign a model dir and publish it")
     publish.add_argument("dir", type=Path)
     publish.add_argument("--name", required=True)
@@ -79,12 +88,20 @@ def main(argv: list[str] | None = None) -> int:
         if args.command == "serve":
             host, port = parse_listen(args.listen)
             trust = TrustStore.from_dir(args.trust) if args.trust else None
+            grants = load_grants(args.grants) if args.grants else None
             print(f"registry serving {args.root} on http://{host}:{port}", file=sys.stderr)
-            trio.run(partial(serve_registry, args.root, host, port, token=args.token, trust=trust))
+            serve = partial(
+                serve_registry, args.root, host, port, token=args.token, trust=trust, grants=grants
+            )
+            trio.run(serve)
         else:
             if args.registry is None and args.root is None:
                 raise SystemExit("publish needs --root DIR or --registry URL")
-            ModelId(args.name, args.version)
+            model = ModelId(args.name, args.version)
+            if is_reserved_version(model.version):
+                raise ValueError(f"{model.version!r} is not a version: it names the newest one")
+            if args.registry is None and model.version in Store(args.root).versions(model.name):
+                raise ValueError(f"{model} is already published; versions are immutable")
             trio.run(_publish, args)
     except (P2PEdgeError, ValueError) as exc:
         print(f"error: {exc}", file=sys.stderr)

@@ -10,6 +10,13 @@ digest, range) is validated before it touches the filesystem.
 * ``GET|HEAD /blobs/sha256-{hex}`` - with single ``Range: bytes=a-b`` support (206/416)
 * ``PUT /blobs/sha256-{hex}`` - upload; the body must hash to the name
 * ``PUT|POST /models/{name}/{version}`` - publish a manifest whose blobs are all present
+
+Publishing rules: a stored ``name@version`` is immutable (a different manifest for it is
+refused, whoever signs it; the same bytes again are a no-op), ``latest`` is not a version
+(it would shadow every newer one), and a name belongs to its first publisher's key plus any
+key the operator grants (:mod:`p2pedge.registry.owners`). Uploads are bounded in size, in
+concurrency per client address and in time: a body must keep arriving (``read_idle_s``) and
+average at least ``min_rate`` after a grace period, so a slow-loris cannot hold a task.
 """
 
 from __future__ import annotations
@@ -18,25 +25,52 @@ import hmac
 import json
 import re
 import tempfile
-from collections.abc import Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
+from dataclasses import dataclass, field
 from typing import Any
 
 import trio
 
-from p2pedge.errors import IntegrityError, ModelNotCached
+from p2pedge.errors import Busy, IntegrityError, ModelNotCached
 from p2pedge.ids import ModelId
 from p2pedge.models.keys import TrustStore, verify_signature
 from p2pedge.models.manifest import MAX_MANIFEST_BYTES, ManifestError, parse_manifest
 from p2pedge.models.store import Store, StoreFull
+from p2pedge.quota import Limit, Quota
+from p2pedge.registry.owners import Grants, Owners
 
 Scope = dict[str, Any]
 Receive = Callable[[], Awaitable[dict[str, Any]]]
 Send = Callable[[dict[str, Any]], Awaitable[None]]
 
 _DIGEST = re.compile(r"^sha256-([0-9a-f]{64})$")
-_RANGE = re.compile(r"^bytes=(\d*)-(\d*)$")
+_RANGE = re.compile(r"^bytes=(\d{0,19})-(\d{0,19})$")  # int() of 5000 digits raises
 SEND_PIECE = 1 << 20
 MAX_BLOB_BYTES = 64 * 1024**3
+RESERVED_VERSIONS = frozenset({"latest"})
+
+
+@dataclass(frozen=True)
+class RegistryLimits:
+    """Bounds on what one client can make the registry hold (safe defaults)."""
+
+    max_blob_bytes: int = MAX_BLOB_BYTES
+    max_manifest_bytes: int = MAX_MANIFEST_BYTES
+    header_s: float = 5.0  # a new or idle connection must finish its request head by then
+    read_idle_s: float = 30.0  # longest wait for the next piece of a request body
+    grace_s: float = 30.0  # before the minimum average rate applies
+    min_rate: int = 64 * 1024  # bytes per second a body must average after the grace
+    # request bodies being received at once; HTTP has no peer id, so both the peer and the
+    # source account are the client's address
+    uploads: Limit = field(default_factory=lambda: Limit(per_peer=4, per_source=4, total=32))
+
+    def body_deadline(self, start: float, received: int) -> float:
+        """When a body that began at ``start`` and has delivered ``received`` bytes is cut."""
+        return start + self.grace_s + received / max(self.min_rate, 1)
+
+
+def is_reserved_version(version: str) -> bool:
+    return version.lower() in RESERVED_VERSIONS
 
 
 class HttpError(Exception):
@@ -79,10 +113,22 @@ def _digest(text: str) -> str:
 class RegistryApp:
     """ASGI application; ``token=None`` disables publishing over HTTP."""
 
-    def __init__(self, store: Store, *, token: str | None = None, trust: TrustStore | None = None):
+    def __init__(
+        self,
+        store: Store,
+        *,
+        token: str | None = None,
+        trust: TrustStore | None = None,
+        grants: Grants | None = None,
+        limits: RegistryLimits = RegistryLimits(),
+    ):
         self.store = store
         self.token = token
         self.trust = trust
+        self.limits = limits
+        self.owners = Owners(store.root, grants)
+        self.uploads = Quota("registry.uploads", limits.uploads)
+        self._publishing = trio.Lock()
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] == "lifespan":
@@ -95,14 +141,19 @@ class RegistryApp:
                     return
         if scope["type"] != "http":
             return
+        # a refused upload may leave its body unread: close rather than reuse the connection
+        close = scope.get("method") in ("PUT", "POST")
         try:
             await self._route(scope, receive, send)
         except HttpError as exc:
-            await self._json(send, exc.status, exc.body)
+            await self._json(send, exc.status, exc.body, close=close)
         except ModelNotCached as exc:
-            await self._json(send, 404, {"error": str(exc)})
+            await self._json(send, 404, {"error": str(exc)}, close=close)
         except StoreFull as exc:
-            await self._json(send, 507, {"error": str(exc)})
+            await self._json(send, 507, {"error": str(exc)}, close=close)
+        except Busy as exc:
+            body = {"error": str(exc), "limit": exc.limit, "scope": exc.scope}
+            await self._json(send, 503, body, close=close)
 
     async def _route(self, scope: Scope, receive: Receive, send: Send) -> None:
         method: str = scope["method"]
@@ -117,13 +168,16 @@ class RegistryApp:
                 await self._get_blob(scope, send, digest, head=method == "HEAD")
             elif method == "PUT":
                 self._authorize(scope)
-                await self._put_blob(receive, send, digest)
+                with self.uploads.hold(_client(scope), _client(scope)):
+                    await self._put_blob(scope, receive, send, digest)
             else:
                 raise HttpError(405, f"{method} not allowed on blobs")
             return
         if method in ("PUT", "POST") and len(parts) == 3:
             self._authorize(scope)
-            await self._put_manifest(receive, send, _model_id(parts[1], parts[2]))
+            model = _model_id(parts[1], parts[2])
+            with self.uploads.hold(_client(scope), _client(scope)):
+                await self._put_manifest(scope, receive, send, model)
             return
         if method != "GET":
             raise HttpError(405, f"{method} not allowed here")
@@ -136,13 +190,17 @@ class RegistryApp:
             name = _model_id(parts[1]).name
             await self._json(send, 200, {"name": name, "versions": self._versions(name)})
         elif len(parts) == 3:
-            data = self.store.manifest_bytes(_model_id(parts[1], parts[2]))
+            model = _model_id(parts[1], parts[2])
+            if model.version == "latest":
+                model = ModelId(model.name, self._versions(model.name)[-1])
+            data = self.store.manifest_bytes(model)
             await self._respond(send, 200, data, {"content-type": "application/json"})
         else:
             raise HttpError(404, f"no such endpoint {scope['path']!r}")
 
     def _versions(self, name: str) -> list[str]:
-        versions = self.store.versions(name)
+        """Stored versions, oldest first; one literally named ``latest`` is never listed."""
+        versions = [v for v in self.store.versions(name) if not is_reserved_version(v)]
         if not versions:
             raise HttpError(404, f"unknown model {name!r}")
         return versions
@@ -197,23 +255,21 @@ class RegistryApp:
         if start == end:
             await send({"type": "http.response.body", "body": b""})
 
-    async def _put_blob(self, receive: Receive, send: Send, digest: str) -> None:
+    async def _put_blob(self, scope: Scope, receive: Receive, send: Send, digest: str) -> None:
+        limit = self.limits.max_blob_bytes
+        declared = _content_length(scope, limit)
         if self.store.has_blob(digest):
-            await self._drain(receive, MAX_BLOB_BYTES)
+            await self._drain(receive, limit)
             await self._json(send, 200, {"digest": digest, "stored": False})
             return
+        if declared is not None:
+            await trio.to_thread.run_sync(self.store.ensure_room, declared)
         spool_dir = str(self.store.partial)
         with tempfile.SpooledTemporaryFile(max_size=8 << 20, mode="w+b", dir=spool_dir) as spool:
             total = 0
-            while True:
-                message = await receive()
-                body: bytes = message.get("body", b"")
+            async for body in self._body(receive, limit):
                 total += len(body)
-                if total > MAX_BLOB_BYTES:
-                    raise HttpError(413, "blob too large")
                 await trio.to_thread.run_sync(spool.write, body)
-                if not message.get("more_body", False):
-                    break
             spool.seek(0)
             await trio.to_thread.run_sync(self.store.ensure_room, total)
             try:
@@ -222,8 +278,13 @@ class RegistryApp:
                 raise HttpError(400, str(exc)) from exc
         await self._json(send, 201, {"digest": digest, "stored": True})
 
-    async def _put_manifest(self, receive: Receive, send: Send, model: ModelId) -> None:
-        data = await self._drain(receive, MAX_MANIFEST_BYTES)
+    async def _put_manifest(
+        self, scope: Scope, receive: Receive, send: Send, model: ModelId
+    ) -> None:
+        if is_reserved_version(model.version):
+            raise HttpError(400, f"{model.version!r} is not a version: it names the newest one")
+        _content_length(scope, self.limits.max_manifest_bytes)
+        data = await self._drain(receive, self.limits.max_manifest_bytes)
         try:
             manifest = parse_manifest(data)
             if self.trust is not None:
@@ -234,38 +295,97 @@ class RegistryApp:
             raise HttpError(400, str(exc)) from exc
         except IntegrityError as exc:
             raise HttpError(403, str(exc)) from exc
+        except RecursionError as exc:  # json.loads on deeply nested arrays (found by fuzzing)
+            raise HttpError(400, "manifest nests too deeply") from exc
         if manifest.model != model:
             raise HttpError(400, f"manifest is for {manifest.model}, not {model}")
-        missing = sorted({f.sha256 for f in manifest.files if not self.store.has_blob(f.sha256)})
-        if missing:
-            raise HttpError(409, "upload these blobs first", missing=missing)
-        await trio.to_thread.run_sync(self.store.put_manifest, manifest)
-        await self._json(send, 201, {"model": str(model)})
+        async with self._publishing:  # check-then-write must not interleave with another
+            if model.version in self.store.versions(model.name):
+                if self.store.manifest_bytes(model) == manifest.to_bytes():
+                    await self._json(send, 200, {"model": str(model), "stored": False})
+                    return
+                raise HttpError(409, f"{model} is already published; versions are immutable")
+            self._check_owner(model.name, manifest.publisher)
+            missing = sorted(
+                {f.sha256 for f in manifest.files if not self.store.has_blob(f.sha256)}
+            )
+            if missing:
+                raise HttpError(409, "upload these blobs first", missing=missing)
+            await trio.to_thread.run_sync(self.store.put_manifest, manifest)
+            await trio.to_thread.run_sync(self.owners.claim, model.name, manifest.publisher)
+        await self._json(send, 201, {"model": str(model), "stored": True})
 
-    @staticmethod
-    async def _drain(receive: Receive, limit: int) -> bytes:
-        chunks: list[bytes] = []
+    def _check_owner(self, name: str, publisher: str) -> None:
+        legacy: set[str] = set()
+        if self.owners.owner(name) is None:
+            for version in self.store.versions(name):
+                legacy.add(
+                    parse_manifest(self.store.manifest_bytes(ModelId(name, version))).publisher
+                )
+        allowed = self.owners.allowed(name, legacy)
+        if allowed is not None and publisher.lower() not in allowed:
+            raise HttpError(
+                403,
+                f"{name!r} belongs to another publisher key; the operator can grant yours",
+                publisher=publisher,
+            )
+
+    async def _body(self, receive: Receive, limit: int) -> AsyncIterator[bytes]:
+        """The pieces of a request body, cut at ``limit`` bytes or when it comes too slowly."""
+        start = trio.current_time()
         total = 0
-        while True:
-            message = await receive()
+        more = True
+        while more:
+            idle = trio.current_time() + self.limits.read_idle_s
+            message: dict[str, Any] | None = None
+            with trio.move_on_at(min(idle, self.limits.body_deadline(start, total))):
+                message = await receive()
+            if message is None:
+                raise HttpError(408, f"request body too slow ({total} bytes received)")
+            if message["type"] != "http.request":
+                raise HttpError(400, "the client went away before the body ended")
             body: bytes = message.get("body", b"")
             total += len(body)
             if total > limit:
                 raise HttpError(413, f"body larger than {limit} bytes")
-            chunks.append(body)
-            if not message.get("more_body", False):
-                return b"".join(chunks)
+            more = bool(message.get("more_body", False))
+            yield body
+
+    async def _drain(self, receive: Receive, limit: int) -> bytes:
+        return b"".join([piece async for piece in self._body(receive, limit)])
 
     @staticmethod
-    async def _json(send: Send, status: int, body: object) -> None:
+    async def _json(send: Send, status: int, body: object, *, close: bool = False) -> None:
         data = json.dumps(body, sort_keys=True).encode()
-        await RegistryApp._respond(send, status, data, {"content-type": "application/json"})
+        headers = {"content-type": "application/json"}
+        if close:
+            headers["connection"] = "close"
+        await RegistryApp._respond(send, status, data, headers)
 
     @staticmethod
     async def _respond(send: Send, status: int, data: bytes, headers: dict[str, str]) -> None:
         headers = {**headers, "content-length": str(len(data))}
         await send({"type": "http.response.start", "status": status, "headers": _headers(headers)})
         await send({"type": "http.response.body", "body": data})
+
+
+def _client(scope: Scope) -> str:
+    """The client's address: uploads are counted per address, whatever token it holds."""
+    client = scope.get("client")
+    return str(client[0]) if client else "unknown"
+
+
+def _content_length(scope: Scope, limit: int) -> int | None:
+    """The declared body size, refused up front (413) when over ``limit``."""
+    raw = dict(scope.get("headers") or []).get(b"content-length")
+    if raw is None:
+        return None
+    text = raw.decode("latin-1").strip()
+    if not text.isdigit() or len(text) > 20:
+        raise HttpError(400, "bad content-length")
+    if int(text) > limit:
+        raise HttpError(413, f"body of {text} bytes is larger than {limit}")
+    return int(text)
 
 
 def _headers(headers: dict[str, str]) -> list[tuple[bytes, bytes]]:

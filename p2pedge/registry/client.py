@@ -84,7 +84,7 @@ class RegistryClient:
     async def _json(self, path: str) -> Any:
         try:
             return json.loads(await self._get(path, MAX_MANIFEST_BYTES))
-        except ValueError as exc:
+        except (ValueError, RecursionError) as exc:  # RecursionError: hostile deep nesting
             raise RemoteProtocolError(f"{self.name}: {path} is not JSON") from exc
 
     async def list_models(self) -> list[dict[str, Any]]:

@@ -21,7 +21,8 @@ from hypercorn.trio import serve
 from p2pedge.errors import ConfigError
 from p2pedge.models.keys import TrustStore
 from p2pedge.models.store import Store
-from p2pedge.registry.app import RegistryApp
+from p2pedge.registry.app import RegistryApp, RegistryLimits
+from p2pedge.registry.owners import Grants
 
 TOKEN_ENV = "P2PEDGE_REGISTRY_TOKEN"
 
@@ -40,19 +41,43 @@ async def serve_registry(
     *,
     token: str | None = None,
     trust: TrustStore | None = None,
+    grants: Grants | None = None,
+    limits: RegistryLimits | None = None,
     shutdown_trigger: Callable[[], Awaitable[None]] | None = None,
     task_status: Any = trio.TASK_STATUS_IGNORED,
 ) -> None:
     """Serve ``root`` until cancelled; ``task_status.started(port)`` once listening.
 
-    ``task_status`` is typed ``Any`` because the installed trio stubs lack ``TaskStatus``.
+    ``grants`` adds publisher keys per name (:mod:`p2pedge.registry.owners`); ``limits``
+    bounds uploads. ``task_status`` is typed ``Any`` because the installed trio stubs lack
+    ``TaskStatus``.
     """
-    app = RegistryApp(Store(root), token=token or os.environ.get(TOKEN_ENV), trust=trust)
+    limits = limits or RegistryLimits()
+    app = RegistryApp(
+        Store(root),
+        token=token or os.environ.get(TOKEN_ENV),
+        trust=trust,
+        grants=grants,
+        limits=limits,
+    )
+    await serve_app(app, host, port, shutdown_trigger=shutdown_trigger, task_status=task_status)
+
+
+async def serve_app(
+    app: RegistryApp,
+    host: str = "127.0.0.1",
+    port: int = 0,
+    *,
+    shutdown_trigger: Callable[[], Awaitable[None]] | None = None,
+    task_status: Any = trio.TASK_STATUS_IGNORED,
+) -> None:
+    """Serve an existing app (tests keep a handle on it to read its quotas)."""
     config = Config()
     config.bind = [f"[{host}]:{port}" if ":" in host else f"{host}:{port}"]
     config.accesslog = None
     config.errorlog = logging.getLogger("p2pedge.registry")
     config.graceful_timeout = 1.0
+    config.keep_alive_timeout = app.limits.header_s  # also bounds a slowly sent request head
     async with trio.open_nursery() as nursery:
         binds: list[str] = await nursery.start(
             partial(serve, app, config, shutdown_trigger=shutdown_trigger or trio.sleep_forever)

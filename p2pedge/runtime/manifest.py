@@ -47,7 +47,7 @@ def _read_json(path: Path) -> Any:
         if path.stat().st_size > MAX_MANIFEST_BYTES:
             raise ModelLoadError(f"{path} is larger than {MAX_MANIFEST_BYTES} bytes")
         return json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError, RecursionError) as exc:
         raise ModelLoadError(f"cannot read {path}: {exc}") from exc
 
 
@@ -104,7 +104,8 @@ def read_manifest(model_dir: Path) -> Manifest:
         )
     if kind == "tensor":
         file = raw.get("file", "model.onnx")
-        if not isinstance(file, str) or "/" in file or "\\" in file or file.startswith("."):
+        plain = isinstance(file, str) and not file.startswith(".") and len(file.encode()) <= 255
+        if not plain or "/" in file or "\\" in file:
             raise ModelLoadError(f"{path}: 'file' must be a plain file name, got {file!r}")
         if not (model_dir / file).is_file():
             raise ModelLoadError(f"{model_dir} has no {file}")

@@ -7,6 +7,8 @@ give back the HF layout exactly, and name the tensor at fault in every error.
 
 from __future__ import annotations
 
+import struct
+import time
 from pathlib import Path
 
 import gguf
@@ -18,6 +20,7 @@ from hypothesis import strategies as st
 
 from p2pedge.errors import ConfigError, ModelLoadError
 from p2pedge.models.cli_import import main as cli_main
+from p2pedge.models.convert.gguf_header import GGUFLimits, scan_file, scan_header
 from p2pedge.models.convert.gguf_reader import GGUFFormatError, _rotary_rows, read_gguf
 from p2pedge.models.convert.importer import import_gguf
 from p2pedge.models.convert.layout import read_model_facts
@@ -274,3 +277,143 @@ def test_import_of_a_bad_file_fails_cleanly(
     assert not out.exists()
     with pytest.raises(ConfigError):
         import_gguf(tmp_path / "m.gguf", out, "../escape")
+
+
+# -- header bounds: crafted headers must fail fast, naming the key, before gguf parses them --
+
+
+def _s(text: str | bytes) -> bytes:
+    data = text.encode() if isinstance(text, str) else text
+    return struct.pack("<Q", len(data)) + data
+
+
+def _kv(key: str, kind: int, payload: bytes) -> bytes:
+    return _s(key) + struct.pack("<I", kind) + payload
+
+
+def _array(item: int, count: int, body: bytes = b"") -> bytes:
+    return struct.pack("<IQ", item, count) + body
+
+
+def _tensor(name: str, dims: tuple[int, ...], kind: int = 0, offset: int = 0) -> bytes:
+    packed = struct.pack(f"<I{len(dims)}Q", len(dims), *dims)
+    return _s(name) + packed + struct.pack("<IQ", kind, offset)
+
+
+def _header(kvs: list[bytes], tensors: list[bytes] = (), **counts: int) -> bytes:  # type: ignore[assignment]
+    n_tensors = counts.get("n_tensors", len(tensors))
+    n_kv = counts.get("n_kv", len(kvs))
+    return b"GGUF" + struct.pack("<IQQ", 3, n_tensors, n_kv) + b"".join(kvs) + b"".join(tensors)
+
+
+SMALL = GGUFLimits(
+    max_kv=8,
+    max_tensors=4,
+    max_key_bytes=32,
+    max_string_bytes=64,
+    max_array_len=100,
+    max_items=150,
+    max_name_bytes=16,
+    max_dims=4,
+    max_elements=1 << 20,
+)
+ARRAY, STRING, U8, U32 = 9, 8, 0, 4
+
+
+@pytest.mark.parametrize(
+    ("data", "match", "key"),
+    [
+        (
+            _header([_kv("evil.count", ARRAY, _array(U8, 1 << 60, b"\0" * 8))]),
+            "items exceeds",
+            "evil.count",
+        ),
+        (
+            _header([_kv("evil.short", ARRAY, _array(U32, 100, b"\0" * 8))]),
+            "past the end",
+            "evil.short",
+        ),
+        (
+            _header([_kv("evil.strs", ARRAY, _array(STRING, 3, _s("a") + _s("b")))]),
+            "ends inside",
+            "evil.strs",
+        ),
+        (
+            _header(
+                [
+                    _kv("a", ARRAY, _array(U8, 100, b"\0" * 100)),
+                    _kv("b", ARRAY, _array(U8, 60, b"\0" * 60)),
+                ]
+            ),
+            "in all",
+            "b",
+        ),
+        (
+            _header([_kv("evil.nest", ARRAY, _array(ARRAY, 1, _array(U8, 1, b"\0")))]),
+            "not supported",
+            "evil.nest",
+        ),
+        (_header([_kv("evil.type", 13, b"\0" * 8)]), "unknown value type", "evil.type"),
+        (_header([_kv("evil.str", STRING, _s("x" * 65))]), "exceeds 64", "evil.str"),
+        (_header([_kv("evil.str", STRING, struct.pack("<Q", 1 << 62))]), "exceeds 64", "evil.str"),
+        (_header([_kv("twice", U8, b"\0"), _kv("twice", U8, b"\0")]), "appears twice", "twice"),
+        (_header([], n_kv=9), "9 metadata keys exceed 8", None),
+        (_header([], n_kv=1 << 63), "metadata keys exceed", None),
+        (_header([], n_tensors=1 << 40), "tensors exceed", None),
+        (_header([_s("k" * 33) + struct.pack("<I", U8) + b"\0"]), "exceeds 32", None),
+        (_header([_s(b"\xff\xfe") + struct.pack("<I", U8) + b"\0"]), "not UTF-8", None),
+        (b"GGUF" + struct.pack("<I", 1) + b"\0" * 16, "version 1", None),
+        (b"GGUX" + b"\0" * 20, "bad magic", None),
+    ],
+)
+def test_header_bounds_name_the_key(data: bytes, match: str, key: str | None) -> None:
+    with pytest.raises(GGUFFormatError, match=match) as info:
+        scan_header(data, SMALL)
+    assert info.value.key == key
+
+
+@pytest.mark.parametrize(
+    ("tensor", "match"),
+    [
+        (_tensor("t", (2, 2, 2, 2, 2)), "5 dimensions"),
+        (_tensor("t", ()), "0 dimensions"),
+        (_tensor("t", (1 << 30, 1 << 30)), "elements"),
+        (_tensor("t", (4, 0)), "empty dimension"),
+        (_tensor("t", (4,), kind=999), "unknown tensor type 999"),
+        (_tensor("t", (4,), offset=1 << 50), "past the end"),
+        (_tensor("t" * 17, (4,)), "exceeds 16"),
+    ],
+)
+def test_tensor_info_bounds(tensor: bytes, match: str) -> None:
+    with pytest.raises(GGUFFormatError, match=match):
+        scan_header(_header([], [tensor]), SMALL)
+    with pytest.raises(GGUFFormatError, match="appears twice") as info:
+        scan_header(_header([], [_tensor("dup", (4,)), _tensor("dup", (4,))]), SMALL)
+    assert info.value.tensor == "dup"
+
+
+def test_absurd_array_count_fails_fast_before_gguf(tmp_path: Path) -> None:
+    """The corruption that hung the gguf library for minutes: a truncated array, huge count."""
+    path = tmp_path / "evil.gguf"
+    write_tiny(path)
+    data = path.read_bytes()
+    evil = _kv("evil.array", ARRAY, _array(U8, (1 << 64) - 1))
+    n_kv = struct.unpack_from("<Q", data, 16)[0]
+    path.write_bytes(data[:16] + struct.pack("<Q", n_kv + 1) + evil + data[24:])
+    started = time.monotonic()
+    with pytest.raises(GGUFFormatError, match="not a readable GGUF") as info:
+        read_gguf(path)
+    assert time.monotonic() - started < 2.0  # it is microseconds; gguf alone never returns
+    assert info.value.key == "evil.array"
+
+
+def test_a_real_header_passes_the_default_limits(tmp_path: Path) -> None:
+    path = tmp_path / "ok.gguf"
+    write_tiny(path)
+    header = scan_file(path)
+    assert "tokenizer.ggml.tokens" in header.keys and "output_norm.weight" in header.tensors
+    assert header.version == 3 and header.byte_order == "<"
+    tight = GGUFLimits(max_array_len=len(TOKENS) - 1)
+    with pytest.raises(GGUFFormatError, match="items exceeds") as info:
+        read_gguf(path, tight)
+    assert info.value.key == "tokenizer.ggml.tokens"

@@ -1,17 +1,24 @@
 """Read a llama.cpp GGUF file into :class:`LlamaWeights` and :class:`TokenizerFacts`.
 
-Only the ``gguf`` package and numpy are used (no torch). Q4_1 matrices stay as their blocks
-(so the ONNX builder can map them losslessly onto ``MatMulNBits``); every other quantisation
-is dequantised to float32. llama.cpp's converter permutes the rows of Q and K inside each
-head for its interleaved rotary; we undo that so weights use the HF rotate-half layout.
+Only the ``gguf`` package and numpy are used (no torch). Quantised matrices stay as their
+integer quants (:mod:`.quants`: the ONNX builder maps them losslessly onto ``MatMulNBits``);
+a tensor type that cannot be mapped is refused from the tensor infos before any weight is
+read. For ``llama``, llama.cpp's converter permutes the rows of Q and K inside each head
+for its interleaved rotary; we undo that so weights use the HF rotate-half layout.
 
-A file is untrusted input: every tensor's extent is checked against the file size before it
-is mapped, shapes are checked against the header's hyper-parameters, and every failure is
-a :class:`GGUFFormatError` that names the tensor or key at fault.
+A file is untrusted input. Before the ``gguf`` library sees it, :mod:`.gguf_header` walks
+the header with :class:`GGUFLimits` on every count and size (the library loops over an
+array's claimed length even past the end of the file; one absurd count hung it for minutes),
+and metadata values must have the types we read them as. Every tensor's extent is checked
+against the file size before it is mapped, shapes are checked against the header's
+hyper-parameters, and every failure is a :class:`GGUFFormatError` that names the tensor or
+key at fault.
 """
 
 from __future__ import annotations
 
+import dataclasses
+import math
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -20,26 +27,27 @@ import gguf
 import numpy as np
 import numpy.typing as npt
 
-from p2pedge.errors import ModelLoadError
+from p2pedge.models.convert import quants
+from p2pedge.models.convert.gguf_header import (
+    DEFAULT_LIMITS,
+    scan_file,
+)
+from p2pedge.models.convert.gguf_header import GGUFFormatError as GGUFFormatError
+from p2pedge.models.convert.gguf_header import GGUFLimits as GGUFLimits
 from p2pedge.models.convert.weights import (
     F32,
-    Q4_1_BLOCK,
     LlamaBlock,
     LlamaConfig,
     LlamaWeights,
     Matrix,
     Q4_1Matrix,
+    Table,
 )
 
-_Q4_1_BYTES = 20  # f16 scale, f16 minimum, 16 bytes of packed nibbles
+_NUMBER = (int, float)
 
 
-class GGUFFormatError(ModelLoadError):
-    """A GGUF file is truncated, corrupt or not a supported Llama model."""
-
-    def __init__(self, message: str, tensor: str | None = None) -> None:
-        super().__init__(f"tensor {tensor!r}: {message}" if tensor else message)
-        self.tensor = tensor
+ARCHITECTURES = ("llama", "qwen2", "qwen3")
 
 
 @dataclass(frozen=True)
@@ -57,6 +65,7 @@ class TokenizerFacts:
     unk_id: int | None
     add_bos: bool
     chat_template: str | None
+    scores: tuple[float, ...] = ()  # SentencePiece piece scores (GGUF "llama" model)
 
     @property
     def special_ids(self) -> tuple[int, ...]:
@@ -88,9 +97,10 @@ class _CheckedReader(gguf.GGUFReader):  # type: ignore[misc]
         super()._build_tensors(start_offs, fields)
 
 
-def _open(path: Path) -> Any:
+def _open(path: Path, limits: GGUFLimits) -> Any:
     if not path.is_file():
         raise GGUFFormatError(f"no such GGUF file: {path}")
+    scan_file(path, limits)
     try:
         return _CheckedReader(path)
     except GGUFFormatError:
@@ -99,16 +109,45 @@ def _open(path: Path) -> Any:
         raise GGUFFormatError(f"{path} is not a readable GGUF file: {exc}") from exc
 
 
-def _field(reader: Any, key: str, default: Any = None, *, required: bool = False) -> Any:
+def _field(
+    reader: Any,
+    key: str,
+    default: Any = None,
+    *,
+    required: bool = False,
+    kind: type | tuple[type, ...] = object,
+    items: type | tuple[type, ...] | None = None,
+) -> Any:
+    """A metadata value of type ``kind`` (a list of ``items``); floats must be finite.
+
+    The file chooses each value's type, so an ``int()`` of a string, a list or a NaN would
+    otherwise raise an untyped error far from the key at fault (found by fuzzing).
+    """
     field = reader.fields.get(key)
     if field is None:
         if required:
             raise GGUFFormatError(f"metadata key {key!r} is missing")
         return default
     try:
-        return field.contents()
+        value = field.contents()
     except (ValueError, IndexError, UnicodeDecodeError) as exc:
         raise GGUFFormatError(f"metadata key {key!r} is unreadable: {exc}") from exc
+    for item in value if items is not None and isinstance(value, list) else [value]:
+        want = items if items is not None and item is not value else kind
+        if not _is(item, want):
+            raise GGUFFormatError(f"holds a {type(item).__name__}", key=key)
+    if items is not None and not isinstance(value, list):
+        raise GGUFFormatError(f"holds a {type(value).__name__}, not a list", key=key)
+    return value
+
+
+def _is(value: Any, kind: type | tuple[type, ...]) -> bool:
+    kinds = kind if isinstance(kind, tuple) else (kind,)
+    if isinstance(value, bool) and bool not in kinds and object not in kinds:
+        return False
+    if isinstance(value, float) and not math.isfinite(value):
+        return False
+    return isinstance(value, kind)
 
 
 def _f32(value: Any) -> float:
@@ -117,13 +156,18 @@ def _f32(value: Any) -> float:
 
 
 def _config(reader: Any, n_vocab_tokens: int) -> LlamaConfig:
-    arch = _field(reader, "general.architecture", required=True)
-    if arch != "llama":
-        raise GGUFFormatError(f"unsupported architecture {arch!r} (only 'llama')")
+    arch = _field(reader, "general.architecture", required=True, kind=str)
+    if arch not in ARCHITECTURES:
+        raise GGUFFormatError(f"unsupported architecture {arch!r} (only {ARCHITECTURES})")
 
     def num(key: str, default: Any = None) -> Any:
-        return _field(reader, f"llama.{key}", default, required=default is None)
+        return _field(reader, f"{arch}.{key}", default, required=default is None, kind=_NUMBER)
 
+    scaling = _field(reader, f"{arch}.rope.scaling.type", kind=str)
+    if scaling not in (None, "none"):
+        raise GGUFFormatError(
+            f"rope scaling {scaling!r} unsupported", key=f"{arch}.rope.scaling.type"
+        )
     hidden = int(num("embedding_length"))
     n_heads = int(num("attention.head_count"))
     n_kv = int(num("attention.head_count_kv", n_heads))
@@ -139,6 +183,7 @@ def _config(reader: Any, n_vocab_tokens: int) -> LlamaConfig:
         rope_base=_f32(num("rope.freq_base", 10000.0)),
         rms_eps=_f32(num("attention.layer_norm_rms_epsilon")),
         context_length=int(num("context_length")),
+        arch=str(arch),
     )
     sane = (
         0 < config.n_layers <= 1024
@@ -200,31 +245,28 @@ class _Tensors:
     def matrix(
         self, name: str, shape: tuple[int, int], rows: npt.NDArray[np.intp] | None
     ) -> Matrix:
-        """A ``[out, in]`` matrix; Q4_1 stays blocked. ``rows`` re-orders output rows."""
-        tensor = self._by_name.get(name)
-        if tensor is None or tensor.tensor_type != gguf.GGMLQuantizationType.Q4_1:
-            dense = self.floats(name, shape)
-            return dense if rows is None else np.ascontiguousarray(dense[rows])
-        self._get(name, shape)
-        out_f, in_f = shape
-        if in_f % Q4_1_BLOCK:
-            raise GGUFFormatError(f"in_features {in_f} not a multiple of {Q4_1_BLOCK}", name)
-        blocks = np.asarray(tensor.data, dtype=np.uint8).reshape(
-            out_f, in_f // Q4_1_BLOCK, _Q4_1_BYTES
-        )
-        if rows is not None:
-            blocks = blocks[rows]
-        scales = np.ascontiguousarray(blocks[..., 0:2]).view(np.float16)[..., 0]
-        mins = np.ascontiguousarray(blocks[..., 2:4]).view(np.float16)[..., 0]
-        if not (np.isfinite(scales).all() and np.isfinite(mins).all()):
-            raise GGUFFormatError("Q4_1 scales or minimums contain NaN or infinity", name)
-        return Q4_1Matrix(
-            out_features=out_f,
-            in_features=in_f,
-            scales=scales.astype(np.float32),
-            mins=mins.astype(np.float32),
-            quants=np.ascontiguousarray(blocks[..., 4:]),
-        )
+        """A ``[out, in]`` matrix kept as its integer quants (see ``quants``); dense
+        types as float32. ``rows`` re-orders output rows."""
+        tensor = self._get(name, shape)
+        try:
+            matrix = quants.decode(tensor.tensor_type, tensor.data, *shape)
+        except ValueError as exc:
+            raise GGUFFormatError(str(exc), name) from exc
+        if isinstance(matrix, np.ndarray) and not np.isfinite(matrix).all():
+            raise GGUFFormatError("contains NaN or infinity", name)
+        return matrix if rows is None else quants.take_rows(matrix, rows)
+
+    def table(self, name: str, shape: tuple[int, int]) -> Table:
+        """An embedding or head table: Q8_0 and dense types as float32 (the builder
+        recovers Q8_0 blocks exactly), any other type as its integers."""
+        kind = self._get(name, shape).tensor_type
+        if kind == gguf.GGMLQuantizationType.Q8_0 or kind in quants.DENSE_TYPES:
+            return self.floats(name, shape)
+        matrix = self.matrix(name, shape, None)
+        return matrix if not isinstance(matrix, Q4_1Matrix) else quants.as_quant(matrix)
+
+    def bias(self, name: str, n: int) -> F32 | None:
+        return self.floats(name, (n,)) if self.has(name) else None
 
 
 def _block(t: _Tensors, config: LlamaConfig, i: int) -> LlamaBlock:
@@ -232,16 +274,25 @@ def _block(t: _Tensors, config: LlamaConfig, i: int) -> LlamaBlock:
     q_out, kv_out = config.n_heads * d, config.n_kv_heads * d
     p = f"blk.{i}."
     mat = t.matrix
+    # llama.cpp permutes only `llama` Q/K rows (its NORM rotary); qwen2/3 are already NEOX.
+    interleaved = config.arch == "llama"
+    q_rows = _rotary_rows(config.n_heads, d) if interleaved else None
+    k_rows = _rotary_rows(config.n_kv_heads, d) if interleaved else None
     return LlamaBlock(
         attn_norm=t.floats(p + "attn_norm.weight", (h,)),
-        wq=mat(p + "attn_q.weight", (q_out, h), _rotary_rows(config.n_heads, d)),
-        wk=mat(p + "attn_k.weight", (kv_out, h), _rotary_rows(config.n_kv_heads, d)),
+        wq=mat(p + "attn_q.weight", (q_out, h), q_rows),
+        wk=mat(p + "attn_k.weight", (kv_out, h), k_rows),
         wv=mat(p + "attn_v.weight", (kv_out, h), None),
         wo=mat(p + "attn_output.weight", (h, q_out), None),
         ffn_norm=t.floats(p + "ffn_norm.weight", (h,)),
         w_gate=mat(p + "ffn_gate.weight", (f, h), None),
         w_up=mat(p + "ffn_up.weight", (f, h), None),
         w_down=mat(p + "ffn_down.weight", (h, f), None),
+        bq=t.bias(p + "attn_q.bias", q_out),
+        bk=t.bias(p + "attn_k.bias", kv_out),
+        bv=t.bias(p + "attn_v.bias", kv_out),
+        q_norm=t.floats(p + "attn_q_norm.weight", (d,)) if config.arch == "qwen3" else None,
+        k_norm=t.floats(p + "attn_k_norm.weight", (d,)) if config.arch == "qwen3" else None,
     )
 
 
@@ -250,45 +301,96 @@ def _opt_int(value: Any) -> int | None:
 
 
 def _tokenizer(reader: Any) -> TokenizerFacts:
-    tokens = tuple(str(s) for s in _field(reader, "tokenizer.ggml.tokens", required=True))
-    types = _field(reader, "tokenizer.ggml.token_type", None)
+    def text(key: str, default: Any = None, *, required: bool = False) -> Any:
+        return _field(reader, f"tokenizer.{key}", default, required=required, kind=str)
+
+    def ints(key: str) -> Any:
+        return _field(reader, f"tokenizer.ggml.{key}", kind=int)
+
+    def listed(key: str, items: type | tuple[type, ...], *, required: bool = False) -> Any:
+        default: list[Any] | None = None if required else []
+        return _field(reader, f"tokenizer.ggml.{key}", default, required=required, items=items)
+
+    tokens = tuple(listed("tokens", str, required=True))
+    types = _field(reader, "tokenizer.ggml.token_type", None, items=int)
     token_types = tuple(int(x) for x in types) if types is not None else (1,) * len(tokens)
     if len(token_types) != len(tokens):
         raise GGUFFormatError(f"{len(token_types)} token types for {len(tokens)} tokens")
     facts = TokenizerFacts(
-        model=str(_field(reader, "tokenizer.ggml.model", required=True)),
-        pre=str(_field(reader, "tokenizer.ggml.pre", "default")),
+        model=text("ggml.model", required=True),
+        pre=text("ggml.pre", "default"),
         tokens=tokens,
         token_types=token_types,
-        merges=tuple(str(s) for s in _field(reader, "tokenizer.ggml.merges", [])),
-        bos_id=_opt_int(_field(reader, "tokenizer.ggml.bos_token_id")),
-        eos_id=_opt_int(_field(reader, "tokenizer.ggml.eos_token_id")),
-        pad_id=_opt_int(_field(reader, "tokenizer.ggml.padding_token_id")),
-        unk_id=_opt_int(_field(reader, "tokenizer.ggml.unknown_token_id")),
-        add_bos=bool(_field(reader, "tokenizer.ggml.add_bos_token", False)),
-        chat_template=_field(reader, "tokenizer.chat_template"),
+        merges=tuple(listed("merges", str)),
+        bos_id=_opt_int(ints("bos_token_id")),
+        eos_id=_opt_int(ints("eos_token_id")),
+        pad_id=_opt_int(ints("padding_token_id")),
+        unk_id=_opt_int(ints("unknown_token_id")),
+        add_bos=_field(reader, "tokenizer.ggml.add_bos_token", False, kind=bool),
+        chat_template=text("chat_template"),
+        scores=tuple(float(x) for x in listed("scores", _NUMBER)),
     )
+    if facts.scores and len(facts.scores) != len(tokens):
+        raise GGUFFormatError(f"{len(facts.scores)} token scores for {len(tokens)} tokens")
     for key, tid in (("bos", facts.bos_id), ("eos", facts.eos_id), ("pad", facts.pad_id)):
         if tid is not None and not 0 <= tid < len(tokens):
             raise GGUFFormatError(f"{key} token id {tid} outside the vocabulary")
     return facts
 
 
-def read_gguf(path: str | Path) -> tuple[LlamaWeights, TokenizerFacts]:
+def tensor_infos(reader: Any) -> list[quants.TensorInfo]:
+    """Each tensor's name, type, ``(out, in)`` shape and stored bytes, from the infos only."""
+    return [
+        quants.TensorInfo(
+            t.name,
+            t.tensor_type.name,
+            tuple(int(d) for d in reversed(t.shape.tolist())),
+            int(t.n_bytes),
+        )
+        for t in reader.tensors
+    ]
+
+
+def read_tensor_infos(
+    path: str | Path, limits: GGUFLimits = DEFAULT_LIMITS
+) -> list[quants.TensorInfo]:
+    """The tensor infos of a GGUF file, every type checked (no weight is read)."""
+    infos = tensor_infos(_open(Path(path), limits))
+    _check_types(infos)
+    return infos
+
+
+def _check_types(infos: list[quants.TensorInfo]) -> None:
+    try:
+        quants.check_types(infos)
+    except quants.UnsupportedType as exc:
+        name, _, reason = str(exc).partition(": ")
+        raise GGUFFormatError(reason, name) from exc
+
+
+def read_gguf(
+    path: str | Path, limits: GGUFLimits = DEFAULT_LIMITS
+) -> tuple[LlamaWeights, TokenizerFacts]:
     """Load every weight of a Llama GGUF (copied out of the memory map) and its tokenizer."""
-    reader = _open(Path(path))
+    reader = _open(Path(path), limits)
+    _check_types(tensor_infos(reader))
     tok = _tokenizer(reader)
     config = _config(reader, len(tok.tokens))
     if len(tok.tokens) != config.vocab:
         raise GGUFFormatError(f"{len(tok.tokens)} tokens but vocab_size {config.vocab}")
     tensors = _Tensors(reader)
+    if tensors.has("rope_freqs.weight"):  # Llama 3.1+: per-frequency rope divisors
+        factors = tensors.floats("rope_freqs.weight", (config.head_dim // 2,))
+        if not (factors > 0).all():
+            raise GGUFFormatError("rope frequency factors must be positive", "rope_freqs.weight")
+        config = dataclasses.replace(config, rope_factors=tuple(float(f) for f in factors))
     vocab_shape = (config.vocab, config.hidden)
     weights = LlamaWeights(
         config=config,
-        token_embd=tensors.floats("token_embd.weight", vocab_shape),
+        token_embd=tensors.table("token_embd.weight", vocab_shape),
         blocks=tuple(_block(tensors, config, i) for i in range(config.n_layers)),
         output_norm=tensors.floats("output_norm.weight", (config.hidden,)),
-        lm_head=tensors.floats("output.weight", vocab_shape)
+        lm_head=tensors.table("output.weight", vocab_shape)
         if tensors.has("output.weight")
         else None,
     )
