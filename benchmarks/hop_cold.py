@@ -49,8 +49,8 @@ from benchmarks._report import (  # noqa: E402
 )
 from p2pedge.ids import LayerRange  # noqa: E402
 from p2pedge.protocols._stream import QuickLock  # noqa: E402
-from p2pedge.protocols.direct.codec import SealedChannel  # noqa: E402
 from p2pedge.protocols.direct.handler import SocketByteStream  # noqa: E402
+from p2pedge.protocols.direct.tls import pair_in_memory  # noqa: E402
 from p2pedge.protocols.pipeline import codec  # noqa: E402
 from p2pedge.protocols.pipeline.machine import KvBudget, ServerMachine, ShardSpec  # noqa: E402
 from p2pedge.wire.messages import pack, unpack_map  # noqa: E402
@@ -121,9 +121,7 @@ class Hop:
         (alloc,) = self.machine.receive(codec.Open(1, "m", 10, 20, 1 << 16), 0.0)
         self.session = alloc.session  # type: ignore[union-attr]
         self.machine.ready(self.session, 0.0)
-        key = bytes(32)
-        self.client = SealedChannel(key, client=True)
-        self.server = SealedChannel(key, client=False)
+        self.client, self.server = pair_in_memory()
         self.x = np.random.default_rng(0).standard_normal((1, 1, HIDDEN)).astype(np.float32)
         self.position = 0
 

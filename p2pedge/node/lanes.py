@@ -1,7 +1,8 @@
-"""The node's direct lanes: serve hot protocols over sealed TCP, dial them with fallback.
+"""The node's direct lanes: serve hot protocols over TLS 1.3 on TCP, dial them with fallback.
 
 libp2p still finds, authenticates and admits the peer (private swarm and allow-list
-included): the lane's ticket and key travel over a libp2p stream. Only the bytes of
+included): the lane's ticket, secret and certificate fingerprint travel over a libp2p
+stream, which is what binds the lane to the peer id. Only the bytes of
 protocols that opt in (the pipeline) then take the lean path. A peer without a lane, or
 a lane that cannot be dialled, costs one failed attempt and the libp2p stream is used;
 the failure is remembered for a while so the next session does not pay it again.

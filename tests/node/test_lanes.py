@@ -14,6 +14,7 @@ from p2pedge.node.lanes import lane_host
 from p2pedge.node.node import Node
 from p2pedge.protocols._stream import FramedStream
 from p2pedge.protocols.direct.handler import SealedStream
+from p2pedge.protocols.direct.tls import fingerprint
 
 Config = Callable[..., NodeConfig]
 PROTO = "/test/echo/1.0.0"
@@ -36,6 +37,11 @@ async def test_lane_is_used_when_offered_and_knows_the_caller(config: Config) ->
         await b.connect(a.addrs[0])
         stream = await b.lanes.open(a.peer_id, PROTO, timeout=5)
         assert isinstance(stream, SealedStream)
+        assert stream.channel.version() == "TLSv1.3"
+        tls = stream.channel._tls  # the certificate b saw is a's lane certificate
+        assert a.lanes.server is not None and a.lanes.server.identity is not None
+        seen = tls.getpeercert(binary_form=True)
+        assert seen is not None and fingerprint(seen) == a.lanes.server.identity.fingerprint
         await stream.send_bytes(b"h" * 70_000)
         assert await stream.receive_bytes(timeout=5) == f"{b.peer_id}:".encode() + b"h" * 70_000
         assert b.lanes.opened == 1 and b.lanes.fallbacks == 0

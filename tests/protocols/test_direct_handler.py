@@ -11,9 +11,9 @@ import trio.testing
 from p2pedge.errors import PeerUnavailable, RemoteProtocolError
 from p2pedge.protocols._stream import FramedStream
 from p2pedge.protocols.direct import codec
-from p2pedge.protocols.direct.codec import SealedChannel
-from p2pedge.protocols.direct.handler import DirectLane, SealedStream
-from p2pedge.protocols.direct.machine import LaneLimits
+from p2pedge.protocols.direct.handler import DirectLane, SealedStream, connect
+from p2pedge.protocols.direct.machine import LaneLimits, TicketBook
+from p2pedge.protocols.direct.tls import LaneIdentity, TlsChannel, client_context
 
 PROTO = "/test/echo/1.0.0"
 
@@ -31,16 +31,16 @@ async def start_lane(nursery: trio.Nursery, **kw: Any) -> DirectLane:
     return lane
 
 
-async def dial(lane: DirectLane, ticket: bytes, key: bytes) -> SealedStream:
-    tcp = await trio.open_tcp_stream("127.0.0.1", lane.port)
-    channel = SealedChannel(key, client=True)
-    stream = SealedStream(tcp, channel)
-    await stream.stream.write(codec.client_hello(ticket, channel))
-    codec.check_greeting(await stream.receive_bytes(timeout=5))
-    return stream
+def ticket_for(lane: DirectLane, ticket: bytes, secret: bytes) -> codec.Ticket:
+    assert lane.identity is not None
+    return codec.Ticket(lane.port, ticket, secret, lane.identity.fingerprint)
 
 
-async def test_ticket_holder_gets_a_sealed_stream_bound_to_its_peer_id() -> None:
+async def dial(lane: DirectLane, ticket: bytes, secret: bytes) -> SealedStream:
+    return await connect("127.0.0.1", ticket_for(lane, ticket, secret), timeout=5)
+
+
+async def test_ticket_holder_gets_a_tls_stream_bound_to_its_peer_id() -> None:
     async with trio.open_nursery() as nursery:
         lane = await start_lane(nursery)
         issued = lane.book.issue("peer-a", PROTO, trio.current_time())
@@ -64,20 +64,20 @@ async def test_strangers_and_reused_tickets_are_refused_and_the_lane_goes_on() -
             await tcp.aclose()
         issued = lane.book.issue("peer-a", PROTO, trio.current_time())
         assert not isinstance(issued, str)
-        ticket = issued[0]
-        wrong_key = await trio.open_tcp_stream("127.0.0.1", lane.port)
-        await wrong_key.send_all(codec.client_hello(ticket, SealedChannel(bytes(32), client=True)))
-        assert await wrong_key.receive_some(100) == b""
-        assert lane.rejected == 3
-        # the forged hello spent the ticket: the real holder must ask for a new one
+        # someone who saw the ticket id on the wire, without the secret: TLS works, the
+        # secret does not, and the ticket is spent
+        with pytest.raises(PeerUnavailable):
+            await dial(lane, issued[0], bytes(32))
+        assert lane.rejected == 3 and lane.accepted == 0
+        # the real holder must ask for a new one
         issued = lane.book.issue("peer-a", PROTO, trio.current_time())
         assert not isinstance(issued, str)
         stream = await dial(lane, *issued)
         await stream.send_bytes(b"ok")
         assert await stream.receive_bytes(timeout=5) == b"peer-a:ok"
         again = await trio.open_tcp_stream("127.0.0.1", lane.port)
-        await again.send_all(codec.client_hello(issued[0], SealedChannel(issued[1], client=True)))
-        assert await again.receive_some(100) == b""
+        await again.send_all(codec.hello_prefix(issued[0]))
+        assert await again.receive_some(100) == b""  # refused before any TLS
         assert (lane.accepted, lane.rejected) == (1, 4)
         nursery.cancel_scope.cancel()
 
@@ -130,9 +130,9 @@ async def test_expired_tickets_and_unknown_protocols_are_refused() -> None:
         assert refusal.port == 0 and "not served" in refusal.reason
         issued = lane.book.issue("peer-b", PROTO, trio.current_time() - lane.book.ttl - 1)
         assert not isinstance(issued, str)
-        stale = await trio.open_tcp_stream("127.0.0.1", lane.port)
-        await stale.send_all(codec.client_hello(issued[0], SealedChannel(issued[1], client=True)))
-        assert await stale.receive_some(100) == b""
+        with pytest.raises(PeerUnavailable):
+            await dial(lane, *issued)
+        assert (lane.accepted, lane.rejected) == (0, 1)
         nursery.cancel_scope.cancel()
 
 
@@ -214,4 +214,79 @@ async def test_handshakes_are_charged_to_the_source_address() -> None:
         assert await stream.receive_bytes(timeout=5) == b"127.0.0.1"  # what quotas key on
         for tcp in silent:
             await tcp.aclose()
+        nursery.cancel_scope.cancel()
+
+
+async def test_a_lane_with_another_certificate_never_learns_the_secret() -> None:
+    """A man in the middle who knows the ticket id (it travels in clear) and answers on the
+    lane port with its own certificate: the client refuses at the handshake."""
+    seen: list[bytes] = []
+    recorded = trio.Event()
+
+    async def record(stream: FramedStream, peer_id: str) -> None:
+        seen.append(await stream.receive_bytes())
+        recorded.set()
+
+    async with trio.open_nursery() as nursery:
+        real = await start_lane(nursery)
+        impostor = DirectLane(host="127.0.0.1", book=TicketBook())
+        impostor.enable(PROTO, record)
+        await impostor.start(nursery)
+        issued = impostor.book.issue("victim", PROTO, trio.current_time())
+        assert not isinstance(issued, str)  # worst case: it even knows the secret
+        assert real.identity is not None and impostor.identity is not None
+        pinned_real = codec.Ticket(impostor.port, *issued, real.identity.fingerprint)
+        with pytest.raises(RemoteProtocolError, match="pinned"):
+            await connect("127.0.0.1", pinned_real, timeout=5)
+        assert (impostor.accepted, seen) == (0, [])
+        # the same lane with its own certificate pinned: accepted
+        issued = impostor.book.issue("victim", PROTO, trio.current_time())
+        assert not isinstance(issued, str)
+        stream = await dial(impostor, *issued)
+        await stream.send_bytes(b"after")
+        await stream.close()
+        assert impostor.accepted == 1
+        with trio.fail_after(5):
+            await recorded.wait()
+        assert seen == [b"after"]
+        nursery.cancel_scope.cancel()
+
+
+async def test_a_lane_identity_is_made_once_per_lane() -> None:
+    identity = LaneIdentity()
+    async with trio.open_nursery() as nursery:
+        lane = DirectLane(host="127.0.0.1", identity=identity)
+        await lane.start(nursery)
+        assert lane.identity is identity
+        other = await start_lane(nursery)
+        assert other.identity is not None and other.identity.fingerprint != identity.fingerprint
+        nursery.cancel_scope.cancel()
+
+
+async def test_before_its_secret_a_client_may_send_no_more_than_a_secret() -> None:
+    """Someone who saw a ticket id on the wire can get through TLS, but the server then
+    admits one secret-sized frame: a bigger one is refused at its prefix, not awaited."""
+    async with trio.open_nursery() as nursery:
+        lane = await start_lane(nursery, hello_timeout=60.0)
+        issued = lane.book.issue("peer-a", PROTO, trio.current_time())
+        assert not isinstance(issued, str) and lane.identity is not None
+        channel = TlsChannel(client_context(), server=False, pin=lane.identity.fingerprint)
+        tcp = await trio.open_tcp_stream("127.0.0.1", lane.port)
+        out, done = channel.handshake()
+        await tcp.send_all(codec.hello_prefix(issued[0]) + out)
+        while not done:
+            out, done = channel.handshake(await tcp.receive_some(1 << 16))
+            await tcp.send_all(out)
+        await tcp.send_all(channel.seal(bytes(1 << 20))[: 17 << 10])  # the first record
+        with trio.fail_after(5):  # well before the hello timeout
+            try:
+                assert await tcp.receive_some(100) == b""
+            except trio.BrokenResourceError:
+                pass  # closed with our bytes unread: a reset
+        assert lane.rejected == 1 and lane.handshakes.held(source="127.0.0.1") == 0
+        issued = lane.book.issue("peer-b", PROTO, trio.current_time())
+        assert not isinstance(issued, str)
+        stream = await dial(lane, *issued)
+        await stream.send_bytes(b"x" * 100_000)  # after the secret, full-sized frames
+        assert await stream.receive_bytes(timeout=5) == b"peer-b:" + b"x" * 100_000
         nursery.cancel_scope.cancel()

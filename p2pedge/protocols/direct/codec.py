@@ -1,4 +1,4 @@
-"""``/p2pedge/direct/1.0.0``: a sealed TCP lane for hot protocols (pure, no IO).
+"""``/p2pedge/direct/2.0.0``: a TLS 1.3 TCP lane for hot protocols (pure, no IO).
 
 Why: py-libp2p 0.8's Python yamux and Noise cost about 2 ms of round trip and 1 ms of CPU
 per message pair on loopback (``benchmarks/transport.py``), about a third of what a
@@ -6,41 +6,35 @@ pipeline hop added on top of its compute.
 libp2p stays in charge of who is who; the lane only carries the bytes:
 
 1. over an authenticated libp2p stream the client asks for a :class:`Ticket` for one
-   protocol; the server answers with a TCP port, a random ticket and a random key;
-2. the client dials that port at the libp2p connection's IP and sends :func:`client_hello`:
-   ``MAGIC``, the ticket in clear, then a sealed greeting;
-3. the server answers with a sealed greeting; after that every frame, both ways, is
-   ``length || ChaCha20-Poly1305(key, nonce = direction || counter, payload, ad = length)``.
+   protocol; the server answers with a TCP port, a random ticket id, a random secret and
+   the SHA-256 fingerprint of its lane certificate (:mod:`~p2pedge.protocols.direct.tls`);
+2. the client dials that port at the libp2p connection's IP and sends :func:`hello_prefix`
+   (``MAGIC`` and the ticket id, in clear, so a stranger is refused before any TLS work),
+   then a TLS 1.3 handshake in which it accepts only the pinned certificate;
+3. inside TLS the client's first frame is the secret, and the server answers
+   ``GREETING``; after that both sides exchange length-prefixed frames.
 
-A ticket is used once and expires; the key never leaves the Noise-encrypted libp2p stream,
-so a stranger on the TCP port can neither read nor forge frames, and a replayed, dropped
-or reordered frame fails authentication (the counter is implicit).
+A ticket is used once and expires. The secret and the fingerprint never leave the
+Noise-encrypted libp2p stream except inside TLS to the pinned server, so seeing the
+ticket id on the wire gives an attacker nothing but a way to spend it.
 """
 
 from __future__ import annotations
 
-import struct
 from dataclasses import dataclass
 from typing import Any
 
-from cryptography.exceptions import InvalidTag
-from cryptography.hazmat.primitives.ciphers.aead import ChaCha20Poly1305
-
 from p2pedge.errors import LocalProtocolError, RemoteProtocolError
-from p2pedge.wire.framing import DEFAULT_MAX_FRAME, PREFIX, FrameDecoder
+from p2pedge.protocols.direct.tls import FINGERPRINT_BYTES
 from p2pedge.wire.messages import require
 
-PROTOCOL_ID = "/p2pedge/direct/1.0.0"
-MAGIC = b"p2pedge-direct/1\n"
+PROTOCOL_ID = "/p2pedge/direct/2.0.0"
+MAGIC = b"p2pedge-direct/2\n"
 TICKET_BYTES = 16
-KEY_BYTES = 32
-TAG_BYTES = 16
+SECRET_BYTES = 32
 GREETING = b"hello"
 MAX_PROTOCOL_CHARS = 128
-MAX_TICKET_FRAME = 1024  # a ticket request or answer is ~100 bytes; refuse more unread
-_NONCE = struct.Struct(">IQ")
-CLIENT_TO_SERVER = 0
-SERVER_TO_CLIENT = 1
+MAX_TICKET_FRAME = 1024  # a ticket request or answer is ~150 bytes; refuse more unread
 
 
 @dataclass(frozen=True)
@@ -54,8 +48,13 @@ class Ticket:
 
     port: int
     ticket: bytes
-    key: bytes
+    secret: bytes
+    fingerprint: bytes
     reason: str = ""
+
+
+def refusal(reason: str) -> Ticket:
+    return Ticket(0, b"", b"", b"", reason)
 
 
 def encode_request(req: TicketRequest) -> dict[str, Any]:
@@ -74,7 +73,14 @@ def decode_request(msg: dict[str, Any]) -> TicketRequest:
 
 
 def encode_ticket(t: Ticket) -> dict[str, Any]:
-    return {"t": "ticket", "port": t.port, "ticket": t.ticket, "key": t.key, "reason": t.reason}
+    return {
+        "t": "ticket",
+        "port": t.port,
+        "ticket": t.ticket,
+        "secret": t.secret,
+        "cert": t.fingerprint,
+        "reason": t.reason,
+    }
 
 
 def decode_ticket(msg: dict[str, Any]) -> Ticket:
@@ -83,65 +89,25 @@ def decode_ticket(msg: dict[str, Any]) -> Ticket:
     port = require(msg, "port", int)
     reason = require(msg, "reason", str)[:200]
     if port == 0:
-        return Ticket(0, b"", b"", reason or "refused")
-    ticket, key = require(msg, "ticket", bytes), require(msg, "key", bytes)
-    if not 0 < port < 65536 or len(ticket) != TICKET_BYTES or len(key) != KEY_BYTES:
-        raise RemoteProtocolError("malformed ticket (port, ticket or key size)")
-    return Ticket(port, ticket, key, reason)
-
-
-class SealedChannel:
-    """Seals outgoing frames and opens incoming ones for one lane end.
-
-    Sans-IO: :meth:`seal` gives bytes to write, :meth:`feed` takes received bytes and
-    returns whole payloads. Framing is the shared :class:`FrameDecoder` (a length above
-    ``max_frame`` plus the tag is refused when its prefix arrives, before anything is
-    buffered for it); the length prefix is the associated data.
-    """
-
-    def __init__(self, key: bytes, *, client: bool, max_frame: int = DEFAULT_MAX_FRAME) -> None:
-        if len(key) != KEY_BYTES:
-            raise LocalProtocolError(f"key must be {KEY_BYTES} bytes")
-        self._aead = ChaCha20Poly1305(key)
-        self._send_dir = CLIENT_TO_SERVER if client else SERVER_TO_CLIENT
-        self._recv_dir = SERVER_TO_CLIENT if client else CLIENT_TO_SERVER
-        self._sent = 0
-        self._received = 0
-        self.max_frame = max_frame
-        self._frames = FrameDecoder(max_frame + TAG_BYTES, min_frame=TAG_BYTES)
-
-    @property
-    def buffered(self) -> int:
-        return self._frames.buffered
-
-    def seal(self, payload: bytes) -> bytes:
-        if len(payload) > self.max_frame:
-            raise LocalProtocolError(f"frame of {len(payload)} bytes exceeds {self.max_frame}")
-        prefix = PREFIX.pack(len(payload) + TAG_BYTES)
-        nonce = _NONCE.pack(self._send_dir, self._sent)
-        self._sent += 1
-        return prefix + self._aead.encrypt(nonce, payload, prefix)
-
-    def feed(self, data: bytes) -> list[bytes]:
-        frames: list[bytes] = []
-        for body in self._frames.feed(data):
-            nonce = _NONCE.pack(self._recv_dir, self._received)
-            try:
-                frames.append(self._aead.decrypt(nonce, body, PREFIX.pack(len(body))))
-            except InvalidTag as exc:
-                raise RemoteProtocolError("sealed frame failed authentication") from exc
-            self._received += 1
-        return frames
-
-
-def client_hello(ticket: bytes, channel: SealedChannel) -> bytes:
-    """The client's first bytes on the lane (the channel's first sealed frame)."""
-    if len(ticket) != TICKET_BYTES:
-        raise LocalProtocolError("ticket has the wrong size")
-    return MAGIC + ticket + channel.seal(GREETING)
+        return refusal(reason or "refused")
+    ticket, secret = require(msg, "ticket", bytes), require(msg, "secret", bytes)
+    cert = require(msg, "cert", bytes)
+    if not 0 < port < 65536:
+        raise RemoteProtocolError(f"malformed ticket: port {port}")
+    sizes = (len(ticket), len(secret), len(cert))
+    if sizes != (TICKET_BYTES, SECRET_BYTES, FINGERPRINT_BYTES):
+        raise RemoteProtocolError(f"malformed ticket: ticket, secret, cert sizes {sizes}")
+    return Ticket(port, ticket, secret, cert, reason)
 
 
 HELLO_PREFIX = len(MAGIC) + TICKET_BYTES
+
+
+def hello_prefix(ticket: bytes) -> bytes:
+    """The client's first bytes on the lane, before its TLS ClientHello."""
+    if len(ticket) != TICKET_BYTES:
+        raise LocalProtocolError("ticket has the wrong size")
+    return MAGIC + ticket
 
 
 def hello_ticket(prefix: bytes) -> bytes:

@@ -1,9 +1,10 @@
 """Trio glue for the direct lane: the TCP listener that redeems tickets, and the dialer.
 
-A lane stream is a :class:`~p2pedge.protocols._stream.FramedStream` whose frames are
-sealed, so protocol handlers serve it exactly as they serve a libp2p stream. Every
-failure of a stranger on the TCP port (wrong magic, unknown ticket, forged frame, silence)
-ends only that connection, and every connection's handler runs contained
+A lane stream is a :class:`~p2pedge.protocols._stream.FramedStream` whose frames travel
+inside TLS 1.3 (:mod:`~p2pedge.protocols.direct.tls`), so protocol handlers serve it
+exactly as they serve a libp2p stream. Every failure of a stranger on the TCP port (wrong
+magic, unknown ticket, failed handshake, wrong secret, forged record, silence) ends only
+that connection, and every connection's handler runs contained
 (:func:`~p2pedge.protocols._stream.contain`). Connections not yet authenticated are
 charged to their source address (:class:`~p2pedge.protocols.direct.machine.LaneLimits`),
 so silent connections from one address cannot crowd out other peers' handshakes.
@@ -11,6 +12,7 @@ so silent connections from one address cannot crowd out other peers' handshakes.
 
 from __future__ import annotations
 
+import hmac
 import logging
 import os
 from collections.abc import Awaitable, Callable
@@ -21,9 +23,10 @@ import trio
 from p2pedge.errors import Busy, PeerUnavailable, RemoteProtocolError
 from p2pedge.protocols._stream import READ_CHUNK, FramedStream, contain
 from p2pedge.protocols.direct import codec
-from p2pedge.protocols.direct.codec import SealedChannel
 from p2pedge.protocols.direct.machine import LaneLimits, TicketBook
+from p2pedge.protocols.direct.tls import LaneIdentity, TlsChannel, client_context
 from p2pedge.quota import Quota
+from p2pedge.wire.framing import DEFAULT_MAX_FRAME
 
 log = logging.getLogger(__name__)
 
@@ -106,9 +109,9 @@ class SocketByteStream:
 
 
 class SealedStream(FramedStream):
-    """Frames sealed with the lane's key; same interface as a libp2p framed stream."""
+    """Frames inside the lane's TLS session; same interface as a libp2p framed stream."""
 
-    def __init__(self, stream: trio.SocketStream, channel: SealedChannel, source: str = "") -> None:
+    def __init__(self, stream: trio.SocketStream, channel: TlsChannel, source: str = "") -> None:
         super().__init__(SocketByteStream(stream), max_frame=channel.max_frame, source=source)
         self.channel = channel
 
@@ -116,20 +119,23 @@ class SealedStream(FramedStream):
         return self.channel.seal(payload)
 
     def _decode(self, chunk: bytes) -> list[bytes]:
-        """A frame that fails authentication (or a hostile length) ends the lane: its
-        counters can no longer agree, so the peer is treated as gone, not merely wrong."""
+        """A record that fails authentication (or a hostile length) ends the lane: TLS
+        cannot resynchronise, so the peer is treated as gone, not merely wrong."""
         try:
             return self.channel.feed(chunk)
         except RemoteProtocolError as exc:
             raise PeerUnavailable(f"direct lane broken: {exc}") from exc
 
-    def push_received(self, data: bytes) -> None:
-        """Bytes read before this object existed (after the hello prefix)."""
+    def push_received(self, data: bytes = b"") -> None:
+        """Bytes read before this object existed (what arrived with the handshake)."""
         self._ready.extend(self._decode(data))
 
 
 class DirectLane:
-    """Server half: issues tickets over libp2p, accepts sealed TCP connections."""
+    """Server half: issues tickets over libp2p, accepts TLS connections on TCP.
+
+    ``identity`` (made in a thread at :meth:`start` when not given) is the lane's
+    certificate; it lives as long as this object."""
 
     def __init__(
         self,
@@ -138,19 +144,24 @@ class DirectLane:
         port: int = 0,
         book: TicketBook | None = None,
         limits: LaneLimits | None = None,
+        identity: LaneIdentity | None = None,
     ) -> None:
         self.host = host
+        self.identity = identity
         self.limits = limits or LaneLimits()
-        self.book = book or self.limits.book()
+        self.book = book if book is not None else self.limits.book()  # empty is falsy
         self.hello_timeout = self.limits.hello_timeout
         self.handshakes = Quota("direct.handshakes", self.limits.handshakes())
         self.handlers: dict[str, StreamHandler] = {}
         self.port = port
+        self.max_frame = DEFAULT_MAX_FRAME
         self.accepted = 0
         self.rejected = 0
 
     async def start(self, nursery: trio.Nursery) -> None:
         """Listen (port 0: the OS chooses); connections live in ``nursery``."""
+        if self.identity is None:
+            self.identity = await trio.to_thread.run_sync(LaneIdentity)
         listeners = await trio.open_tcp_listeners(self.port, host=self.host)
         self.port = int(listeners[0].socket.getsockname()[1])
         serve = partial(trio.serve_listeners, self._serve_tcp, listeners, handler_nursery=nursery)
@@ -167,14 +178,14 @@ class DirectLane:
         except RemoteProtocolError as exc:
             log.info("bad direct-lane ticket request from %s: %s", peer_id, exc)
             return
-        if request.protocol not in self.handlers:
-            reply = codec.Ticket(0, b"", b"", f"{request.protocol} is not served on the lane")
+        if self.identity is None or request.protocol not in self.handlers:
+            reply = codec.refusal(f"{request.protocol} is not served on the lane")
         else:
             issued = self.book.issue(peer_id, request.protocol, trio.current_time())
             if isinstance(issued, str):
-                reply = codec.Ticket(0, b"", b"", issued)
+                reply = codec.refusal(issued)
             else:
-                reply = codec.Ticket(self.port, issued[0], issued[1])
+                reply = codec.Ticket(self.port, *issued, self.identity.fingerprint)
         await framed.send(codec.encode_ticket(reply))
 
     async def _serve_tcp(self, tcp: trio.SocketStream) -> None:
@@ -218,12 +229,19 @@ class DirectLane:
                     buffer += chunk
                 ticket = codec.hello_ticket(bytes(buffer[: codec.HELLO_PREFIX]))
                 grant = self.book.redeem(ticket, trio.current_time())
-                if grant is None or grant.protocol not in self.handlers:
+                if grant is None or grant.protocol not in self.handlers or self.identity is None:
                     log.info("direct lane: unknown or expired ticket")
                     return None
-                stream = SealedStream(tcp, SealedChannel(grant.key, client=False), source)
-                stream.push_received(bytes(buffer[codec.HELLO_PREFIX :]))
-                codec.check_greeting(await stream.receive_bytes())
+                channel = TlsChannel(
+                    self.identity.context, server=True, max_frame=codec.SECRET_BYTES
+                )
+                await _handshake(tcp, channel, bytes(buffer[codec.HELLO_PREFIX :]))
+                stream = SealedStream(tcp, channel, source)
+                stream.push_received()
+                if not hmac.compare_digest(await stream.receive_bytes(), grant.secret):
+                    raise RemoteProtocolError("wrong ticket secret")
+                channel.reframe(self.max_frame)  # the client waits for the greeting first
+                stream.max_frame = self.max_frame
                 await stream.send_bytes(codec.GREETING)
                 return stream, grant.peer_id, grant.protocol
             except (RemoteProtocolError, PeerUnavailable, *_SOCKET_ERRORS) as exc:
@@ -271,19 +289,60 @@ async def open_direct(
     if ticket.port == 0:
         raise PeerUnavailable(f"direct lane refused: {ticket.reason}")
     host = host or remote_host(ticket_stream)
+    return await connect(
+        host, ticket, timeout=timeout, dial_timeout=dial_timeout, local_address=local_address
+    )
+
+
+async def connect(
+    host: str,
+    ticket: codec.Ticket,
+    *,
+    timeout: float,
+    dial_timeout: float = DEFAULT_DIAL_TIMEOUT,
+    local_address: str | None = None,
+) -> SealedStream:
+    """Dial the lane at ``host`` with ``ticket``: TLS to the pinned certificate, then the
+    secret; the stream is returned once the server has greeted it."""
     try:
         with trio.fail_after(min(timeout, dial_timeout)):
             tcp = await trio.open_tcp_stream(host, ticket.port, local_address=local_address)
     except (trio.TooSlowError, OSError) as exc:
         where = f"{host}:{ticket.port}"
         raise PeerUnavailable(f"cannot dial the direct lane at {where}: {exc}") from exc
-    channel = SealedChannel(ticket.key, client=True)
-    stream = SealedStream(tcp, channel, host)
+    channel = TlsChannel(client_context(), server=False, pin=ticket.fingerprint)
     try:
-        await stream.stream.write(codec.client_hello(ticket.ticket, channel))
+        with trio.fail_after(timeout):
+            await _handshake(tcp, channel, b"", first=codec.hello_prefix(ticket.ticket))
+        stream = SealedStream(tcp, channel, host)
+        stream.push_received()
+        await stream.send_bytes(ticket.secret)
         codec.check_greeting(await stream.receive_bytes(timeout=timeout))
+    except trio.TooSlowError as exc:
+        with trio.CancelScope(shield=True):
+            await tcp.aclose()
+        raise PeerUnavailable(f"direct lane handshake took over {timeout:.3g} s") from exc
     except BaseException:
         with trio.CancelScope(shield=True):
             await tcp.aclose()
         raise
     return stream
+
+
+async def _handshake(
+    tcp: trio.SocketStream, channel: TlsChannel, received: bytes, first: bytes = b""
+) -> None:
+    """Drive ``channel``'s TLS handshake over ``tcp`` (``first``: bytes to send ahead of
+    it). Bytes past the handshake stay in the channel. A peer closing midway is gone."""
+    try:
+        out, done = channel.handshake(received)
+        await tcp.send_all(first + out)
+        while not done:
+            chunk = await tcp.receive_some(READ_CHUNK)
+            if not chunk:
+                raise PeerUnavailable("the direct lane closed during its handshake")
+            out, done = channel.handshake(chunk)
+            if out:
+                await tcp.send_all(out)
+    except _SOCKET_ERRORS as exc:
+        raise PeerUnavailable(f"the direct lane failed during its handshake: {exc!r}") from exc

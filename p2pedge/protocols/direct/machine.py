@@ -11,7 +11,7 @@ import secrets
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from p2pedge.protocols.direct.codec import KEY_BYTES, TICKET_BYTES
+from p2pedge.protocols.direct.codec import SECRET_BYTES, TICKET_BYTES
 from p2pedge.quota import Limit
 
 DEFAULT_TTL = 30.0
@@ -55,7 +55,7 @@ class Grant:
 
     peer_id: str
     protocol: str
-    key: bytes
+    secret: bytes
 
 
 @dataclass(frozen=True)
@@ -86,7 +86,7 @@ class TicketBook:
         return sum(1 for e in self._entries.values() if e.grant.peer_id == peer_id)
 
     def issue(self, peer_id: str, protocol: str, now: float) -> tuple[bytes, bytes] | str:
-        """``(ticket, key)``, or the reason for refusing."""
+        """``(ticket, secret)``, or the reason for refusing."""
         self.expire(now)
         if len(self._entries) >= self.total:
             return "too many outstanding tickets"
@@ -95,9 +95,9 @@ class TicketBook:
         ticket = self._random(TICKET_BYTES)
         while ticket in self._entries:
             ticket = self._random(TICKET_BYTES)
-        key = self._random(KEY_BYTES)
-        self._entries[ticket] = _Entry(Grant(peer_id, protocol, key), now + self.ttl)
-        return ticket, key
+        secret = self._random(SECRET_BYTES)
+        self._entries[ticket] = _Entry(Grant(peer_id, protocol, secret), now + self.ttl)
+        return ticket, secret
 
     def redeem(self, ticket: bytes, now: float) -> Grant | None:
         """The grant for ``ticket`` if it is known and fresh; it cannot be used again."""
