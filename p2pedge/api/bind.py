@@ -86,7 +86,7 @@ class NodeBackend:
 
     async def models(self) -> list[ModelEntry]:
         out: dict[str, ModelEntry] = {AUTO: ModelEntry(AUTO, "auto", {"routed": "orchestrator"})}
-        for cached in self.node.models.cached_models():
+        for cached in await trio.to_thread.run_sync(self.node.models.cached_models):
             name = ModelId.parse(cached.id).name
             out.setdefault(name, ModelEntry(name, "local", {"version": cached.id}))
         cards = await self._cards()

@@ -14,7 +14,9 @@ the store is opened; the result is cached by ``(size, mtime_ns)``, so a blob cha
 afterwards (including through a materialized hard link) is hashed again before use. An
 in-place edit that keeps both size and mtime is not detected until the next process.
 
-Blocking I/O: call these methods from a worker thread in async code.
+Blocking I/O: call these methods from a worker thread in async code (hashing a blob costs
+time in proportion to its size). Materializing is serialised by a lock, so two threads that
+both find a model's directory missing do not race to build it.
 """
 
 from __future__ import annotations
@@ -24,6 +26,7 @@ import hashlib
 import os
 import re
 import shutil
+import threading
 import uuid
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from contextlib import contextmanager
@@ -95,6 +98,7 @@ class Store:
         for path in (self.blobs, self.manifests, self.models, self.partial):
             path.mkdir(parents=True, exist_ok=True)
         self._verified: dict[str, tuple[int, int]] = {}
+        self._materializing = threading.Lock()
 
     # -- atomic writes -------------------------------------------------------------------
 
@@ -259,6 +263,14 @@ class Store:
         except FileNotFoundError as exc:
             raise ModelNotCached(str(model)) from exc
 
+    def manifest_size(self, model: ModelId) -> int:
+        """The stored manifest's length in bytes, from a stat: cheap enough for the event
+        loop, where reading (up to 8 MiB) or parsing it is not."""
+        try:
+            return self._manifest_path(self.resolve(model)).stat().st_size
+        except FileNotFoundError as exc:
+            raise ModelNotCached(str(model)) from exc
+
     def get_manifest(self, model: ModelId, trust: TrustStore | None = None) -> Manifest:
         manifest = parse_manifest(self.manifest_bytes(model))
         if trust is not None:
@@ -314,6 +326,10 @@ class Store:
 
     def materialize(self, model: ModelId, paths: Sequence[str] | None = None) -> Path:
         """A directory with the model's original file names, ready for onnxruntime-genai."""
+        with self._materializing:
+            return self._materialize(model, paths)
+
+    def _materialize(self, model: ModelId, paths: Sequence[str] | None) -> Path:
         manifest = self.get_manifest(model)
         entries = manifest.select(paths)
         target = self.models / manifest.model.name / manifest.model.version

@@ -3,7 +3,8 @@ publishing into the swarm, and fetching only the files a served shard reads.
 
 Kept apart from :mod:`p2pedge.node.models` (runtime and generation); the wiring of peers as
 chunk sources to :func:`p2pedge.models.pull.pull` happens here, so ``models/`` never
-imports the protocols.
+imports the protocols. Store calls run in worker threads: hashing, reading manifests
+and materializing all touch the disk, some in proportion to a model's size.
 """
 
 from __future__ import annotations
@@ -59,7 +60,7 @@ class Distribution:
                 directory, model.name, model.version, category, key, tags=tags
             )
         )
-        self.node.set_models(self.models.cached_models())
+        await self.models.refresh_card_models()
         if not self.node.config.local_only:
             await announce_store(self.node, self.store, [manifest.model])
         return manifest
@@ -82,7 +83,7 @@ class Distribution:
         registry = self.node.config.registry
         head, _ = await self._pull_held(model, registry, [FACTS_FILE, MODEL_FILE])
         if layers is None:
-            n_layers = model_layers(head)
+            n_layers = await trio.to_thread.run_sync(model_layers, head)
             layers = await place(self.node, model.name, n_layers, max(n_layers // 2, 1))
         files = await trio.to_thread.run_sync(shard_files, head, layers)
         path, manifest = await self._pull_held(model, registry, files)
@@ -104,8 +105,10 @@ class Distribution:
         held so far (a node may hold a shard's files and a client's tokenizer files of one
         model)."""
         result = await self._fetch(model, registry, files)
-        held = self.store.held_paths(result.manifest.model)
-        path = await trio.to_thread.run_sync(self.store.materialize, result.manifest.model, held)
+        pulled = result.manifest.model
+        path = await trio.to_thread.run_sync(
+            lambda: self.store.materialize(pulled, self.store.held_paths(pulled))
+        )
         return path, result.manifest
 
     async def _fetch(
@@ -115,7 +118,8 @@ class Distribution:
         from p2pedge.protocols.blob.handler import announce_store, swarm_sources
         from p2pedge.registry.client import RegistryClient
 
-        known = self._stored_manifest(model)  # then peers holding some of its files count too
+        # with a manifest here, peers holding some of its files count as sources too
+        known = await trio.to_thread.run_sync(self._stored_manifest, model)
         blobs = [f.sha256 for f in known.select(files)] if known is not None else []
         sources: list[Any] = []
         if not self.node.config.local_only:
@@ -128,7 +132,7 @@ class Distribution:
         finally:
             for source in sources:
                 await source.aclose()
-        self.node.set_models(self.models.cached_models())
+        await self.models.refresh_card_models()
         if not self.node.config.local_only:
             await announce_store(self.node, self.store, [result.manifest.model])
         return result

@@ -166,7 +166,9 @@ class LocalInference:
         self.cache.unpin((await self.resolve(model))[1])
 
     async def unload(self, model: ModelRef) -> bool:
-        return self.cache.unload((await self.resolve(model))[1])
+        """Drop a warm model; freeing a session's memory runs in a thread."""
+        path = (await self.resolve(model))[1]
+        return await trio.to_thread.run_sync(self.cache.unload, path)
 
     def loaded(self) -> list[CachedModel]:
         return self.cache.loaded()

@@ -34,7 +34,7 @@ import trio
 from p2pedge.errors import Busy, IntegrityError, ModelNotCached
 from p2pedge.ids import ModelId
 from p2pedge.models.keys import TrustStore, verify_signature
-from p2pedge.models.manifest import MAX_MANIFEST_BYTES, ManifestError, parse_manifest
+from p2pedge.models.manifest import MAX_MANIFEST_BYTES, Manifest, ManifestError, parse_manifest
 from p2pedge.models.store import Store, StoreFull
 from p2pedge.quota import Limit, Quota
 from p2pedge.registry.owners import Grants, Owners
@@ -193,7 +193,7 @@ class RegistryApp:
             model = _model_id(parts[1], parts[2])
             if model.version == "latest":
                 model = ModelId(model.name, self._versions(model.name)[-1])
-            data = self.store.manifest_bytes(model)
+            data = await trio.to_thread.run_sync(self.store.manifest_bytes, model)
             await self._respond(send, 200, data, {"content-type": "application/json"})
         else:
             raise HttpError(404, f"no such endpoint {scope['path']!r}")
@@ -285,12 +285,17 @@ class RegistryApp:
             raise HttpError(400, f"{model.version!r} is not a version: it names the newest one")
         _content_length(scope, self.limits.max_manifest_bytes)
         data = await self._drain(receive, self.limits.max_manifest_bytes)
-        try:
+
+        def checked() -> Manifest:  # up to 8 MiB of JSON and a signature: off the loop
             manifest = parse_manifest(data)
             if self.trust is not None:
                 manifest.verify(self.trust)
             else:
                 verify_signature(manifest.publisher, manifest.signature, manifest.signed_bytes())
+            return manifest
+
+        try:
+            manifest = await trio.to_thread.run_sync(checked)
         except ManifestError as exc:
             raise HttpError(400, str(exc)) from exc
         except IntegrityError as exc:
@@ -301,11 +306,12 @@ class RegistryApp:
             raise HttpError(400, f"manifest is for {manifest.model}, not {model}")
         async with self._publishing:  # check-then-write must not interleave with another
             if model.version in self.store.versions(model.name):
-                if self.store.manifest_bytes(model) == manifest.to_bytes():
+                stored = await trio.to_thread.run_sync(self.store.manifest_bytes, model)
+                if stored == manifest.to_bytes():
                     await self._json(send, 200, {"model": str(model), "stored": False})
                     return
                 raise HttpError(409, f"{model} is already published; versions are immutable")
-            self._check_owner(model.name, manifest.publisher)
+            await trio.to_thread.run_sync(self._check_owner, model.name, manifest.publisher)
             missing = sorted(
                 {f.sha256 for f in manifest.files if not self.store.has_blob(f.sha256)}
             )

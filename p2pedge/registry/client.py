@@ -142,7 +142,7 @@ class RegistryClient:
 
     async def publish(self, store: Store, model: ModelId) -> Manifest:
         """Upload the blobs the registry lacks, then the manifest (which it checks)."""
-        manifest = store.get_manifest(model)
+        manifest = await trio.to_thread.run_sync(store.get_manifest, model)
         for digest in sorted({f.sha256 for f in manifest.files}):
             if not await self.has_blob(digest):
                 path = await trio.to_thread.run_sync(store.verify_blob, digest)

@@ -134,7 +134,7 @@ class BlobService:
         """Bytes the answer will hold, known before it is read: a chunk's length from the
         blob's size (an index beyond it is the peer's fault), a manifest's file size."""
         if isinstance(request, ManifestRequest):
-            return len(self.store.manifest_bytes(request.model)) + _OVERHEAD
+            return self.store.manifest_size(request.model) + _OVERHEAD
         try:
             size = self.store.blob_path(request.digest).stat().st_size
         except FileNotFoundError as exc:
@@ -165,7 +165,8 @@ class BlobService:
     async def _answer(self, request: Request) -> Response:
         if isinstance(request, ManifestRequest):
             try:
-                return DataResponse(self.store.manifest_bytes(request.model))
+                data = await trio.to_thread.run_sync(self.store.manifest_bytes, request.model)
+                return DataResponse(data)
             except ModelNotCached:
                 return ErrorResponse("not_found", f"no manifest for {request.model}")
         if not self.store.has_blob(request.digest):
@@ -314,11 +315,16 @@ async def announce_store(
     """Provide every held blob of ``models`` (default: all stored) and their names; returns
     the keys. A node holding only some files of a model (a shard server) announces its name
     too: it serves the manifest and those files, and a puller asks others for the rest."""
-    keys: set[str] = set()
-    for model in store.list_models() if models is None else models:
-        manifest = store.get_manifest(model)
-        keys.add(model_key(manifest.model.name))
-        keys.update(provider_key(f.sha256) for f in manifest.files if store.has_blob(f.sha256))
+
+    def held_keys() -> set[str]:  # parses every stored manifest: off the loop
+        keys: set[str] = set()
+        for model in store.list_models() if models is None else models:
+            manifest = store.get_manifest(model)
+            keys.add(model_key(manifest.model.name))
+            keys.update(provider_key(f.sha256) for f in manifest.files if store.has_blob(f.sha256))
+        return keys
+
+    keys = await trio.to_thread.run_sync(held_keys)
     for key in sorted(keys):
         await node.provide(key)
     return len(keys)
