@@ -46,7 +46,11 @@ async def test_smollm2_three_shards_match_unsplit(tmp_path: Path) -> None:
             model = ShardModel.from_dir(shard_dir, runtime)
             swarm.add(f"s{a}", PipelineServer({("smollm2", layers): model}))
         session = ShardedSession(
-            swarm.open_stream, swarm.options, "smollm2", n_layers, ClientConfig(max_length=64, push=False)
+            swarm.open_stream,
+            swarm.options,
+            "smollm2",
+            n_layers,
+            ClientConfig(max_length=64, push=False),
         )
         async with session:
             assert len(session.route) == 3
