@@ -9,6 +9,9 @@ import statistics
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TypeVar
+
+T = TypeVar("T")
 
 DOC = Path(__file__).resolve().parent.parent / "docs" / "benchmarks.md"
 
@@ -86,7 +89,7 @@ def headline(fields: dict[str, str]) -> str:
     return " ".join(f"{key}={value}" for key, value in fields.items())
 
 
-def turns(sides: Sequence[str], round_index: int) -> list[str]:
+def turns(sides: Sequence[T], round_index: int) -> list[T]:
     """The order ``sides`` run in round ``round_index``: rotated by one each round, so
     every side goes first as often as the others and drift within a round cancels."""
     k = round_index % len(sides)
