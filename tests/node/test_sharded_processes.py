@@ -107,7 +107,9 @@ def servers(tmp_path_factory: pytest.TempPathFactory) -> Iterator[list[Server]]:
         server.proc.wait(timeout=30)
 
 
-async def _client(servers: list[Server], tmp: Path, *, shard_push: bool = True) -> Node:
+async def _client(
+    servers: list[Server], tmp: Path, *, shard_push: bool = True, **overrides: Any
+) -> Node:
     config = NodeConfig(
         data_dir=tmp / "client",
         bootstrap=tuple(s.addr for s in servers),
@@ -115,6 +117,7 @@ async def _client(servers: list[Server], tmp: Path, *, shard_push: bool = True) 
         shard_step_timeout=STEP_TIMEOUT,
         measure_compute=False,
         shard_push=shard_push,
+        **overrides,
     )
     return Node(config)
 
@@ -201,7 +204,9 @@ async def _generate_with_fault(
 async def test_frozen_server_is_replaced_within_the_step_timeout(
     servers: list[Server], tmp_path: Path
 ) -> None:
-    async with await _client(servers, tmp_path) as node:
+    # unverified, so tokens stream one by one and the fault lands mid-ring (verified
+    # sessions deliver after each check: tests/node/test_verified.py covers their replays)
+    async with await _client(servers, tmp_path, shard_verify=None) as node:
         expected = await _tokens(node, PROMPTS[0], "local")
         tokens, victim, gap = await _generate_with_fault(
             node, PROMPTS[0], 2, signal.SIGSTOP, servers
@@ -214,7 +219,7 @@ async def test_frozen_server_is_replaced_within_the_step_timeout(
 async def test_killed_server_is_replaced_mid_generation(
     servers: list[Server], tmp_path: Path
 ) -> None:
-    async with await _client(servers, tmp_path) as node:
+    async with await _client(servers, tmp_path, shard_verify=None) as node:
         expected = await _tokens(node, PROMPTS[1], "local")
         tokens, victim, _ = await _generate_with_fault(node, PROMPTS[1], 1, signal.SIGKILL, servers)
     assert tokens == expected
