@@ -19,13 +19,14 @@ VARIANTS = ("lossless4", "fp32")
 
 
 def _configure(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
-    parser.add_argument("gguf", type=Path, help="llama.cpp GGUF file (Llama architecture)")
+    parser.add_argument("gguf", type=Path, help="llama.cpp GGUF file (architecture llama or qwen2)")
     parser.add_argument("--name", required=True, help="model name in the local store")
     parser.add_argument(
         "--variant",
         choices=VARIANTS,
         default="lossless4",
-        help="lossless4: the file's Q4_1 blocks as MatMulNBits (default); fp32: dequantised",
+        help="lossless4: the file's quantised blocks as MatMulNBits, no weight rounded "
+        "(default); fp32: dequantised",
     )
     parser.add_argument(
         "--out", type=Path, default=None, help="output directory (default .cache/models/NAME)"
@@ -67,6 +68,7 @@ def main_import(args: argparse.Namespace) -> int:
             variant=args.variant,
             int8_activations=not (args.fp32_activations or args.int8_limbs),
             int8_limbs=args.int8_limbs,
+            report=print,
         )
     except (ModelLoadError, ConfigError) as exc:
         print(f"import-gguf: {exc}", file=sys.stderr)

@@ -1,5 +1,8 @@
 """Plain-numpy Llama forward pass with a KV cache: the definition of correct output.
 
+Covers the ``llama``, ``qwen2`` (Q/K/V biases) and ``qwen3`` (per-head Q/K norms)
+architectures.
+
 Written for clarity, not speed: float64 throughout, weights dequantised once with
 ``as_float``, heads expanded explicitly for grouped-query attention. Every ONNX graph the
 project builds (full decoder, shards, both variants) is tested against this.
@@ -35,10 +38,9 @@ class ReferenceLlama:
     def __init__(self, weights: LlamaWeights) -> None:
         cfg = weights.config
         self.config = cfg
-        self.embd = weights.token_embd.astype(np.float64)
-        self.head = (weights.lm_head if weights.lm_head is not None else weights.token_embd).astype(
-            np.float64
-        )
+        self.embd = as_float(weights.token_embd).astype(np.float64)
+        head = weights.lm_head if weights.lm_head is not None else weights.token_embd
+        self.head = as_float(head).astype(np.float64)
         self.output_norm = weights.output_norm.astype(np.float64)
         self.blocks = [
             {
@@ -51,13 +53,21 @@ class ReferenceLlama:
                 "w_gate": as_float(b.w_gate).astype(np.float64),
                 "w_up": as_float(b.w_up).astype(np.float64),
                 "w_down": as_float(b.w_down).astype(np.float64),
+                **{
+                    name: np.zeros(1) if bias is None else bias.astype(np.float64)
+                    for name, bias in (("bq", b.bq), ("bk", b.bk), ("bv", b.bv))
+                },
             }
             for b in weights.blocks
         ]
-        half = cfg.head_dim // 2
-        self.inv_freq = 1.0 / (
-            cfg.rope_base ** (np.arange(half, dtype=np.float64) * 2 / cfg.head_dim)
-        )
+        self.head_norms: list[tuple[F64 | None, F64 | None]] = [
+            (
+                None if b.q_norm is None else b.q_norm.astype(np.float64),
+                None if b.k_norm is None else b.k_norm.astype(np.float64),
+            )
+            for b in weights.blocks
+        ]
+        self.inv_freq = cfg.inv_freq()
 
     def new_cache(self) -> KVCache:
         n = self.config.n_layers
@@ -118,17 +128,24 @@ class ReferenceLlama:
         for i in range(start, end):
             b = self.blocks[i]
             h = self._norm(x, b["attn_norm"])
-            q = (h @ b["wq"].T).reshape(batch, seq, cfg.n_heads, cfg.head_dim).transpose(0, 2, 1, 3)
+            q = (
+                (h @ b["wq"].T + b["bq"])
+                .reshape(batch, seq, cfg.n_heads, cfg.head_dim)
+                .transpose(0, 2, 1, 3)
+            )
             k = (
-                (h @ b["wk"].T)
+                (h @ b["wk"].T + b["bk"])
                 .reshape(batch, seq, cfg.n_kv_heads, cfg.head_dim)
                 .transpose(0, 2, 1, 3)
             )
             v = (
-                (h @ b["wv"].T)
+                (h @ b["wv"].T + b["bv"])
                 .reshape(batch, seq, cfg.n_kv_heads, cfg.head_dim)
                 .transpose(0, 2, 1, 3)
             )
+            q_norm, k_norm = self.head_norms[i]
+            if q_norm is not None and k_norm is not None:  # qwen3: per-head norms
+                q, k = self._norm(q, q_norm), self._norm(k, k_norm)
             q, k = self._rope(q, positions), self._rope(k, positions)
             old_k, old_v = kv_cache.keys[i], kv_cache.values[i]
             if old_k is not None and old_v is not None:

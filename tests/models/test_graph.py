@@ -12,7 +12,7 @@ import pytest
 
 from p2pedge.models.convert.layout import read_model_facts, save_onnx, write_model_dir
 from p2pedge.models.convert.onnx_graph import Attention, Variant, build_decoder
-from p2pedge.models.convert.onnx_ops import q8_0_blocks
+from p2pedge.models.convert.tables import q8_0_blocks
 from p2pedge.models.convert.weights import LlamaConfig, LlamaWeights
 from p2pedge.runtime.reference import ReferenceLlama
 from p2pedge.testing import (

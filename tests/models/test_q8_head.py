@@ -6,7 +6,7 @@ import numpy as np
 import numpy.typing as npt
 import pytest
 
-from p2pedge.models.convert.onnx_ops import Q8_ZERO_POINT, Q8Table
+from p2pedge.models.convert.tables import Q8_ZERO_POINT, Q8Table
 from p2pedge.models.convert.weights import Q4_1_BLOCK
 from tests.models.test_limbs import run_matmul
 

@@ -8,25 +8,40 @@ from __future__ import annotations
 
 import os
 import shutil
+from collections import Counter
+from collections.abc import Callable
 from pathlib import Path
 
 from p2pedge.errors import ConfigError
-from p2pedge.models.convert.gguf_reader import GGUFFormatError, TokenizerFacts, read_gguf
+from p2pedge.models.convert.gguf_reader import (
+    GGUFFormatError,
+    TokenizerFacts,
+    read_gguf,
+    read_tensor_infos,
+)
 from p2pedge.models.convert.layout import write_model_dir
 from p2pedge.models.convert.onnx_graph import VARIANTS, Variant
-from p2pedge.models.convert.tokenizer import TokenizerSpec
+from p2pedge.models.convert.quants import TensorInfo
+from p2pedge.models.convert.tokenizer import PreTokenizer, TokenizerSpec, spm_merges
 
 # llama.cpp names the pre-tokenizer; these are the ones the tokenizer writer can express.
-_PRE_TOKENIZERS = {"smollm": "smollm", "gpt2": "gpt2", "default": "gpt2"}
+_PRE_TOKENIZERS: dict[str, PreTokenizer] = {
+    "smollm": "smollm",
+    "gpt2": "gpt2",
+    "default": "gpt2",
+    "llama-bpe": "llama3",
+    "qwen2": "qwen2",
+}
+TOKENIZER_MODELS = ("gpt2", "llama")  # byte-level BPE, SentencePiece
 
 
 def tokenizer_spec(facts: TokenizerFacts) -> TokenizerSpec:
     """Translate the GGUF's tokenizer facts into the tokenizer writer's spec."""
-    if facts.model != "gpt2":
-        raise GGUFFormatError(f"tokenizer model {facts.model!r} unsupported (only byte-level BPE)")
-    pre = _PRE_TOKENIZERS.get(facts.pre)
-    if pre is None:
-        raise GGUFFormatError(f"pre-tokenizer {facts.pre!r} unsupported")
+    if facts.model not in TOKENIZER_MODELS:
+        raise GGUFFormatError(
+            f"tokenizer model {facts.model!r} unsupported (only {TOKENIZER_MODELS})",
+            key="tokenizer.ggml.model",
+        )
 
     def token(tid: int | None) -> str | None:
         return None if tid is None else facts.tokens[tid]
@@ -34,6 +49,24 @@ def tokenizer_spec(facts: TokenizerFacts) -> TokenizerSpec:
     eos = token(facts.eos_id)
     if eos is None:
         raise GGUFFormatError("the GGUF names no end-of-sequence token")
+    if facts.model == "llama":
+        if not facts.scores:
+            raise GGUFFormatError("a SentencePiece vocabulary needs token scores")
+        return TokenizerSpec(
+            tokens=facts.tokens,
+            merges=spm_merges(facts.tokens, facts.scores),
+            special_tokens=tuple(facts.tokens[i] for i in facts.special_ids),
+            eos_token=eos,
+            bos_token=token(facts.bos_id),
+            pad_token=token(facts.pad_id),
+            unk_token=token(facts.unk_id) or facts.tokens[0],
+            chat_template=facts.chat_template,
+            pre_tokenizer="spm",
+            add_bos=facts.add_bos,
+        )
+    pre = _PRE_TOKENIZERS.get(facts.pre)
+    if pre is None:
+        raise GGUFFormatError(f"pre-tokenizer {facts.pre!r} unsupported", key="tokenizer.ggml.pre")
     return TokenizerSpec(
         tokens=facts.tokens,
         merges=facts.merges,
@@ -43,8 +76,19 @@ def tokenizer_spec(facts: TokenizerFacts) -> TokenizerSpec:
         pad_token=token(facts.pad_id),
         unk_token=None,  # byte-level BPE covers every byte; an unk would only hide bugs
         chat_template=facts.chat_template,
-        pre_tokenizer="smollm" if pre == "smollm" else "gpt2",
+        pre_tokenizer=pre,
+        add_bos=facts.add_bos,
     )
+
+
+def quantization_summary(infos: list[TensorInfo]) -> str:
+    """``"Q4_K:98,Q6_K:14,F32:61"``: tensor types by count, most common first."""
+    counts = Counter(info.qtype for info in infos)
+    return ",".join(f"{kind}:{n}" for kind, n in counts.most_common())
+
+
+def _mib(n: int) -> str:
+    return f"{n / (1 << 20):.2f} MiB"
 
 
 def import_gguf(
@@ -54,13 +98,16 @@ def import_gguf(
     variant: Variant = "lossless4",
     int8_activations: bool = True,
     int8_limbs: bool = False,
+    report: Callable[[str], None] | None = None,
 ) -> Path:
     """Import ``gguf_path`` into the model directory ``out_dir`` (replaced if present).
 
     ``name`` is the model's registry name, used in messages only; ``int8_activations`` picks
     MatMulNBits accuracy level 4 for the lossless 4-bit variant and is ignored for fp32;
     ``int8_limbs`` (lossless4 without int8 activations) keeps fp32-exact activations but
-    runs them through the int8 kernel as three exact limbs.
+    runs them through the int8 kernel as three exact limbs. ``report`` receives one line
+    per tensor (type, shape, bytes in the file), then the written directory's size.
+    Every tensor type is checked before any weight is read.
     Raises GGUFFormatError (a ModelLoadError) for a bad file, ConfigError for bad arguments.
     """
     if variant not in VARIANTS:
@@ -70,6 +117,11 @@ def import_gguf(
     if not name or "/" in name or "\\" in name or name.startswith("."):
         raise ConfigError(f"model name {name!r} must be a plain, non-hidden name")
     out = Path(out_dir)
+    infos = read_tensor_infos(gguf_path)  # refuses unsupported types before heavy work
+    if report is not None:
+        for info in infos:
+            shape = "x".join(str(d) for d in info.shape)
+            report(f"  {info.name:<32} {info.qtype:<5} {shape:>12} {_mib(info.nbytes):>12}")
     weights, facts = read_gguf(gguf_path)
     spec = tokenizer_spec(facts)
     int8 = int8_activations and variant == "lossless4"
@@ -77,7 +129,22 @@ def import_gguf(
     staging = out.with_name(f".{out.name}.partial-{os.getpid()}")
     shutil.rmtree(staging, ignore_errors=True)
     try:
-        write_model_dir(staging, weights, spec, variant, int8, int8_limbs=int8_limbs)
+        write_model_dir(
+            staging,
+            weights,
+            spec,
+            variant,
+            int8,
+            int8_limbs=int8_limbs,
+            quantization=quantization_summary(infos),
+        )
+        if report is not None:
+            written = sum(f.stat().st_size for f in staging.iterdir())
+            source = Path(gguf_path).stat().st_size
+            report(
+                f"types {quantization_summary(infos)}; GGUF {_mib(source)} -> "
+                f"{variant} directory {_mib(written)} ({written / source:.2f}x)"
+            )
         if out.exists():
             old = out.with_name(f".{out.name}.old-{os.getpid()}")
             out.rename(old)

@@ -70,6 +70,8 @@ class ModelFacts:
     attention: str = "gqa"
     format_version: int = FORMAT_VERSION
     int8_limbs: bool = False
+    quantization: str = ""  # GGUF tensor types and counts, e.g. "Q4_K:98,Q6_K:14,F32:61"
+    rope_factors: tuple[float, ...] = ()  # Llama 3.1+ rope frequency factors
 
     @classmethod
     def of(
@@ -80,12 +82,13 @@ class ModelFacts:
         int8: bool,
         attention: Attention = "gqa",
         int8_limbs: bool = False,
+        quantization: str = "",
     ) -> ModelFacts:
         c = weights.config
         eos = spec.token_id(spec.eos_token)
         assert eos is not None
         return cls(
-            arch="llama",
+            arch=c.arch,
             n_layers=c.n_layers,
             hidden=c.hidden,
             n_heads=c.n_heads,
@@ -103,11 +106,14 @@ class ModelFacts:
             int8_activations=int8,
             attention=attention,
             int8_limbs=int8_limbs,
+            quantization=quantization,
+            rope_factors=c.rope_factors,
         )
 
 
 def read_model_facts(model_dir: Path) -> ModelFacts:
     data = json.loads((model_dir / FACTS_FILE).read_text(encoding="utf-8"))
+    data["rope_factors"] = tuple(float(f) for f in data.get("rope_factors", ()))
     return ModelFacts(**data)
 
 
@@ -228,9 +234,12 @@ def write_model_dir(
     int8_activations: bool = False,
     attention: Attention = "gqa",
     int8_limbs: bool = False,
+    quantization: str = "",
 ) -> Path:
     """Build the decoder for ``variant`` and write the whole model directory."""
-    facts = ModelFacts.of(weights, tokenizer, variant, int8_activations, attention, int8_limbs)
+    facts = ModelFacts.of(
+        weights, tokenizer, variant, int8_activations, attention, int8_limbs, quantization
+    )
     model = build_decoder(weights, variant, int8_activations, attention, int8_limbs)
     save_onnx(model, out_dir, by_part=True)
     write_json(out_dir / GENAI_CONFIG_FILE, genai_config(facts))

@@ -13,9 +13,10 @@ multi-token decode are both right), and the rotary inputs for ``position_ids``.
 Layout choices, all checked against :mod:`p2pedge.runtime.reference`: Q/K/V and gate/up
 are fused into one matmul each; RMSNorm + residual use com.microsoft
 SkipSimplifiedLayerNormalization; a power-of-two softmax scale (head_dim 16, 64, 256) is
-folded into W_q exactly; in ``lossless4`` Q4_1 maps onto MatMulNBits (see ``Linear``) and
-the Q8_0 embedding doubles as an exact LM head (8-bit on the int8 path, two 4-bit halves
-with fp32 activations; see ``Q8Table``).
+folded into W_q exactly (into the Q norm for qwen3); in ``lossless4`` every quantised GGUF
+matrix maps onto MatMulNBits as its integers (see ``Linear`` and ``quants``), the Q8_0
+embedding doubles as an exact LM head (8-bit on the int8 path, two 4-bit halves with fp32
+activations; see ``Q8Table``) and other quantised tables stay integers (``QuantTable``).
 """
 
 from __future__ import annotations
@@ -33,10 +34,18 @@ from p2pedge.models.convert.onnx_ops import (
     MS_DOMAIN,
     GraphBuilder,
     Linear,
-    Q8Table,
-    q8_0_blocks,
 )
-from p2pedge.models.convert.weights import LlamaBlock, LlamaConfig, LlamaWeights, Q4_1Matrix
+from p2pedge.models.convert.tables import Q8Table, QuantTable, q8_0_blocks
+from p2pedge.models.convert.weights import (
+    LlamaBlock,
+    LlamaConfig,
+    LlamaWeights,
+    Matrix,
+    Q4_1Matrix,
+    QuantMatrix,
+    Table,
+    as_float,
+)
 
 Variant = Literal["fp32", "lossless4"]
 VARIANTS: tuple[Variant, ...] = ("fp32", "lossless4")
@@ -70,8 +79,7 @@ def present_value(i: int) -> str:
 
 def rope_tables(config: LlamaConfig) -> tuple[np.ndarray, np.ndarray]:
     """``cos``/``sin`` tables ``[context_length, head_dim]`` (rotate-half layout)."""
-    half = config.head_dim // 2
-    inv_freq = 1.0 / (config.rope_base ** (np.arange(half, dtype=np.float64) * 2 / config.head_dim))
+    inv_freq = config.inv_freq()
     angles = np.arange(config.context_length, dtype=np.float64)[:, None] * inv_freq[None, :]
     angles = np.concatenate([angles, angles], axis=-1)
     return np.cos(angles).astype(np.float32), np.sin(angles).astype(np.float32)
@@ -82,7 +90,9 @@ def exact_power_of_two(value: float) -> bool:
     return mantissa == 0.5
 
 
-def _scaled(matrix: np.ndarray | Q4_1Matrix, factor: float) -> np.ndarray | Q4_1Matrix:
+def _scaled(matrix: Matrix, factor: float) -> Matrix:
+    if isinstance(matrix, QuantMatrix):
+        return matrix.scaled(np.float32(factor))
     if isinstance(matrix, Q4_1Matrix):
         return Q4_1Matrix(
             matrix.out_features,
@@ -144,9 +154,10 @@ class _Builder:
         self.softmax_scale = softmax_scale
         self.use_gqa = attention == "gqa"
         self.q8_tables: dict[str, Q8Table | None] = {}
+        self.quant_tables: dict[str, QuantTable] = {}
 
-    def _matrix(self, m: np.ndarray | Q4_1Matrix) -> np.ndarray | Q4_1Matrix:
-        if self.variant == "fp32" and isinstance(m, Q4_1Matrix):
+    def _matrix(self, m: Matrix) -> Matrix:
+        if self.variant == "fp32" and not isinstance(m, np.ndarray):
             return m.dequantize()
         return m
 
@@ -175,12 +186,17 @@ class _Builder:
             g.add_input(past_value(i), F32, kv_shape)
 
         if self.first:
-            table = self._q8_table("model.embed_tokens", self.w.token_embd)
-            if table is not None:
-                hidden = table.gather(ids)
+            quant = self._quant_table("model.embed_tokens", self.w.token_embd)
+            if quant is not None:
+                hidden = quant.gather(ids)
             else:
-                embd = g.initializer("model.embed_tokens.weight", self.w.token_embd)
-                hidden = g.op1("Gather", [embd, ids], name="embed/Gather")
+                dense = as_float(self.w.token_embd)
+                table = self._q8_table("model.embed_tokens", dense)
+                if table is not None:
+                    hidden = table.gather(ids)
+                else:
+                    embd = g.initializer("model.embed_tokens.weight", dense)
+                    hidden = g.op1("Gather", [embd, ids], name="embed/Gather")
         else:
             hidden = hidden_in
         if self.use_gqa:
@@ -264,21 +280,52 @@ class _Builder:
         self.gqa_sin = g.initializer("rope.sin_half", np.ascontiguousarray(sin_t[:, :half]))
 
     def _qkv(self, i: int, block: LlamaBlock, x: str) -> list[str]:
-        """One fused projection, split into q ``[b, s, nh*hd]`` and k, v ``[b, s, kvh*hd]``."""
+        """One fused projection, split into q ``[b, s, nh*hd]`` and k, v ``[b, s, kvh*hd]``.
+
+        qwen2 adds biases; qwen3 RMS-normalises each head of q and k, so there the folded
+        softmax scale goes into the q norm's weights instead of W_q."""
         g, cfg = self.g, self.cfg
         nh, kvh, hd = cfg.n_heads, cfg.n_kv_heads, cfg.head_dim
         wq = self._matrix(block.wq)
-        if self.fold_scale:
+        if self.fold_scale and block.q_norm is None:
             wq = _scaled(wq, self.softmax_scale)
         mats = [wq, self._matrix(block.wk), self._matrix(block.wv)]
         qkv = self.linear(x, mats, f"layers.{i}.attn.qkv")
-        return g.op(
+        if block.bq is not None and block.bk is not None and block.bv is not None:
+            bq = block.bq * np.float32(self.softmax_scale) if self.fold_scale else block.bq
+            bias = np.concatenate([bq, block.bk, block.bv]).astype(np.float32)
+            qkv = g.op1(
+                "Add",
+                [qkv, g.initializer(f"layers.{i}.attn.qkv_bias", bias)],
+                name=f"layers.{i}/qkv_bias",
+            )
+        q, k, v = g.op(
             "Split",
             [qkv, g.i64(nh * hd, kvh * hd, kvh * hd)],
             n_out=3,
             axis=-1,
             name=f"layers.{i}/qkv_split",
         )
+        if block.q_norm is not None and block.k_norm is not None:
+            q_gamma = block.q_norm
+            if self.fold_scale:
+                q_gamma = (q_gamma * np.float32(self.softmax_scale)).astype(np.float32)
+            q = self._head_norm(q, nh, q_gamma, f"layers.{i}.attn.q_norm")
+            k = self._head_norm(k, kvh, block.k_norm, f"layers.{i}.attn.k_norm")
+        return [q, k, v]
+
+    def _head_norm(self, x: str, heads: int, gamma: np.ndarray, name: str) -> str:
+        """RMSNorm over each head of ``x`` ``[b, s, heads * head_dim]`` (qwen3)."""
+        g, hd = self.g, self.cfg.head_dim
+        per_head = g.op1("Reshape", [x, g.i64(0, 0, heads, hd)])
+        normed = g.op1(
+            "SimplifiedLayerNormalization",
+            [per_head, g.initializer(name, gamma)],
+            axis=-1,
+            epsilon=self.cfg.rms_eps,
+            name=name,
+        )
+        return g.op1("Reshape", [normed, g.i64(0, 0, heads * hd)])
 
     def _attention_gqa(self, i: int, block: LlamaBlock, x: str, bias: str) -> str:
         """RotaryEmbedding (honours ``position_ids``) + GroupQueryAttention.
@@ -422,11 +469,25 @@ class _Builder:
             self.q8_tables[prefix] = None if blocks is None else Q8Table(self.g, prefix, *blocks)
         return self.q8_tables[prefix]
 
+    def _quant_table(self, prefix: str, matrix: Table) -> QuantTable | None:
+        """A K-quant (or other non-Q8_0) table stays as its integers in ``lossless4``."""
+        if self.variant != "lossless4" or isinstance(matrix, np.ndarray):
+            return None
+        if prefix not in self.quant_tables:
+            self.quant_tables[prefix] = QuantTable(self.linear, prefix, matrix)
+        return self.quant_tables[prefix]
+
     def _lm_head(self, x: str) -> None:
         g, cfg = self.g, self.cfg
         tied = self.w.lm_head is None
-        head = self.w.token_embd if self.w.lm_head is None else self.w.lm_head
+        head_table = self.w.token_embd if self.w.lm_head is None else self.w.lm_head
         prefix = "model.embed_tokens" if tied else "lm_head"
+        quant = self._quant_table(prefix, head_table)
+        if quant is not None:
+            g.op("Identity", [quant.matmul(x)], outputs=[LOGITS], name="logits/Identity")
+            g.add_output(LOGITS, F32, ["batch_size", "sequence_length", cfg.vocab])
+            return
+        head = as_float(head_table)
         table = self._q8_table(prefix, head)
         if table is not None:
             if self.linear.use_limbs:

@@ -1,12 +1,13 @@
-"""A small ONNX graph builder plus the Q4_1 -> ``MatMulNBits`` repacking.
+"""A small ONNX graph builder plus the GGUF blocks -> ``MatMulNBits`` repacking.
 
 Kept separate from the decoder layout so the exactness-critical packing code is easy to
-audit on its own.
+audit on its own; the embedding/head tables are in :mod:`.tables`.
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -14,7 +15,7 @@ import numpy.typing as npt
 import onnx
 from onnx import TensorProto, helper, numpy_helper
 
-from p2pedge.models.convert.weights import Q4_1_BLOCK, Matrix, Q4_1Matrix
+from p2pedge.models.convert.weights import Q4_1_BLOCK, Matrix, Q4_1Matrix, QuantMatrix
 
 MS_DOMAIN = "com.microsoft"
 OPSET = 17
@@ -121,11 +122,41 @@ def pack_q4_1(
 Q4_ZERO_POINT = 8
 
 
-def zero_points_4bit(n: int, k: int, value: int) -> npt.NDArray[np.uint8]:
+def zero_points_4bit(n: int, k: int, value: int, block: int = Q4_1_BLOCK) -> npt.NDArray[np.uint8]:
     """``MatMulNBits`` bits=4 zero points, all ``value``: two 4-bit points per byte, each
-    of the ``n`` rows padded to whole bytes over its ``k / 32`` blocks."""
-    per_row = (k // Q4_1_BLOCK + 1) // 2
+    of the ``n`` rows padded to whole bytes over its ``k / block`` blocks."""
+    per_row = (k // block + 1) // 2
     return np.full(n * per_row, value | (value << 4), dtype=np.uint8)
+
+
+def pack_nbits(q: npt.NDArray[np.uint8], bits: int, block: int) -> npt.NDArray[np.uint8]:
+    """``[N, K]`` integers in element order -> ``MatMulNBits`` ``B [N, K/block, bytes]``
+    (bits=4: element ``2j`` in the low nibble, ``2j + 1`` in the high one)."""
+    n, k = q.shape
+    if bits == 8:
+        return np.ascontiguousarray(q.reshape(n, k // block, block), dtype=np.uint8)
+    packed = (q[:, 0::2] | (q[:, 1::2] << 4)).astype(np.uint8)
+    return np.ascontiguousarray(packed.reshape(n, k // block, block // 2))
+
+
+def unpack_nbits(packed: npt.NDArray[np.uint8], bits: int) -> npt.NDArray[np.uint8]:
+    """Inverse of :func:`pack_nbits`: ``[N, K]`` integers."""
+    n = packed.shape[0]
+    if bits == 8:
+        return np.ascontiguousarray(packed.reshape(n, -1))
+    flat = packed.reshape(n, -1)
+    q = np.empty((n, flat.shape[1] * 2), dtype=np.uint8)
+    q[:, 0::2], q[:, 1::2] = flat & 0x0F, flat >> 4
+    return q
+
+
+def matrix_kind(m: Matrix) -> tuple[object, ...]:
+    """Matrices of one kind share one kernel call when fused."""
+    if isinstance(m, Q4_1Matrix):
+        return ("q4_1",)
+    if isinstance(m, QuantMatrix):
+        return ("nbits", m.bits, m.block, m.zero, m.mins is not None)
+    return ("dense",)
 
 
 def centered_offsets(scales: F32Array, mins: F32Array) -> F32Array | None:
@@ -141,6 +172,23 @@ def centered_offsets(scales: F32Array, mins: F32Array) -> F32Array | None:
     if not np.array_equal(offsets.astype(np.float64), exact):
         return None
     return offsets
+
+
+@dataclass(frozen=True)
+class NBits:
+    """Initializer names and shape of one ``MatMulNBits`` weight (see ``Linear``)."""
+
+    weight: str
+    scales: str
+    zeros: str
+    mins_t: str | None
+    k: int
+    n: int
+    bits: int
+    block: int
+    # fp32 activations, 8-bit integers: (weight, scales, zero points) of the high nibbles;
+    # weight/scales/zeros above then hold the low nibbles (see ``Linear.nbits_inputs``)
+    hi: tuple[str, str, str] | None = None
 
 
 INT8_LIMBS = 3
@@ -170,21 +218,23 @@ class Linear:
         self._blocksums: dict[str, str] = {}
         self._limbs: dict[str, str] = {}
 
-    def _blocked(self, x: str, k: int) -> str:
-        """``x`` viewed as ``[batch, seq, K/32, 32]``, the kernel's activation blocks."""
-        if x not in self._blocks:
+    def _blocked(self, x: str, k: int, block: int = Q4_1_BLOCK) -> str:
+        """``x`` viewed as ``[batch, seq, K/block, block]``, the kernel's activation blocks."""
+        key = x if block == Q4_1_BLOCK else f"{x}#{block}"
+        if key not in self._blocks:
             g = self.g
-            self._blocks[x] = g.op1("Reshape", [x, g.i64(0, 0, k // Q4_1_BLOCK, Q4_1_BLOCK)])
-        return self._blocks[x]
+            self._blocks[key] = g.op1("Reshape", [x, g.i64(0, 0, k // block, block)])
+        return self._blocks[key]
 
-    def _blocksum(self, x: str, k: int) -> str:
-        if x not in self._blocksums:
+    def _blocksum(self, x: str, k: int, block: int = Q4_1_BLOCK) -> str:
+        key = x if block == Q4_1_BLOCK else f"{x}#{block}"
+        if key not in self._blocksums:
             g = self.g
-            blocks = self._blocked(x, k)
-            self._blocksums[x] = g.op1("ReduceSum", [blocks, g.i64(-1)], keepdims=0)
-        return self._blocksums[x]
+            blocks = self._blocked(x, k, block)
+            self._blocksums[key] = g.op1("ReduceSum", [blocks, g.i64(-1)], keepdims=0)
+        return self._blocksums[key]
 
-    def limbs(self, x: str, k: int) -> str:
+    def limbs(self, x: str, k: int, block: int = Q4_1_BLOCK) -> str:
         """``x`` ``[b, s, K]`` as three int8 limbs ``[b, s, 3, K]`` that sum to it exactly.
 
         The int8 path of ``MatMulNBits`` (accuracy_level 4) quantises each block of 32
@@ -198,9 +248,10 @@ class Linear:
         all three rows). Only exact where the kernel quantises activations per block like
         this (MLAS on x86); see docs/model-format.md.
         """
-        if x not in self._limbs:
+        key = x if block == Q4_1_BLOCK else f"{x}#{block}"
+        if key not in self._limbs:
             g = self.g
-            rest = self._blocked(x, k)
+            rest = self._blocked(x, k, block)
             limbs = []
             for _ in range(INT8_LIMBS - 1):
                 amax = g.op1("ReduceMax", [g.op1("Abs", [rest])], axes=[-1], keepdims=1)
@@ -211,15 +262,116 @@ class Linear:
                 limbs.append(limb)
                 rest = g.op1("Sub", [rest, limb])
             stacked = g.op1("Concat", [*limbs, rest], axis=2)  # [b, s, 3 * K/32, 32]
-            self._limbs[x] = g.op1("Reshape", [stacked, g.i64(0, 0, INT8_LIMBS, k)])
-        return self._limbs[x]
+            self._limbs[key] = g.op1("Reshape", [stacked, g.i64(0, 0, INT8_LIMBS, k)])
+        return self._limbs[key]
 
     def sum_limbs(self, y: str) -> str:
         """``[b, s, 3, N]`` kernel output (one row per limb) -> ``[b, s, N]``."""
         return self.g.op1("ReduceSum", [y, self.g.i64(2)], keepdims=0)
 
     def __call__(self, x: str, matrices: Sequence[Matrix], prefix: str) -> str:
+        """``x @ concat(matrices).T``: one kernel call per run of matrices of one kind
+        (initializers ``<prefix>.*``; with several runs ``<prefix>.part<j>.*`` and a
+        Concat, e.g. a Q4_K_M file's Q4_K Q/K with its Q6_K V)."""
+        runs: list[list[Matrix]] = []
+        for m in matrices:
+            if runs and matrix_kind(runs[-1][0]) == matrix_kind(m):
+                runs[-1].append(m)
+            else:
+                runs.append([m])
+        if len(runs) == 1:
+            return self._run(x, runs[0], prefix)
+        outs = [self._run(x, run, f"{prefix}.part{j}") for j, run in enumerate(runs)]
+        return self.g.op1("Concat", outs, axis=-1, name=f"{prefix}/Concat")
+
+    def nbits_inputs(self, prefix: str, matrices: Sequence[QuantMatrix]) -> NBits:
+        """Initializers ``<prefix>.nbits_*`` for ``matrices`` fused along ``out``.
+
+        ``MatMulNBits`` bits=8 has no fast fp32-activation path (about 13x slower than
+        bits=4 for one row), so with fp32 activations 8-bit integers whose zero point is a
+        multiple of 16 (every GGUF type's) run as two exact 4-bit halves, as ``Q8Table``
+        does: ``s (q - z) = 16 s (hi - z / 16) + s lo``."""
+        g, first = self.g, matrices[0]
+        k, block, bits = first.in_features, first.block, first.bits
+        n = sum(m.out_features for m in matrices)
+        q = np.concatenate([m.q for m in matrices], axis=0)
+        scales = np.concatenate([m.scales for m in matrices], axis=0).astype(np.float32)
+        hi = None
+        if bits == 8 and first.zero % 16 == 0 and self.accuracy_level == 0 and not self.use_limbs:
+            hi = (
+                g.initializer(
+                    f"{prefix}.nbits_hi_weight", pack_nbits((q >> 4).astype(np.uint8), 4, block)
+                ),
+                g.initializer(f"{prefix}.nbits_hi_scales", (scales * np.float32(16)).reshape(-1)),
+                g.initializer(
+                    f"{prefix}.nbits_hi_zero_points",
+                    zero_points_4bit(n, k, first.zero // 16, block),
+                ),
+            )
+            q, bits = (q & 0x0F).astype(np.uint8), 4
+            zeros = zero_points_4bit(n, k, 0, block)
+        elif bits == 8:
+            zeros = np.full(scales.size, first.zero, dtype=np.uint8)
+        else:
+            zeros = zero_points_4bit(n, k, first.zero, block)
+        mins_t = None
+        if first.mins is not None:
+            mins = np.concatenate([m.mins for m in matrices if m.mins is not None], axis=0)
+            mins_t = g.initializer(f"{prefix}.nbits_mins_t", np.ascontiguousarray(mins.T))
+        return NBits(
+            g.initializer(f"{prefix}.nbits_weight", pack_nbits(q, bits, block)),
+            g.initializer(f"{prefix}.nbits_scales", scales.reshape(-1)),
+            g.initializer(f"{prefix}.nbits_zero_points", zeros),
+            mins_t,
+            k,
+            n,
+            bits,
+            block,
+            hi,
+        )
+
+    def nbits_matmul(self, x: str, w: NBits, name: str) -> str:
+        """``sum_k x_k s (q_k - z)`` on ``MatMulNBits`` plus ``blocksum(x) @ mins.T``."""
         g = self.g
+        main = g.op1(
+            "MatMulNBits",
+            [self.limbs(x, w.k, w.block) if self.use_limbs else x, w.weight, w.scales, w.zeros],
+            domain=MS_DOMAIN,
+            name=f"{name}/MatMulNBits",
+            K=w.k,
+            N=w.n,
+            bits=w.bits,
+            block_size=w.block,
+            accuracy_level=4 if self.use_limbs else self.accuracy_level,
+        )
+        if self.use_limbs:
+            main = self.sum_limbs(main)
+        if w.hi is not None:
+            high = g.op1(
+                "MatMulNBits",
+                [x, *w.hi],
+                domain=MS_DOMAIN,
+                name=f"{name}/hi/MatMulNBits",
+                K=w.k,
+                N=w.n,
+                bits=4,
+                block_size=w.block,
+                accuracy_level=0,
+            )
+            main = g.op1("Add", [high, main], name=f"{name}/AddHalves")
+        if w.mins_t is None:
+            return main
+        blocksum = self._blocksum(x, w.k, w.block)
+        offset = g.op1("MatMul", [blocksum, w.mins_t], name=f"{name}/Mins")
+        return g.op1("Add", [main, offset], name=f"{name}/AddMins")
+
+    def _nbits(self, x: str, matrices: Sequence[QuantMatrix], prefix: str) -> str:
+        return self.nbits_matmul(x, self.nbits_inputs(prefix, matrices), prefix)
+
+    def _run(self, x: str, matrices: Sequence[Matrix], prefix: str) -> str:
+        g = self.g
+        if all(isinstance(m, QuantMatrix) for m in matrices):
+            return self._nbits(x, [m for m in matrices if isinstance(m, QuantMatrix)], prefix)
         if all(isinstance(m, Q4_1Matrix) for m in matrices):
             qm = [m for m in matrices if isinstance(m, Q4_1Matrix)]
             k = qm[0].in_features
@@ -231,6 +383,7 @@ class Linear:
                 g.initializer(f"{prefix}.scales", scales),
             ]
             offsets = centered_offsets(scales.reshape(mins.shape), mins)
+            zero_offsets = offsets is not None and not offsets.any()  # Q4_0
             if offsets is not None:
                 offset_name = f"{prefix}.offsets_t"  # zero point 8 (the op's default)
             else:
@@ -251,141 +404,13 @@ class Linear:
             )
             if self.use_limbs:
                 main = self.sum_limbs(main)
+            if zero_offsets:
+                return main
             offsets_t = g.initializer(offset_name, np.ascontiguousarray(offsets.T))
             offset = g.op1("MatMul", [self._blocksum(x, k), offsets_t], name=f"{prefix}/MinsMatMul")
             return g.op1("Add", [main, offset], name=f"{prefix}/AddMins")
-        dense = [np.asarray(m.dequantize() if isinstance(m, Q4_1Matrix) else m) for m in matrices]
+        dense = [m if isinstance(m, np.ndarray) else m.dequantize() for m in matrices]
         w_t = np.ascontiguousarray(np.concatenate(dense, axis=0).T.astype(np.float32))
         return g.op1(
             "MatMul", [x, g.initializer(f"{prefix}.weight_t", w_t)], name=f"{prefix}/MatMul"
         )
-
-
-Q8_ZERO_POINT = 128
-
-
-def q8_0_blocks(matrix: F32Array) -> tuple[npt.NDArray[np.uint8], F32Array] | None:
-    """Recover GGUF Q8_0 blocks from a dequantised ``[N, K]`` matrix, or None if not Q8_0.
-
-    llama.cpp quantises a block with ``d = amax / 127`` so its largest element has
-    ``|q| = 127``; after the fp16 rounding of ``d`` the stored values are exactly
-    ``d * q``. Hence ``d = amax / 127`` (exact in float32) and ``q = v / d``. The result is
-    only returned when ``d * q`` reproduces every value bit for bit, so using it is exact.
-    Returns ``(q + 128 as uint8 [N, K/32, 32], d [N, K/32])``.
-    """
-    n, k = matrix.shape
-    if k % Q4_1_BLOCK:
-        return None
-    blocks = matrix.reshape(n, k // Q4_1_BLOCK, Q4_1_BLOCK)
-    d = (np.abs(blocks).max(axis=-1) / np.float32(127.0)).astype(np.float32)
-    safe = np.where(d == 0, np.float32(1.0), d)
-    q = np.rint(blocks / safe[..., None])
-    if np.abs(q).max(initial=0.0) > 127:
-        return None
-    if not np.array_equal((q * d[..., None]).astype(np.float32), blocks):
-        return None
-    return (q + Q8_ZERO_POINT).astype(np.uint8), d
-
-
-class Q8Table:
-    """One Q8_0 ``[N, K]`` table used as a ``GatherBlockQuantized`` embedding and/or an LM
-    head; every form dequantises to ``(u - 128) * d``, i.e. exactly the GGUF values.
-
-    The head runs as ``MatMulNBits`` bits=8 (zero point 128) on the int8 path, or, with fp32
-    activations, as two 4-bit halves of the same numbers (:meth:`matmul_fp32`). Initializers
-    are written on first use, so a shard holds only the forms it runs."""
-
-    def __init__(self, g: GraphBuilder, prefix: str, quants: npt.NDArray[np.uint8], d: F32Array):
-        self.g = g
-        self.prefix = prefix
-        self.quants = quants
-        self.d = d
-        self.n, blocks, _ = quants.shape
-        self.k = blocks * Q4_1_BLOCK
-        self._q8: tuple[str, str, str] | None = None
-
-    def _q8_inputs(self) -> tuple[str, str, str]:
-        """Weights, scales and zero points in the ``MatMulNBits`` bits=8 layout."""
-        if self._q8 is None:
-            g, p = self.g, self.prefix
-            self._q8 = (
-                g.initializer(f"{p}.q8_weight", self.quants),
-                g.initializer(f"{p}.q8_scales", self.d.reshape(-1)),
-                g.initializer(
-                    f"{p}.q8_zero_points", np.full(self.d.size, Q8_ZERO_POINT, dtype=np.uint8)
-                ),
-            )
-        return self._q8
-
-    def gather(self, ids: str) -> str:
-        g, blocks = self.g, self.k // Q4_1_BLOCK
-        weight, scales, zeros = self._q8_inputs()
-        return g.op1(
-            "GatherBlockQuantized",
-            [
-                g.op1("Reshape", [weight, g.i64(self.n, self.k)]),
-                ids,
-                g.op1("Reshape", [scales, g.i64(self.n, blocks)]),
-                g.op1("Reshape", [zeros, g.i64(self.n, blocks)]),
-            ],
-            domain=MS_DOMAIN,
-            name="embed/GatherBlockQuantized",
-            bits=8,
-            block_size=Q4_1_BLOCK,
-            gather_axis=0,
-            quantize_axis=1,
-        )
-
-    def matmul(self, x: str, accuracy_level: int) -> str:
-        return self.g.op1(
-            "MatMulNBits",
-            [x, *self._q8_inputs()],
-            domain=MS_DOMAIN,
-            name="lm_head/MatMulNBits",
-            K=self.k,
-            N=self.n,
-            bits=8,
-            block_size=Q4_1_BLOCK,
-            accuracy_level=accuracy_level,
-        )
-
-    def matmul_fp32(self, x: str) -> str:
-        """The head for fp32 activations without rounding a weight, on the 4-bit kernel.
-
-        ``MatMulNBits`` bits=8 has no fast fp32 path (~30x slower than a dense ``Gemm``), and
-        the dense ``Gemm`` reads a 4-byte float per weight. Each stored ``u = q + 128`` is
-        two nibbles, ``q = 16 (hi - 8) + lo``, so ``d q = (16 d)(hi - 8) + d (lo - 0)``: two
-        4-bit matmuls (scales ``16 d``, exact in float32, with the default zero point 8; and
-        ``d`` with zero point 0) whose sum is ``x @ (d q)`` up to float32 summation order,
-        like every other matmul here. A quarter of the bytes per token; measured faster
-        than the ``Gemm`` on AVX-512 (docs/model-format.md)."""
-        g, p = self.g, self.prefix
-        hi, lo = self.quants >> 4, self.quants & 0x0F
-        halves = [
-            (hi, (self.d * np.float32(16.0)).astype(np.float32), None),
-            (lo, self.d, zero_points_4bit(self.n, self.k, 0)),
-        ]
-        outs = []
-        for name, (nibbles, scales, zeros) in zip(("hi", "lo"), halves, strict=True):
-            packed = (nibbles[..., 0::2] | (nibbles[..., 1::2] << 4)).astype(np.uint8)
-            inputs = [
-                x,
-                g.initializer(f"{p}.head_{name}_qweight", packed),
-                g.initializer(f"{p}.head_{name}_scales", scales.reshape(-1)),
-            ]
-            if zeros is not None:
-                inputs.append(g.initializer(f"{p}.head_{name}_zero_points", zeros))
-            outs.append(
-                g.op1(
-                    "MatMulNBits",
-                    inputs,
-                    domain=MS_DOMAIN,
-                    name=f"lm_head/{name}/MatMulNBits",
-                    K=self.k,
-                    N=self.n,
-                    bits=4,
-                    block_size=Q4_1_BLOCK,
-                    accuracy_level=0,
-                )
-            )
-        return g.op1("Add", outs, name="lm_head/Add")

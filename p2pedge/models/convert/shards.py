@@ -18,7 +18,6 @@ exact (Q4_1 nibbles are unpacked, the folded power-of-two attention scale divide
 
 from __future__ import annotations
 
-import itertools
 import json
 import math
 import shutil
@@ -56,7 +55,8 @@ from p2pedge.models.convert.onnx_graph import (
     build_shard,
     exact_power_of_two,
 )
-from p2pedge.models.convert.onnx_ops import Q4_ZERO_POINT, Q8_ZERO_POINT
+from p2pedge.models.convert.onnx_ops import Q4_ZERO_POINT, unpack_nbits
+from p2pedge.models.convert.tables import Q8_ZERO_POINT
 from p2pedge.models.convert.weights import (
     F32,
     Q4_1_BLOCK,
@@ -65,6 +65,8 @@ from p2pedge.models.convert.weights import (
     LlamaWeights,
     Matrix,
     Q4_1Matrix,
+    QuantMatrix,
+    Table,
 )
 
 Role = Literal["full", "first", "middle", "last"]
@@ -115,6 +117,8 @@ def _config(facts: ModelFacts) -> LlamaConfig:
         rope_base=facts.rope_base,
         rms_eps=facts.rms_eps,
         context_length=facts.context_length,
+        arch=facts.arch,
+        rope_factors=tuple(facts.rope_factors),
     )
 
 
@@ -133,19 +137,39 @@ def _unpack_q4_1(packed: np.ndarray, scales: F32, mins_t: F32, k: int) -> Q4_1Ma
     )
 
 
-def _split_rows(m: Matrix, sizes: Sequence[int]) -> list[Matrix]:
-    bounds = [int(x) for x in np.cumsum([0, *sizes])]
+def _rows(m: Matrix, a: int, b: int) -> Matrix:
+    if isinstance(m, QuantMatrix):
+        return m.rows(a, b)
+    if isinstance(m, Q4_1Matrix):
+        return Q4_1Matrix(b - a, m.in_features, m.scales[a:b], m.mins[a:b], m.quants[a:b])
+    return np.ascontiguousarray(m[a:b])
+
+
+def _split_rows(parts: Sequence[Matrix], sizes: Sequence[int]) -> list[Matrix]:
+    """Split fused ``parts`` (one per kernel call, in order) into matrices of ``sizes``
+    rows; a kernel call fuses whole matrices only, so none straddles two parts."""
     out: list[Matrix] = []
-    for a, b in itertools.pairwise(bounds):
-        if isinstance(m, Q4_1Matrix):
-            out.append(Q4_1Matrix(b - a, m.in_features, m.scales[a:b], m.mins[a:b], m.quants[a:b]))
-        else:
-            out.append(np.ascontiguousarray(m[a:b]))
+    queue = list(parts)
+    start = 0
+    for size in sizes:
+        if not queue:
+            raise ValueError("fused parts have fewer rows than the matrices they hold")
+        part = queue[0]
+        rows = part.out_features if not isinstance(part, np.ndarray) else part.shape[0]
+        if start + size > rows:
+            raise ValueError("a fused matrix straddles two kernel calls")
+        out.append(_rows(part, start, start + size))
+        start += size
+        if start == rows:
+            queue.pop(0)
+            start = 0
     return out
 
 
 def _unscale(m: Matrix, factor: float) -> Matrix:
     f = np.float32(factor)
+    if isinstance(m, QuantMatrix):
+        return m.scaled(np.float32(1.0) / f)
     if isinstance(m, Q4_1Matrix):
         return Q4_1Matrix(m.out_features, m.in_features, m.scales / f, m.mins / f, m.quants)
     values: F32 = (m / f).astype(np.float32)
@@ -236,12 +260,45 @@ def load_model_weights(model_dir: Path, layers: LayerRange | None = None) -> Lla
             load_external_data_for_tensor(tensor, str(model_dir))
         init[tensor.name] = numpy_helper.to_array(tensor)
 
+    def matrices(prefix: str, k: int) -> list[Matrix]:
+        """The matrices of one fused kernel call, or of each ``.part<j>`` of a split one."""
+        parts: list[Matrix] = []
+        while any(name.startswith(f"{prefix}.part{len(parts)}.") for name in init):
+            parts.append(matrix(f"{prefix}.part{len(parts)}", k))
+        return parts or [matrix(prefix, k)]
+
     def matrix(prefix: str, k: int) -> Matrix:
         if f"{prefix}.weight_t" in init:
             w: F32 = np.ascontiguousarray(init[f"{prefix}.weight_t"].T)
             return w
+        if f"{prefix}.nbits_weight" in init:
+            packed = init[f"{prefix}.nbits_weight"]
+            n, blocks = packed.shape[0], packed.shape[1]
+            block = k // blocks
+            bits = packed.shape[2] * 8 // block
+            zero = int(init[f"{prefix}.nbits_zero_points"][0]) & (0xFF if bits == 8 else 0x0F)
+            mins_t = init.get(f"{prefix}.nbits_mins_t")
+            q = unpack_nbits(packed, bits)
+            if f"{prefix}.nbits_hi_weight" in init:  # 8-bit as two 4-bit halves
+                high = unpack_nbits(init[f"{prefix}.nbits_hi_weight"], 4)
+                q = (q | (high << 4)).astype(np.uint8)
+                bits = 8
+                zero = 16 * (int(init[f"{prefix}.nbits_hi_zero_points"][0]) & 0x0F)
+            return QuantMatrix(
+                n,
+                k,
+                block,
+                bits,
+                zero,
+                init[f"{prefix}.nbits_scales"].reshape(n, blocks),
+                None if mins_t is None else np.ascontiguousarray(mins_t.T),
+                q,
+            )
         scales = init[f"{prefix}.scales"]
-        if f"{prefix}.offsets_t" in init:
+        if f"{prefix}.offsets_t" not in init and f"{prefix}.mins_t" not in init:
+            n = init[f"{prefix}.qweight"].shape[0]  # Q4_0: s (q - 8), no offsets
+            mins_t = np.ascontiguousarray((scales.reshape(n, -1) * np.float32(-8.0)).T)
+        elif f"{prefix}.offsets_t" in init:
             n = init[f"{prefix}.qweight"].shape[0]
             centred = init[f"{prefix}.offsets_t"].T.astype(np.float64)
             mins_f64 = centred - Q4_ZERO_POINT * scales.reshape(n, -1).astype(np.float64)
@@ -255,26 +312,42 @@ def load_model_weights(model_dir: Path, layers: LayerRange | None = None) -> Lla
     blocks = []
     for i in range(span.start, span.end):
         wq, wk, wv = _split_rows(
-            matrix(f"layers.{i}.attn.qkv", cfg.hidden), [q_dim, kv_dim, kv_dim]
+            matrices(f"layers.{i}.attn.qkv", cfg.hidden), [q_dim, kv_dim, kv_dim]
         )
-        if exact_power_of_two(scale):
+        bias = init.get(f"layers.{i}.attn.qkv_bias")
+        bq, bk, bv = (None, None, None) if bias is None else np.split(bias, [q_dim, q_dim + kv_dim])
+        q_norm = init.get(f"layers.{i}.attn.q_norm")
+        if exact_power_of_two(scale) and q_norm is not None:  # qwen3: scale is in the q norm
+            q_norm = (q_norm / np.float32(scale)).astype(np.float32)
+        elif exact_power_of_two(scale):
             wq = _unscale(wq, scale)
-        w_gate, w_up = _split_rows(matrix(f"layers.{i}.mlp.gate_up", cfg.hidden), [cfg.ffn] * 2)
+            bq = None if bq is None else (bq / np.float32(scale)).astype(np.float32)
+        gate_up = matrices(f"layers.{i}.mlp.gate_up", cfg.hidden)
+        w_gate, w_up = _split_rows(gate_up, [cfg.ffn] * 2)
         blocks.append(
             LlamaBlock(
                 attn_norm=init[f"layers.{i}.attn_norm"],
                 wq=wq,
                 wk=wk,
                 wv=wv,
-                wo=matrix(f"layers.{i}.attn.o", q_dim),
+                wo=_split_rows(matrices(f"layers.{i}.attn.o", q_dim), [cfg.hidden])[0],
                 ffn_norm=init[f"layers.{i}.ffn_norm"],
                 w_gate=w_gate,
                 w_up=w_up,
-                w_down=matrix(f"layers.{i}.mlp.down", cfg.ffn),
+                w_down=_split_rows(matrices(f"layers.{i}.mlp.down", cfg.ffn), [cfg.hidden])[0],
+                bq=bq,
+                bk=bk,
+                bv=bv,
+                q_norm=q_norm,
+                k_norm=init.get(f"layers.{i}.attn.k_norm"),
             )
         )
 
-    def table(prefix: str) -> F32 | None:
+    def table(prefix: str) -> Table | None:
+        if f"{prefix}.nbits_weight" in init:
+            quant = matrix(prefix, cfg.hidden)
+            assert isinstance(quant, QuantMatrix)  # matrix() recovers nbits as QuantMatrix
+            return quant
         if f"{prefix}.weight" in init:
             dense: F32 = init[f"{prefix}.weight"]
             return dense

@@ -1,8 +1,12 @@
-"""Writes ``tokenizer.json`` / ``tokenizer_config.json`` for a byte-level BPE vocabulary.
+"""Writes ``tokenizer.json`` / ``tokenizer_config.json`` for a GGUF vocabulary.
 
-Both Hugging Face ``tokenizers`` and onnxruntime-genai's ``og.Tokenizer`` read these files,
-so the token list and merges from a GGUF file (already in the GPT-2 byte-to-unicode
-alphabet) are written as they are; only the pre-tokenizer has to be named.
+Both Hugging Face ``tokenizers`` and onnxruntime-genai's ``og.Tokenizer`` read these files.
+Byte-level BPE (GGUF ``gpt2``): the token list and merges (already in the GPT-2
+byte-to-unicode alphabet) are written as they are; only the pre-tokenizer has to be named
+(``smollm``, ``gpt2``, Llama 3's ``llama3`` and ``qwen2`` regexes). SentencePiece (GGUF
+``llama``: Llama 2, Mistral, TinyLlama) is written as Hugging Face writes those models: a
+BPE with byte fallback over ``▁`` pieces whose merges come from the pieces' scores
+(:func:`spm_merges`), a normaliser that prefixes and replaces spaces with ``▁``.
 """
 
 from __future__ import annotations
@@ -14,9 +18,16 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
-from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers
+from tokenizers import AddedToken, Regex, Tokenizer, decoders, models, normalizers, pre_tokenizers
 
-PreTokenizer = Literal["smollm", "gpt2"]
+PreTokenizer = Literal["smollm", "gpt2", "llama3", "qwen2", "spm"]
+SPM_SPACE = "\u2581"
+# llama.cpp's LLAMA3 and QWEN2 pre-tokenizer regexes (they differ in digit runs).
+_LLAMA3_REGEX = (
+    r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}"
+    r"| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"
+)
+_QWEN2_REGEX = _LLAMA3_REGEX.replace(r"\p{N}{1,3}", r"\p{N}")
 
 CHATML_TEMPLATE = (
     "{% for message in messages %}"
@@ -38,8 +49,9 @@ class TokenizerSpec:
     pad_token: str | None = None
     unk_token: str | None = None
     chat_template: str | None = CHATML_TEMPLATE
-    pre_tokenizer: PreTokenizer = "smollm"
+    pre_tokenizer: PreTokenizer = "smollm"  # "spm": SentencePiece with byte fallback
     model_max_length: int = 2048
+    add_bos: bool = False
 
     def token_id(self, token: str | None) -> int | None:
         return None if token is None else self.tokens.index(token)
@@ -68,7 +80,62 @@ def _pre_tokenizer(kind: PreTokenizer) -> pre_tokenizers.PreTokenizer:
         return pre_tokenizers.Sequence([pre_tokenizers.Digits(individual_digits=True), byte_level])
     if kind == "gpt2":
         return byte_level
+    if kind in ("llama3", "qwen2"):
+        regex = Regex(_LLAMA3_REGEX if kind == "llama3" else _QWEN2_REGEX)
+        return pre_tokenizers.Sequence(
+            [
+                pre_tokenizers.Split(regex, behavior="isolated", invert=False),
+                pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False),
+            ]
+        )
     raise ValueError(f"unknown pre-tokenizer {kind!r}")
+
+
+def spm_merges(tokens: Sequence[str], scores: Sequence[float]) -> tuple[str, ...]:
+    """BPE merges equivalent to SentencePiece's greedy highest-score merging.
+
+    Every split ``left + right`` of a normal piece into two pieces is a merge, ranked by
+    the merged piece's score (highest first), then by the halves' ids, as Hugging Face's
+    converter does: BPE then merges the pair whose union scores highest, like llama.cpp.
+    Byte tokens (``<0xXX>``) and controls take no part.
+    """
+    ids = {t: i for i, t in enumerate(tokens)}
+    found: list[tuple[float, int, int, str]] = []
+    for piece, pid in ids.items():
+        if piece.startswith("<") and piece.endswith(">"):
+            continue
+        for cut in range(1, len(piece)):
+            left, right = piece[:cut], piece[cut:]
+            if left in ids and right in ids:
+                found.append((-scores[pid], ids[left], ids[right], f"{left} {right}"))
+    found.sort()
+    return tuple(merge for *_, merge in found)
+
+
+def _build_spm(
+    spec: TokenizerSpec, vocab: dict[str, int], merges: list[tuple[str, str]]
+) -> Tokenizer:
+    tok = Tokenizer(
+        models.BPE(
+            vocab=vocab,
+            merges=merges,
+            unk_token=spec.unk_token,
+            fuse_unk=True,
+            byte_fallback=True,
+        )
+    )
+    tok.normalizer = normalizers.Sequence(
+        [normalizers.Prepend(SPM_SPACE), normalizers.Replace(" ", SPM_SPACE)]
+    )
+    tok.decoder = decoders.Sequence(
+        [
+            decoders.Replace(SPM_SPACE, " "),
+            decoders.ByteFallback(),
+            decoders.Fuse(),
+            decoders.Strip(" ", 1, 0),
+        ]
+    )
+    return tok
 
 
 def build_tokenizer(spec: TokenizerSpec) -> Tokenizer:
@@ -81,11 +148,14 @@ def build_tokenizer(spec: TokenizerSpec) -> Tokenizer:
         if not sep:
             raise ValueError(f"malformed merge {line!r}")
         merges.append((left, right))
-    tok = Tokenizer(
-        models.BPE(vocab=vocab, merges=merges, unk_token=spec.unk_token, fuse_unk=False)
-    )
-    tok.pre_tokenizer = _pre_tokenizer(spec.pre_tokenizer)
-    tok.decoder = decoders.ByteLevel()
+    if spec.pre_tokenizer == "spm":
+        tok = _build_spm(spec, vocab, merges)
+    else:
+        tok = Tokenizer(
+            models.BPE(vocab=vocab, merges=merges, unk_token=spec.unk_token, fuse_unk=False)
+        )
+        tok.pre_tokenizer = _pre_tokenizer(spec.pre_tokenizer)
+        tok.decoder = decoders.ByteLevel()
     tok.add_special_tokens(
         [AddedToken(t, special=True, normalized=False) for t in spec.special_tokens]
     )
@@ -105,7 +175,7 @@ def tokenizer_config(spec: TokenizerSpec) -> dict[str, Any]:
         for t in spec.special_tokens
     }
     config: dict[str, Any] = {
-        "add_bos_token": False,
+        "add_bos_token": spec.add_bos,
         "add_prefix_space": False,
         "added_tokens_decoder": added,
         "additional_special_tokens": list(spec.special_tokens),
@@ -114,7 +184,7 @@ def tokenizer_config(spec: TokenizerSpec) -> dict[str, Any]:
         "eos_token": spec.eos_token,
         "model_max_length": spec.model_max_length,
         "pad_token": spec.pad_token,
-        "tokenizer_class": "GPT2Tokenizer",
+        "tokenizer_class": "LlamaTokenizer" if spec.pre_tokenizer == "spm" else "GPT2Tokenizer",
         "unk_token": spec.unk_token,
         "vocab_size": len(spec.tokens),
     }

@@ -2,8 +2,10 @@
 
 Layout follows the Hugging Face convention: matrices are ``[out_features, in_features]``
 and Q/K rows use the rotate-half rotary layout (a GGUF reader un-permutes llama.cpp's
-interleaved rows). A GGUF Q4_1 matrix is kept as its blocks so the ONNX builder can map
-it losslessly onto ``MatMulNBits``.
+interleaved rows). Quantised GGUF matrices are kept as their integer quants so the ONNX
+builder can map them losslessly onto ``MatMulNBits``: 4-bit blocks of 32 (Q4_0, Q4_1,
+Q4_K) as :class:`Q4_1Matrix`, the rest (Q8_0, Q5_*, Q6_K, Q2_K, Q3_K) as
+:class:`QuantMatrix` with 8-bit or 4-bit integers in blocks of 32 or 16.
 """
 
 from __future__ import annotations
@@ -20,6 +22,8 @@ Q4_1_BLOCK = 32
 
 @dataclass(frozen=True)
 class LlamaConfig:
+    """Hyper-parameters; ``arch`` is the GGUF architecture (``llama``, ``qwen2``, ``qwen3``)."""
+
     n_layers: int
     hidden: int
     n_heads: int
@@ -30,6 +34,18 @@ class LlamaConfig:
     rope_base: float
     rms_eps: float
     context_length: int
+    arch: str = "llama"
+    rope_factors: tuple[float, ...] = ()  # Llama 3.1+ ``rope_freqs``: inv_freq[i] / factor[i]
+
+    def inv_freq(self) -> npt.NDArray[np.float64]:
+        """Rotary inverse frequencies ``[head_dim / 2]`` (rope base, frequency factors)."""
+        half = self.head_dim // 2
+        inv: npt.NDArray[np.float64] = 1.0 / (
+            self.rope_base ** (np.arange(half, dtype=np.float64) * 2 / self.head_dim)
+        )
+        if self.rope_factors:
+            inv = inv / np.asarray(self.rope_factors, dtype=np.float64)
+        return inv
 
 
 @dataclass(frozen=True)
@@ -55,11 +71,73 @@ class Q4_1Matrix:
         return values.reshape(self.out_features, self.in_features).astype(np.float32)
 
 
-Matrix = F32 | Q4_1Matrix
+@dataclass(frozen=True)
+class QuantMatrix:
+    """A ``[out, in]`` matrix as ``scales * (q - zero) + mins`` per block of ``in`` elements.
+
+    ``q`` holds unsigned ``bits``-bit integers (4 or 8), one per byte, in element order;
+    ``zero`` is one zero point for every block (the GGUF type's constant offset); ``mins``
+    is an optional additive term per block. Every product is exact in float32 (fp16 scales
+    times at most 8-bit sub-scales), so this is the GGUF tensor's dequantised value exactly.
+    """
+
+    out_features: int
+    in_features: int
+    block: int  # 16 or 32
+    bits: int  # 4 or 8
+    zero: int
+    scales: F32  # [out, in // block]
+    mins: F32 | None  # [out, in // block]
+    q: npt.NDArray[np.uint8]  # [out, in]
+    qtype: str = ""  # the GGUF type it came from, for reports
+
+    def dequantize(self) -> F32:
+        nb = self.in_features // self.block
+        q = self.q.reshape(self.out_features, nb, self.block).astype(np.float32)
+        values = (q - np.float32(self.zero)) * self.scales[..., None]
+        if self.mins is not None:
+            values = values + self.mins[..., None]
+        return values.reshape(self.out_features, self.in_features).astype(np.float32)
+
+    def rows(self, start: int, end: int) -> QuantMatrix:
+        mins = None if self.mins is None else self.mins[start:end]
+        return QuantMatrix(
+            end - start,
+            self.in_features,
+            self.block,
+            self.bits,
+            self.zero,
+            self.scales[start:end],
+            mins,
+            self.q[start:end],
+            self.qtype,
+        )
+
+    def scaled(self, factor: np.float32) -> QuantMatrix:
+        """Every value times ``factor`` (exact for a power of two)."""
+        mins = None if self.mins is None else (self.mins * factor).astype(np.float32)
+        return QuantMatrix(
+            self.out_features,
+            self.in_features,
+            self.block,
+            self.bits,
+            self.zero,
+            (self.scales * factor).astype(np.float32),
+            mins,
+            self.q,
+            self.qtype,
+        )
+
+
+Matrix = F32 | Q4_1Matrix | QuantMatrix
+
+
+# An embedding or head table: float32, or (K-quants and other non-Q8_0 types) integers.
+Table = F32 | QuantMatrix
 
 
 def as_float(matrix: Matrix) -> F32:
-    return matrix.dequantize() if isinstance(matrix, Q4_1Matrix) else matrix
+    return matrix if isinstance(matrix, np.ndarray) else matrix.dequantize()
 
 
 @dataclass(frozen=True)
@@ -73,12 +151,19 @@ class LlamaBlock:
     w_gate: Matrix  # [ffn, hidden]
     w_up: Matrix  # [ffn, hidden]
     w_down: Matrix  # [hidden, ffn]
+    # qwen2: biases of the Q/K/V projections (HF layout, like the matrices' rows)
+    bq: F32 | None = None
+    bk: F32 | None = None
+    bv: F32 | None = None
+    # qwen3: RMSNorm weights applied to each head of Q and K ([head_dim])
+    q_norm: F32 | None = None
+    k_norm: F32 | None = None
 
 
 @dataclass(frozen=True)
 class LlamaWeights:
     config: LlamaConfig
-    token_embd: F32  # [vocab, hidden]
+    token_embd: Table  # [vocab, hidden]
     blocks: Sequence[LlamaBlock]  # indexed by global block number
     output_norm: F32  # [hidden]
-    lm_head: F32 | None  # [vocab, hidden]; None when tied to token_embd
+    lm_head: Table | None  # [vocab, hidden]; None when tied to token_embd
