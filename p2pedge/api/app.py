@@ -36,6 +36,7 @@ from p2pedge.api.schema import (
     parse_completion,
 )
 from p2pedge.api.sse import DONE, Shape, event
+from p2pedge.asgi import serve_lifespan
 from p2pedge.errors import (
     Busy,
     ModelLoadError,
@@ -126,13 +127,8 @@ class ApiApp:
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] == "lifespan":
-            while True:
-                message = await receive()
-                if message["type"] == "lifespan.startup":
-                    await send({"type": "lifespan.startup.complete"})
-                elif message["type"] == "lifespan.shutdown":
-                    await send({"type": "lifespan.shutdown.complete"})
-                    return
+            await serve_lifespan(receive, send)
+            return
         if scope["type"] != "http":
             return
         headers = {k.lower(): v.decode("latin-1") for k, v in scope.get("headers") or []}

@@ -20,10 +20,10 @@ from p2pedge.api.backend import BackendStats, ModelEntry, Piece, Routed, Target,
 from p2pedge.api.schema import GenerationRequest
 from p2pedge.errors import LocalProtocolError, ModelNotCached, P2PEdgeError
 from p2pedge.ids import ModelId
+from p2pedge.records.card import CapabilityCard, covers_model
 
 if TYPE_CHECKING:
     from p2pedge.node.node import Node
-    from p2pedge.records.card import CapabilityCard
 
 log = logging.getLogger("p2pedge.api")
 AUTO = "auto"
@@ -40,16 +40,6 @@ def _name(model_id: str) -> str | None:
         return ModelId.parse(model_id).name
     except ValueError:
         return None
-
-
-def _covered(cards: list[CapabilityCard], name: str) -> bool:
-    """Whether the served blocks of ``name`` in ``cards`` cover the whole model."""
-    served = sorted((s.start, s.end) for c in cards for s in c.layers_served if s.model == name)
-    covered = 0
-    for start, end in served:
-        if start <= covered:
-            covered = max(covered, end)
-    return bool(served) and covered >= max(end for _, end in served)
 
 
 class NodeBackend:
@@ -100,7 +90,7 @@ class NodeBackend:
                     entry.detail["peers"].append(card.peer_id)
         for name in sorted({s.model for c in cards for s in c.layers_served}):
             held = out.get(name)
-            if _covered(cards, name) and (held is None or held.where == "peer"):
+            if covers_model(cards, name) and (held is None or held.where == "peer"):
                 out[name] = ModelEntry(name, "sharded", held.detail if held else {})
         for name, spec in self._specialists().items():
             detail = {"category": spec.category, "model": spec.model}
@@ -129,7 +119,7 @@ class NodeBackend:
         if spec is not None:
             return Target(model, "specialist", category=spec.category)
         cards = await self._cards()
-        if _covered(cards, mid.name):
+        if covers_model(cards, mid.name):
             return Target(model, "sharded")
         if any(card.has_model(model) for card in cards):
             return Target(model, "peer")

@@ -25,7 +25,7 @@ from p2pedge.models.manifest import ManifestError
 from p2pedge.models.store import Store
 from p2pedge.node.distribution import Distribution
 from p2pedge.node.inference import Completion, LocalInference
-from p2pedge.records.card import CachedModel
+from p2pedge.records.card import CachedModel, covers_model
 from p2pedge.runtime.config import RuntimeConfig
 from p2pedge.runtime.sampling import SamplingParams
 
@@ -398,13 +398,7 @@ class _ShardedRunner:
         if self.models.node.config.local_only:
             return False
         name = ModelId.parse(model).name
-        cards = await self.models.node.find_peers()
-        served = sorted((s.start, s.end) for c in cards for s in c.layers_served if s.model == name)
-        covered = 0
-        for start, end in served:
-            if start <= covered:
-                covered = max(covered, end)
-        return bool(served) and covered >= max(end for _, end in served)
+        return covers_model(await self.models.node.find_peers(), name)
 
     async def complete(self, model: str, request: InferRequest) -> ShardedCompletionAdapter:
         params = request.params

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import math
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
@@ -225,3 +226,13 @@ def verify_card(
             f"card lifetime {card.expires_at - card.issued_at:.0f} s exceeds {max_lifetime:.0f} s"
         )
     return card
+
+
+def covers_model(cards: Sequence[CapabilityCard], name: str) -> bool:
+    """Whether the blocks of ``name`` that ``cards`` serve cover the whole model."""
+    served = sorted((s.start, s.end) for c in cards for s in c.layers_served if s.model == name)
+    covered = 0
+    for start, end in served:
+        if start <= covered:
+            covered = max(covered, end)
+    return bool(served) and covered >= max(end for _, end in served)

@@ -31,6 +31,7 @@ from typing import Any
 
 import trio
 
+from p2pedge.asgi import serve_lifespan
 from p2pedge.errors import Busy, IntegrityError, ModelNotCached
 from p2pedge.ids import ModelId
 from p2pedge.models.keys import TrustStore, verify_signature
@@ -132,13 +133,8 @@ class RegistryApp:
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] == "lifespan":
-            while True:
-                message = await receive()
-                if message["type"] == "lifespan.startup":
-                    await send({"type": "lifespan.startup.complete"})
-                elif message["type"] == "lifespan.shutdown":
-                    await send({"type": "lifespan.shutdown.complete"})
-                    return
+            await serve_lifespan(receive, send)
+            return
         if scope["type"] != "http":
             return
         # a refused upload may leave its body unread: close rather than reuse the connection

@@ -59,6 +59,7 @@ async def test_stream_closed_by_server_while_idle_is_replaced(
     source = PeerChunkSource(server.open_stream, "peer", max_streams=1, reuse_idle=100)
     digest = manifest.files[0].sha256
     assert len(await source.fetch_chunk(digest, 0, CHUNK)) == CHUNK
+    await trio.testing.wait_all_tasks_blocked()  # the server waits for the next request
     mock_clock.jump(6)  # the server ends the idle stream; the source still deems it fresh
     await trio.testing.wait_all_tasks_blocked()
     assert server.live == 0
