@@ -47,7 +47,7 @@ from p2pedge.testing.tiny import REAL_MODEL_NAME, models_dir  # noqa: E402
 
 MODEL = "smollm2-135m-instruct"
 THIRDS = ((0, 10), (10, 20), (20, 30))
-PROMPT = [{"role": "user", "content": "What is the capital of France?"}]
+PROMPT = [{"role": "user", "content": "Write a short story about a robot who learns to paint."}]
 STEP_TIMEOUT = 30.0
 MB = 1 << 20
 

@@ -15,7 +15,7 @@ from p2pedge.protocols.pipeline import codec
 from p2pedge.quota import Grant, Limit, Quota
 
 DEFAULT_MAX_STEP_TOKENS = 2048
-DEFAULT_STEP_CHUNK = 64  # positions per turn for the compute thread (0: whole steps)
+DEFAULT_STEP_CHUNK = 32  # positions per turn for the compute thread (0: whole steps)
 DEFAULT_SESSION_LIMIT = Limit(per_peer=8, per_source=16, total=256)
 DEFAULT_QUEUED_STEPS = Limit(per_peer=8, per_source=16, total=128)
 
@@ -48,7 +48,7 @@ class PipelineLimits:
     max_push_streams: int = 64
     compute_rate_peer: float = 256.0
     compute_rate_source: float = 512.0
-    compute_burst: float = 4096.0
+    compute_burst: float = 1024.0
 
     def __post_init__(self) -> None:
         if not (0.0 <= self.kv_peer_share <= 1.0 and 0.0 <= self.kv_source_share <= 1.0):
