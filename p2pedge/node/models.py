@@ -20,6 +20,7 @@ import trio
 
 from p2pedge.errors import IntegrityError, ModelLoadError, ModelNotCached, PeerUnavailable
 from p2pedge.ids import ModelId
+from p2pedge.models.convert.layout import read_model_facts
 from p2pedge.models.keys import TrustStore
 from p2pedge.models.manifest import ManifestError
 from p2pedge.models.store import Store
@@ -40,6 +41,15 @@ if TYPE_CHECKING:
 log = logging.getLogger("p2pedge.node")
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "p2pedge_model.json")
 MAX_TEXT_CODECS = 16
+
+
+def int8_activations(model_dir: Path) -> bool:
+    """Whether a model's facts say its matmuls take 8-bit activations: replicas then agree
+    only within the quantized tolerance, so checks must use it (or ban honest servers)."""
+    try:
+        return bool(read_model_facts(model_dir).int8_activations)
+    except (OSError, ValueError, TypeError):
+        return False
 
 
 @dataclass(frozen=True)
@@ -342,6 +352,11 @@ class NodeModels:
             else make_sampler(params.temperature, params.top_k, params.seed or 0, params.top_p)
         )
         name = ModelId.parse(model).name
+        verify = self.node.config.shard_verify
+        if verify is not None and not verify.quantized:
+            path = await trio.to_thread.run_sync(self._tokenizer_dir, model)
+            if await trio.to_thread.run_sync(int8_activations, path):
+                verify = replace(verify, quantized=True)  # 8-bit matmuls differ more
         config = ClientConfig(
             max_length=len(ids) + max_tokens + 1,
             step_timeout=self.node.config.shard_step_timeout,
@@ -350,7 +365,7 @@ class NodeModels:
             ring=self.node.config.shard_ring,
             ring_quiet=self.node.config.shard_ring_quiet,
             slowdown=self.node.config.shard_slowdown,
-            verify=self.node.config.shard_verify,
+            verify=verify,
         )
         decoder = codec.decoder()
         stops = list(params.stop)
