@@ -79,7 +79,12 @@ class NodeConfig:
     api_cors_origins: tuple[str, ...] = ()  # browser origins allowed ("*": any)
 
     def __post_init__(self) -> None:
-        object.__setattr__(self, "data_dir", Path(self.data_dir))
+        # "~" means the home directory wherever a path is given (not a directory named "~")
+        object.__setattr__(self, "data_dir", Path(self.data_dir).expanduser())
+        for name in ("models_dir", "psk_file", "api_key_file"):
+            value = getattr(self, name)
+            if value is not None:
+                object.__setattr__(self, name, Path(value).expanduser())
         for name in (
             "listen",
             "bootstrap",
@@ -93,6 +98,12 @@ class NodeConfig:
             if isinstance(value, str | Path):
                 raise ConfigError(f"{name} must be a sequence, not a single {type(value).__name__}")
             object.__setattr__(self, name, tuple(value))
+        object.__setattr__(
+            self, "trusted_publishers", tuple(Path(p).expanduser() for p in self.trusted_publishers)
+        )
+        object.__setattr__(
+            self, "model_dirs", tuple((n, Path(p).expanduser()) for n, p in self.model_dirs)
+        )
         if not 0 <= self.direct_lane_port <= 65535:
             raise ConfigError(f"direct_lane_port must be 0..65535, got {self.direct_lane_port}")
         if not 0 <= self.inline_step_ms <= 1000:
