@@ -12,6 +12,7 @@ import logging
 import signal
 import sys
 import tempfile
+import tomllib
 from collections.abc import Callable, Sequence
 from dataclasses import asdict
 from pathlib import Path
@@ -39,7 +40,12 @@ def _common(parser: argparse.ArgumentParser) -> None:
         "--allow-peer", action="append", default=[], help="only these peer ids (repeatable)"
     )
     parser.add_argument("--mdns", action="store_true", help="discover peers on the LAN")
-    parser.add_argument("--announce-interval", type=float, default=60.0)
+    parser.add_argument(
+        "--announce-interval", type=float, default=None, help="seconds between announces (60)"
+    )
+    parser.add_argument(
+        "--config", type=Path, default=None, help="TOML file of settings; flags override it"
+    )
     parser.add_argument("--log-level", default="warning")
     parser.add_argument("--json", action="store_true", help="one JSON object per line")
 
@@ -74,18 +80,18 @@ def build_parser() -> argparse.ArgumentParser:
         help="use an imported model directory",
     )
     run.add_argument(
-        "--threads", type=int, default=0, help="onnxruntime threads (default: all cores)"
+        "--threads", type=int, default=None, help="onnxruntime threads (default: all cores)"
     )
     run.add_argument(
         "--inline-step-ms",
         type=float,
-        default=50.0,
-        help="serve decode steps up to this long without a worker-thread hop (0: never)",
+        default=None,
+        help="serve decode steps up to this long without a worker-thread hop (50; 0: never)",
     )
     run.add_argument(
         "--lane-port",
         type=int,
-        default=0,
+        default=None,
         help="TCP port of the direct lane for shard traffic (default: the OS picks)",
     )
     run.add_argument(
@@ -115,31 +121,79 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+# what a --config TOML file may set: NodeConfig's user-facing fields, by the same names
+FILE_FIELDS = frozenset(
+    {
+        "data_dir", "listen", "bootstrap", "psk_file", "allow_peers", "mdns",
+        "announce_interval", "serve", "models_dir", "registry", "trusted_publishers",
+        "model_dirs", "threads", "direct_lane", "direct_lane_port", "inline_step_ms", "api",
+        "api_key_file", "api_cors_origins",
+    }
+)  # fmt: skip
+
+
+def read_config_file(path: Path) -> dict[str, Any]:
+    """NodeConfig fields from a TOML file (``model_dirs`` as a table of NAME = DIR)."""
+    try:
+        data = tomllib.loads(path.expanduser().read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, tomllib.TOMLDecodeError) as exc:
+        raise ConfigError(f"cannot read config file {path}: {exc}") from exc
+    unknown = sorted(set(data) - FILE_FIELDS)
+    if unknown:
+        raise ConfigError(f"{path}: unknown setting(s) {', '.join(unknown)}")
+    fields: dict[str, Any] = {}
+    for key, value in data.items():
+        if key == "serve":
+            value = [ServeSpec.parse(str(s)) for s in _list(path, key, value)]
+        elif key == "model_dirs":
+            if not isinstance(value, dict):
+                raise ConfigError(f"{path}: model_dirs must be a table of NAME = DIR")
+            value = [(str(name), Path(str(d))) for name, d in value.items()]
+        elif isinstance(value, list):
+            value = _list(path, key, value)
+        fields[key] = tuple(value) if isinstance(value, list) else value
+    return fields
+
+
+def _list(path: Path, key: str, value: Any) -> list[Any]:
+    if not isinstance(value, list):
+        raise ConfigError(f"{path}: {key} must be a list")
+    return value
+
+
 def _config(args: argparse.Namespace, *, throwaway: bool = False) -> NodeConfig:
-    data_dir = args.data_dir
-    if data_dir is None:
-        data_dir = Path(tempfile.mkdtemp(prefix="p2pedge-")) if throwaway else default_data_dir()
-    return NodeConfig(
-        data_dir=data_dir,
-        listen=tuple(args.listen or ["/ip4/127.0.0.1/tcp/0"]),
-        bootstrap=tuple(args.bootstrap),
-        psk_file=args.psk_file,
-        allow_peers=tuple(args.allow_peer),
-        mdns=args.mdns,
-        announce_interval=args.announce_interval,
-        serve=tuple(ServeSpec.parse(s) for s in getattr(args, "serve", [])),
-        models_dir=getattr(args, "models_dir", None),
-        registry=getattr(args, "registry", None),
-        trusted_publishers=tuple(getattr(args, "trusted", [])),
-        model_dirs=tuple(_model_dir(m) for m in getattr(args, "model_dirs", [])),
-        threads=getattr(args, "threads", 0),
-        direct_lane=not getattr(args, "no_direct_lane", False),
-        direct_lane_port=getattr(args, "lane_port", 0),
-        inline_step_ms=getattr(args, "inline_step_ms", 50.0),
-        api=getattr(args, "api", None),
-        api_key_file=getattr(args, "api_key_file", None),
-        api_cors_origins=tuple(getattr(args, "api_cors", [])),
-    )
+    """The config file's settings (``--config``), overridden by the flags given."""
+    fields = read_config_file(args.config) if args.config is not None else {}
+    flags: dict[str, Any] = {
+        "data_dir": args.data_dir,
+        "listen": tuple(args.listen or ()),
+        "bootstrap": tuple(args.bootstrap),
+        "psk_file": args.psk_file,
+        "allow_peers": tuple(args.allow_peer),
+        "mdns": True if args.mdns else None,
+        "announce_interval": args.announce_interval,
+        "serve": tuple(ServeSpec.parse(s) for s in getattr(args, "serve", [])),
+        "models_dir": getattr(args, "models_dir", None),
+        "registry": getattr(args, "registry", None),
+        "trusted_publishers": tuple(getattr(args, "trusted", [])),
+        "model_dirs": tuple(_model_dir(m) for m in getattr(args, "model_dirs", [])),
+        "threads": getattr(args, "threads", None),
+        "direct_lane": False if getattr(args, "no_direct_lane", False) else None,
+        "direct_lane_port": getattr(args, "lane_port", None),
+        "inline_step_ms": getattr(args, "inline_step_ms", None),
+        "api": getattr(args, "api", None),
+        "api_key_file": getattr(args, "api_key_file", None),
+        "api_cors_origins": tuple(getattr(args, "api_cors", [])),
+    }
+    fields.update({key: value for key, value in flags.items() if value not in (None, ())})
+    if "data_dir" not in fields:
+        fields["data_dir"] = (
+            Path(tempfile.mkdtemp(prefix="p2pedge-")) if throwaway else default_data_dir()
+        )
+    try:
+        return NodeConfig(**fields)
+    except (TypeError, ValueError) as exc:  # a wrongly typed setting in the file
+        raise ConfigError(f"bad setting: {exc}") from exc
 
 
 def _model_dir(text: str) -> tuple[str, Path]:

@@ -31,3 +31,42 @@ def test_help_lists_every_subcommand(capsys: pytest.CaptureFixture[str]) -> None
     assert exit_.value.code == 0
     out = capsys.readouterr().out
     assert "run" in out and "peers" in out
+
+
+def test_a_toml_file_sets_the_config_and_flags_override_it(tmp_path: Path) -> None:
+    from p2pedge.node.cli import _config, build_parser
+
+    path = tmp_path / "node.toml"
+    path.write_text(
+        'listen = ["/ip4/127.0.0.1/tcp/4001"]\n'
+        "announce_interval = 120.0\n"
+        'serve = ["smollm2:0-10"]\n'
+        "direct_lane = false\n"
+        f'data_dir = "{tmp_path / "data"}"\n'
+        "[model_dirs]\n"
+        f'smollm2 = "{tmp_path}"\n'
+    )
+    args = build_parser().parse_args(["run", "--config", str(path), "--announce-interval", "30"])
+    config = _config(args)
+    assert config.listen == ("/ip4/127.0.0.1/tcp/4001",)
+    assert config.announce_interval == 30.0  # the flag wins
+    assert [(s.model, str(s.layers)) for s in config.serve] == [("smollm2", "0-10")]
+    assert config.direct_lane is False
+    assert config.data_dir == tmp_path / "data"
+    assert config.model_dirs == (("smollm2", tmp_path),)
+    assert config.threads == NodeConfig().threads  # unset anywhere: the default
+
+
+def test_a_config_file_with_an_unknown_or_mistyped_setting_is_a_usage_error(
+    tmp_path: Path,
+) -> None:
+    from p2pedge.errors import ConfigError
+    from p2pedge.node.cli import read_config_file
+
+    path = tmp_path / "node.toml"
+    path.write_text("annouce_interval = 30\n")
+    with pytest.raises(ConfigError, match="annouce_interval"):
+        read_config_file(path)
+    path.write_text('serve = "smollm2:0-10"\n')
+    with pytest.raises(ConfigError, match="must be a list"):
+        read_config_file(path)
