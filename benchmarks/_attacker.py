@@ -8,7 +8,8 @@ named in the JSON file until SIGINT, then prints its counts as one JSON line and
 Each attack is a loop at a bounded rate (this process shares the machine's two cores with
 the honest side; the rates are what one home device could send): malformed messages on
 every protocol, pipeline session hoarding, 255-token step floods, blob requests left
-unread (slow reader), silent TCP connections to the lane port, and junk DHT puts. What
+unread (slow reader), silent TCP connections to the lane port, junk DHT puts, and a pull
+source that claims the model and never answers. What
 each attempt got back (a typed refusal, a closed stream) is counted by kind.
 """
 
@@ -32,6 +33,7 @@ from p2pedge.node.config import NodeConfig
 from p2pedge.node.node import Node
 from p2pedge.protocols._stream import FramedStream
 from p2pedge.protocols.blob import codec as blob
+from p2pedge.protocols.blob.handler import model_key
 from p2pedge.protocols.infer import codec as infer
 from p2pedge.protocols.pipeline import codec as pipe
 from p2pedge.wire.messages import pack
@@ -243,6 +245,24 @@ async def junk_dht(node: Node, targets: dict[str, Any], counts: Counter[str]) ->
         await trio.sleep(1 / RATE_HZ)
 
 
+async def hanging_source(node: Node, targets: dict[str, Any], counts: Counter[str]) -> None:
+    """Claim to hold the model, then take every chunk or manifest request and never answer."""
+
+    async def never_answer(stream: FramedStream, peer: str) -> None:
+        await stream.receive_bytes()
+        counts["hanging_source:held"] += 1
+        await trio.sleep_forever()
+
+    node.set_stream_handler(blob.PROTOCOL_ID, never_answer)
+    while True:
+        try:
+            await node.provide(model_key(str(targets["servers"][0]["model"])))
+            _note(counts, "hanging_source_provide", None)
+        except P2PEdgeError as exc:
+            _note(counts, "hanging_source_provide", exc)
+        await trio.sleep(10)
+
+
 ATTACKS: dict[str, Attack] = {
     "malformed": malformed,
     "hoard": hoard,
@@ -250,6 +270,7 @@ ATTACKS: dict[str, Attack] = {
     "slow_reader": slow_reader,
     "silent_lane": silent_lane,
     "junk_dht": junk_dht,
+    "hanging_source": hanging_source,
 }
 
 

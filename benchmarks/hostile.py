@@ -6,12 +6,15 @@ model into its store so that peers can pull from it. Each round decodes greedily
 the servers twice, once calm and once while an attacker process
 (``benchmarks/_attacker.py``: a real node on another source address) runs a mixed load
 against the servers and the client's blob service: malformed messages on every protocol,
-session hoarding, 255-token step floods, unread blob replies, silent lane connections and
-junk DHT puts. The order of calm and attack alternates per round.
+session hoarding, 255-token step floods, unread blob replies, silent lane connections,
+junk DHT puts and a pull source that claims the model and never answers. After each decode,
+another honest node in this process pulls a few files of the model from the swarm. The
+order of calm and attack alternates per round.
 
 Reported: honest tok/s calm and under attack, and their ratio as the median of the paired
 per-round ratios with its min-max spread; tokens that differ from the calm reference;
-crashes (an honest server process that exited, or a generation that raised); the RSS growth
+crashes (an honest server process that exited, a generation that raised, or a pull that
+failed); the RSS growth
 of the honest processes during attack rounds over their size after warm-up; and the
 verified-computation section's detection latency (corrupted steps before the ban).
 """
@@ -19,14 +22,17 @@ verified-computation section's detection latency (corrupted steps before the ban
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
+import shutil
 import signal
 import statistics
 import subprocess
 import sys
 import threading
 import time
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import IO, Any
@@ -39,8 +45,9 @@ sys.path.insert(0, str(ROOT))
 
 from benchmarks._attacker import ATTACKS, free_port  # noqa: E402
 from benchmarks._detection import measure, section  # noqa: E402
+from benchmarks._pulls import timed_pull  # noqa: E402
 from benchmarks._report import machine, paired_ratio, table, write_section  # noqa: E402
-from p2pedge.models.keys import generate_key  # noqa: E402
+from p2pedge.models.keys import TrustStore, generate_key, public_key_hex  # noqa: E402
 from p2pedge.node.config import NodeConfig  # noqa: E402
 from p2pedge.node.node import Node  # noqa: E402
 from p2pedge.testing.tiny import REAL_MODEL_NAME, models_dir  # noqa: E402
@@ -49,6 +56,7 @@ MODEL = "smollm2-135m-instruct"
 THIRDS = ((0, 10), (10, 20), (20, 30))
 PROMPT = [{"role": "user", "content": "Write a short story about a robot who learns to paint."}]
 STEP_TIMEOUT = 30.0
+PULL_FILES = ("tokenizer.json", "tokenizer_config.json", "p2pedge_model.json")
 MB = 1 << 20
 
 
@@ -156,12 +164,18 @@ class RssWatch:
 
 
 async def rounds(
-    node: Node, attacker: Attacker, servers: list[Server], tokens: int, n_rounds: int
+    node: Node,
+    attacker: Attacker,
+    servers: list[Server],
+    tokens: int,
+    n_rounds: int,
+    pull: Callable[[str], Awaitable[float | None]],
 ) -> dict[str, Any]:
     reference = await node.complete(MODEL, messages=PROMPT, max_tokens=tokens, route="sharded")
     expected = list(reference.token_ids)
     rates: dict[str, list[float]] = {"calm": [], "attack": []}
-    wrong = crashes = 0
+    pulls: dict[str, list[float]] = {"calm": [], "attack": []}
+    wrong = crashes = failed_pulls = 0
     counts: dict[str, int] = {}
     watch = RssWatch([s.proc.pid for s in servers] + [os.getpid()])
     async with trio.open_nursery() as nursery:
@@ -176,6 +190,11 @@ async def rounds(
                     )
                     rates[kind].append(done.tok_per_s)
                     wrong += list(done.token_ids) != expected
+                    took = await pull(f"{r}-{kind}")  # while the attacker (if any) runs
+                    if took is None:
+                        failed_pulls += 1
+                    else:
+                        pulls[kind].append(took)
                 except Exception as exc:  # a crash of the honest path is what we count
                     print(f"{kind} round {r}: generation failed: {exc!r}", flush=True)
                     crashes += 1
@@ -188,6 +207,8 @@ async def rounds(
     crashes += sum(s.proc.poll() is not None for s in servers)
     return {
         "rates": rates,
+        "pulls": pulls,
+        "failed_pulls": failed_pulls,
         "wrong": wrong,
         "crashes": crashes,
         "rss_growth_mb": watch.growth_mb(),
@@ -211,8 +232,19 @@ async def run(args: argparse.Namespace, model_dir: Path, root: Path) -> tuple[st
             measure_compute=False,
             shard_step_timeout=STEP_TIMEOUT,
         )
-        async with Node(config) as node:
-            manifest = await node.publish(model_dir, f"{MODEL}@1", generate_key())
+        puller_config = dataclasses.replace(
+            config, data_dir=root / "puller", model_dirs=(), bootstrap=(servers[0].addr,)
+        )
+        async with Node(config) as node, Node(puller_config) as puller:
+            key = generate_key()
+            manifest = await node.publish(model_dir, f"{MODEL}@1", key)
+            trust = TrustStore([public_key_hex(key)])
+
+            async def pull(name: str) -> float | None:
+                into = root / "pulls" / name
+                shutil.rmtree(into, ignore_errors=True)
+                return await timed_pull(puller, f"{MODEL}@1", into, trust, PULL_FILES)
+
             targets = {
                 "attacks": args.attacks.split(",") if args.attacks else list(ATTACKS),
                 "data_dir": str(root / "attacker"),
@@ -235,7 +267,7 @@ async def run(args: argparse.Namespace, model_dir: Path, root: Path) -> tuple[st
             }
             path = root / "targets.json"
             path.write_text(json.dumps(targets))
-            result = await rounds(node, Attacker(path), servers, args.tokens, args.rounds)
+            result = await rounds(node, Attacker(path), servers, args.tokens, args.rounds, pull)
     finally:
         stop([s.proc for s in servers])
     detection = await measure(MODEL, model_dir, 30, args.tokens, args.rounds, args.trials)
@@ -246,7 +278,7 @@ async def run(args: argparse.Namespace, model_dir: Path, root: Path) -> tuple[st
         + section(detection, args.tokens, args.rounds, args.trials)
     )
     headline = {
-        "crashes": str(result["crashes"]),
+        "crashes": str(result["crashes"] + result["failed_pulls"]),
         "wrong_tokens": str(result["wrong"] + detection.wrong),
         "honest_vs_calm": f"{ratio.median:.2f}",
         "honest_vs_calm_min": f"{ratio.low:.2f}",
@@ -256,6 +288,10 @@ async def run(args: argparse.Namespace, model_dir: Path, root: Path) -> tuple[st
         "check_cost_1_in_50": f"{detection.cost[1 / 50].median:.2f}",
     }
     return body, headline
+
+
+def _median(values: list[float]) -> str:
+    return f"{statistics.median(values):.2f}" if values else "-"
 
 
 def report(result: dict[str, Any], ratio: Any, args: argparse.Namespace) -> str:
@@ -271,6 +307,13 @@ def report(result: dict[str, Any], ratio: Any, args: argparse.Namespace) -> str:
         ("tokens different from the calm reference", str(result["wrong"]), "0"),
         ("crashes (server exits, failed generations)", str(result["crashes"]), "0"),
         ("RSS growth of honest processes during attacks", f"{result['rss_growth_mb']:.0f} MB", "-"),
+        (
+            f"pull of {len(PULL_FILES)} files by another honest node, calm / under attack "
+            "(a hanging source claims the model), median s",
+            f"{_median(result['pulls']['calm'])} / {_median(result['pulls']['attack'])}",
+            "succeeds",
+        ),
+        ("pulls that failed", str(result["failed_pulls"]), "0"),
     ]
     counts = sorted(result["counts"].items())
     return "\n\n".join(
