@@ -13,10 +13,13 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
 import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import trio
@@ -69,9 +72,41 @@ def fetched(root: Path, index: int) -> str:
     return f"{len(held)} files, {sum(f.size for f in held) / 1e6:.1f} of {total / 1e6:.1f} MB"
 
 
+@contextmanager
+def demo_root() -> Iterator[Path]:
+    """A scratch directory (stores, shard copies: hundreds of MB) removed on every exit.
+
+    The ``finally`` also runs on errors and on Ctrl-C (``KeyboardInterrupt``), which is
+    why this is not a bare ``mkdtemp``.
+    """
+    root = Path(tempfile.mkdtemp(prefix="p2pedge-demo-"))
+    try:
+        yield root
+    finally:
+        shutil.rmtree(root)
+
+
+def stop_servers(procs: list[subprocess.Popen[bytes]]) -> None:
+    """Stop the shard servers before their data dirs are removed; kill any that hang."""
+    for proc in procs:
+        if proc.poll() is None:
+            proc.send_signal(signal.SIGINT)
+    for proc in procs:
+        try:
+            proc.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+
+
 async def main() -> None:
     model_dir = real_model_dir()
-    root = Path(tempfile.mkdtemp(prefix="p2pedge-demo-"))
+    with demo_root() as root:
+        await run_demo(model_dir, root)
+
+
+async def run_demo(model_dir: Path, root: Path) -> None:
+    """The three parts of the demo, with every file under ``root``."""
     print(f"== 1. local mode: {MODEL} ({model_dir.name})")
     config = NodeConfig(data_dir=root / "local", local_only=True, model_dirs=((MODEL, model_dir),))
     async with Node(config) as node:
@@ -127,12 +162,12 @@ async def main() -> None:
                 print(f"    answer: {answer.text.strip()!r}")
                 print(f"    why: {answer.decision.reason}")
     finally:
-        for proc in procs:
-            proc.send_signal(signal.SIGINT)
-        for proc in procs:
-            proc.wait(timeout=30)
+        stop_servers(procs)
     print(f"local_tok_s={local.tok_per_s:.1f} sharded_tok_s={sharded.tok_per_s:.1f}")
 
 
 if __name__ == "__main__":
-    trio.run(main)
+    try:
+        trio.run(main)
+    except KeyboardInterrupt:
+        sys.exit(130)

@@ -224,7 +224,14 @@ class NodeModels:
             sharded=_ShardedRunner(self),
             nursery=self.node.nursery,
             max_models=self.inference.cache.config.max_models,
+            local_names=self.registered_names,
         )
+
+    def registered_names(self) -> list[str]:
+        """Names models are registered under here: dirs as named, stored models by id (as
+        the card last read them from the store, so this never blocks)."""
+        stored = [m.id for m in self.node.card.models if not m.id.endswith("@local")]
+        return [*self.dirs, *stored]
 
     def close(self) -> None:
         self.inference.close()

@@ -92,6 +92,32 @@ def model_matches(wanted: str, offered: str) -> bool:
     return want == have
 
 
+def registered_alias(wanted: str, registered: Iterable[str]) -> str | None:
+    """The one registered name that is ``wanted`` under a shorter or longer name, else None.
+
+    Users register model dirs as they like (``smollm2`` for the catalog's
+    ``smollm2-135m-instruct``, or the reverse); one name must extend the other at a ``-``
+    so ``smollm`` does not pass for ``smollm2``. A pinned version is never aliased, and
+    two candidates are not guessed between.
+    """
+    try:
+        want = ModelId.parse(wanted)
+    except ValueError:
+        return None
+    if "@" in wanted and want.version != "latest":
+        return None
+    found = set()
+    for name in registered:
+        try:
+            have = ModelId.parse(name).name
+        except ValueError:
+            continue
+        short, long = sorted((want.name, have), key=len)
+        if have != want.name and long.startswith(short + "-"):
+            found.add(name)
+    return found.pop() if len(found) == 1 else None
+
+
 @dataclass
 class Catalog:
     """Categories, the specialists behind them and the models those need."""

@@ -8,12 +8,12 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable, Iterable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import trio
 
 from p2pedge.errors import ModelNotCached, P2PEdgeError
-from p2pedge.orchestrator.catalog import Catalog, Specialist, model_matches
+from p2pedge.orchestrator.catalog import Catalog, Specialist, model_matches, registered_alias
 from p2pedge.orchestrator.classifier import Classification, NaiveBayesClassifier, default_classifier
 from p2pedge.orchestrator.federated import MapStats, Worker, capacity, federated_map
 from p2pedge.orchestrator.interfaces import (
@@ -86,6 +86,9 @@ class Orchestrator:
     local_speed: float = 1.0
     load_times: dict[str, float] = field(default_factory=dict)
     preloader: Preloader | None = None
+    # names the user registered models under here (dirs, stored ids); lets a catalog
+    # model find one registered under a shorter or longer name
+    local_names: Callable[[], Iterable[str]] | None = None
 
     def __post_init__(self) -> None:
         if self.local is not None and self.preload and self.preloader is None:
@@ -112,6 +115,21 @@ class Orchestrator:
             stored = False
         return LocalView(warm, stored, self.load_times.get(spec.model_id.name))
 
+    async def _bind(self, spec: Specialist) -> tuple[Specialist, str]:
+        """``spec`` with its model renamed to the one registered here under another name
+        (see :func:`registered_alias`) when its own name is not held; and a note why."""
+        if self.local is None or self.local_names is None:
+            return spec, ""
+        try:
+            await self.local.resolve(spec.model)
+            return spec, ""
+        except ModelNotCached:
+            pass  # not held under the catalog's name: look for the user's name for it
+        alias = registered_alias(spec.model, self.local_names())
+        if alias is None:
+            return spec, ""
+        return replace(spec, model=alias), f" ({spec.model} is registered here as {alias})"
+
     async def _cards(self, spec: Specialist) -> list[CardLike]:
         if self.peers is None:
             return []
@@ -125,7 +143,7 @@ class Orchestrator:
         if category is None:
             classification = self.classify(text)
             category = classification.category
-        spec = self.catalog.resolve(category)
+        spec, alias_note = await self._bind(self.catalog.resolve(category))
         view = await self._local_view(spec)
         cards = await self._cards(spec)
         sharded = self.sharded is not None and await self.sharded.can_run(spec.model)
@@ -133,8 +151,8 @@ class Orchestrator:
             spec, view, cards, policy=self.policy, sharded=sharded, assigned=assigned or {}
         )
         decision = Decision(
-            spec.category, spec.name, spec.model, where.where, where.peer_id, where.reason,
-            classification,
+            spec.category, spec.name, spec.model, where.where, where.peer_id,
+            where.reason + alias_note, classification,
         )  # fmt: skip
         return decision, view
 
@@ -197,7 +215,8 @@ class Orchestrator:
         max_tokens: int | None,
         spec: Specialist | None = None,
     ) -> Answer:
-        spec = spec or self.catalog.resolve(decision.specialist)
+        # the decision's model, which may be the name the user registered it under
+        spec = spec or replace(self.catalog.resolve(decision.specialist), model=decision.model)
         start = time.perf_counter()
         result = await self._execute(
             decision.where, decision.peer_id, self._request(spec, text, max_tokens)
@@ -266,7 +285,7 @@ class Orchestrator:
         stats: MapStats | None = None,
     ) -> list[Answer]:
         """Run independent prompts over every peer with the model; input order kept."""
-        spec = self._spec_for(model_or_specialist)
+        spec, _ = await self._bind(self._spec_for(model_or_specialist))
         view = await self._local_view(spec)
         cards = await self._cards(spec)
         workers = [Worker(c.peer_id, capacity(c), slots_per_peer) for c in cards]

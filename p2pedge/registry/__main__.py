@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import signal
 import sys
 import tempfile
 from functools import partial
@@ -24,12 +25,12 @@ from p2pedge.models.manifest import DEFAULT_CHUNK_SIZE
 from p2pedge.models.store import Store
 from p2pedge.registry.app import is_reserved_version
 from p2pedge.registry.client import RegistryClient
-from p2pedge.registry.owners import load_grants
+from p2pedge.registry.owners import Grants, load_grants
 from p2pedge.registry.server import TOKEN_ENV, parse_listen, serve_registry
 
 
 def _parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="python -m p2pedge.registry", description=__doc__)
+    parser = argparse.ArgumentParser(prog="p2pedge registry", description=__doc__)
     commands = parser.add_subparsers(dest="command", required=True)
     serve = commands.add_parser("serve", help="serve a registry root over HTTP")
     serve.add_argument("--root", type=Path, required=True)
@@ -82,18 +83,64 @@ async def _publish(args: argparse.Namespace) -> None:
     print(f"published {manifest.model} ({manifest.total_size} bytes) to {where}")
 
 
+async def _serve(args: argparse.Namespace, trust: TrustStore | None, grants: Grants | None) -> None:
+    """Serve until SIGINT or SIGTERM, then shut hypercorn down gracefully.
+
+    Catching the signals as a shutdown trigger (rather than letting ``KeyboardInterrupt``
+    tear through trio and hypercorn) is what keeps Ctrl-C free of a traceback.
+    """
+    host, port = parse_listen(args.listen)
+    with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
+
+        async def stop() -> None:
+            async for _ in signals:
+                return
+
+        serve = partial(
+            serve_registry,
+            args.root,
+            host,
+            port,
+            token=args.token,
+            trust=trust,
+            grants=grants,
+            shutdown_trigger=stop,
+        )
+        async with trio.open_nursery() as nursery:
+            bound = await nursery.start(serve)
+            where = f"[{host}]" if ":" in host else host
+            print(f"registry serving {args.root} on http://{where}:{bound}", file=sys.stderr)
+
+
+def _os_error(group: BaseException) -> OSError | None:
+    """The first ``OSError`` in ``group`` (a bind failure arrives wrapped by trio)."""
+    if isinstance(group, OSError):
+        return group
+    if isinstance(group, BaseExceptionGroup):
+        for exc in group.exceptions:
+            found = _os_error(exc)
+            if found is not None:
+                return found
+    return None
+
+
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     try:
         if args.command == "serve":
-            host, port = parse_listen(args.listen)
             trust = TrustStore.from_dir(args.trust) if args.trust else None
             grants = load_grants(args.grants) if args.grants else None
-            print(f"registry serving {args.root} on http://{host}:{port}", file=sys.stderr)
-            serve = partial(
-                serve_registry, args.root, host, port, token=args.token, trust=trust, grants=grants
-            )
-            trio.run(serve)
+            try:
+                trio.run(_serve, args, trust, grants)
+            except (OSError, BaseExceptionGroup) as exc:
+                # Only a bind failure (port taken, address not ours) becomes one line.
+                bind_error = _os_error(exc)
+                if bind_error is None:
+                    raise
+                print(
+                    f"error: cannot listen on {args.listen}: {bind_error.strerror}", file=sys.stderr
+                )
+                return 2
         else:
             if args.registry is None and args.root is None:
                 raise SystemExit("publish needs --root DIR or --registry URL")
@@ -107,7 +154,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {exc}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
-        return 130
+        return 0 if args.command == "serve" else 130
     return 0
 
 
