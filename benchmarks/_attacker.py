@@ -15,6 +15,7 @@ each attempt got back (a typed refusal, a closed stream) is counted by kind.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import signal
@@ -292,13 +293,16 @@ async def main(path: Path) -> None:
                 stop.set()
                 return
 
-    async with Node(config) as node, trio.open_nursery() as nursery:
+    # hoarding runs from a second peer id on the same address, so that it and the flood
+    # each get a peer's share every round (with one id they raced for the same sessions)
+    hoarder = dataclasses.replace(config, data_dir=Path(targets["data_dir"]) / "hoarder")
+    async with Node(config) as node, Node(hoarder) as second, trio.open_nursery() as nursery:
         nursery.start_soon(on_signal)
         for name in targets.get("attacks", list(ATTACKS)):
 
             async def run(attack: Attack = ATTACKS[name], kind: str = name) -> None:
                 try:
-                    await attack(node, targets, counts)
+                    await attack(second if kind == "hoard" else node, targets, counts)
                 except P2PEdgeError as exc:
                     _note(counts, f"{kind}_ended", exc)
 
