@@ -12,7 +12,7 @@ import pytest
 from p2pedge.errors import FrameTooLarge, LocalProtocolError, RemoteProtocolError
 from p2pedge.protocols.pipeline import codec
 from p2pedge.protocols.pipeline.sampling import SEED_BITS, SamplingSpec
-from p2pedge.records.peer_ids import b58encode, peer_id_from_ed25519
+from p2pedge.records.peer_ids import MAX_PEER_ID_CHARS, b58encode, is_peer_id, peer_id_from_ed25519
 from p2pedge.wire.tensors import TensorLimits
 
 A, B, PEER = (peer_id_from_ed25519(bytes([i]) * 32) for i in range(3))
@@ -253,7 +253,7 @@ def _fwd(**changes: Any) -> dict[str, Any]:
         {"fwd": [_fwd()] * (codec.MAX_FORWARDS + 1)},
         {"fwd": [_fwd(key=b"x" * 17)]},
         {"fwd": [_fwd(peer="")]},
-        {"fwd": [_fwd(peer="p" * (codec.MAX_PEER_ID + 1))]},
+        {"fwd": [_fwd(peer="p" * (MAX_PEER_ID_CHARS + 1))]},
         {"fwd": [_fwd(session=-1)]},
         {"fwd": [_fwd(k=codec.MAX_TOP_K + 1)]},
         {"fwd": ["not a map"]},
@@ -266,7 +266,7 @@ def test_hostile_push_fields_are_remote_errors(extra: dict[str, Any]) -> None:
 
 NOT_PEER_IDS = [
     "",
-    "p" * (codec.MAX_PEER_ID + 1),
+    "p" * (MAX_PEER_ID_CHARS + 1),
     "12D3KooW0OIl",  # not base58: the audit's node-killing id
     "12D3KooWpeer",  # base58 and an identity multihash, but not of a public key
     b58encode(b"\x12\x20" + bytes(31)),  # sha2-256 multihash one byte short
@@ -291,10 +291,8 @@ def test_forward_peers_that_are_not_peer_ids_are_remote_errors(bad: str) -> None
 
 
 def test_real_peer_ids_are_peer_ids() -> None:
-    assert all(
-        codec.is_peer_id(p) for p in (A, B, "QmYyQSo1c1Ym7orWxLYvCrM2EmxFTANf8wXmmE7DWjhx5N")
-    )
-    assert not any(codec.is_peer_id(p) for p in NOT_PEER_IDS)
+    assert all(is_peer_id(p) for p in (A, B, "QmYyQSo1c1Ym7orWxLYvCrM2EmxFTANf8wXmmE7DWjhx5N"))
+    assert not any(is_peer_id(p) for p in NOT_PEER_IDS)
 
 
 @pytest.mark.parametrize(

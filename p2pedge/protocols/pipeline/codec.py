@@ -18,7 +18,7 @@ import numpy.typing as npt
 
 from p2pedge.errors import LocalProtocolError, RemoteProtocolError
 from p2pedge.protocols.pipeline.sampling import GREEDY, SamplingSpec, spec_from
-from p2pedge.records.peer_ids import b58decode
+from p2pedge.records.peer_ids import is_peer_id
 from p2pedge.wire.framing import DEFAULT_MAX_FRAME, FrameDecoder, encode_frame
 from p2pedge.wire.messages import pack, require, unpack_map
 from p2pedge.wire.tensors import ALLOWED_DTYPES, TensorLimits, decode_tensor, encode_tensor
@@ -56,8 +56,6 @@ ERROR_CODES = frozenset(
 MAX_TEXT = 1024
 PUSH_KEY_BYTES = 16
 MAX_FORWARDS = 16
-MAX_PEER_ID = 128
-MAX_IDENTITY_KEY = 42  # libp2p inlines public keys up to this size; larger ones are hashed
 BUSY_SCOPES = frozenset({"", "peer", "source", "total"})
 MAX_LIMIT_NAME = 64
 NO_EOS = -1
@@ -309,32 +307,6 @@ def _key(m: dict[str, Any]) -> bytes:
     if len(value) != PUSH_KEY_BYTES:
         raise RemoteProtocolError(f"push key must be {PUSH_KEY_BYTES} bytes, got {len(value)}")
     return value
-
-
-def is_peer_id(text: str) -> bool:
-    """Whether ``text`` is a libp2p peer id in base58btc: an identity multihash of a public
-    key (at most ``MAX_IDENTITY_KEY`` bytes) or a sha2-256 multihash of a larger one.
-    Servers dial the ids clients name, so anything else must stop at decode."""
-    if not 0 < len(text) <= MAX_PEER_ID:
-        return False
-    try:
-        raw = b58decode(text)
-    except ValueError:
-        return False
-    if raw[:2] == b"\x12\x20":
-        return len(raw) == 34
-    # identity multihash of a protobuf PublicKey: field 1 key type (RSA, Ed25519,
-    # Secp256k1, ECDSA), field 2 the key's bytes
-    return (
-        len(raw) > 6
-        and raw[0] == 0
-        and raw[1] <= MAX_IDENTITY_KEY
-        and len(raw) == 2 + raw[1]
-        and raw[2] == 0x08
-        and raw[3] <= 3
-        and raw[4] == 0x12
-        and raw[5] == len(raw) - 6
-    )
 
 
 def _peer(m: dict[str, Any], field: str) -> str:
