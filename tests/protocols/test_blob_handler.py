@@ -259,6 +259,7 @@ async def test_unread_replies_hold_their_bytes_per_peer_and_source(
     for stream, index in zip(held, [0, 1, 3, 5], strict=True):
         answer = decode_response(await stream.receive_bytes(timeout=5))
         assert answer == DataResponse(blob[index * CHUNK : (index + 1) * CHUNK])
+    await trio.testing.wait_all_tasks_blocked()  # each server task is past its write
     assert service.bytes_in_flight.held() == 0
 
 
