@@ -47,6 +47,7 @@ from benchmarks._attacker import ATTACKS, free_port  # noqa: E402
 from benchmarks._detection import measure, section  # noqa: E402
 from benchmarks._pulls import timed_pull  # noqa: E402
 from benchmarks._report import machine, paired_ratio, table, write_section  # noqa: E402
+from benchmarks._shard_servers import stop  # noqa: E402
 from p2pedge.models.keys import TrustStore, generate_key, public_key_hex  # noqa: E402
 from p2pedge.node.config import NodeConfig  # noqa: E402
 from p2pedge.node.node import Node  # noqa: E402
@@ -94,18 +95,6 @@ def start_server(model_dir: Path, root: Path, i: int, boot: str | None) -> Serve
             threading.Thread(target=_drain, args=(proc.stdout,), daemon=True).start()
             return Server(proc, str(event["peer_id"]), str(event["addrs"][0]), layers, lane_port)
     raise RuntimeError(f"server {name} exited; see {root / name / 'stderr.log'}")
-
-
-def stop(procs: list[subprocess.Popen[bytes]]) -> None:
-    for proc in procs:
-        if proc.poll() is None:
-            proc.send_signal(signal.SIGINT)
-    for proc in procs:
-        try:
-            proc.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
 
 
 class Attacker:
@@ -269,7 +258,7 @@ async def run(args: argparse.Namespace, model_dir: Path, root: Path) -> tuple[st
             path.write_text(json.dumps(targets))
             result = await rounds(node, Attacker(path), servers, args.tokens, args.rounds, pull)
     finally:
-        stop([s.proc for s in servers])
+        stop(servers)  # _shard_servers.stop needs only each server's .proc
     detection = await measure(MODEL, model_dir, 30, args.tokens, args.rounds, args.trials)
     ratio = paired_ratio(result["rates"]["attack"], result["rates"]["calm"])
     body = (
