@@ -1,8 +1,9 @@
-"""``python -m p2pedge.models``: pull, list, verify, gc, keygen, import-gguf.
+"""``python -m p2pedge.models``: pull, list, verify, gc, keygen, import-gguf, import-hf.
 
 ``pull NAME[@VERSION] --registry URL [--store DIR] --trust KEY.pub|DIR`` fetches a model
 into the local store with resumable, verified, parallel downloads and prints the
-materialized directory. ``import-gguf`` is the converter's (``p2pedge.models.cli_import``).
+materialized directory. ``import-gguf`` is the converter's (``p2pedge.models.cli_import``),
+``import-hf`` imports a Hugging Face directory (``p2pedge.models.convert.cli_hf``).
 """
 
 from __future__ import annotations
@@ -59,6 +60,12 @@ def _parser() -> argparse.ArgumentParser:
         commands.add_parser("import-gguf", help="(converter not installed)")
     else:
         add_import_parser(commands)
+    try:
+        from p2pedge.models.convert.cli_hf import add_import_hf_parser
+    except ImportError:
+        commands.add_parser("import-hf", help="(converter not installed)")
+    else:
+        add_import_hf_parser(commands)
     return parser
 
 
@@ -92,10 +99,10 @@ async def _pull(args: argparse.Namespace) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
-    if args.command == "import-gguf":
+    if args.command in ("import-gguf", "import-hf"):
         func = getattr(args, "func", None)
         if func is None:
-            print("error: the GGUF importer is not available", file=sys.stderr)
+            print("error: the model importer is not available", file=sys.stderr)
             return 2
         status: int = func(args)
         return status

@@ -19,7 +19,9 @@ VARIANTS = ("lossless4", "fp32")
 
 
 def _configure(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
-    parser.add_argument("gguf", type=Path, help="llama.cpp GGUF file (architecture llama or qwen2)")
+    parser.add_argument(
+        "gguf", type=Path, help="llama.cpp GGUF file (llama, qwen2, qwen3, phi3, gemma2 or gemma3)"
+    )
     parser.add_argument("--name", required=True, help="model name in the local store")
     parser.add_argument(
         "--variant",

@@ -25,6 +25,7 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from p2pedge.errors import IntegrityError
 from p2pedge.ids import ModelId
 from p2pedge.models.keys import TrustStore, public_key_hex, verify_signature
+from p2pedge.records.facts import FACTS_FILE
 
 FORMAT = 1
 DEFAULT_CHUNK_SIZE = 4 * 1024 * 1024
@@ -32,7 +33,7 @@ MIN_CHUNK_SIZE = 1024
 MAX_CHUNK_SIZE = 4 * 1024 * 1024
 MAX_MANIFEST_BYTES = 8 * 1024 * 1024
 MAX_FILES = 4096
-ARCH_FILE = "p2pedge_model.json"
+ARCH_FILE = FACTS_FILE
 _HEX64 = re.compile(r"^[0-9a-f]{64}$")
 _PART = re.compile(r"^[A-Za-z0-9._+-][A-Za-z0-9._+ -]{0,254}$")
 

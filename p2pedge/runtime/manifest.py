@@ -14,8 +14,9 @@ from pathlib import Path
 from typing import Any
 
 from p2pedge.errors import ModelLoadError
+from p2pedge.records.facts import FACTS_FILE
 
-MANIFEST = "p2pedge_model.json"
+MANIFEST = FACTS_FILE  # also reads kind "tensor" manifests, so it stays lenient
 GENAI_CONFIG = "genai_config.json"
 MAX_MANIFEST_BYTES = 1 << 20
 TENSOR_DTYPES = ("float32", "float16", "int64", "int32", "bool", "uint8", "int8")

@@ -182,3 +182,100 @@ class ReferenceLlama:
             ids = np.array([[nxt]], dtype=np.int64)
             pos = np.array([[cache.length()]], dtype=np.int64)
         return out
+
+
+def gelu_tanh(x: F64) -> F64:
+    out: F64 = 0.5 * x * (1.0 + np.tanh(np.sqrt(2.0 / np.pi) * (x + 0.044715 * x**3)))
+    return out
+
+
+class GemmaReference(ReferenceLlama):
+    """The numpy reference plus Gemma's features, each read from the config or block."""
+
+    def __init__(self, weights: LlamaWeights) -> None:
+        super().__init__(weights)
+        cfg = weights.config
+        self.embd = self.embd * cfg.embed_scale
+        self.post_norms = [
+            (
+                None if b.attn_post_norm is None else b.attn_post_norm.astype(np.float64),
+                None if b.ffn_post_norm is None else b.ffn_post_norm.astype(np.float64),
+            )
+            for b in weights.blocks
+        ]
+        self.inv_freqs = [cfg.inv_freq(cfg.is_swa(i)) for i in range(cfg.n_layers)]
+        self.window = [cfg.sliding_window if cfg.is_swa(i) else 0 for i in range(cfg.n_layers)]
+        self.attn_softcap, self.final_softcap = cfg.attn_softcap, cfg.final_softcap
+        self.act = gelu_tanh if cfg.activation == "gelu_tanh" else (lambda g: g / (1 + np.exp(-g)))
+
+    def _rope_at(self, x: F64, positions: npt.NDArray[np.int64], inv_freq: F64) -> F64:
+        angles = positions[:, None, :, None].astype(np.float64) * inv_freq
+        angles = np.concatenate([angles, angles], axis=-1)
+        half = x.shape[-1] // 2
+        rotated = np.concatenate([-x[..., half:], x[..., :half]], axis=-1)
+        out: F64 = x * np.cos(angles) + rotated * np.sin(angles)
+        return out
+
+    def forward_hidden(
+        self,
+        hidden: F64,
+        positions: npt.NDArray[np.int64],
+        kv_cache: KVCache,
+        attention_mask: npt.NDArray[np.int64] | None,
+        start: int,
+        end: int | None,
+        final: bool,
+    ) -> F64:
+        cfg = self.config
+        end = cfg.n_layers if end is None else end
+        batch, seq = positions.shape
+        cached = kv_cache.keys[start]
+        past = 0 if cached is None else int(cached.shape[2])
+        total = past + seq
+        mask = np.ones((batch, total), dtype=np.int64) if attention_mask is None else attention_mask
+        distance = (past + np.arange(seq))[:, None] - np.arange(total)[None, :]  # [s, t]
+        grp = cfg.n_heads // cfg.n_kv_heads
+        x = hidden.astype(np.float64)
+
+        def heads(y: F64, n: int) -> F64:
+            return y.reshape(batch, seq, n, cfg.head_dim).transpose(0, 2, 1, 3)
+
+        for i in range(start, end):
+            b = self.blocks[i]
+            h = self._norm(x, b["attn_norm"])
+            q = heads(h @ b["wq"].T + b["bq"], cfg.n_heads)
+            k = heads(h @ b["wk"].T + b["bk"], cfg.n_kv_heads)
+            v = heads(h @ b["wv"].T + b["bv"], cfg.n_kv_heads)
+            q_norm, k_norm = self.head_norms[i]
+            if q_norm is not None and k_norm is not None:
+                q, k = self._norm(q, q_norm), self._norm(k, k_norm)
+            q = self._rope_at(q, positions, self.inv_freqs[i])
+            k = self._rope_at(k, positions, self.inv_freqs[i])
+            old_k, old_v = kv_cache.keys[i], kv_cache.values[i]
+            if old_k is not None and old_v is not None:
+                k = np.concatenate([old_k, k], axis=2)
+                v = np.concatenate([old_v, v], axis=2)
+            kv_cache.keys[i], kv_cache.values[i] = k, v
+            allowed = distance >= 0
+            if self.window[i]:
+                allowed = allowed & (distance < self.window[i])
+            allowed = allowed[None, None] & (mask[:, None, None, :] != 0)
+            scores = q @ np.repeat(k, grp, axis=1).transpose(0, 1, 3, 2) * cfg.softmax_scale()
+            if self.attn_softcap > 0:
+                scores = self.attn_softcap * np.tanh(scores / self.attn_softcap)
+            scores = np.where(allowed, scores, MASK_VALUE)
+            probs = np.exp(scores - scores.max(axis=-1, keepdims=True))
+            probs /= probs.sum(axis=-1, keepdims=True)
+            ctx = (probs @ np.repeat(v, grp, axis=1)).transpose(0, 2, 1, 3).reshape(batch, seq, -1)
+            attn_post, ffn_post = self.post_norms[i]
+            out = ctx @ b["wo"].T
+            x = x + (out if attn_post is None else self._norm(out, attn_post))
+            h = self._norm(x, b["ffn_norm"])
+            mlp = (self.act(h @ b["w_gate"].T) * (h @ b["w_up"].T)) @ b["w_down"].T
+            x = x + (mlp if ffn_post is None else self._norm(mlp, ffn_post))
+        if not final:
+            return x
+        logits: F64 = self._norm(x, self.output_norm) @ self.head.T
+        if self.final_softcap > 0:
+            logits = self.final_softcap * np.tanh(logits / self.final_softcap)
+        return logits

@@ -30,6 +30,7 @@ import numpy.typing as npt
 import onnxruntime as ort
 
 from p2pedge.errors import LocalProtocolError, ModelLoadError, ShardFailed
+from p2pedge.records.facts import FACTS_FILE
 from p2pedge.runtime.config import RuntimeConfig
 from p2pedge.runtime.providers import pick_providers
 
@@ -226,7 +227,7 @@ class ShardModel:
         if model.info.blocks != blocks:
             raise ModelLoadError(f"{shard_dir}: graph has blocks {model.info.blocks}, not {blocks}")
         model.n_layers = int(meta["n_layers"])
-        model._bounds_from_arch(shard_dir / "p2pedge_model.json")
+        model._bounds_from_arch(shard_dir / FACTS_FILE)
         return model
 
     def _bounds_from_arch(self, arch_path: Path) -> None:

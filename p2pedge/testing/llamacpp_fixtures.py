@@ -5,7 +5,8 @@ llamacpp` builds under ``.cache/llamacpp/pyllama``) writes, for every case in
 :data:`CASES`, the GGUF's sha256 (the writer is deterministic, so a test regenerates the
 same file), and for each position of :data:`PROMPT` (teacher-forced, one batch, float32
 KV cache) llama.cpp's top-1 token and the gap to its runner-up.
-``tests/models/test_llamacpp_agreement.py`` holds our graphs to them.
+``tests/models/test_llamacpp_agreement.py`` holds our graphs to them (the Gemma cases:
+``tests/models/test_gemma.py``, whose reference covers Gemma's features).
 """
 
 from __future__ import annotations
@@ -20,7 +21,12 @@ from typing import Any
 
 import numpy as np
 
-from p2pedge.testing.synthetic_gguf import QTYPES, SyntheticSpec, write_synthetic_gguf
+from p2pedge.testing.synthetic_gguf import (
+    QTYPES,
+    SyntheticShape,
+    SyntheticSpec,
+    write_synthetic_gguf,
+)
 
 ROOT = Path(__file__).resolve().parents[2]
 LLAMA_PY = ROOT / ".cache" / "llamacpp" / "pyllama"
@@ -39,7 +45,18 @@ CASES: dict[str, SyntheticSpec] = {
     "llama31-Q8_0": SyntheticSpec(qtype="Q8_0", tokenizer="llama-bpe", rope_factors=True),
     "qwen2-Q4_K": SyntheticSpec(arch="qwen2", qtype="Q4_K", tokenizer="qwen2"),
     "qwen3-Q6_K": SyntheticSpec(arch="qwen3", qtype="Q6_K", tokenizer="qwen2"),
+    "phi3-Q4_K": SyntheticSpec(arch="phi3", qtype="Q4_K", tokenizer="llama-spm"),
+    "phi3-Q8_0": SyntheticSpec(arch="phi3", qtype="Q8_0", tokenizer="llama-spm"),
+    # a final cap as loose as the real one (30), so top-1 margins stay readable
+    "gemma2-Q4_K": SyntheticSpec(
+        arch="gemma2", qtype="Q4_K", tokenizer="llama-spm", softcaps=(4.0, 30.0)
+    ),
+    "gemma3-Q8_0": SyntheticSpec(
+        arch="gemma3", qtype="Q8_0", tokenizer="llama-spm", shape=SyntheticShape(n_layers=6)
+    ),
 }
+# Graphs outside the plain reference's reach (tests/models/test_gemma.py holds these).
+GEMMA_CASES = ("gemma2-Q4_K", "gemma3-Q8_0")
 
 
 # One case per tokenizer kind, and the awkward strings whose ids llama.cpp gives.

@@ -62,7 +62,7 @@ class SyntheticSpec:
     """What to write: ``qtype`` for every block matrix unless ``overrides`` names one
     (e.g. ``{"ffn_down": "Q6_K"}`` as in Q4_K_M files); the embedding is ``embd_qtype``."""
 
-    arch: Literal["llama", "qwen2", "qwen3"] = "llama"
+    arch: Literal["llama", "qwen2", "qwen3", "phi3", "gemma2", "gemma3"] = "llama"
     qtype: str = "Q4_1"
     embd_qtype: str = "Q8_0"
     overrides: dict[str, str] = field(default_factory=dict)
@@ -70,6 +70,12 @@ class SyntheticSpec:
     shape: SyntheticShape = SyntheticShape()
     untied_head: bool = False
     rope_factors: bool = False  # Llama 3.1-style ``rope_freqs.weight``
+    long_rope: bool = False  # Phi-3 128k-style ``rope_factors_long/short.weight``
+    # gemma2/3: a window short enough to matter in tests, soft caps tight enough to bite
+    # (gemma2; the real 50 and 30 barely touch random weights), no pattern key by default
+    sliding_window: int = 8
+    swa_pattern: int | None = None
+    softcaps: tuple[float, float] = (4.0, 6.0)
     seed: int = 0
 
 
@@ -191,15 +197,36 @@ def write_synthetic_gguf(path: Path, spec: SyntheticSpec = SyntheticSpec()) -> P
     w.add_feed_forward_length(s.ffn)
     w.add_head_count(s.n_heads)
     w.add_head_count_kv(s.n_kv_heads)
-    w.add_rope_freq_base(s.rope_base)
+    gemma = spec.arch in ("gemma2", "gemma3")
+    if spec.arch == "gemma3":  # global layers use a 100x longer rope base, as Gemma 3
+        w.add_rope_freq_base(s.rope_base * 100)
+        w.add_rope_freq_base_swa(s.rope_base)
+    else:
+        w.add_rope_freq_base(s.rope_base)
+    if gemma:
+        w.add_sliding_window(spec.sliding_window)
+        if spec.swa_pattern is not None:
+            w.add_sliding_window_pattern(spec.swa_pattern)
+    if spec.arch == "gemma2":
+        w.add_attn_logit_softcapping(spec.softcaps[0])
+        w.add_final_logit_softcapping(spec.softcaps[1])
     w.add_layer_norm_rms_eps(s.rms_eps)
+    if spec.arch == "phi3":
+        w.add_rope_dimension_count(head_dim)
     vocab = _tokenizer(w, spec.tokenizer)
     w.add_vocab_size(vocab)
 
-    def matrix(name: str, out: int, inp: int, gain: float = 1.0) -> None:
+    def matrix(name: str, out: int | tuple[int, ...], inp: int, gain: float = 1.0) -> None:
+        """One matrix; a tuple of ``out`` sizes fuses parts (phi3), the first at ``gain``."""
         role = name.split(".")[-2]
         qtype = spec.overrides.get(role, spec.qtype)
-        data = random_blocks(rng, qtype, out, inp, gain / np.sqrt(inp))
+        parts = out if isinstance(out, tuple) else (out,)
+        data = np.concatenate(
+            [
+                random_blocks(rng, qtype, n, inp, (gain if j == 0 else 1.0) / np.sqrt(inp))
+                for j, n in enumerate(parts)
+            ]
+        )
         if T[qtype] == T.F32:
             w.add_tensor(name, data)
         else:
@@ -208,17 +235,24 @@ def write_synthetic_gguf(path: Path, spec: SyntheticSpec = SyntheticSpec()) -> P
     def vector(name: str, n: int, mean: float = 1.0, std: float = 0.1) -> None:
         w.add_tensor(name, (mean + std * rng.standard_normal(n)).astype(np.float32))
 
-    embd = random_blocks(rng, spec.embd_qtype, vocab, s.hidden, 0.3)
+    # Gemma multiplies embeddings by sqrt(hidden) and shares them with the head: smaller
+    # values (as real Gemma tables have) and a larger final norm keep logits in range
+    # without every position predicting its own input token.
+    embd_std = 0.3 / np.sqrt(s.hidden) if gemma else 0.3
+    embd = random_blocks(rng, spec.embd_qtype, vocab, s.hidden, embd_std)
     kind = T[spec.embd_qtype]
     w.add_tensor("token_embd.weight", embd, raw_dtype=None if kind == T.F32 else kind)
     q_out, kv_out = s.n_heads * head_dim, s.n_kv_heads * head_dim
     for i in range(s.n_layers):
         p = f"blk.{i}."
         vector(p + "attn_norm.weight", s.hidden)
-        matrix(p + "attn_q.weight", q_out, s.hidden, 2.0)
-        matrix(p + "attn_k.weight", kv_out, s.hidden, 2.0)
-        matrix(p + "attn_v.weight", kv_out, s.hidden)
-        if spec.arch == "qwen3":
+        if spec.arch == "phi3":  # fused Q/K/V rows, then gate/up rows in one ffn_up
+            matrix(p + "attn_qkv.weight", (q_out + kv_out, kv_out), s.hidden, 2.0)
+        else:
+            matrix(p + "attn_q.weight", q_out, s.hidden, 2.0)
+            matrix(p + "attn_k.weight", kv_out, s.hidden, 2.0)
+            matrix(p + "attn_v.weight", kv_out, s.hidden)
+        if spec.arch in ("qwen3", "gemma3"):
             vector(p + "attn_q_norm.weight", head_dim)
             vector(p + "attn_k_norm.weight", head_dim)
         if spec.arch == "qwen2":
@@ -226,13 +260,25 @@ def write_synthetic_gguf(path: Path, spec: SyntheticSpec = SyntheticSpec()) -> P
             vector(p + "attn_k.bias", kv_out, 0.0, 0.5)
             vector(p + "attn_v.bias", kv_out, 0.0, 0.5)
         matrix(p + "attn_output.weight", s.hidden, q_out, 2.0)
+        # Norm weights already +1, as llama.cpp's converter writes them; post norms large
+        # enough that blocks outweigh the sqrt(hidden)-scaled embedding in the residual.
+        if gemma:
+            vector(p + "post_attention_norm.weight", s.hidden, 4.0, 0.4)
         vector(p + "ffn_norm.weight", s.hidden)
-        matrix(p + "ffn_gate.weight", s.ffn, s.hidden)
-        matrix(p + "ffn_up.weight", s.ffn, s.hidden)
+        if spec.arch == "phi3":
+            matrix(p + "ffn_up.weight", (s.ffn, s.ffn), s.hidden)
+        else:
+            matrix(p + "ffn_gate.weight", s.ffn, s.hidden)
+            matrix(p + "ffn_up.weight", s.ffn, s.hidden)
         matrix(p + "ffn_down.weight", s.hidden, s.ffn, 2.0)
-    vector("output_norm.weight", s.hidden)
+        if gemma:
+            vector(p + "post_ffw_norm.weight", s.hidden, 4.0, 0.4)
+    vector("output_norm.weight", s.hidden, np.sqrt(s.hidden) if gemma else 1.0)
     if spec.rope_factors:  # low frequencies slowed down, as Llama 3.1's long-context scaling
         w.add_tensor("rope_freqs.weight", np.geomspace(1.0, 8.0, head_dim // 2).astype(np.float32))
+    if spec.long_rope:
+        for kind in ("long", "short"):
+            w.add_tensor(f"rope_factors_{kind}.weight", np.ones(head_dim // 2, np.float32))
     if spec.untied_head:
         matrix("output.weight", vocab, s.hidden)
     w.write_header_to_file()

@@ -4,7 +4,9 @@ Only the ``gguf`` package and numpy are used (no torch). Quantised matrices stay
 integer quants (:mod:`.quants`: the ONNX builder maps them losslessly onto ``MatMulNBits``);
 a tensor type that cannot be mapped is refused from the tensor infos before any weight is
 read. For ``llama``, llama.cpp's converter permutes the rows of Q and K inside each head
-for its interleaved rotary; we undo that so weights use the HF rotate-half layout.
+for its interleaved rotary; we undo that so weights use the HF rotate-half layout. ``phi3``
+fuses Q/K/V and gate/up into one tensor each, split here by rows; ``gemma2``/``gemma3``
+add post norms, Q/K norms (gemma3) and the hyper-parameters of :func:`_gemma`.
 
 A file is untrusted input. Before the ``gguf`` library sees it, :mod:`.gguf_header` walks
 the header with :class:`GGUFLimits` on every count and size (the library loops over an
@@ -47,7 +49,8 @@ from p2pedge.models.convert.weights import (
 _NUMBER = (int, float)
 
 
-ARCHITECTURES = ("llama", "qwen2", "qwen3")
+ARCHITECTURES = ("llama", "qwen2", "qwen3", "phi3", "gemma2", "gemma3")
+GEMMA = ("gemma2", "gemma3")
 
 
 @dataclass(frozen=True)
@@ -172,6 +175,12 @@ def _config(reader: Any, n_vocab_tokens: int) -> LlamaConfig:
     n_heads = int(num("attention.head_count"))
     n_kv = int(num("attention.head_count_kv", n_heads))
     head_dim = int(num("attention.key_length", hidden // max(n_heads, 1)))
+    rotary = int(num("rope.dimension_count", head_dim))
+    if rotary != head_dim:  # e.g. Phi-4-mini's partial rotary
+        raise GGUFFormatError(
+            f"rotary over {rotary} of {head_dim} head dims unsupported",
+            key=f"{arch}.rope.dimension_count",
+        )
     config = LlamaConfig(
         n_layers=int(num("block_count")),
         hidden=hidden,
@@ -185,6 +194,8 @@ def _config(reader: Any, n_vocab_tokens: int) -> LlamaConfig:
         context_length=int(num("context_length")),
         arch=str(arch),
     )
+    if arch in GEMMA:
+        config = _gemma(reader, config)
     sane = (
         0 < config.n_layers <= 1024
         and 0 < config.n_heads
@@ -195,10 +206,48 @@ def _config(reader: Any, n_vocab_tokens: int) -> LlamaConfig:
         and 0 < config.hidden
         and 0 < config.ffn
         and 0 < config.vocab
+        and 0 <= config.sliding_window
+        and config.attn_softcap >= 0
+        and config.final_softcap >= 0
     )
     if not sane:
         raise GGUFFormatError(f"inconsistent hyper-parameters: {config}")
     return config
+
+
+def _gemma(reader: Any, config: LlamaConfig) -> LlamaConfig:
+    """Gemma 2/3 hyper-parameters, with llama.cpp's defaults where a key is absent."""
+    arch, gemma2 = config.arch, config.arch == "gemma2"
+
+    def num(key: str, default: float) -> float:
+        return float(_field(reader, f"{arch}.{key}", default, kind=_NUMBER))
+
+    window = int(num("attention.sliding_window", 4096 if gemma2 else 0))
+    key = f"{arch}.attention.sliding_window_pattern"
+    field = reader.fields.get(key)
+    if field is not None and len(field.types) > 1:  # an array: one flag per block
+        flags = _field(reader, key, items=bool)
+        if len(flags) != config.n_layers:
+            raise GGUFFormatError(f"{len(flags)} flags for {config.n_layers} blocks", key=key)
+        swa = tuple(bool(f) for f in flags)
+    else:  # every n-th block is global, the others slide
+        n = int(num("attention.sliding_window_pattern", 2 if gemma2 else 6))
+        swa = tuple(n == 0 or i % n < n - 1 for i in range(config.n_layers)) if n >= 0 else ()
+    if window <= 0:
+        swa = ()
+    # llama.cpp: the 27B models scale queries by hidden / heads, the others by head_dim.
+    big = config.n_layers == (46 if gemma2 else 62)
+    return dataclasses.replace(
+        config,
+        activation="gelu_tanh",
+        embed_scale=float(np.sqrt(np.float32(config.hidden))),
+        attn_scale=1.0 / math.sqrt(config.hidden // config.n_heads) if big else 0.0,
+        attn_softcap=_f32(num("attn_logit_softcapping", 50.0)) if gemma2 else 0.0,
+        final_softcap=_f32(num("final_logit_softcapping", 30.0 if gemma2 else 0.0)),
+        sliding_window=window if swa else 0,
+        swa_layers=swa if any(swa) else (),
+        rope_base_swa=_f32(num("rope.freq_base_swa", config.rope_base if gemma2 else 10000.0)),
+    )
 
 
 def _rotary_rows(n_heads: int, head_dim: int) -> npt.NDArray[np.intp]:
@@ -274,26 +323,50 @@ def _block(t: _Tensors, config: LlamaConfig, i: int) -> LlamaBlock:
     q_out, kv_out = config.n_heads * d, config.n_kv_heads * d
     p = f"blk.{i}."
     mat = t.matrix
-    # llama.cpp permutes only `llama` Q/K rows (its NORM rotary); qwen2/3 are already NEOX.
+    # llama.cpp permutes only `llama` Q/K rows (its NORM rotary); the others are NEOX.
     interleaved = config.arch == "llama"
     q_rows = _rotary_rows(config.n_heads, d) if interleaved else None
     k_rows = _rotary_rows(config.n_kv_heads, d) if interleaved else None
+    if config.arch == "phi3":  # fused Q/K/V and gate/up, split here (the graph re-fuses)
+        qkv = mat(p + "attn_qkv.weight", (q_out + 2 * kv_out, h), None)
+        wq, wk, wv = _row_split(qkv, (q_out, kv_out, kv_out))
+        gate_up = mat(p + "ffn_up.weight", (2 * f, h), None)
+        w_gate, w_up = _row_split(gate_up, (f, f))
+    else:
+        wq = mat(p + "attn_q.weight", (q_out, h), q_rows)
+        wk = mat(p + "attn_k.weight", (kv_out, h), k_rows)
+        wv = mat(p + "attn_v.weight", (kv_out, h), None)
+        w_gate = mat(p + "ffn_gate.weight", (f, h), None)
+        w_up = mat(p + "ffn_up.weight", (f, h), None)
+    head_norms = config.arch in ("qwen3", "gemma3")
+    post = config.arch in GEMMA
     return LlamaBlock(
         attn_norm=t.floats(p + "attn_norm.weight", (h,)),
-        wq=mat(p + "attn_q.weight", (q_out, h), q_rows),
-        wk=mat(p + "attn_k.weight", (kv_out, h), k_rows),
-        wv=mat(p + "attn_v.weight", (kv_out, h), None),
+        wq=wq,
+        wk=wk,
+        wv=wv,
         wo=mat(p + "attn_output.weight", (h, q_out), None),
         ffn_norm=t.floats(p + "ffn_norm.weight", (h,)),
-        w_gate=mat(p + "ffn_gate.weight", (f, h), None),
-        w_up=mat(p + "ffn_up.weight", (f, h), None),
+        w_gate=w_gate,
+        w_up=w_up,
         w_down=mat(p + "ffn_down.weight", (h, f), None),
         bq=t.bias(p + "attn_q.bias", q_out),
         bk=t.bias(p + "attn_k.bias", kv_out),
         bv=t.bias(p + "attn_v.bias", kv_out),
-        q_norm=t.floats(p + "attn_q_norm.weight", (d,)) if config.arch == "qwen3" else None,
-        k_norm=t.floats(p + "attn_k_norm.weight", (d,)) if config.arch == "qwen3" else None,
+        q_norm=t.floats(p + "attn_q_norm.weight", (d,)) if head_norms else None,
+        k_norm=t.floats(p + "attn_k_norm.weight", (d,)) if head_norms else None,
+        attn_post_norm=t.floats(p + "post_attention_norm.weight", (h,)) if post else None,
+        ffn_post_norm=t.floats(p + "post_ffw_norm.weight", (h,)) if post else None,
     )
+
+
+def _row_split(matrix: Matrix, sizes: tuple[int, ...]) -> list[Matrix]:
+    """Consecutive row ranges of a fused matrix, each its own matrix."""
+    out, start = [], 0
+    for n in sizes:
+        out.append(quants.take_rows(matrix, np.arange(start, start + n)))
+        start += n
+    return out
 
 
 def _opt_int(value: Any) -> int | None:
@@ -371,7 +444,7 @@ def _check_types(infos: list[quants.TensorInfo]) -> None:
 def read_gguf(
     path: str | Path, limits: GGUFLimits = DEFAULT_LIMITS
 ) -> tuple[LlamaWeights, TokenizerFacts]:
-    """Load every weight of a Llama GGUF (copied out of the memory map) and its tokenizer."""
+    """Load every weight of a GGUF (copied out of the memory map) and its tokenizer."""
     reader = _open(Path(path), limits)
     _check_types(tensor_infos(reader))
     tok = _tokenizer(reader)
@@ -379,6 +452,9 @@ def read_gguf(
     if len(tok.tokens) != config.vocab:
         raise GGUFFormatError(f"{len(tok.tokens)} tokens but vocab_size {config.vocab}")
     tensors = _Tensors(reader)
+    for name in ("rope_factors_long.weight", "rope_factors_short.weight"):
+        if tensors.has(name):  # Phi-3 128k LongRoPE: the factors depend on the context used
+            raise GGUFFormatError("LongRoPE scaling unsupported", name)
     if tensors.has("rope_freqs.weight"):  # Llama 3.1+: per-frequency rope divisors
         factors = tensors.floats("rope_freqs.weight", (config.head_dim // 2,))
         if not (factors > 0).all():
@@ -390,8 +466,9 @@ def read_gguf(
         token_embd=tensors.table("token_embd.weight", vocab_shape),
         blocks=tuple(_block(tensors, config, i) for i in range(config.n_layers)),
         output_norm=tensors.floats("output_norm.weight", (config.hidden,)),
+        # gemma2 always ties its head (llama.cpp ignores an ``output.weight``)
         lm_head=tensors.table("output.weight", vocab_shape)
-        if tensors.has("output.weight")
+        if tensors.has("output.weight") and config.arch != "gemma2"
         else None,
     )
     return weights, tok

@@ -1,4 +1,5 @@
-"""GGUF file -> p2pedge model directory (ONNX decoder, genai config, tokenizer).
+"""GGUF file or Hugging Face directory -> p2pedge model directory (ONNX decoder, genai
+config, tokenizer).
 
 The directory is written next to its destination and renamed into place only when every
 file is there, so a crash or Ctrl-C never leaves a half-written model that looks complete.
@@ -110,12 +111,7 @@ def import_gguf(
     Every tensor type is checked before any weight is read.
     Raises GGUFFormatError (a ModelLoadError) for a bad file, ConfigError for bad arguments.
     """
-    if variant not in VARIANTS:
-        raise ConfigError(f"variant {variant!r} is not one of {VARIANTS}")
-    if int8_limbs and (variant != "lossless4" or int8_activations):
-        raise ConfigError("int8 limbs need the lossless4 variant with fp32 activations")
-    if not name or "/" in name or "\\" in name or name.startswith("."):
-        raise ConfigError(f"model name {name!r} must be a plain, non-hidden name")
+    _check_args(name, variant, int8_limbs, int8_activations)
     out = Path(out_dir)
     infos = read_tensor_infos(gguf_path)  # refuses unsupported types before heavy work
     if report is not None:
@@ -125,25 +121,38 @@ def import_gguf(
     weights, facts = read_gguf(gguf_path)
     spec = tokenizer_spec(facts)
     int8 = int8_activations and variant == "lossless4"
+    summary = quantization_summary(infos)
+
+    def write(staging: Path) -> None:
+        write_model_dir(
+            staging, weights, spec, variant, int8, int8_limbs=int8_limbs, quantization=summary
+        )
+
+    return _write_staged(out, write, Path(gguf_path), f"types {summary}", variant, report)
+
+
+def _write_staged(
+    out: Path,
+    write: Callable[[Path], None],
+    source: Path,
+    what: str,
+    variant: str,
+    report: Callable[[str], None] | None,
+) -> Path:
+    """Run ``write`` into a staging directory next to ``out``, then swap it into place."""
     out.parent.mkdir(parents=True, exist_ok=True)
     staging = out.with_name(f".{out.name}.partial-{os.getpid()}")
     shutil.rmtree(staging, ignore_errors=True)
     try:
-        write_model_dir(
-            staging,
-            weights,
-            spec,
-            variant,
-            int8,
-            int8_limbs=int8_limbs,
-            quantization=quantization_summary(infos),
-        )
+        write(staging)
         if report is not None:
             written = sum(f.stat().st_size for f in staging.iterdir())
-            source = Path(gguf_path).stat().st_size
+            files = source.glob("*.safetensors") if source.is_dir() else [source]
+            label = "safetensors" if source.is_dir() else "GGUF"
+            size = sum(f.stat().st_size for f in files)
             report(
-                f"types {quantization_summary(infos)}; GGUF {_mib(source)} -> "
-                f"{variant} directory {_mib(written)} ({written / source:.2f}x)"
+                f"{what}; {label} {_mib(size)} -> {variant} directory {_mib(written)} "
+                f"({written / max(size, 1):.2f}x)"
             )
         if out.exists():
             old = out.with_name(f".{out.name}.old-{os.getpid()}")
@@ -155,3 +164,48 @@ def import_gguf(
     finally:
         shutil.rmtree(staging, ignore_errors=True)
     return out
+
+
+def _check_args(name: str, variant: str, int8_limbs: bool, int8_activations: bool) -> None:
+    if variant not in VARIANTS:
+        raise ConfigError(f"variant {variant!r} is not one of {VARIANTS}")
+    if int8_limbs and (variant != "lossless4" or int8_activations):
+        raise ConfigError("int8 limbs need the lossless4 variant with fp32 activations")
+    if not name or "/" in name or "\\" in name or name.startswith("."):
+        raise ConfigError(f"model name {name!r} must be a plain, non-hidden name")
+
+
+def import_hf(
+    hf_dir: str | Path,
+    out_dir: str | Path,
+    name: str,
+    quant: str = "Q4_1",
+    variant: Variant = "lossless4",
+    int8_activations: bool = True,
+    report: Callable[[str], None] | None = None,
+) -> Path:
+    """Import a Hugging Face directory into the model directory ``out_dir``.
+
+    ``quant`` (``hf_reader.QUANTS``) quantises the block matrices into that GGUF block type
+    (the embedding to Q8_0), or keeps them ``F16``/``F32``; then as :func:`import_gguf`.
+    ``tokenizer.json`` and ``tokenizer_config.json`` are copied as they are.
+    """
+    from p2pedge.models.convert.hf_reader import TOKENIZER_FILES, read_hf
+    from p2pedge.models.convert.layout import model_facts, write_model_files
+
+    _check_args(name, variant, False, int8_activations)
+    source = Path(hf_dir)
+    weights, ids, summary = read_hf(source, quant)
+    int8 = int8_activations and variant == "lossless4"
+    facts = model_facts(weights, (ids.bos, ids.eos, ids.pad), variant, int8, quantization=summary)
+    if report is not None:
+        c = weights.config
+        report(f"  {c.arch}: {c.n_layers} blocks, hidden {c.hidden}, vocab {c.vocab}")
+
+    def write(staging: Path) -> None:
+        write_model_files(staging, weights, facts)
+        for file in TOKENIZER_FILES:
+            if (source / file).is_file():
+                shutil.copyfile(source / file, staging / file)
+
+    return _write_staged(Path(out_dir), write, source, f"types {summary}", variant, report)

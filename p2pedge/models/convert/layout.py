@@ -8,7 +8,8 @@
     genai_config.json       onnxruntime-genai configuration
     tokenizer.json          Hugging Face byte-level BPE tokenizer
     tokenizer_config.json   special tokens and chat template
-    p2pedge_model.json      architecture facts (ModelFacts), so nothing needs to parse ONNX
+    p2pedge_model.json      architecture facts (p2pedge.records.facts), so nothing needs to
+                            parse ONNX
 
 Writing is deterministic: the same weights give byte-identical files.
 """
@@ -16,7 +17,6 @@ Writing is deterministic: the same weights give byte-identical files.
 from __future__ import annotations
 
 import json
-from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
@@ -30,91 +30,106 @@ from p2pedge.models.convert.onnx_graph import (
     POSITION_IDS,
     Attention,
     Variant,
+    as_attention,
+    as_variant,
     build_decoder,
 )
 from p2pedge.models.convert.tokenizer import TokenizerSpec, write_tokenizer
-from p2pedge.models.convert.weights import LlamaWeights
+from p2pedge.models.convert.weights import LlamaConfig, LlamaWeights
+from p2pedge.records.facts import FACTS_FILE as FACTS_FILE
+from p2pedge.records.facts import FORMAT_VERSION as FORMAT_VERSION
+from p2pedge.records.facts import ModelFacts as ModelFacts
+from p2pedge.records.facts import facts_dict as facts_dict
+from p2pedge.records.facts import read_facts
 
 MODEL_FILE = "model.onnx"
-FACTS_FILE = "p2pedge_model.json"
 GENAI_CONFIG_FILE = "genai_config.json"
-# Bumped whenever the graph layout or its runtime config changes, so a split never mixes
-# builder versions and `make model` re-imports (4: genai shares the KV buffer; 5: the exact
-# fp32-activation head is the Q8_0 table as two 4-bit halves; 6: weights in one file per
-# part, so a shard server fetches only its blocks' bytes).
-FORMAT_VERSION = 6
 # Initializers at least this big go to external data files; smaller ones stay in the graph.
 EXTERNAL_MIN_BYTES = 1024
 
 
-@dataclass(frozen=True)
-class ModelFacts:
-    """Contents of ``p2pedge_model.json``."""
+TokenIds = tuple[int | None, int, int | None]  # bos, eos, pad
 
-    arch: str
-    n_layers: int
-    hidden: int
-    n_heads: int
-    n_kv_heads: int
-    head_dim: int
-    ffn: int
-    vocab: int
-    rope_base: float
-    rms_eps: float
-    context_length: int
-    variant: str
-    bos_token_id: int | None
-    eos_token_id: int
-    pad_token_id: int | None
-    int8_activations: bool = False
-    attention: str = "gqa"
-    format_version: int = FORMAT_VERSION
-    int8_limbs: bool = False
-    quantization: str = ""  # GGUF tensor types and counts, e.g. "Q4_K:98,Q6_K:14,F32:61"
-    rope_factors: tuple[float, ...] = ()  # Llama 3.1+ rope frequency factors
 
-    @classmethod
-    def of(
-        cls,
-        weights: LlamaWeights,
-        spec: TokenizerSpec,
-        variant: Variant,
-        int8: bool,
-        attention: Attention = "gqa",
-        int8_limbs: bool = False,
-        quantization: str = "",
-    ) -> ModelFacts:
-        c = weights.config
-        eos = spec.token_id(spec.eos_token)
-        assert eos is not None
-        return cls(
-            arch=c.arch,
-            n_layers=c.n_layers,
-            hidden=c.hidden,
-            n_heads=c.n_heads,
-            n_kv_heads=c.n_kv_heads,
-            head_dim=c.head_dim,
-            ffn=c.ffn,
-            vocab=c.vocab,
-            rope_base=float(c.rope_base),
-            rms_eps=float(c.rms_eps),
-            context_length=c.context_length,
-            variant=variant,
-            bos_token_id=spec.token_id(spec.bos_token),
-            eos_token_id=eos,
-            pad_token_id=spec.token_id(spec.pad_token),
-            int8_activations=int8,
-            attention=attention,
-            int8_limbs=int8_limbs,
-            quantization=quantization,
-            rope_factors=c.rope_factors,
-        )
+def token_ids(spec: TokenizerSpec) -> TokenIds:
+    eos = spec.token_id(spec.eos_token)
+    assert eos is not None
+    return spec.token_id(spec.bos_token), eos, spec.token_id(spec.pad_token)
+
+
+def model_facts(
+    weights: LlamaWeights,
+    ids: TokenIds,
+    variant: Variant,
+    int8: bool,
+    attention: Attention = "gqa",
+    int8_limbs: bool = False,
+    quantization: str = "",
+) -> ModelFacts:
+    """The facts of a model built from ``weights`` with these choices."""
+    c = weights.config
+    bos, eos, pad = ids
+    return ModelFacts(
+        arch=c.arch,
+        n_layers=c.n_layers,
+        hidden=c.hidden,
+        n_heads=c.n_heads,
+        n_kv_heads=c.n_kv_heads,
+        head_dim=c.head_dim,
+        ffn=c.ffn,
+        vocab=c.vocab,
+        rope_base=float(c.rope_base),
+        rms_eps=float(c.rms_eps),
+        context_length=c.context_length,
+        variant=variant,
+        bos_token_id=bos,
+        eos_token_id=eos,
+        pad_token_id=pad,
+        int8_activations=int8,
+        attention=attention,
+        int8_limbs=int8_limbs,
+        quantization=quantization,
+        rope_factors=c.rope_factors,
+        activation=c.activation,
+        embed_scale=c.embed_scale,
+        attn_scale=c.attn_scale,
+        attn_softcap=c.attn_softcap,
+        final_softcap=c.final_softcap,
+        sliding_window=c.sliding_window,
+        swa_layers=c.swa_layers,
+        rope_base_swa=c.rope_base_swa,
+    )
+
+
+def config_of(facts: ModelFacts) -> LlamaConfig:
+    """The hyper-parameters recorded in ``facts`` (what a shard builder needs)."""
+    return LlamaConfig(
+        n_layers=facts.n_layers,
+        hidden=facts.hidden,
+        n_heads=facts.n_heads,
+        n_kv_heads=facts.n_kv_heads,
+        head_dim=facts.head_dim,
+        ffn=facts.ffn,
+        vocab=facts.vocab,
+        rope_base=facts.rope_base,
+        rms_eps=facts.rms_eps,
+        context_length=facts.context_length,
+        arch=facts.arch,
+        rope_factors=tuple(facts.rope_factors),
+        activation=facts.activation,
+        embed_scale=facts.embed_scale,
+        attn_scale=facts.attn_scale,
+        attn_softcap=facts.attn_softcap,
+        final_softcap=facts.final_softcap,
+        sliding_window=facts.sliding_window,
+        swa_layers=facts.swa_layers,
+        rope_base_swa=facts.rope_base_swa,
+    )
 
 
 def read_model_facts(model_dir: Path) -> ModelFacts:
-    data = json.loads((model_dir / FACTS_FILE).read_text(encoding="utf-8"))
-    data["rope_factors"] = tuple(float(f) for f in data.get("rope_factors", ()))
-    return ModelFacts(**data)
+    """The checked facts of ``model_dir`` (see :func:`p2pedge.records.facts.read_facts`)."""
+    return read_facts(model_dir / FACTS_FILE)
 
 
 def weight_part(name: str) -> str:
@@ -226,6 +241,18 @@ def write_json(path: Path, obj: Any) -> None:
     path.write_text(json.dumps(obj, indent=2, sort_keys=True) + "\n", encoding="utf-8")
 
 
+def write_model_files(
+    out_dir: Path, weights: LlamaWeights, facts: ModelFacts, int8_limbs: bool = False
+) -> None:
+    """Build the decoder ``facts`` describe and write graph, genai config and facts."""
+    attention = as_attention(facts.attention)
+    variant = as_variant(facts.variant)
+    model = build_decoder(weights, variant, facts.int8_activations, attention, int8_limbs)
+    save_onnx(model, out_dir, by_part=True)
+    write_json(out_dir / GENAI_CONFIG_FILE, genai_config(facts))
+    write_json(out_dir / FACTS_FILE, facts_dict(facts))
+
+
 def write_model_dir(
     out_dir: Path,
     weights: LlamaWeights,
@@ -237,12 +264,15 @@ def write_model_dir(
     quantization: str = "",
 ) -> Path:
     """Build the decoder for ``variant`` and write the whole model directory."""
-    facts = ModelFacts.of(
-        weights, tokenizer, variant, int8_activations, attention, int8_limbs, quantization
+    facts = model_facts(
+        weights,
+        token_ids(tokenizer),
+        variant,
+        int8_activations,
+        attention,
+        int8_limbs,
+        quantization,
     )
-    model = build_decoder(weights, variant, int8_activations, attention, int8_limbs)
-    save_onnx(model, out_dir, by_part=True)
-    write_json(out_dir / GENAI_CONFIG_FILE, genai_config(facts))
+    write_model_files(out_dir, weights, facts, int8_limbs)
     write_tokenizer(out_dir, tokenizer)
-    write_json(out_dir / FACTS_FILE, asdict(facts))
     return out_dir

@@ -216,10 +216,10 @@ def _quant(
 
 
 def take_rows(matrix: Matrix, rows: npt.NDArray[np.intp]) -> Matrix:
-    """``matrix`` with its output rows re-ordered."""
+    """``matrix`` with output rows ``rows`` (a re-ordering or a subset), in that order."""
     if isinstance(matrix, Q4_1Matrix):
         return Q4_1Matrix(
-            matrix.out_features,
+            len(rows),
             matrix.in_features,
             np.ascontiguousarray(matrix.scales[rows]),
             np.ascontiguousarray(matrix.mins[rows]),
@@ -227,7 +227,7 @@ def take_rows(matrix: Matrix, rows: npt.NDArray[np.intp]) -> Matrix:
         )
     if isinstance(matrix, QuantMatrix):
         return QuantMatrix(
-            matrix.out_features,
+            len(rows),
             matrix.in_features,
             matrix.block,
             matrix.bits,

@@ -19,10 +19,8 @@ exact (Q4_1 nibbles are unpacked, the folded power-of-two attention scale divide
 from __future__ import annotations
 
 import json
-import math
 import shutil
 from collections.abc import Sequence
-from dataclasses import asdict
 from pathlib import Path
 from typing import Literal, overload
 
@@ -37,6 +35,8 @@ from p2pedge.models.convert.layout import (
     FORMAT_VERSION,
     MODEL_FILE,
     ModelFacts,
+    config_of,
+    facts_dict,
     read_model_facts,
     save_onnx,
     weight_part,
@@ -61,7 +61,6 @@ from p2pedge.models.convert.weights import (
     F32,
     Q4_1_BLOCK,
     LlamaBlock,
-    LlamaConfig,
     LlamaWeights,
     Matrix,
     Q4_1Matrix,
@@ -103,23 +102,6 @@ def shard_io_names(role: Role) -> tuple[str, str]:
         "middle": (HIDDEN_IN, HIDDEN_OUT_MIDDLE),
         "last": (HIDDEN_IN, LOGITS),
     }[role]
-
-
-def _config(facts: ModelFacts) -> LlamaConfig:
-    return LlamaConfig(
-        n_layers=facts.n_layers,
-        hidden=facts.hidden,
-        n_heads=facts.n_heads,
-        n_kv_heads=facts.n_kv_heads,
-        head_dim=facts.head_dim,
-        ffn=facts.ffn,
-        vocab=facts.vocab,
-        rope_base=facts.rope_base,
-        rms_eps=facts.rms_eps,
-        context_length=facts.context_length,
-        arch=facts.arch,
-        rope_factors=tuple(facts.rope_factors),
-    )
 
 
 def _unpack_q4_1(packed: np.ndarray, scales: F32, mins_t: F32, k: int) -> Q4_1Matrix:
@@ -248,7 +230,7 @@ def load_model_weights(model_dir: Path, layers: LayerRange | None = None) -> Lla
     a shard that neither embeds nor uses it as its head is empty.
     """
     facts = read_model_facts(model_dir)
-    cfg = _config(facts)
+    cfg = config_of(facts)
     span = layers or LayerRange(0, cfg.n_layers)
     model = onnx.load(str(model_dir / MODEL_FILE), load_external_data=False)
     parts = _shard_parts(span, cfg.n_layers, _is_tied(model))
@@ -307,7 +289,7 @@ def load_model_weights(model_dir: Path, layers: LayerRange | None = None) -> Lla
             mins_t = init[f"{prefix}.mins_t"]
         return _unpack_q4_1(init[f"{prefix}.qweight"], scales, mins_t, k)
 
-    scale = 1.0 / math.sqrt(cfg.head_dim)
+    scale = cfg.softmax_scale()
     q_dim, kv_dim = cfg.n_heads * cfg.head_dim, cfg.n_kv_heads * cfg.head_dim
     blocks = []
     for i in range(span.start, span.end):
@@ -317,7 +299,7 @@ def load_model_weights(model_dir: Path, layers: LayerRange | None = None) -> Lla
         bias = init.get(f"layers.{i}.attn.qkv_bias")
         bq, bk, bv = (None, None, None) if bias is None else np.split(bias, [q_dim, q_dim + kv_dim])
         q_norm = init.get(f"layers.{i}.attn.q_norm")
-        if exact_power_of_two(scale) and q_norm is not None:  # qwen3: scale is in the q norm
+        if exact_power_of_two(scale) and q_norm is not None:  # qwen3/gemma3: in the q norm
             q_norm = (q_norm / np.float32(scale)).astype(np.float32)
         elif exact_power_of_two(scale):
             wq = _unscale(wq, scale)
@@ -340,6 +322,8 @@ def load_model_weights(model_dir: Path, layers: LayerRange | None = None) -> Lla
                 bv=bv,
                 q_norm=q_norm,
                 k_norm=init.get(f"layers.{i}.attn.k_norm"),
+                attn_post_norm=init.get(f"layers.{i}.attn_post_norm"),
+                ffn_post_norm=init.get(f"layers.{i}.ffn_post_norm"),
             )
         )
 
@@ -433,7 +417,7 @@ def write_shard_dir(
     }
     write_json(out_dir / SHARD_FILE, meta)
     if facts is not None:
-        write_json(out_dir / FACTS_FILE, asdict(facts))
+        write_json(out_dir / FACTS_FILE, facts_dict(facts))
     if isinstance(source, Path):
         _copy_tokenizer(source, out_dir)
     return out_dir
@@ -467,7 +451,7 @@ def split_model_dir(model_dir: Path, ranges: Sequence[LayerRange], out_root: Pat
         path = write_shard_dir(
             weights, r, out_root / str(r), variant, int8, attention, facts.int8_limbs
         )
-        write_json(path / FACTS_FILE, asdict(facts))
+        write_json(path / FACTS_FILE, facts_dict(facts))
         _copy_tokenizer(model_dir, path)
         out.append(path)
     return out

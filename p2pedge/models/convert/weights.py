@@ -10,6 +10,7 @@ Q4_K) as :class:`Q4_1Matrix`, the rest (Q8_0, Q5_*, Q6_K, Q2_K, Q3_K) as
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -22,7 +23,9 @@ Q4_1_BLOCK = 32
 
 @dataclass(frozen=True)
 class LlamaConfig:
-    """Hyper-parameters; ``arch`` is the GGUF architecture (``llama``, ``qwen2``, ``qwen3``)."""
+    """Hyper-parameters; ``arch`` is the GGUF architecture (``llama``, ``qwen2``, ``qwen3``,
+    ``phi3``, ``gemma2``, ``gemma3``). The fields after ``rope_factors`` default to Llama's
+    behaviour; Gemma sets them (its RMSNorm weight offset of +1 is already in the weights)."""
 
     n_layers: int
     hidden: int
@@ -36,12 +39,28 @@ class LlamaConfig:
     context_length: int
     arch: str = "llama"
     rope_factors: tuple[float, ...] = ()  # Llama 3.1+ ``rope_freqs``: inv_freq[i] / factor[i]
+    activation: str = "silu"  # gated MLP: "silu" (SwiGLU) or "gelu_tanh" (GeGLU)
+    embed_scale: float = 1.0  # embeddings times this (Gemma: sqrt(hidden))
+    attn_scale: float = 0.0  # softmax scale; 0 means 1 / sqrt(head_dim)
+    attn_softcap: float = 0.0  # scores -> cap * tanh(scores / cap) when > 0 (Gemma 2)
+    final_softcap: float = 0.0  # the same on the logits
+    sliding_window: int = 0  # a sliding layer's query sees the last this many positions
+    swa_layers: tuple[bool, ...] = ()  # per block: sliding window (empty: none)
+    rope_base_swa: float = 0.0  # rope base of sliding layers; 0 means rope_base (Gemma 3)
 
-    def inv_freq(self) -> npt.NDArray[np.float64]:
-        """Rotary inverse frequencies ``[head_dim / 2]`` (rope base, frequency factors)."""
+    def softmax_scale(self) -> float:
+        return self.attn_scale if self.attn_scale > 0 else 1.0 / math.sqrt(self.head_dim)
+
+    def is_swa(self, layer: int) -> bool:
+        return bool(self.swa_layers) and self.swa_layers[layer]
+
+    def inv_freq(self, swa: bool = False) -> npt.NDArray[np.float64]:
+        """Rotary inverse frequencies ``[head_dim / 2]`` (rope base, frequency factors);
+        ``swa`` picks the sliding layers' base."""
         half = self.head_dim // 2
+        base = self.rope_base_swa if swa and self.rope_base_swa > 0 else self.rope_base
         inv: npt.NDArray[np.float64] = 1.0 / (
-            self.rope_base ** (np.arange(half, dtype=np.float64) * 2 / self.head_dim)
+            base ** (np.arange(half, dtype=np.float64) * 2 / self.head_dim)
         )
         if self.rope_factors:
             inv = inv / np.asarray(self.rope_factors, dtype=np.float64)
@@ -158,6 +177,9 @@ class LlamaBlock:
     # qwen3: RMSNorm weights applied to each head of Q and K ([head_dim])
     q_norm: F32 | None = None
     k_norm: F32 | None = None
+    # gemma2/3: RMSNorm of the attention and MLP outputs before their residual adds
+    attn_post_norm: F32 | None = None
+    ffn_post_norm: F32 | None = None
 
 
 @dataclass(frozen=True)
