@@ -1,7 +1,7 @@
 """Section 3 of the sharded benchmark: added latency per hop.
 
 A 1-hop chain (one server with every block) and 3-hop chains (relayed, pushed, round a
-ring, round a quiet ring) decode the same tokens; the difference per token, halved, is
+ring) decode the same tokens; the difference per token, halved, is
 what each extra server adds. The client also runs the three shard graphs itself on the
 same tokens, so each relayed hop's round trip splits into compute and the rest.
 """
@@ -37,7 +37,6 @@ async def chain(
     *,
     push: bool = False,
     ring: bool = False,
-    quiet: bool = False,
 ) -> ShardedSession:
     async def find() -> list[ServerOption]:
         return []  # routes are fixed here; a failure should surface, not be re-planned
@@ -52,7 +51,6 @@ async def chain(
         logits_top_k=1,
         push=push,
         ring=ring,
-        ring_quiet=quiet,
     )
     session = ShardedSession(opener, find, MODEL, N_LAYERS, config)
     await session.start(route=route)
@@ -148,7 +146,6 @@ async def hop_latency(
     t3s: list[float] = []
     t3ps: list[float] = []
     t3rs: list[float] = []
-    t3qs: list[float] = []
     t1_ring: list[float] = []  # the 1-hop chain's steps at the positions the rings timed
     hop_rtts: list[list[float]] = [[] for _ in thirds]
     hop_compute: list[list[float]] = [[] for _ in thirds]
@@ -158,9 +155,6 @@ async def hop_latency(
         s3 = await chain(node, three_route, len(prompt) + tokens + 2)
         s3p = await chain(node, three_route, len(prompt) + tokens + 2, push=True)
         s3r = await chain(node, three_route, len(prompt) + tokens + 2, push=True, ring=True)
-        s3q = await chain(
-            node, three_route, len(prompt) + tokens + 2, push=True, ring=True, quiet=True
-        )
         local = local_thirds()
         n = tokens if rnd > 0 else WARMUP_TOKENS
         try:
@@ -168,18 +162,17 @@ async def hop_latency(
             mismatches += token != int(np.argmax(await s3.extend(prompt)))
             mismatches += token != int(np.argmax(await s3p.extend(prompt)))
             compute_only(local, np.asarray([prompt], dtype=np.int64), 0)
-            # Blocks of RING_BLOCK tokens: the lock-step chains, then each ring, in turns,
+            # Blocks of RING_BLOCK tokens: the lock-step chains, then the ring, in turns,
             # so drift within a round does not favour either; rings pair with the 1-hop
             # chain by position (the first step of each later ring block is the client's
             # own, not timed, so those positions have no pair).
             lock: dict[str, Any] = {"t1": [], "t3": [], "t3p": [], "hops": [], "compute": []}
             lock_tokens: dict[int, tuple[float, int]] = {}
-            ring_at = {s3r: (list(prompt), 0), s3q: (list(prompt), 0)}
-            ring_seen: dict[ShardedSession, dict[int, tuple[float, int]]] = {s3r: {}, s3q: {}}
+            ring_at = {s3r: (list(prompt), 0)}
+            ring_seen: dict[ShardedSession, dict[int, tuple[float, int]]] = {s3r: {}}
             at = len(prompt)
             for block in range(0, n, RING_BLOCK):
                 size = min(RING_BLOCK, n - block)
-                rings = [s3r, s3q] if (block // RING_BLOCK + rnd) % 2 else [s3q, s3r]
                 part = await in_lock_step((s1, s3, s3p), local, at, token, size)
                 for key in lock:
                     lock[key] += part[key]
@@ -189,36 +182,34 @@ async def hop_latency(
                 ):
                     lock_tokens[position] = (t1, produced)
                 token, at = part["tokens"][-1], at + size
-                for session in rings:
+                for session in (s3r,):
                     feed, fed_at = ring_at[session]
                     seen, last = await ring_block(
                         session, feed, fed_at, at - fed_at - len(feed) + 1
                     )
                     ring_seen[session] |= seen
                     ring_at[session] = ([last], at)
-            for session in (s3r, s3q):
+            for session in (s3r,):
                 for position, (_, produced) in ring_seen[session].items():
                     mismatches += lock_tokens[position][1] != produced
             round_t1, round_t3, round_t3p = lock["t1"], lock["t3"], lock["t3p"]
             round_hops, round_compute = lock["hops"], lock["compute"]
-            paired = sorted(set(ring_seen[s3r]) & set(ring_seen[s3q]))
+            paired = sorted(ring_seen[s3r])
             round_p1 = [lock_tokens[q][0] for q in paired]
             round_t3r = [ring_seen[s3r][q][0] for q in paired]
-            round_t3q = [ring_seen[s3q][q][0] for q in paired]
         finally:
-            for session in (s1, s3, s3p, s3r, s3q):
+            for session in (s1, s3, s3p, s3r):
                 await session.aclose()
         if rnd > 0:
             if s3p.pushed_steps != len(round_t3p):
                 raise RuntimeError(f"pushed {s3p.pushed_steps} of {len(round_t3p)} steps")
-            for session in (s3r, s3q):
+            for session in (s3r,):
                 if session.ring_steps != len(ring_seen[session]):
                     raise RuntimeError(f"{session.ring_steps} tokens came round, not all timed")
             t1s += round_t1
             t3s += round_t3
             t3ps += round_t3p
             t3rs += round_t3r
-            t3qs += round_t3q
             t1_ring += round_p1
             for hops, computed in zip(round_hops, round_compute, strict=True):
                 for k, (rtt, own) in enumerate(zip(hops, computed, strict=True)):
@@ -227,14 +218,11 @@ async def hop_latency(
     added = [(t3 - t1) / 2 for t1, t3 in zip(t1s, t3s, strict=True)]
     added_push = [(t3 - t1) / 2 for t1, t3 in zip(t1s, t3ps, strict=True)]
     added_ring = [(t3 - t1) / 2 for t1, t3 in zip(t1_ring, t3rs, strict=True)]
-    added_quiet = [(t3 - t1) / 2 for t1, t3 in zip(t1_ring, t3qs, strict=True)]
     client = [t3 - sum(h) for t3, h in zip(t3s, zip(*hop_rtts, strict=True), strict=True)]
     return {
         "added": added,
         "added_push": added_push,
         "added_ring": added_ring,
-        "added_quiet": added_quiet,
-        "t3q": t3qs,
         "t1": t1s,
         "t3r": t3rs,
         "t3": t3s,

@@ -20,12 +20,11 @@ and sharded decode each get one compute thread per step.
    client) decode the same tokens in lock-step, taking turns to go first; all do the same
    compute, so per token ``(t3 - t1) / 2`` is what each of the two extra servers adds
    (framing, msgpack, loopback TCP, process wake-ups, one more onnxruntime run, the
-   client's bookkeeping). Two more 3-hop chains decode the same tokens round a ring (the
-   default for greedy: the last server feeds each token to the first), one of them quiet
-   (only the last server answers the client); a ring runs ahead by itself, so the rings
-   take turns with the lock-step chains in blocks of 8 tokens, their per-token time is
-   the gap between tokens, and each pairs with the 1-hop chain's step at the same
-   position. The client also runs the three shard graphs itself on the
+   client's bookkeeping). A fourth 3-hop chain decodes the same tokens round a ring (the
+   default for greedy: the last server feeds each token to the first); a ring runs ahead
+   by itself, so the ring takes turns with the lock-step chains in blocks of 8 tokens,
+   its per-token time is the gap between tokens, and each pairs with the 1-hop chain's
+   step at the same position. The client also runs the three shard graphs itself on the
    same tokens, so each relayed hop's round trip splits into compute and the rest.
 
 Run ``make model`` first, then
@@ -291,11 +290,6 @@ def report(
             "target <= 1.5 ms",
         ],
         [
-            "added latency per hop, round a quiet ring, median / p95",
-            f"{ms(statistics.median(hop['added_quiet']))} / {ms(pct(hop['added_quiet'], 95))} ms",
-            "",
-        ],
-        [
             "added latency per hop, pushed (sampling), median / p95",
             f"{ms(statistics.median(added_push))} / {ms(pct(added_push, 95))} ms",
             "",
@@ -311,9 +305,9 @@ def report(
             "same compute as 3-hop",
         ],
         [
-            "per-token step, 3-hop chain ring / quiet ring / pushed / relayed, median",
-            f"{ms(statistics.median(hop['t3r']))} / {ms(statistics.median(hop['t3q']))} / "
-            f"{ms(statistics.median(hop['t3p']))} / {ms(statistics.median(hop['t3']))} ms",
+            "per-token step, 3-hop chain ring / pushed / relayed, median",
+            f"{ms(statistics.median(hop['t3r']))} / {ms(statistics.median(hop['t3p']))} / "
+            f"{ms(statistics.median(hop['t3']))} ms",
             "",
         ],
     ]
@@ -390,10 +384,10 @@ def report(
         "tokens in lock-step, taking turns to go first; per token (t3 - t1) / 2, the time "
         "each of the two extra servers adds, over "
         f"{len(added)} tokens ({args.rounds} rounds after a "
-        f"{WARMUP_TOKENS}-token warm-up). Two more 3-hop chains decode the same tokens round "
-        "a ring (full, and quiet: only the last server answers the client) in the same "
+        f"{WARMUP_TOKENS}-token warm-up). A fourth 3-hop chain decodes the same tokens round "
+        "a ring in the same "
         f"round, taking turns with the lock-step chains in blocks of {RING_BLOCK} tokens; "
-        "their t3 is the gap between consecutive tokens, paired with the 1-hop chain's step "
+        "its t3 is the gap between consecutive tokens, paired with the 1-hop chain's step "
         f"at the same position ({len(hop['t3r'])} pairs: a later block's first step is the "
         "client's own and is not timed). "
         "The 1-hop chain keeps the client in its loop (two messages per token: a ring "

@@ -46,7 +46,7 @@ MESSAGES: list[codec.Message] = [
         epoch=3,
     ),
     codec.Step(11, 9, 3, HIDDEN, 1, (), KEY, codec.Ring((codec.Forward(A, 1, KEY),), 1), 1),
-    codec.Step(12, 9, 3, HIDDEN, ring=codec.Ring((codec.Forward(A, 1, KEY),), 2, quiet=True)),
+    codec.Step(12, 9, 3, HIDDEN, ring=codec.Ring((codec.Forward(A, 1, KEY),), 2)),
     codec.Step(
         13,
         9,
@@ -331,7 +331,6 @@ def _ring(**changes: Any) -> dict[str, Any]:
         {"ring": _ring(eos=-2)},
         {"ring": _ring(eos="2")},
         {"ring": {"chain": [_fwd()], "eos": 2}},
-        {"ring": _ring(quiet=1)},
         {"ring": _ring(s="greedy")},
         {"ring": _ring(s=_spec(t=0.0))},
         {"ring": _ring(s=_spec(t=1e-300))},  # would overflow the logits: greedy instead

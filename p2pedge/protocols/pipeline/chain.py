@@ -1,24 +1,25 @@
 """What a sharded session's client keeps per chain: its settings, each boundary's
 history (token ids, then every hop's hidden states, by position), and each hop's
-connection and progress. Recovery replays from these histories."""
+connection and progress. Recovery replays from these histories. Pure: the client machine
+(``client_machine.py``) decides with these, the trio driver (``client.py``) acts."""
 
 from __future__ import annotations
 
-import itertools
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import numpy.typing as npt
-import trio
 
 from p2pedge.errors import Busy, PeerUnavailable, RemoteProtocolError, ShardFailed
-from p2pedge.planning.routes import CostModel, Hop
-from p2pedge.planning.slowdown import SlowdownPolicy, StepWindow
+from p2pedge.planning.routes import CostModel
+from p2pedge.planning.slowdown import SlowdownPolicy
 from p2pedge.planning.verification import VerifyPolicy
-from p2pedge.protocols.pipeline.connection import ShardConnection, StreamOpener
+
+if TYPE_CHECKING:
+    from p2pedge.protocols.pipeline.connection import ShardConnection
 
 HOP_ERRORS = (PeerUnavailable, ShardFailed, RemoteProtocolError, Busy)
 
@@ -40,12 +41,15 @@ class ClientConfig:
     push: bool = True
     # Greedy decode goes round the chain without the client (see `codec.Ring`); needs push.
     ring: bool = True
-    # Only the last server answers the client during a ring (`codec.Ring.quiet`).
-    ring_quiet: bool = False
     # Move off a hop whose decode steps turn slow mid-session (None: stay on the route).
     slowdown: SlowdownPolicy | None = field(default_factory=SlowdownPolicy)
     # Spot-check servers' outputs on replicas (see `verify.py`; None: trust them).
     verify: VerifyPolicy | None = None
+    # The model's widths when the caller knows them (its facts); None pins the first seen.
+    # A hop whose hidden states or logits have another width fails, so a wrong-width
+    # output is blamed on the hop that made it, not on the hop it would break next.
+    hidden_size: int | None = None
+    vocab_size: int | None = None
 
 
 class History:
@@ -77,7 +81,7 @@ class History:
 
 @dataclass
 class HopState:
-    conn: ShardConnection
+    conn: ShardConnection  # its `machine` (client_machine.HopMachine) holds its state
     done: int = 0  # positions of the input boundary this hop has consumed
 
 
@@ -88,68 +92,6 @@ class HopFailed(Exception):
         self.peer = peer
         self.cause = cause
         self.others: list[HopFailed] = []  # further hops that failed at the same time
-
-
-async def open_chain(
-    opener: StreamOpener,
-    model: str,
-    plan: Sequence[Hop],
-    config: ClientConfig,
-    successor: str = "",
-) -> list[HopState]:
-    """A session on every hop of ``plan``, opened at once. If any fails, the rest are
-    closed and the failure of the lowest hop is raised, the others in its ``others``.
-
-    With push on, each server is told where it will push (the next hop; for the last,
-    ``successor``: the hop after the chain, or round a ring the first), so it opens that
-    stream while the prompt is relayed instead of at the first decode step."""
-    conns: list[ShardConnection | None] = [None] * len(plan)
-    failures: list[HopFailed] = []
-    peers = [h.peer_id for h in plan] + [successor]
-    pushes_to = [b if config.push and b != a else "" for a, b in itertools.pairwise(peers)]
-
-    async def open_one(i: int, hop: Hop) -> None:
-        try:
-            conns[i] = await ShardConnection.open(
-                opener,
-                hop.peer_id,
-                model,
-                hop.layers,
-                config.max_length,
-                timeout=config.step_timeout,
-                dtype=config.dtype,
-                pushes_to=pushes_to[i],
-            )
-        except HOP_ERRORS as exc:
-            failures.append(HopFailed(i, hop.peer_id, exc))
-
-    async with trio.open_nursery() as nursery:
-        for i, hop in enumerate(plan):
-            nursery.start_soon(open_one, i, hop)
-    if failures:
-        for conn in conns:
-            if conn is not None:
-                await conn.close()
-        first = min(failures, key=lambda f: f.index)
-        first.others = [f for f in failures if f is not first]
-        raise first
-    opened = [c for c in conns if c is not None]
-    if config.slowdown is not None:
-        for conn in opened:
-            conn.window = StepWindow(config.slowdown)
-    return [HopState(c) for c in opened]
-
-
-def successor(
-    hops: Sequence[HopState], first: int, last: int, plan: Sequence[Hop], *, ring: bool
-) -> str:
-    """Where the last server of ``plan``, replacing ``hops[first..last]``, will push: the
-    hop after them, or round a ring the chain's first server ('' when it will not push)."""
-    if last + 1 < len(hops):
-        return hops[last + 1].conn.peer
-    if not ring:
-        return ""
-    return hops[0].conn.peer if first > 0 else plan[0].peer_id
 
 
 def leaves(group: BaseExceptionGroup[HopFailed]) -> list[HopFailed]:

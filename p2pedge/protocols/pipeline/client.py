@@ -22,6 +22,9 @@ the peer with back-off, picks a replacement chain for that hop's blocks, and set
 new hops' counters to zero: driving again replays the stored history into them and
 rebuilds their KV caches, while the hops downstream keep theirs.
 
+What to do is decided by a sans-IO :class:`~client_machine.ClientMachine` (positions,
+modes, epochs, bans, recovery); this module and ``pushing.py`` carry it out with trio.
+
 With ``ClientConfig.verify`` the client also checks what the servers compute, on replicas
 (``verify.py``), and hands out tokens only once checked; a hop caught computing wrong is
 banned and replaced, and generation goes on from the position it got wrong
@@ -40,26 +43,23 @@ import numpy as np
 import numpy.typing as npt
 import trio
 
-from p2pedge.errors import RemoteProtocolError, ShardFailed
+from p2pedge.errors import ShardFailed
 from p2pedge.ids import LayerRange
 from p2pedge.planning.routes import Hop, NoRoute, ServerOption, choose_route
-from p2pedge.protocols.pipeline import codec
 from p2pedge.protocols.pipeline.chain import (
     HOP_ERRORS,
     ClientConfig,
     History,
     HopFailed,
     HopState,
-    check_output,
     hop_stats,
     leaves,
-    open_chain,
     slow_hop,
-    successor,
 )
 from p2pedge.protocols.pipeline.checked import CheckedChain
-from p2pedge.protocols.pipeline.connection import StreamOpener
-from p2pedge.protocols.pipeline.pushing import PushedChain
+from p2pedge.protocols.pipeline.client_machine import RING_TOP_K, ClientMachine
+from p2pedge.protocols.pipeline.connection import StreamOpener, open_chain
+from p2pedge.protocols.pipeline.pushing import ChainDriver
 from p2pedge.protocols.pipeline.sampling import Sampler, greedy
 from p2pedge.protocols.pipeline.verify import Audits
 
@@ -70,10 +70,9 @@ log = logging.getLogger(__name__)
 OptionsFinder = Callable[[], Awaitable[list[ServerOption]]]
 # told, as a session ends, each hop's mean decode-step time (peer, blocks, seconds)
 StepObserver = Callable[[str, LayerRange, float], None]
-RING_TOP_K = 1  # a ring's last server names its token; the client needs only the top-1
 
 
-class ShardedSession(PushedChain, CheckedChain):
+class ShardedSession(ChainDriver, CheckedChain):
     """Generation state for one sequence across a chain of shard servers."""
 
     def __init__(
@@ -90,38 +89,91 @@ class ShardedSession(PushedChain, CheckedChain):
         """``bans`` may be shared between sessions (a node's), so a dead peer found by one
         session is skipped by the next instead of being re-learned; ``observe`` hears each
         hop's decode-step time when the session ends, for later route choice."""
+        super().__init__(ClientMachine(config or ClientConfig(), bans))
         self.opener = opener
         self.find_options = find_options
         self.model = model
         self.n_layers = n_layers
-        self.config = config or ClientConfig()
-        self.hops: list[HopState] = []
-        self.boundaries: list[History] = []
-        self.last_logits: npt.NDArray[np.float32] | None = None
-        self.recoveries = 0
-        self._bans: dict[str, tuple[float, int]] = {} if bans is None else bans
+        self.config = self.m.config
         self._observe = observe
-        self._progress = trio.Event()
-        self.push_ok = self.config.push  # off for good once a pushed output fails to come
-        self.pushed_steps = 0
-        self.pushed_chunks = 0
-        self.ring_ok = self.config.ring and self.config.push  # off until a hop is replaced
-        self.ring_steps = 0  # tokens that came round a ring
-        self.epoch = 0  # rings so far; see the module docstring
         self.reroutes = 0  # hops left mid-session because they turned slow
         policy = self.config.verify
         self.audits: Audits | None = None  # spot checks of the servers' work (`verify.py`)
         if policy is not None and policy.fraction > 0:
             self.audits = Audits(policy, opener, find_options, model, self.config)
-        self.detections = 0  # hops caught computing wrong, banned and replaced
-        self._distrusted: set[str] = set()  # caught: off this session's routes for good
+
+    # --- the machine's state, read (and, by checked generation, set) as before ----------
+
+    @property
+    def hops(self) -> list[HopState]:  # type: ignore[override]
+        return self.m.hops
+
+    @property
+    def boundaries(self) -> list[History]:  # type: ignore[override]
+        return self.m.boundaries
+
+    @property
+    def last_logits(self) -> npt.NDArray[np.float32] | None:
+        return self.m.last_logits
+
+    @property
+    def recoveries(self) -> int:
+        return self.m.recoveries
+
+    @property
+    def epoch(self) -> int:
+        return self.m.epoch
+
+    @property
+    def pushed_steps(self) -> int:
+        return self.m.pushed_steps
+
+    @property
+    def pushed_chunks(self) -> int:
+        return self.m.pushed_chunks
+
+    @property
+    def ring_steps(self) -> int:
+        return self.m.ring_steps
+
+    @property
+    def push_ok(self) -> bool:
+        return self.m.push_ok
+
+    @push_ok.setter
+    def push_ok(self, ok: bool) -> None:
+        self.m.push_ok = ok
+
+    @property
+    def ring_ok(self) -> bool:
+        return self.m.ring_ok
+
+    @ring_ok.setter
+    def ring_ok(self, ok: bool) -> None:
+        self.m.ring_ok = ok
+
+    @property
+    def detections(self) -> int:
+        return self.m.detections
+
+    @detections.setter
+    def detections(self, n: int) -> None:
+        self.m.detections = n
+
+    @property
+    def _bans(self) -> dict[str, tuple[float, int]]:  # type: ignore[override]
+        return self.m.bans
+
+    @property
+    def _distrusted(self) -> set[str]:  # type: ignore[override]
+        return self.m.distrusted
 
     # --- set-up and tear-down --------------------------------------------------------
 
     async def __aenter__(self) -> ShardedSession:
         """Start unless already started (``open_sharded_session`` returns a started one;
         starting twice would open a second chain and strand the first one's sessions)."""
-        if not self.hops:
+        if not self.m.hops:
             await self.start()
         return self
 
@@ -130,43 +182,38 @@ class ShardedSession(PushedChain, CheckedChain):
 
     @property
     def route(self) -> list[Hop]:
-        return [Hop(h.conn.peer, h.conn.layers) for h in self.hops]
+        return [Hop(h.conn.peer, h.conn.layers) for h in self.m.hops]
 
     def banned(self) -> set[str]:
-        now = trio.current_time()
-        banned = {peer for peer, (until, _) in self._bans.items() if until > now}
-        return banned | self._distrusted
+        return self.m.banned(trio.current_time())
 
     def ban(self, peer: str) -> None:
-        _, strikes = self._bans.get(peer, (0.0, 0))
-        seconds = min(self.config.ban_seconds * 2**strikes, self.config.max_ban_seconds)
-        self._bans[peer] = (trio.current_time() + seconds, strikes + 1)
+        self.m.ban(peer, trio.current_time())
 
     async def start(self, route: Sequence[Hop] | None = None) -> None:
-        self.boundaries = [History(self.config.max_length)]
         first = True
         while True:
             plan = list(route) if route is not None and first else await self._plan(0, None)
             first = False
             try:
-                self.hops = await self._open_chain(plan, plan[0].peer_id if self.ring_ok else "")
+                hops = await self._open_chain(plan, plan[0].peer_id if self.m.ring_ok else "")
                 break
             except HopFailed as failure:
                 await self._note_failure(failure)
-        self.boundaries += [History(self.config.max_length) for _ in self.hops]
+        self.m.started(hops)
 
     async def aclose(self) -> None:
         if self._observe is not None:
-            for hop in self.hops:
-                if hop.conn.decode_steps:
-                    mean = hop.conn.decode_seconds / hop.conn.decode_steps
-                    self._observe(hop.conn.peer, hop.conn.layers, mean)
+            for hop in self.m.hops:
+                m = hop.conn.machine
+                if m.decode_steps:
+                    self._observe(m.peer, m.layers, m.decode_seconds / m.decode_steps)
         async with trio.open_nursery() as nursery:
-            for hop in self.hops:
+            for hop in self.m.hops:
                 nursery.start_soon(hop.conn.close)
             if self.audits is not None:
                 nursery.start_soon(self.audits.close)
-        self.hops = []
+        self.m.hops = []
 
     async def _plan(self, start: int, end: int | None, avoid: str | None = None) -> list[Hop]:
         options = await self.find_options()
@@ -189,22 +236,14 @@ class ShardedSession(PushedChain, CheckedChain):
             raise
 
     async def _note_failure(self, failure: HopFailed) -> None:
-        self.recoveries += 1
         log.warning("pipeline %s", failure)
-        self.ban(failure.peer)
-        if self.recoveries > self.config.max_recoveries:
-            raise ShardFailed(f"gave up after {self.recoveries - 1} recoveries") from failure.cause
+        self.m.failed(failure, trio.current_time())
 
     # --- driving ---------------------------------------------------------------------
 
     async def extend(self, tokens: Sequence[int]) -> npt.NDArray[np.float32]:
         """Feed ``tokens`` after everything so far; the logits of the last one."""
-        ids = np.asarray(tokens, dtype=np.int64)
-        target = self.boundaries[0].length + ids.size
-        if ids.size == 0 or target > self.config.max_length:
-            raise ValueError(f"{target} positions do not fit max_length {self.config.max_length}")
-        self.boundaries[0].write(self.boundaries[0].length, ids)
-        return await self._settle(target)
+        return await self._settle(self.m.feed(tokens))
 
     async def _settle(self, target: int) -> npt.NDArray[np.float32]:
         """Drive every hop through position ``target``, recovering from failed hops."""
@@ -215,43 +254,10 @@ class ShardedSession(PushedChain, CheckedChain):
             except* HopFailed as group:
                 failure = min(leaves(group), key=lambda f: f.index)
             if failure is None:
-                assert self.last_logits is not None
-                return self.last_logits
+                assert self.m.last_logits is not None
+                return self.m.last_logits
             await self._note_failure(failure)
             await self._replace(failure.index)
-
-    async def _drive(self, target: int) -> None:
-        if self._can_push(target):
-            await self._push_steps(target)  # relaying below finishes whatever it did not
-            if all(h.done == target for h in self.hops):
-                return  # every hop is done: no idle hop workers to start
-        async with trio.open_nursery() as nursery:
-            for k in range(len(self.hops)):
-                nursery.start_soon(self._hop_worker, k, target)
-
-    async def _hop_worker(self, k: int, target: int) -> None:
-        hop, source = self.hops[k], self.boundaries[k]
-        last = k == len(self.hops) - 1
-        while hop.done < target:
-            while source.length <= hop.done:
-                await self._progress.wait()
-            end = min(source.length, hop.done + self.config.chunk)
-            x = source.read(hop.done, end)[None]
-            try:
-                top_k = self.config.logits_top_k if last else 0
-                y = await hop.conn.step(x, hop.done, top_k=top_k, epoch=self.epoch)
-            except HOP_ERRORS as exc:
-                raise HopFailed(k, hop.conn.peer, exc) from exc
-            self._accept(k, y, hop.done, end, target)
-
-    def _can_ring(self) -> bool:
-        at = self.boundaries[0].length
-        return (
-            self.ring_ok
-            and not self.detections  # stale ring outputs could pass for redone positions
-            and all(h.done == at for h in self.hops)
-            and self._chain_pushes(ring=True)
-        )
 
     async def _ring(
         self, token: int, n: int, eos_id: int | None, sampler: Sampler
@@ -260,72 +266,32 @@ class ShardedSession(PushedChain, CheckedChain):
         server picks each as ``sampler`` would), each yielded once every hop's output for
         it is stored. Ends early, leaving the rest to relayed steps, when a hop fails (it
         is replaced) or an output is late."""
-        start = self.boundaries[0].length
-        self.boundaries[0].write(start, np.array([token], dtype=np.int64))
-        # a quiet ring leaves no hidden states to check: checked sessions ring aloud
-        chain, quiet = self._forwards(RING_TOP_K), self.config.ring_quiet and not self.audits
-        eos = codec.NO_EOS if eos_id is None else eos_id
-        ring = codec.Ring(chain, n, eos, quiet, sampler.spec)
+        start = self.m.boundaries[0].length
+        ring = self.m.ring_begin(token, n, eos_id, sampler.spec)
+        late = False
         try:
             for i in range(n):
                 at = start + i
                 try:
                     if i == 0:
-                        await self._first_step(at, at + 1, chain[1:], ring)
-                    if quiet:
-                        arrived = await self._quiet_token(at)
-                    else:  # every hop's output, the first hop's already in for i == 0
-                        first = 1 if i == 0 else 0
-                        arrived = await self._collect_outputs(at, at + 1, first, RING_TOP_K)
-                    if not arrived:
-                        self.ring_ok = False
+                        await self._first_step(at, at + 1, ring.chain[1:], ring)
+                    # every hop's output, the first hop's already in for i == 0
+                    first = 1 if i == 0 else 0
+                    if not await self._collect_outputs(at, at + 1, first, RING_TOP_K):
+                        late = True
                         return
-                    token = self._ring_token(sampler)
+                    token = self.m.ring_token(sampler.spec.greedy)
                 except HopFailed as failure:
                     await self._note_failure(failure)
                     await self._replace(failure.index)
                     return
-                self.ring_steps += 1
                 if i < n - 1 and token != eos_id:
-                    self.boundaries[0].write(at + 1, np.array([token], dtype=np.int64))
+                    self.m.ring_feed(at + 1, token)
                 yield token
-                if token == eos_id or slow_hop(self.hops) is not None:
+                if token == eos_id or slow_hop(self.m.hops) is not None:
                     return  # a slowed hop: the client drives again once it has moved
         finally:
-            self.epoch += 1  # whatever is still going round is stale from here on
-
-    def _ring_token(self, sampler: Sampler) -> int:
-        """The token the last server says it picked; for greedy, checked against its top-1."""
-        last = self.hops[-1].conn
-        token = last.last_token
-        greedy_mismatch = (
-            sampler.spec.greedy
-            and self.last_logits is not None
-            and token != int(np.argmax(self.last_logits))
-        )
-        if token is None or greedy_mismatch:
-            problem = f"ring step answered with token {token}, not the greedy pick"
-            raise HopFailed(len(self.hops) - 1, last.peer, RemoteProtocolError(problem))
-        return token
-
-    async def _quiet_token(self, at: int) -> bool:
-        """The last hop's logits for the next position of a quiet ring (kept as
-        ``last_logits``; no history is stored, so hops past the first stay where the ring
-        began and driving again replays the ring's positions); False if they are late."""
-        k = len(self.hops) - 1
-        last, grace = self.hops[k], self._grace(self.hops)
-        try:
-            y = await last.conn.pushed(RING_TOP_K, start=at, within=grace, timed=False)
-        except HOP_ERRORS as exc:
-            raise HopFailed(k, last.conn.peer, exc) from exc
-        if y is None:
-            log.info("no token round the quiet ring in %.3g s", grace)
-            return False
-        problem = check_output(y, 1, True)
-        if problem:
-            raise HopFailed(k, last.conn.peer, RemoteProtocolError(problem))
-        self.last_logits = y[0]
-        return True
+            self.m.ring_end(late=late)
 
     async def _replace(self, index: int, avoid: str | None = None) -> bool:
         """Swap hop ``index`` for a fresh chain over its blocks (or up to a later boundary).
@@ -333,11 +299,10 @@ class ShardedSession(PushedChain, CheckedChain):
         For a failed hop (``avoid`` None) the old stream is dropped first and no server
         left raises :class:`ShardFailed`. Moving off a slow but working hop avoids its peer
         and keeps the hop, returning False, when nobody else serves those blocks."""
-        old = self.hops[index]
+        old = self.m.hops[index]
         if avoid is None:
             await old.conn.abort()
-        start = old.conn.layers.start
-        ends = [h.conn.layers.end for h in self.hops[index:]]
+        start, ends = self.m.replaceable(index)
         while True:
             plan: list[Hop] | None = None
             for j, end in enumerate(ends):
@@ -351,7 +316,7 @@ class ShardedSession(PushedChain, CheckedChain):
                 if avoid is not None:
                     return False
                 raise ShardFailed(f"no server left for blocks {start}-{ends[-1]}")
-            nxt = successor(self.hops, index, last_replaced, plan, ring=self.config.ring)
+            nxt = self.m.successor(index, last_replaced, plan[0].peer_id)
             try:
                 new = await self._open_chain(plan, nxt)
                 break
@@ -359,20 +324,16 @@ class ShardedSession(PushedChain, CheckedChain):
                 await self._note_failure(failure)
         if avoid is not None:
             await old.conn.abort()  # not waiting on a slow server to say goodbye
-        for gone in self.hops[index + 1 : last_replaced + 1]:
+        for gone in self.m.replaced(index, last_replaced, new)[1:]:
             await gone.conn.close()
-        inner = [History(self.config.max_length) for _ in new[:-1]]
-        self.hops[index : last_replaced + 1] = new
-        self.boundaries[index + 1 : last_replaced + 1] = inner
-        self.ring_ok = self.config.ring and self.config.push  # a new chain: try again
         log.info("pipeline replaced hop %s with %s", index, [str(h.layers) for h in plan])
         return True
 
     async def _move_off_slow_hops(self) -> None:
         """Replace each slowed hop by another server for its blocks (the history replays
         into it); a hop nobody else serves stays, and is not judged again this session."""
-        while (k := slow_hop(self.hops)) is not None:
-            conn, window = self.hops[k].conn, self.hops[k].conn.window
+        while (k := slow_hop(self.m.hops)) is not None:
+            conn, window = self.m.hops[k].conn, self.m.hops[k].conn.window
             log.info("pipeline hop %s (%s, blocks %s) %s", k, conn.peer, conn.layers, window)
             if not await self._replace(k, avoid=conn.peer):
                 conn.window = None
@@ -423,10 +384,10 @@ class ShardedSession(PushedChain, CheckedChain):
     ) -> AsyncGenerator[int, None]:
         """Up to ``n`` tokens, the first picked from ``logits`` (those of the last position
         fed); each new one is fed, relayed, pushed or round a ring, before the next."""
-        token, produced = sampler(logits, self.boundaries[0].length), 1
+        token, produced = sampler(logits, self.m.boundaries[0].length), 1
         yield token
         while produced < n and token != eos_id:
-            if self._can_ring():
+            if self.m.can_ring():
                 # a checked session's ring stops at the next check: servers do not run
                 # ahead of it (a bad one would go on computing wrong, and be paid for it)
                 span = n - produced
@@ -445,11 +406,11 @@ class ShardedSession(PushedChain, CheckedChain):
                     continue
                 # the ring broke off: its last token is fed but not yet through every hop
                 await self._move_off_slow_hops()
-                logits = await self._settle(self.boundaries[0].length)
+                logits = await self._settle(self.m.boundaries[0].length)
             else:
                 await self._move_off_slow_hops()
                 logits = await self.extend([token])
-            token, produced = sampler(logits, self.boundaries[0].length), produced + 1
+            token, produced = sampler(logits, self.m.boundaries[0].length), produced + 1
             yield token
 
     def hop_stats(self) -> list[dict[str, Any]]:

@@ -80,17 +80,11 @@ class Ring:
     and pushes it, as the next step, to ``chain[0]`` (every server of the chain, in
     order), so each token costs one hop less. ``left`` counts the tokens still to
     produce, this step's included; the ring stops after the last of them, or after
-    ``eos`` (:data:`NO_EOS` for none).
-
-    ``quiet``: servers other than the last do not answer the owner for the ring's pushed
-    steps, which saves each token two messages per middle server on the machines that
-    compute; the owner then holds no hidden states for the ring's positions and rebuilds
-    them by replay if it needs them."""
+    ``eos`` (:data:`NO_EOS` for none)."""
 
     chain: tuple[Forward, ...]
     left: int
     eos: int = NO_EOS
-    quiet: bool = False
     sampling: SamplingSpec = GREEDY
 
     def then(self) -> Ring:
@@ -263,7 +257,6 @@ def to_map(msg: Message) -> dict[str, Any]:
                     "chain": _forward_maps(ring.chain),
                     "left": ring.left,
                     "eos": ring.eos,
-                    **({"quiet": True} if ring.quiet else {}),
                     **({"s": _spec_map(ring.sampling)} if not ring.sampling.greedy else {}),
                 }
             if msg.epoch:
@@ -342,7 +335,6 @@ def _ring(value: Any) -> Ring:
         _forwards(value.get("chain")),
         _int(value, "left", 1, MAX_LENGTH),
         _int(value, "eos", NO_EOS, MAX_VOCAB),
-        require(value, "quiet", bool) if "quiet" in value else False,
         _spec(value["s"]) if "s" in value else GREEDY,
     )
 

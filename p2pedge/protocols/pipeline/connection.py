@@ -1,20 +1,20 @@
 """Client end of one pipeline session on one server: open, step, close, with deadlines.
 
-A request cancelled half-way leaves its reply on the stream; the next request drains it
-first, and because every step names its start position (the server rewinds to it) a
-resent step is harmless.
+A thin trio driver of :class:`~client_machine.HopMachine`, which holds the session's
+state and checks every reply. A request cancelled half-way leaves its reply on the
+stream; the next request drains it first, and because every step names its start
+position (the server rewinds to it) a resent step is harmless.
 """
 
 from __future__ import annotations
 
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Sequence
 from typing import Any
 
 import numpy.typing as npt
 import trio
 
 from p2pedge.errors import (
-    Busy,
     LocalProtocolError,
     PeerTimeout,
     PeerUnavailable,
@@ -22,40 +22,58 @@ from p2pedge.errors import (
     ShardFailed,
 )
 from p2pedge.ids import LayerRange
+from p2pedge.planning.routes import Hop
 from p2pedge.planning.slowdown import StepWindow
 from p2pedge.protocols._stream import FramedStream
 from p2pedge.protocols.pipeline import codec
+from p2pedge.protocols.pipeline.chain import HOP_ERRORS, ClientConfig, HopFailed, HopState
+from p2pedge.protocols.pipeline.client_machine import HopMachine, error_to_exception, pushes_to
+
+__all__ = ["ShardConnection", "StreamOpener", "error_to_exception", "open_chain"]
 
 StreamOpener = Callable[[str, str], Awaitable[FramedStream]]
-
-
-def error_to_exception(err: codec.Error, peer: str) -> Exception:
-    text = f"{peer}: {err.code}: {err.message}"
-    if err.code == codec.E_BUDGET:
-        return Busy(text, limit=err.limit, scope=err.scope)
-    if err.code == codec.E_BAD_REQUEST:
-        return LocalProtocolError(text)
-    return ShardFailed(text)
 
 
 class ShardConnection:
     """One open session on ``peer`` for blocks ``layers``; all calls take a deadline."""
 
     def __init__(self, peer: str, layers: LayerRange, stream: FramedStream, timeout: float) -> None:
-        self.peer = peer
-        self.layers = layers
+        self.machine = HopMachine(peer, layers)
         self.stream = stream
         self.timeout = timeout
-        self.session = 0
-        self.key = b""  # the session's push key: other servers may push steps into it
-        self._rid = 0
-        self._pending: int | None = None
-        self.steps = 0
-        self.busy_seconds = 0.0
-        self.decode_steps = 0  # one-position steps and their seconds, send to output
-        self.decode_seconds = 0.0
-        self.window: StepWindow | None = None  # decode-step times, to spot a slowdown
-        self.last_token: int | None = None  # the token named by the last output, if any
+
+    # the machine's state, read where a connection is at hand
+    @property
+    def peer(self) -> str:
+        return self.machine.peer
+
+    @property
+    def layers(self) -> LayerRange:
+        return self.machine.layers
+
+    @property
+    def session(self) -> int:
+        return self.machine.session
+
+    @property
+    def key(self) -> bytes:
+        return self.machine.key
+
+    @property
+    def steps(self) -> int:
+        return self.machine.steps
+
+    @property
+    def busy_seconds(self) -> float:
+        return self.machine.busy_seconds
+
+    @property
+    def window(self) -> StepWindow | None:
+        return self.machine.window
+
+    @window.setter
+    def window(self, window: StepWindow | None) -> None:
+        self.machine.window = window
 
     @classmethod
     async def open(
@@ -79,47 +97,27 @@ class ShardConnection:
             ) from exc
         conn = cls(peer, layers, stream, timeout)
         try:
-            reply = await conn._request(
-                lambda rid: codec.Open(
-                    rid, model, layers.start, layers.end, max_length, dtype, pushes_to
-                )
-            )
+            await conn._exchange(lambda: conn.machine.open(model, max_length, dtype, pushes_to))
         except BaseException:
             await conn.abort()
             raise
-        if not isinstance(reply, codec.Opened):
-            await conn.abort()
-            raise RemoteProtocolError(f"{peer} answered open with {type(reply).__name__}")
-        conn.session = reply.session
-        conn.key = reply.key
         return conn
 
-    async def _request(self, make: Callable[[int], codec.Request]) -> codec.Message:
+    async def _exchange(self, make: Callable[[], codec.Request]) -> codec.Message:
+        """Drain a given-up request's reply, send the request ``make`` gives, and return
+        its (checked) reply; an error reply raises as typed."""
         try:
             with trio.fail_after(self.timeout):
-                if self._pending is not None:
-                    await self._await_reply(self._pending)
-                self._rid += 1
-                rid = self._rid
-                self._pending = rid
-                await self.stream.send(codec.to_map(make(rid)))
-                reply = await self._await_reply(rid)
+                while self.machine.pending is not None:
+                    msg = codec.from_map(await self.stream.receive())
+                    self.machine.receive(msg, abandoned=True)
+                await self.stream.send(codec.to_map(make()))
+                while True:
+                    reply = self.machine.receive(codec.from_map(await self.stream.receive()))
+                    if reply is not None:
+                        return reply
         except trio.TooSlowError as exc:
             raise PeerTimeout(f"{self.peer} did not answer within {self.timeout:.3g} s") from exc
-        if isinstance(reply, codec.Error):
-            raise error_to_exception(reply, self.peer)
-        return reply
-
-    async def _await_reply(self, rid: int) -> codec.Message:
-        while True:
-            msg = codec.from_map(await self.stream.receive())
-            if msg.rid == rid:
-                self._pending = None
-                return msg
-            if msg.rid > rid or (isinstance(msg, codec.Error) and msg.rid == 0):
-                if isinstance(msg, codec.Error):
-                    raise error_to_exception(msg, self.peer)
-                raise RemoteProtocolError(f"{self.peer} answered unknown request {msg.rid}")
 
     async def step(
         self,
@@ -136,12 +134,11 @@ class ShardConnection:
         ``fwd`` the server also pushes its output on to those servers (``ring``: and on
         round the chain, see :class:`codec.Ring`)."""
         began = trio.current_time()
-
-        def make(rid: int) -> codec.Step:
-            return codec.Step(rid, self.session, start, x, top_k, fwd, ring=ring, epoch=epoch)
-
-        reply = await self._request(make)
-        return self._output(reply, top_k, began, int(x.shape[1]))
+        reply = await self._exchange(
+            lambda: self.machine.step(x, start, top_k=top_k, fwd=fwd, ring=ring, epoch=epoch)
+        )
+        took = trio.current_time() - began
+        return self.machine.output(reply, top_k, took, int(x.shape[1]))
 
     async def push(
         self,
@@ -156,9 +153,7 @@ class ShardConnection:
         the session's key, no reply awaited): its output comes as a pushed one (see
         :meth:`pushed`). The server reads its stream in order and runs each step before
         the next, so several such steps sent at once run one after another."""
-        if not self.key:
-            raise LocalProtocolError(f"{self.peer} gave no push key for session {self.session}")
-        step = codec.Step(0, self.session, start, x, top_k, fwd, self.key, epoch=epoch)
+        step = self.machine.push(x, start, fwd, epoch, top_k=top_k)
         try:
             with trio.fail_after(self.timeout):
                 await self.stream.send(codec.to_map(step))
@@ -177,8 +172,7 @@ class ShardConnection:
         """The output of a step another server pushed into this session (``rid`` 0) for
         ``positions`` from ``start``, or None if it has not come ``within`` seconds (when
         that is shorter than the step timeout, which raises :class:`PeerTimeout` as usual).
-        One deadline, not two nested: each cancel scope cost 0.10-0.14 ms with cold caches
-        in a one-off hop trace.
+        One deadline, not two nested: each cancel scope costs on a cold hop path.
 
         Replies to earlier requests still on the stream are skipped, and so are pushed
         outputs for other positions (of steps the client already gave up waiting for); an
@@ -190,43 +184,18 @@ class ShardConnection:
         with trio.move_on_after(within if grace and within is not None else self.timeout):
             while True:
                 msg = codec.from_map(await self.stream.receive())
-                if msg.rid == 0:
-                    if isinstance(msg, codec.Error):
-                        raise error_to_exception(msg, self.peer)
-                    if isinstance(msg, codec.Output) and msg.at != start:
-                        continue  # a stale output: its step was relayed since
-                    return self._output(msg, top_k, began if timed else None, positions)
-                if msg.rid == self._pending:
-                    self._pending = None
+                out = self.machine.receive_pushed(msg, start)
+                if out is not None:
+                    took = trio.current_time() - began if timed else None
+                    return self.machine.output(out, top_k, took, positions)
         if grace:
             return None
         raise PeerTimeout(f"{self.peer} sent no pushed output within {self.timeout:.3g} s")
 
-    def _output(
-        self, reply: codec.Message, top_k: int, began: float | None, positions: int
-    ) -> npt.NDArray[Any]:
-        if not isinstance(reply, codec.Output) or reply.session != self.session:
-            raise RemoteProtocolError(f"{self.peer} answered a step with {reply!r}")
-        self.last_token = reply.token
-        if began is not None:
-            took = trio.current_time() - began
-            self.steps += 1
-            self.busy_seconds += took
-            if positions == 1:
-                self.decode_steps += 1
-                self.decode_seconds += took
-                if self.window is not None:
-                    self.window.add(took)
-        if reply.ids is not None:
-            if not top_k or reply.ids.shape[1] > top_k:
-                raise RemoteProtocolError(f"{self.peer} sent {reply.ids.shape[1]} top logits")
-            return codec.full_logits(reply.y, reply.ids, reply.vocab)
-        return reply.y
-
     async def close(self) -> None:
         """Close the session politely, then the stream; a dead peer is not an error here."""
         try:
-            await self._request(lambda rid: codec.Close(rid, self.session))
+            await self._exchange(self.machine.close)
         except (PeerUnavailable, ShardFailed, RemoteProtocolError, LocalProtocolError):
             pass  # the server frees the session when the stream ends anyway
         await self.abort()
@@ -237,3 +206,52 @@ class ShardConnection:
                 await self.stream.close()
             except PeerUnavailable:
                 pass  # nothing left to close
+
+
+async def open_chain(
+    opener: StreamOpener,
+    model: str,
+    plan: Sequence[Hop],
+    config: ClientConfig,
+    successor: str = "",
+) -> list[HopState]:
+    """A session on every hop of ``plan``, opened at once. If any fails, the rest are
+    closed and the failure of the lowest hop is raised, the others in its ``others``.
+
+    With push on, each server is told where it will push (the next hop; for the last,
+    ``successor``: the hop after the chain, or round a ring the first), so it opens that
+    stream while the prompt is relayed instead of at the first decode step."""
+    conns: list[ShardConnection | None] = [None] * len(plan)
+    failures: list[HopFailed] = []
+    targets = pushes_to([h.peer_id for h in plan], successor, config.push)
+
+    async def open_one(i: int, hop: Hop) -> None:
+        try:
+            conns[i] = await ShardConnection.open(
+                opener,
+                hop.peer_id,
+                model,
+                hop.layers,
+                config.max_length,
+                timeout=config.step_timeout,
+                dtype=config.dtype,
+                pushes_to=targets[i],
+            )
+        except HOP_ERRORS as exc:
+            failures.append(HopFailed(i, hop.peer_id, exc))
+
+    async with trio.open_nursery() as nursery:
+        for i, hop in enumerate(plan):
+            nursery.start_soon(open_one, i, hop)
+    if failures:
+        for conn in conns:
+            if conn is not None:
+                await conn.close()
+        first = min(failures, key=lambda f: f.index)
+        first.others = [f for f in failures if f is not first]
+        raise first
+    opened = [c for c in conns if c is not None]
+    if config.slowdown is not None:
+        for conn in opened:
+            conn.window = StepWindow(config.slowdown)
+    return [HopState(c) for c in opened]

@@ -24,7 +24,7 @@ import logging
 import secrets
 import time
 from collections.abc import Awaitable, Callable, Mapping
-from typing import Any, Protocol
+from typing import Any
 
 import numpy as np
 import numpy.typing as npt
@@ -40,6 +40,7 @@ from p2pedge.errors import (
 )
 from p2pedge.ids import LayerRange
 from p2pedge.protocols._stream import FramedStream, QuickLock
+from p2pedge.protocols.host import Serves
 from p2pedge.protocols.pipeline import codec
 from p2pedge.protocols.pipeline.fair import ComputePacer, FairLimiter
 from p2pedge.protocols.pipeline.limits import PipelineLimits, PipelineQuotas
@@ -53,6 +54,7 @@ from p2pedge.protocols.pipeline.machine import (
     Send,
     ServerMachine,
     ShardSpec,
+    onward,
 )
 from p2pedge.protocols.pipeline.push import Pusher
 from p2pedge.protocols.pipeline.sampling import pick
@@ -67,8 +69,7 @@ StreamHandler = Callable[[FramedStream, str], Awaitable[None]]
 StepResult = tuple[Any, npt.NDArray[np.int64] | None, int | None]
 
 
-class NodeLike(Protocol):
-    def set_stream_handler(self, protocol_id: str, handler: StreamHandler) -> None: ...
+NodeLike = Serves  # the old name; the host protocols live in p2pedge.protocols.host
 
 
 def spec_of(model: ShardModel, max_length: int) -> ShardSpec:
@@ -320,25 +321,11 @@ class _Connection:
         # the session is idle again before anything is pushed: in a ring of two, the next
         # step may come back while this push is still being sent
         replies = self.machine.step_done(action.session, y, trio.current_time(), ids, token)
-        if action.ring is not None and action.ring.quiet and ids is None:
-            # a middle server of a quiet ring answers only requests, not its pushed steps
-            replies = [r for r in replies if not isinstance(r, Send) or r.reply.rid != 0]
-        if pusher is not None:  # the next server first, the owner's reply after
-            if action.fwd:
-                await pusher.push(action.fwd, action.start, y, ring=action.ring, epoch=action.epoch)
-            elif action.ring is not None and token is not None:
-                await self._continue_ring(action, action.ring, token)
+        push = onward(action, y, token)  # the machine says where the output goes on
+        if pusher is not None and push is not None:  # the next server first, then the owner
+            self.server.ring_steps_sent += push.ring_token
+            await pusher.push(push.fwd, push.start, push.x, ring=push.ring, epoch=push.epoch)
         return replies
-
-    async def _continue_ring(self, action: Run, ring: codec.Ring, token: int) -> None:
-        """A last shard in a ring: the token it picked goes to the chain's head as its
-        next step, unless it was the ring's last token or end of sequence."""
-        if ring.left <= 1 or token == ring.eos or self.server.pusher is None:
-            return
-        self.server.ring_steps_sent += 1
-        x = np.array([[token]], dtype=np.int64)
-        start = action.start + int(action.x.shape[1])
-        await self.server.pusher.push(ring.chain, start, x, ring=ring.then(), epoch=action.epoch)
 
     def _release(self, session: int) -> None:
         self.sessions.pop(session, None)

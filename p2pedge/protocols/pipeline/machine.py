@@ -156,6 +156,31 @@ class Release:
 Action = Send | Allocate | Run | Release
 
 
+@dataclass(frozen=True, eq=False)
+class Push:
+    """Hand a finished step's output on as the next server's step (see ``push.py``)."""
+
+    fwd: tuple[codec.Forward, ...]
+    start: int
+    x: npt.NDArray[Any]
+    ring: codec.Ring | None
+    epoch: int
+    ring_token: bool = False  # a ring's last shard sending the token it picked round
+
+
+def onward(run: Run, y: npt.NDArray[Any], token: int | None) -> Push | None:
+    """Where a finished step's output goes next: on down its forward chain, or from a
+    ring's last shard, the token it picked to the ring's head (unless that was the ring's
+    last token or end of sequence); None when it goes nowhere."""
+    if run.fwd:
+        return Push(run.fwd, run.start, y, run.ring, run.epoch)
+    ring = run.ring
+    if ring is None or token is None or ring.left <= 1 or token == ring.eos:
+        return None
+    x = np.array([[token]], dtype=np.int64)
+    return Push(ring.chain, run.start + int(run.x.shape[1]), x, ring.then(), run.epoch, True)
+
+
 @dataclass
 class _Session:
     model: str
