@@ -89,6 +89,15 @@ class PipelineQuotas:
         self.kv_bytes.release(grants[1])
 
 
+def kv_budget_bytes(memory_left: int) -> int:
+    """The KV budget a memory-budgeted server keeps: what its loaded weights leave of its
+    budget. Every session's KV bytes are charged against it when the session opens, so a
+    session that would overflow the budget is refused with :class:`Busy` (``budget``)."""
+    if memory_left < 0:
+        raise LocalProtocolError(f"weights already exceed the memory budget by {-memory_left} B")
+    return memory_left
+
+
 def refusal(rid: int, busy: Busy) -> codec.Error:
     """The wire answer to a quota's refusal: it names the limit and the scope."""
     return codec.Error(rid, codec.E_BUDGET, str(busy)[: codec.MAX_TEXT], busy.limit, busy.scope)

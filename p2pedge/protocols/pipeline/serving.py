@@ -14,7 +14,6 @@ Client side::
 from __future__ import annotations
 
 import dataclasses
-import json
 import logging
 from collections.abc import Awaitable, Callable, Iterable, Sequence
 from pathlib import Path
@@ -22,8 +21,9 @@ from typing import Any, Protocol
 
 import trio
 
-from p2pedge.errors import ModelLoadError
+from p2pedge.errors import MemoryBudgetError, ModelLoadError
 from p2pedge.ids import LayerRange
+from p2pedge.planning.budget import Budget, ModelBytes, check_fits, choose_budgeted_from_options
 from p2pedge.planning.latency import StepTimes
 from p2pedge.planning.placement import choose_blocks_from_options
 from p2pedge.planning.routes import NoRoute, ServerOption, options_from_cards
@@ -35,18 +35,19 @@ from p2pedge.protocols.pipeline.handler import (
     PipelineServer,
     StreamHandler,
 )
-from p2pedge.protocols.pipeline.limits import PipelineLimits
+from p2pedge.protocols.pipeline.limits import PipelineLimits, kv_budget_bytes
 from p2pedge.protocols.pipeline.push import Pusher
+from p2pedge.records.facts import FACTS_FILE, read_facts
 from p2pedge.runtime.config import RuntimeConfig
 from p2pedge.runtime.inline import DEFAULT_INLINE_STEP_S
 from p2pedge.runtime.shard_session import ShardModel
 
 log = logging.getLogger(__name__)
 
-FACTS_FILE = "p2pedge_model.json"
 # Rough cost of one block for one token (2 x parameters); SmolLM2-135M has ~3.5 M per block.
 DEFAULT_GFLOP_PER_BLOCK_TOKEN = 0.007
 LANE_OPEN_TIMEOUT = 10.0
+KV_RESERVE_MAX_LENGTH = 4096  # PipelineServer's default session length
 
 
 class Lanes(Protocol):
@@ -80,6 +81,8 @@ class PipelineNode(Protocol):
 
     async def find_peers(self, model: str | None = None, *, limit: int = 64) -> list[Any]: ...
 
+    async def card_of(self, peer_id: str, *, refresh: bool = False) -> Any: ...
+
     def set_layers_served(self, layers: Sequence[Any]) -> None: ...
 
     @property
@@ -93,11 +96,8 @@ class PipelineNode(Protocol):
 
 
 def model_layers(model_dir: Path) -> int:
-    try:
-        facts = json.loads((model_dir / FACTS_FILE).read_text(encoding="utf-8"))
-        return int(facts["n_layers"])
-    except (OSError, ValueError, KeyError) as exc:
-        raise ModelLoadError(f"{model_dir}: cannot read {FACTS_FILE}: {exc}") from exc
+    """Blocks of the model in ``model_dir``; its facts file is checked whole (FactsError)."""
+    return read_facts(model_dir / FACTS_FILE).n_layers
 
 
 async def swarm_options(node: PipelineNode, model: str) -> list[ServerOption]:
@@ -117,15 +117,99 @@ async def swarm_options(node: PipelineNode, model: str) -> list[ServerOption]:
     ]
 
 
-async def place(node: PipelineNode, model: str, n_layers: int, n_blocks: int) -> LayerRange:
-    # placement weighs compute only: no pings at start-up
+def model_bytes(model_dir: Path) -> ModelBytes:
+    """A model's weight bytes per block and per end, from its graph's initializers (the
+    external data files need not be here: their lengths are in the graph)."""
+    import onnx
+    from onnx import numpy_helper
+
+    from p2pedge.models.convert.layout import MODEL_FILE, weight_part
+
+    n_layers = model_layers(model_dir)
+    try:
+        graph = onnx.load(str(model_dir / MODEL_FILE), load_external_data=False)
+    except (OSError, ValueError) as exc:
+        raise ModelLoadError(f"{model_dir}: cannot read {MODEL_FILE}: {exc}") from exc
+    parts: dict[str, int] = {}
+    for t in graph.graph.initializer:
+        if t.data_location == onnx.TensorProto.EXTERNAL:
+            size = int(next((e.value for e in t.external_data if e.key == "length"), 0))
+        else:
+            size = len(t.raw_data) or numpy_helper.to_array(t).nbytes
+        parts[weight_part(t.name)] = parts.get(weight_part(t.name), 0) + size
+    blocks = tuple(parts.get(f"block-{i:03d}", 0) for i in range(n_layers))
+    last = sum(parts.get(p, 0) for p in ("final", "lm_head", "head"))
+    # a shard's graph is a part of the model's: the whole graph's size bounds it
+    common = parts.get("common", 0) + (model_dir / MODEL_FILE).stat().st_size
+    return ModelBytes(blocks, parts.get("embed", 0), last, "lm_head" not in parts, common)
+
+
+def kv_reservation(model_dir: Path, max_length: int = KV_RESERVE_MAX_LENGTH) -> int:
+    """KV bytes one session of the model's full context (at most ``max_length``) needs
+    per block: the least a budgeted server reserves for every block it serves."""
+    facts = read_facts(model_dir / FACTS_FILE)  # a FactsError (ModelLoadError) if bad
+    per_token = facts.n_kv_heads * facts.head_dim * 2 * 4  # K and V, fp32
+    return per_token * min(facts.context_length, max_length)
+
+
+async def fresh_cards(node: PipelineNode) -> list[Any]:
+    """Every known peer's card fetched anew (a cached card predates the ranges its peer
+    placed since, and placing against it would duplicate them)."""
     cards = await node.find_peers(None)
+    fresh: dict[str, Any] = {}
+
+    async def refetch(card: Any) -> None:
+        fresh[card.peer_id] = await node.card_of(card.peer_id, refresh=True) or card
+
+    async with trio.open_nursery() as nursery:
+        for card in cards:
+            nursery.start_soon(refetch, card)
+    return [fresh[c.peer_id] for c in cards]
+
+
+async def place(
+    node: PipelineNode,
+    model: str,
+    n_layers: int,
+    n_blocks: int,
+    *,
+    model_dir: Path | None = None,
+    memory_budget: int | None = None,
+) -> LayerRange:
+    """Blocks for this node: ``n_blocks`` of them, or with ``memory_budget`` (and the
+    model's ``model_dir``, whose graph and facts suffice) as many as the budget holds."""
+    # placement weighs compute only: no pings at start-up
+    cards = await fresh_cards(node)
     options = [o for o in options_from_cards(cards, model) if o.peer_id != node.card.peer_id]
-    placement = choose_blocks_from_options(
-        n_layers, n_blocks, options, float(node.card.compute_gflops), DEFAULT_GFLOP_PER_BLOCK_TOKEN
-    )
+    gflops = float(node.card.compute_gflops)
+    if memory_budget is not None:
+        if model_dir is None:
+            raise ValueError("budgeted placement needs the model's directory")
+        sizes = await trio.to_thread.run_sync(model_bytes, model_dir)
+        kv = await trio.to_thread.run_sync(kv_reservation, model_dir)
+        placement = choose_budgeted_from_options(
+            sizes, Budget(memory_budget, kv), options, gflops, DEFAULT_GFLOP_PER_BLOCK_TOKEN, model
+        )
+    else:
+        placement = choose_blocks_from_options(
+            n_layers, n_blocks, options, gflops, DEFAULT_GFLOP_PER_BLOCK_TOKEN
+        )
     log.info("placement for %s: %s", model, placement.reason)
     return placement.layers
+
+
+def dir_bytes(path: Path) -> int:
+    """Bytes of a shard directory's graph and weight files (what a session loads)."""
+    return sum(f.stat().st_size for f in path.glob("model.onnx*") if f.is_file())
+
+
+def check_built(built: int, n_blocks: int, budget: Budget, what: str) -> None:
+    need = built + budget.kv_bytes_per_block * n_blocks
+    if need > budget.budget:
+        raise MemoryBudgetError(
+            f"memory budget {budget.budget / 1e6:.1f} MB cannot hold {what}: its files are "
+            f"{built / 1e6:.1f} MB + {need / 1e6 - built / 1e6:.1f} MB KV reservation"
+        )
 
 
 def ensure_shard_dir(model_dir: Path, layers: LayerRange, shards_root: Path) -> Path:
@@ -160,26 +244,50 @@ async def start_pipeline_server(
     served_layers_factory: Callable[[str, int, int], Any] | None = None,
     inline_step_s: float = DEFAULT_INLINE_STEP_S,
     limits: PipelineLimits | None = None,
+    memory_budget: int | None = None,
 ) -> PipelineServer:
     """Load (building if needed) each shard, register the protocol, update the card.
 
     ``serve`` holds ``(model name, imported model dir, block range or None)``; None lets
     placement pick ``n_blocks`` blocks (default: half the model) from the swarm's cards.
     ``limits`` caps what each peer and source address may hold (safe defaults).
+
+    ``memory_budget`` (bytes) bounds weights and KV together: placement picks as many
+    blocks as it holds beside a KV reservation, no shard whose files exceed what is left
+    is loaded (:class:`~p2pedge.errors.MemoryBudgetError`), and what the weights leave is
+    the KV budget (replacing ``budget_bytes``).
     """
     if served_layers_factory is None:
         from p2pedge.records.card import ServedLayers
 
         served_layers_factory = ServedLayers
     shards: dict[tuple[str, LayerRange], ShardModel] = {}
+    left = memory_budget
     for model, model_dir, layers in serve:
         n_layers = model_layers(model_dir)
         if layers is None:
-            layers = await place(node, model, n_layers, n_blocks or max(n_layers // 2, 1))
+            layers = await place(
+                node,
+                model,
+                n_layers,
+                n_blocks or max(n_layers // 2, 1),
+                model_dir=model_dir,
+                memory_budget=left,
+            )
+        if left is not None:
+            budget = Budget(left, await trio.to_thread.run_sync(kv_reservation, model_dir))
+            check_fits(await trio.to_thread.run_sync(model_bytes, model_dir), layers, budget, model)
         shard_dir = await trio.to_thread.run_sync(ensure_shard_dir, model_dir, layers, shards_root)
+        if left is not None:
+            # the built files, not the estimate, are what the budget must hold
+            built = await trio.to_thread.run_sync(dir_bytes, shard_dir)
+            check_built(built, len(layers), budget, f"{model} blocks {layers}")
+            left -= built
         shards[(model, layers)] = await trio.to_thread.run_sync(
             ShardModel.from_dir, shard_dir, runtime
         )
+    if left is not None:
+        budget_bytes = kv_budget_bytes(left)
     server = PipelineServer(
         shards, budget_bytes=budget_bytes, inline_step_s=inline_step_s, limits=limits
     )
