@@ -99,7 +99,7 @@ async def _generate(node: Any, model: str, tokens: int) -> dict[str, float]:
 
 async def bench(args: argparse.Namespace) -> dict[str, str]:
     from p2pedge.api import ApiApp, api_for, serve_api
-    from p2pedge.node.config import NodeConfig
+    from p2pedge.node.config import NodeConfig, Tuning
     from p2pedge.node.node import Node
 
     model_dir = Path(args.model_dir) if args.model_dir else REAL
@@ -110,7 +110,7 @@ async def bench(args: argparse.Namespace) -> dict[str, str]:
             model_dir = build_tiny_model(Path(tmp) / "tiny", seed=1)
         name = "bench"
         config = NodeConfig(
-            data_dir=Path(tmp) / "node", local_only=True, measure_compute=False,
+            data_dir=Path(tmp) / "node", local_only=True, tuning=Tuning(measure_compute=False),
             model_dirs=((name, model_dir),),
         )  # fmt: skip
         async with Node(config) as node, trio.open_nursery() as nursery:

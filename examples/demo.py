@@ -1,6 +1,7 @@
 """`make demo`: the main job on the real model, locally and through a swarm of shards.
 
-1. A node in local mode answers a chat prompt with SmolLM2-135M-Instruct.
+1. A node in local mode answers a chat prompt with SmolLM2-135M-Instruct, then the same
+   question once more through its OpenAI-compatible API, with the ``openai`` client.
 2. A client node signs and publishes the model; three `python -m p2pedge.node --serve`
    processes that hold no model each fetch only their third's files from it (verified
    against the signature), serve those blocks on 127.0.0.1, and the client finds them
@@ -22,6 +23,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
+import openai
 import trio
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -108,11 +110,25 @@ async def main() -> None:
 async def run_demo(model_dir: Path, root: Path) -> None:
     """The three parts of the demo, with every file under ``root``."""
     print(f"== 1. local mode: {MODEL} ({model_dir.name})")
-    config = NodeConfig(data_dir=root / "local", local_only=True, model_dirs=((MODEL, model_dir),))
+    config = NodeConfig(
+        data_dir=root / "local",
+        local_only=True,
+        model_dirs=((MODEL, model_dir),),
+        api="127.0.0.1:0",  # the OS picks a free port
+    )
     async with Node(config) as node:
         local = await node.complete(MODEL, messages=QUESTION, max_tokens=32, temperature=0)
         print(f"  answer: {local.text.strip()!r}")
         print(f"  {local.tok_per_s:.1f} tok/s, first token after {local.ttft_s * 1000:.0f} ms")
+        url = f"http://127.0.0.1:{node.api_port}/v1"
+        async with openai.AsyncOpenAI(base_url=url, api_key="unused") as api:
+            reply = await api.chat.completions.create(
+                model=MODEL,
+                messages=[{"role": "user", "content": QUESTION[0]["content"]}],
+                max_tokens=32,
+            )
+        print(f"  the same through the OpenAI-compatible API at {url} (openai client):")
+        print(f"  answer: {(reply.choices[0].message.content or '').strip()!r}")
 
     print(f"== 2. sharded: three processes fetch a third of the blocks each ({THREADS} threads)")
     key = generate_key()

@@ -3,7 +3,9 @@
 ``p2pedge node ...`` is ``python -m p2pedge.node ...``, ``p2pedge models ...`` is
 ``python -m p2pedge.models ...`` and ``p2pedge registry ...`` is
 ``python -m p2pedge.registry ...``: the rest of the command line goes to that program
-unchanged, so each keeps one parser and one set of exit codes. A subcommand's modules
+unchanged, so each keeps one parser and one set of exit codes. ``pull``, ``import`` and
+``publish`` are short for ``models pull``, ``models import-gguf`` and ``registry
+publish``; ``chat`` and ``run`` are :mod:`p2pedge.chat`. A subcommand's modules
 load only when it is chosen, which keeps ``p2pedge --help`` quick and light.
 """
 
@@ -13,7 +15,7 @@ import argparse
 import sys
 from collections.abc import Callable, Sequence
 
-EXIT_USAGE = 2
+from p2pedge.errors import EXIT_USAGE, OneLineParser
 
 
 def _node(argv: list[str]) -> int:
@@ -34,9 +36,31 @@ def _registry(argv: list[str]) -> int:
     return main(argv)
 
 
+def _chat(argv: list[str]) -> int:
+    from p2pedge.chat import main
+
+    return main("chat", argv)
+
+
+def _run(argv: list[str]) -> int:
+    from p2pedge.chat import main
+
+    return main("run", argv)
+
+
+def _alias(program: Callable[[list[str]], int], *head: str) -> Callable[[list[str]], int]:
+    """``p2pedge pull ...`` is ``p2pedge models pull ...``, and so on."""
+    return lambda argv: program([*head, *argv])
+
+
 # name -> (program, one-line help); the order is the order of --help.
 COMMANDS: dict[str, tuple[Callable[[list[str]], int], str]] = {
+    "chat": (_chat, "chat with a model in the terminal: streams, keeps history"),
+    "run": (_run, 'answer one prompt: p2pedge run MODEL "prompt"'),
     "node": (_node, "run a node: join or start a swarm, serve shards, list peers"),
+    "pull": (_alias(_models, "pull"), "pull a model from a registry (= models pull)"),
+    "import": (_alias(_models, "import-gguf"), "import a GGUF file (= models import-gguf)"),
+    "publish": (_alias(_registry, "publish"), "sign and publish a model (= registry publish)"),
     "models": (_models, "the model store: import-gguf, pull, list, verify, gc, keygen"),
     "registry": (_registry, "run a model registry, or publish a model to one"),
 }
@@ -46,7 +70,7 @@ def build_parser() -> argparse.ArgumentParser:
     """The top-level parser; used for ``--help`` and errors, not to parse subcommands."""
     from p2pedge import __version__
 
-    parser = argparse.ArgumentParser(
+    parser = OneLineParser(
         prog="p2pedge",
         description="Turn ordinary computers into one AI swarm.",
         epilog="Run 'p2pedge COMMAND --help' for a command's options.",

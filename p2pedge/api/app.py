@@ -5,7 +5,8 @@ adds no dependency and keeps full control of the two things that matter here: re
 body with a cap before parsing it, and noticing ``http.disconnect`` while a generation
 streams (a watcher task cancels the generation, so it stops within the token being
 computed). Routes: ``GET /v1/models``, ``GET /v1/models/{id}``,
-``POST /v1/chat/completions``, ``POST /v1/completions``, ``GET /metrics``.
+``POST /v1/chat/completions``, ``POST /v1/completions``, ``GET /metrics``, and the
+swarm page: ``GET /`` (with ``/swarm.js``) and the JSON it polls, ``GET /v1/swarm``.
 
 A streamed response starts only once the first token exists, so every refusal that comes
 before compute (unknown model, prompt too long, a full queue) is a proper HTTP status
@@ -26,16 +27,22 @@ from typing import Any, cast
 import trio
 
 from p2pedge.api.backend import ApiBackend, Piece, Routed, Target, Usage
+from p2pedge.api.logprobs import Logprobs
 from p2pedge.api.metrics import CONTENT_TYPE, ApiMetrics
 from p2pedge.api.schema import (
+    LOCAL_LOGPROBS,
     ApiError,
     ApiLimits,
     GenerationRequest,
     bad,
+    model_json,
+    not_found,
     parse_chat,
     parse_completion,
+    too_large,
 )
 from p2pedge.api.sse import DONE, Shape, event
+from p2pedge.api.swarm import STATIC, LiveStreams, asset
 from p2pedge.asgi import serve_lifespan
 from p2pedge.errors import (
     Busy,
@@ -124,6 +131,7 @@ class ApiApp:
         self.metrics = ApiMetrics(backend.stats)
         self.requests = Quota("api.requests", self.limits.requests)
         self._freed = trio.Event()  # set (and replaced) whenever a generation here ends
+        self.live = LiveStreams()  # generations streaming now, for the swarm page
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] == "lifespan":
@@ -218,24 +226,30 @@ class ApiApp:
     ) -> None:
         path, method = scope["path"], scope["method"]
         posts = {"/v1/chat/completions": parse_chat, "/v1/completions": parse_completion}
-        gets = path in ("/metrics", "/v1/models") or path.startswith("/v1/models/")
+        gets = path in _GETS or path.startswith("/v1/models/")
         if path not in posts and not gets:
             raise ApiError(404, f"no such endpoint {path!r}", code="unknown_url")
         if (method != "POST") if path in posts else (method not in ("GET", "HEAD")):
             raise ApiError(405, f"{method} is not allowed on {path}", code="method_not_allowed")
+        if path in STATIC:  # the swarm page holds no data: its script fetches /v1/swarm
+            await out.whole(200, *asset(path))
+            return
         self._authorize(headers)
-        if path == "/metrics":
+        if path == "/v1/swarm":
+            view = {**await self.backend.swarm(), "sessions": self.live.rows()}
+            await self._json(out, view, cors)
+        elif path == "/metrics":
             data = self.metrics.render()
             await out.whole(200, data, {"content-type": CONTENT_TYPE, **cors})
         elif path == "/v1/models":
-            listing = [_model_json(e.id, e.where, e.detail) for e in await self.backend.models()]
+            listing = [model_json(e.id, e.where, e.detail) for e in await self.backend.models()]
             await self._json(out, {"object": "list", "data": listing}, cors)
         elif gets:
             name = path[len("/v1/models/") :]
             found = [e for e in await self.backend.models() if e.id == name]
             if not found:
-                raise _not_found(name)
-            await self._json(out, _model_json(name, found[0].where, found[0].detail), cors)
+                raise not_found(name)
+            await self._json(out, model_json(name, found[0].where, found[0].detail), cors)
         else:
             body = await self._read_body(scope, headers, receive)
             request = posts[path](body, self.limits)
@@ -254,7 +268,7 @@ class ApiApp:
             if not declared.strip().isdigit() or len(declared) > 20:
                 raise bad("bad content-length")
             if int(declared) > limit:
-                raise _too_large(limit)
+                raise too_large(limit)
         pieces: list[bytes] = []
         total = 0
         more = True
@@ -270,7 +284,7 @@ class ApiApp:
             piece: bytes = message.get("body", b"")
             total += len(piece)
             if total > limit:
-                raise _too_large(limit)
+                raise too_large(limit)
             pieces.append(piece)
             more = bool(message.get("more_body", False))
         return b"".join(pieces)
@@ -294,7 +308,9 @@ class ApiApp:
         try:
             target = await self.backend.target(request.model)
             if target is None:
-                raise _not_found(request.model)
+                raise not_found(request.model)
+            if request.params.logprobs and target.where != "local":
+                raise bad(f"{LOCAL_LOGPROBS}; {request.model} runs {target.where}", "logprobs")
             async with trio.open_nursery() as nursery:
                 nursery.start_soon(self._watch, receive, nursery.cancel_scope)
                 try:
@@ -329,6 +345,7 @@ class ApiApp:
         if target.warm is not None:
             m.cache.labels("hit" if target.warm else "miss").inc()
         shape = _shape(request)
+        lp = Logprobs(request.kind, request.params.logprobs)
         usage = Usage() if request.include_usage or not request.stream else None
         start = time.perf_counter()
         tokens = m.tokens.labels(target.where)
@@ -340,11 +357,14 @@ class ApiApp:
             m.waiting.dec()
         async with aclosing(pieces):
             m.active.inc()
+            live = self.live.open(request.model, target.where)
             try:
                 last = time.perf_counter()
                 m.ttft.labels(target.where).observe(last - start)
                 count = 0 if first is None else 1
                 tokens.inc(count)
+                if first is not None:
+                    live.token()
                 headers = {"x-p2pedge-route": target.where, **cors}
                 if request.stream:
                     await out.start(200, {**_SSE, **headers})
@@ -352,29 +372,34 @@ class ApiApp:
                         shape.chunk("", role=True) if shape.kind == "chat" else b"", True
                     )
                 text: list[str] = []
-                if first is not None and first.text:
-                    await self._emit(out, shape, request, text, first.text)
+                if first is not None:
+                    lp.add(first)
+                    if first.text:
+                        await self._emit(out, shape, request, text, first.text, lp)
                 async for piece in pieces:
                     now = time.perf_counter()
                     per_token.observe(now - last)
                     last = now
                     count += 1
+                    live.token()
                     tokens.inc()
+                    lp.add(piece)
                     if piece.text:
-                        await self._emit(out, shape, request, text, piece.text)
+                        await self._emit(out, shape, request, text, piece.text, lp)
             finally:
                 m.active.dec()
+                self.live.close(live)
                 self._freed.set()  # wake requests waiting for a queue slot
                 self._freed = trio.Event()
         finish = "length" if count >= request.params.max_tokens else "stop"
         prompt_tokens = usage.prompt_tokens if usage is not None else 0
         if request.stream:
-            tail = shape.chunk("", finish)
+            tail = shape.chunk("", finish, logprobs=lp.take())
             if request.include_usage:
                 tail += shape.usage_chunk(prompt_tokens, count)
             await out.body(tail + DONE)
         else:
-            body = shape.whole("".join(text), finish, prompt_tokens, count)
+            body = shape.whole("".join(text), finish, prompt_tokens, count, lp.take())
             await out.whole(
                 200, json.dumps(body).encode(), {"content-type": "application/json", **headers}
             )
@@ -400,10 +425,15 @@ class ApiApp:
 
     @staticmethod
     async def _emit(
-        out: _Sender, shape: Shape, request: GenerationRequest, text: list[str], piece: str
+        out: _Sender,
+        shape: Shape,
+        request: GenerationRequest,
+        text: list[str],
+        piece: str,
+        lp: Logprobs,
     ) -> None:
         if request.stream:
-            await out.body(shape.chunk(piece), True)
+            await out.body(shape.chunk(piece, logprobs=lp.take()), True)
         else:
             text.append(piece)
 
@@ -438,7 +468,8 @@ class ApiApp:
             )
 
 
-_ENDPOINTS = frozenset({"/v1/models", "/v1/chat/completions", "/v1/completions", "/metrics"})
+_GETS = frozenset({*STATIC, "/metrics", "/v1/models", "/v1/swarm"})
+_ENDPOINTS = _GETS | {"/v1/chat/completions", "/v1/completions"}
 _SSE = {"content-type": "text/event-stream", "cache-control": "no-cache", "x-accel-buffering": "no"}
 
 
@@ -462,29 +493,6 @@ def _route_headers(answer: Routed) -> dict[str, str]:
     if answer.peer_id:
         headers["x-p2pedge-peer"] = answer.peer_id
     return headers
-
-
-def _model_json(name: str, where: str, detail: dict[str, Any]) -> dict[str, Any]:
-    return {
-        "id": name,
-        "object": "model",
-        "created": 0,
-        "owned_by": "p2pedge",
-        "p2pedge": {"where": where, **detail},
-    }
-
-
-def _not_found(model: str) -> ApiError:
-    return ApiError(
-        404,
-        f"The model {model!r} does not exist on this node or in its swarm",
-        param="model",
-        code="model_not_found",
-    )
-
-
-def _too_large(limit: int) -> ApiError:
-    return ApiError(413, f"the request body is larger than {limit} bytes", code="request_too_large")
 
 
 def _client(scope: Scope) -> str:

@@ -13,16 +13,20 @@ from dataclasses import dataclass, field
 from typing import Any, Literal, Protocol
 
 from p2pedge.api.schema import GenerationRequest
+from p2pedge.runtime.sampling import Logprob
 
 Where = Literal["local", "sharded", "peer", "specialist", "auto"]
 
 
 @dataclass(frozen=True)
 class Piece:
-    """One generated token's text (may be empty) and its id, when the path knows it."""
+    """One generated token's text (may be empty) and its id, when the path knows it; its
+    log-probability and likeliest alternatives when the request asked for them."""
 
     text: str
     token_id: int | None = None
+    logprob: Logprob | None = None
+    top_logprobs: tuple[Logprob, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -70,6 +74,8 @@ class BackendStats:
     cache_loads: int = 0
     cache_evictions: int = 0
     load: float = 0.0  # how full the node's inference queues are, 0..1
+    peers: int = 0  # peers with a verified card, as last listed
+    shard_sessions: int = 0  # sessions this node's shard server holds for peers
 
 
 class ApiBackend(Protocol):
@@ -89,6 +95,10 @@ class ApiBackend(Protocol):
 
     async def ask(self, target: Target, request: GenerationRequest) -> Routed:
         """A whole answer through the orchestrator (``auto``, specialists, peers)."""
+        ...
+
+    async def swarm(self) -> dict[str, Any]:
+        """What the swarm page shows: this node, peers, coverage, cache, pulls (bounded)."""
         ...
 
     def stats(self) -> BackendStats: ...

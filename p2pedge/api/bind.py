@@ -10,14 +10,17 @@ from __future__ import annotations
 
 import logging
 import math
+import time
 from collections.abc import AsyncGenerator
 from contextlib import aclosing
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import trio
 
 from p2pedge.api.backend import BackendStats, ModelEntry, Piece, Routed, Target, Usage
-from p2pedge.api.schema import GenerationRequest
+from p2pedge.api.schema import LOCAL_LOGPROBS, GenerationRequest
+from p2pedge.api.swarm import MAX_ITEMS, MAX_PEERS, card_json, coverage, text
 from p2pedge.errors import LocalProtocolError, ModelNotCached, P2PEdgeError
 from p2pedge.ids import ModelId
 from p2pedge.records.card import CapabilityCard, covers_model
@@ -33,6 +36,27 @@ CARDS_TTL_S = 2.0
 def api_for(node: Node, *, cards_ttl_s: float = CARDS_TTL_S) -> NodeBackend:
     """The API's view of ``node`` (which must be running)."""
     return NodeBackend(node, cards_ttl_s)
+
+
+def _pulls(partial: Path) -> list[dict[str, Any]]:
+    """Unfinished pulls: the store's resume state, one folder of verified chunks per file."""
+    out: list[dict[str, Any]] = []
+    folders = sorted(partial.iterdir()) if partial.is_dir() else []
+    for folder in folders[:MAX_ITEMS]:
+        try:
+            sizes = [p.stat().st_size for p in folder.iterdir()]
+        except OSError:  # the pull finished (or was dropped) meanwhile
+            continue
+        digest, _, chunk_size = folder.name.partition("-")
+        out.append(
+            {
+                "blob": digest[:16],
+                "chunks": len(sizes),
+                "chunk_size": int(chunk_size) if chunk_size.isdigit() else 0,
+                "bytes": sum(sizes),
+            }
+        )
+    return out
 
 
 def _name(model_id: str) -> str | None:
@@ -137,12 +161,16 @@ class NodeBackend:
             stop=list(p.stop),
         )  # fmt: skip
         if target.where == "local":
-            tokens = self.node.models.inference.stream(target.model, **kwargs)
+            tokens = self.node.models.inference.stream(
+                target.model, logprobs=p.logprobs, top_logprobs=p.top_logprobs, **kwargs
+            )
             async with aclosing(tokens):
                 async for token in tokens:
-                    yield Piece(token.text, token.id)
+                    yield Piece(token.text, token.id, token.logprob, token.top_logprobs)
             if usage is not None:
                 usage.prompt_tokens = await self._prompt_tokens(target.model, request)
+        elif p.logprobs:  # the app refuses this before calling; never compute without them
+            raise ValueError(LOCAL_LOGPROBS)
         elif target.where == "sharded":
             info: dict[str, Any] = {}
             pairs = self.node.models.sharded_stream(target.model, info=info, **kwargs)
@@ -191,6 +219,39 @@ class NodeBackend:
             finish_reason=answer.finish_reason,
         )
 
+    # -- the swarm page ----------------------------------------------------------------
+
+    async def swarm(self) -> dict[str, Any]:
+        """This node, its peers' verified cards, model coverage, cache and pulls (bounded)."""
+        node = self.node
+        cards = await self._cards()
+        now = time.time()
+        return {
+            "node": {**card_json(node.card, now), "local_only": node.config.local_only},
+            "peers_total": len(cards),
+            "peers": [card_json(c, now) for c in cards[:MAX_PEERS]],
+            "models": [
+                {"id": text(e.id), "where": e.where} for e in (await self.models())[:MAX_ITEMS]
+            ],
+            "coverage": coverage([node.card, *cards[:MAX_PEERS]]),
+            "shard_sessions": self._shard_sessions(),
+            "cache": {
+                **node.cache.stats(),
+                "loaded": [
+                    {
+                        "name": text(m.name),
+                        "kind": m.kind,
+                        "provider": m.provider,
+                        "size_bytes": m.size_bytes,
+                        "uses": m.uses,
+                        "in_use": m.in_use,
+                    }
+                    for m in node.cache.loaded()[:MAX_ITEMS]
+                ],
+            },
+            "pulls": await trio.to_thread.run_sync(_pulls, node.store.partial),
+        }
+
     def stats(self) -> BackendStats:
         cache = self.node.cache.stats()
         return BackendStats(
@@ -199,4 +260,10 @@ class NodeBackend:
             cache_loads=int(cache["loads"]),
             cache_evictions=int(cache["evictions"]),
             load=self.node.models.inference.load(),
+            peers=len(self._cached),  # verified cards at the last listing (<= cards_ttl_s old)
+            shard_sessions=self._shard_sessions(),
         )
+
+    def _shard_sessions(self) -> int:
+        pipeline = self.node.models.pipeline
+        return pipeline.quotas.sessions.held() if pipeline is not None else 0

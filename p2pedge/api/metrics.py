@@ -37,6 +37,12 @@ class _NodeCollector(Collector):
         yield GaugeMetricFamily(
             "p2pedge_inference_load", "How full the inference queues are, 0..1", s.load
         )
+        yield GaugeMetricFamily(
+            "p2pedge_peers", "Peers with a verified card, as last listed", s.peers
+        )
+        yield GaugeMetricFamily(
+            "p2pedge_shard_sessions", "Shard sessions served for peers", s.shard_sessions
+        )
 
 
 class ApiMetrics:

@@ -3,9 +3,11 @@
 Pure: no I/O. Every field a client sends is checked here before anything is queued, and
 the sampling ranges are the project's one set (:mod:`p2pedge.runtime.sampling`), so a
 value the API accepts is one the runtime and the peers accept too. Fields that change
-what is computed and are not supported (``n`` > 1, ``logprobs``, tools, ``echo``) are
-refused with a 400 rather than silently ignored; harmless ones (``user``, penalties of 0)
-are ignored.
+what is computed and are not supported (``n`` > 1, tools, ``echo``) are refused with a
+400 rather than silently ignored; harmless ones (``user``, penalties of 0) are ignored.
+Log-probabilities come in OpenAI's two spellings: chat's ``logprobs: true`` with
+``top_logprobs: N``, and legacy completions' ``logprobs: N``; both land in
+:class:`SamplingParams` with the runtime's one range.
 """
 
 from __future__ import annotations
@@ -20,17 +22,18 @@ from p2pedge.runtime.sampling import (
     DEFAULT_MAX_TOKENS,
     DEFAULT_TEMPERATURE,
     DEFAULT_TOP_P,
+    MAX_TOP_LOGPROBS,
     SamplingParams,
     check_generation,
+    check_logprobs,
     check_sampling,
 )
 
 ROLES = frozenset({"system", "user", "assistant", "tool", "developer"})
 MAX_MODEL_CHARS = 256
-NO_LOGITS = (
-    "logprobs are not supported: this node's generation path does not expose logits "
-    "(onnxruntime-genai's get_logits ends a generation early)"
-)
+# Only the local runtime reads logits: a peer's infer answer and a sharded ring's last
+# server send tokens only, so a request for another route is refused before any compute.
+LOCAL_LOGPROBS = "logprobs are available for models this node runs itself"
 
 
 @dataclass(frozen=True)
@@ -143,8 +146,6 @@ def parse_completion(body: bytes, limits: ApiLimits) -> GenerationRequest:
         raise bad("suffix is not supported", "suffix")
     if data.get("best_of") not in (None, 1):
         raise bad("best_of must be 1", "best_of")
-    if data.get("logprobs") is not None:
-        raise bad(NO_LOGITS, "logprobs")
     return _request("text", data, prompt=prompt)
 
 
@@ -210,8 +211,6 @@ def _request(
         raise bad(f"model must be a string of 1..{MAX_MODEL_CHARS} characters", "model")
     if data.get("n") not in (None, 1):
         raise bad("n must be 1: one choice per request", "n")
-    if kind == "chat" and (data.get("logprobs") or data.get("top_logprobs")):
-        raise bad(NO_LOGITS, "logprobs")
     for name in ("tools", "functions", "tool_choice", "function_call"):
         if data.get(name):
             raise bad(f"{name} is not supported", name)
@@ -233,7 +232,7 @@ def _request(
     return GenerationRequest(
         kind,
         model,
-        sampling(data),
+        sampling(data, _logprobs(kind, data)),
         messages=messages,
         prompt=prompt,
         stream=bool(stream),
@@ -246,7 +245,27 @@ def _or_default(data: Mapping[str, Any], name: str, default: object) -> object:
     return default if value is None else value
 
 
-def sampling(data: Mapping[str, Any]) -> SamplingParams:
+def _logprobs(kind: str, data: Mapping[str, Any]) -> tuple[bool, int]:
+    """``(logprobs, top_logprobs)``: chat's boolean and count, or legacy's one count."""
+    if kind == "text":
+        count = data.get("logprobs")
+        if count is None:
+            return False, 0
+        if isinstance(count, bool) or not isinstance(count, int):
+            raise bad(f"logprobs must be an int in [0, {MAX_TOP_LOGPROBS}]", "logprobs")
+        try:
+            return check_logprobs(True, count)
+        except ValueError:
+            raise bad(f"logprobs must be an int in [0, {MAX_TOP_LOGPROBS}]", "logprobs") from None
+    try:
+        return check_logprobs(
+            _or_default(data, "logprobs", False), _or_default(data, "top_logprobs", 0)
+        )
+    except ValueError as exc:
+        raise bad(str(exc), str(exc).split(" ", 1)[0]) from None
+
+
+def sampling(data: Mapping[str, Any], logprobs: tuple[bool, int] = (False, 0)) -> SamplingParams:
     """Sampling parameters from OpenAI's field names, checked by the runtime's ranges.
 
     A missing temperature is the project's default (greedy), not OpenAI's 1.0: the same
@@ -273,8 +292,9 @@ def sampling(data: Mapping[str, Any]) -> SamplingParams:
         raise bad(str(exc), _param(exc, None)) from None
     assert isinstance(max_tokens, int) and isinstance(stops, Sequence)
     return SamplingParams.make(
-        max_tokens=max_tokens, temperature=t, top_p=p, seed=seed, stop=list(stops)
-    )
+        max_tokens=max_tokens, temperature=t, top_p=p, seed=seed, stop=list(stops),
+        logprobs=logprobs[0], top_logprobs=logprobs[1],
+    )  # fmt: skip
 
 
 def _param(exc: ValueError, max_tokens_name: str | None) -> str | None:
@@ -285,3 +305,26 @@ def _param(exc: ValueError, max_tokens_name: str | None) -> str | None:
     if word in ("temperature", "top_p", "seed"):
         return word
     return "stop" if "stop" in str(exc) else None
+
+
+def model_json(name: str, where: str, detail: dict[str, Any]) -> dict[str, Any]:
+    return {
+        "id": name,
+        "object": "model",
+        "created": 0,
+        "owned_by": "p2pedge",
+        "p2pedge": {"where": where, **detail},
+    }
+
+
+def not_found(model: str) -> ApiError:
+    return ApiError(
+        404,
+        f"The model {model!r} does not exist on this node or in its swarm",
+        param="model",
+        code="model_not_found",
+    )
+
+
+def too_large(limit: int) -> ApiError:
+    return ApiError(413, f"the request body is larger than {limit} bytes", code="request_too_large")

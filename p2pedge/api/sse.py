@@ -2,7 +2,8 @@
 
 A stream is ``data: {json}\\n\\n`` events ending with ``data: [DONE]\\n\\n``; with
 ``stream_options.include_usage`` every chunk carries ``"usage": null`` and one last chunk
-with no choices carries the usage.
+with no choices carries the usage. ``logprobs`` is a choice's rendered log-probabilities
+(:mod:`p2pedge.api.logprobs`), null when not asked for.
 """
 
 from __future__ import annotations
@@ -12,6 +13,7 @@ from dataclasses import dataclass
 from typing import Any
 
 DONE = b"data: [DONE]\n\n"
+Logprobs = dict[str, Any] | None
 
 
 def event(data: dict[str, Any]) -> bytes:
@@ -39,18 +41,27 @@ class Shape:
     def _base(self, obj: str) -> dict[str, Any]:
         return {"id": self.id, "object": obj, "created": self.created, "model": self.model}
 
-    def _choice(self, text: str, finish: str | None, *, role: bool = False) -> dict[str, Any]:
+    def _choice(
+        self, text: str, finish: str | None, logprobs: Logprobs, *, role: bool = False
+    ) -> dict[str, Any]:
         if self.kind == "text":
-            return {"index": 0, "text": text, "logprobs": None, "finish_reason": finish}
+            return {"index": 0, "text": text, "logprobs": logprobs, "finish_reason": finish}
         delta: dict[str, Any] = {"role": "assistant"} if role else {}
         if text or role:
             delta["content"] = text
-        return {"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish}
+        return {"index": 0, "delta": delta, "logprobs": logprobs, "finish_reason": finish}
 
-    def chunk(self, text: str, finish: str | None = None, *, role: bool = False) -> bytes:
+    def chunk(
+        self,
+        text: str,
+        finish: str | None = None,
+        *,
+        role: bool = False,
+        logprobs: Logprobs = None,
+    ) -> bytes:
         obj = "chat.completion.chunk" if self.kind == "chat" else "text_completion"
         body = self._base(obj)
-        body["choices"] = [self._choice(text, finish, role=role)]
+        body["choices"] = [self._choice(text, finish, logprobs, role=role)]
         if self.include_usage:
             body["usage"] = None
         return event(body)
@@ -63,15 +74,21 @@ class Shape:
         return event(body)
 
     def whole(
-        self, text: str, finish: str, prompt_tokens: int, completion_tokens: int
+        self,
+        text: str,
+        finish: str,
+        prompt_tokens: int,
+        completion_tokens: int,
+        logprobs: Logprobs = None,
     ) -> dict[str, Any]:
         if self.kind == "chat":
             body = self._base("chat.completion")
             message = {"role": "assistant", "content": text}
-            choice = {"index": 0, "message": message, "logprobs": None, "finish_reason": finish}
+            choice = {"index": 0, "message": message, "logprobs": logprobs}
         else:
             body = self._base("text_completion")
-            choice = {"index": 0, "text": text, "logprobs": None, "finish_reason": finish}
+            choice = {"index": 0, "text": text, "logprobs": logprobs}
+        choice["finish_reason"] = finish
         body["choices"] = [choice]
         body["usage"] = usage(prompt_tokens, completion_tokens)
         return body

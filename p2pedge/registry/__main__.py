@@ -18,7 +18,7 @@ from pathlib import Path
 
 import trio
 
-from p2pedge.errors import P2PEdgeError
+from p2pedge.errors import OneLineParser, P2PEdgeError
 from p2pedge.ids import ModelId
 from p2pedge.models.keys import TrustStore
 from p2pedge.models.manifest import DEFAULT_CHUNK_SIZE
@@ -30,7 +30,7 @@ from p2pedge.registry.server import TOKEN_ENV, parse_listen, serve_registry
 
 
 def _parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="p2pedge registry", description=__doc__)
+    parser = OneLineParser(prog="p2pedge registry", description=__doc__)
     commands = parser.add_subparsers(dest="command", required=True)
     serve = commands.add_parser("serve", help="serve a registry root over HTTP")
     serve.add_argument("--root", type=Path, required=True)

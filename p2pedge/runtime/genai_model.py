@@ -7,8 +7,10 @@ decides how often to hop. Traps handled (measured on onnxruntime-genai 0.18):
   explicitly through a config overlay;
 * ``Tokenizer.decode`` drops everything after an invalid UTF-8 byte, so text is
   streamed with ``Tokenizer.create_stream()`` which buffers partial characters;
-* ``get_logits()`` after the last token flips ``is_done()`` and the next step errors,
-  so it is never called here.
+* ``get_logits()`` after the last token flips ``is_done()`` and the next step errors;
+  read just *before* ``generate_next_token()`` it gives the logits the coming token is
+  chosen from (computed once: the step then reuses them, same tokens), so that is the
+  only place it is read, and only when log-probabilities are asked for.
 """
 
 from __future__ import annotations
@@ -20,13 +22,15 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+import numpy.typing as npt
 import onnxruntime_genai as og
 
 from p2pedge.errors import ModelLoadError
 from p2pedge.runtime.config import RuntimeConfig
 from p2pedge.runtime.manifest import Manifest
 from p2pedge.runtime.providers import CPU, genai_available, genai_provider_name, pick_providers
-from p2pedge.runtime.sampling import PromptTooLong, SamplingParams, StopMatcher
+from p2pedge.runtime.sampling import Logprob, PromptTooLong, SamplingParams, StopMatcher
 
 og.disable_telemetry_events()
 
@@ -47,10 +51,31 @@ def _vocab_size(model_dir: Path) -> int | None:
 
 @dataclass(frozen=True)
 class Token:
-    """One generated token and the text it made safe to show (may be empty)."""
+    """One generated token and the text it made safe to show (may be empty); with
+    ``SamplingParams.logprobs``, the token's own log-probability and the likeliest
+    ``top_logprobs`` alternatives, most likely first."""
 
     id: int
     text: str
+    logprob: Logprob | None = None
+    top_logprobs: tuple[Logprob, ...] = ()
+
+
+def log_softmax(logits: npt.NDArray[Any]) -> npt.NDArray[np.float64]:
+    """Log-probabilities in float64, stable for large logits (max subtracted first)."""
+    x = np.asarray(logits, dtype=np.float64)
+    shifted: npt.NDArray[np.float64] = x - x.max()
+    out: npt.NDArray[np.float64] = shifted - np.log(np.exp(shifted).sum())
+    return out
+
+
+def top_ids(logprobs: npt.NDArray[np.float64], n: int) -> list[int]:
+    """The ``n`` likeliest ids, likeliest first (ties: lower id first)."""
+    if n <= 0:
+        return []
+    n = min(n, logprobs.size)
+    part = np.argpartition(-logprobs, n - 1)[:n]
+    return sorted((int(i) for i in part), key=lambda i: (-logprobs[i], i))
 
 
 class GenaiModel:
@@ -69,6 +94,16 @@ class GenaiModel:
             raise ModelLoadError(f"{model_dir}: context_length unknown")
         self.context_length = ctx
         self.vocab_size = _vocab_size(model_dir)
+        self._pieces: dict[int, str] = {}  # token id -> its text, at most the vocabulary
+
+    def token_text(self, token_id: int) -> str:
+        """One token decoded on its own (memoized: log-probabilities ask for the same
+        few thousand ids over and over)."""
+        text = self._pieces.get(token_id)
+        if text is None:
+            with self._encode_lock:
+                text = self._pieces[token_id] = str(self.tokenizer.decode([token_id]))
+        return text
 
     @staticmethod
     def _load(model_dir: Path, config: RuntimeConfig) -> tuple[str, Any]:
@@ -172,6 +207,9 @@ class Generation:
             **params.search_options(self.prompt_tokens + self.max_tokens, owner.vocab_size)
         )
         self._eos = owner.eos_ids
+        self._owner = owner
+        self._logprobs = params.logprobs
+        self._top = params.top_logprobs
         self._gen = og.Generator(owner.model, gp)
         self._pending = [int(t) for t in prompt_ids]
         self._stream = owner.tokenizer.create_stream()
@@ -201,20 +239,33 @@ class Generation:
             raise RuntimeError("generation already finished")
         while not self.prefill():
             pass
+        # before the step, never after: see the module docstring
+        logits = np.asarray(self._gen.get_logits())[0, -1] if self._logprobs else None
         self._gen.generate_next_token()
         tid = int(self._gen.get_next_tokens()[0])
         self.completion_tokens += 1
         self.token_ids.append(tid)
         if tid in self._eos:
             self.finish_reason = "stop"
-            return Token(tid, self._stop.flush())
+            return self._token(tid, self._stop.flush(), logits)
         text = self._stop.feed(self._stream.decode(tid))
         if self._stop.stopped:
             self.finish_reason = "stop"
         elif self.completion_tokens >= self.max_tokens or self._gen.is_done():
             self.finish_reason = "length"
             text += self._stop.flush()
-        return Token(tid, text)
+        return self._token(tid, text, logits)
+
+    def _token(self, tid: int, text: str, logits: npt.NDArray[Any] | None) -> Token:
+        if logits is None:
+            return Token(tid, text)
+        lp = log_softmax(logits)
+        word = self._owner.token_text
+
+        def entry(i: int) -> Logprob:
+            return Logprob(i, word(i), float(lp[i]))
+
+        return Token(tid, text, entry(tid), tuple(entry(i) for i in top_ids(lp, self._top)))
 
     def close(self) -> None:
         self.finish_reason = self.finish_reason or "cancelled"

@@ -13,6 +13,7 @@ from __future__ import annotations
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import NamedTuple
 
 from p2pedge.errors import P2PEdgeError
 
@@ -29,6 +30,8 @@ MAX_TOP_K = 4096
 MAX_SEED = (1 << 31) - 1
 MAX_STOPS = 16
 MAX_STOP_CHARS = 256
+# How many alternatives a token's log-probabilities may list: OpenAI's top_logprobs bound.
+MAX_TOP_LOGPROBS = 20
 
 # The defaults: greedy (deterministic) unless the caller asks for sampling.
 DEFAULT_MAX_TOKENS = 256
@@ -68,6 +71,22 @@ def check_sampling(
     return t, p, k, s
 
 
+def check_logprobs(logprobs: object, top_logprobs: object) -> tuple[bool, int]:
+    """``(logprobs, top_logprobs)`` as bool and int; raise ``ValueError`` naming the field
+    when ``logprobs`` is not a bool, ``top_logprobs`` is outside ``[0, MAX_TOP_LOGPROBS]``,
+    or alternatives are asked for without ``logprobs``."""
+    if not isinstance(logprobs, bool):
+        raise ValueError(f"logprobs must be a boolean, got {logprobs!r}")
+    n = _int(top_logprobs)
+    if n is None or not 0 <= n <= MAX_TOP_LOGPROBS:
+        raise ValueError(
+            f"top_logprobs must be an int in [0, {MAX_TOP_LOGPROBS}], got {top_logprobs!r}"
+        )
+    if n and not logprobs:
+        raise ValueError("top_logprobs needs logprobs to be true")
+    return logprobs, n
+
+
 def check_generation(max_tokens: object, stop: object) -> None:
     """Raise ``ValueError`` unless ``max_tokens`` and the ``stop`` strings are in range."""
     n = _int(max_tokens)
@@ -84,6 +103,14 @@ def check_generation(max_tokens: object, stop: object) -> None:
             raise ValueError(f"stop strings must be 1..{MAX_STOP_CHARS} chars, got {s!r}")
 
 
+class Logprob(NamedTuple):
+    """A token with its log-probability under the model (before temperature or top-p)."""
+
+    id: int
+    text: str  # the token alone, decoded; a piece of a UTF-8 character decodes to ""
+    logprob: float
+
+
 class PromptTooLong(P2PEdgeError, ValueError):
     """The prompt does not leave room for a single new token in the context."""
 
@@ -98,7 +125,9 @@ class PromptTooLong(P2PEdgeError, ValueError):
 @dataclass(frozen=True)
 class SamplingParams:
     """How to pick tokens. A temperature under :data:`MIN_TEMPERATURE` is greedy
-    (top_k/top_p are then ignored)."""
+    (top_k/top_p are then ignored). ``logprobs`` asks each token for its log-probability
+    and its ``top_logprobs`` likeliest alternatives; only local generation reads logits,
+    so the peers' parameter types do not carry these two."""
 
     max_tokens: int = DEFAULT_MAX_TOKENS
     temperature: float = DEFAULT_TEMPERATURE
@@ -106,10 +135,13 @@ class SamplingParams:
     top_k: int = DEFAULT_TOP_K
     seed: int | None = None
     stop: tuple[str, ...] = ()
+    logprobs: bool = False
+    top_logprobs: int = 0
 
     def __post_init__(self) -> None:
         check_generation(self.max_tokens, self.stop)
         check_sampling(self.temperature, self.top_p, self.top_k, self.seed)
+        check_logprobs(self.logprobs, self.top_logprobs)
 
     @classmethod
     def make(
@@ -121,11 +153,15 @@ class SamplingParams:
         top_k: int = DEFAULT_TOP_K,
         seed: int | None = None,
         stop: Sequence[str] | None = None,
+        logprobs: bool = False,
+        top_logprobs: int = 0,
     ) -> SamplingParams:
         """Build from keyword arguments as callers pass them (``stop`` any sequence)."""
         if stop is not None and (isinstance(stop, str) or not isinstance(stop, Sequence)):
             raise ValueError("stop must be a list of strings, not a string")
-        return cls(max_tokens, temperature, top_p, top_k, seed, tuple(stop or ()))
+        return cls(
+            max_tokens, temperature, top_p, top_k, seed, tuple(stop or ()), logprobs, top_logprobs
+        )
 
     @property
     def greedy(self) -> bool:

@@ -49,6 +49,9 @@ class Gated:
     def stats(self) -> BackendStats:
         return self.inner.stats()
 
+    async def swarm(self) -> dict[str, Any]:
+        return await self.inner.swarm()
+
     async def stream(
         self, target: Target, request: GenerationRequest, usage: Usage | None = None
     ) -> AsyncGenerator[Piece, None]:

@@ -185,7 +185,7 @@ async def test_unknown_model_is_404_model_not_found(serve: Serve) -> None:
         ({"max_completion_tokens": 1 << 20}, "max_completion_tokens"),
         ({"seed": -1}, "seed"),
         ({"stop": ["x"] * 17}, "stop"),
-        ({"logprobs": True, "top_logprobs": 2}, "logprobs"),
+        ({"logprobs": True, "top_logprobs": 21}, "top_logprobs"),
         ({"messages": [{"role": "wizard", "content": "hi"}]}, "messages[0].role"),
         ({"messages": []}, "messages"),
     ],

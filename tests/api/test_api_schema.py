@@ -60,7 +60,7 @@ def test_ranges_are_the_runtimes() -> None:
     "fields",
     [
         {"n": 3},
-        {"logprobs": True},
+        {"logprobs": "yes"},
         {"top_logprobs": 1},
         {"tools": [{"type": "function"}]},
         {"response_format": {"type": "json_object"}},
@@ -113,7 +113,7 @@ def test_completions_take_one_string_prompt() -> None:
         {"prompt": [1, 2]},
         {"prompt": ""},
         {"prompt": "a", "echo": True},
-        {"prompt": "a", "logprobs": 2},
+        {"prompt": "a", "logprobs": 21},
         {"prompt": "a", "best_of": 2},
     ]
     for bad in bad_fields:

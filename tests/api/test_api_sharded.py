@@ -66,7 +66,7 @@ async def test_a_sharded_model_streams_through_the_api(
     # the text node.complete gives on the same route (the sharded path's decoder shows a
     # random model's stray bytes as U+FFFD where the local one drops them), same tokens
     assert "".join(ch.choices[0].text for ch in chunks if ch.choices) == direct.text
-    assert direct.token_ids == list(local.token_ids)
+    assert list(direct.token_ids) == list(local.token_ids)
     usage = chunks[-1].usage
     assert usage is not None and usage.completion_tokens == len(local.token_ids)
     assert usage.prompt_tokens == local.prompt_tokens
