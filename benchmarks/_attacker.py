@@ -30,13 +30,13 @@ import numpy as np
 import trio
 
 from p2pedge.errors import P2PEdgeError
-from p2pedge.node.config import NodeConfig
+from p2pedge.node.config import NodeConfig, Tuning
 from p2pedge.node.node import Node
 from p2pedge.protocols._stream import FramedStream
 from p2pedge.protocols.blob import codec as blob
-from p2pedge.protocols.blob.handler import model_key
 from p2pedge.protocols.infer import codec as infer
 from p2pedge.protocols.pipeline import codec as pipe
+from p2pedge.records.keys import model_key
 from p2pedge.wire.messages import pack
 
 BAD_PEER = "0OIl" * 11  # the right length, not base58
@@ -230,18 +230,29 @@ async def silent_lane(node: Node, targets: dict[str, Any], counts: Counter[str])
 
 
 async def junk_dht(node: Node, targets: dict[str, Any], counts: Counter[str]) -> None:
-    """Store large values under namespaces that are not ours, and fake cards."""
+    """Raw Kademlia PUT_VALUEs at every server: large values under namespaces that are not
+    ours and unsigned "cards" (sent straight to the victims' DHT handlers, bypassing the
+    attacker's own DHT, which would refuse to send them)."""
+    from libp2p.peer.id import ID
+    from libp2p.records.record import make_signed_put_record
+
     assert node.directory is not None
-    dht = node.directory.dht
+    store = node.directory.dht.value_store
+    private_key = node.host.get_private_key()
     i = 0
     while True:
-        key = f"/junk/{i}" if i % 2 else f"/p2pedge-card/{i}"
-        try:
-            with trio.fail_after(5):
-                await dht.put_value(key, os.urandom(JUNK_VALUE))
-            _note(counts, "junk_dht", None)
-        except (P2PEdgeError, trio.TooSlowError, ValueError) as exc:
-            _note(counts, "junk_dht", exc)
+        for server in targets["servers"]:
+            key = (f"/junk/{i}" if i % 2 else f"/p2pcard/{i:024x}").encode()
+            value = os.urandom(JUNK_VALUE)
+            record = make_signed_put_record(key, value, private_key)
+            try:
+                with trio.fail_after(5):
+                    accepted = await store._store_at_peer(
+                        ID.from_base58(server["peer_id"]), key, value, record
+                    )
+                counts["junk_dht:" + ("stored" if accepted else "refused")] += 1
+            except (P2PEdgeError, trio.TooSlowError, OSError) as exc:
+                _note(counts, "junk_dht", exc)
         i += 1
         await trio.sleep(1 / RATE_HZ)
 
@@ -257,7 +268,7 @@ async def hanging_source(node: Node, targets: dict[str, Any], counts: Counter[st
     node.set_stream_handler(blob.PROTOCOL_ID, never_answer)
     while True:
         try:
-            await node.provide(model_key(str(targets["servers"][0]["model"])))
+            await node.peers.provide(model_key(str(targets["servers"][0]["model"])))
             _note(counts, "hanging_source_provide", None)
         except P2PEdgeError as exc:
             _note(counts, "hanging_source_provide", exc)
@@ -281,8 +292,7 @@ async def main(path: Path) -> None:
         data_dir=Path(targets["data_dir"]),
         listen=("/ip4/127.0.0.2/tcp/0",),
         bootstrap=tuple(s["addr"] for s in targets["servers"]),
-        measure_compute=False,
-        announce_on_start=False,
+        tuning=Tuning(measure_compute=False, announce_on_start=False),
     )
     counts: Counter[str] = Counter()
     stop = trio.Event()

@@ -7,7 +7,6 @@ admits (verified cards only, within limits) is :mod:`p2pedge.dht.strict`'s job.
 
 from __future__ import annotations
 
-import hashlib
 import logging
 import time
 from collections.abc import Callable
@@ -16,14 +15,13 @@ from typing import Any
 import trio
 
 from p2pedge.errors import InvalidRecord
-from p2pedge.records.card import MAX_CARD_LIFETIME_S, CapabilityCard, card_key, verify_card
+from p2pedge.records.card import MAX_CARD_LIFETIME_S, CapabilityCard, verify_card
+from p2pedge.records.keys import card_key, provider_record_key
 
 log = logging.getLogger("p2pedge.dht")
 
 
-def provider_key(key: str) -> str:
-    """32 hex chars: py-libp2p decodes hex keys to 16 raw bytes, short and uniform."""
-    return hashlib.sha256(key.encode()).hexdigest()[:32]
+provider_key = provider_record_key  # the raw key of a provider record (see records.keys)
 
 
 class Directory:

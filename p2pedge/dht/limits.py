@@ -8,7 +8,9 @@ from dataclasses import dataclass
 from p2pedge.errors import LocalProtocolError
 from p2pedge.records.card import MAX_CARD_LIFETIME_S
 
-PROVIDER_KEY_BYTES = 16  # Directory's provider keys: 32 hex chars, decoded
+# Provider keys are sha2-256 multihashes (records.keys.provider_record_key): 34 bytes
+PROVIDER_KEY_PREFIX = b"\x12\x20"
+PROVIDER_KEY_BYTES = 34
 
 
 @dataclass(frozen=True)

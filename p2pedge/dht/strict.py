@@ -27,7 +27,7 @@ from libp2p.kad_dht.provider_store import ProviderStore
 from libp2p.kad_dht.value_store import ValueStore
 from libp2p.records.validator import NamespacedValidator, Validator
 
-from p2pedge.dht.limits import PROVIDER_KEY_BYTES, DhtLimits
+from p2pedge.dht.limits import PROVIDER_KEY_BYTES, PROVIDER_KEY_PREFIX, DhtLimits
 from p2pedge.errors import Busy, InvalidRecord, LocalProtocolError, P2PEdgeError
 from p2pedge.protocols._stream import remote_host
 from p2pedge.quota import RateLimit
@@ -197,9 +197,10 @@ class BoundedProviderStore(ProviderStore):  # type: ignore[misc]
 
     def admit(self, key: bytes, peer: str) -> None:
         """Raise the typed refusal unless ``peer`` may hold a record under ``key``."""
-        if len(key) != PROVIDER_KEY_BYTES:
+        if len(key) != PROVIDER_KEY_BYTES or not key.startswith(PROVIDER_KEY_PREFIX):
             raise InvalidRecord(
-                f"provider key of {len(key)} bytes, not {PROVIDER_KEY_BYTES}",
+                f"provider key of {len(key)} bytes, not a {PROVIDER_KEY_BYTES}-byte sha2-256 "
+                "multihash",
             )
         if peer in self.providers.get(key, {}):
             return  # a refresh, not a new record

@@ -30,7 +30,7 @@ from libp2p.utils.varint import read_varint_prefixed_bytes_limited
 from multiaddr import Multiaddr
 
 from p2pedge.dht._protocol import P2PEDGE_KAD_PROTOCOL
-from p2pedge.dht.limits import PROVIDER_KEY_BYTES, DhtLimits
+from p2pedge.dht.limits import PROVIDER_KEY_PREFIX, DhtLimits
 from p2pedge.dht.strict import (
     BoundedProviderStore,
     BoundedValueStore,
@@ -132,7 +132,9 @@ def held_values(node: Node) -> dict[bytes, bytes]:
 async def still_serves(victim: Node, honest: Node) -> None:
     """(a): an honest peer's card lands on the victim and the victim finds it."""
     dht_of(victim).refused.clear()
-    assert await put(honest, victim, card_key(honest.peer_id).encode(), honest._card_record or b"")
+    assert await put(
+        honest, victim, card_key(honest.peer_id).encode(), honest.announcer.record or b""
+    )
     assert not dht_of(victim).refused
     found = {c.peer_id: c for c in await victim.find_peers()}
     assert found[honest.peer_id].issued_at == honest.card.issued_at
@@ -200,11 +202,14 @@ async def test_provider_flood_and_foreign_provider_keys_are_refused(config: Conf
                 await node.connect(victim.addrs[0])
             store = dht_of(victim).provider_store
             # A key of another shape is refused (the echo is the library's, sent anyway).
-            await pipelined(attacker, victim, [add_provider_message(attacker, b"k" * 32)])
-            assert b"k" * 32 not in store.providers
-            assert dht_of(victim).refused == {"InvalidRecord": 1}
+            # (the right length without the multihash prefix, and a short key)
+            shapes = [b"k" * 34, PROVIDER_KEY_PREFIX + b"k" * 16]
+            await pipelined(attacker, victim, [add_provider_message(attacker, k) for k in shapes])
+            assert not any(k in store.providers for k in shapes)
+            assert dht_of(victim).refused == {"InvalidRecord": 2}
             flood = [
-                add_provider_message(attacker, os.urandom(PROVIDER_KEY_BYTES)) for _ in range(1000)
+                add_provider_message(attacker, PROVIDER_KEY_PREFIX + os.urandom(32))
+                for _ in range(1000)
             ]
             start = trio.current_time()
             accepted = await pipelined(attacker, victim, flood)
@@ -217,8 +222,8 @@ async def test_provider_flood_and_foreign_provider_keys_are_refused(config: Conf
             )
             assert mine <= min(accepted, limits.max_provider_records_per_peer)
             # An honest provider still lands and is found.
-            assert await honest.provide("model/tiny")
-            assert honest.peer_id in await victim.find_providers("model/tiny")
+            assert await honest.peers.provide("model/tiny")
+            assert honest.peer_id in await victim.peers.find_providers("model/tiny")
             await still_serves(victim, honest)
 
 
@@ -366,7 +371,7 @@ def test_provider_store_caps_each_peer_and_the_total() -> None:
 
     limits = DhtLimits(max_provider_records=5, max_provider_records_per_peer=3)
     store = BoundedProviderStore(Host(), None, limits, Counter())
-    keys = [os.urandom(PROVIDER_KEY_BYTES) for _ in range(8)]
+    keys = [PROVIDER_KEY_PREFIX + os.urandom(32) for _ in range(8)]
     with sender(str(a.peer_id), "10.0.0.1"):
         for key in keys[:3]:
             store.add_provider(key, a)

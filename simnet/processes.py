@@ -1,0 +1,276 @@
+"""N separate node processes that join by Kademlia bootstrap, measured as a user would.
+
+``python -m simnet.processes --nodes 50`` starts ``--seeds`` seed processes, then the
+rest at once, each bootstrapping from the seeds alone (no pre-filled routing tables).
+It measures:
+
+- ``join_s``: from the first launch until every node has found every other node's card
+  on the DHT (lookups that bypass the local cache);
+- ``get_p50_ms``: the median latency of one card lookup, all pairs, after joining;
+- ``pss_mb_per_node``: the median proportional set size of a node process at rest;
+- churn: kill 20% of the nodes (SIGKILL), start as many fresh ones, and time until every
+  live node finds every live card.
+
+With ``--hivemind PYTHON`` (an interpreter whose environment has hivemind; a
+benchmark-only install, never a dependency) the same measures run on hivemind's DHT in
+the same run, and the last line carries the ratios.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import signal
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass, field
+from functools import partial
+from pathlib import Path
+from typing import Any
+
+import trio
+
+from benchmarks._report import headline, paired_ratio, ratio_fields, turns
+
+ROOT = Path(__file__).resolve().parent.parent
+MAX_LINE = 1 << 20
+
+
+@dataclass
+class Proc:
+    """One child process and its JSON-line channel."""
+
+    process: trio.Process
+    peer: str = ""
+    addr: str = ""
+    buffer: bytes = b""
+    dead: bool = False
+
+    async def line(self) -> dict[str, Any]:
+        assert self.process.stdout is not None
+        while b"\n" not in self.buffer:
+            chunk = await self.process.stdout.receive_some(65536)
+            if not chunk:
+                raise RuntimeError(f"process {self.process.pid} ended")
+            self.buffer += chunk
+            if len(self.buffer) > MAX_LINE:
+                raise RuntimeError("child line too long")
+        line, self.buffer = self.buffer.split(b"\n", 1)
+        parsed: dict[str, Any] = json.loads(line)
+        return parsed
+
+    async def ask(self, command: dict[str, Any]) -> dict[str, Any]:
+        assert self.process.stdin is not None
+        await self.process.stdin.send_all((json.dumps(command) + "\n").encode())
+        return await self.line()
+
+    def pss_mb(self) -> float:
+        """PSS of the process and all its descendants (hivemind's Go daemon included)."""
+        total = 0
+        for pid in _tree(self.process.pid):
+            try:
+                text = Path(f"/proc/{pid}/smaps_rollup").read_text()
+            except OSError:
+                continue  # exited meanwhile
+            for row in text.splitlines():
+                if row.startswith("Pss:"):
+                    total += int(row.split()[1])
+        return total / 1024
+
+
+def _tree(pid: int) -> list[int]:
+    pids, todo = [], [pid]
+    while todo:
+        current = todo.pop()
+        pids.append(current)
+        for task in Path(f"/proc/{current}/task").glob("*"):
+            try:
+                todo += [int(c) for c in (task / "children").read_text().split()]
+            except OSError:
+                continue
+    return pids
+
+
+@dataclass
+class Run:
+    """One swarm of processes of one kind (p2pedge or hivemind)."""
+
+    kind: str
+    python: str
+    root: Path
+    procs: list[Proc] = field(default_factory=list)
+    count: int = 0
+
+    def command(self, bootstrap: list[str]) -> list[str]:
+        self.count += 1
+        if self.kind == "hivemind":
+            cmd = [self.python, str(ROOT / "simnet" / "_proc_hivemind.py")]
+        else:
+            data = self.root / f"n{self.count}"
+            cmd = [self.python, "-m", "simnet._proc_node", "--data-dir", str(data)]
+        for addr in bootstrap:
+            cmd += ["--bootstrap", addr]
+        return cmd
+
+    async def launch(self, nursery: trio.Nursery, bootstrap: list[str]) -> Proc:
+        """Start one child in ``nursery``, which owns it until it exits or is killed."""
+        env = dict(os.environ, PYTHONPATH=str(ROOT))
+        run = partial(
+            trio.run_process,
+            self.command(bootstrap),
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.DEVNULL,
+            check=False,
+            env=env,
+            cwd=str(ROOT),
+        )
+        proc = Proc(await nursery.start(run))
+        self.procs.append(proc)
+        return proc
+
+    @property
+    def live(self) -> list[Proc]:
+        return [p for p in self.procs if not p.dead]
+
+
+async def _ready(proc: Proc) -> None:
+    hello = await proc.line()
+    proc.peer, proc.addr = hello["ready"], hello["addr"]
+
+
+async def _converge(run: Run, deadline: float) -> tuple[float, list[float]]:
+    """Ask every live node for every live card it lacks, round after round, until all
+    are found; returns the seconds it took and the latencies of the successful gets."""
+    start = time.perf_counter()
+    missing = {p.peer: {q.peer for q in run.live if q is not p} for p in run.live}
+    latencies: list[float] = []
+    with trio.fail_after(deadline):
+        while any(missing.values()):
+            async with trio.open_nursery() as nursery:
+                for proc in run.live:
+                    if missing[proc.peer]:
+                        nursery.start_soon(_find, proc, missing, latencies)
+    return time.perf_counter() - start, latencies
+
+
+async def _find(proc: Proc, missing: dict[str, set[str]], latencies: list[float]) -> None:
+    reply = await proc.ask({"op": "find", "peers": sorted(missing[proc.peer]), "timeout": 5})
+    missing[proc.peer] -= set(reply["found"])
+    latencies.extend(reply["ms"])
+
+
+async def measure(
+    run: Run, nodes: int, seeds: int, churn: float, deadline: float
+) -> dict[str, float]:
+    async with trio.open_nursery() as nursery:
+        start = time.perf_counter()
+        first = [await run.launch(nursery, []) for _ in range(seeds)]
+        async with trio.open_nursery() as ready:
+            for proc in first:
+                ready.start_soon(_ready, proc)
+        seed_addrs = [p.addr for p in first]
+        rest = [await run.launch(nursery, seed_addrs) for _ in range(nodes - seeds)]
+        async with trio.open_nursery() as ready:
+            for proc in rest:
+                ready.start_soon(_ready, proc)
+        up_s = time.perf_counter() - start
+        converged_s, _ = await _converge(run, deadline)
+        join_s = time.perf_counter() - start
+        _, gets = await _converge_all_pairs(run, deadline)
+        pss = statistics.median(p.pss_mb() for p in run.live)
+        # churn: kill a fifth (never the seeds), start as many fresh nodes
+        victims = run.live[seeds:][: max(1, int(nodes * churn))]
+        for proc in victims:
+            proc.process.send_signal(signal.SIGKILL)
+            proc.dead = True
+        churn_start = time.perf_counter()
+        fresh = [await run.launch(nursery, seed_addrs) for _ in victims]
+        async with trio.open_nursery() as ready:
+            for proc in fresh:
+                ready.start_soon(_ready, proc)
+        await _converge(run, deadline)
+        churn_s = time.perf_counter() - churn_start
+        for proc in run.live:
+            with trio.move_on_after(5):
+                assert proc.process.stdin is not None
+                await proc.process.stdin.send_all(b'{"op": "quit"}\n')
+        with trio.move_on_after(20):
+            for proc in run.live:
+                await proc.process.wait()
+        nursery.cancel_scope.cancel()
+    return {
+        "up_s": up_s,
+        "join_s": join_s,
+        "converge_s": converged_s,
+        "get_p50_ms": statistics.median(gets) if gets else float("nan"),
+        "pss_mb": pss,
+        "churn_s": churn_s,
+    }
+
+
+async def _converge_all_pairs(run: Run, deadline: float) -> tuple[float, list[float]]:
+    """One lookup of every live card from every live node (a get latency sample)."""
+    start = time.perf_counter()
+    latencies: list[float] = []
+    missing = {p.peer: {q.peer for q in run.live if q is not p} for p in run.live}
+    with trio.fail_after(deadline):
+        async with trio.open_nursery() as nursery:
+            for proc in run.live:
+                nursery.start_soon(_find, proc, missing, latencies)
+    return time.perf_counter() - start, latencies
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(prog="python -m simnet.processes", description=__doc__)
+    parser.add_argument("--nodes", type=int, default=50)
+    parser.add_argument("--seeds", type=int, default=2)
+    parser.add_argument("--churn", type=float, default=0.2)
+    parser.add_argument("--rounds", type=int, default=1)
+    parser.add_argument("--deadline", type=float, default=600.0)
+    parser.add_argument("--hivemind", default=None, metavar="PYTHON")
+    args = parser.parse_args()
+    sides = ["p2pedge"] + (["hivemind"] if args.hivemind else [])
+    results: dict[str, list[dict[str, float]]] = {side: [] for side in sides}
+    root = Path(tempfile.mkdtemp(prefix="simnet-proc-"))
+    try:
+        for index in range(args.rounds):
+            for side in turns(sides, index):
+                python = args.hivemind if side == "hivemind" else sys.executable
+                run = Run(side, python, root / f"{side}{index}")
+                figures = trio.run(measure, run, args.nodes, args.seeds, args.churn, args.deadline)
+                results[side].append(figures)
+                print(f"round {index + 1} {side}: {json.dumps(_rounded(figures))}", flush=True)
+    except KeyboardInterrupt:
+        return
+    finally:
+        shutil.rmtree(root, ignore_errors=True)
+    ours = results["p2pedge"]
+    n = args.nodes
+    fields = {
+        f"join_s_{n}proc": f"{statistics.median(r['join_s'] for r in ours):.1f}",
+        f"get_p50_ms_{n}proc": f"{statistics.median(r['get_p50_ms'] for r in ours):.1f}",
+        "pss_mb_per_node": f"{statistics.median(r['pss_mb'] for r in ours):.0f}",
+        "churn_s": f"{statistics.median(r['churn_s'] for r in ours):.1f}",
+    }
+    if args.hivemind:
+        theirs = results["hivemind"]
+        join = paired_ratio([r["join_s"] for r in ours], [r["join_s"] for r in theirs])
+        get = paired_ratio([r["get_p50_ms"] for r in ours], [r["get_p50_ms"] for r in theirs])
+        fields |= ratio_fields("vs_hivemind_join", join) | ratio_fields("vs_hivemind_get", get)
+    else:
+        fields |= {"vs_hivemind_join": "n/a", "vs_hivemind_get": "n/a"}
+    print(headline(fields))
+
+
+def _rounded(figures: dict[str, float]) -> dict[str, float]:
+    return {key: round(value, 2) for key, value in figures.items()}
+
+
+if __name__ == "__main__":
+    main()
