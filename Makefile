@@ -5,7 +5,7 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 MODEL_STAMP := .cache/models/.complete
 
-.PHONY: venv model demo test test-fast lint docs bench clean llamacpp fuzz
+.PHONY: chromium jsinterop netns-tools venv model demo test test-fast lint docs bench clean llamacpp llamacpp-rpc fuzz
 
 venv: $(STAMP)
 
@@ -24,8 +24,34 @@ $(MODEL_STAMP): $(STAMP) scripts/fetch_model.sh p2pedge/models/convert/layout.py
 demo: venv model
 	$(PY) examples/demo.py
 
-test: venv model
+test: venv model jsinterop chromium netns-tools
 	$(PY) -m pytest -q -p no:randomly
+
+# nftables from Debian's packages, for the NAT namespace tests of tests/reach (as root)
+netns-tools:
+	@command -v nft >/dev/null || { [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null && \
+		export DEBIAN_FRONTEND=noninteractive && \
+		{ apt-get install -y -q --no-install-recommends nftables || \
+		  { apt-get update -q && apt-get install -y -q --no-install-recommends nftables; }; }; } || \
+		echo "nftables not installed (needs root and apt-get): the NAT tests will be skipped"
+
+# headless Chromium from Debian's packages, for the swarm page's browser test (as root)
+chromium:
+	@command -v chromium >/dev/null || { [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null && \
+		export DEBIAN_FRONTEND=noninteractive && \
+		{ apt-get install -y -q --no-install-recommends chromium || \
+		  { apt-get update -q && apt-get install -y -q --no-install-recommends chromium; }; }; } || \
+		echo "chromium not installed (needs root and apt-get): the swarm page test will be skipped"
+
+# the js-libp2p peer of tests/interop, at the versions pinned in its package.json
+JSINTEROP := .cache/jsinterop
+jsinterop: $(JSINTEROP)/.installed
+
+$(JSINTEROP)/.installed: tests/interop/package.json
+	@if command -v npm >/dev/null; then \
+		mkdir -p $(JSINTEROP) && cp tests/interop/package.json $(JSINTEROP)/ && \
+		cd $(JSINTEROP) && npm install --no-audit --no-fund --loglevel=error && touch .installed; \
+	else echo "npm not found: the js-libp2p interop test will be skipped"; fi
 
 test-fast: venv
 	$(PY) -m pytest -q -m "not real_model and not slow"
@@ -85,6 +111,25 @@ $(LLAMA_BENCH_BIN): $(STAMP)
 		-C $(LLAMACPP)
 	cmake -S $(LLAMACPP_SRC) -B $(LLAMACPP)/build $(LLAMACPP_FLAGS) -DBUILD_SHARED_LIBS=OFF
 	nice cmake --build $(LLAMACPP)/build --target llama-bench -j $$(nproc)
+
+# llama.cpp's RPC backend (rpc-server processes plus a client with --rpc) for benchmarks/big.py,
+# from the same source, in its own build dir so the plain build above stays as it is.
+LLAMA_RPC_BUILD := $(LLAMACPP)/build-rpc
+LLAMA_RPC_SERVER := $(LLAMA_RPC_BUILD)/bin/rpc-server
+
+llamacpp-rpc: $(LLAMA_RPC_SERVER)
+	@echo "run: LLAMACPP_RPC_BIN=$(abspath $(LLAMA_RPC_BUILD)/bin) $(PY) benchmarks/big.py"
+
+$(LLAMA_RPC_SERVER): $(STAMP)
+	mkdir -p $(LLAMACPP)
+	test -f $(LLAMACPP)/llama_cpp_python-$(LLAMACPP_VERSION).tar.gz || $(PY) -m pip download \
+		--no-deps --no-binary :all: llama-cpp-python==$(LLAMACPP_VERSION) -d $(LLAMACPP)
+	test -d $(LLAMACPP_SRC) || tar -xzf $(LLAMACPP)/llama_cpp_python-$(LLAMACPP_VERSION).tar.gz \
+		-C $(LLAMACPP)
+	cmake -S $(LLAMACPP_SRC) -B $(LLAMA_RPC_BUILD) $(LLAMACPP_FLAGS) -DBUILD_SHARED_LIBS=OFF -DGGML_RPC=ON
+	nice cmake --build $(LLAMA_RPC_BUILD) --target ggml-rpc-server llama-bench llama-completion \
+		-j $$(nproc)
+	cp $(LLAMA_RPC_BUILD)/bin/ggml-rpc-server $(LLAMA_RPC_SERVER)
 
 $(LLAMA_PY): $(LLAMA_BENCH_BIN)
 	cmake -S $(LLAMACPP_SRC) -B $(LLAMACPP)/build-shared $(LLAMACPP_FLAGS) -DBUILD_SHARED_LIBS=ON \

@@ -23,7 +23,7 @@ async def timed_pull(
     """Seconds to pull ``files``, or None when the pull failed."""
     mid = ModelId.parse(model)
     began = trio.current_time()
-    sources = await swarm_sources(node, mid)
+    sources = await swarm_sources(node.context, mid)
     try:
         await pull(mid, Store(into), sources, trust, files=files)
     except P2PEdgeError as exc:

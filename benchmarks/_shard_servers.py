@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import IO
 
 from p2pedge.ids import LayerRange
-from p2pedge.node.config import NodeConfig
+from p2pedge.node.config import NodeConfig, Tuning
 from p2pedge.protocols.pipeline.serving import ensure_shard_dir
 
 MODEL = "smollm2-135m-instruct"
@@ -87,8 +87,7 @@ def client_config(root: Path, name: str, servers: Sequence[Server], model_dir: P
         bootstrap=tuple(s.addr for s in servers),
         model_dirs=((MODEL, model_dir),),
         threads=1,
-        measure_compute=False,
-        shard_step_timeout=STEP_TIMEOUT,
+        tuning=Tuning(measure_compute=False, shard_step_timeout=STEP_TIMEOUT),
     )
 
 

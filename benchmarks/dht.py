@@ -47,14 +47,14 @@ async def measure(n: int, lookups: int, seed: int) -> dict[str, float]:
         await swarm.replicated.wait()
         rng = random.Random(seed)
         owner = swarm.nodes[rng.randrange(n)]
-        owner.set_models([CachedModel("bench-model@1", "ab" * 32)])
+        owner.announcer.set_models([CachedModel("bench-model@1", "ab" * 32)])
         await owner.announce()
         cards, providers = [], []
         for _ in range(lookups):
             cards.append(await timed_card_lookup(swarm, rng))
             a = rng.choice(swarm.nodes)
             start = time.perf_counter()
-            found = await a.find_providers("model/bench-model")
+            found = await a.peers.find_providers("model/bench-model")
             providers.append((time.perf_counter() - start) * 1000)
             assert owner.peer_id in found or a is owner
         converge = swarm.converge_s

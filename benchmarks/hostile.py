@@ -49,7 +49,7 @@ from benchmarks._pulls import timed_pull  # noqa: E402
 from benchmarks._report import machine, paired_ratio, table, write_section  # noqa: E402
 from benchmarks._shard_servers import stop  # noqa: E402
 from p2pedge.models.keys import TrustStore, generate_key, public_key_hex  # noqa: E402
-from p2pedge.node.config import NodeConfig  # noqa: E402
+from p2pedge.node.config import NodeConfig, Tuning  # noqa: E402
 from p2pedge.node.node import Node  # noqa: E402
 from p2pedge.testing.tiny import REAL_MODEL_NAME, models_dir  # noqa: E402
 
@@ -218,8 +218,7 @@ async def run(args: argparse.Namespace, model_dir: Path, root: Path) -> tuple[st
             bootstrap=tuple(s.addr for s in servers),
             model_dirs=((MODEL, model_dir),),
             threads=1,
-            measure_compute=False,
-            shard_step_timeout=STEP_TIMEOUT,
+            tuning=Tuning(measure_compute=False, shard_step_timeout=STEP_TIMEOUT),
         )
         puller_config = dataclasses.replace(
             config, data_dir=root / "puller", model_dirs=(), bootstrap=(servers[0].addr,)

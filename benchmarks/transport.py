@@ -58,7 +58,7 @@ from benchmarks._report import (  # noqa: E402
     write_section,
 )
 from p2pedge.errors import PeerUnavailable, RemoteProtocolError  # noqa: E402
-from p2pedge.node.config import NodeConfig  # noqa: E402
+from p2pedge.node.config import NodeConfig, Tuning  # noqa: E402
 from p2pedge.node.node import Node  # noqa: E402
 from p2pedge.protocols._stream import FramedStream  # noqa: E402
 from p2pedge.protocols.direct.handler import SocketByteStream  # noqa: E402
@@ -144,9 +144,7 @@ class ChaChaStream(FramedStream):
 def node_config() -> NodeConfig:
     return NodeConfig(
         data_dir=Path(tempfile.mkdtemp(prefix="p2pedge-transport-")),
-        measure_compute=False,
-        announce_on_start=False,
-        self_lookup=False,
+        tuning=Tuning(measure_compute=False, announce_on_start=False, self_lookup=False),
     )
 
 

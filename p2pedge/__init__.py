@@ -30,19 +30,24 @@ __version__ = "0.1.0"
 if TYPE_CHECKING:
     from p2pedge.node.config import NodeConfig as NodeConfig
     from p2pedge.node.config import ServeSpec as ServeSpec
+    from p2pedge.node.config import Tuning as Tuning
     from p2pedge.node.node import Node as Node
     from p2pedge.records.card import CapabilityCard as CapabilityCard
+    from p2pedge.runtime.completion import Completion as Completion
 
 _LAZY = {
     "Node": "p2pedge.node.node",
     "NodeConfig": "p2pedge.node.config",
     "ServeSpec": "p2pedge.node.config",
+    "Tuning": "p2pedge.node.config",
+    "Completion": "p2pedge.runtime.completion",
     "CapabilityCard": "p2pedge.records.card",
 }
 
 __all__ = [
     "Busy",
     "CapabilityCard",
+    "Completion",
     "ConfigError",
     "IntegrityError",
     "InvalidRecord",
@@ -61,6 +66,7 @@ __all__ = [
     "RemoteProtocolError",
     "ServeSpec",
     "ShardFailed",
+    "Tuning",
 ]
 
 

@@ -7,6 +7,9 @@ means a peer sent something that breaks the protocol. Both derive from
 
 from __future__ import annotations
 
+import argparse
+from typing import Any
+
 
 class P2PEdgeError(Exception):
     """Base of every error p2pedge raises on purpose."""
@@ -83,3 +86,19 @@ class ShardFailed(P2PEdgeError):
 
 class ConfigError(P2PEdgeError, ValueError):
     """A configuration value is invalid (bad multiaddr, unreadable key file...)."""
+
+
+class MemoryBudgetError(ConfigError):
+    """A node's memory budget cannot hold what it was asked to serve (the message gives
+    the bytes needed and the budget)."""
+
+
+EXIT_USAGE = 2  # a command line the user got wrong
+
+
+class OneLineParser(argparse.ArgumentParser):
+    """A usage error is one line on stderr (no usage dump) and exit code 2: the user is
+    to blame, and one line says for what."""
+
+    def error(self, message: str) -> Any:  # argparse types it NoReturn
+        self.exit(EXIT_USAGE, f"{self.prog}: error: {message}\n")

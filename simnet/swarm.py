@@ -17,15 +17,18 @@ import random
 import shutil
 import tempfile
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 from types import TracebackType
 from typing import Any
 
 import trio
 
-from p2pedge.node.config import NodeConfig
+from p2pedge.node.config import NodeConfig, Tuning
+from p2pedge.node.identity import Identity
 from p2pedge.node.node import Node
+
+TUNING_FIELDS = frozenset(f.name for f in fields(Tuning))  # Swarm(**config) may name them
 
 
 @dataclass
@@ -85,7 +88,7 @@ class Swarm:
             self.converge_s = time.perf_counter() - self.started_at
             if not self.replicate_on_start:
                 for node in self.nodes:
-                    node.start_announcing(now=False)
+                    node.announcer.start_announcing(node.nursery, now=False)
             elif self.wait_for_replication:
                 await self._replicate()
             else:
@@ -126,16 +129,19 @@ class Swarm:
     async def _start_node(self) -> _Slot:
         assert self._nursery is not None
         index = len(self._slots)
+        settings = dict(self.config)
+        tuning = {k: settings.pop(k) for k in list(settings) if k in TUNING_FIELDS}
+        tuning.update(
+            announce_interval=self.announce_interval, self_lookup=False, announce_on_start=False
+        )
         config = NodeConfig(
             data_dir=self.root / f"node{index}",
             listen=("/ip4/127.0.0.1/tcp/0",),
-            announce_interval=self.announce_interval,
-            self_lookup=False,
-            announce_on_start=False,
-            identity_seed=self.rng.randbytes(32),
-            **self.config,
+            tuning=Tuning(**tuning),
+            **settings,
         )
-        slot = _Slot(Node(config))
+        identity = Identity.from_seed(self.rng.randbytes(32))
+        slot = _Slot(Node(config, identity=identity))
         self._slots.append(slot)
         await self._nursery.start(self._run_node, slot)
         return slot
@@ -151,8 +157,8 @@ class Swarm:
     async def _wire(self, node: Node, others: list[Node]) -> None:
         chosen = others if len(others) <= self.fanout else self.rng.sample(others, self.fanout)
         for other in chosen:
-            await node.introduce(other.peer_id, other.addrs)
-            await other.introduce(node.peer_id, node.addrs)
+            await node.network.introduce(other.peer_id, other.addrs)
+            await other.network.introduce(node.peer_id, node.addrs)
 
     async def _wire_all(self) -> None:
         live = self.nodes
@@ -169,7 +175,7 @@ class Swarm:
             # a node stopped meanwhile (killed, or the swarm is closing while it replicates
             # in the background) has no nursery left to announce from
             if any(slot.node is node and not slot.stop.is_set() for slot in self._slots):
-                node.start_announcing(now=False)
+                node.announcer.start_announcing(node.nursery, now=False)
 
         async with trio.open_nursery() as nursery:
             for node in nodes:

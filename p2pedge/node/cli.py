@@ -7,6 +7,7 @@ shut the node down cleanly with exit code 0 and no traceback.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import logging
 import signal
@@ -20,8 +21,10 @@ from typing import Any
 
 import trio
 
-from p2pedge.errors import ConfigError, P2PEdgeError
-from p2pedge.node.config import NodeConfig, ServeSpec, default_data_dir
+from p2pedge.errors import ConfigError, OneLineParser, P2PEdgeError
+from p2pedge.node.config import NodeConfig, ServeSpec, Tuning, default_data_dir
+from p2pedge.node.limits import Limits
+from p2pedge.reach.relay import RelayPolicy
 from p2pedge.records.card import CapabilityCard
 
 EXIT_USAGE = 2
@@ -51,7 +54,7 @@ def _common(parser: argparse.ArgumentParser) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="p2pedge node", description=__doc__)
+    parser = OneLineParser(prog="p2pedge node", description=__doc__)
     sub = parser.add_subparsers(dest="command")
     run = sub.add_parser("run", help="join the swarm and stay (default)")
     _common(run)
@@ -95,6 +98,33 @@ def build_parser() -> argparse.ArgumentParser:
         help="TCP port of the direct lane for shard traffic (default: the OS picks)",
     )
     run.add_argument(
+        "--memory-budget",
+        type=_bytes,
+        default=None,
+        metavar="SIZE",
+        help="bytes the served shards may take, weights and KV caches (e.g. 2G, 512M)",
+    )
+    run.add_argument(
+        "--relay",
+        action="store_true",
+        help="lend relay slots to peers behind NAT (circuit relay v2; a public node's role)",
+    )
+    run.add_argument(
+        "--reserve",
+        action="append",
+        default=[],
+        metavar="RELAY_ADDR",
+        help="behind NAT: hold a slot on this relay (.../p2p/ID) and announce it (repeatable)",
+    )
+    run.add_argument(
+        "--no-hole-punch",
+        dest="hole_punch",
+        action="store_const",
+        const=False,
+        default=None,
+        help="keep relayed connections relayed (no DCUtR)",
+    )
+    run.add_argument(
         "--no-direct-lane",
         action="store_true",
         help="carry shard traffic over libp2p streams only",
@@ -121,19 +151,24 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-# what a --config TOML file may set: NodeConfig's user-facing fields, by the same names
+# what a --config TOML file may set: NodeConfig's user-facing fields, by the same names,
+# and the [tuning] and [limits] tables (limits nest: [limits.blob], [limits.dht], ...)
 FILE_FIELDS = frozenset(
     {
         "data_dir", "listen", "bootstrap", "psk_file", "allow_peers", "mdns",
-        "announce_interval", "serve", "models_dir", "registry", "trusted_publishers",
-        "model_dirs", "threads", "direct_lane", "direct_lane_port", "inline_step_ms", "api",
-        "api_key_file", "api_cors_origins",
+        "serve", "models_dir", "registry", "trusted_publishers", "model_dirs", "threads",
+        "direct_lane", "direct_lane_port", "api", "api_key_file", "api_cors_origins",
+        "relay", "reserve", "memory_budget",
+        "tuning", "limits",
     }
 )  # fmt: skip
+# flags that set a Tuning field
+TUNING_FLAGS = ("announce_interval", "inline_step_ms", "hole_punch")
 
 
 def read_config_file(path: Path) -> dict[str, Any]:
-    """NodeConfig fields from a TOML file (``model_dirs`` as a table of NAME = DIR)."""
+    """NodeConfig fields from a TOML file (``model_dirs`` as a table of NAME = DIR;
+    ``tuning`` and ``limits`` as tables of their dataclasses' fields)."""
     try:
         data = tomllib.loads(path.expanduser().read_text(encoding="utf-8"))
     except (OSError, UnicodeDecodeError, tomllib.TOMLDecodeError) as exc:
@@ -149,10 +184,39 @@ def read_config_file(path: Path) -> dict[str, Any]:
             if not isinstance(value, dict):
                 raise ConfigError(f"{path}: model_dirs must be a table of NAME = DIR")
             value = [(str(name), Path(str(d))) for name, d in value.items()]
+        elif key == "relay":  # true, false, or a table of RelayPolicy fields
+            if isinstance(value, bool):
+                value = RelayPolicy() if value else None
+            else:
+                value = _table(path, key, RelayPolicy(), value)
+        elif key in ("tuning", "limits"):
+            value = _table(path, key, Tuning() if key == "tuning" else Limits(), value)
         elif isinstance(value, list):
             value = _list(path, key, value)
         fields[key] = tuple(value) if isinstance(value, list) else value
     return fields
+
+
+def _table(path: Path, where: str, default: Any, value: Any) -> Any:
+    """``default`` (a frozen dataclass) with the TOML table's fields replaced; nested
+    dataclasses take nested tables."""
+    if not isinstance(value, dict):
+        raise ConfigError(f"{path}: {where} must be a table")
+    known = {f.name: f for f in dataclasses.fields(default)}
+    changes: dict[str, Any] = {}
+    for name, item in value.items():
+        if name not in known:
+            raise ConfigError(f"{path}: unknown setting {where}.{name}")
+        current = getattr(default, name)
+        if dataclasses.is_dataclass(current) and not isinstance(current, type):
+            item = _table(path, f"{where}.{name}", current, item)
+        elif isinstance(item, list):
+            item = tuple(item)
+        changes[name] = item
+    try:
+        return dataclasses.replace(default, **changes)
+    except (TypeError, ValueError, P2PEdgeError) as exc:  # a limit's own check, too
+        raise ConfigError(f"{path}: bad {where}: {exc}") from exc
 
 
 def _list(path: Path, key: str, value: Any) -> list[Any]:
@@ -171,7 +235,6 @@ def _config(args: argparse.Namespace, *, throwaway: bool = False) -> NodeConfig:
         "psk_file": args.psk_file,
         "allow_peers": tuple(args.allow_peer),
         "mdns": True if args.mdns else None,
-        "announce_interval": args.announce_interval,
         "serve": tuple(ServeSpec.parse(s) for s in getattr(args, "serve", [])),
         "models_dir": getattr(args, "models_dir", None),
         "registry": getattr(args, "registry", None),
@@ -180,12 +243,18 @@ def _config(args: argparse.Namespace, *, throwaway: bool = False) -> NodeConfig:
         "threads": getattr(args, "threads", None),
         "direct_lane": False if getattr(args, "no_direct_lane", False) else None,
         "direct_lane_port": getattr(args, "lane_port", None),
-        "inline_step_ms": getattr(args, "inline_step_ms", None),
         "api": getattr(args, "api", None),
         "api_key_file": getattr(args, "api_key_file", None),
         "api_cors_origins": tuple(getattr(args, "api_cors", [])),
+        "relay": RelayPolicy() if getattr(args, "relay", False) else None,
+        "reserve": tuple(getattr(args, "reserve", [])),
+        "memory_budget": getattr(args, "memory_budget", None),
     }
     fields.update({key: value for key, value in flags.items() if value not in (None, ())})
+    tuning = {k: getattr(args, k, None) for k in TUNING_FLAGS}
+    tuning = {k: v for k, v in tuning.items() if v is not None}
+    if tuning:
+        fields["tuning"] = dataclasses.replace(fields.get("tuning", Tuning()), **tuning)
     if "data_dir" not in fields:
         fields["data_dir"] = (
             Path(tempfile.mkdtemp(prefix="p2pedge-")) if throwaway else default_data_dir()
@@ -194,6 +263,19 @@ def _config(args: argparse.Namespace, *, throwaway: bool = False) -> NodeConfig:
         return NodeConfig(**fields)
     except (TypeError, ValueError) as exc:  # a wrongly typed setting in the file
         raise ConfigError(f"bad setting: {exc}") from exc
+
+
+def _bytes(text: str) -> int:
+    """``2G``, ``512M``, ``300K`` or plain bytes (powers of 1024)."""
+    units = {"K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40}
+    number, unit = (text[:-1], units[text[-1].upper()]) if text[-1:].upper() in units else (text, 1)
+    try:
+        value = int(float(number) * unit)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a size: {text!r}") from None
+    if value <= 0:
+        raise argparse.ArgumentTypeError(f"a size must be positive, got {text!r}")
+    return value
 
 
 def _model_dir(text: str) -> tuple[str, Path]:
@@ -253,7 +335,7 @@ async def list_peers(args: argparse.Namespace, printer: Printer) -> None:
 
     config = _config(args, throwaway=True)
     async with Node(config) as node:
-        if not node.known_peers():
+        if not node.network.known_peers():
             raise ConfigError("could not join the swarm: no bootstrap peer answered")
         cards = [c for c in await node.find_peers(args.model) if c.peer_id != node.peer_id]
         for card in cards:

@@ -10,7 +10,7 @@ and materializing all touch the disk, some in proportion to a model's size.
 from __future__ import annotations
 
 import logging
-from collections.abc import Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -23,17 +23,31 @@ from p2pedge.models.manifest import Manifest, ManifestError
 if TYPE_CHECKING:
     from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
+    from p2pedge.models.keys import TrustStore
     from p2pedge.models.pull import PullResult
-    from p2pedge.node.models import NodeModels
+    from p2pedge.models.store import Store
+    from p2pedge.node.context import NodeContext
 
 log = logging.getLogger("p2pedge.node")
 
 
 class Distribution:
-    def __init__(self, models: NodeModels) -> None:
-        self.models = models
-        self.node = models.node
-        self.store = models.store
+    """Pulls into ``store`` trusting ``trust``; ``resolve`` finds a model held in full
+    (blocking), ``refresh_card`` puts what the store holds now into the card."""
+
+    def __init__(
+        self,
+        ctx: NodeContext,
+        store: Store,
+        trust: TrustStore,
+        resolve: Callable[[ModelId], Path],
+        refresh_card: Callable[[], Awaitable[None]],
+    ) -> None:
+        self.ctx = ctx
+        self.store = store
+        self.trust = trust
+        self.resolve = resolve
+        self.refresh_card = refresh_card
 
     async def pull(
         self, model: ModelId, registry: str | None, files: Sequence[str] | None = None
@@ -60,9 +74,9 @@ class Distribution:
                 directory, model.name, model.version, category, key, tags=tags
             )
         )
-        await self.models.refresh_card_models()
-        if not self.node.config.local_only:
-            await announce_store(self.node, self.store, [manifest.model])
+        await self.refresh_card()
+        if not self.ctx.local_only:
+            await announce_store(self.ctx, self.store, [manifest.model])
         return manifest
 
     async def shard_source(
@@ -73,18 +87,26 @@ class Distribution:
         registry) and verified chunk by chunk: its graph and facts first, then, once the
         range is known (placement may choose it), its blocks' weights."""
         try:
-            return await trio.to_thread.run_sync(self.models.resolve, model), layers
+            return await trio.to_thread.run_sync(self.resolve, model), layers
         except ModelNotCached:
             pass
-        from p2pedge.models.convert.layout import FACTS_FILE, MODEL_FILE
+        from p2pedge.models.convert.layout import MODEL_FILE
         from p2pedge.models.convert.shards import shard_files
         from p2pedge.protocols.pipeline.serving import model_layers, place
+        from p2pedge.records.facts import FACTS_FILE
 
-        registry = self.node.config.registry
+        registry = self.ctx.config.registry
         head, _ = await self._pull_held(model, registry, [FACTS_FILE, MODEL_FILE])
         if layers is None:
             n_layers = await trio.to_thread.run_sync(model_layers, head)
-            layers = await place(self.node, model.name, n_layers, max(n_layers // 2, 1))
+            layers = await place(
+                self.ctx,
+                model.name,
+                n_layers,
+                max(n_layers // 2, 1),
+                model_dir=head,
+                memory_budget=self.ctx.config.memory_budget,
+            )
         files = await trio.to_thread.run_sync(shard_files, head, layers)
         path, manifest = await self._pull_held(model, registry, files)
         wanted = manifest.select(files)
@@ -122,23 +144,23 @@ class Distribution:
         known = await trio.to_thread.run_sync(self._stored_manifest, model)
         blobs = [f.sha256 for f in known.select(files)] if known is not None else []
         sources: list[Any] = []
-        if not self.node.config.local_only:
-            sources.extend(await swarm_sources(self.node, model, blobs=blobs))
+        if not self.ctx.local_only:
+            sources.extend(await swarm_sources(self.ctx, model, blobs=blobs))
         client = RegistryClient(registry) if registry else None
         if client is not None:
             sources.append(client)
         try:
-            result = await pull(model, self.store, sources, self.models.trust, files=files)
+            result = await pull(model, self.store, sources, self.trust, files=files)
         finally:
             for source in sources:
                 await source.aclose()
-        await self.models.refresh_card_models()
-        if not self.node.config.local_only:
-            await announce_store(self.node, self.store, [result.manifest.model])
+        await self.refresh_card()
+        if not self.ctx.local_only:
+            await announce_store(self.ctx, self.store, [result.manifest.model])
         return result
 
     def _stored_manifest(self, model: ModelId) -> Manifest | None:
         try:
-            return self.store.get_manifest(self.store.resolve(model), self.models.trust)
+            return self.store.get_manifest(self.store.resolve(model), self.trust)
         except (ModelNotCached, IntegrityError, ManifestError, KeyError):
             return None

@@ -15,10 +15,10 @@ if TYPE_CHECKING:
 
     from p2pedge.models.manifest import Manifest
     from p2pedge.models.store import Store
-    from p2pedge.node.inference import Completion
-    from p2pedge.node.models import NodeModels, ShardedCompletion
+    from p2pedge.node.models import NodeModels
     from p2pedge.orchestrator.orchestrator import Answer, FanOut, Orchestrator
     from p2pedge.runtime.cache import ModelCache
+    from p2pedge.runtime.completion import Completion
 
 
 class ModelsFacade:
@@ -46,9 +46,7 @@ class ModelsFacade:
         """
         return self.models.generate(model, route=route, **kwargs)
 
-    async def complete(
-        self, model: str, *, route: str = "auto", **kwargs: Any
-    ) -> Completion | ShardedCompletion:
+    async def complete(self, model: str, *, route: str = "auto", **kwargs: Any) -> Completion:
         """The whole answer with token counts and timings (time to first token, tok/s)."""
         return await self.models.complete(model, route=route, **kwargs)
 

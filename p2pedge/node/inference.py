@@ -19,7 +19,7 @@ from collections.abc import AsyncGenerator, Awaitable, Callable, Mapping, Sequen
 from contextlib import aclosing
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import numpy.typing as npt
@@ -28,30 +28,19 @@ import trio
 from p2pedge.errors import Busy, ModelNotCached
 from p2pedge.ids import ModelId
 from p2pedge.runtime.cache import CachedModel, Lease, ModelCache, cache_key
+from p2pedge.runtime.completion import Completion as Completion
 from p2pedge.runtime.config import RuntimeConfig
-from p2pedge.runtime.genai_model import GenaiModel, Generation, Token
 from p2pedge.runtime.inline import StepCosts
 from p2pedge.runtime.sampling import SamplingParams
+
+if TYPE_CHECKING:  # onnxruntime-genai loads with the first generation, not with the node
+    from p2pedge.runtime.genai_model import Generation, Token
 
 ModelRef = str | ModelId
 QUEUE_LIMIT = "inference.queue"  # the limit a full per-model queue names in its Busy
 Resolver = Callable[[ModelId], Path]
 # mypy 2.4 rejects keyword arguments after trio's TypeVarTuple ``*args``; go untyped here.
 _to_thread_abandonable: Callable[..., Awaitable[None]] = trio.to_thread.run_sync
-
-
-@dataclass(frozen=True)
-class Completion:
-    """A finished generation. ``tok_per_s`` is the decode rate after the first token."""
-
-    text: str
-    prompt_tokens: int
-    completion_tokens: int
-    ttft_s: float
-    tok_per_s: float
-    finish_reason: str
-    provider: str
-    token_ids: tuple[int, ...] = ()
 
 
 @dataclass
@@ -106,13 +95,15 @@ def _checked(
     top_k: int,
     seed: int | None,
     stop: Sequence[str] | None,
+    logprobs: bool = False,
+    top_logprobs: int = 0,
 ) -> SamplingParams:
     """Validate a request before anything is queued or computed."""
     if (prompt is None) == (messages is None):
         raise ValueError("pass exactly one of prompt= or messages=")
     return SamplingParams.make(
         max_tokens=max_tokens, temperature=temperature, top_p=top_p, top_k=top_k, seed=seed,
-        stop=stop,
+        stop=stop, logprobs=logprobs, top_logprobs=top_logprobs,
     )  # fmt: skip
 
 
@@ -214,14 +205,20 @@ class LocalInference:
         top_k: int = 0,
         seed: int | None = None,
         stop: Sequence[str] | None = None,
+        logprobs: bool = False,
+        top_logprobs: int = 0,
     ) -> AsyncGenerator[Token, None]:
-        """Yield each generated Token (id and the text it made safe to show).
+        """Yield each generated Token (id and the text it made safe to show; with
+        ``logprobs``, its log-probability and ``top_logprobs`` likeliest alternatives).
 
         Parameters are validated here, before anything is queued or computed. Close the
         stream promptly when stopping early (``contextlib.aclosing``) so the model's
         slot is freed at once rather than when the generator is collected.
         """
-        params = _checked(prompt, messages, max_tokens, temperature, top_p, top_k, seed, stop)
+        params = _checked(
+            prompt, messages, max_tokens, temperature, top_p, top_k, seed, stop, logprobs,
+            top_logprobs,
+        )  # fmt: skip
         return self._tokens(_Run(), model, params, prompt, messages)
 
     async def _tokens(
@@ -240,6 +237,8 @@ class LocalInference:
             gen: Generation | None = None
             decoding = False
             try:
+                from p2pedge.runtime.genai_model import GenaiModel  # loaded by the lease
+
                 llm = lease.model
                 if not isinstance(llm, GenaiModel):
                     raise ValueError(f"{mid} is a {llm.kind} model; use infer() for it")

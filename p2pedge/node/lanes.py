@@ -11,7 +11,7 @@ the failure is remembered for a while so the next session does not pay it again.
 from __future__ import annotations
 
 import logging
-from typing import TYPE_CHECKING
+from collections.abc import Callable
 
 import trio
 
@@ -20,9 +20,7 @@ from p2pedge.protocols._stream import FramedStream
 from p2pedge.protocols.direct import codec
 from p2pedge.protocols.direct.handler import DirectLane, StreamHandler, open_direct
 from p2pedge.protocols.direct.machine import LaneLimits
-
-if TYPE_CHECKING:
-    from p2pedge.node.node import Node
+from p2pedge.protocols.host import StreamHost
 
 log = logging.getLogger(__name__)
 
@@ -39,37 +37,45 @@ def lane_host(listen: tuple[str, ...]) -> str:
 
 
 class Lanes:
-    """``limits`` bound what strangers on the lane port and ticket askers may hold; set
-    them before the first :meth:`serve` (the listener starts there)."""
+    """Lanes over ``host`` (which carries the tickets, and the fallback), listening in the
+    nursery ``nursery()`` returns on ``listen_host:port``. ``limits`` bound what strangers
+    on the lane port and ticket askers may hold; set them before the first :meth:`serve`
+    (the listener starts there)."""
 
-    def __init__(self, node: Node, limits: LaneLimits | None = None) -> None:
-        self.node = node
+    def __init__(
+        self,
+        host: StreamHost,
+        nursery: Callable[[], trio.Nursery],
+        *,
+        enabled: bool = True,
+        listen_host: str = "127.0.0.1",
+        port: int = 0,
+        limits: LaneLimits | None = None,
+    ) -> None:
+        self.host = host
+        self.nursery = nursery
+        self.enabled = enabled
+        self.listen_host = listen_host
+        self.port = port
         self.limits = limits or LaneLimits()
         self.server: DirectLane | None = None
         self.opened = 0
         self.fallbacks = 0
         self._no_lane_until: dict[str, float] = {}
 
-    @property
-    def enabled(self) -> bool:
-        return self.node.config.direct_lane and not self.node.config.local_only
-
     async def serve(self, protocol_id: str, handler: StreamHandler) -> None:
         """Also serve ``protocol_id`` on the lane (listening starts on first use)."""
         if not self.enabled:
             return
         if self.server is None:
-            config = self.node.config
-            server = DirectLane(
-                host=lane_host(config.listen), port=config.direct_lane_port, limits=self.limits
-            )
+            server = DirectLane(host=self.listen_host, port=self.port, limits=self.limits)
             try:
-                await server.start(self.node.nursery)
+                await server.start(self.nursery())
             except OSError as exc:
                 where = f"{server.host}:{server.port}"
                 raise ConfigError(f"cannot listen for the direct lane on {where}: {exc}") from exc
             self.server = server
-            self.node.set_stream_handler(codec.PROTOCOL_ID, server.handle_ticket)
+            self.host.set_stream_handler(codec.PROTOCOL_ID, server.handle_ticket)
             log.info("direct lane listening on %s:%d", server.host, server.port)
         self.server.enable(protocol_id, handler)
 
@@ -85,7 +91,7 @@ class Lanes:
                 log.debug("no direct lane to %s (%s); using libp2p", peer_id, exc)
                 self._remember_miss(peer_id, now)
                 self.fallbacks += 1
-        return await self.node.open_stream(peer_id, protocol_id, timeout=timeout)
+        return await self.host.open_stream(peer_id, protocol_id, timeout=timeout)
 
     def _remember_miss(self, peer_id: str, now: float) -> None:
         """Skip the lane to ``peer_id`` for a while; forgets misses that have run out."""
@@ -94,7 +100,7 @@ class Lanes:
         self._no_lane_until[peer_id] = now + NO_LANE_MEMORY_S
 
     async def _open_lane(self, peer_id: str, protocol_id: str, timeout: float) -> FramedStream:
-        ticket_stream = await self.node.open_stream(peer_id, codec.PROTOCOL_ID, timeout=timeout)
+        ticket_stream = await self.host.open_stream(peer_id, codec.PROTOCOL_ID, timeout=timeout)
         try:
             return await open_direct(ticket_stream, protocol_id, timeout=timeout)
         finally:

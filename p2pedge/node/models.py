@@ -1,7 +1,7 @@
 """The node's model services: store, local runtime, blob serving, pulls and shards.
 
-Kept apart from :mod:`p2pedge.node.node` so the networking core stays small; the Node
-owns one :class:`NodeModels` and forwards its public methods here.
+The Node owns one :class:`NodeModels` and gives it a :class:`~p2pedge.node.context.NodeContext`
+(the host, peer queries, the card's setters, lanes and the nursery), never itself.
 """
 
 from __future__ import annotations
@@ -11,27 +11,34 @@ import logging
 import time
 from collections.abc import AsyncGenerator, Mapping, Sequence
 from contextlib import aclosing
-from dataclasses import dataclass, replace
+from dataclasses import replace
 from functools import partial
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import trio
 
-from p2pedge.errors import IntegrityError, ModelLoadError, ModelNotCached, PeerUnavailable
+from p2pedge.errors import (
+    IntegrityError,
+    MemoryBudgetError,
+    ModelLoadError,
+    ModelNotCached,
+    PeerUnavailable,
+)
 from p2pedge.ids import ModelId
-from p2pedge.models.convert.layout import read_model_facts
 from p2pedge.models.keys import TrustStore
 from p2pedge.models.manifest import ManifestError
 from p2pedge.models.store import Store
 from p2pedge.node.distribution import Distribution
-from p2pedge.node.inference import Completion, LocalInference
+from p2pedge.node.inference import LocalInference
 from p2pedge.records.card import CachedModel, covers_model
+from p2pedge.records.facts import FACTS_FILE, read_facts
+from p2pedge.runtime.completion import Completion
 from p2pedge.runtime.config import RuntimeConfig
 from p2pedge.runtime.sampling import SamplingParams
 
 if TYPE_CHECKING:
-    from p2pedge.node.node import Node
+    from p2pedge.node.context import NodeContext
     from p2pedge.orchestrator.orchestrator import Orchestrator
     from p2pedge.protocols.blob.handler import BlobService
     from p2pedge.protocols.infer.codec import InferRequest
@@ -39,7 +46,7 @@ if TYPE_CHECKING:
     from p2pedge.runtime.text import TextCodec
 
 log = logging.getLogger("p2pedge.node")
-TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "p2pedge_model.json")
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", FACTS_FILE)
 MAX_TEXT_CODECS = 16
 
 
@@ -47,20 +54,9 @@ def int8_activations(model_dir: Path) -> bool:
     """Whether a model's facts say its matmuls take 8-bit activations: replicas then agree
     only within the quantized tolerance, so checks must use it (or ban honest servers)."""
     try:
-        return bool(read_model_facts(model_dir).int8_activations)
-    except (OSError, ValueError, TypeError):
+        return bool(read_facts(model_dir / FACTS_FILE).int8_activations)
+    except (ModelLoadError, OSError, ValueError, TypeError):  # no or unreadable facts
         return False
-
-
-@dataclass(frozen=True)
-class ShardedCompletion:
-    text: str
-    token_ids: list[int]
-    prompt_tokens: int
-    ttft_s: float
-    tok_per_s: float
-    route: list[str]
-    recoveries: int
 
 
 def _dir_digest(path: Path) -> str:
@@ -70,21 +66,22 @@ def _dir_digest(path: Path) -> str:
     for item in sorted(path.iterdir()):
         if item.is_file():
             h.update(f"{item.name}:{item.stat().st_size};".encode())
-    facts = path / "p2pedge_model.json"
+    facts = path / FACTS_FILE
     if facts.is_file():
         h.update(facts.read_bytes())
     return h.hexdigest()
 
 
 class NodeModels:
-    def __init__(self, node: Node) -> None:
-        config = node.config
-        self.node = node
+    def __init__(self, ctx: NodeContext) -> None:
+        config = ctx.config
+        tuning = config.tuning
+        self.ctx = ctx
         self.store = Store(config.models_dir or config.data_dir / "store")
         self.trust = TrustStore.load(config.trusted_publishers)
         self.dirs: dict[str, Path] = {}
         # the inline budget serves local tokens and shard steps alike
-        runtime = RuntimeConfig(inline_step_s=config.inline_step_ms / 1000)
+        runtime = RuntimeConfig(inline_step_s=tuning.inline_step_ms / 1000)
         if config.threads:
             runtime = replace(runtime, intra_op_threads=config.threads)
         self.runtime = runtime
@@ -95,7 +92,9 @@ class NodeModels:
         self.shard_bans: dict[str, tuple[float, int]] = {}  # shared by sharded sessions
         self._text_codecs: dict[Path, TextCodec] = {}  # tokenizers the sharded path loaded
         self._card_readings = 0  # counts store readings for the card; the newest one wins
-        self.distribution = Distribution(self)
+        self.distribution = Distribution(
+            ctx, self.store, self.trust, self.resolve, self.refresh_card_models
+        )
         for name, path in config.model_dirs:
             self._register_dir(name, Path(path))
 
@@ -108,13 +107,10 @@ class NodeModels:
         stored manifests, never a model's weights."""
         self._register_dir(name, Path(path))
         self._card_readings += 1  # a refresh still reading in a thread is now older
-        self.node.set_models(self.cached_models())
+        self.ctx.set_models(self.cached_models())
 
     def _register_dir(self, name: str, path: Path) -> None:
-        if (
-            not (path / "genai_config.json").is_file()
-            and not (path / "p2pedge_model.json").is_file()
-        ):
+        if not (path / "genai_config.json").is_file() and not (path / FACTS_FILE).is_file():
             raise ModelNotCached(f"{name} ({path} is not a model directory)")
         self.dirs[ModelId.parse(name).name] = path
 
@@ -159,7 +155,7 @@ class NodeModels:
         dirs = sorted(self.dirs.items())  # read here: add_model_dir changes it on the loop
         models = await trio.to_thread.run_sync(self._cached_models, dirs)
         if reading == self._card_readings:
-            self.node.set_models(models)
+            self.ctx.set_models(models)
 
     # -- lifecycle ---------------------------------------------------------------------
 
@@ -167,25 +163,27 @@ class NodeModels:
         """Serve blobs, inference and shards once the node's network is up."""
         await self.refresh_card_models()
         self._start_orchestrator()
-        if self.node.config.local_only:
+        if self.ctx.config.local_only:
             return
         from p2pedge.protocols.blob.codec import PROTOCOL_ID
         from p2pedge.protocols.blob.handler import BlobService, announce_store
 
-        self.blobs = BlobService(self.store, limits=self.node.config.limits.blob)
-        self.node.set_stream_handler(PROTOCOL_ID, self.blobs.handle)
-        self.node.nursery.start_soon(announce_store, self.node, self.store)
-        if self.node.config.serve:
+        self.blobs = BlobService(self.store, limits=self.ctx.config.limits.blob)
+        self.ctx.set_stream_handler(PROTOCOL_ID, self.blobs.handle)
+        self.ctx.nursery.start_soon(announce_store, self.ctx, self.store)
+        if self.ctx.config.serve:
             await self._start_shards()
 
     async def _start_shards(self) -> None:
         from p2pedge.protocols.pipeline.serving import start_pipeline_server
 
         serve = []
-        for spec in self.node.config.serve:
+        for spec in self.ctx.config.serve:
             model = ModelId.parse(spec.model)
             try:
                 path, layers = await self.distribution.shard_source(model, spec.layers)
+            except MemoryBudgetError:
+                raise  # says itself what does not fit
             except (
                 PeerUnavailable,
                 IntegrityError,
@@ -198,31 +196,34 @@ class NodeModels:
             serve.append((model.name, path, layers))
         try:
             self.pipeline = await start_pipeline_server(
-                self.node,
+                self.ctx,
                 serve,
-                shards_root=self.node.config.data_dir / "shards",
+                shards_root=self.ctx.config.data_dir / "shards",
                 runtime=self.runtime,
-                inline_step_s=self.node.config.inline_step_ms / 1000,
-                limits=self.node.config.limits.pipeline,
+                inline_step_s=self.ctx.config.tuning.inline_step_ms / 1000,
+                limits=self.ctx.config.limits.pipeline,
+                memory_budget=self.ctx.config.memory_budget,
             )
+        except MemoryBudgetError:
+            raise
         except (ValueError, OSError) as exc:
             raise ModelLoadError(
-                f"cannot serve {[s.model for s in self.node.config.serve]}: {exc}"
+                f"cannot serve {[s.model for s in self.ctx.config.serve]}: {exc}"
             ) from exc
-        for served in self.node.card.layers_served:
+        for served in self.ctx.card.layers_served:
             log.info("serving %s blocks %d-%d", served.model, served.start, served.end)
 
     def _start_orchestrator(self) -> None:
         from p2pedge.orchestrator import NodePeers, Orchestrator, install_infer
 
-        peers: Any = _NoPeers() if self.node.config.local_only else NodePeers(self.node)
-        if not self.node.config.local_only:
-            install_infer(self.node, self.inference, limits=self.node.config.limits.infer)
+        peers: Any = _NoPeers() if self.ctx.config.local_only else NodePeers(self.ctx)
+        if not self.ctx.config.local_only:
+            install_infer(self.ctx, self.inference, limits=self.ctx.config.limits.infer)
         self.orchestrator = Orchestrator(
             self.inference,
             peers,
             sharded=_ShardedRunner(self),
-            nursery=self.node.nursery,
+            nursery=self.ctx.nursery,
             max_models=self.inference.cache.config.max_models,
             local_names=self.registered_names,
         )
@@ -230,7 +231,7 @@ class NodeModels:
     def registered_names(self) -> list[str]:
         """Names models are registered under here: dirs as named, stored models by id (as
         the card last read them from the store, so this never blocks)."""
-        stored = [m.id for m in self.node.card.models if not m.id.endswith("@local")]
+        stored = [m.id for m in self.ctx.card.models if not m.id.endswith("@local")]
         return [*self.dirs, *stored]
 
     def close(self) -> None:
@@ -252,7 +253,7 @@ class NodeModels:
         if route not in ("auto", "local", "sharded"):
             raise ValueError("route must be auto, local or sharded")
         if route == "auto":
-            if self.node.config.local_only:
+            if self.ctx.config.local_only:
                 return "local"
             local = await trio.to_thread.run_sync(self.has_local, model)
             return "local" if local else "sharded"
@@ -272,14 +273,12 @@ class NodeModels:
                 if piece:
                     yield piece
 
-    async def complete(
-        self, model: str, *, route: str = "auto", **kwargs: Any
-    ) -> Completion | ShardedCompletion:
+    async def complete(self, model: str, *, route: str = "auto", **kwargs: Any) -> Completion:
         if await self._route(model, route) == "local":
             return await self.inference.complete(model, **kwargs)
         return await self.complete_sharded(model, **kwargs)
 
-    async def complete_sharded(self, model: str, **kwargs: Any) -> ShardedCompletion:
+    async def complete_sharded(self, model: str, **kwargs: Any) -> Completion:
         start = time.perf_counter()
         first: float | None = None
         text: list[str] = []
@@ -292,13 +291,16 @@ class NodeModels:
                 ids.append(token)
         elapsed = time.perf_counter() - start
         decode = elapsed - (first or 0.0)
-        return ShardedCompletion(
+        return Completion(
             text="".join(text),
-            token_ids=ids,
             prompt_tokens=info.get("prompt_tokens", 0),
+            completion_tokens=len(ids),
             ttft_s=first or 0.0,
             tok_per_s=(len(ids) - 1) / decode if len(ids) > 1 and decode > 0 else 0.0,
-            route=info.get("route", []),
+            finish_reason=info.get("finish_reason", "cancelled"),
+            provider="sharded",
+            token_ids=tuple(ids),
+            route=tuple(info.get("route", ())),
             recoveries=info.get("recoveries", 0),
         )
 
@@ -359,41 +361,44 @@ class NodeModels:
             else make_sampler(params.temperature, params.top_k, params.seed or 0, params.top_p)
         )
         name = ModelId.parse(model).name
-        verify = self.node.config.shard_verify
+        verify = self.ctx.config.tuning.shard_verify
         if verify is not None and not verify.quantized:
             path = await trio.to_thread.run_sync(self._tokenizer_dir, model)
             if await trio.to_thread.run_sync(int8_activations, path):
                 verify = replace(verify, quantized=True)  # 8-bit matmuls differ more
         config = ClientConfig(
             max_length=len(ids) + max_tokens + 1,
-            step_timeout=self.node.config.shard_step_timeout,
+            step_timeout=self.ctx.config.tuning.shard_step_timeout,
             logits_top_k=logits_needed(params.temperature, params.top_k),
-            push=self.node.config.shard_push,
-            ring=self.node.config.shard_ring,
-            ring_quiet=self.node.config.shard_ring_quiet,
-            slowdown=self.node.config.shard_slowdown,
+            push=self.ctx.config.tuning.shard_push,
+            ring=self.ctx.config.tuning.shard_ring,
+            slowdown=self.ctx.config.tuning.shard_slowdown,
             verify=verify,
         )
         decoder = codec.decoder()
         stops = list(params.stop)
-        session = await open_sharded_session(self.node, name, config=config, bans=self.shard_bans)
+        session = await open_sharded_session(self.ctx, name, config=config, bans=self.shard_bans)
         async with session:
             if info is not None:
                 info["session"] = session
             produced = ""
+            finish = "length"  # unless the model or a stop string ends it first
             tokens = session.stream(ids, max_tokens, eos_id=codec.eos_id, sampler=sampler)
             async with aclosing(tokens):
                 async for token in tokens:
                     if token == codec.eos_id:
+                        finish = "stop"
                         yield "", token  # reported like the local path: the id, no text
                         break
                     piece = decoder.push(token)
                     produced += piece
                     yield piece, token
                     if any(s in produced for s in stops):
+                        finish = "stop"
                         break
             if info is not None:
                 info.update(
+                    finish_reason=finish,
                     prompt_tokens=len(ids),
                     route=[f"{h.peer_id}:{h.layers}" for h in session.route],
                     recoveries=session.recoveries,
@@ -417,14 +422,14 @@ class _ShardedRunner:
         self.models = models
 
     async def can_run(self, model: str) -> bool:
-        if self.models.node.config.local_only:
+        if self.models.ctx.config.local_only:
             return False
         name = ModelId.parse(model).name
-        return covers_model(await self.models.node.find_peers(), name)
+        return covers_model(await self.models.ctx.find_peers(), name)
 
-    async def complete(self, model: str, request: InferRequest) -> ShardedCompletionAdapter:
+    async def complete(self, model: str, request: InferRequest) -> Completion:
         params = request.params
-        result = await self.models.complete_sharded(
+        return await self.models.complete_sharded(
             model,
             messages=request.chat() if request.messages is not None else None,
             prompt=request.prompt,
@@ -435,31 +440,3 @@ class _ShardedRunner:
             seed=params.seed,
             stop=list(params.stop),
         )
-        return ShardedCompletionAdapter(result)
-
-
-@dataclass(frozen=True)
-class ShardedCompletionAdapter:
-    result: ShardedCompletion
-    finish_reason: str = "stop"
-    provider: str = "sharded"
-
-    @property
-    def text(self) -> str:
-        return self.result.text
-
-    @property
-    def prompt_tokens(self) -> int:
-        return self.result.prompt_tokens
-
-    @property
-    def completion_tokens(self) -> int:
-        return len(self.result.token_ids)
-
-    @property
-    def ttft_s(self) -> float:
-        return self.result.ttft_s
-
-    @property
-    def tok_per_s(self) -> float:
-        return self.result.tok_per_s

@@ -8,32 +8,8 @@ from pathlib import Path
 from typing import Any, Protocol
 
 from p2pedge.ids import ModelId
-from p2pedge.protocols.infer.codec import InferRequest, InferResult
-
-
-class CompletionLike(Protocol):
-    """``p2pedge.node.inference.Completion`` and ``InferResult`` both fit."""
-
-    @property
-    def text(self) -> str: ...
-
-    @property
-    def prompt_tokens(self) -> int: ...
-
-    @property
-    def completion_tokens(self) -> int: ...
-
-    @property
-    def ttft_s(self) -> float: ...
-
-    @property
-    def tok_per_s(self) -> float: ...
-
-    @property
-    def finish_reason(self) -> str: ...
-
-    @property
-    def provider(self) -> str: ...
+from p2pedge.protocols.infer.codec import InferRequest
+from p2pedge.runtime.completion import Completion
 
 
 class LoadedLike(Protocol):
@@ -69,7 +45,7 @@ class LocalInferenceLike(Protocol):
         top_k: int = 0,
         seed: int | None = None,
         stop: Sequence[str] | None = None,
-    ) -> CompletionLike: ...
+    ) -> Completion: ...
 
     async def warm(self, model: str) -> Any: ...
 
@@ -101,7 +77,7 @@ class PeerDirectoryLike(Protocol):
 
     async def run_remote(
         self, peer_id: str, request: InferRequest, *, timeout_s: float
-    ) -> InferResult: ...
+    ) -> Completion: ...
 
 
 class ShardedRunner(Protocol):
@@ -109,4 +85,4 @@ class ShardedRunner(Protocol):
 
     async def can_run(self, model: str) -> bool: ...
 
-    async def complete(self, model: str, request: InferRequest) -> CompletionLike: ...
+    async def complete(self, model: str, request: InferRequest) -> Completion: ...

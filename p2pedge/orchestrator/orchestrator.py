@@ -18,7 +18,6 @@ from p2pedge.orchestrator.classifier import Classification, NaiveBayesClassifier
 from p2pedge.orchestrator.federated import MapStats, Worker, capacity, federated_map
 from p2pedge.orchestrator.interfaces import (
     CardLike,
-    CompletionLike,
     LocalInferenceLike,
     PeerDirectoryLike,
     ShardedRunner,
@@ -35,6 +34,7 @@ from p2pedge.orchestrator.router import (
 )
 from p2pedge.protocols.infer.codec import GenParams, InferRequest
 from p2pedge.protocols.infer.handler import next_request_id
+from p2pedge.runtime.completion import Completion
 
 Merge = Callable[[Sequence["Answer"]], str]
 
@@ -168,9 +168,7 @@ class Orchestrator:
         )
         return InferRequest(next_request_id(), spec.model, messages, None, params, spec.name)
 
-    async def _execute(
-        self, where: str, peer_id: str | None, request: InferRequest
-    ) -> CompletionLike:
+    async def _execute(self, where: str, peer_id: str | None, request: InferRequest) -> Completion:
         if where == "local":
             if self.local is None:
                 raise ModelNotCached(request.model)

@@ -7,7 +7,6 @@ validation. Cards carry ``issued_at``/``expires_at``; the newest valid card wins
 
 from __future__ import annotations
 
-import hashlib
 import math
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
@@ -18,11 +17,12 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey,
 from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat
 
 from p2pedge.errors import InvalidRecord, RemoteProtocolError
+from p2pedge.records.keys import CARD_NAMESPACE as CARD_NAMESPACE
+from p2pedge.records.keys import card_key as card_key
 from p2pedge.records.peer_ids import peer_id_from_ed25519
 from p2pedge.wire.messages import pack, unpack_map
 
 MAX_CARD_BYTES = 16 * 1024
-CARD_NAMESPACE = "p2pcard"
 CARD_VERSION = 1
 _MAX_SKEW_S = 300.0
 # A card is re-announced every interval and lives a few intervals; a lifetime beyond an
@@ -77,12 +77,6 @@ class CapabilityCard:
         body.pop("issued_at")
         body.pop("expires_at")
         return body
-
-
-def card_key(peer_id: str) -> str:
-    """DHT key of a peer's card; short because py-libp2p lookups break past ~50 bytes."""
-    digest = hashlib.sha256(peer_id.encode()).hexdigest()[:24]
-    return f"/{CARD_NAMESPACE}/{digest}"
 
 
 def _to_body(card: CapabilityCard) -> dict[str, Any]:

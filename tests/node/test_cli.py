@@ -114,24 +114,26 @@ def test_shard_source_flags_reach_the_node_config(tmp_path: Path) -> None:
 def test_inline_step_flag_reaches_the_node_config_and_is_checked(tmp_path: Path) -> None:
     from p2pedge.errors import ConfigError
     from p2pedge.node.cli import _config, build_parser
-    from p2pedge.node.config import NodeConfig
+    from p2pedge.node.config import Tuning
     from p2pedge.runtime.config import RuntimeConfig
 
     base = ["run", "--data-dir", str(tmp_path)]
-    assert _config(build_parser().parse_args(base)).inline_step_ms == 50.0
+    assert _config(build_parser().parse_args(base)).tuning.inline_step_ms == 50.0
     off = _config(build_parser().parse_args([*base, "--inline-step-ms", "0"]))
-    assert off.inline_step_ms == 0.0
+    assert off.tuning.inline_step_ms == 0.0
     with pytest.raises(ConfigError, match="inline_step_ms"):
-        NodeConfig(data_dir=tmp_path, inline_step_ms=-1)
+        Tuning(inline_step_ms=-1)
     with pytest.raises(ConfigError, match="inline_step_s"):
         RuntimeConfig(inline_step_s=-0.001)
 
 
 def test_inline_step_reaches_local_generation(tmp_path: Path) -> None:
-    from p2pedge.node.config import NodeConfig
+    from p2pedge.node.config import NodeConfig, Tuning
     from p2pedge.node.node import Node
 
     for ms in (0.0, 80.0):
-        node = Node(NodeConfig(data_dir=tmp_path, local_only=True, inline_step_ms=ms))
+        node = Node(
+            NodeConfig(data_dir=tmp_path, local_only=True, tuning=Tuning(inline_step_ms=ms))
+        )
         assert node.models.inference.costs.inline_budget_s == ms / 1000
         node.models.inference.close()

@@ -44,11 +44,13 @@ async def try_identify(node: Node, target: Node) -> bytes:
 
 async def store_own_card(node: Node, target: Node) -> bool:
     """PUT ``node``'s own signed card at ``target`` over Kademlia; True when acknowledged."""
-    assert node.directory is not None and node._card_record is not None
+    assert node.directory is not None and node.announcer.record is not None
     key = card_key(node.peer_id).encode()
-    record = make_signed_put_record(key, node._card_record, node.host.get_private_key())
+    record = make_signed_put_record(key, node.announcer.record, node.host.get_private_key())
     store = node.directory.dht.value_store
-    return bool(await store._store_at_peer(target.host.get_id(), key, node._card_record, record))
+    return bool(
+        await store._store_at_peer(target.host.get_id(), key, node.announcer.record, record)
+    )
 
 
 async def echo(stream: FramedStream, peer: str) -> None:

@@ -21,7 +21,7 @@ from pathlib import Path
 import pytest
 import trio
 
-from p2pedge.node.config import NodeConfig
+from p2pedge.node.config import NodeConfig, Tuning
 from p2pedge.node.node import Node
 from p2pedge.orchestrator.federated import MapStats
 from p2pedge.orchestrator.orchestrator import Answer
@@ -92,7 +92,7 @@ async def client(tmp: Path, servers: list[Server]) -> Node:
         NodeConfig(
             data_dir=tmp / "client",
             bootstrap=tuple(s.addr for s in servers),
-            measure_compute=False,
+            tuning=Tuning(measure_compute=False),
         )
     )
 
@@ -106,7 +106,7 @@ async def until_both_found(node: Node, servers: list[Server]) -> None:
 async def expected(tmp: Path, tiny: Path, items: list[str]) -> list[tuple[str, int]]:
     """The same map run locally: greedy text and prompt length of each item."""
     config = NodeConfig(
-        data_dir=tmp / "reference", local_only=True, measure_compute=False,
+        data_dir=tmp / "reference", local_only=True, tuning=Tuning(measure_compute=False),
         model_dirs=((MODEL, tiny),),
     )  # fmt: skip
     async with Node(config) as node:

@@ -34,7 +34,7 @@ async def test_two_nodes_see_each_others_verified_cards(config: Config) -> None:
 async def test_model_announcement_is_found_by_model(config: Config) -> None:
     async with Node(config("a")) as a:
         async with Node(config("b", bootstrap=(a.addrs[0],))) as b:
-            b.set_models([CachedModel("tiny@1", "cd" * 32)])
+            b.announcer.set_models([CachedModel("tiny@1", "cd" * 32)])
             await b.announce()
             found = await a.find_peers("tiny")
             assert [c.peer_id for c in found] == [b.peer_id]
@@ -174,8 +174,8 @@ async def test_card_content_change_triggers_reannounce(config: Config) -> None:
     async with Node(config("a")) as a, Node(config("b")) as b:
         await b.connect(a.addrs[0])
         await a.announce()
-        a.set_models([CachedModel("fresh@2", "ef" * 32)])
+        a.announcer.set_models([CachedModel("fresh@2", "ef" * 32)])
         with trio.fail_after(10):
-            await a.next_announce()
+            await a.announcer.next_announce()
         card = await b.card_of(a.peer_id, refresh=True)
         assert card is not None and card.has_model("fresh")

@@ -13,7 +13,7 @@ async def test_served_layers_are_on_the_card_before_the_next_announce(
 ) -> None:
     async with Node(config("a", local_only=True)) as node:
         assert node.card.layers_served == ()
-        node.set_layers_served([ServedLayers("smollm2", 0, 10)])
+        node.announcer.set_layers_served([ServedLayers("smollm2", 0, 10)])
         assert [(s.model, s.start, s.end) for s in node.card.layers_served] == [("smollm2", 0, 10)]
-        node.set_card_extra("lane", "127.0.0.1:4002")
+        node.announcer.set_card_extra("lane", "127.0.0.1:4002")
         assert node.card.extra["lane"] == "127.0.0.1:4002"

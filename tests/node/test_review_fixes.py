@@ -37,11 +37,11 @@ async def test_card_load_reflects_running_and_queued_requests(
         async with trio.open_nursery() as nursery:
             nursery.start_soon(hold_one_slot)
             await started.wait()
-            node._refresh_card()
+            node.announcer.refresh()
             busy = node.card.load
             release.set()
         assert 0.0 < busy <= 1.0
-        node._refresh_card()
+        node.announcer.refresh()
         assert node.card.load == 0.0
 
 

@@ -64,9 +64,14 @@ async def test_shard_servers_pull_only_their_blocks_and_serve_them(
             local = await publisher.complete(
                 MODEL.name, prompt=PROMPT, max_tokens=8, temperature=0, route="local"
             )
-    assert sharded.route == [f"{first.peer_id}:0-2", f"{last.peer_id}:2-4"]
-    assert sharded.token_ids == list(local.token_ids)
-    assert len(sharded.token_ids) == 8
+    assert list(sharded.route) == [f"{first.peer_id}:0-2", f"{last.peer_id}:2-4"]
+    assert sharded.token_ids == local.token_ids and sharded.provider == "sharded"
+    assert len(sharded.token_ids) == 8 == sharded.completion_tokens
+    # one Completion type: the sharded run reports like the local one
+    assert (sharded.finish_reason, sharded.prompt_tokens) == (
+        local.finish_reason,
+        local.prompt_tokens,
+    )
 
 
 async def test_a_shard_from_an_untrusted_publisher_is_refused(
@@ -75,7 +80,7 @@ async def test_a_shard_from_an_untrusted_publisher_is_refused(
     async with Node(config("publisher")) as publisher:
         store = publisher.models.store
         store.add_model_dir(model_dir, MODEL.name, MODEL.version, "llm", generate_key())
-        await announce_store(publisher, store)
+        await announce_store(publisher.peers, store)
         stranger = tmp_path / "stranger.pub"
         stranger.write_text(public_key_hex(generate_key()))
         settings = config(
@@ -104,7 +109,7 @@ async def test_a_replica_pulls_its_shard_from_a_shard_server_once_the_publisher_
     async with Node(config("publisher")) as publisher:
         store = publisher.models.store
         store.add_model_dir(model_dir, MODEL.name, MODEL.version, "llm", key)
-        await announce_store(publisher, store)
+        await announce_store(publisher.peers, store)
         async with Node(server("first", publisher.addrs[0])) as first:
             store.remove_model(MODEL)
             assert store.gc() > 0 and not store.blob_digests()  # only `first` has the files now

@@ -18,7 +18,7 @@ from p2pedge.ids import LayerRange, ModelId
 from p2pedge.models.convert.shards import shard_files
 from p2pedge.models.keys import generate_key, public_key_hex
 from p2pedge.models.store import Store
-from p2pedge.node.config import NodeConfig
+from p2pedge.node.config import NodeConfig, Tuning
 from p2pedge.node.node import Node
 from p2pedge.registry.server import serve_registry
 from p2pedge.testing import real_model_dir
@@ -80,7 +80,7 @@ async def test_servers_pull_only_their_thirds_and_answer_like_the_whole_model(
             data_dir=tmp_path / "client",
             bootstrap=tuple(addrs),
             model_dirs=((MODEL.name, real_model_dir()),),
-            measure_compute=False,
+            tuning=Tuning(measure_compute=False),
         )
         async with Node(config) as client:
             runs = {

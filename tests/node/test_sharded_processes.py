@@ -22,7 +22,7 @@ from typing import Any
 
 import pytest
 
-from p2pedge.node.config import NodeConfig
+from p2pedge.node.config import NodeConfig, Tuning
 from p2pedge.node.node import Node
 from p2pedge.testing import real_model_dir
 
@@ -114,11 +114,11 @@ async def _client(
         data_dir=tmp / "client",
         bootstrap=tuple(s.addr for s in servers),
         model_dirs=((MODEL, real_model_dir()),),
-        shard_step_timeout=STEP_TIMEOUT,
-        measure_compute=False,
-        shard_push=shard_push,
-        **overrides,
-    )
+        tuning=Tuning(
+            shard_step_timeout=STEP_TIMEOUT, measure_compute=False, shard_push=shard_push,
+            **overrides,
+        ),
+    )  # fmt: skip
     return Node(config)
 
 

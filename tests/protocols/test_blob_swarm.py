@@ -76,9 +76,9 @@ async def test_pull_from_three_peers_with_registry_stopped(tmp_path: Path) -> No
                 service = BlobService(Store(root))
                 services.append(service)
                 node.set_stream_handler(PROTOCOL_ID, service.handle)
-                assert await announce_store(node, service.store) == 3
+                assert await announce_store(node.peers, service.store) == 3
             puller = swarm.nodes[3]
-            found = await swarm_sources(puller, ModelId("tiny"))
+            found = await swarm_sources(puller.context, ModelId("tiny"))
             names = {f"peer {n.peer_id}" for n in holders}
             assert found and {s.name for s in found} <= names
             sources = [PeerChunkSource.for_node(puller, n.peer_id) for n in holders]

@@ -15,8 +15,9 @@ from p2pedge.errors import ShardFailed
 from p2pedge.ids import LayerRange
 from p2pedge.protocols.pipeline.client import ClientConfig, ShardedSession
 from p2pedge.protocols.pipeline.handler import PipelineServer
-from p2pedge.protocols.pipeline.local import FaultyShardServer, LocalSwarm, tiny_shards
+from p2pedge.protocols.pipeline.local import FaultyShardServer, LocalSwarm
 from p2pedge.protocols.pipeline.sampling import make_sampler
+from p2pedge.testing.shards import tiny_shards
 
 N_LAYERS = 6
 MODEL = "tiny"

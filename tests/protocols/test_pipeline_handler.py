@@ -21,9 +21,9 @@ from p2pedge.protocols.pipeline import codec
 from p2pedge.protocols.pipeline.fair import FairLimiter
 from p2pedge.protocols.pipeline.handler import PipelineServer
 from p2pedge.protocols.pipeline.limits import PipelineLimits
-from p2pedge.protocols.pipeline.local import tiny_shards
 from p2pedge.quota import Limit
 from p2pedge.runtime.shard_session import ShardModel, ShardSession
+from p2pedge.testing.shards import tiny_shards
 
 MODEL = "tiny"
 FIRST, LAST = LayerRange(0, 2), LayerRange(2, 4)

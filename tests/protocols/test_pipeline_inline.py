@@ -16,8 +16,8 @@ from p2pedge.ids import LayerRange
 from p2pedge.protocols._stream import FramedStream, memory_stream_pair
 from p2pedge.protocols.pipeline import codec
 from p2pedge.protocols.pipeline.handler import PipelineServer
-from p2pedge.protocols.pipeline.local import tiny_shards
 from p2pedge.runtime.inline import StepCosts
+from p2pedge.testing.shards import tiny_shards
 
 MODEL = "tiny"
 WHOLE = LayerRange(0, 4)

@@ -16,7 +16,7 @@ from p2pedge.protocols.pipeline import codec
 from p2pedge.protocols.pipeline.fair import ComputePacer
 from p2pedge.protocols.pipeline.handler import PipelineServer
 from p2pedge.protocols.pipeline.limits import PipelineLimits
-from p2pedge.protocols.pipeline.local import tiny_shards
+from p2pedge.testing.shards import tiny_shards
 
 MODEL = "tiny"
 FIRST = LayerRange(0, 2)

@@ -152,7 +152,7 @@ async def test_generations_survive_random_kills_of_replicated_servers(
             # EOF, unlike a dead process); a new stream on it then hangs until the 10 s
             # open deadline. Dropping it keeps later sessions' failed dials fast: they
             # still see the dead peer's card and must recover from it.
-            await client.disconnect(victim.node.peer_id)
+            await client.network.disconnect(victim.node.peer_id)
             assert victim.node not in swarm.nodes
             assert all(live(layers) for layers in RANGES)
             return victim.node.peer_id if victim.node.peer_id in route else None

@@ -12,7 +12,7 @@ async def test_thirty_nodes_all_find_a_model_announced_by_one() -> None:
     # interval and are served by their owners meanwhile.
     async with Swarm(30, seed=7, measure_compute=False, replicate_on_start=False) as swarm:
         owner = swarm.nodes[11]
-        owner.set_models([CachedModel("needle@1", "aa" * 32)])
+        owner.announcer.set_models([CachedModel("needle@1", "aa" * 32)])
         await owner.announce()
         found: dict[str, list[str]] = {}
 

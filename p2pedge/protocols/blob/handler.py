@@ -10,7 +10,6 @@ records into sources. Nothing here trusts a peer: the puller hashes every chunk.
 from __future__ import annotations
 
 import contextlib
-import hashlib
 from collections.abc import Awaitable, Callable, Iterable
 from typing import Any, Protocol
 
@@ -49,19 +48,12 @@ from p2pedge.protocols.blob.machine import (
     ClientState,
 )
 from p2pedge.quota import Quota
+from p2pedge.records.keys import blob_key, model_key
 
 OpenStream = Callable[[], Awaitable[FramedStream]]
 
 
-def provider_key(digest: str) -> str:
-    """DHT key under which holders of a blob announce themselves."""
-    return "blob/" + digest[:32]
-
-
-def model_key(name: str) -> str:
-    """DHT key for holders of any version of a model (long names are hashed to fit)."""
-    key = "model/" + name
-    return key if len(key) < 48 else "model/" + hashlib.sha256(name.encode()).hexdigest()[:32]
+provider_key = blob_key  # DHT keys are built in p2pedge.records.keys
 
 
 class BlobService:
