@@ -155,7 +155,7 @@ def pipeline_codec(scratch: Path) -> Harness:
 
     peer = _peer_id()
     fwd = codec.Forward(peer, 7, b"k" * 16, 4)
-    ring = codec.Ring((fwd, fwd), 5, 2, True, SamplingSpec(0.7, 5, 0.9, 42))
+    ring = codec.Ring((fwd, fwd), 5, 2, SamplingSpec(0.7, 5, 0.9, 42))
     x = np.arange(8, dtype=np.float32).reshape(1, 2, 4)
     messages: list[Any] = [
         codec.Open(1, "tiny@1", 0, 4, 64, "float32", peer),

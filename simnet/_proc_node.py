@@ -26,6 +26,7 @@ from p2pedge.node.config import NodeConfig
 from p2pedge.node.node import Node
 
 MAX_LINE = 1 << 20
+CONCURRENT_LOOKUPS = 8
 
 
 def _emit(obj: dict[str, Any]) -> None:
@@ -51,8 +52,13 @@ async def _lines(stream: trio.lowlevel.FdStream) -> Any:
 async def _find(node: Node, peers: list[str], timeout: float) -> dict[str, Any]:
     found: list[str] = []
     ms: list[float] = []
+    limiter = trio.CapacityLimiter(CONCURRENT_LOOKUPS)
 
     async def one(peer: str) -> None:
+        async with limiter:  # a few lookups at a time, as a client's find_peers would
+            await lookup(peer)
+
+    async def lookup(peer: str) -> None:
         start = time.perf_counter()
         with trio.move_on_after(timeout):
             try:

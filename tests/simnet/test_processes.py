@@ -12,10 +12,11 @@ from simnet.processes import Run, measure
 async def test_three_processes_join_find_every_card_and_survive_churn(tmp_path: Path) -> None:
     run = Run("p2pedge", sys.executable, tmp_path)
     figures = await measure(run, nodes=3, seeds=1, churn=0.34, deadline=120)
-    # measure() only returns once every live node found every live card, before and
-    # after one node was killed and replaced; the killed one is left out of `live`
+    # every live node found every live card, before and after one node was killed and
+    # replaced (the killed one is left out of `live`)
     assert len(run.procs) == 4 and len(run.live) == 3
     assert all(p.process.returncode is not None for p in run.procs)
+    assert figures["found"] == 1.0 and figures["churn_found"] == 1.0
     assert 0 < figures["join_s"] < 120 and 0 < figures["churn_s"] < 120
     assert math.isfinite(figures["get_p50_ms"]) and figures["get_p50_ms"] >= 0
     assert 20 < figures["pss_mb"] < 1000  # a real Python node, measured from /proc
