@@ -132,7 +132,9 @@ class Network:
             from p2pedge.reach.mdns import dial_discovered
 
             def found(peer_id: str) -> None:
-                nursery.start_soon(self._add_to_table, peer_id)
+                # a LAN peer's announcement starts this: it may fail, never the node
+                add = self._add_to_table(peer_id)
+                nursery.start_soon(contain, add, "mdns routing-table add", peer_id)
 
             nursery.start_soon(dial_discovered, self.host, found)
 
