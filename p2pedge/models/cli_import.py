@@ -36,7 +36,8 @@ def _configure(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     parser.add_argument(
         "--fp32-activations",
         action="store_true",
-        help="lossless4 only: keep activations in fp32 (slower, no int8 rounding)",
+        help="lossless4 only: keep activations in fp32 (the exact variant: slower; the "
+        "default rounds them to 8 bits per block, as llama.cpp does)",
     )
     parser.add_argument(
         "--int8-limbs",

@@ -204,8 +204,9 @@ def models_dir() -> Path:
 def real_model_dir(variant: str = "lossless4") -> Path:
     """Imported SmolLM2 directory; pytest-skips when it was not imported.
 
-    ``lossless4`` (the default) is the published Q4_1 weights exactly with fp32
-    activations; ``int8`` the same weights with int8 activations; ``fp32`` dequantised.
+    ``lossless4`` (the default) is the published Q4_1 weights with 8-bit activations
+    (llama.cpp's arithmetic); ``exact`` the same weights with fp32 activations; ``fp32``
+    dequantised.
     """
     name = REAL_MODEL_NAME if variant == "lossless4" else f"{REAL_MODEL_NAME}-{variant}"
     path = models_dir() / name

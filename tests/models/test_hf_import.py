@@ -147,6 +147,7 @@ def test_the_cli_imports_and_refuses_with_exit_2(
     assert models_main(["import-hf", str(hf), "--name", "tiny", "--out", str(out)]) == 0
     printed = capsys.readouterr().out
     assert "types Q4_1:14" in printed and read_model_facts(out).arch == "llama"
+    assert read_model_facts(out).int8_activations  # the default variant, as import-gguf's
     config = json.loads((hf / "config.json").read_text())
     (hf / "config.json").write_text(json.dumps({**config, "model_type": "falcon"}))
     assert models_main(["import-hf", str(hf), "--name", "tiny", "--out", str(out)]) == 2

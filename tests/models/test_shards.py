@@ -168,7 +168,9 @@ def test_real_model_middle_third_needs_a_third_of_the_blocks() -> None:
     blocks = [model / f"model.onnx.block-{i:03d}.data" for i in range(30)]
     per_block = sum(b.stat().st_size for b in blocks) / 30
     assert middle < 10 * per_block + 300_000  # ten blocks, the graph and the facts
-    assert middle < 0.2 * total
+    # a third of the blocks: 0.23 of the default directory, whose Q8_0 embedding (a quarter)
+    # stays with the end thirds; 0.18 of -exact, which adds the head's 4-bit halves
+    assert middle < 0.25 * total
 
 
 def _untied_model(root: Path, n_layers: int) -> Path:

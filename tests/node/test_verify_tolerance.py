@@ -11,7 +11,7 @@ from p2pedge.testing.tiny import models_dir
 pytestmark = pytest.mark.real_model
 
 
-@pytest.mark.parametrize(("variant", "expected"), [("", False), ("-int8", True)])
+@pytest.mark.parametrize(("variant", "expected"), [("", True), ("-exact", False)])
 def test_the_facts_say_which_models_take_8_bit_activations(variant: str, expected: bool) -> None:
     model_dir = models_dir() / f"smollm2-135m-instruct{variant}"
     assert int8_activations(model_dir) is expected

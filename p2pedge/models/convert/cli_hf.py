@@ -35,7 +35,10 @@ def add_import_hf_parser(subparsers: Any) -> argparse.ArgumentParser:
         "--out", type=Path, default=None, help="output directory (default .cache/models/NAME)"
     )
     parser.add_argument(
-        "--fp32-activations", action="store_true", help="keep activations in fp32 (slower)"
+        "--fp32-activations",
+        action="store_true",
+        help="keep activations in fp32 (the exact variant: slower; the default rounds them "
+        "to 8 bits per block, as llama.cpp does)",
     )
     parser.set_defaults(func=main_import_hf)
     return parser
