@@ -20,7 +20,7 @@ import statistics
 import sys
 import time
 from collections import deque
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 
 import trio
@@ -280,6 +280,7 @@ class _Pull:
         hedge_after: float,
         max_failures: int,
         progress: object,
+        on_bytes: Callable[[int], None] | None,
     ) -> None:
         self.store = store
         self.manifest = manifest
@@ -289,6 +290,7 @@ class _Pull:
         self.chunk_timeout = chunk_timeout
         self.max_failures = max_failures
         self.progress = progress
+        self.on_bytes = on_bytes
         self.fatal: Exception | None = None
         self.cancel = trio.CancelScope()
 
@@ -380,6 +382,8 @@ class _Pull:
         update = getattr(self.progress, "update", None)
         if update is not None:
             update(nbytes)
+        if self.on_bytes is not None:
+            self.on_bytes(nbytes)
 
 
 def _progress_bar(total: int, enabled: bool | None, label: str) -> object:
@@ -405,8 +409,12 @@ async def pull(
     hedge_after: float = 3.0,
     max_failures: int = 3,
     progress: bool | None = None,
+    on_bytes: Callable[[int], None] | None = None,
 ) -> PullResult:
     """Bring ``model`` (or only ``files`` of it, e.g. one shard) into ``store``.
+
+    ``on_bytes(n)`` is called for every chunk as it is committed (verified bytes, whatever
+    the source), so a node's counters move while a long pull runs.
 
     Returns once every selected blob is in the store and the manifest is recorded; raises
     ``IntegrityError`` (bad/untrusted manifest, or bad chunks with no honest source left),
@@ -447,7 +455,7 @@ async def pull(
     job = _Pull(
         store, manifest, chunks, remaining, result,
         chunk_timeout=chunk_timeout, hedge_after=hedge_after, max_failures=max_failures,
-        progress=bar,
+        progress=bar, on_bytes=on_bytes,
     )  # fmt: skip
     try:
         with job.cancel:

@@ -3,7 +3,9 @@ publishing into the swarm, and fetching only the files a served shard reads.
 
 Kept apart from :mod:`p2pedge.node.models` (runtime and generation); the wiring of peers as
 chunk sources to :func:`p2pedge.models.pull.pull` happens here, so ``models/`` never
-imports the protocols. Store calls run in worker threads: hashing, reading manifests
+imports the protocols. Peers are reached over their direct lanes where they offer one
+(bulk bytes in TLS done by OpenSSL, not in py-libp2p's Python Noise and yamux), else over
+libp2p streams. Store calls run in worker threads: hashing, reading manifests
 and materializing all touch the disk, some in proportion to a model's size.
 """
 
@@ -27,6 +29,7 @@ if TYPE_CHECKING:
     from p2pedge.models.pull import PullResult
     from p2pedge.models.store import Store
     from p2pedge.node.context import NodeContext
+    from p2pedge.protocols.blob.handler import BlobService
 
 log = logging.getLogger("p2pedge.node")
 
@@ -48,6 +51,18 @@ class Distribution:
         self.trust = trust
         self.resolve = resolve
         self.refresh_card = refresh_card
+        self.pulled_bytes = 0  # verified bytes committed by pulls, from any source
+
+    def _pulled(self, nbytes: int) -> None:
+        self.pulled_bytes += nbytes
+
+    async def serve_blobs(self, service: BlobService) -> None:
+        """Answer blob requests with ``service`` over libp2p and on the direct lane (the
+        same gate and quotas on both; the lane starts listening when a peer first asks)."""
+        from p2pedge.protocols.blob.codec import PROTOCOL_ID
+
+        self.ctx.set_stream_handler(PROTOCOL_ID, service.handle)
+        await self.ctx.lanes.offer(PROTOCOL_ID, service.handle)
 
     async def pull(
         self, model: ModelId, registry: str | None, files: Sequence[str] | None = None
@@ -145,12 +160,15 @@ class Distribution:
         blobs = [f.sha256 for f in known.select(files)] if known is not None else []
         sources: list[Any] = []
         if not self.ctx.local_only:
-            sources.extend(await swarm_sources(self.ctx, model, blobs=blobs))
+            lanes = self.ctx.lanes
+            sources.extend(await swarm_sources(self.ctx, model, blobs=blobs, lanes=lanes))
         client = RegistryClient(registry) if registry else None
         if client is not None:
             sources.append(client)
         try:
-            result = await pull(model, self.store, sources, self.trust, files=files)
+            result = await pull(
+                model, self.store, sources, self.trust, files=files, on_bytes=self._pulled
+            )
         finally:
             for source in sources:
                 await source.aclose()

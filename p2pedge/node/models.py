@@ -165,11 +165,10 @@ class NodeModels:
         self._start_orchestrator()
         if self.ctx.config.local_only:
             return
-        from p2pedge.protocols.blob.codec import PROTOCOL_ID
         from p2pedge.protocols.blob.handler import BlobService, announce_store
 
         self.blobs = BlobService(self.store, limits=self.ctx.config.limits.blob)
-        self.ctx.set_stream_handler(PROTOCOL_ID, self.blobs.handle)
+        await self.distribution.serve_blobs(self.blobs)  # libp2p streams and the lane
         self.ctx.nursery.start_soon(announce_store, self.ctx, self.store)
         if self.ctx.config.serve:
             await self._start_shards()

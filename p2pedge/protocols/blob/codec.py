@@ -131,6 +131,24 @@ def encode_response(response: Response) -> bytes:
     return pack(body)
 
 
+_DATA_HEAD = pack({"ok": True, "data": b""})[:-2]  # the map's keys, before data's bin header
+
+
+def encode_data_parts(data: bytes) -> tuple[bytes, bytes]:
+    """``encode_response(DataResponse(data))`` as (head, data): the same bytes, so a
+    sender that writes pieces need not copy a chunk behind a few bytes of msgpack."""
+    size = len(data)
+    if size > MAX_DATA:
+        raise LocalProtocolError(f"response data of {size} bytes over limit")
+    if size < 1 << 8:
+        head = b"\xc4" + size.to_bytes(1, "big")
+    elif size < 1 << 16:
+        head = b"\xc5" + size.to_bytes(2, "big")
+    else:
+        head = b"\xc6" + size.to_bytes(4, "big")
+    return _DATA_HEAD + head, data
+
+
 def decode_response(payload: bytes) -> Response:
     message = unpack_map(payload, MAX_RESPONSE_FRAME)
     ok = message.get("ok")

@@ -1,10 +1,14 @@
 """Thin trio glue: serve blobs from a :class:`Store`, fetch them from peers, announce them.
 
-``BlobService.handle`` is registered with ``node.set_stream_handler(PROTOCOL_ID, ...)``;
-``PeerChunkSource`` is a pull source (see :mod:`p2pedge.models.sources`) over
-``node.open_stream``; :func:`announce_store` advertises every held blob and model in the
-DHT (``blob/<first 32 hex>``, ``model/<name>``) and :func:`swarm_sources` turns provider
-records into sources. Nothing here trusts a peer: the puller hashes every chunk.
+``BlobService.handle`` is registered with ``node.set_stream_handler(PROTOCOL_ID, ...)``
+and on the node's direct lane (TLS 1.3 over TCP, encryption in OpenSSL: the bulk path,
+since py-libp2p's Noise and yamux run in Python and cap a stream well below the disk);
+``PeerChunkSource`` is a pull source (see :mod:`p2pedge.models.sources`) over the lane when
+the peer offers one, else ``node.open_stream``; :func:`announce_store` advertises every
+held blob and model in the DHT (``blob/<first 32 hex>``, ``model/<name>``) and
+:func:`swarm_sources` turns provider records into sources. Both transports run the same
+handler under the same gate and quotas. Nothing here trusts a peer: the puller hashes
+every chunk.
 """
 
 from __future__ import annotations
@@ -38,6 +42,7 @@ from p2pedge.protocols.blob.codec import (
     Request,
     Response,
     decode_request,
+    encode_data_parts,
     encode_response,
 )
 from p2pedge.protocols.blob.machine import (
@@ -51,6 +56,14 @@ from p2pedge.quota import Quota
 from p2pedge.records.keys import blob_key, model_key
 
 OpenStream = Callable[[], Awaitable[FramedStream]]
+OPEN_TIMEOUT = 10.0
+
+
+class LaneOpener(Protocol):
+    """The node's lanes (``p2pedge.node.lanes.Lanes``): a lane stream to a peer that offers
+    one for the protocol, else a libp2p stream."""
+
+    async def open(self, peer_id: str, protocol_id: str, *, timeout: float) -> FramedStream: ...
 
 
 provider_key = blob_key  # DHT keys are built in p2pedge.records.keys
@@ -80,6 +93,7 @@ class BlobService:
         self.bytes_in_flight = Quota(BYTES_IN_FLIGHT, self.limits.bytes_in_flight)
         self.clock = clock
         self.served_chunks = 0
+        self.served_bytes = 0  # data bytes written to peers (chunks and manifests)
 
     async def handle(self, stream: FramedStream, peer_id: str) -> None:
         reader = stream.reframed(MAX_REQUEST_FRAME)
@@ -119,6 +133,8 @@ class BlobService:
                 finally:
                     self.gate.release(peer_id)
                 await self._send(writer, response)  # the bytes stay charged until written
+                if isinstance(response, DataResponse):
+                    self.served_bytes += len(response.data)
             finally:
                 self.bytes_in_flight.release(grant)
 
@@ -142,8 +158,12 @@ class BlobService:
     async def _send(self, writer: FramedStream, response: Response) -> None:
         """Write one answer within ``write_timeout``; a reader that stopped reading has
         its stream reset (``PeerTimeout``), which frees what the reply held."""
+        send_parts = getattr(writer, "send_parts", None)  # a lane stream: no joined copy
         with trio.move_on_after(self.limits.write_timeout) as scope:
-            await writer.send_bytes(encode_response(response))
+            if isinstance(response, DataResponse) and send_parts is not None:
+                await send_parts(*encode_data_parts(response.data))
+            else:
+                await writer.send_bytes(encode_response(response))
         if scope.cancelled_caught:
             with trio.move_on_after(1):
                 await writer.reset()
@@ -217,10 +237,15 @@ class PeerChunkSource:
         self._slots = trio.Semaphore(max_streams)
 
     @classmethod
-    def for_node(cls, node: Any, peer_id: str, **kwargs: Any) -> PeerChunkSource:
-        """A source for ``peer_id`` reached through ``node.open_stream``."""
+    def for_node(
+        cls, node: Any, peer_id: str, *, lanes: LaneOpener | None = None, **kwargs: Any
+    ) -> PeerChunkSource:
+        """A source for ``peer_id``: each stream over ``lanes`` (the direct lane, falling
+        back to libp2p by itself) when given, else through ``node.open_stream``."""
 
         async def open_stream() -> FramedStream:
+            if lanes is not None:
+                return await lanes.open(peer_id, PROTOCOL_ID, timeout=OPEN_TIMEOUT)
             stream: FramedStream = await node.open_stream(peer_id, PROTOCOL_ID)
             return stream
 
@@ -323,10 +348,16 @@ async def announce_store(
 
 
 async def swarm_sources(
-    node: Any, model: ModelId, *, blobs: Iterable[str] = (), limit: int = 8
+    node: Any,
+    model: ModelId,
+    *,
+    blobs: Iterable[str] = (),
+    limit: int = 8,
+    lanes: LaneOpener | None = None,
 ) -> list[PeerChunkSource]:
     """Sources for peers that announced ``model`` or hold any of ``blobs`` (sha256 digests:
-    peers holding only some files of a model, such as shard servers, announce those).
+    peers holding only some files of a model, such as shard servers, announce those),
+    reached over ``lanes`` when given (see :meth:`PeerChunkSource.for_node`).
 
     Provider lookups can miss some holders, so the blob keys are asked too and the answers
     merged; this node is left out.
@@ -339,4 +370,4 @@ async def swarm_sources(
                 peers.setdefault(peer, None)
         if len(peers) >= limit:
             break
-    return [PeerChunkSource.for_node(node, p) for p in list(peers)[:limit]]
+    return [PeerChunkSource.for_node(node, p, lanes=lanes) for p in list(peers)[:limit]]

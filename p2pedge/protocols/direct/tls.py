@@ -23,6 +23,7 @@ import hashlib
 import os
 import ssl
 import tempfile
+from collections.abc import Iterator, Sequence
 
 from cryptography import x509
 from cryptography.hazmat.primitives import serialization
@@ -30,7 +31,7 @@ from cryptography.hazmat.primitives.asymmetric import ed25519
 from cryptography.x509.oid import NameOID
 
 from p2pedge.errors import FrameTooLarge, LocalProtocolError, RemoteProtocolError
-from p2pedge.wire.framing import DEFAULT_MAX_FRAME, PREFIX, encode_frame
+from p2pedge.wire.framing import DEFAULT_MAX_FRAME, PREFIX
 
 FINGERPRINT_BYTES = 32
 READ_RECORD = 1 << 14  # plaintext read per call: a TLS record holds at most 16 KiB
@@ -155,26 +156,62 @@ class TlsChannel:
             raise LocalProtocolError("cannot change the frame limit inside a frame")
         self.max_frame = max_frame
 
-    def seal(self, payload: bytes) -> bytes:
+    def seal(self, payload: bytes, max_frame: int | None = None) -> bytes:
+        """``payload`` framed and encrypted; ``max_frame`` (default: the channel's) is the
+        limit the other side reads it under."""
+        return self.seal_parts((payload,), max_frame)
+
+    def seal_parts(self, parts: Sequence[bytes], max_frame: int | None = None) -> bytes:
+        """One frame whose payload is ``parts`` joined, framed and encrypted without first
+        copying a big part (a 4 MiB blob chunk) into one buffer: small leading parts ride
+        in the prefix's record, each big one goes to OpenSSL as it is."""
+        return b"".join(self.seal_pieces(parts, max_frame, piece=None))
+
+    def seal_pieces(
+        self, parts: Sequence[bytes], max_frame: int | None = None, *, piece: int | None
+    ) -> Iterator[bytes]:
+        """:meth:`seal_parts` as ciphertext pieces of about ``piece`` plaintext bytes each
+        (None: one), so a sender can write the first while OpenSSL encrypts the next. The
+        frame is checked before anything is encrypted; a consumer that stops midway has
+        left the channel inside a frame, so its stream must end (as any failed write)."""
         if not self.established:
             raise LocalProtocolError("the lane's handshake is not done")
-        self._tls.write(encode_frame(payload, self.max_frame))
-        return self._outgoing.read()
+        limit = self.max_frame if max_frame is None else max_frame
+        size = sum(len(part) for part in parts)
+        if size > limit:
+            raise LocalProtocolError(f"frame of {size} bytes exceeds limit {limit}")
+        pieces = list(parts)
+        first = [PREFIX.pack(size)]
+        while pieces and len(pieces[0]) < READ_RECORD:
+            first.append(pieces.pop(0))
+        self._tls.write(b"".join(first))
+        for part in pieces:
+            view = memoryview(part)
+            step = piece or len(view)
+            for start in range(0, len(view), step):
+                self._tls.write(view[start : start + step])
+                yield self._outgoing.read()
+        tail = self._outgoing.read()
+        if tail:
+            yield tail
 
-    def feed(self, data: bytes) -> list[bytes]:
+    def feed(self, data: bytes, max_frame: int | None = None) -> list[bytes]:
         """Whole payloads from received bytes. A frame's length is checked when its prefix
-        is decrypted; its body is then read in pieces of at most one record, so what a
-        peer makes us hold is what it has sent, and a frame costs one copy to join."""
+        is decrypted, against ``max_frame`` (default: the channel's; a reader that expects
+        only small frames passes its own); its body is then read in pieces of at most one
+        record, so what a peer makes us hold is what it has sent, and a frame costs one
+        copy to join."""
         if not self.established:
             raise LocalProtocolError("the lane's handshake is not done")
         if data:
             self._incoming.write(data)
+        limit = self.max_frame if max_frame is None else max_frame
         frames: list[bytes] = []
-        while self._step(frames):
+        while self._step(frames, limit):
             pass
         return frames
 
-    def _step(self, frames: list[bytes]) -> bool:
+    def _step(self, frames: list[bytes], max_frame: int) -> bool:
         """Progress on the current frame (appended to ``frames`` when whole); False when
         TLS needs more bytes first."""
         if self._expected is None:
@@ -185,9 +222,8 @@ class TlsChannel:
             if len(self._head) < PREFIX.size:
                 return True
             (length,) = PREFIX.unpack(self._head)
-            if length > self.max_frame:
-                limit = self.max_frame
-                raise FrameTooLarge(f"peer announced a {length}-byte frame (limit {limit})")
+            if length > max_frame:
+                raise FrameTooLarge(f"peer announced a {length}-byte frame (limit {max_frame})")
             self._head, self._expected = b"", length
         if self._have < self._expected:
             piece = self._read(min(READ_RECORD, self._expected - self._have))
