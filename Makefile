@@ -27,13 +27,19 @@ demo: venv model
 test: venv model jsinterop chromium netns-tools
 	$(PY) -m pytest -q -p no:randomly
 
-# nftables from Debian's packages, for the NAT namespace tests of tests/reach (as root)
+# nftables and miniupnpd from Debian's packages, for the NAT and UPnP namespace tests of
+# tests/reach (as root)
 netns-tools:
 	@command -v nft >/dev/null || { [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null && \
 		export DEBIAN_FRONTEND=noninteractive && \
 		{ apt-get install -y -q --no-install-recommends nftables || \
 		  { apt-get update -q && apt-get install -y -q --no-install-recommends nftables; }; }; } || \
 		echo "nftables not installed (needs root and apt-get): the NAT tests will be skipped"
+	@test -x /usr/sbin/miniupnpd || { [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null && \
+		export DEBIAN_FRONTEND=noninteractive && \
+		{ apt-get install -y -q --no-install-recommends miniupnpd-nftables || \
+		  { apt-get update -q && apt-get install -y -q --no-install-recommends miniupnpd-nftables; }; }; } || \
+		echo "miniupnpd not installed (needs root and apt-get): the UPnP test will be skipped"
 
 # headless Chromium from Debian's packages, for the swarm page's browser test (as root)
 chromium:

@@ -56,18 +56,23 @@ class Network:
         from p2pedge.dht._protocol import use_p2pedge_kad_protocol
         from p2pedge.dht.strict import StrictKadDHT
         from p2pedge.node.quirks import disable_auto_connect, quiet_libp2p
+        from p2pedge.reach.quic import host_options, prefer_tcp
 
         quiet_libp2p()
         use_p2pedge_kad_protocol()
         listen = [parse_multiaddr(addr) for addr in self.config.listen]
+        quic = host_options(self.config.listen, private=self._psk is not None)  # bounded
         self.host = new_host(
             key_pair=self.identity.libp2p_key_pair(),
             listen_addrs=listen,
             enable_mDNS=self.config.mdns,
             psk=self._psk,
             connection_config=ConnectionConfig(max_connections_per_peer=1),
+            **quic,
         )
         disable_auto_connect(self.host)
+        if quic:
+            prefer_tcp(self.host)
         await stack.enter_async_context(self.host.run(listen))
         if self._allowed:
             from p2pedge.node.gate import AllowListGate

@@ -10,5 +10,7 @@ so the composition root wires them in without this package importing ``p2pedge.n
 - :mod:`.punch`: upgrading a relayed connection to a direct one (DCUtR), and telling
   the kinds of connection apart;
 - :mod:`.autonat`: whether peers can dial us back (AutoNAT-style);
-- :mod:`.mdns`: dialing the peers mDNS finds.
+- :mod:`.mdns`: dialing the peers mDNS finds;
+- :mod:`.quic`: bounded QUIC next to TCP, and dialing TCP first where a peer has both;
+- :mod:`.upnp`: asking the home router to forward our port (UPnP IGD).
 """
