@@ -6,9 +6,12 @@ runs in a child process (``--client``), so its parsing does not share the server
 thread. Per round, in alternating order, both sides stream the same greedy answer;
 decode tok/s is (pieces - 1) / (last piece - first piece) on both sides, time to first
 piece from the call. Then 16 clients stream at once: aggregate tok/s, fairness (the
-slowest stream's decode tok/s over the fastest's) and errors (the node runs one
-generation per model and queues 8 more, so with 16 at once the rest are refused with
-503 + Retry-After, which the client retries).
+slowest stream's decode tok/s over the fastest's) and errors. The node runs up to
+``RuntimeConfig.max_active_per_model`` generations of a model at once, taking turns token
+by token, and queues ``queue_limit`` more; a request past that waits in the API for a
+slot (up to ``ApiLimits.queue_wait_s``), then gets 503 + Retry-After, which the client
+retries. With one generation at a time the streams run one after another, and fairness
+only measures how the machine's speed drifted between them.
 
     .venv/bin/python benchmarks/api.py [--tokens 64] [--rounds 7] [--streams 16]
 """
@@ -127,6 +130,7 @@ async def bench(args: argparse.Namespace) -> dict[str, str]:
                         run = await _run_client(url, name, args.tokens, 1)
                         sides[side].append(run["streams"][0])
             many = await _run_client(url, name, args.tokens, args.streams)
+            active = node.models.inference.config.max_active_per_model
             nursery.cancel_scope.cancel()
     gen, api = sides["generate"], sides["api"]
     ratio = paired_ratio([a["tok_s"] for a in api], [g["tok_s"] for g in gen])
@@ -143,7 +147,8 @@ async def bench(args: argparse.Namespace) -> dict[str, str]:
     ]  # fmt: skip
     print(table(["path", "decode tok/s (median)", "TTFT ms (median)"], rows))
     print(
-        f"{args.streams} streams: {total / many['wall_s']:.1f} tok/s aggregate, "
+        f"{args.streams} streams (max_active_per_model={active}): "
+        f"{total / many['wall_s']:.1f} tok/s aggregate, "
         f"per-stream {min(rates, default=0):.1f}-{max(rates, default=0):.1f} tok/s, "
         f"{len(many['errors'])} errors {many['errors'][:2]}"
     )

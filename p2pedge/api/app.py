@@ -5,8 +5,9 @@ adds no dependency and keeps full control of the two things that matter here: re
 body with a cap before parsing it, and noticing ``http.disconnect`` while a generation
 streams (a watcher task cancels the generation, so it stops within the token being
 computed). Routes: ``GET /v1/models``, ``GET /v1/models/{id}``,
-``POST /v1/chat/completions``, ``POST /v1/completions``, ``GET /metrics``, and the
-swarm page: ``GET /`` (with ``/swarm.js``) and the JSON it polls, ``GET /v1/swarm``.
+``POST /v1/chat/completions``, ``POST /v1/completions``, ``POST /v1/embeddings``,
+``GET /metrics``, and the swarm page: ``GET /`` (with ``/swarm.js``) and the JSON it
+polls, ``GET /v1/swarm``.
 
 A streamed response starts only once the first token exists, so every refusal that comes
 before compute (unknown model, prompt too long, a full queue) is a proper HTTP status
@@ -27,18 +28,21 @@ from typing import Any, cast
 import trio
 
 from p2pedge.api.backend import ApiBackend, Piece, Routed, Target, Usage
+from p2pedge.api.embeddings import embeddings
 from p2pedge.api.logprobs import Logprobs
 from p2pedge.api.metrics import CONTENT_TYPE, ApiMetrics
 from p2pedge.api.schema import (
     LOCAL_LOGPROBS,
     ApiError,
     ApiLimits,
+    EmbeddingRequest,
     GenerationRequest,
     bad,
     model_json,
     not_found,
     parse_chat,
     parse_completion,
+    parse_embeddings,
     too_large,
 )
 from p2pedge.api.sse import DONE, Shape, event
@@ -225,7 +229,12 @@ class ApiApp:
         cors: dict[str, str],
     ) -> None:
         path, method = scope["path"], scope["method"]
-        posts = {"/v1/chat/completions": parse_chat, "/v1/completions": parse_completion}
+        posts: dict[str, Callable[[bytes, ApiLimits], GenerationRequest | EmbeddingRequest]]
+        posts = {
+            "/v1/chat/completions": parse_chat,
+            "/v1/completions": parse_completion,
+            "/v1/embeddings": parse_embeddings,
+        }
         gets = path in _GETS or path.startswith("/v1/models/")
         if path not in posts and not gets:
             raise ApiError(404, f"no such endpoint {path!r}", code="unknown_url")
@@ -253,7 +262,10 @@ class ApiApp:
         else:
             body = await self._read_body(scope, headers, receive)
             request = posts[path](body, self.limits)
-            await self._generate(scope, receive, out, request, cors)
+            if isinstance(request, EmbeddingRequest):
+                await self._embeddings(scope, out, request, cors)
+            else:
+                await self._generate(scope, receive, out, request, cors)
 
     async def _json(self, out: _Sender, body: object, cors: dict[str, str]) -> None:
         await out.whole(
@@ -288,6 +300,26 @@ class ApiApp:
             pieces.append(piece)
             more = bool(message.get("more_body", False))
         return b"".join(pieces)
+
+    # -- embeddings --------------------------------------------------------------------
+
+    async def _embeddings(
+        self, scope: Scope, out: _Sender, request: EmbeddingRequest, cors: dict[str, str]
+    ) -> None:
+        """A full queue is refused at once, without the wait a generation gets: the
+        request is one short batch, and the client's retry is as good."""
+        client = _client(scope)
+        try:
+            grant = self.requests.acquire(client, client)
+        except Busy as exc:
+            raise cast(ApiError, as_api_error(exc, self.limits)) from None
+        try:
+            body = await embeddings(self.backend, request)
+        except (P2PEdgeError, ValueError) as exc:
+            raise cast(ApiError, as_api_error(exc, self.limits)) from None
+        finally:
+            self.requests.release(grant)
+        await self._json(out, body, cors)
 
     # -- generation --------------------------------------------------------------------
 
@@ -469,7 +501,7 @@ class ApiApp:
 
 
 _GETS = frozenset({*STATIC, "/metrics", "/v1/models", "/v1/swarm"})
-_ENDPOINTS = _GETS | {"/v1/chat/completions", "/v1/completions"}
+_ENDPOINTS = _GETS | {"/v1/chat/completions", "/v1/completions", "/v1/embeddings"}
 _SSE = {"content-type": "text/event-stream", "cache-control": "no-cache", "x-accel-buffering": "no"}
 
 

@@ -12,7 +12,10 @@ from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from typing import Any, Literal, Protocol
 
-from p2pedge.api.schema import GenerationRequest
+import numpy as np
+import numpy.typing as npt
+
+from p2pedge.api.schema import EmbeddingRequest, GenerationRequest
 from p2pedge.runtime.sampling import Logprob
 
 Where = Literal["local", "sharded", "peer", "specialist", "auto"]
@@ -60,6 +63,18 @@ class Routed:
     finish_reason: str
 
 
+@dataclass(frozen=True)
+class Embedded:
+    """One float32 vector per input text, and the tokens the texts took."""
+
+    vectors: npt.NDArray[np.float32]
+    tokens: int
+
+
+class NotAnEmbedder(ValueError):
+    """The model exists but does not make embeddings (400, not 404)."""
+
+
 @dataclass
 class Usage:
     """Filled by :meth:`ApiBackend.stream` when asked: prompt tokens, known at the end."""
@@ -76,6 +91,8 @@ class BackendStats:
     load: float = 0.0  # how full the node's inference queues are, 0..1
     peers: int = 0  # peers with a verified card, as last listed
     shard_sessions: int = 0  # sessions this node's shard server holds for peers
+    bytes_served: int = 0  # blob bytes written to peers (libp2p streams and direct lanes)
+    bytes_pulled: int = 0  # verified bytes this node's pulls committed (peers and registry)
 
 
 class ApiBackend(Protocol):
@@ -95,6 +112,10 @@ class ApiBackend(Protocol):
 
     async def ask(self, target: Target, request: GenerationRequest) -> Routed:
         """A whole answer through the orchestrator (``auto``, specialists, peers)."""
+        ...
+
+    async def embed(self, target: Target, request: EmbeddingRequest) -> Embedded:
+        """Vectors for the request's texts; NotAnEmbedder when ``target`` makes none."""
         ...
 
     async def swarm(self) -> dict[str, Any]:

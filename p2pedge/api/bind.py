@@ -18,12 +18,28 @@ from typing import TYPE_CHECKING, Any
 
 import trio
 
-from p2pedge.api.backend import BackendStats, ModelEntry, Piece, Routed, Target, Usage
-from p2pedge.api.schema import LOCAL_LOGPROBS, GenerationRequest
+from p2pedge.api.backend import (
+    BackendStats,
+    Embedded,
+    ModelEntry,
+    NotAnEmbedder,
+    Piece,
+    Routed,
+    Target,
+    Usage,
+)
+from p2pedge.api.schema import LOCAL_LOGPROBS, EmbeddingRequest, GenerationRequest, bad
 from p2pedge.api.swarm import MAX_ITEMS, MAX_PEERS, card_json, coverage, text
 from p2pedge.errors import LocalProtocolError, ModelNotCached, P2PEdgeError
 from p2pedge.ids import ModelId
 from p2pedge.records.card import CapabilityCard, covers_model
+from p2pedge.runtime.manifest import (
+    MANIFEST,
+    MAX_MANIFEST_BYTES,
+    EmbeddingSpec,
+    listed_embedding,
+    read_manifest,
+)
 
 if TYPE_CHECKING:
     from p2pedge.node.node import Node
@@ -98,11 +114,47 @@ class NodeBackend:
         orchestrator = self.node.models.orchestrator
         return dict(orchestrator.catalog.specialists) if orchestrator is not None else {}
 
+    def _embedding(self, mid: ModelId) -> EmbeddingSpec | None:
+        """What the local model's manifest says about embeddings (blocking: reads it); a
+        broken manifest raises ModelLoadError rather than pass for a non-embedder."""
+        try:
+            return read_manifest(self.node.models.resolve(mid)).embedding
+        except ModelNotCached:
+            return None
+
+    def _listed_embedding(self, mid: ModelId) -> EmbeddingSpec | None:
+        """An embedder's facts for a listing: its manifest file read as it lies, from its
+        directory or the store's blob, without materializing (hashing) a stored model."""
+        models = self.node.models
+        try:
+            directory = models.dirs.get(mid.name)
+            if directory is not None:
+                path = directory / MANIFEST
+            else:
+                entry = models.store.get_manifest(mid).file(MANIFEST)
+                path = models.store.blob_path(entry.sha256)
+            if path.stat().st_size > MAX_MANIFEST_BYTES:
+                return None
+            return listed_embedding(path.read_bytes())
+        except (OSError, KeyError, ValueError, P2PEdgeError):
+            return None  # no manifest file: a decoder; unreadable: its load will say why
+
+    def _local_models(self) -> list[ModelEntry]:
+        """Models stored here; an embedder says so, with its vectors' width."""
+        out = []
+        for cached in self.node.models.cached_models():
+            mid = ModelId.parse(cached.id)
+            detail: dict[str, Any] = {"version": cached.id}
+            spec = self._listed_embedding(mid)
+            if spec is not None:
+                detail.update(kind="embedding", dimensions=spec.dimensions)
+            out.append(ModelEntry(mid.name, "local", detail))
+        return out
+
     async def models(self) -> list[ModelEntry]:
         out: dict[str, ModelEntry] = {AUTO: ModelEntry(AUTO, "auto", {"routed": "orchestrator"})}
-        for cached in await trio.to_thread.run_sync(self.node.models.cached_models):
-            name = ModelId.parse(cached.id).name
-            out.setdefault(name, ModelEntry(name, "local", {"version": cached.id}))
+        for entry in await trio.to_thread.run_sync(self._local_models):
+            out.setdefault(entry.id, entry)
         cards = await self._cards()
         for card in cards:
             for offered in card.models:
@@ -181,6 +233,19 @@ class NodeBackend:
                 usage.prompt_tokens = int(info.get("prompt_tokens", 0))
         else:
             raise LocalProtocolError(f"{target.where} targets answer whole; use ask()")
+
+    async def embed(self, target: Target, request: EmbeddingRequest) -> Embedded:
+        if target.where != "local":
+            raise NotAnEmbedder(
+                f"{target.model} runs {target.where}; embeddings come from models this node holds"
+            )
+        spec = await trio.to_thread.run_sync(self._embedding, ModelId.parse(target.model))
+        if spec is None:
+            raise NotAnEmbedder(f"{target.model} is not an embedding model")
+        if request.dimensions not in (None, spec.dimensions):
+            raise bad(f"{target.model} makes {spec.dimensions}-dimensional vectors", "dimensions")
+        made = await self.node.models.inference.embed(target.model, request.inputs)
+        return Embedded(made.vectors, made.tokens)
 
     async def _prompt_tokens(self, model: str, request: GenerationRequest) -> int:
         """The prompt's length in tokens, by the loaded model's own tokenizer and template
@@ -262,6 +327,8 @@ class NodeBackend:
             load=self.node.models.inference.load(),
             peers=len(self._cached),  # verified cards at the last listing (<= cards_ttl_s old)
             shard_sessions=self._shard_sessions(),
+            bytes_served=blobs.served_bytes if (blobs := self.node.models.blobs) else 0,
+            bytes_pulled=self.node.models.distribution.pulled_bytes,
         )
 
     def _shard_sessions(self) -> int:

@@ -43,6 +43,12 @@ class _NodeCollector(Collector):
         yield GaugeMetricFamily(
             "p2pedge_shard_sessions", "Shard sessions served for peers", s.shard_sessions
         )
+        yield CounterMetricFamily(
+            "p2pedge_bytes_served", "Model bytes served to peers", s.bytes_served
+        )
+        yield CounterMetricFamily(
+            "p2pedge_bytes_pulled", "Verified model bytes pulled", s.bytes_pulled
+        )
 
 
 class ApiMetrics:

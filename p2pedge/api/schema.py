@@ -43,6 +43,7 @@ class ApiLimits:
     max_body_bytes: int = 1 << 20  # a request body, read with this cap before parsing
     max_messages: int = 256
     max_prompt_chars: int = 256 * 1024  # all message contents together, before tokenizing
+    max_embedding_inputs: int = 256  # texts in one embeddings request (all within the above)
     # requests running at once, per client address (``peer`` and ``source`` are both the
     # address: HTTP has no peer id) and for the whole server
     requests: Limit = field(default_factory=lambda: Limit(per_peer=32, per_source=32, total=64))
@@ -238,6 +239,48 @@ def _request(
         stream=bool(stream),
         include_usage=include_usage,
     )
+
+
+@dataclass(frozen=True)
+class EmbeddingRequest:
+    """A validated ``/v1/embeddings`` request: one or more non-empty texts."""
+
+    model: str
+    inputs: tuple[str, ...]
+    encoding_format: str = "float"  # or "base64": little-endian float32 bytes
+    dimensions: int | None = None  # must equal the model's own when given
+
+
+def parse_embeddings(body: bytes, limits: ApiLimits) -> EmbeddingRequest:
+    """OpenAI's embeddings body; token-id arrays are refused (this API takes text)."""
+    data = parse_json(body)
+    model = data.get("model")
+    if not isinstance(model, str) or not 0 < len(model) <= MAX_MODEL_CHARS:
+        raise bad(f"model must be a string of 1..{MAX_MODEL_CHARS} characters", "model")
+    raw = data.get("input")
+    texts = [raw] if isinstance(raw, str) else raw
+    if not isinstance(texts, list) or not texts:
+        raise bad("input must be a non-empty string or a non-empty list of strings", "input")
+    if len(texts) > limits.max_embedding_inputs:
+        raise bad(f"at most {limits.max_embedding_inputs} inputs, got {len(texts)}", "input")
+    total = 0
+    for i, text in enumerate(texts):
+        if not isinstance(text, str):
+            raise bad("each input must be a string (token arrays are not supported)", "input")
+        if not text:
+            raise bad(f"input[{i}] is empty", "input")
+        total += len(text)
+        if total > limits.max_prompt_chars:
+            raise _too_long(total, limits, "input")
+    encoding = data.get("encoding_format")
+    if encoding not in (None, "float", "base64"):
+        raise bad("encoding_format must be 'float' or 'base64'", "encoding_format")
+    dimensions = data.get("dimensions")
+    if dimensions is not None and (
+        isinstance(dimensions, bool) or not isinstance(dimensions, int) or dimensions < 1
+    ):
+        raise bad("dimensions must be a positive integer", "dimensions")
+    return EmbeddingRequest(model, tuple(texts), encoding or "float", dimensions)
 
 
 def _or_default(data: Mapping[str, Any], name: str, default: object) -> object:

@@ -35,6 +35,7 @@ from p2pedge.runtime.sampling import SamplingParams
 
 if TYPE_CHECKING:  # onnxruntime-genai loads with the first generation, not with the node
     from p2pedge.runtime.genai_model import Generation, Token
+    from p2pedge.runtime.tensor_model import Embeddings
 
 ModelRef = str | ModelId
 QUEUE_LIMIT = "inference.queue"  # the limit a full per-model queue names in its Busy
@@ -366,6 +367,26 @@ class LocalInference:
                 if not isinstance(tm, TensorModel):
                     raise ValueError(f"{mid} is a {tm.kind} model; use generate() for it")
                 return await trio.to_thread.run_sync(tm.run, inputs)
+            finally:
+                lease.release()
+
+    async def embed(self, model: ModelRef, texts: Sequence[str]) -> Embeddings:
+        """Vectors for ``texts`` from an embedder (a tensor model whose manifest declares
+        ``embedding``); ValueError for any other model. Queued like every request."""
+        from p2pedge.runtime.tensor_model import TensorModel
+
+        if not texts or not all(isinstance(t, str) and t for t in texts):
+            raise ValueError("texts must be a non-empty list of non-empty strings")
+        mid, path = await self.resolve(model)
+        queue = self._queue(path)
+        queue.admit(str(mid))
+        async with queue.slots:
+            lease = await self._lease(mid, path)
+            try:
+                tm = lease.model
+                if not isinstance(tm, TensorModel) or tm.embedding is None:
+                    raise ValueError(f"{mid} is not an embedding model")
+                return await trio.to_thread.run_sync(tm.embed, list(texts))
             finally:
                 lease.release()
 

@@ -2,8 +2,9 @@
 
 Generative directories carry ``genai_config.json`` plus a manifest with ``kind`` absent
 or ``"decoder"``; tensor specialists (classifiers, embedders) declare ``kind: "tensor"``
-with their ONNX file and named inputs/outputs. The file is local but may have been
-fetched from a peer, so every field is type-checked before use.
+with their ONNX file and named inputs/outputs. A tensor model is an *embedder* when its
+manifest also has an ``embedding`` object (:class:`EmbeddingSpec`). The file is local but
+may have been fetched from a peer, so every field is type-checked before use.
 """
 
 from __future__ import annotations
@@ -20,6 +21,8 @@ MANIFEST = FACTS_FILE  # also reads kind "tensor" manifests, so it stays lenient
 GENAI_CONFIG = "genai_config.json"
 MAX_MANIFEST_BYTES = 1 << 20
 TENSOR_DTYPES = ("float32", "float16", "int64", "int32", "bool", "uint8", "int8")
+MAX_EMBEDDING_TOKENS = 1 << 16
+MAX_EMBEDDING_DIMENSIONS = 1 << 16
 
 
 @dataclass(frozen=True)
@@ -32,6 +35,24 @@ class TensorSpec:
 
 
 @dataclass(frozen=True)
+class EmbeddingSpec:
+    """What makes a tensor model an embedder: text goes through ``tokenizer`` (a Hugging
+    Face ``tokenizer.json`` in the model directory) into the int64 inputs ``input_ids``
+    and ``attention_mask`` ([batch, tokens]); ``output`` is a float32 [batch, tokens,
+    dimensions] tensor of token states, mean-pooled over the tokens the mask keeps, then
+    scaled to unit length when ``normalize``. An input longer than ``max_tokens`` tokens
+    is refused, never truncated."""
+
+    tokenizer: str = "tokenizer.json"
+    output: str = "last_hidden_state"
+    dimensions: int = 0
+    max_tokens: int = 512
+    normalize: bool = True
+    input_ids: str = "input_ids"
+    attention_mask: str = "attention_mask"
+
+
+@dataclass(frozen=True)
 class Manifest:
     kind: str  # "decoder" or "tensor"
     file: str
@@ -40,6 +61,7 @@ class Manifest:
     context_length: int | None = None
     vocab: int | None = None
     n_layers: int | None = None
+    embedding: EmbeddingSpec | None = None
     raw: Any = None
 
 
@@ -58,6 +80,73 @@ def _opt_int(obj: dict[str, Any], *keys: str) -> int | None:
         if isinstance(value, int) and not isinstance(value, bool) and value > 0:
             return value
     return None
+
+
+def _plain_file(value: object, where: str) -> str:
+    """A file name inside the model directory: no path, no hidden file."""
+    if (
+        not isinstance(value, str)
+        or not value
+        or value.startswith(".")
+        or len(value.encode()) > 255
+        or "/" in value
+        or "\\" in value
+    ):
+        raise ModelLoadError(f"{where} must be a plain file name, got {value!r}")
+    return value
+
+
+def _embedding(raw: object, model_dir: Path | None, where: str) -> EmbeddingSpec | None:
+    """The ``embedding`` object of a tensor manifest, every field checked (the tokenizer
+    file's presence too, given the directory)."""
+    if raw is None:
+        return None
+    if not isinstance(raw, dict):
+        raise ModelLoadError(f"{where}: 'embedding' must be an object")
+    d = EmbeddingSpec()
+
+    def name(key: str, default: str) -> str:
+        value = raw.get(key, default)
+        if not isinstance(value, str) or not 0 < len(value) <= 255:
+            raise ModelLoadError(f"{where}: embedding.{key} must be a non-empty string")
+        return value
+
+    def size(key: str, default: int, top: int) -> int:
+        value = raw.get(key, default)
+        if isinstance(value, bool) or not isinstance(value, int) or not 0 < value <= top:
+            raise ModelLoadError(f"{where}: embedding.{key} must be an int in [1, {top}]")
+        return value
+
+    tokenizer = _plain_file(name("tokenizer", d.tokenizer), f"{where}: embedding.tokenizer")
+    if model_dir is not None and not (model_dir / tokenizer).is_file():
+        raise ModelLoadError(f"{model_dir} has no {tokenizer}")
+    if raw.get("pooling", "mean") != "mean":
+        raise ModelLoadError(f"{where}: embedding.pooling must be 'mean'")
+    normalize = raw.get("normalize", True)
+    if not isinstance(normalize, bool):
+        raise ModelLoadError(f"{where}: embedding.normalize must be a boolean")
+    return EmbeddingSpec(
+        tokenizer=tokenizer,
+        output=name("output", d.output),
+        dimensions=size("dimensions", d.dimensions, MAX_EMBEDDING_DIMENSIONS),
+        max_tokens=size("max_tokens", d.max_tokens, MAX_EMBEDDING_TOKENS),
+        normalize=normalize,
+        input_ids=name("input_ids", d.input_ids),
+        attention_mask=name("attention_mask", d.attention_mask),
+    )
+
+
+def listed_embedding(data: bytes) -> EmbeddingSpec | None:
+    """What a manifest's bytes say about embeddings, for listings, where a stored model
+    is not materialized (and hashed) just to be listed; None when the model is no
+    embedder or the bytes are not a valid manifest (loading it says why)."""
+    try:
+        raw = json.loads(data) if len(data) <= MAX_MANIFEST_BYTES else None
+        if not isinstance(raw, dict) or raw.get("kind") != "tensor":
+            return None
+        return _embedding(raw.get("embedding"), None, MANIFEST)
+    except (UnicodeDecodeError, ValueError, RecursionError, ModelLoadError):
+        return None
 
 
 def _spec(obj: Any, where: str) -> TensorSpec:
@@ -104,10 +193,7 @@ def read_manifest(model_dir: Path) -> Manifest:
             raw=raw,
         )
     if kind == "tensor":
-        file = raw.get("file", "model.onnx")
-        plain = isinstance(file, str) and not file.startswith(".") and len(file.encode()) <= 255
-        if not plain or "/" in file or "\\" in file:
-            raise ModelLoadError(f"{path}: 'file' must be a plain file name, got {file!r}")
+        file = _plain_file(raw.get("file", "model.onnx"), f"{path}: 'file'")
         if not (model_dir / file).is_file():
             raise ModelLoadError(f"{model_dir} has no {file}")
         ins, outs = raw.get("inputs", []), raw.get("outputs", [])
@@ -118,6 +204,7 @@ def read_manifest(model_dir: Path) -> Manifest:
             file=file,
             inputs=tuple(_spec(o, f"{path} input") for o in ins),
             outputs=tuple(_spec(o, f"{path} output") for o in outs),
+            embedding=_embedding(raw.get("embedding"), model_dir, str(path)),
             raw=raw,
         )
     raise ModelLoadError(f"{path}: unknown kind {kind!r} (expected 'decoder' or 'tensor')")

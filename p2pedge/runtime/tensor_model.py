@@ -1,12 +1,15 @@
 """Non-generative specialists (classifiers, embedders): tensors in, tensors out.
 
 A plain onnxruntime InferenceSession; the manifest's declared inputs are the contract,
-checked on every call because the arrays may come from a peer.
+checked on every call because the arrays may come from a peer. An embedder (manifest
+``embedding``, see :class:`~p2pedge.runtime.manifest.EmbeddingSpec`) also takes text:
+:meth:`TensorModel.embed` tokenizes, runs the graph in bounded batches and pools.
 """
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -16,8 +19,11 @@ import onnxruntime as ort
 
 from p2pedge.errors import ModelLoadError
 from p2pedge.runtime.config import RuntimeConfig
-from p2pedge.runtime.manifest import Manifest, TensorSpec
+from p2pedge.runtime.manifest import EmbeddingSpec, Manifest, TensorSpec
 from p2pedge.runtime.providers import pick_providers
+from p2pedge.runtime.sampling import PromptTooLong
+
+EMBED_BATCH = 16  # texts per graph run: bounds the padded [batch, tokens, dim] output
 
 
 def session_options(config: RuntimeConfig) -> ort.SessionOptions:
@@ -42,12 +48,21 @@ def create_session(path: Path, config: RuntimeConfig) -> tuple[str, Any]:
     return str(session.get_providers()[0]), session
 
 
+@dataclass(frozen=True)
+class Embeddings:
+    """One vector per input text (float32 [texts, dimensions]) and the tokens they took."""
+
+    vectors: npt.NDArray[np.float32]
+    tokens: int
+
+
 class TensorModel:
     kind = "tensor"
 
     def __init__(self, model_dir: Path, manifest: Manifest, config: RuntimeConfig) -> None:
         self.path = model_dir
         self.provider, self.session = create_session(model_dir / manifest.file, config)
+        self.embedding: EmbeddingSpec | None = manifest.embedding
         self.inputs = {s.name: s for s in manifest.inputs}
         self.outputs = [s.name for s in manifest.outputs] or [
             o.name for o in self.session.get_outputs()
@@ -59,6 +74,9 @@ class TensorModel:
                 f"{model_dir}: manifest declares inputs {sorted(self.inputs)} outputs "
                 f"{self.outputs}, graph has {sorted(have_in)} / {sorted(have_out)}"
             )
+        self.tokenizer: Any = None
+        if self.embedding is not None:
+            self.tokenizer = _embedder_tokenizer(model_dir, self.embedding, self.inputs, have_out)
 
     def close(self) -> None:
         self.session = None
@@ -71,6 +89,73 @@ class TensorModel:
             _check(self.inputs[name], arr)
         results = self.session.run(self.outputs, dict(inputs))
         return {n: np.asarray(r) for n, r in zip(self.outputs, results, strict=True)}
+
+    def embed(self, texts: Sequence[str]) -> Embeddings:
+        """Mean-pooled (and, as declared, unit-length) vectors for ``texts``.
+
+        Every text is tokenized before anything runs, so an over-long one (more than the
+        manifest's ``max_tokens``) is refused with PromptTooLong before any compute.
+        Batches are padded to their longest text; the mask keeps padding out of the mean,
+        so a text's vector does not depend on what it was batched with.
+        """
+        spec = self.embedding
+        if spec is None:
+            raise ValueError(f"{self.path.name} is not an embedding model")
+        ids = [list(e.ids) for e in self.tokenizer.encode_batch(list(texts))]
+        for row in ids:
+            if not row:
+                raise ValueError("an input is empty after tokenization")
+            if len(row) > spec.max_tokens:
+                raise PromptTooLong(len(row), spec.max_tokens)
+        out = np.empty((len(ids), spec.dimensions), dtype=np.float32)
+        for start in range(0, len(ids), EMBED_BATCH):
+            batch = ids[start : start + EMBED_BATCH]
+            width = max(len(row) for row in batch)
+            tokens = np.zeros((len(batch), width), dtype=np.int64)
+            mask = np.zeros((len(batch), width), dtype=np.int64)
+            for i, row in enumerate(batch):
+                tokens[i, : len(row)] = row
+                mask[i, : len(row)] = 1
+            feeds = {spec.input_ids: tokens, spec.attention_mask: mask}
+            (states,) = self.session.run([spec.output], feeds)
+            out[start : start + len(batch)] = _pool(np.asarray(states), mask, spec)
+        return Embeddings(out, sum(len(row) for row in ids))
+
+
+def _embedder_tokenizer(
+    model_dir: Path, spec: EmbeddingSpec, inputs: Mapping[str, TensorSpec], outputs: set[str]
+) -> Any:
+    """The embedder's tokenizer, once its declared inputs and output match the graph."""
+    if set(inputs) != {spec.input_ids, spec.attention_mask} or spec.output not in outputs:
+        raise ModelLoadError(
+            f"{model_dir}: an embedder takes exactly {spec.input_ids!r} and "
+            f"{spec.attention_mask!r} and has the output {spec.output!r}"
+        )
+    if any(inputs[name].dtype != "int64" for name in inputs):
+        raise ModelLoadError(f"{model_dir}: an embedder's inputs are int64")
+    from tokenizers import Tokenizer
+
+    try:
+        return Tokenizer.from_file(str(model_dir / spec.tokenizer))
+    except Exception as exc:  # tokenizers raises its own Exception type on bad files
+        raise ModelLoadError(f"{model_dir}: cannot read {spec.tokenizer}: {exc}") from exc
+
+
+def _pool(
+    states: npt.NDArray[Any], mask: npt.NDArray[np.int64], spec: EmbeddingSpec
+) -> npt.NDArray[np.float32]:
+    """Mean over the tokens ``mask`` keeps, then unit length when the manifest says so."""
+    if states.ndim != 3 or states.shape[:2] != mask.shape or states.shape[2] != spec.dimensions:
+        raise ModelLoadError(
+            f"embedder output {spec.output!r} has shape {states.shape}, expected "
+            f"[{mask.shape[0]}, {mask.shape[1]}, {spec.dimensions}]"
+        )
+    keep = mask[:, :, None].astype(np.float64)
+    mean = (states.astype(np.float64) * keep).sum(axis=1) / keep.sum(axis=1)
+    if spec.normalize:
+        mean /= np.maximum(np.linalg.norm(mean, axis=1, keepdims=True), 1e-12)
+    pooled: npt.NDArray[np.float32] = mean.astype(np.float32)
+    return pooled
 
 
 def _check(spec: TensorSpec, arr: Any) -> None:

@@ -6,6 +6,8 @@ import importlib
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
+    from p2pedge.testing.embedder import build_tiny_embedder as build_tiny_embedder
+    from p2pedge.testing.embedder import reference_embeddings as reference_embeddings
     from p2pedge.testing.tiny import OrtStepper as OrtStepper
     from p2pedge.testing.tiny import build_tiny_model as build_tiny_model
     from p2pedge.testing.tiny import random_llama_weights as random_llama_weights
@@ -16,6 +18,8 @@ if TYPE_CHECKING:
     from p2pedge.testing.tiny import tiny_weights as tiny_weights
 
 _LAZY = {
+    "build_tiny_embedder": "p2pedge.testing.embedder",
+    "reference_embeddings": "p2pedge.testing.embedder",
     "OrtStepper": "p2pedge.testing.tiny",
     "build_tiny_model": "p2pedge.testing.tiny",
     "random_llama_weights": "p2pedge.testing.tiny",

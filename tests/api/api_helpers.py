@@ -8,8 +8,17 @@ from typing import Any
 
 import trio
 
-from p2pedge.api.backend import ApiBackend, BackendStats, ModelEntry, Piece, Routed, Target, Usage
-from p2pedge.api.schema import GenerationRequest
+from p2pedge.api.backend import (
+    ApiBackend,
+    BackendStats,
+    Embedded,
+    ModelEntry,
+    Piece,
+    Routed,
+    Target,
+    Usage,
+)
+from p2pedge.api.schema import EmbeddingRequest, GenerationRequest
 
 Serve = Callable[..., Any]  # the ``serve`` fixture: ``async with serve(**app_kwargs) as api``
 MODEL = "smollm2-135m-instruct"  # the catalog's model (so ``auto`` finds it); tiny here
@@ -48,6 +57,9 @@ class Gated:
 
     def stats(self) -> BackendStats:
         return self.inner.stats()
+
+    async def embed(self, target: Target, request: EmbeddingRequest) -> Embedded:
+        return await self.inner.embed(target, request)
 
     async def swarm(self) -> dict[str, Any]:
         return await self.inner.swarm()

@@ -332,7 +332,8 @@ async def test_full_node_queue_is_503_with_retry_after_and_drains(serve: Serve) 
             )
             done.append(reply.choices[0].message.content)
 
-        for _ in range(1 + inference.config.queue_limit):  # one running, the rest queued
+        admitted = inference.config.max_active_per_model + inference.config.queue_limit
+        for _ in range(admitted):  # as many running as the node runs at once, the rest queued
             nursery.start_soon(one)
         await wait_until(lambda: inference.load() == 1.0)
         with pytest.raises(openai.InternalServerError) as caught:
@@ -341,7 +342,7 @@ async def test_full_node_queue_is_503_with_retry_after_and_drains(serve: Serve) 
         assert caught.value.response.headers["retry-after"] == "1"
         assert error_of(caught.value)["code"] == "overloaded"
         gate.release(1000)
-    assert len(done) == 1 + inference.config.queue_limit
+    assert len(done) == admitted
     assert inference.load() == 0.0
 
 
@@ -363,7 +364,7 @@ async def test_a_request_past_the_node_queue_waits_for_a_slot(serve: Serve) -> N
             )
             done.append(reply.choices[0].message.content)
 
-        admitted = 1 + inference.config.queue_limit
+        admitted = inference.config.max_active_per_model + inference.config.queue_limit
         for _ in range(admitted):
             nursery.start_soon(one)
         await wait_until(lambda: inference.load() == 1.0)
