@@ -30,7 +30,14 @@ from p2pedge.api.backend import (
 )
 from p2pedge.api.schema import LOCAL_LOGPROBS, EmbeddingRequest, GenerationRequest, bad
 from p2pedge.api.swarm import MAX_ITEMS, MAX_PEERS, card_json, coverage, text
-from p2pedge.errors import LocalProtocolError, ModelNotCached, P2PEdgeError
+from p2pedge.errors import (
+    Busy,
+    LocalProtocolError,
+    ModelNotCached,
+    P2PEdgeError,
+    PeerTimeout,
+    PeerUnavailable,
+)
 from p2pedge.ids import ModelId
 from p2pedge.records.card import CapabilityCard, covers_model
 from p2pedge.runtime.manifest import (
@@ -43,10 +50,12 @@ from p2pedge.runtime.manifest import (
 
 if TYPE_CHECKING:
     from p2pedge.node.node import Node
+    from p2pedge.orchestrator.orchestrator import Answer
 
 log = logging.getLogger("p2pedge.api")
 AUTO = "auto"
 CARDS_TTL_S = 2.0
+PEER_TRIES = 3  # peers holding a model that one request tries, least loaded first
 
 
 def api_for(node: Node, *, cards_ttl_s: float = CARDS_TTL_S) -> NodeBackend:
@@ -265,12 +274,35 @@ class NodeBackend:
 
         return await trio.to_thread.run_sync(count)
 
+    async def _on_peer(self, target: Target, request: GenerationRequest) -> Answer:
+        """The whole request (every message, the sampling) on a peer holding the model
+        whole, least loaded first; the next one (of ``PEER_TRIES``) when one is gone or full."""
+        orchestrator = self.node.models.orchestrator
+        if orchestrator is None:
+            raise PeerUnavailable(f"no orchestrator to reach a peer with {target.model}")
+        cards = sorted(
+            (c for c in await self._cards() if c.has_model(target.model)), key=lambda c: c.load
+        )
+        p = request.params
+        failed: P2PEdgeError = ModelNotCached(target.model)
+        for card in cards[:PEER_TRIES]:
+            try:
+                answer: Answer = await orchestrator.chat_on_peer(
+                    card.peer_id, target.model, messages=request.messages,
+                    prompt=request.prompt, max_tokens=p.max_tokens, temperature=p.temperature,
+                    top_p=p.top_p, top_k=p.top_k, seed=p.seed, stop=p.stop,
+                )  # fmt: skip
+                return answer
+            except (PeerUnavailable, PeerTimeout, Busy) as exc:
+                log.info("peer %s could not answer for %s: %s", card.peer_id, target.model, exc)
+                failed = exc
+        raise failed
+
     async def ask(self, target: Target, request: GenerationRequest) -> Routed:
-        max_tokens = request.params.max_tokens
         if target.where == "peer":
-            answers = await self.node.map(target.model, [request.text], max_tokens=max_tokens)
-            answer = answers[0]
+            answer = await self._on_peer(target, request)
         else:
+            max_tokens = request.params.max_tokens
             answer = await self.node.ask(request.text, target.category, max_tokens=max_tokens)
         d = answer.decision
         return Routed(

@@ -9,7 +9,10 @@ reason a token whose recent cost is within ``RuntimeConfig.inline_step_s`` runs 
 loop's own thread when no other generation is running: the worker thread would not free
 the loop meanwhile, and its two wake-ups cost 0.4-0.5 ms of a 14 ms SmolLM2 token here.
 Requests for one model queue FIFO (trio's semaphore hands a released slot to the longest waiter)
-and are refused with Busy beyond ``RuntimeConfig.queue_limit`` waiters.
+and are refused with Busy beyond ``RuntimeConfig.queue_limit`` waiters. Up to
+``RuntimeConfig.max_active_per_model`` of them run at once and take turns at the model, one
+prompt chunk or one token each (trio's fair lock hands the turn to the longest waiter), so
+concurrent streams advance round-robin at equal rates instead of one finishing first.
 """
 
 from __future__ import annotations
@@ -69,8 +72,24 @@ class _Queue:
 
     def __init__(self, active: int, limit: int) -> None:
         self.slots = trio.Semaphore(active)
+        self.turn = trio.Lock()  # fair: the running generations step in round-robin order
         self.active = active
         self.limit = limit
+        self.decoding = 0  # generations of this model past their prompt
+        self.kv_held = 0  # KV cache bytes the running generations reserved
+        self._kv_freed = trio.Event()
+
+    async def reserve_kv(self, need: int, budget: int) -> None:
+        """Wait until ``need`` more KV bytes fit in ``budget`` (at once when nothing else
+        holds any, so one generation always runs)."""
+        while self.kv_held and self.kv_held + need > budget:
+            await self._kv_freed.wait()
+        self.kv_held += need
+
+    def release_kv(self, held: int) -> None:
+        self.kv_held -= held
+        self._kv_freed.set()
+        self._kv_freed = trio.Event()
 
     @property
     def occupied(self) -> int:
@@ -237,6 +256,7 @@ class LocalInference:
             lease = await self._lease(mid, path)
             gen: Generation | None = None
             decoding = False
+            kv = 0
             try:
                 from p2pedge.runtime.genai_model import GenaiModel  # loaded by the lease
 
@@ -248,13 +268,21 @@ class LocalInference:
                     lambda: llm.encode_prompt(prompt=prompt, messages=messages)
                 )
                 run.prompt_tokens = len(ids)
+                positions = min(len(ids) + params.max_tokens, llm.context_length)
+                need = positions * llm.kv_bytes_per_position
+                await queue.reserve_kv(need, self.config.kv_budget_bytes)
+                kv = need  # reserved: released in the finally below
                 gen = await trio.to_thread.run_sync(llm.start, ids, params)
-                while not await trio.to_thread.run_sync(gen.prefill):
-                    pass
+                while True:
+                    async with queue.turn:
+                        if await trio.to_thread.run_sync(gen.prefill):
+                            break
                 self._generating += 1
+                queue.decoding += 1
                 decoding = True
                 while not gen.done:
-                    token = await self._step(path, gen)
+                    async with queue.turn:  # released before the token is yielded
+                        token = await self._step(path, gen, queue)
                     run.last = time.perf_counter()
                     if run.first is None:
                         run.first = run.last
@@ -264,14 +292,17 @@ class LocalInference:
                     yield token
             finally:
                 self._generating -= decoding
+                queue.decoding -= decoding
+                if kv:
+                    queue.release_kv(kv)
                 if gen is not None:
                     gen.close()
                 lease.release()
 
-    async def _step(self, path: Path, gen: Generation) -> Token:
-        """One token: on this thread when recent tokens were cheap and nothing else is
+    async def _step(self, path: Path, gen: Generation, queue: _Queue) -> Token:
+        """One token: on this thread when recent tokens were cheap and no other model is
         generating (then a checkpoint lets the loop run before the next), else in a worker
-        thread."""
+        thread. This model's other generations do not count: they wait for the turn."""
 
         def timed() -> Token:
             began = time.perf_counter()
@@ -279,7 +310,7 @@ class LocalInference:
             self.costs.record(path, 1, time.perf_counter() - began)
             return token
 
-        if self.costs.may_inline(path, 1, busy=self._generating > 1):
+        if self.costs.may_inline(path, 1, busy=self._generating > queue.decoding):
             self.steps_inline += 1
             token = timed()
             await trio.lowlevel.checkpoint()

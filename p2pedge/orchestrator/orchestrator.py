@@ -7,7 +7,7 @@ real Node with real models and simnet with modeled compute.
 from __future__ import annotations
 
 import time
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 
 import trio
@@ -299,6 +299,50 @@ class Orchestrator:
             return await self._run(decision, view, prompt, max_tokens, spec)
 
         return await federated_map(execute, prompts, workers, stats=stats)
+
+    async def chat_on_peer(
+        self,
+        peer_id: str,
+        model: str,
+        *,
+        messages: Sequence[Mapping[str, str]] | None = None,
+        prompt: str | None = None,
+        max_tokens: int,
+        temperature: float,
+        top_p: float,
+        top_k: int = 0,
+        seed: int | None = None,
+        stop: Sequence[str] = (),
+    ) -> Answer:
+        """A whole conversation (or a raw prompt) on ``peer_id``, which holds ``model``
+        whole, with the caller's sampling: what the HTTP API sends for such a model. The
+        infer protocol carries the messages; its limits refuse what is too large
+        (LocalProtocolError, before anything is sent)."""
+        if self.peers is None:
+            raise ModelNotCached(model)
+        params = GenParams(
+            max_tokens=max_tokens, temperature=temperature, top_p=top_p, top_k=top_k,
+            seed=seed, stop=tuple(stop),
+        )  # fmt: skip
+        chat = None if messages is None else tuple((m["role"], m["content"]) for m in messages)
+        request = InferRequest(next_request_id(), model, chat, prompt, params, model)
+        decision = Decision(
+            "raw", model, model, "peer", peer_id, "the caller chose the peer", None
+        )  # fmt: skip
+        start = time.perf_counter()
+        result = await self.peers.run_remote(peer_id, request, timeout_s=self.remote_timeout_s)
+        return Answer(
+            text=result.text,
+            decision=decision,
+            prompt_tokens=result.prompt_tokens,
+            completion_tokens=result.completion_tokens,
+            ttft_s=result.ttft_s,
+            tok_per_s=result.tok_per_s,
+            finish_reason=result.finish_reason,
+            provider=result.provider,
+            elapsed_s=time.perf_counter() - start,
+            was_warm=False,
+        )
 
     def _spec_for(self, name: str) -> Specialist:
         """A specialist by name or category, else a plain one over a model id."""

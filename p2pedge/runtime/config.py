@@ -39,7 +39,10 @@ class RuntimeConfig:
     memory_budget_bytes: int | None = None
     memory_share: float = 0.5
     queue_limit: int = 8
-    max_active_per_model: int = 1
+    max_active_per_model: int = 16
+    # KV cache the running generations of one model may reserve together (each reserves its
+    # prompt plus max_tokens positions); one generation alone is always admitted
+    kv_budget_bytes: int = 1 << 30
     cache_half_life_s: float = DEFAULT_HALF_LIFE_S  # see runtime/policy.py
     # a generated token whose recent cost is this short runs on the event loop's thread
     # instead of a worker thread (runtime/inline.py); 0 never does
@@ -66,6 +69,8 @@ class RuntimeConfig:
             raise ConfigError(f"inline_step_s must be in [0, 1], got {self.inline_step_s}")
         if self.max_active_per_model < 1:
             raise ConfigError(f"max_active_per_model must be >= 1, got {self.max_active_per_model}")
+        if self.kv_budget_bytes < 1:
+            raise ConfigError(f"kv_budget_bytes must be >= 1, got {self.kv_budget_bytes}")
 
     @property
     def spinning(self) -> bool:

@@ -40,6 +40,20 @@ MAX_MESSAGES = 1024
 PREFILL_CHUNK = 32  # prompt tokens per call: bounds how long one call holds the GIL
 
 
+def _kv_bytes_per_position(model_dir: Path) -> int:
+    """KV cache bytes one position takes (keys and values of every layer, float32: an
+    upper bound for float16 caches); 0 when genai_config.json does not say."""
+    try:
+        d = json.loads((model_dir / "genai_config.json").read_text())["model"]["decoder"]
+        layers, heads, size = d["num_hidden_layers"], d["num_key_value_heads"], d["head_size"]
+    except (OSError, ValueError, KeyError, TypeError):
+        return 0
+    dims = [v for v in (layers, heads, size) if isinstance(v, int) and 0 < v < 1 << 16]
+    if len(dims) != 3:
+        return 0
+    return 2 * dims[0] * dims[1] * dims[2] * 4
+
+
 def _vocab_size(model_dir: Path) -> int | None:
     """The vocabulary size genai_config.json declares (genai refuses a larger top_k)."""
     try:
@@ -94,6 +108,7 @@ class GenaiModel:
             raise ModelLoadError(f"{model_dir}: context_length unknown")
         self.context_length = ctx
         self.vocab_size = _vocab_size(model_dir)
+        self.kv_bytes_per_position = _kv_bytes_per_position(model_dir)
         self._pieces: dict[int, str] = {}  # token id -> its text, at most the vocabulary
 
     def token_text(self, token_id: int) -> str:

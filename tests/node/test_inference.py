@@ -26,7 +26,7 @@ from p2pedge.runtime.genai_model import GenaiModel, Generation
 from p2pedge.runtime.sampling import PromptTooLong
 from p2pedge.testing import build_tiny_model
 
-CONFIG = RuntimeConfig(intra_op_threads=1, max_models=2, queue_limit=1)
+CONFIG = RuntimeConfig(intra_op_threads=1, max_models=2, queue_limit=1, max_active_per_model=1)
 
 
 @pytest.fixture(scope="module")
@@ -182,7 +182,8 @@ async def test_queue_is_fifo_and_busy_beyond_its_limit(
 
 
 async def test_fair_order_of_waiters(dirs: dict[str, Path]) -> None:
-    local = LocalInference(lambda mid: dirs[mid.name], RuntimeConfig(intra_op_threads=1))
+    config = RuntimeConfig(intra_op_threads=1, max_active_per_model=1)
+    local = LocalInference(lambda mid: dirs[mid.name], config)
     order: list[str] = []
 
     async def request(tag: str) -> None:
