@@ -35,7 +35,7 @@ import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import IO, Any
+from typing import IO, Any, cast
 
 import psutil
 import trio
@@ -257,13 +257,22 @@ async def run(args: argparse.Namespace, model_dir: Path, root: Path) -> tuple[st
             path.write_text(json.dumps(targets))
             result = await rounds(node, Attacker(path), servers, args.tokens, args.rounds, pull)
     finally:
-        stop(servers)  # _shard_servers.stop needs only each server's .proc
+        stop(cast("list[Any]", servers))  # _shard_servers.stop needs only each .proc
     detection = await measure(MODEL, model_dir, 30, args.tokens, args.rounds, args.trials)
     ratio = paired_ratio(result["rates"]["attack"], result["rates"]["calm"])
+    signing = signing_cost()
     body = (
         report(result, ratio, args)
         + "\n\n"
         + section(detection, args.tokens, args.rounds, args.trials)
+        + "\n\n"
+        + table(
+            ("signed outputs, per hop of a decode step (576 floats)", "µs, median"),
+            [
+                ("server: input chain, output hash, Ed25519 signature", f"{signing['server']:.0f}"),
+                ("client: output hash, signature check", f"{signing['client']:.0f}"),
+            ],
+        )
     )
     headline = {
         "crashes": str(result["crashes"] + result["failed_pulls"]),
@@ -274,8 +283,46 @@ async def run(args: argparse.Namespace, model_dir: Path, root: Path) -> tuple[st
         "detect_steps_p95": str(detection.p95),
         "rss_growth_mb": f"{result['rss_growth_mb']:.0f}",
         "check_cost_1_in_50": f"{detection.cost[1 / 50].median:.2f}",
+        "sign_us_per_hop": f"{signing['server'] + signing['client']:.0f}",
     }
     return body, headline
+
+
+def signing_cost(hidden: int = 576, repeats: int = 2000) -> dict[str, float]:
+    """Microseconds per hop that signed outputs add to a decode step (one position of
+    SmolLM2's width): the server's input chain, output hash and Ed25519 signature; the
+    client's output hash and verification. Median of ``repeats`` timed in-process."""
+    import numpy as np
+    from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+    from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat
+
+    from p2pedge.ids import LayerRange
+    from p2pedge.protocols.pipeline.attest import (
+        InputChain,
+        chain_seed,
+        output_digest,
+        reply_digest,
+        signature_ok,
+    )
+
+    key = Ed25519PrivateKey.generate()
+    public = key.public_key().public_bytes(Encoding.Raw, PublicFormat.Raw)
+    x = np.random.default_rng(0).standard_normal((1, 1, hidden)).astype(np.float32)
+    chain = InputChain(chain_seed(MODEL, LayerRange(10, 20), 1))
+    server, client = [], []
+    for i in range(repeats):
+        began = time.perf_counter()
+        value = chain.extend(i % 256, x)
+        sig = key.sign(reply_digest(value, i % 256, i % 256 + 1, output_digest(x)))
+        mid = time.perf_counter()
+        digest = reply_digest(value, i % 256, i % 256 + 1, output_digest(x))
+        assert signature_ok(public, digest, sig)
+        client.append(time.perf_counter() - mid)
+        server.append(mid - began)
+    return {
+        "server": statistics.median(server) * 1e6,
+        "client": statistics.median(client) * 1e6,
+    }
 
 
 def _median(values: list[float]) -> str:

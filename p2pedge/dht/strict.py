@@ -1,4 +1,5 @@
-"""A strict Kademlia: only p2pedge's own records, bounded stores, PUTs rate-limited.
+"""A strict Kademlia: only p2pedge's own records, bounded stores, PUTs and reads
+rate-limited.
 
 py-libp2p's ``KadDHT`` (strict_validation off) stores any value under any namespace it
 has no validator for, keeps up to 50,000 of them and then evicts the oldest, cards
@@ -7,8 +8,14 @@ validator and is charged to the sender's peer id and source address; the value s
 refuses new keys when full rather than evicting, and forgets a card when it expires.
 Provider records must use our 16-byte keys and are capped per peer and in total.
 
+Reads are charged too (:class:`ReadRate`): each FIND_NODE, GET_VALUE and GET_PROVIDERS
+a peer sends costs units of one budget per peer, per source and in total, charged when
+the library first touches the routing table or a store for it, before any lookup or
+serialisation; past the budget the stream is reset, as for a refused PUT, and the
+refusal is counted under ``dht.read``.
+
 The library's stream handler does the protocol work; we only wrap it so that its
-validator and provider calls know which peer (and address) sent the message.
+validator, stores and routing table know which peer (and address) sent the message.
 """
 
 from __future__ import annotations
@@ -54,6 +61,10 @@ class Namespace:
 
 # (peer id, source address) of the inbound DHT message being handled, if any.
 _sender: ContextVar[tuple[str, str] | None] = ContextVar("p2pedge_dht_sender", default=None)
+# whether the inbound message being handled has been charged its read already
+_read_charged: ContextVar[bool] = ContextVar("p2pedge_dht_read_charged", default=False)
+# a PUT_VALUE passed validation: the store lookup that follows is part of it, not a read
+_in_put: ContextVar[bool] = ContextVar("p2pedge_dht_in_put", default=False)
 
 
 @contextmanager
@@ -66,6 +77,41 @@ def sender(peer: str, source: str) -> Iterator[None]:
         _sender.reset(token)
 
 
+class ReadRate:
+    """The read budget (see the module docstring): ``charge`` one inbound message's read,
+    of ``cost`` units, to its sender, or raise :class:`Busy` (counted in ``refused``)."""
+
+    LIMIT = "dht.read"
+
+    def __init__(self, limits: DhtLimits, clock: Callable[[], float], refused: Counter[str]):
+        self.rate = PeerRate(self.LIMIT, limits.read_rate, limits.read_burst, limits.source_share)
+        self.total = RateLimit(self.LIMIT, limits.read_total_rate, limits.read_total_burst)
+        self.clock = clock
+        self.refused = refused
+
+    def charge(self, cost: float, *, first: bool) -> None:
+        """Charge the message being handled, if it is inbound. ``first`` marks a store
+        lookup that opens a message's work (the routing-table lookup after it is free)."""
+        inbound = _sender.get()
+        if inbound is None:
+            return  # our own lookups
+        if not first and _read_charged.get():
+            _read_charged.set(False)  # GET_VALUE / GET_PROVIDERS: charged at the store
+            return
+        _read_charged.set(first)
+        now = self.clock()
+        try:
+            self.rate.take(*inbound, now, cost)
+            try:
+                self.total.take("total", now, cost)
+            except Busy as exc:
+                raise Busy(str(exc), limit=self.LIMIT, scope="total") from None
+        except Busy as exc:
+            self.refused[self.LIMIT] += 1
+            log.debug("refused a DHT read from %s: %s", inbound[0], exc)
+            raise
+
+
 class PeerRate:
     """A rate per peer and ``share`` times it per source address."""
 
@@ -74,11 +120,11 @@ class PeerRate:
         self.peers = RateLimit(name, rate, burst)
         self.sources = RateLimit(name, rate * share, burst * share)
 
-    def take(self, peer: str, source: str, now: float) -> None:
-        self.peers.take(peer, now)
+    def take(self, peer: str, source: str, now: float, cost: float = 1.0) -> None:
+        self.peers.take(peer, now, cost)
         if source:
             try:
-                self.sources.take(source, now)
+                self.sources.take(source, now, cost)
             except Busy as exc:
                 raise Busy(
                     str(exc), limit=self.name, scope=exc.scope.replace("peer", "source")
@@ -139,6 +185,8 @@ class StrictValidator(NamespacedValidator):  # type: ignore[misc]
             sender = _sender.get()
             log.debug("refused PUT of %s from %s: %s", key, sender and sender[0], exc)
             raise
+        if _sender.get() is not None:
+            _in_put.set(True)
 
     def _validate(self, key: str, value: bytes) -> None:
         sender = _sender.get()
@@ -155,12 +203,22 @@ class StrictValidator(NamespacedValidator):  # type: ignore[misc]
 
 
 class BoundedValueStore(ValueStore):  # type: ignore[misc]
-    """Refuses new keys when full instead of evicting, and forgets a value when it lapses."""
+    """Refuses new keys when full instead of evicting, and forgets a value when it lapses;
+    a peer's GET_VALUE is charged its read (``reads``) before the lookup."""
 
     def __init__(self, host: Any, local_peer_id: Any, validator: StrictValidator, limit: int):
         super().__init__(host, local_peer_id)
         self.validator = validator
         self.limit = limit
+        self.reads: ReadRate | None = None
+        self.read_cost = 1.0
+
+    def get(self, key: bytes) -> Any:
+        if _in_put.get():
+            _in_put.set(False)  # a PUT comparing with what is held: charged as a PUT
+        elif self.reads is not None:
+            self.reads.charge(self.read_cost, first=True)
+        return super().get(key)
 
     def put_record(self, key: bytes, record: Any) -> None:
         if key not in self.store and self._held_for_others() >= self.limit:
@@ -184,6 +242,12 @@ class BoundedProviderStore(ProviderStore):  # type: ignore[misc]
         super().__init__(host, peer_routing)
         self.limits = limits
         self.refused = refused
+        self.reads: ReadRate | None = None
+
+    def get_providers(self, key: bytes) -> Any:
+        if self.reads is not None:
+            self.reads.charge(self.limits.get_providers_cost, first=True)
+        return super().get_providers(key)
 
     def add_provider(self, key: bytes, provider: Any) -> None:
         peer = str(provider.peer_id) if provider is not None and provider.peer_id else ""
@@ -257,6 +321,17 @@ class StrictKadDHT(KadDHT):  # type: ignore[misc]
         self._provider_rate = PeerRate(
             "dht.provider", limits.provider_rate, limits.provider_burst, limits.source_share
         )
+        self.reads = reads = ReadRate(limits, clock, self.refused)
+        self.value_store.reads = self.provider_store.reads = reads
+        self.value_store.read_cost = limits.get_value_cost
+        # every inbound read ends in one routing-table lookup: a FIND_NODE is charged there
+        table, closest = self.routing_table, self.routing_table.find_local_closest_peers
+
+        def find_local_closest_peers(key: bytes, count: int = 20) -> Any:
+            reads.charge(limits.find_node_cost, first=False)
+            return closest(key, count)
+
+        table.find_local_closest_peers = find_local_closest_peers
 
     async def handle_stream(self, stream: Any) -> None:
         """The library's handler, with the sender known to our validator and stores."""

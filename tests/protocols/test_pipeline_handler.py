@@ -267,9 +267,10 @@ def gated(shards: dict[LayerRange, Any]) -> tuple[ShardModel, threading.Event, l
 async def test_steps_wait_for_the_compute_thread_round_robin_by_peer(
     shards: dict[LayerRange, Any],
 ) -> None:
-    """A flooder with an 8-token step queued on each of four streams delays a normal
-    client's one-token step by only the step already running (first come, first served:
-    by all four; round robin without costs: by two)."""
+    """A flooder with an 8-token step queued on each of four streams does not delay a
+    normal client's one-token step at all: it takes the decode lane and runs beside the
+    flood step already running (first come, first served: it waited for all four; one
+    lane, round robin by cost: for the running one)."""
     model, gate, log = gated(shards)
     server = PipelineServer({(MODEL, FIRST): model}, inline_step_s=0.0)
     async with trio.open_nursery() as nursery:
@@ -290,11 +291,14 @@ async def test_steps_wait_for_the_compute_thread_round_robin_by_peer(
             await trio.testing.wait_all_tasks_blocked()
         await calm.stream.send(codec.to_map(codec.Step(1, sessions[-1], 0, ids(5))))
         await trio.testing.wait_all_tasks_blocked()
-        assert server.fair.waiting == 4  # three flood steps and the calm one wait
+        # three flood steps wait behind the first; the calm one runs beside it
+        assert (server.fair.borrowed, server.fair.waiting) == (1, 3)
+        assert (server.decode_lane.borrowed, server.decode_lane.waiting) == (1, 0)
         gate.set()
-        for c in (*flood, calm):
+        assert isinstance(codec.from_map(await calm.stream.receive(timeout=30)), codec.Output)
+        for c in flood:
             assert isinstance(codec.from_map(await c.stream.receive(timeout=30)), codec.Output)
-        assert log.index(1) == 1  # right after the running flood step
+        assert sorted(log) == [1, 8, 8, 8, 8] and not server.decode_lane.busy
         nursery.cancel_scope.cancel()
 
 

@@ -3,15 +3,19 @@ pushed and ring steps, hostile replies and hop failures, against shards that com
 known function: positions never go backwards on a healthy hop, a replacement replays
 exactly the positions it lost (the shard refuses a gap), one request at a time per
 session, bad replies are the server's fault, and the logits and ring tokens always equal
-those of a chain that never failed."""
+those of a chain that never failed. Every server signs its outputs (``attest.py``); a
+signature by another key, or a server that stops signing, fails that hop."""
 
 from __future__ import annotations
 
+import dataclasses
 import subprocess
 import sys
 
 import numpy as np
 import pytest
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat
 from hypothesis import event, settings
 from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, invariant, precondition, rule
@@ -24,10 +28,18 @@ from p2pedge.errors import (
     ShardFailed,
 )
 from p2pedge.ids import LayerRange
+from p2pedge.planning.verification import VerifyPolicy
 from p2pedge.protocols.pipeline import codec
+from p2pedge.protocols.pipeline.attest import InputChain, chain_seed, output_digest, reply_digest
 from p2pedge.protocols.pipeline.chain import ClientConfig, HopFailed, HopState
-from p2pedge.protocols.pipeline.client_machine import RING_TOP_K, ClientMachine, HopMachine
+from p2pedge.protocols.pipeline.client_machine import (
+    KEPT_POSITIONS,
+    RING_TOP_K,
+    ClientMachine,
+    HopMachine,
+)
 from p2pedge.protocols.pipeline.sampling import greedy
+from p2pedge.records.peer_ids import peer_id_from_ed25519
 
 V, H, HOPS, MAX_LENGTH = 7, 2, 3, 40
 
@@ -65,14 +77,27 @@ class CumsumShard:
     """A server's KV cache for hop ``k``: the inputs it has consumed. A step may start at
     most where the cache ends (rewinding it), as a real server requires."""
 
-    def __init__(self, k: int) -> None:
+    def __init__(self, k: int, session: int) -> None:
         self.k = k
         self.cache: list[np.ndarray] = []
+        self.key = Ed25519PrivateKey.generate()
+        public = self.key.public_key().public_bytes(Encoding.Raw, PublicFormat.Raw)
+        self.peer = peer_id_from_ed25519(public)
+        self.chain = InputChain(chain_seed("m", LayerRange(k, k + 1), session))
+        self.signed = (0, 0, b"")  # the last step's start, end and input chain
+
+    def sign(self, out: codec.Output, key: Ed25519PrivateKey | None = None) -> codec.Output:
+        """``out`` signed as a server signs the output of its last step."""
+        start, end, chain = self.signed
+        digest = output_digest(out.y, out.ids, out.vocab, out.token)
+        sig = (key or self.key).sign(reply_digest(chain, start, end, digest))
+        return dataclasses.replace(out, sig=sig, chain=chain)
 
     def step(self, start: int, x: np.ndarray) -> np.ndarray:
         assert start <= len(self.cache), f"hop {self.k}: step at {start}, cache {len(self.cache)}"
         rows = list(x[0])
         self.cache = self.cache[:start] + rows
+        self.signed = (start, start + len(rows), self.chain.extend(start, x))
         out = shard_outputs(self.k, np.asarray(self.cache))
         end = start + len(rows)
         return out[end - 1 : end] if self.k == HOPS - 1 else out[None, start:end]
@@ -89,7 +114,10 @@ class Link:
 class ClientMachineTest(RuleBasedStateMachine):
     def __init__(self) -> None:
         super().__init__()
-        config = ClientConfig(max_length=MAX_LENGTH, chunk=3, max_recoveries=10_000)
+        # verify set: the hops keep their signed outputs as evidence
+        config = ClientConfig(
+            max_length=MAX_LENGTH, chunk=3, max_recoveries=10_000, verify=VerifyPolicy()
+        )
         self.m = ClientMachine(config)
         self.now = 0.0
         self.serial = 0
@@ -103,11 +131,12 @@ class ClientMachineTest(RuleBasedStateMachine):
 
     def _open(self, k: int) -> HopState:
         self.serial += 1
-        hm = HopMachine(f"peer{self.serial}", LayerRange(k, k + 1))
+        server = CumsumShard(k, self.serial)
+        hm = HopMachine(server.peer, LayerRange(k, k + 1))
         req = hm.open("m", MAX_LENGTH)
         assert hm.receive(codec.Opened(req.rid, self.serial, 0, b"key")) is not None
         assert (hm.session, hm.key, hm.pending) == (self.serial, b"key", None)
-        self.servers[hm.peer] = CumsumShard(k)
+        self.servers[hm.peer] = server
         return HopState(Link(hm))  # type: ignore[arg-type]
 
     def _hm(self, k: int) -> HopMachine:
@@ -176,7 +205,8 @@ class ClientMachineTest(RuleBasedStateMachine):
         data=st.data(),
         fault=st.sampled_from(
             ["none", "none", "none", "stale_first", "unknown_rid", "other_session",
-             "wrong_type", "bad_shape", "nan", "internal_error", "bad_request"]
+             "wrong_type", "bad_shape", "nan", "internal_error", "bad_request", "bad_sig",
+             "unsigned"]
         ),
     )  # fmt: skip
     def answer(self, data: st.DataObject, fault: str) -> None:
@@ -199,6 +229,9 @@ class ClientMachineTest(RuleBasedStateMachine):
             "internal_error": codec.Error(msg.rid, codec.E_INTERNAL, "oom"),
             "bad_request": codec.Error(msg.rid, codec.E_BAD_REQUEST, "no"),
         }.get(fault, codec.Output(msg.rid, hm.session, y))
+        server = self.servers[hm.peer]
+        if isinstance(reply, codec.Output) and fault != "unsigned":
+            reply = server.sign(reply, Ed25519PrivateKey.generate() if fault == "bad_sig" else None)
         if fault == "stale_first" and msg.rid > 1:
             assert hm.receive(codec.Output(msg.rid - 1, hm.session, y)) is None
         if fault in ("unknown_rid", "other_session", "wrong_type"):
@@ -216,6 +249,15 @@ class ClientMachineTest(RuleBasedStateMachine):
         out = hm.receive(reply)
         assert out is not None and hm.pending is None
         del self.inflight[k]
+        if fault in ("bad_sig", "unsigned") and (fault == "bad_sig" or hm.signs):
+            with pytest.raises(RemoteProtocolError, match="sign"):
+                hm.output(out, self.m.top_k(k), 0.001, n)
+            event(f"a reply {fault}: the hop failed")
+            self._replace(k, k, RemoteProtocolError(fault))
+            return
+        if fault == "unsigned":  # a server that never signed: its first output says so
+            hm.signs = True
+            out = server.sign(out)  # type: ignore[arg-type]
         logits = hm.output(out, self.m.top_k(k), 0.001, n)
         end = msg.start + n
         if fault in ("bad_shape", "nan"):
@@ -243,7 +285,8 @@ class ClientMachineTest(RuleBasedStateMachine):
                 hm = self._hm(k)
                 msg = hm.step(self.m.step_input(k, start, end), start, top_k=self.m.top_k(k))
                 y = self.servers[hm.peer].step(start, msg.x)
-                out = hm.receive(codec.Output(msg.rid, hm.session, y))
+                signed = self.servers[hm.peer].sign(codec.Output(msg.rid, hm.session, y))
+                out = hm.receive(signed)
                 assert out is not None
                 logits = hm.output(out, self.m.top_k(k), 0.001, end - start)
                 self.m.accept(k, logits, start, end, self.target)
@@ -273,7 +316,8 @@ class ClientMachineTest(RuleBasedStateMachine):
             y = np.take_along_axis(y, ids, axis=1)
         stale = codec.Output(0, hm.session, y, ids, V, token, at=start + 1)
         assert hm.receive_pushed(stale, start) is None  # another position: skipped
-        out = hm.receive_pushed(codec.Output(0, hm.session, y, ids, V, token, at=start), start)
+        pushed = codec.Output(0, hm.session, y, ids, V, token, at=start)
+        out = hm.receive_pushed(self.servers[hm.peer].sign(pushed), start)
         assert out is not None
         self.m.accept(k, hm.output(out, top_k, None, end - start), start, end, end)
 
@@ -338,6 +382,16 @@ class ClientMachineTest(RuleBasedStateMachine):
             self.high[key] = hop.done
             assert hop.done <= self.m.boundaries[k].length
             assert self.m.boundaries[k + 1].length >= hop.done
+
+    @invariant()
+    def signed_outputs_kept_are_bounded(self) -> None:
+        for k in range(HOPS):
+            hm = self._hm(k)
+            kept = sum(e.end - e.start for e in hm.signed)
+            assert kept <= KEPT_POSITIONS or len(hm.signed) == 1
+            assert hm.signs is not False and bool(hm.signed) == bool(hm.signs)
+            for entry in hm.signed:  # the latest output kept for a position is its own
+                assert hm.signed_at(entry.start) is not None
 
     @invariant()
     def one_request_pending_per_session(self) -> None:

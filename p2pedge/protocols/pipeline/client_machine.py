@@ -17,6 +17,7 @@ decisions; nothing here awaits, and callers pass ``now`` where time matters.
 from __future__ import annotations
 
 import itertools
+from collections import deque
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -28,6 +29,7 @@ from p2pedge.errors import Busy, LocalProtocolError, RemoteProtocolError, ShardF
 from p2pedge.ids import LayerRange
 from p2pedge.planning.slowdown import StepWindow
 from p2pedge.protocols.pipeline import codec
+from p2pedge.protocols.pipeline.attest import output_digest, reply_digest, signature_ok
 from p2pedge.protocols.pipeline.chain import (
     ClientConfig,
     History,
@@ -35,12 +37,14 @@ from p2pedge.protocols.pipeline.chain import (
     HopState,
     check_output,
 )
+from p2pedge.records.peer_ids import ed25519_from_peer_id
 
 # How long to wait for a pushed output before relaying that step instead: a multiple of
 # the hop's mean step time, never under the floor.
 PUSH_GRACE_FACTOR = 4.0
 PUSH_GRACE_MIN_S = 1.0
 RING_TOP_K = 1  # a ring's last server names its token; the client needs only the top-1
+KEPT_POSITIONS = 1024  # signed outputs kept per hop for evidence, counted in positions
 
 
 def error_to_exception(err: codec.Error, peer: str) -> Exception:
@@ -53,6 +57,15 @@ def error_to_exception(err: codec.Error, peer: str) -> Exception:
     return ShardFailed(text)
 
 
+@dataclass(frozen=True, eq=False)
+class Signed:
+    """A signed output as received, for positions ``start .. end`` (kept for evidence)."""
+
+    start: int
+    end: int
+    reply: codec.Output
+
+
 @dataclass(frozen=True)
 class Expect:
     """The request in flight on a hop and the reply type it is owed."""
@@ -63,11 +76,13 @@ class Expect:
 
 class HopMachine:
     """One session on ``peer`` for blocks ``layers``: request ids, the pending request,
-    the session's id and push key, and its step times (for grace times and slowdowns)."""
+    the session's id and push key, its step times (for grace times and slowdowns), and
+    its signed outputs (checked on receipt, the latest kept as evidence)."""
 
     def __init__(self, peer: str, layers: LayerRange) -> None:
         self.peer = peer
         self.layers = layers
+        self.model = ""
         self.session = 0
         self.key = b""  # the session's push key: other servers may push steps into it
         self.pending: Expect | None = None  # a cancelled request's reply is drained first
@@ -78,6 +93,12 @@ class HopMachine:
         self.decode_seconds = 0.0
         self.window: StepWindow | None = None  # decode-step times, to spot a slowdown
         self.last_token: int | None = None  # the token named by the last output, if any
+        self.signs: bool | None = None  # whether the server signs (fixed by its first output)
+        self.signed: deque[Signed] = deque()  # latest signed outputs, ``keep`` positions at most
+        self.keep = KEPT_POSITIONS  # 0 where nothing checks the outputs (no evidence to keep)
+        self._kept = 0
+        self._public: bytes | None = None
+        self._start = 0  # where the step in flight starts
 
     def _request(self, reply: type[codec.Opened] | type[codec.Output] | type[codec.Closed]) -> int:
         if self.pending is not None:
@@ -90,6 +111,7 @@ class HopMachine:
         self, model: str, max_length: int, dtype: str = "float32", pushes_to: str = ""
     ) -> codec.Open:
         rid = self._request(codec.Opened)
+        self.model = model
         start, end = self.layers.start, self.layers.end
         return codec.Open(rid, model, start, end, max_length, dtype, pushes_to)
 
@@ -106,6 +128,7 @@ class HopMachine:
         if not self.session:
             raise LocalProtocolError(f"no open session on {self.peer} to step")
         rid = self._request(codec.Output)
+        self._start = start
         return codec.Step(rid, self.session, start, x, top_k, fwd, ring=ring, epoch=epoch)
 
     def push(
@@ -177,6 +200,7 @@ class HopMachine:
         the top-k the server sent. ``took`` (None: not timed) goes into the step times."""
         if not isinstance(reply, codec.Output) or reply.session != self.session:
             raise RemoteProtocolError(f"{self.peer} answered a step with {reply!r}")
+        self._check_signed(reply, positions)
         self.last_token = reply.token
         if took is not None:
             self.steps += 1
@@ -191,6 +215,46 @@ class HopMachine:
                 raise RemoteProtocolError(f"{self.peer} sent {reply.ids.shape[1]} top logits")
             return codec.full_logits(reply.y, reply.ids, reply.vocab)
         return reply.y
+
+    def _check_signed(self, reply: codec.Output, positions: int) -> None:
+        """A server that signs must sign every output, over exactly what it sent; a bad or
+        missing signature fails the hop (:class:`RemoteProtocolError`)."""
+        signs = bool(reply.sig)
+        if self.signs is None:
+            self.signs = signs
+        if not signs:
+            if self.signs:
+                raise RemoteProtocolError(f"{self.peer} stopped signing its outputs")
+            return
+        if not self.signs:
+            raise RemoteProtocolError(f"{self.peer} signed an output after sending unsigned")
+        start = reply.at if reply.at is not None else self._start
+        out = output_digest(reply.y, reply.ids, reply.vocab, reply.token)
+        digest = reply_digest(reply.chain, start, start + positions, out)
+        if not signature_ok(self._public_key(), digest, reply.sig):
+            raise RemoteProtocolError(f"{self.peer}'s signature does not match its output")
+        if not self.keep:
+            return
+        self.signed.append(Signed(start, start + positions, reply))
+        self._kept += positions
+        while self._kept > self.keep and len(self.signed) > 1:
+            old = self.signed.popleft()
+            self._kept -= old.end - old.start
+
+    def _public_key(self) -> bytes:
+        if self._public is None:
+            try:
+                self._public = ed25519_from_peer_id(self.peer)
+            except ValueError as exc:
+                raise RemoteProtocolError(f"{self.peer} signs but has no ed25519 id") from exc
+        return self._public
+
+    def signed_at(self, position: int) -> Signed | None:
+        """The latest signed output covering ``position``, if still kept."""
+        for entry in reversed(self.signed):
+            if entry.start <= position < entry.end:
+                return entry
+        return None
 
 
 def pushes_to(peers: Sequence[str], successor: str, push: bool) -> list[str]:
@@ -244,6 +308,12 @@ class ClientMachine:
     def started(self, hops: list[HopState]) -> None:
         self.hops = hops
         self.boundaries = [History(self.config.max_length) for _ in range(len(hops) + 1)]
+        self._keep_evidence(hops)
+
+    def _keep_evidence(self, hops: list[HopState]) -> None:
+        """Signed outputs are kept as evidence only where checks may need them."""
+        for hop in hops:
+            hop.conn.machine.keep = KEPT_POSITIONS if self.config.verify is not None else 0
 
     def replaceable(self, index: int) -> tuple[int, list[int]]:
         """Hop ``index``'s first block, and the block ends a replacement chain may stop at
@@ -266,6 +336,7 @@ class ClientMachine:
         boundaries: driving again replays :meth:`replay` onto them. Returns the old hops."""
         old = self.hops[first : last + 1]
         self.hops[first : last + 1] = new
+        self._keep_evidence(new)
         inner = [History(self.config.max_length) for _ in new[:-1]]
         self.boundaries[first + 1 : last + 1] = inner
         self.ring_ok = self.config.ring and self.config.push  # a new chain: try again

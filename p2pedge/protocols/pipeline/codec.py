@@ -59,6 +59,8 @@ MAX_FORWARDS = 16
 BUSY_SCOPES = frozenset({"", "peer", "source", "total"})
 MAX_LIMIT_NAME = 64
 NO_EOS = -1
+SIG_BYTES = 64  # Ed25519 (see attest.py)
+CHAIN_BYTES = 32
 
 
 @dataclass(frozen=True)
@@ -164,6 +166,8 @@ class Output:
     vocab: int = 0
     token: int | None = None
     at: int | None = None
+    sig: bytes = b""  # the server's signature over the step (see ``attest.py``)
+    chain: bytes = b""  # the session's input chain the signature binds
 
 
 @dataclass(frozen=True)
@@ -270,6 +274,8 @@ def to_map(msg: Message) -> dict[str, Any]:
                     out["tok"] = msg.token
             if msg.at is not None:
                 out["at"] = msg.at
+            if msg.sig:
+                out |= {"sig": msg.sig, "ic": msg.chain}
             return out
         case Close():
             return {"t": "close", "rid": msg.rid, "session": msg.session}
@@ -382,12 +388,13 @@ def from_map(m: dict[str, Any], limits: TensorLimits = TENSOR_LIMITS) -> Message
     if kind == "out":
         y = decode_tensor(m.get("y"), limits)
         at = _int(m, "at", 0, MAX_LENGTH) if "at" in m else None
+        sig, chain = _signed(m)
         if "ids" not in m:
-            return Output(rid, _int(m, "session"), y, at=at)
+            return Output(rid, _int(m, "session"), y, at=at, sig=sig, chain=chain)
         ids, vocab = decode_tensor(m.get("ids"), limits), _int(m, "vocab", 1, MAX_VOCAB)
         _check_top_k(y, ids, vocab)
         token = _int(m, "tok", 0, vocab - 1) if "tok" in m else None
-        return Output(rid, _int(m, "session"), y, ids, vocab, token, at)
+        return Output(rid, _int(m, "session"), y, ids, vocab, token, at, sig, chain)
     if kind == "close":
         return Close(rid, _int(m, "session"))
     if kind == "closed":
@@ -403,6 +410,16 @@ def from_map(m: dict[str, Any], limits: TensorLimits = TENSOR_LIMITS) -> Message
             raise RemoteProtocolError(f"bad limit {limit[:MAX_LIMIT_NAME]!r} or scope {scope!r}")
         return Error(rid, code, _str(m, "message"), limit, scope)
     raise RemoteProtocolError(f"unknown message type {kind!r}")
+
+
+def _signed(m: dict[str, Any]) -> tuple[bytes, bytes]:
+    """An output's signature and the input chain it binds (both or neither)."""
+    if "sig" not in m and "ic" not in m:
+        return b"", b""
+    sig, chain = require(m, "sig", bytes), require(m, "ic", bytes)
+    if len(sig) != SIG_BYTES or len(chain) != CHAIN_BYTES:
+        raise RemoteProtocolError(f"signature of {len(sig)} bytes or chain of {len(chain)}")
+    return sig, chain
 
 
 def _check_top_k(values: npt.NDArray[Any], ids: npt.NDArray[Any], vocab: int) -> None:

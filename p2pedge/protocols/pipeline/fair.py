@@ -13,14 +13,21 @@ already running, and minting peer ids on one address buys no more than the addre
 from __future__ import annotations
 
 import itertools
+import os
+import sys
+import threading
 from collections import deque
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
+from typing import TypeVar
 
+import outcome
 import trio
 
 from p2pedge.errors import LocalProtocolError
+
+T = TypeVar("T")
 
 
 @dataclass
@@ -186,7 +193,54 @@ class ComputePacer:
             self._forget_full(now)
         return wait
 
+    def heavy(self, peer: str, source: str, now: float) -> bool:
+        """Whether ``peer`` or its source has spent over half its burst lately (a long
+        prompt, or a flood): its long steps then run at a lower CPU priority."""
+        for scope, key in (("peer", peer), ("source", source)):
+            tokens, last = self._buckets.get((scope, key), (self.burst, now))
+            if tokens + max(0.0, now - last) * self.rates[scope] < self.burst / 2:
+                return True
+        return False
+
     def _forget_full(self, now: float) -> None:
         for (scope, key), (tokens, last) in list(self._buckets.items()):
             if tokens + (now - last) * self.rates[scope] >= self.burst:
                 del self._buckets[(scope, key)]
+
+
+async def run_niced(fn: Callable[[], T], nice: int) -> T:
+    """``fn()`` in a fresh worker thread whose CPU priority is lowered by ``nice`` (Linux,
+    where a thread's nice value is its own; elsewhere, or with ``nice`` 0, an ordinary
+    worker thread).
+
+    The fair limiter orders the steps of one server; it cannot stop a long step from
+    taking the cores that other processes' steps need (the next hop of a client's token,
+    on the same machine). Niced, a prompt chunk runs at full speed on an idle machine
+    and yields the CPU to normal-priority work when there is any. A fresh thread each
+    time, since a thread cannot take its priority back (trio's workers are reused); a
+    chunk costs far more than starting one. Not cancellable, like ``to_thread.run_sync``.
+    """
+    if nice <= 0 or not sys.platform.startswith("linux"):
+        return await trio.to_thread.run_sync(fn)
+    token = trio.lowlevel.current_trio_token()
+    done = trio.Event()
+    result: list[outcome.Outcome[T]] = []
+
+    def body() -> None:
+        tid = threading.get_native_id()
+        try:  # this thread only; relative to what it inherited, at most 19
+            os.setpriority(
+                os.PRIO_PROCESS, tid, min(19, os.getpriority(os.PRIO_PROCESS, tid) + nice)
+            )
+        except OSError:
+            pass  # not permitted here: run at the inherited priority
+        result.append(outcome.capture(fn))
+        try:
+            token.run_sync_soon(done.set)
+        except trio.RunFinishedError:
+            pass  # trio has exited: nobody is waiting
+
+    threading.Thread(target=body, name="p2pedge-niced-step", daemon=True).start()
+    with trio.CancelScope(shield=True):
+        await done.wait()
+    return result[0].unwrap()

@@ -7,9 +7,14 @@ stream (its sessions are freed), never the server or other streams.
 
 Steps run in worker threads so the node keeps serving while onnxruntime computes; they
 wait for a thread fairly by source address, then peer, charged the positions they compute
-(``fair.FairLimiter``): a peer that queues many long steps does not delay the others' short
-ones beyond the step already running. A one-position
-(decode) step whose recent cost is within ``inline_step_s`` runs on the trio thread
+(``fair.FairLimiter``). Long steps take their turns ``step_chunk`` positions at a time;
+one-position (decode) steps have a lane of their own beside them, fair between peers too,
+so a client's decode step never waits for another peer's prompt chunk (a chunk costs
+several decode steps). The long steps of a peer (or source) that has spent over half its
+compute burst lately run at a lowered CPU priority (``PipelineLimits.long_step_nice``),
+so that on a machine whose cores other hops need too a flood of long steps takes only the
+CPU nothing else wants, while a client's prompt within its share runs at full priority.
+A decode step whose recent cost is within ``inline_step_s`` runs on the trio thread
 instead when no other step is running or queued (``runtime.inline.StepCosts``).
 
 Hostile peers meet :class:`~p2pedge.protocols.pipeline.limits.PipelineLimits`: sessions,
@@ -20,6 +25,7 @@ and a refusal names the limit (a ``budget`` error, which clients read as ``Busy`
 from __future__ import annotations
 
 import dataclasses
+import functools
 import logging
 import secrets
 import time
@@ -42,7 +48,14 @@ from p2pedge.ids import LayerRange
 from p2pedge.protocols._stream import FramedStream, QuickLock
 from p2pedge.protocols.host import Serves
 from p2pedge.protocols.pipeline import codec
-from p2pedge.protocols.pipeline.fair import ComputePacer, FairLimiter
+from p2pedge.protocols.pipeline.attest import (
+    InputChain,
+    Signer,
+    chain_seed,
+    output_digest,
+    reply_digest,
+)
+from p2pedge.protocols.pipeline.fair import ComputePacer, FairLimiter, run_niced
 from p2pedge.protocols.pipeline.limits import PipelineLimits, PipelineQuotas
 from p2pedge.protocols.pipeline.machine import (
     DEFAULT_IDLE_TIMEOUT,
@@ -67,6 +80,7 @@ DEFAULT_BUDGET_BYTES = 1 << 30
 StreamHandler = Callable[[FramedStream, str], Awaitable[None]]
 # a step's output (or top-k logits), top-k ids, and the token a ring's last shard picked
 StepResult = tuple[Any, npt.NDArray[np.int64] | None, int | None]
+SIGN_INLINE_BYTES = 1 << 16  # hash and sign bigger steps in a worker thread
 
 
 NodeLike = Serves  # the old name; the host protocols live in p2pedge.protocols.host
@@ -94,6 +108,7 @@ class PipelineServer:
     mock clock); otherwise steps run in worker threads, ``max_parallel`` at a time,
     except short decode steps on an idle server (``inline_step_s``, see the module
     docstring; 0 turns that off). ``limits`` caps what each peer and source may hold.
+    ``signer`` (the node identity's Ed25519 ``sign``) signs every output (``attest.py``).
     """
 
     def __init__(
@@ -107,15 +122,18 @@ class PipelineServer:
         offload: bool = True,
         inline_step_s: float = DEFAULT_INLINE_STEP_S,
         limits: PipelineLimits | None = None,
+        signer: Signer | None = None,
     ) -> None:
         self.shards = dict(shards)
+        self.signer = signer
         self.catalog = {key: spec_of(m, max_length) for key, m in self.shards.items()}
         self.budget = KvBudget(budget_bytes)
         self.limits = limits or PipelineLimits()
         self.quotas = PipelineQuotas(self.limits, budget_bytes)
         self.idle_timeout = idle_timeout
         self.offload = offload
-        self.fair = FairLimiter(max_parallel)
+        self.fair = FairLimiter(max_parallel)  # long steps, a chunk at a time
+        self.decode_lane = FairLimiter(max_parallel)  # one-position steps, beside them
         self.pacer = ComputePacer(
             self.limits.compute_rate_peer,
             self.limits.compute_rate_source,
@@ -168,7 +186,8 @@ class PipelineServer:
         """Output (or top-k logits), top-k ids and, in a ring's last shard, the token it
         picks; computed off the trio thread unless the step is a short decode step on an
         idle server. A long step takes its turns for the thread ``step_chunk`` positions
-        at a time, so other peers' steps run between its chunks."""
+        at a time, so other peers' long steps run between its chunks; a one-position step
+        takes the decode lane, beside them."""
         positions = int(action.x.shape[1])
         parts: list[Any] = []
         wait = self.pacer.charge(action.peer, action.source, positions, trio.current_time())
@@ -196,16 +215,22 @@ class PipelineServer:
 
         if not self.offload:
             return work()
-        if self.costs.may_inline(session.model, positions, busy=self.fair.busy):
+        busy = self.fair.busy or self.decode_lane.busy
+        if self.costs.may_inline(session.model, positions, busy=busy):
             self.steps_inline += 1
             return work()
-        chunk = self.limits.step_chunk or positions
+        if positions == 1:
+            async with self.decode_lane.slot(action.peer, action.source):
+                return await trio.to_thread.run_sync(work)
+        chunk, nice = self.limits.step_chunk or positions, self.limits.long_step_nice
+        if not self.pacer.heavy(action.peer, action.source, trio.current_time()):
+            nice = 0  # within its share: a client's prompt runs at full priority
         for a in range(0, positions - chunk, chunk):  # every chunk but the last
             async with self.fair.slot(action.peer, action.source, chunk):
-                parts.append(await trio.to_thread.run_sync(compute, a, a + chunk))
+                parts.append(await run_niced(functools.partial(compute, a, a + chunk), nice))
         last = (positions - 1) // chunk * chunk
         async with self.fair.slot(action.peer, action.source, positions - last):
-            return await trio.to_thread.run_sync(work, last, positions)
+            return await run_niced(functools.partial(work, last, positions), nice)
 
 
 class _Connection:
@@ -217,6 +242,7 @@ class _Connection:
         self.stream = stream
         self.peer = peer
         self.sessions: dict[int, ShardSession] = {}
+        self.chains: dict[int, InputChain] = {}  # what each session's signatures bind
         self.keys: dict[int, bytes] = {}
         self.closed = False  # the stream ended; a pushed step may still be running here
         self.parked: trio.Event | None = None  # set while expiry waits for an idle session
@@ -287,6 +313,9 @@ class _Connection:
             elif isinstance(action, Allocate):
                 model = self.server.shards[(action.model, action.layers)]
                 self.sessions[action.session] = model.new_session(action.max_length)
+                if self.server.signer is not None:
+                    seed = chain_seed(action.model, action.layers, action.session)
+                    self.chains[action.session] = InputChain(seed)
                 key = b""
                 if self.server.pusher is not None:  # a key says: this server pushes too
                     key = secrets.token_bytes(codec.PUSH_KEY_BYTES)
@@ -318,17 +347,44 @@ class _Connection:
         pusher = self.server.pusher
         if action.fwd and pusher is not None:
             y = codec.as_wire(y, self.machine.sessions[action.session].dtype)
+        signed = await self._sign(action, y, ids, token)
+        if self.closed:  # the owner left while a big step's output was being signed
+            return []
         # the session is idle again before anything is pushed: in a ring of two, the next
         # step may come back while this push is still being sent
-        replies = self.machine.step_done(action.session, y, trio.current_time(), ids, token)
+        now = trio.current_time()
+        replies = self.machine.step_done(action.session, y, now, ids, token, signed)
         push = onward(action, y, token)  # the machine says where the output goes on
         if pusher is not None and push is not None:  # the next server first, then the owner
             self.server.ring_steps_sent += push.ring_token
             await pusher.push(push.fwd, push.start, push.x, ring=push.ring, epoch=push.epoch)
         return replies
 
+    async def _sign(
+        self, action: Run, y: Any, ids: npt.NDArray[np.int64] | None, token: int | None
+    ) -> tuple[bytes, bytes]:
+        """The signature over a step's output as sent and the input chain it binds (the
+        hashing in a worker thread when the step is big); empty when the server does not
+        sign. The output is signed as computed, corrupted or not: whoever sends it owns it."""
+        chain, signer = self.chains.get(action.session), self.server.signer
+        if chain is None or signer is None:
+            return b"", b""
+        out = self.machine.wire_output(action.session, y) if ids is None else y
+        vocab = self.machine.sessions[action.session].spec.vocab if ids is not None else 0
+        end = action.start + int(action.x.shape[1])
+
+        def attest() -> tuple[bytes, bytes]:
+            value = chain.extend(action.start, action.x)
+            digest = output_digest(out, ids, vocab, token)
+            return signer(reply_digest(value, action.start, end, digest)), value
+
+        if action.x.nbytes + out.nbytes <= SIGN_INLINE_BYTES:
+            return attest()
+        return await trio.to_thread.run_sync(attest)
+
     def _release(self, session: int) -> None:
         self.sessions.pop(session, None)
+        self.chains.pop(session, None)
         key = self.keys.pop(session, None)
         if key is not None:
             self.server.by_key.pop(key, None)

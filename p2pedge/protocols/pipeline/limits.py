@@ -29,7 +29,9 @@ class PipelineLimits:
     but minting peer ids never gets one address more than its source share.
 
     ``step_chunk`` is how many positions of a long step run per turn for the compute
-    thread (other peers' steps run between its chunks; 0 runs whole steps).
+    thread (other peers' steps run between its chunks; 0 runs whole steps); a peer or source that
+    has spent over half of ``compute_burst`` lately gets its chunks run at
+    ``long_step_nice`` lower CPU priority (Linux; 0: never).
     ``max_warming`` bounds the push streams being opened ahead of time (each is a dial to
     a peer a client named); ``max_push_streams`` the push streams kept open.
 
@@ -44,6 +46,7 @@ class PipelineLimits:
     queued_steps: Limit = DEFAULT_QUEUED_STEPS
     max_step_tokens: int = DEFAULT_MAX_STEP_TOKENS
     step_chunk: int = DEFAULT_STEP_CHUNK
+    long_step_nice: int = 10
     max_warming: int = 16
     max_push_streams: int = 64
     compute_rate_peer: float = 256.0
@@ -55,8 +58,8 @@ class PipelineLimits:
             raise LocalProtocolError(f"KV shares must be fractions in [0, 1]: {self}")
         if min(self.compute_rate_peer, self.compute_rate_source, self.compute_burst) <= 0:
             raise LocalProtocolError(f"compute rates and burst must be positive: {self}")
-        if self.step_chunk < 0:
-            raise LocalProtocolError(f"step_chunk must be >= 0: {self}")
+        if self.step_chunk < 0 or not 0 <= self.long_step_nice <= 19:
+            raise LocalProtocolError(f"step_chunk must be >= 0 and nice in [0, 19]: {self}")
         if min(self.max_step_tokens, self.max_warming, self.max_push_streams) < 1:
             raise LocalProtocolError(f"step tokens and push streams must be >= 1: {self}")
 

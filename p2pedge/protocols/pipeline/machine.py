@@ -441,19 +441,28 @@ class ServerMachine:
         now: float,
         ids: npt.NDArray[Any] | None = None,
         token: int | None = None,
+        signed: tuple[bytes, bytes] = (b"", b""),
     ) -> list[Action]:
         """The executor's result: hidden states, logits, or top-k logits with their ``ids``
-        (and, from a ring's last shard, the ``token`` it picked)."""
+        (and, from a ring's last shard, the ``token`` it picked); ``signed`` is the
+        signature over it and the input chain it binds (see ``attest.py``), if any."""
         s, rid, end = self._finish(session, now)
         if s.state is not State.BUSY:
             raise LocalProtocolError(f"session {session} is not running a step")
         self._move(session, Event.READY)
         s.length = end
         at = s.started if rid == 0 else None  # a pushed step's output says where it starts
+        sig, chain = signed
         if ids is not None:
-            return self._answer_joined(s, Output(rid, session, y, ids, s.spec.vocab, token, at))
-        out = y if s.spec.last else codec.as_wire(y, s.dtype)
-        return self._answer_joined(s, Output(rid, session, out, at=at))
+            out = Output(rid, session, y, ids, s.spec.vocab, token, at, sig, chain)
+            return self._answer_joined(s, out)
+        y = self.wire_output(session, y)
+        return self._answer_joined(s, Output(rid, session, y, at=at, sig=sig, chain=chain))
+
+    def wire_output(self, session: int, y: npt.NDArray[Any]) -> npt.NDArray[Any]:
+        """A step's output as it goes on the wire (hidden states in the session's dtype)."""
+        s = self.sessions[session]
+        return y if s.spec.last else codec.as_wire(y, s.dtype)
 
     def refused(self, session: int, busy: Busy, now: float) -> list[Action]:
         """A step was refused before it ran (a queue's quota): the session is idle again,

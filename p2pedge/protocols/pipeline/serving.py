@@ -288,8 +288,13 @@ async def start_pipeline_server(
         )
     if left is not None:
         budget_bytes = kv_budget_bytes(left)
+    identity = getattr(node, "identity", None)  # a Node signs its outputs (attest.py)
     server = PipelineServer(
-        shards, budget_bytes=budget_bytes, inline_step_s=inline_step_s, limits=limits
+        shards,
+        budget_bytes=budget_bytes,
+        inline_step_s=inline_step_s,
+        limits=limits,
+        signer=identity.private_key.sign if identity is not None else None,
     )
 
     def push_opener(peer: str, protocol: str) -> Awaitable[FramedStream]:

@@ -47,9 +47,11 @@ from p2pedge.errors import PeerTimeout, ShardFailed
 from p2pedge.ids import LayerRange
 from p2pedge.planning.routes import ServerOption
 from p2pedge.planning.verification import VerifyPolicy, first_mismatch
+from p2pedge.protocols.pipeline.attest import Attested, check_attested
 from p2pedge.protocols.pipeline.chain import HOP_ERRORS, ClientConfig, History, HopState
 from p2pedge.protocols.pipeline.connection import ShardConnection, StreamOpener
 from p2pedge.protocols.pipeline.sampling import Sampler
+from p2pedge.records.peer_ids import ed25519_from_peer_id
 
 log = logging.getLogger(__name__)
 
@@ -70,7 +72,19 @@ class Evidence:
     recomputed: npt.NDArray[Any]
     detail: str
     found_at: float = 0.0  # trio time of the check that found it
-    signature: bytes = b""  # the server's signature over its output, once servers sign
+    # the server's signed output covering ``position`` (see attest.py): proof to anyone of
+    # what it sent for which inputs; None when the server does not sign
+    attested: Attested | None = None
+
+    @property
+    def signature(self) -> bytes:
+        return self.attested.signature if self.attested is not None else b""
+
+    def proof(self) -> str | None:
+        """What keeps the evidence from proving what the server sent (None: it proves it)."""
+        if self.attested is None:
+            return "the server did not sign its outputs"
+        return check_attested(self.attested, ed25519_from_peer_id(self.peer))
 
 
 @dataclass(frozen=True)
@@ -404,6 +418,28 @@ class Audits:
                 auditor.done = b
         return None
 
+    def _attested(self, hop: HopState, source: History, position: int) -> Attested | None:
+        """The hop's signed output covering ``position`` with the inputs it binds."""
+        machine = hop.conn.machine
+        entry = machine.signed_at(position)
+        if entry is None:
+            return None
+        reply = entry.reply
+        return Attested(
+            model=machine.model,
+            layers=machine.layers,
+            session=machine.session,
+            start=entry.start,
+            end=entry.end,
+            inputs=source.read(0, entry.end).copy(),
+            y=reply.y,
+            ids=reply.ids,
+            vocab=reply.vocab,
+            token=reply.token,
+            chain=reply.chain,
+            signature=reply.sig,
+        )
+
     def _mismatch(
         self,
         k: int,
@@ -426,6 +462,7 @@ class Audits:
             recomputed=np.array(recomputed, copy=True),
             detail=detail,
             found_at=trio.current_time(),
+            attested=self._attested(hop, source, position),
         )
         log.warning("hop %s (%s, blocks %s): %s", k, hop.conn.peer, hop.conn.layers, detail)
         return Mismatch(k, position, evidence)
