@@ -86,8 +86,7 @@ def client_config(root: Path, name: str, servers: Sequence[Server], model_dir: P
         data_dir=root / name,
         bootstrap=tuple(s.addr for s in servers),
         model_dirs=((MODEL, model_dir),),
-        threads=1,
-        tuning=Tuning(measure_compute=False, shard_step_timeout=STEP_TIMEOUT),
+        tuning=Tuning(measure_compute=False, shard_step_timeout=STEP_TIMEOUT, threads=1),
     )
 
 

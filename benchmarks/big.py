@@ -244,8 +244,9 @@ async def run(args: Any, gguf: Path, model_dir: Path, root: Path) -> tuple[str, 
         config = NodeConfig(
             data_dir=root / "client",
             bootstrap=tuple(s.addr for s in servers),
-            threads=args.threads,
-            tuning=Tuning(measure_compute=False, shard_step_timeout=STEP_TIMEOUT),
+            tuning=Tuning(
+                measure_compute=False, shard_step_timeout=STEP_TIMEOUT, threads=args.threads
+            ),
         )
         async with Node(config) as node:
             reference: dict[str, Any] | None = None

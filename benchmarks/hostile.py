@@ -217,8 +217,7 @@ async def run(args: argparse.Namespace, model_dir: Path, root: Path) -> tuple[st
             data_dir=root / "client",
             bootstrap=tuple(s.addr for s in servers),
             model_dirs=((MODEL, model_dir),),
-            threads=1,
-            tuning=Tuning(measure_compute=False, shard_step_timeout=STEP_TIMEOUT),
+            tuning=Tuning(measure_compute=False, shard_step_timeout=STEP_TIMEOUT, threads=1),
         )
         puller_config = dataclasses.replace(
             config, data_dir=root / "puller", model_dirs=(), bootstrap=(servers[0].addr,)

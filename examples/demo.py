@@ -29,7 +29,7 @@ import trio
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from p2pedge import Node, NodeConfig  # noqa: E402
+from p2pedge import ApiConfig, Node, NodeConfig  # noqa: E402
 from p2pedge.ids import ModelId  # noqa: E402
 from p2pedge.models.keys import generate_key, public_key_hex  # noqa: E402
 from p2pedge.models.store import Store  # noqa: E402
@@ -114,7 +114,7 @@ async def run_demo(model_dir: Path, root: Path) -> None:
         data_dir=root / "local",
         local_only=True,
         model_dirs=((MODEL, model_dir),),
-        api="127.0.0.1:0",  # the OS picks a free port
+        api=ApiConfig("127.0.0.1:0"),  # the OS picks a free port
     )
     async with Node(config) as node:
         local = await node.complete(MODEL, messages=QUESTION, max_tokens=32, temperature=0)

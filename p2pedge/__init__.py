@@ -28,7 +28,10 @@ from p2pedge.ids import ModelId as ModelId
 __version__ = "0.1.0"
 
 if TYPE_CHECKING:
+    from p2pedge.node.config import ApiConfig as ApiConfig
     from p2pedge.node.config import NodeConfig as NodeConfig
+    from p2pedge.node.config import PrivateSwarm as PrivateSwarm
+    from p2pedge.node.config import Reach as Reach
     from p2pedge.node.config import ServeSpec as ServeSpec
     from p2pedge.node.config import Tuning as Tuning
     from p2pedge.node.node import Node as Node
@@ -38,6 +41,9 @@ if TYPE_CHECKING:
 _LAZY = {
     "Node": "p2pedge.node.node",
     "NodeConfig": "p2pedge.node.config",
+    "ApiConfig": "p2pedge.node.config",
+    "PrivateSwarm": "p2pedge.node.config",
+    "Reach": "p2pedge.node.config",
     "ServeSpec": "p2pedge.node.config",
     "Tuning": "p2pedge.node.config",
     "Completion": "p2pedge.runtime.completion",
@@ -45,6 +51,7 @@ _LAZY = {
 }
 
 __all__ = [
+    "ApiConfig",
     "Busy",
     "CapabilityCard",
     "Completion",
@@ -61,8 +68,10 @@ __all__ = [
     "P2PEdgeError",
     "PeerTimeout",
     "PeerUnavailable",
+    "PrivateSwarm",
     "PrivateSwarmRejected",
     "ProtocolError",
+    "Reach",
     "RemoteProtocolError",
     "ServeSpec",
     "ShardFailed",

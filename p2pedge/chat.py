@@ -225,7 +225,7 @@ async def _open(args: argparse.Namespace, params: SamplingParams, run: Turn) -> 
     from p2pedge.node.node import Node
 
     config = _config(args)
-    config = replace(config, local_only=not (config.bootstrap or config.mdns or args.swarm))
+    config = replace(config, local_only=not (config.bootstrap or config.reach.mdns or args.swarm))
     async with Node(config) as node:
         backend = api_for(node)
         model = args.model

@@ -4,7 +4,7 @@
 ``python -m p2pedge.models ...`` and ``p2pedge registry ...`` is
 ``python -m p2pedge.registry ...``: the rest of the command line goes to that program
 unchanged, so each keeps one parser and one set of exit codes. ``pull``, ``import`` and
-``publish`` are short for ``models pull``, ``models import-gguf`` and ``registry
+``publish`` are short for ``registry pull``, ``models import-gguf`` and ``registry
 publish``; ``chat`` and ``run`` are :mod:`p2pedge.chat`. A subcommand's modules
 load only when it is chosen, which keeps ``p2pedge --help`` quick and light.
 """
@@ -58,11 +58,11 @@ COMMANDS: dict[str, tuple[Callable[[list[str]], int], str]] = {
     "chat": (_chat, "chat with a model in the terminal: streams, keeps history"),
     "run": (_run, 'answer one prompt: p2pedge run MODEL "prompt"'),
     "node": (_node, "run a node: join or start a swarm, serve shards, list peers"),
-    "pull": (_alias(_models, "pull"), "pull a model from a registry (= models pull)"),
+    "pull": (_alias(_registry, "pull"), "pull a model from a registry (= registry pull)"),
     "import": (_alias(_models, "import-gguf"), "import a GGUF file (= models import-gguf)"),
     "publish": (_alias(_registry, "publish"), "sign and publish a model (= registry publish)"),
-    "models": (_models, "the model store: import-gguf, pull, list, verify, gc, keygen"),
-    "registry": (_registry, "run a model registry, or publish a model to one"),
+    "models": (_models, "the model store: import-gguf, import-hf, list, verify, gc, keygen"),
+    "registry": (_registry, "run a model registry, pull from one, or publish to one"),
 }
 
 

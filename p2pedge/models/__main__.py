@@ -1,27 +1,19 @@
-"""``python -m p2pedge.models``: pull, list, verify, gc, keygen, import-gguf, import-hf.
+"""``python -m p2pedge.models``: list, verify, gc, keygen, import-gguf, import-hf.
 
-``pull NAME[@VERSION] --registry URL [--store DIR] --trust KEY.pub|DIR`` fetches a model
-into the local store with resumable, verified, parallel downloads and prints the
-materialized directory. ``import-gguf`` is the converter's (``p2pedge.models.cli_import``),
+Pulling from a registry is ``p2pedge pull`` (the registry's client, ``p2pedge.registry``).
+``import-gguf`` is the converter's (``p2pedge.models.cli_import``),
 ``import-hf`` imports a Hugging Face directory (``p2pedge.models.convert.cli_hf``).
 """
 
 from __future__ import annotations
 
 import argparse
-import os
 import sys
-from functools import partial
 from pathlib import Path
 
-from p2pedge.errors import ConfigError, P2PEdgeError
+from p2pedge.errors import P2PEdgeError
 from p2pedge.ids import ModelId
-
-DEFAULT_HOME = Path.home() / ".local" / "share" / "p2pedge"
-
-
-def _home() -> Path:
-    return Path(os.environ.get("P2PEDGE_HOME", DEFAULT_HOME))
+from p2pedge.models.store import store_home
 
 
 def _store_arg(parser: argparse.ArgumentParser) -> None:
@@ -33,17 +25,6 @@ def _store_arg(parser: argparse.ArgumentParser) -> None:
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="p2pedge models", description=__doc__)
     commands = parser.add_subparsers(dest="command", required=True)
-    pull = commands.add_parser("pull", help="pull a model from a registry into the store")
-    pull.add_argument("model", help="NAME or NAME@VERSION")
-    pull.add_argument("--registry", required=True, help="registry URL")
-    _store_arg(pull)
-    pull.add_argument(
-        "--trust", type=Path, action="append", default=[], help="publisher .pub file or dir"
-    )
-    pull.add_argument("--trust-key", action="append", default=[], help="publisher key (hex)")
-    pull.add_argument("--files", default=None, help="comma-separated subset of files (a shard)")
-    pull.add_argument("--parallel", type=int, default=4, help="concurrent chunk downloads")
-    pull.add_argument("--no-progress", action="store_true")
     listing = commands.add_parser("list", help="list models in the store")
     _store_arg(listing)
     verify = commands.add_parser("verify", help="re-hash every blob of a stored model")
@@ -69,34 +50,6 @@ def _parser() -> argparse.ArgumentParser:
     return parser
 
 
-async def _pull(args: argparse.Namespace) -> int:
-    from p2pedge.models.keys import TrustStore
-    from p2pedge.models.pull import pull
-    from p2pedge.models.store import Store
-    from p2pedge.registry.client import RegistryClient
-
-    trust_paths = list(args.trust) or (
-        [_home() / "trusted"] if (_home() / "trusted").is_dir() else []
-    )
-    trust = TrustStore.load(trust_paths, args.trust_key)
-    if not len(trust):
-        raise ConfigError("no trusted publisher keys: pass --trust KEY.pub|DIR or --trust-key HEX")
-    store = Store(args.store or _home() / "store")
-    files = [f for f in args.files.split(",") if f] if args.files else None
-    async with RegistryClient(args.registry) as registry:
-        result = await pull(
-            ModelId.parse(args.model), store, [registry], trust,
-            files=files, per_source=args.parallel, progress=False if args.no_progress else None,
-        )  # fmt: skip
-    mb = result.fetched_bytes / 1e6
-    rate = mb / result.seconds if result.seconds else 0.0
-    summary = f"{mb:.1f} MB in {result.seconds:.2f} s ({rate:.1f} MB/s)"
-    resumed = f"{result.reused_chunks} chunks resumed"
-    print(f"pulled {result.manifest.model}: {summary}, {resumed}", file=sys.stderr)
-    print(store.materialize(result.manifest.model, files))
-    return 0
-
-
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     if args.command in ("import-gguf", "import-hf"):
@@ -107,10 +60,6 @@ def main(argv: list[str] | None = None) -> int:
         status: int = func(args)
         return status
     try:
-        if args.command == "pull":
-            import trio
-
-            return trio.run(partial(_pull, args))
         if args.command == "keygen":
             from p2pedge.models.keys import generate_key, public_key_hex, save_private_key
 
@@ -120,7 +69,7 @@ def main(argv: list[str] | None = None) -> int:
             return 0
         from p2pedge.models.store import Store
 
-        store = Store(args.store or _home() / "store")
+        store = Store(args.store or store_home() / "store")
         if args.command == "list":
             for model in store.list_models():
                 info = store.describe(model)

@@ -56,6 +56,12 @@ _COPY_PIECE = 1 << 20
 _COMPLETE = ".p2pedge-complete"
 
 
+def store_home() -> Path:
+    """Where the command-line tools keep the store and trusted keys: ``$P2PEDGE_HOME``,
+    else ``~/.local/share/p2pedge``."""
+    return Path(os.environ.get("P2PEDGE_HOME") or Path.home() / ".local" / "share" / "p2pedge")
+
+
 class StoreFull(P2PEdgeError):
     """The disk budget (after garbage collection) or the disk itself has no room."""
 

@@ -22,7 +22,15 @@ from typing import Any
 import trio
 
 from p2pedge.errors import ConfigError, OneLineParser, P2PEdgeError
-from p2pedge.node.config import NodeConfig, ServeSpec, Tuning, default_data_dir
+from p2pedge.node.config import (
+    ApiConfig,
+    NodeConfig,
+    PrivateSwarm,
+    Reach,
+    ServeSpec,
+    Tuning,
+    default_data_dir,
+)
 from p2pedge.node.limits import Limits
 from p2pedge.reach.relay import RelayPolicy
 from p2pedge.records.card import CapabilityCard
@@ -151,24 +159,25 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-# what a --config TOML file may set: NodeConfig's user-facing fields, by the same names,
-# and the [tuning] and [limits] tables (limits nest: [limits.blob], [limits.dht], ...)
+# what a --config TOML file may set: NodeConfig's fields, by the same names. The grouped
+# ones are tables of their dataclass's fields: [private], [reach] (its relay true, false or
+# a table), [api] (or api = "HOST:PORT"), [tuning] and [limits] (nesting: [limits.blob], ...)
 FILE_FIELDS = frozenset(
     {
-        "data_dir", "listen", "bootstrap", "psk_file", "allow_peers", "mdns",
-        "serve", "models_dir", "registry", "trusted_publishers", "model_dirs", "threads",
-        "direct_lane", "direct_lane_port", "api", "api_key_file", "api_cors_origins",
-        "relay", "reserve", "memory_budget",
-        "tuning", "limits",
+        "data_dir", "listen", "bootstrap", "private", "reach", "serve", "models_dir",
+        "registry", "trusted_publishers", "model_dirs", "memory_budget", "direct_lane",
+        "api", "tuning", "limits",
     }
 )  # fmt: skip
-# flags that set a Tuning field
-TUNING_FLAGS = ("announce_interval", "inline_step_ms", "hole_punch")
+# flags that set a Tuning field, and a Reach field
+TUNING_FLAGS = ("announce_interval", "inline_step_ms", "threads")
+REACH_FLAGS = ("mdns", "relay", "reserve", "hole_punch")
+API_FLAGS = {"api": "listen", "api_key_file": "key_file", "api_cors": "cors_origins"}
 
 
 def read_config_file(path: Path) -> dict[str, Any]:
-    """NodeConfig fields from a TOML file (``model_dirs`` as a table of NAME = DIR;
-    ``tuning`` and ``limits`` as tables of their dataclasses' fields)."""
+    """NodeConfig fields from a TOML file (``model_dirs`` as a table of NAME = DIR; the
+    grouped settings as tables of their dataclasses' fields)."""
     try:
         data = tomllib.loads(path.expanduser().read_text(encoding="utf-8"))
     except (OSError, UnicodeDecodeError, tomllib.TOMLDecodeError) as exc:
@@ -184,11 +193,22 @@ def read_config_file(path: Path) -> dict[str, Any]:
             if not isinstance(value, dict):
                 raise ConfigError(f"{path}: model_dirs must be a table of NAME = DIR")
             value = [(str(name), Path(str(d))) for name, d in value.items()]
-        elif key == "relay":  # true, false, or a table of RelayPolicy fields
-            if isinstance(value, bool):
-                value = RelayPolicy() if value else None
-            else:
-                value = _table(path, key, RelayPolicy(), value)
+        elif key == "direct_lane" and value is False:
+            value = None
+        elif key == "reach":
+            if isinstance(value, dict) and isinstance(value.get("relay"), bool | dict):
+                relay = value.pop("relay")
+                if isinstance(relay, bool):
+                    value["relay"] = RelayPolicy() if relay else None
+                else:
+                    value["relay"] = _table(path, "reach.relay", RelayPolicy(), relay)
+            value = _table(path, key, Reach(), value)
+        elif key == "api":
+            value = (
+                ApiConfig(str(value)) if isinstance(value, str) else _table(path, key, None, value)
+            )
+        elif key == "private":
+            value = _table(path, key, None, value)
         elif key in ("tuning", "limits"):
             value = _table(path, key, Tuning() if key == "tuning" else Limits(), value)
         elif isinstance(value, list):
@@ -199,9 +219,19 @@ def read_config_file(path: Path) -> dict[str, Any]:
 
 def _table(path: Path, where: str, default: Any, value: Any) -> Any:
     """``default`` (a frozen dataclass) with the TOML table's fields replaced; nested
-    dataclasses take nested tables."""
+    dataclasses take nested tables. ``default`` None builds the group's dataclass from the
+    table alone (``private``, ``api``)."""
     if not isinstance(value, dict):
         raise ConfigError(f"{path}: {where} must be a table")
+    if default is None:
+        kind = {"private": PrivateSwarm, "api": ApiConfig}[where]
+        known_names = {f.name for f in dataclasses.fields(kind)}
+        if unknown := sorted(set(value) - known_names):
+            raise ConfigError(f"{path}: unknown setting {where}.{unknown[0]}")
+        try:
+            return kind(**{k: tuple(v) if isinstance(v, list) else v for k, v in value.items()})
+        except (TypeError, ValueError, P2PEdgeError) as exc:
+            raise ConfigError(f"{path}: bad {where}: {exc}") from exc
     known = {f.name: f for f in dataclasses.fields(default)}
     changes: dict[str, Any] = {}
     for name, item in value.items():
@@ -228,33 +258,42 @@ def _list(path: Path, key: str, value: Any) -> list[Any]:
 def _config(args: argparse.Namespace, *, throwaway: bool = False) -> NodeConfig:
     """The config file's settings (``--config``), overridden by the flags given."""
     fields = read_config_file(args.config) if args.config is not None else {}
+    lane_off, lane_port = getattr(args, "no_direct_lane", False), getattr(args, "lane_port", None)
     flags: dict[str, Any] = {
         "data_dir": args.data_dir,
         "listen": tuple(args.listen or ()),
         "bootstrap": tuple(args.bootstrap),
-        "psk_file": args.psk_file,
-        "allow_peers": tuple(args.allow_peer),
-        "mdns": True if args.mdns else None,
         "serve": tuple(ServeSpec.parse(s) for s in getattr(args, "serve", [])),
         "models_dir": getattr(args, "models_dir", None),
         "registry": getattr(args, "registry", None),
         "trusted_publishers": tuple(getattr(args, "trusted", [])),
         "model_dirs": tuple(_model_dir(m) for m in getattr(args, "model_dirs", [])),
-        "threads": getattr(args, "threads", None),
-        "direct_lane": False if getattr(args, "no_direct_lane", False) else None,
-        "direct_lane_port": getattr(args, "lane_port", None),
-        "api": getattr(args, "api", None),
-        "api_key_file": getattr(args, "api_key_file", None),
-        "api_cors_origins": tuple(getattr(args, "api_cors", [])),
-        "relay": RelayPolicy() if getattr(args, "relay", False) else None,
-        "reserve": tuple(getattr(args, "reserve", [])),
         "memory_budget": getattr(args, "memory_budget", None),
+        "direct_lane": None if lane_off else lane_port,
     }
     fields.update({key: value for key, value in flags.items() if value not in (None, ())})
-    tuning = {k: getattr(args, k, None) for k in TUNING_FLAGS}
-    tuning = {k: v for k, v in tuning.items() if v is not None}
-    if tuning:
-        fields["tuning"] = dataclasses.replace(fields.get("tuning", Tuning()), **tuning)
+    if lane_off:
+        fields["direct_lane"] = None
+    private = {"psk_file": args.psk_file, "allow_peers": tuple(args.allow_peer)}
+    private = {k: v for k, v in private.items() if v not in (None, ())}
+    if private:
+        current = fields.get("private")
+        fields["private"] = (
+            dataclasses.replace(current, **private) if current else PrivateSwarm(**private)
+        )
+    _group(fields, "tuning", Tuning(), {k: getattr(args, k, None) for k in TUNING_FLAGS})
+    reach = {k: getattr(args, k, None) for k in REACH_FLAGS}
+    reach["mdns"] = True if reach["mdns"] else None
+    reach["relay"] = RelayPolicy() if reach["relay"] else None
+    reach["reserve"] = tuple(reach["reserve"] or ())
+    _group(fields, "reach", Reach(), reach)
+    api = {field: getattr(args, flag, None) for flag, field in API_FLAGS.items()}
+    api["cors_origins"] = tuple(api["cors_origins"] or ())
+    if api["listen"] is None and fields.get("api") is None:
+        if any(v not in (None, ()) for v in api.values()):
+            raise ConfigError("--api-key-file and --api-cors need --api HOST:PORT")
+    else:
+        _group(fields, "api", fields.get("api") or ApiConfig(str(api["listen"])), api)
     if "data_dir" not in fields:
         fields["data_dir"] = (
             Path(tempfile.mkdtemp(prefix="p2pedge-")) if throwaway else default_data_dir()
@@ -263,6 +302,13 @@ def _config(args: argparse.Namespace, *, throwaway: bool = False) -> NodeConfig:
         return NodeConfig(**fields)
     except (TypeError, ValueError) as exc:  # a wrongly typed setting in the file
         raise ConfigError(f"bad setting: {exc}") from exc
+
+
+def _group(fields: dict[str, Any], key: str, default: Any, changes: dict[str, Any]) -> None:
+    """``fields[key]`` (or ``default``) with the flags given (not None, not empty) set."""
+    changes = {k: v for k, v in changes.items() if v not in (None, ())}
+    if changes or key in fields:
+        fields[key] = dataclasses.replace(fields.get(key) or default, **changes)
 
 
 def _bytes(text: str) -> int:
@@ -323,7 +369,7 @@ async def run_node(args: argparse.Namespace, printer: Printer) -> None:
         if node.api_port is not None and node.config.api is not None:
             from p2pedge.api.server import parse_api_listen
 
-            url = f"http://{parse_api_listen(node.config.api)[0]}:{node.api_port}/v1"
+            url = f"http://{parse_api_listen(node.config.api.listen)[0]}:{node.api_port}/v1"
             printer.event("api", f"api {url}", url=url)
         await node.announced()
         printer.event("announced", "card announced", peer_id=node.peer_id)

@@ -82,8 +82,8 @@ class NodeModels:
         self.dirs: dict[str, Path] = {}
         # the inline budget serves local tokens and shard steps alike
         runtime = RuntimeConfig(inline_step_s=tuning.inline_step_ms / 1000)
-        if config.threads:
-            runtime = replace(runtime, intra_op_threads=config.threads)
+        if config.tuning.threads:
+            runtime = replace(runtime, intra_op_threads=config.tuning.threads)
         self.runtime = runtime
         self.inference = LocalInference(self.resolve, runtime)
         self.pipeline: PipelineServer | None = None

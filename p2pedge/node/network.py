@@ -42,8 +42,9 @@ class Network:
         self.host: Any = None
         self.directory: Directory | None = None
         self._handlers: dict[str, StreamHandler] = {}
-        self._psk = read_psk(config.psk_file) if config.psk_file else None
-        self._allowed = frozenset(config.allow_peers)
+        private = config.private
+        self._psk = read_psk(private.psk_file) if private and private.psk_file else None
+        self._allowed = frozenset(private.allow_peers if private else ())
         self.relay_addrs: tuple[str, ...] = ()  # circuit addresses a relay lends us
         self.autonat: Any = None  # answers AutoNAT dial-backs (reach.autonat)
         self.hole_punch: Any = None  # the DCUtR service (reach.punch), when on
@@ -65,7 +66,7 @@ class Network:
         self.host = new_host(
             key_pair=self.identity.libp2p_key_pair(),
             listen_addrs=listen,
-            enable_mDNS=self.config.mdns,
+            enable_mDNS=self.config.reach.mdns,
             psk=self._psk,
             connection_config=ConnectionConfig(max_connections_per_peer=1),
             **quic,
@@ -108,11 +109,11 @@ class Network:
         from p2pedge.reach.autonat import autonat
         from p2pedge.reach.relay import accept_relayed, relay_service
 
-        if self.config.relay is not None:
-            await stack.enter_async_context(relay_service(self.host, self.config.relay))
+        if self.config.reach.relay is not None:
+            await stack.enter_async_context(relay_service(self.host, self.config.reach.relay))
         else:
             await stack.enter_async_context(accept_relayed(self.host))
-        if self.tuning.hole_punch:
+        if self.config.reach.hole_punch:
             from p2pedge.reach.punch import hole_punching
 
             self.hole_punch = await stack.enter_async_context(hole_punching(self.host))
@@ -123,7 +124,7 @@ class Network:
         ``addresses_changed`` re-announces), and dial peers mDNS discovers."""
         if self.host is None:
             return
-        if self.config.reserve:
+        if self.config.reach.reserve:
             from p2pedge.reach.client import ReservationKeeper
 
             def lent(addrs: tuple[str, ...]) -> None:
@@ -131,9 +132,9 @@ class Network:
                 addresses_changed()
 
             timeout = self.tuning.dht_timeout
-            keeper = ReservationKeeper(self.host, self.config.reserve, lent, timeout=timeout)
+            keeper = ReservationKeeper(self.host, self.config.reach.reserve, lent, timeout=timeout)
             nursery.start_soon(keeper.run)
-        if self.config.mdns:
+        if self.config.reach.mdns:
             from p2pedge.reach.mdns import dial_discovered
 
             def found(peer_id: str) -> None:

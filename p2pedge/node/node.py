@@ -80,9 +80,9 @@ class Node(ModelsFacade):
         self.lanes = Lanes(
             self.network,
             lambda: self.nursery,
-            enabled=config.direct_lane and not config.local_only,
+            enabled=config.direct_lane is not None and not config.local_only,
             listen_host=lane_host(config.listen),
-            port=config.direct_lane_port,
+            port=config.direct_lane or 0,
             limits=config.limits.lane,
         )
         self.latency = PeerLatency(
@@ -131,9 +131,9 @@ class Node(ModelsFacade):
                     partial(
                         serve_node_api,
                         self,
-                        self.config.api,
-                        key_file=self.config.api_key_file,
-                        cors_origins=self.config.api_cors_origins,
+                        self.config.api.listen,
+                        key_file=self.config.api.key_file,
+                        cors_origins=self.config.api.cors_origins,
                     )
                 )  # stops with the node's tasks, before the models close
         except BaseException:

@@ -1,4 +1,8 @@
-"""``python -m p2pedge.registry serve|publish`` - run the registry or publish a model dir.
+"""``python -m p2pedge.registry serve|pull|publish``: run a registry, pull from one, publish.
+
+``pull NAME[@VERSION] --registry URL [--store DIR] --trust KEY.pub|DIR`` fetches a model
+into the local store with resumable, verified, parallel downloads and prints the
+materialized directory.
 
 ``serve --root DIR --listen HOST:PORT [--token T] [--trust DIR] [--grants FILE]`` (token
 also from ``$P2PEDGE_REGISTRY_TOKEN``; the grants file adds publisher keys to names, one
@@ -18,11 +22,11 @@ from pathlib import Path
 
 import trio
 
-from p2pedge.errors import OneLineParser, P2PEdgeError
+from p2pedge.errors import ConfigError, OneLineParser, P2PEdgeError
 from p2pedge.ids import ModelId
 from p2pedge.models.keys import TrustStore
 from p2pedge.models.manifest import DEFAULT_CHUNK_SIZE
-from p2pedge.models.store import Store
+from p2pedge.models.store import Store, store_home
 from p2pedge.registry.app import is_reserved_version
 from p2pedge.registry.client import RegistryClient
 from p2pedge.registry.owners import Grants, load_grants
@@ -43,6 +47,19 @@ def _parser() -> argparse.ArgumentParser:
         default=None,
         help="file of 'NAME KEYHEX' lines: keys that may publish a name besides its owner",
     )
+    pull = commands.add_parser("pull", help="pull a model from a registry into the store")
+    pull.add_argument("model", help="NAME or NAME@VERSION")
+    pull.add_argument("--registry", required=True, help="registry URL")
+    pull.add_argument(
+        "--store", type=Path, default=None, help="store root (default ~/.local/share/p2pedge/store)"
+    )
+    pull.add_argument(
+        "--trust", type=Path, action="append", default=[], help="publisher .pub file or dir"
+    )
+    pull.add_argument("--trust-key", action="append", default=[], help="publisher key (hex)")
+    pull.add_argument("--files", default=None, help="comma-separated subset of files (a shard)")
+    pull.add_argument("--parallel", type=int, default=4, help="concurrent chunk downloads")
+    pull.add_argument("--no-progress", action="store_true")
     publish = commands.add_parser("publish", help="sign a model dir and publish it")
     publish.add_argument("dir", type=Path)
     publish.add_argument("--name", required=True)
@@ -56,6 +73,31 @@ def _parser() -> argparse.ArgumentParser:
     publish.add_argument("--root", type=Path, default=None, help="local registry root")
     publish.add_argument("--token", default=None)
     return parser
+
+
+async def _pull(args: argparse.Namespace) -> int:
+    from p2pedge.models.pull import pull
+
+    trust_paths = list(args.trust) or (
+        [store_home() / "trusted"] if (store_home() / "trusted").is_dir() else []
+    )
+    trust = TrustStore.load(trust_paths, args.trust_key)
+    if not len(trust):
+        raise ConfigError("no trusted publisher keys: pass --trust KEY.pub|DIR or --trust-key HEX")
+    store = Store(args.store or store_home() / "store")
+    files = [f for f in args.files.split(",") if f] if args.files else None
+    async with RegistryClient(args.registry) as registry:
+        result = await pull(
+            ModelId.parse(args.model), store, [registry], trust,
+            files=files, per_source=args.parallel, progress=False if args.no_progress else None,
+        )  # fmt: skip
+    mb = result.fetched_bytes / 1e6
+    rate = mb / result.seconds if result.seconds else 0.0
+    summary = f"{mb:.1f} MB in {result.seconds:.2f} s ({rate:.1f} MB/s)"
+    resumed = f"{result.reused_chunks} chunks resumed"
+    print(f"pulled {result.manifest.model}: {summary}, {resumed}", file=sys.stderr)
+    print(store.materialize(result.manifest.model, files))
+    return 0
 
 
 async def _publish(args: argparse.Namespace) -> None:
@@ -127,6 +169,8 @@ def _os_error(group: BaseException) -> OSError | None:
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     try:
+        if args.command == "pull":
+            return trio.run(_pull, args)
         if args.command == "serve":
             trust = TrustStore.from_dir(args.trust) if args.trust else None
             grants = load_grants(args.grants) if args.grants else None

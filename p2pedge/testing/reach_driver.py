@@ -31,7 +31,7 @@ from typing import Any
 import trio
 
 from p2pedge.errors import P2PEdgeError
-from p2pedge.node.config import NodeConfig, ServeSpec, Tuning
+from p2pedge.node.config import NodeConfig, Reach, ServeSpec, Tuning
 from p2pedge.node.node import Node
 from p2pedge.protocols._stream import FramedStream
 from p2pedge.reach.autonat import check_reachability
@@ -71,11 +71,13 @@ async def serve(args: argparse.Namespace) -> None:
             announce_interval=30.0,
             dht_timeout=3.0,
             self_lookup=False,
+        ),
+        reach=Reach(
+            mdns=args.mdns,
+            relay=RelayPolicy(circuit_bytes=args.relay_bytes) if args.relay else None,
+            reserve=tuple(args.reserve),
             hole_punch=args.punch,
         ),
-        mdns=args.mdns,
-        relay=RelayPolicy(circuit_bytes=args.relay_bytes) if args.relay else None,
-        reserve=tuple(args.reserve),
         serve=tuple(ServeSpec.parse(spec) for spec in args.serve),
         trusted_publishers=tuple(Path(p) for p in args.trust),
         model_dirs=tuple(

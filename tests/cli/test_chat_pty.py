@@ -149,7 +149,7 @@ def test_pull_import_and_publish_are_the_longer_commands(
     from p2pedge import cli
 
     for short, usage in (
-        ("pull", "p2pedge models pull"),
+        ("pull", "p2pedge registry pull"),
         ("import", "p2pedge models import-gguf"),
         ("publish", "p2pedge registry publish"),
     ):

@@ -91,9 +91,11 @@ def test_lane_flags_reach_the_node_config(tmp_path: Path) -> None:
 
     base = ["run", "--data-dir", str(tmp_path)]
     default = _config(build_parser().parse_args(base))
-    assert default.direct_lane and default.direct_lane_port == 0
+    assert default.direct_lane == 0  # on, the OS picks the port
+    port = _config(build_parser().parse_args([*base, "--lane-port", "4002"]))
+    assert port.direct_lane == 4002
     chosen = _config(build_parser().parse_args([*base, "--lane-port", "4002", "--no-direct-lane"]))
-    assert not chosen.direct_lane and chosen.direct_lane_port == 4002
+    assert chosen.direct_lane is None  # off wins over a port
 
 
 def test_shard_source_flags_reach_the_node_config(tmp_path: Path) -> None:

@@ -15,7 +15,7 @@ from libp2p.peer.id import ID
 from libp2p.peer.peerinfo import PeerInfo
 from libp2p.records.record import make_signed_put_record
 
-from p2pedge.node.config import NodeConfig
+from p2pedge.node.config import NodeConfig, PrivateSwarm
 from p2pedge.node.gate import AllowListGate
 from p2pedge.node.node import Node
 from p2pedge.protocols._stream import FramedStream
@@ -110,7 +110,9 @@ async def assert_served(listed: Node, gated: Node) -> None:
 async def test_listed_peer_runs_identify_and_stores_its_card(config: Config) -> None:
     """The control: what the outsider is refused, a listed peer is given."""
     async with Node(config("listed")) as listed:
-        async with Node(config("gated", allow_peers=(listed.peer_id,))) as gated:
+        async with Node(
+            config("gated", private=PrivateSwarm(allow_peers=(listed.peer_id,)))
+        ) as gated:
             assert gated.directory is not None
             await listed.connect(gated.addrs[0])
             assert await identify_of(listed.host, gated.host.get_id())
@@ -120,7 +122,9 @@ async def test_listed_peer_runs_identify_and_stores_its_card(config: Config) -> 
 
 async def test_gate_closes_an_unlisted_peers_connection(config: Config) -> None:
     async with Node(config("listed")) as listed, Node(config("outsider")) as outsider:
-        async with Node(config("gated", allow_peers=(listed.peer_id,))) as gated:
+        async with Node(
+            config("gated", private=PrivateSwarm(allow_peers=(listed.peer_id,)))
+        ) as gated:
             gated.set_stream_handler("/test/echo/1", echo)
             closed = Closed(outsider.host.get_id())
             gated.host.get_network().register_notifee(closed)
@@ -136,7 +140,9 @@ async def test_gate_closes_an_unlisted_peers_connection(config: Config) -> None:
 @pytest.mark.parametrize("gate", ["connection gate", "stream guard only"])
 async def test_unlisted_peer_cannot_run_identify(config: Config, gate: str) -> None:
     async with Node(config("listed")) as listed, Node(config("outsider")) as outsider:
-        async with Node(config("gated", allow_peers=(listed.peer_id,))) as gated:
+        async with Node(
+            config("gated", private=PrivateSwarm(allow_peers=(listed.peer_id,)))
+        ) as gated:
             gated.set_stream_handler("/test/echo/1", echo)
             if gate == "stream guard only":
                 without_connection_gate(gated)
@@ -148,7 +154,9 @@ async def test_unlisted_peer_cannot_run_identify(config: Config, gate: str) -> N
 @pytest.mark.parametrize("gate", ["connection gate", "stream guard only"])
 async def test_unlisted_peer_cannot_store_a_dht_record(config: Config, gate: str) -> None:
     async with Node(config("listed")) as listed, Node(config("outsider")) as outsider:
-        async with Node(config("gated", allow_peers=(listed.peer_id,))) as gated:
+        async with Node(
+            config("gated", private=PrivateSwarm(allow_peers=(listed.peer_id,)))
+        ) as gated:
             gated.set_stream_handler("/test/echo/1", echo)
             assert gated.directory is not None
             if gate == "stream guard only":

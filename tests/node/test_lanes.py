@@ -9,7 +9,7 @@ from collections.abc import Callable
 import pytest
 
 from p2pedge.errors import ConfigError, PeerUnavailable
-from p2pedge.node.config import NodeConfig
+from p2pedge.node.config import NodeConfig, PrivateSwarm
 from p2pedge.node.lanes import lane_host
 from p2pedge.node.node import Node
 from p2pedge.protocols._stream import FramedStream
@@ -50,7 +50,7 @@ async def test_lane_is_used_when_offered_and_knows_the_caller(config: Config) ->
 
 
 async def test_peer_without_a_lane_is_reached_over_libp2p(config: Config) -> None:
-    async with Node(config("a", direct_lane=False)) as a, Node(config("b")) as b:
+    async with Node(config("a", direct_lane=None)) as a, Node(config("b")) as b:
         await serve_echo(a)
         assert a.lanes.server is None
         await b.connect(a.addrs[0])
@@ -65,7 +65,9 @@ async def test_peer_without_a_lane_is_reached_over_libp2p(config: Config) -> Non
 
 async def test_lane_does_not_bypass_the_allow_list(config: Config) -> None:
     async with Node(config("b")) as b:
-        async with Node(config("a", allow_peers=("12D3KooWSomeoneElse",))) as a:
+        async with Node(
+            config("a", private=PrivateSwarm(allow_peers=("12D3KooWSomeoneElse",)))
+        ) as a:
             await serve_echo(a)
             await b.connect(a.addrs[0])
             with pytest.raises(PeerUnavailable):
@@ -80,12 +82,12 @@ async def test_lane_port_is_configurable_and_a_taken_port_is_a_clear_error(
         taken.bind(("127.0.0.1", 0))
         taken.listen()
         port = taken.getsockname()[1]
-        async with Node(config("a", direct_lane_port=port)) as a:
+        async with Node(config("a", direct_lane=port)) as a:
             with pytest.raises(ConfigError, match="direct lane"):
                 await a.lanes.serve(PROTO, echo)
             assert a.lanes.server is None
     with pytest.raises(ConfigError):
-        config("b", direct_lane_port=70000)
+        config("b", direct_lane=70000)
 
 
 def test_lane_listens_where_libp2p_listens() -> None:

@@ -7,7 +7,7 @@ import pytest
 import trio
 
 from p2pedge.errors import LocalProtocolError, PeerUnavailable, PrivateSwarmRejected
-from p2pedge.node.config import NodeConfig
+from p2pedge.node.config import NodeConfig, PrivateSwarm
 from p2pedge.node.identity import write_psk
 from p2pedge.node.node import Node
 from p2pedge.protocols._stream import FramedStream
@@ -110,7 +110,10 @@ async def test_psk_mismatch_is_reported_quickly(config: Config, tmp_path: object
     psk_a, psk_b = tmp_path / "a.key", tmp_path / "b.key"  # type: ignore[operator]
     write_psk(psk_a)
     write_psk(psk_b)
-    async with Node(config("a", psk_file=psk_a)) as a, Node(config("b", psk_file=psk_b)) as b:
+    async with (
+        Node(config("a", private=PrivateSwarm(psk_file=psk_a))) as a,
+        Node(config("b", private=PrivateSwarm(psk_file=psk_b))) as b,
+    ):
         start = trio.current_time()
         with pytest.raises(PrivateSwarmRejected, match="pre-shared key"):
             await b.connect(a.addrs[0])
@@ -122,7 +125,10 @@ async def test_same_psk_connects_and_plain_node_is_refused(
 ) -> None:
     psk = tmp_path / "swarm.key"  # type: ignore[operator]
     write_psk(psk)
-    async with Node(config("a", psk_file=psk)) as a, Node(config("b", psk_file=psk)) as b:
+    async with (
+        Node(config("a", private=PrivateSwarm(psk_file=psk))) as a,
+        Node(config("b", private=PrivateSwarm(psk_file=psk))) as b,
+    ):
         assert await b.connect(a.addrs[0]) == a.peer_id
         await a.announce()
         card = await b.card_of(a.peer_id, refresh=True)
@@ -139,7 +145,7 @@ async def echo(stream: FramedStream, peer: str) -> None:
 
 async def test_allow_list_admits_only_listed_peers(config: Config) -> None:
     async with Node(config("b")) as b, Node(config("c")) as c:
-        async with Node(config("a", allow_peers=(b.peer_id,))) as a:
+        async with Node(config("a", private=PrivateSwarm(allow_peers=(b.peer_id,)))) as a:
             a.set_stream_handler("/test/echo/1", echo)
             assert await b.connect(a.addrs[0]) == a.peer_id
             stream = await b.open_stream(a.peer_id, "/test/echo/1")

@@ -179,10 +179,10 @@ async def test_models_cli_keygen_pull_verify(
     assert await trio.to_thread.run_sync(registry_main, argv) == 0
     store = str(tmp_path / "client")
     pull_argv = ["pull", "tiny@3", "--registry", url, "--store", store]
-    assert await trio.to_thread.run_sync(models_main, pull_argv) == 1  # no trusted key: refused
+    assert await trio.to_thread.run_sync(registry_main, pull_argv) == 1  # no trusted key: refused
     pull_argv += ["--trust", str(tmp_path / "k.pem.pub"), "--no-progress"]
     capsys.readouterr()
-    assert await trio.to_thread.run_sync(models_main, pull_argv) == 0
+    assert await trio.to_thread.run_sync(registry_main, pull_argv) == 0
     target = Path(capsys.readouterr().out.strip())
     assert (target / "weights.bin").read_bytes() == (source / "weights.bin").read_bytes()
     assert models_main(["verify", "tiny@3", "--store", store]) == 0
