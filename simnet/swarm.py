@@ -1,11 +1,15 @@
 """``Swarm(n, seed=...)``: n real Nodes in one process, wired reproducibly for a seed.
 
-Each node runs in its own task so any one can be killed; routing tables are pre-filled
-from a seeded random choice of peers (sequential DHT refreshes over 50 nodes take over a
-minute in py-libp2p 0.8.1, pre-filled tables a few seconds).
+Each node runs in its own task so any one can be killed. Two ways to join:
 
-The swarm has converged when every node is up and wired: any card is then resolvable,
-from its owner directly. Replicating the first cards to their closest peers costs a dial
+- ``seeds=0`` (the default): routing tables are pre-filled from a seeded random choice of
+  peers, a harness shortcut that skips Kademlia's bootstrap. The swarm has converged when
+  every node is up and wired: any card is then resolvable, from its owner directly.
+- ``seeds=k``: a real bootstrap. The first k nodes are seeds (each dials the seeds before
+  it); every other node is given only the seeds' addresses, dials them, looks its own id
+  up to fill its routing table and announces its card, as a deployed node does.
+  ``converge_s`` is when every node has announced once.
+ Replicating the first cards to their closest peers costs a dial
 per replica and continues in the background unless ``wait_for_replication`` is set;
 ``replicated`` is set when it is done and ``replicated_s`` says how long it took.
 ``replicate_on_start=False`` leaves replication to each node's announce interval.
@@ -48,12 +52,14 @@ class Swarm:
         announce_interval: float = 60.0,
         wait_for_replication: bool = False,
         replicate_on_start: bool = True,
+        seeds: int = 0,
         root: Path | None = None,
         **config: Any,
     ) -> None:
         if n < 1:
             raise ValueError("a swarm needs at least one node")
         self.n = n
+        self.seeds = seeds
         self.rng = random.Random(seed)
         self.fanout = fanout
         self.announce_interval = announce_interval
@@ -82,6 +88,9 @@ class Swarm:
         try:
             for _ in range(self.n):
                 await self._start_node()
+            if self.seeds:
+                await self._bootstrapped()
+                return self
             await self._wire_all()
             for node in self.nodes:
                 await node.announce(replicate=False)
@@ -97,6 +106,14 @@ class Swarm:
             await self._close(type(exc), exc, exc.__traceback__)
             raise
         return self
+
+    async def _bootstrapped(self) -> None:
+        """Wait for every node's first announce (each bootstrapped on its own)."""
+        async with trio.open_nursery() as nursery:
+            for node in self.nodes:
+                nursery.start_soon(node.announced)
+        self.converge_s = self.replicated_s = time.perf_counter() - self.started_at
+        self.replicated.set()
 
     async def _replicate(self) -> None:
         await self._announce(self.nodes)
@@ -131,9 +148,13 @@ class Swarm:
         index = len(self._slots)
         settings = dict(self.config)
         tuning = {k: settings.pop(k) for k in list(settings) if k in TUNING_FIELDS}
+        real = bool(self.seeds)  # a real bootstrap: look our id up, announce on start
         tuning.update(
-            announce_interval=self.announce_interval, self_lookup=False, announce_on_start=False
+            announce_interval=self.announce_interval, self_lookup=real, announce_on_start=real
         )
+        if real:
+            seeds = [slot.node for slot in self._slots[: min(index, self.seeds)]]
+            settings["bootstrap"] = tuple(node.addrs[0] for node in seeds)
         config = NodeConfig(
             data_dir=self.root / f"node{index}",
             listen=("/ip4/127.0.0.1/tcp/0",),
@@ -184,6 +205,9 @@ class Swarm:
     async def add(self) -> Node:
         """Start one more node, wire it in, and announce it."""
         slot = await self._start_node()
+        if self.seeds:  # it bootstraps from the seeds and announces on its own
+            await slot.node.announced()
+            return slot.node
         await self._wire(slot.node, [n for n in self.nodes if n is not slot.node])
         await self._announce([slot.node])
         return slot.node

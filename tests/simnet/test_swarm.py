@@ -44,3 +44,24 @@ async def test_seed_fixes_identities_and_kill_and_add_work() -> None:
         newcomer = await swarm.add()
         card = await swarm.nodes[0].card_of(newcomer.peer_id, refresh=True)
         assert card is not None and card.peer_id == newcomer.peer_id
+
+
+async def test_a_real_bootstrap_from_seeds_makes_every_card_findable() -> None:
+    """``seeds=2``: nodes get only the seeds' addresses (no pre-filled tables), yet every
+    node's card is found from every other node with caches cleared."""
+    async with Swarm(6, seed=5, measure_compute=False, seeds=2) as swarm:
+        nodes = swarm.nodes
+        assert nodes[0].config.bootstrap == () and len(nodes[5].config.bootstrap) == 2
+        assert all(n.config.tuning.self_lookup for n in nodes)
+        for a in nodes:
+            for b in nodes:
+                if a is b:
+                    continue
+                assert a.directory is not None
+                a.directory.forget(b.peer_id)
+                card = await a.card_of(b.peer_id, refresh=True)
+                assert card is not None and card.peer_id == b.peer_id
+        newcomer = await swarm.add()  # joins the same way
+        assert len(newcomer.config.bootstrap) == 2
+        card = await nodes[3].card_of(newcomer.peer_id, refresh=True)
+        assert card is not None and card.peer_id == newcomer.peer_id
