@@ -20,8 +20,12 @@ resident bytes (VmHWM) of every process. Then the kill: ours SIGKILLs the route'
 middle server after N/4 tokens and must finish with the undisturbed run's tokens;
 llama.cpp's ``llama-completion --rpc`` gets one of its rpc-servers SIGKILLed the same way.
 
-Run ``make llamacpp-rpc`` first, then ``python benchmarks/big.py [--tokens N] [--rounds R]
-[--threads T]``; server data (shards built on first use) stay in ``.cache/bench-big``.
+``--shape 8b`` runs the same comparison on a Llama-3-8B-shape model (32 blocks, hidden 4096,
+32 heads, 8 KV heads, FFN 14336; blocks 0-11, 11-22, 22-32), into its own docs section.
+
+Run ``make llamacpp-rpc`` first, then ``python benchmarks/big.py [--shape 1b|8b]
+[--tokens N] [--rounds R] [--threads T] [--prompt P]``; server data (shards built on first
+use) stay in ``.cache/bench-big`` (``--data-dir`` to move them).
 """
 
 from __future__ import annotations
@@ -36,6 +40,7 @@ import threading
 import time
 from collections.abc import Sequence
 from contextlib import aclosing
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -75,13 +80,41 @@ from p2pedge.testing.synthetic_gguf import (  # noqa: E402
     write_synthetic_gguf,
 )
 
-NAME = "big1b"
-SHAPE = SyntheticShape(
-    n_layers=22, hidden=2048, n_heads=32, n_kv_heads=4, ffn=5632, context_length=2048
-)
-SPEC = SyntheticSpec(qtype="Q4_0", embd_qtype="Q8_0", tokenizer="llama-spm", shape=SHAPE)
-RANGES = ("0-8", "8-15", "15-22")
-REPLICA = 1  # the fourth server holds RANGES[1] again
+
+@dataclass(frozen=True)
+class Big:
+    """A synthetic model of a real model's shape, and how three servers split it."""
+
+    name: str
+    like: str  # the real model whose shape it has
+    gguf: str
+    shape: SyntheticShape
+    ranges: tuple[str, str, str]
+
+    @property
+    def spec(self) -> SyntheticSpec:
+        return SyntheticSpec(
+            qtype="Q4_0", embd_qtype="Q8_0", tokenizer="llama-spm", shape=self.shape
+        )
+
+
+MODELS = {
+    "1b": Big(
+        "big1b", "TinyLlama-1.1B", "tinyllama-shape-q4_0.gguf",
+        SyntheticShape(
+            n_layers=22, hidden=2048, n_heads=32, n_kv_heads=4, ffn=5632, context_length=2048
+        ),
+        ("0-8", "8-15", "15-22"),
+    ),
+    "8b": Big(
+        "big8b", "Llama-3-8B", "llama3-8b-shape-q4_0.gguf",
+        SyntheticShape(
+            n_layers=32, hidden=4096, n_heads=32, n_kv_heads=8, ffn=14336, context_length=2048
+        ),
+        ("0-11", "11-22", "22-32"),
+    ),
+}  # fmt: skip
+REPLICA = 1  # the fourth server holds the middle range again
 STEP_TIMEOUT = 120.0
 CHUNK = 64
 # The stated memory of a shard server beyond the model bytes its budget counts: onnxruntime
@@ -92,18 +125,18 @@ STATED_FACTOR = 1.5
 STATED_FIXED_MB = 200.0
 
 
-def ensure_model(cache: Path) -> tuple[Path, Path]:
+def ensure_model(cache: Path, big: Big) -> tuple[Path, Path]:
     """The GGUF and its imported directory, made once."""
     cache.mkdir(parents=True, exist_ok=True)
-    gguf = cache / "tinyllama-shape-q4_0.gguf"
+    gguf = cache / big.gguf
     if not gguf.is_file():
         print(f"writing {gguf} ...", flush=True)
-        write_synthetic_gguf(gguf.with_suffix(".tmp"), SPEC).rename(gguf)
-    model_dir = cache / NAME
+        write_synthetic_gguf(gguf.with_suffix(".tmp"), big.spec).rename(gguf)
+    model_dir = cache / big.name
     if not (model_dir / "model.onnx").is_file():
         print(f"importing into {model_dir} ...", flush=True)
         cmd = [sys.executable, "-m", "p2pedge.models", "import-gguf", str(gguf)]
-        subprocess.run([*cmd, "--name", NAME, "--out", str(model_dir)], check=True)
+        subprocess.run([*cmd, "--name", big.name, "--out", str(model_dir)], check=True)
     return gguf, model_dir
 
 
@@ -113,11 +146,11 @@ def _drain(pipe: Any) -> None:
 
 
 def start_server(
-    model_dir: Path, root: Path, name: str, layers: str, boot: str | None, threads: int
+    big: Big, model_dir: Path, root: Path, name: str, layers: str, boot: str | None, threads: int
 ) -> Server:
     cmd = [sys.executable, "-m", "p2pedge.node", "--json", "--threads", str(threads)]
-    cmd += ["--data-dir", str(root / name), "--model", f"{NAME}={model_dir}"]
-    cmd += ["--serve", f"{NAME}:{layers}", *(["--bootstrap", boot] if boot else [])]
+    cmd += ["--data-dir", str(root / name), "--model", f"{big.name}={model_dir}"]
+    cmd += ["--serve", f"{big.name}:{layers}", *(["--bootstrap", boot] if boot else [])]
     (root / name).mkdir(parents=True, exist_ok=True)
     err = (root / name / "stderr.log").open("wb")
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
@@ -131,15 +164,15 @@ def start_server(
     raise RuntimeError(f"server {name} exited; see {root / name / 'stderr.log'}")
 
 
-def server_names() -> list[tuple[str, str]]:
-    return [*((f"shard{i}", r) for i, r in enumerate(RANGES)), ("replica", RANGES[REPLICA])]
+def server_names(big: Big) -> list[tuple[str, str]]:
+    return [*((f"shard{i}", r) for i, r in enumerate(big.ranges)), ("replica", big.ranges[REPLICA])]
 
 
-def shard_dirs(root: Path, model_dir: Path) -> dict[str, Path]:
+def shard_dirs(big: Big, root: Path, model_dir: Path) -> dict[str, Path]:
     """Every server's shard directory, built here first (the servers then find them)."""
     return {
         name: ensure_shard_dir(model_dir, LayerRange.parse(r), root / name / "shards")
-        for name, r in server_names()
+        for name, r in server_names(big)
     }
 
 
@@ -152,7 +185,7 @@ def prompt_ids(model_dir: Path, n: int) -> list[int]:
 
 
 async def ours_run(
-    node: Node, prompt: list[int], tokens: int, kill: Sequence[Server] = ()
+    big: Big, node: Node, prompt: list[int], tokens: int, kill: Sequence[Server] = ()
 ) -> dict[str, Any]:
     """Prefill ``prompt`` and decode ``tokens`` greedily, then read the next position's
     logits (so a run is compared on more than its tokens: a random-weight model's greedy
@@ -161,7 +194,7 @@ async def ours_run(
     config = ClientConfig(
         max_length=len(prompt) + tokens + 8, chunk=CHUNK, step_timeout=STEP_TIMEOUT
     )
-    session = await open_sharded_session(node.models.ctx, NAME, config=config)
+    session = await open_sharded_session(node.models.ctx, big.name, config=config)
     out: list[int] = []
     times: list[float] = []
     victim = None
@@ -227,7 +260,8 @@ def hop_compute(dirs: list[Path], hidden: int, prompt: int, steps: int = 8) -> l
 
 async def run(args: Any, gguf: Path, model_dir: Path, root: Path) -> tuple[str, dict[str, str]]:
     prompt = prompt_ids(model_dir, args.prompt)
-    dirs = await trio.to_thread.run_sync(shard_dirs, root, model_dir)
+    big: Big = args.big
+    dirs = await trio.to_thread.run_sync(shard_dirs, big, root, model_dir)
     weights = {name: dir_bytes(d) for name, d in dirs.items()}
     servers: list[Server] = []
     llama = rpc.RpcServers(3, args.threads, root / "llamacpp")
@@ -236,8 +270,8 @@ async def run(args: Any, gguf: Path, model_dir: Path, root: Path) -> tuple[str, 
     client_rss_llama = 0
     try:
         boot = None
-        for name, layers in server_names():
-            servers.append(start_server(model_dir, root, name, layers, boot, args.threads))
+        for name, layers in server_names(big):
+            servers.append(start_server(big, model_dir, root, name, layers, boot, args.threads))
             boot = boot or servers[0].addr
         print(f"4 shard servers up: {', '.join(s.layers for s in servers)}", flush=True)
         llama.start()
@@ -253,7 +287,7 @@ async def run(args: Any, gguf: Path, model_dir: Path, root: Path) -> tuple[str, 
             for r in range(args.rounds):
                 for side in turns(("ours", "llama.cpp"), r):
                     if side == "ours":
-                        got = await ours_run(node, prompt, args.tokens)
+                        got = await ours_run(big, node, prompt, args.tokens)
                         reference = reference or got
                         if not same_output(got, reference):
                             raise RuntimeError("greedy tokens differ between rounds")
@@ -281,7 +315,7 @@ async def run(args: Any, gguf: Path, model_dir: Path, root: Path) -> tuple[str, 
             }
             rss_llama = llama.rss()
             client_rss = rpc.peak_rss(os.getpid())
-            killed = await ours_run(node, prompt, args.tokens, kill=servers)
+            killed = await ours_run(big, node, prompt, args.tokens, kill=servers)
             assert reference is not None
             kill_ok = killed["victim_gone"] and same_output(killed, reference)
         llama_kill_ok, llama_why = await trio.to_thread.run_sync(
@@ -290,15 +324,15 @@ async def run(args: Any, gguf: Path, model_dir: Path, root: Path) -> tuple[str, 
     finally:
         stop(servers)
         llama.stop()
-    hidden = SHAPE.hidden
+    hidden = big.shape.hidden
     compute = await trio.to_thread.run_sync(
         hop_compute, [dirs[f"shard{i}"] for i in range(3)], hidden, args.prompt
     )
     overhead = {
         name: (rss - weights[name]) / 1e6
-        for name, rss in zip([n for n, _ in server_names()], rss_ours.values(), strict=True)
+        for name, rss in zip([n for n, _ in server_names(big)], rss_ours.values(), strict=True)
     }
-    bounds = [STATED_FACTOR * weights[n] + STATED_FIXED_MB * 1e6 for n, _ in server_names()]
+    bounds = [STATED_FACTOR * weights[n] + STATED_FIXED_MB * 1e6 for n, _ in server_names(big)]
     results = {
         "bounds": bounds,
         "ours": ours,
@@ -327,6 +361,7 @@ async def run(args: Any, gguf: Path, model_dir: Path, root: Path) -> tuple[str, 
 
 
 def report(res: dict[str, Any], args: Any) -> str:
+    big: Big = args.big
     ours, theirs = res["ours"], res["theirs"]
     med = statistics.median
     decode = paired_ratio(ours["decode"], theirs["decode"])
@@ -399,9 +434,9 @@ def report(res: dict[str, Any], args: Any) -> str:
         ],
     ]
     notes = [
-        f"Model: synthetic {NAME} (random Q4_0 weights, TinyLlama-1.1B shape, small vocabulary), "
+        f"Model: synthetic {big.name} (random Q4_0 weights, {big.like} shape, small vocabulary), "
         f"{sum(res['weights'][f'shard{i}'] for i in range(3)) / 1e6:.0f} MB of shard files over "
-        f"the three servers ({', '.join(RANGES)}; route {' -> '.join(res['route'])}).",
+        f"the three servers ({', '.join(big.ranges)}; route {' -> '.join(res['route'])}).",
         f"Threads: {args.threads} per server process on both sides; {args.tokens} tokens decoded; "
         f"{args.rounds} rounds, the two sides taking turns to go first. {RATIO_DEFINITION}",
         "llama.cpp decode is llama-bench's tg at depth 512 (same context as ours), its prompt "
@@ -422,6 +457,7 @@ def report(res: dict[str, Any], args: Any) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--shape", choices=sorted(MODELS), default="1b", help="the model's shape")
     ap.add_argument("--tokens", type=int, default=32, help="new tokens per run")
     ap.add_argument("--prompt", type=int, default=512, help="prompt tokens")
     ap.add_argument("--rounds", type=int, default=3, help="timed runs per side")
@@ -433,15 +469,18 @@ def main(argv: list[str] | None = None) -> int:
     if why:
         print(why, file=sys.stderr)
         return 2
-    gguf, model_dir = ensure_model(ROOT / ".cache" / "big")
-    root = args.data_dir or ROOT / ".cache" / "bench-big"
+    args.big = MODELS[args.shape]
+    gguf, model_dir = ensure_model(ROOT / ".cache" / "big", args.big)
+    suffix = "" if args.big.name == "big1b" else args.big.name.removeprefix("big")
+    root = args.data_dir or ROOT / ".cache" / f"bench-big{suffix}"
     began = time.perf_counter()
     body, fields = trio.run(run, args, gguf, model_dir, root)
     print(body)
     print(f"(took {time.perf_counter() - began:.0f} s)")
     if not args.no_doc:
-        title = f"## Big model vs llama.cpp RPC (`benchmarks/big.py`): {NAME}, 3 processes"
-        write_section("big", f"{title}\n\n{machine()}\n\n{body}\n")
+        name = args.big.name
+        title = f"## Big model vs llama.cpp RPC (`benchmarks/big.py`): {name}, 3 processes"
+        write_section("big" if name == "big1b" else name, f"{title}\n\n{machine()}\n\n{body}\n")
     print(headline(fields))
     return 0
 
