@@ -86,11 +86,11 @@ class Swarm:
         self._nursery_cm = trio.open_nursery()
         self._nursery = await self._nursery_cm.__aenter__()
         try:
+            if self.seeds:
+                await self._join_from_seeds()
+                return self
             for _ in range(self.n):
                 await self._start_node()
-            if self.seeds:
-                await self._bootstrapped()
-                return self
             await self._wire_all()
             for node in self.nodes:
                 await node.announce(replicate=False)
@@ -107,8 +107,21 @@ class Swarm:
             raise
         return self
 
-    async def _bootstrapped(self) -> None:
-        """Wait for every node's first announce (each bootstrapped on its own)."""
+    async def _join_from_seeds(self, concurrency: int = 8) -> None:
+        """Start the seeds one by one, then every other node at once (a few at a time, as
+        independent machines would, bounded so one event loop is not swamped), and wait
+        for every node's first announce."""
+        for _ in range(min(self.seeds, self.n)):
+            await self._start_node()
+        limiter = trio.CapacityLimiter(concurrency)
+
+        async def start() -> None:
+            async with limiter:
+                await self._start_node()
+
+        async with trio.open_nursery() as nursery:
+            for _ in range(self.n - min(self.seeds, self.n)):
+                nursery.start_soon(start)
         async with trio.open_nursery() as nursery:
             for node in self.nodes:
                 nursery.start_soon(node.announced)
