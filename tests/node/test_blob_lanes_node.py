@@ -84,7 +84,7 @@ async def test_a_node_pulls_over_the_lane_and_metrics_count_both_sides(
 async def test_a_peer_without_a_lane_is_pulled_from_over_libp2p(
     tiny: Path, tmp_path: Path, config: Config
 ) -> None:
-    async with holder_and_puller(tiny, tmp_path, config, direct_lane=False) as nodes:
+    async with holder_and_puller(tiny, tmp_path, config, direct_lane=None) as nodes:
         holder, puller, manifest = nodes
         await puller.pull(str(MODEL))
     assert puller.models.has_local(MODEL.name)
@@ -128,7 +128,7 @@ async def test_a_lane_port_that_is_taken_leaves_pulls_on_libp2p(
         taken.bind(("127.0.0.1", 0))
         taken.listen()
         port = taken.getsockname()[1]
-        async with holder_and_puller(tiny, tmp_path, config, direct_lane_port=port) as nodes:
+        async with holder_and_puller(tiny, tmp_path, config, direct_lane=port) as nodes:
             holder, puller, _ = nodes
             await puller.pull(str(MODEL))
             assert puller.models.has_local(MODEL.name)
