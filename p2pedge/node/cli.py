@@ -125,6 +125,11 @@ def build_parser() -> argparse.ArgumentParser:
         help="behind NAT: hold a slot on this relay (.../p2p/ID) and announce it (repeatable)",
     )
     run.add_argument(
+        "--upnp",
+        action="store_true",
+        help="ask the home router to forward the listen port (UPnP) and announce its address",
+    )
+    run.add_argument(
         "--no-hole-punch",
         dest="hole_punch",
         action="store_const",
@@ -171,7 +176,7 @@ FILE_FIELDS = frozenset(
 )  # fmt: skip
 # flags that set a Tuning field, and a Reach field
 TUNING_FLAGS = ("announce_interval", "inline_step_ms", "threads")
-REACH_FLAGS = ("mdns", "relay", "reserve", "hole_punch")
+REACH_FLAGS = ("mdns", "relay", "reserve", "hole_punch", "upnp")
 API_FLAGS = {"api": "listen", "api_key_file": "key_file", "api_cors": "cors_origins"}
 
 
@@ -284,6 +289,7 @@ def _config(args: argparse.Namespace, *, throwaway: bool = False) -> NodeConfig:
     _group(fields, "tuning", Tuning(), {k: getattr(args, k, None) for k in TUNING_FLAGS})
     reach = {k: getattr(args, k, None) for k in REACH_FLAGS}
     reach["mdns"] = True if reach["mdns"] else None
+    reach["upnp"] = True if reach["upnp"] else None
     reach["relay"] = RelayPolicy() if reach["relay"] else None
     reach["reserve"] = tuple(reach["reserve"] or ())
     _group(fields, "reach", Reach(), reach)

@@ -97,13 +97,15 @@ class PrivateSwarm:
 class Reach:
     """How peers find and reach this node beyond direct dials: mDNS on the LAN, slots on
     relays (behind NAT; the circuit addresses go into our card), a relay for others (a
-    public node; a :class:`RelayPolicy` bounds what it lends), and DCUtR hole punching,
-    which upgrades a relayed connection to a direct one."""
+    public node; a :class:`RelayPolicy` bounds what it lends), DCUtR hole punching, which
+    upgrades a relayed connection to a direct one, and a UPnP port mapping on the home
+    router (its public address goes into our card)."""
 
     mdns: bool = False
     reserve: tuple[str, ...] = ()  # relays to hold a slot on, as .../p2p/ID multiaddrs
     relay: RelayPolicy | None = None
     hole_punch: bool = True
+    upnp: bool = False  # ask the home router to forward the TCP listen port
 
     def __post_init__(self) -> None:
         _as_tuple(self, "reserve")
@@ -195,6 +197,12 @@ class NodeConfig:
 
         for addr in (*self.listen, *self.bootstrap, *self.reach.reserve):
             check_multiaddr(addr)
+        if self.private is not None and self.private.psk_file is not None:
+            from p2pedge.reach.quic import is_quic
+
+            if any(is_quic(addr) for addr in self.listen):
+                # py-libp2p's pre-shared key covers TCP only: QUIC would let anyone in
+                raise ConfigError("a private swarm (psk_file) cannot listen on QUIC")
         for spec in self.serve:
             if not isinstance(spec, ServeSpec):
                 raise ConfigError(f"serve entries must be ServeSpec, got {spec!r}")

@@ -46,6 +46,7 @@ class Network:
         self._psk = read_psk(private.psk_file) if private and private.psk_file else None
         self._allowed = frozenset(private.allow_peers if private else ())
         self.relay_addrs: tuple[str, ...] = ()  # circuit addresses a relay lends us
+        self.upnp_addrs: tuple[str, ...] = ()  # our address on the home router's public side
         self.autonat: Any = None  # answers AutoNAT dial-backs (reach.autonat)
         self.hole_punch: Any = None  # the DCUtR service (reach.punch), when on
 
@@ -120,8 +121,8 @@ class Network:
         self.autonat = autonat(self.host)
 
     def start_reach(self, nursery: trio.Nursery, addresses_changed: Callable[[], None]) -> None:
-        """Hold the configured relay reservations (their circuit addresses join ours, and
-        ``addresses_changed`` re-announces), and dial peers mDNS discovers."""
+        """Hold the configured relay reservations and the UPnP mapping (their addresses join
+        ours, and ``addresses_changed`` re-announces), and dial peers mDNS discovers."""
         if self.host is None:
             return
         if self.config.reach.reserve:
@@ -143,6 +144,16 @@ class Network:
                 nursery.start_soon(contain, add, "mdns routing-table add", peer_id)
 
             nursery.start_soon(dial_discovered, self.host, found)
+        if self.config.reach.upnp:
+            from p2pedge.reach.upnp import Mapping, keep_mapped, lan_tcp_port
+
+            def mapped(mapping: Mapping | None) -> None:
+                self.upnp_addrs = (mapping.multiaddr(self.peer_id),) if mapping else ()
+                addresses_changed()
+
+            port = lan_tcp_port(self.addrs)
+            if port is not None:
+                nursery.start_soon(keep_mapped, port, mapped)
 
     async def _add_to_table(self, peer_id: str) -> None:
         from libp2p.peer.id import ID
@@ -188,7 +199,7 @@ class Network:
             return []
         suffix = f"/p2p/{self.peer_id}"
         own = [str(a) if str(a).endswith(suffix) else f"{a}{suffix}" for a in self.host.get_addrs()]
-        return [*own, *self.relay_addrs]
+        return [*own, *self.upnp_addrs, *self.relay_addrs]
 
     def known_peers(self) -> list[str]:
         """Peers in the routing table or connected now (not verified; see find_peers)."""

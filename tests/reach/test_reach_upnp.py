@@ -166,3 +166,44 @@ def test_a_gateways_external_address_is_announced_only_when_public() -> None:
     assert mapping.multiaddr("P") == "/ip4/45.76.0.1/tcp/4001/p2p/P"
     listen = ["/ip4/127.0.0.1/tcp/1/p2p/P", "/ip4/192.168.1.5/udp/2/quic-v1", "/ip4/0.0.0.0/tcp/3"]
     assert lan_tcp_port(listen) == 3 and lan_tcp_port(listen[:2]) is None
+
+
+def test_a_node_with_upnp_announces_the_mapped_address_and_peers_join_through_it(
+    gateway: Gateway, tmp_path: Path
+) -> None:
+    """``Reach(upnp=True)`` (``--upnp``) wired into a real node: the router forwards its
+    listen port, a peer on the public side bootstraps through the router's address, and
+    the card it reads lists that address."""
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[2])}
+    node = [sys.executable, "-m", "p2pedge.node"]
+    home = subprocess.Popen(
+        ["ip", "netns", "exec", gateway.home, *node, "run", "--json", "--upnp",
+         "--listen", "/ip4/0.0.0.0/tcp/4001", "--data-dir", str(tmp_path / "home")],
+        stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True, env=env,
+    )  # fmt: skip
+    assert home.stdout is not None
+    lines = LineReader(home.stdout)
+    try:
+        event: dict[str, object] = {}
+        while event.get("event") != "listening":
+            event = json.loads(lines.next(timeout=60) or '{"event": "exited"}')
+            assert event["event"] != "exited", "the home node exited"
+        peer = str(event["peer_id"])
+        public = f"/ip4/{WAN}.1/tcp/4001/p2p/{peer}"
+        listed: list[str] = []
+        for _ in range(10):  # the mapping and its re-announce come after "listening"
+            out = subprocess.run(
+                ["ip", "netns", "exec", gateway.public, *node, "peers", "--json",
+                 "--bootstrap", public, "--data-dir", str(tmp_path / "public")],
+                capture_output=True, text=True, timeout=60, env=env,
+            )  # fmt: skip
+            cards = [json.loads(x)["card"] for x in out.stdout.splitlines() if '"peer"' in x]
+            listed = [a for c in cards if c["peer_id"] == peer for a in c["addrs"]]
+            if public in listed:
+                break
+        assert public in listed, (listed, out.stderr[-2000:])
+        assert f"dnat ip to {LAN}.2:4001" in forwarded(gateway.router)
+    finally:
+        home.terminate()
+        home.wait(timeout=30)
+    assert "dnat" not in forwarded(gateway.router)  # the node removed its mapping on exit
