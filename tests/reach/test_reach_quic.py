@@ -23,7 +23,7 @@ import trio
 from p2pedge.errors import ConfigError
 from p2pedge.ids import ModelId
 from p2pedge.models.keys import generate_key, public_key_hex
-from p2pedge.node.config import NodeConfig, ServeSpec
+from p2pedge.node.config import NodeConfig, PrivateSwarm, ServeSpec
 from p2pedge.node.models import TOKENIZER_FILES
 from p2pedge.node.node import Node
 from p2pedge.protocols._stream import FramedStream
@@ -72,11 +72,11 @@ async def pull_and_generate(
             serve = (ServeSpec.parse(f"{MODEL}:{span}"),)
             settings = {"bootstrap": boot, "trusted_publishers": (trusted,), "serve": serve}
             # no direct lane (a raw TCP port): shard traffic rides the QUIC connections
-            return config(name, listen=QUIC, direct_lane=False, **settings)
+            return config(name, listen=QUIC, direct_lane=None, **settings)
 
         async with Node(server("first", "0-2")) as first, Node(server("last", "2-4")) as last:
             settings = {"bootstrap": boot, "trusted_publishers": (trusted,), "listen": QUIC}
-            async with Node(config("client", direct_lane=False, **settings)) as client:
+            async with Node(config("client", direct_lane=None, **settings)) as client:
                 await client.pull(str(MODEL), files=list(TOKENIZER_FILES))
                 sharded = await client.complete(
                     MODEL.name, prompt="a tiny prompt", max_tokens=6, temperature=0, route="sharded"
@@ -228,5 +228,7 @@ async def test_a_peer_holds_at_most_max_streams_at_once_and_may_open_more_in_tur
 def test_quic_is_refused_to_a_private_swarm_and_absent_unless_listed() -> None:
     with pytest.raises(ConfigError, match="private swarm"):
         host_options(QUIC, private=True)
+    with pytest.raises(ConfigError, match="private swarm"):  # already at configuration
+        NodeConfig(listen=QUIC, private=PrivateSwarm(psk_file=Path("swarm.key")))
     assert host_options(("/ip4/127.0.0.1/tcp/0",), private=True) == {}
     assert host_options(QUIC)["enable_quic"] is True
