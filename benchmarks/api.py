@@ -101,7 +101,8 @@ async def _generate(node: Any, model: str, tokens: int) -> dict[str, float]:
 
 
 async def bench(args: argparse.Namespace) -> dict[str, str]:
-    from p2pedge.api import ApiApp, api_for, serve_api
+    from p2pedge.api import ApiApp, serve_api
+    from p2pedge.node.api import api_for
     from p2pedge.node.config import NodeConfig, Tuning
     from p2pedge.node.node import Node
 

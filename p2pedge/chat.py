@@ -2,7 +2,7 @@
 
 Both run a node of their own (local mode unless ``--bootstrap``/``--mdns``/``--swarm``
 joins a swarm) and reach the model through the same backend as the HTTP API
-(:func:`p2pedge.api.bind.api_for`), so a local, sharded or remote model answers the same
+(:func:`p2pedge.node.api.api_for`), so a local, sharded or remote model answers the same
 way and the chat template is the model's own. :class:`Conversation` is the small testable
 core (history, one turn at a time); :func:`chat_loop` is the thin terminal loop over it.
 
@@ -220,7 +220,7 @@ Turn = Callable[[Target, ApiBackend, SamplingParams], Awaitable[None]]
 
 async def _open(args: argparse.Namespace, params: SamplingParams, run: Turn) -> None:
     """Start the node, find the model (or the only one here), then ``run`` with it."""
-    from p2pedge.api.bind import api_for
+    from p2pedge.node.api import api_for
     from p2pedge.node.cli import _config
     from p2pedge.node.node import Node
 

@@ -280,6 +280,27 @@ def test_no_cycles_inside_node_even_through_function_and_type_imports() -> None:
     assert cycles(inside) == []
 
 
+def test_no_cycles_between_units_even_through_function_and_type_imports() -> None:
+    """Subpackages and top-level modules, every import the source states (functions and
+    TYPE_CHECKING too): what a unit uses never uses it back. The root package, whose lazy
+    ``__getattr__`` names the public types, is the facade above them all."""
+    graph = import_graph(everything=True)
+
+    def unit(module: str) -> str:
+        return module.split(".")[1] if "." in module else module
+
+    units_graph: dict[str, set[str]] = {}
+    for module, deps in graph.items():
+        if module == "p2pedge":
+            continue
+        own = unit(module)
+        units_graph.setdefault(own, set()).update(
+            unit(d) for d in deps if d != "p2pedge" and unit(d) != own
+        )
+    assert len(units_graph) >= 15
+    assert cycles(units_graph) == []
+
+
 def test_node_module_is_a_thin_composition_root() -> None:
     assert len((PACKAGE / "node" / "node.py").read_text().splitlines()) <= 250
 

@@ -1,6 +1,6 @@
 """What the HTTP API needs from a node, as one small interface.
 
-The app never touches :class:`~p2pedge.node.node.Node` itself: :func:`p2pedge.api.bind.api_for`
+The app never touches :class:`~p2pedge.node.node.Node` itself: :func:`p2pedge.node.api.api_for`
 builds an :class:`ApiBackend` from a node's public methods, and tests may wrap or replace
 it. Errors keep the project's types (``ModelNotCached``, ``PromptTooLong``, ``Busy``,
 ``PeerUnavailable``); the app maps them to HTTP.

@@ -8,22 +8,17 @@ bearer key on its first line, so the key never appears in a process listing.
 from __future__ import annotations
 
 import logging
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Awaitable, Callable
 from functools import partial
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import trio
 from hypercorn.config import Config
 from hypercorn.trio import serve
 
 from p2pedge.api.app import ApiApp
-from p2pedge.api.bind import api_for
-from p2pedge.api.schema import ApiLimits
 from p2pedge.errors import ConfigError
-
-if TYPE_CHECKING:
-    from p2pedge.node.node import Node
 
 MAX_KEY_FILE = 4096
 
@@ -93,20 +88,3 @@ def _leaves(group: BaseExceptionGroup[BaseException]) -> list[BaseException]:
     for exc in group.exceptions:
         out += _leaves(exc) if isinstance(exc, BaseExceptionGroup) else [exc]
     return out
-
-
-async def serve_node_api(
-    node: Node,
-    listen: str,
-    *,
-    key_file: Path | None = None,
-    cors_origins: Sequence[str] = (),
-    limits: ApiLimits | None = None,
-    task_status: Any = trio.TASK_STATUS_IGNORED,
-) -> None:
-    """The API of a running ``node`` on ``listen`` (``HOST:PORT``) until cancelled, for
-    ``port = await node.nursery.start(serve_node_api, node, "127.0.0.1:8080")``."""
-    host, port = parse_api_listen(listen)
-    key = load_key(key_file) if key_file is not None else None
-    app = ApiApp(api_for(node), key=key, cors_origins=cors_origins, limits=limits)
-    await serve_api(app, host, port, task_status=task_status)

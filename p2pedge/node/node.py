@@ -125,7 +125,7 @@ class Node(ModelsFacade):
         try:
             await self.models.start()
             if self.config.api is not None:
-                from p2pedge.api.server import serve_node_api
+                from p2pedge.node.api import serve_node_api
 
                 self.api_port = await self._nursery.start(
                     partial(

@@ -12,8 +12,9 @@ import pytest
 import trio
 from api_helpers import MODEL, Serve
 
-from p2pedge.api import ApiApp, api_for, serve_api
+from p2pedge.api import ApiApp, serve_api
 from p2pedge.api.backend import ApiBackend
+from p2pedge.node.api import api_for
 from p2pedge.node.config import NodeConfig
 from p2pedge.node.node import Node
 from p2pedge.testing import build_tiny_model

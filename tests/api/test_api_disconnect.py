@@ -79,7 +79,8 @@ async def test_disconnect_stops_a_real_generation_long_before_it_would_end(
         real = real_model_dir()
     except FileNotFoundError:
         pytest.skip("the real model is not imported (make model)")
-    from p2pedge.api import ApiApp, api_for, serve_api
+    from p2pedge.api import ApiApp, serve_api
+    from p2pedge.node.api import api_for
     from p2pedge.node.node import Node
 
     async with Node(config("real", local_only=True, model_dirs=(("real", real),))) as node:

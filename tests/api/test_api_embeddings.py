@@ -16,8 +16,9 @@ import trio
 from api_helpers import MODEL
 from tokenizers import Tokenizer
 
-from p2pedge.api import ApiApp, api_for, serve_api
+from p2pedge.api import ApiApp, serve_api
 from p2pedge.models.keys import generate_key
+from p2pedge.node.api import api_for
 from p2pedge.node.config import NodeConfig
 from p2pedge.node.node import Node
 from p2pedge.testing import build_tiny_embedder, reference_embeddings

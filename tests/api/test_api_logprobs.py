@@ -13,9 +13,10 @@ import pytest
 import trio
 from api_helpers import MODEL, Serve
 
-from p2pedge.api import ApiApp, api_for, serve_api
+from p2pedge.api import ApiApp, serve_api
 from p2pedge.api.backend import Piece
 from p2pedge.api.logprobs import FLOOR, Logprobs
+from p2pedge.node.api import api_for
 from p2pedge.node.config import NodeConfig
 from p2pedge.node.node import Node
 from p2pedge.runtime.sampling import Logprob

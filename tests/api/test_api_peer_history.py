@@ -11,7 +11,8 @@ import openai
 import trio
 from api_helpers import MODEL
 
-from p2pedge.api import ApiApp, api_for, serve_api
+from p2pedge.api import ApiApp, serve_api
+from p2pedge.node.api import api_for
 from p2pedge.node.config import NodeConfig
 from p2pedge.node.node import Node
 

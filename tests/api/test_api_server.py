@@ -12,8 +12,9 @@ import pytest
 import trio
 from api_helpers import MODEL, Serve
 
-from p2pedge.api import ApiLimits, load_key, parse_api_listen, serve_node_api
+from p2pedge.api import ApiLimits, load_key, parse_api_listen
 from p2pedge.errors import ConfigError
+from p2pedge.node.api import serve_node_api
 from p2pedge.node.config import NodeConfig
 from p2pedge.node.node import Node
 

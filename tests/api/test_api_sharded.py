@@ -9,9 +9,10 @@ import openai
 import pytest
 import trio
 
-from p2pedge.api import ApiApp, api_for, serve_api
+from p2pedge.api import ApiApp, serve_api
 from p2pedge.ids import ModelId
 from p2pedge.models.keys import generate_key, public_key_hex
+from p2pedge.node.api import api_for
 from p2pedge.node.config import NodeConfig, ServeSpec
 from p2pedge.node.models import TOKENIZER_FILES
 from p2pedge.node.node import Node

@@ -12,7 +12,8 @@ import pytest
 import trio
 from api_helpers import MODEL
 
-from p2pedge.api import ApiApp, api_for, serve_api
+from p2pedge.api import ApiApp, serve_api
+from p2pedge.node.api import api_for
 from p2pedge.node.config import NodeConfig
 from p2pedge.node.node import Node
 
@@ -55,14 +56,14 @@ async def test_unknown_models_do_not_turn_requests_into_dht_lookups(
     async with Node(config("worker", model_dirs=((MODEL, tiny),))) as worker:
         async with Node(config("front", bootstrap=(worker.addrs[0],))) as front:
             lookups = 0
-            real = front.find_peers
+            real = front.peers.find_peers
 
             async def counted(*args: Any, **kwargs: Any) -> Any:
                 nonlocal lookups
                 lookups += 1
                 return await real(*args, **kwargs)
 
-            monkeypatch.setattr(front, "find_peers", counted)
+            monkeypatch.setattr(front.peers, "find_peers", counted)
             app = ApiApp(api_for(front, cards_ttl_s=3600))
             async with trio.open_nursery() as nursery:
                 port = await nursery.start(serve_api, app)

@@ -14,8 +14,9 @@ import pytest
 import trio
 from api_helpers import MODEL, Gated, Serve
 
-from p2pedge.api import ApiApp, api_for, serve_api
+from p2pedge.api import ApiApp, serve_api
 from p2pedge.node import node as node_module
+from p2pedge.node.api import api_for
 from p2pedge.node.config import NodeConfig, ServeSpec
 from p2pedge.node.hardware import probe_hardware
 from p2pedge.node.node import Node

@@ -9,9 +9,9 @@ from contextlib import aclosing
 from pathlib import Path
 
 from p2pedge.api.backend import ApiBackend, Piece, Target, Usage
-from p2pedge.api.bind import api_for
 from p2pedge.api.schema import GenerationRequest
 from p2pedge.chat import Conversation, StdinLines, chat_loop, command_of
+from p2pedge.node.api import api_for
 from p2pedge.node.config import NodeConfig
 from p2pedge.node.node import Node
 from p2pedge.runtime.sampling import SamplingParams

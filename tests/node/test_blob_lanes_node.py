@@ -12,10 +12,11 @@ import httpx
 import pytest
 import trio
 
-from p2pedge.api import ApiApp, api_for, serve_api
+from p2pedge.api import ApiApp, serve_api
 from p2pedge.ids import ModelId
 from p2pedge.models.keys import generate_key, public_key_hex
 from p2pedge.models.manifest import Manifest
+from p2pedge.node.api import api_for
 from p2pedge.node.config import NodeConfig
 from p2pedge.node.node import Node
 from p2pedge.protocols._stream import FramedStream

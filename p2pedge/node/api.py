@@ -1,9 +1,11 @@
-"""An :class:`~p2pedge.api.backend.ApiBackend` over a running Node's public methods.
+"""The node's side of the HTTP API: an :class:`~p2pedge.api.backend.ApiBackend` over a
+running Node's public methods, and :func:`serve_node_api`, which the node starts when
+``NodeConfig.api`` asks (the API package never imports the node).
 
-Local models stream token by token from the node's runtime (``node.models.inference``),
-models whose blocks the swarm covers through shard servers (``node.models.sharded_stream``),
-and ``auto``, specialists and models a peer holds whole go through the orchestrator
-(``node.ask``, ``node.map``), which answers whole.
+Local models stream token by token from the node's runtime (``models.inference``),
+models whose blocks the swarm covers through shard servers (``models.sharded_stream``),
+and ``auto``, specialists and models a peer holds whole go through the orchestrator,
+which answers whole.
 """
 
 from __future__ import annotations
@@ -11,13 +13,14 @@ from __future__ import annotations
 import logging
 import math
 import time
-from collections.abc import AsyncGenerator
+from collections.abc import AsyncGenerator, Sequence
 from contextlib import aclosing
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Protocol
 
 import trio
 
+from p2pedge.api.app import ApiApp
 from p2pedge.api.backend import (
     BackendStats,
     Embedded,
@@ -28,7 +31,14 @@ from p2pedge.api.backend import (
     Target,
     Usage,
 )
-from p2pedge.api.schema import LOCAL_LOGPROBS, EmbeddingRequest, GenerationRequest, bad
+from p2pedge.api.schema import (
+    LOCAL_LOGPROBS,
+    ApiLimits,
+    EmbeddingRequest,
+    GenerationRequest,
+    bad,
+)
+from p2pedge.api.server import load_key, parse_api_listen, serve_api
 from p2pedge.api.swarm import MAX_ITEMS, MAX_PEERS, card_json, coverage, text
 from p2pedge.errors import (
     Busy,
@@ -49,8 +59,11 @@ from p2pedge.runtime.manifest import (
 )
 
 if TYPE_CHECKING:
-    from p2pedge.node.node import Node
-    from p2pedge.orchestrator.orchestrator import Answer
+    from p2pedge.node.announcer import Announcer
+    from p2pedge.node.config import NodeConfig
+    from p2pedge.node.models import NodeModels
+    from p2pedge.node.peers import Peers
+    from p2pedge.orchestrator.orchestrator import Answer, Orchestrator
 
 log = logging.getLogger("p2pedge.api")
 AUTO = "auto"
@@ -58,7 +71,23 @@ CARDS_TTL_S = 2.0
 PEER_TRIES = 3  # peers holding a model that one request tries, least loaded first
 
 
-def api_for(node: Node, *, cards_ttl_s: float = CARDS_TTL_S) -> NodeBackend:
+class NodeParts(Protocol):
+    """What the API reads of a running node: its parts, not the Node (which builds this
+    module's server, so naming it here would close an import cycle)."""
+
+    @property
+    def config(self) -> NodeConfig: ...
+    @property
+    def peer_id(self) -> str: ...
+    @property
+    def models(self) -> NodeModels: ...
+    @property
+    def peers(self) -> Peers: ...
+    @property
+    def announcer(self) -> Announcer: ...
+
+
+def api_for(node: NodeParts, *, cards_ttl_s: float = CARDS_TTL_S) -> NodeBackend:
     """The API's view of ``node`` (which must be running)."""
     return NodeBackend(node, cards_ttl_s)
 
@@ -92,8 +121,12 @@ def _name(model_id: str) -> str | None:
 
 
 class NodeBackend:
-    def __init__(self, node: Node, cards_ttl_s: float = CARDS_TTL_S) -> None:
-        self.node = node
+    def __init__(self, node: NodeParts, cards_ttl_s: float = CARDS_TTL_S) -> None:
+        self._models = node.models
+        self._peers = node.peers
+        self._announcer = node.announcer
+        self.peer_id = node.peer_id
+        self.local_only = node.config.local_only
         self.cards_ttl_s = cards_ttl_s
         self._cached: list[CapabilityCard] = []
         self._cards_at = -math.inf
@@ -105,36 +138,41 @@ class NodeBackend:
         """Peers' verified cards, fetched at most once per ``cards_ttl_s``: every listing
         and every request for a model not held here reads them, and a client must not
         turn its requests into DHT traffic."""
-        if self.node.config.local_only:
+        if self.local_only:
             return []
         async with self._cards_lock:
             if trio.current_time() - self._cards_at < self.cards_ttl_s:
                 return self._cached
             try:
-                found = await self.node.find_peers()
+                found = await self._peers.find_peers()
             except (P2PEdgeError, LocalProtocolError) as exc:
                 log.info("model listing without peers: %s", exc)
                 found = []
-            self._cached = [c for c in found if c.peer_id != self.node.peer_id]
+            self._cached = [c for c in found if c.peer_id != self.peer_id]
             self._cards_at = trio.current_time()
             return self._cached
 
+    def _orchestrator(self) -> Orchestrator:
+        if self._models.orchestrator is None:
+            raise LocalProtocolError("node is not running; use `async with Node(...)`")
+        return self._models.orchestrator
+
     def _specialists(self) -> dict[str, Any]:
-        orchestrator = self.node.models.orchestrator
+        orchestrator = self._models.orchestrator
         return dict(orchestrator.catalog.specialists) if orchestrator is not None else {}
 
     def _embedding(self, mid: ModelId) -> EmbeddingSpec | None:
         """What the local model's manifest says about embeddings (blocking: reads it); a
         broken manifest raises ModelLoadError rather than pass for a non-embedder."""
         try:
-            return read_manifest(self.node.models.resolve(mid)).embedding
+            return read_manifest(self._models.resolve(mid)).embedding
         except ModelNotCached:
             return None
 
     def _listed_embedding(self, mid: ModelId) -> EmbeddingSpec | None:
         """An embedder's facts for a listing: its manifest file read as it lies, from its
         directory or the store's blob, without materializing (hashing) a stored model."""
-        models = self.node.models
+        models = self._models
         try:
             directory = models.dirs.get(mid.name)
             if directory is not None:
@@ -151,7 +189,7 @@ class NodeBackend:
     def _local_models(self) -> list[ModelEntry]:
         """Models stored here; an embedder says so, with its vectors' width."""
         out = []
-        for cached in self.node.models.cached_models():
+        for cached in self._models.cached_models():
             mid = ModelId.parse(cached.id)
             detail: dict[str, Any] = {"version": cached.id}
             spec = self._listed_embedding(mid)
@@ -192,10 +230,10 @@ class NodeBackend:
 
         def local() -> bool | None:
             try:
-                path = self.node.models.resolve(mid)
+                path = self._models.resolve(mid)
             except ModelNotCached:
                 return None
-            return self.node.cache.is_loaded(path)
+            return self._models.inference.cache.is_loaded(path)
 
         warm = await trio.to_thread.run_sync(local)
         if warm is not None:
@@ -222,7 +260,7 @@ class NodeBackend:
             stop=list(p.stop),
         )  # fmt: skip
         if target.where == "local":
-            tokens = self.node.models.inference.stream(
+            tokens = self._models.inference.stream(
                 target.model, logprobs=p.logprobs, top_logprobs=p.top_logprobs, **kwargs
             )
             async with aclosing(tokens):
@@ -234,7 +272,7 @@ class NodeBackend:
             raise ValueError(LOCAL_LOGPROBS)
         elif target.where == "sharded":
             info: dict[str, Any] = {}
-            pairs = self.node.models.sharded_stream(target.model, info=info, **kwargs)
+            pairs = self._models.sharded_stream(target.model, info=info, **kwargs)
             async with aclosing(pairs):
                 async for text, token_id in pairs:
                     yield Piece(text, token_id)
@@ -253,7 +291,7 @@ class NodeBackend:
             raise NotAnEmbedder(f"{target.model} is not an embedding model")
         if request.dimensions not in (None, spec.dimensions):
             raise bad(f"{target.model} makes {spec.dimensions}-dimensional vectors", "dimensions")
-        made = await self.node.models.inference.embed(target.model, request.inputs)
+        made = await self._models.inference.embed(target.model, request.inputs)
         return Embedded(made.vectors, made.tokens)
 
     async def _prompt_tokens(self, model: str, request: GenerationRequest) -> int:
@@ -261,7 +299,8 @@ class NodeBackend:
         (the one the runtime used); 0 if the model was evicted meanwhile."""
 
         def count() -> int:
-            lease = self.node.cache.try_acquire(self.node.models.resolve(ModelId.parse(model)))
+            path = self._models.resolve(ModelId.parse(model))
+            lease = self._models.inference.cache.try_acquire(path)
             if lease is None:
                 return 0
             try:
@@ -277,7 +316,7 @@ class NodeBackend:
     async def _on_peer(self, target: Target, request: GenerationRequest) -> Answer:
         """The whole request (every message, the sampling) on a peer holding the model
         whole, least loaded first; the next one (of ``PEER_TRIES``) when one is gone or full."""
-        orchestrator = self.node.models.orchestrator
+        orchestrator = self._models.orchestrator
         if orchestrator is None:
             raise PeerUnavailable(f"no orchestrator to reach a peer with {target.model}")
         cards = sorted(
@@ -303,7 +342,9 @@ class NodeBackend:
             answer = await self._on_peer(target, request)
         else:
             max_tokens = request.params.max_tokens
-            answer = await self.node.ask(request.text, target.category, max_tokens=max_tokens)
+            answer = await self._orchestrator().ask(
+                request.text, target.category, max_tokens=max_tokens
+            )
         d = answer.decision
         return Routed(
             text=answer.text,
@@ -320,20 +361,20 @@ class NodeBackend:
 
     async def swarm(self) -> dict[str, Any]:
         """This node, its peers' verified cards, model coverage, cache and pulls (bounded)."""
-        node = self.node
+        card = self._announcer.card
         cards = await self._cards()
         now = time.time()
         return {
-            "node": {**card_json(node.card, now), "local_only": node.config.local_only},
+            "node": {**card_json(card, now), "local_only": self.local_only},
             "peers_total": len(cards),
             "peers": [card_json(c, now) for c in cards[:MAX_PEERS]],
             "models": [
                 {"id": text(e.id), "where": e.where} for e in (await self.models())[:MAX_ITEMS]
             ],
-            "coverage": coverage([node.card, *cards[:MAX_PEERS]]),
+            "coverage": coverage([card, *cards[:MAX_PEERS]]),
             "shard_sessions": self._shard_sessions(),
             "cache": {
-                **node.cache.stats(),
+                **self._models.inference.cache.stats(),
                 "loaded": [
                     {
                         "name": text(m.name),
@@ -343,26 +384,43 @@ class NodeBackend:
                         "uses": m.uses,
                         "in_use": m.in_use,
                     }
-                    for m in node.cache.loaded()[:MAX_ITEMS]
+                    for m in self._models.inference.cache.loaded()[:MAX_ITEMS]
                 ],
             },
-            "pulls": await trio.to_thread.run_sync(_pulls, node.store.partial),
+            "pulls": await trio.to_thread.run_sync(_pulls, self._models.store.partial),
         }
 
     def stats(self) -> BackendStats:
-        cache = self.node.cache.stats()
+        cache = self._models.inference.cache.stats()
         return BackendStats(
             cache_models=int(cache["models"]),
             cache_bytes=int(cache["used_bytes"]),
             cache_loads=int(cache["loads"]),
             cache_evictions=int(cache["evictions"]),
-            load=self.node.models.inference.load(),
+            load=self._models.inference.load(),
             peers=len(self._cached),  # verified cards at the last listing (<= cards_ttl_s old)
             shard_sessions=self._shard_sessions(),
-            bytes_served=blobs.served_bytes if (blobs := self.node.models.blobs) else 0,
-            bytes_pulled=self.node.models.distribution.pulled_bytes,
+            bytes_served=blobs.served_bytes if (blobs := self._models.blobs) else 0,
+            bytes_pulled=self._models.distribution.pulled_bytes,
         )
 
     def _shard_sessions(self) -> int:
-        pipeline = self.node.models.pipeline
+        pipeline = self._models.pipeline
         return pipeline.quotas.sessions.held() if pipeline is not None else 0
+
+
+async def serve_node_api(
+    node: NodeParts,
+    listen: str,
+    *,
+    key_file: Path | None = None,
+    cors_origins: Sequence[str] = (),
+    limits: ApiLimits | None = None,
+    task_status: Any = trio.TASK_STATUS_IGNORED,
+) -> None:
+    """The API of a running ``node`` on ``listen`` (``HOST:PORT``) until cancelled, for
+    ``port = await node.nursery.start(serve_node_api, node, "127.0.0.1:8080")``."""
+    host, port = parse_api_listen(listen)
+    key = load_key(key_file) if key_file is not None else None
+    app = ApiApp(api_for(node), key=key, cors_origins=cors_origins, limits=limits)
+    await serve_api(app, host, port, task_status=task_status)
