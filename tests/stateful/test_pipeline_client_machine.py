@@ -450,3 +450,40 @@ def test_the_client_machine_is_sans_io() -> None:
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "[]"
+
+
+def test_a_replay_steps_where_the_replaced_hop_stepped() -> None:
+    """A replacement recomputes the positions it lost with the original step boundaries
+    (the prompt's chunks, then one position at a time), not in chunk-sized batches: with
+    8-bit activations a batch rounds differently from single steps, and the replayed
+    outputs (so the tokens) must be the ones the lost hop gave."""
+    from types import SimpleNamespace
+
+    def hop(peer: str) -> HopState:
+        conn = SimpleNamespace(machine=HopMachine(peer, LayerRange(0, 1)), peer=peer)
+        return HopState(conn)  # type: ignore[arg-type]
+
+    def out(k: int, n: int) -> np.ndarray:  # hidden states, or the last position's logits
+        return np.zeros((1, n, H) if k == 0 else (1, V), np.float32)
+
+    m = ClientMachine(ClientConfig(max_length=MAX_LENGTH, chunk=8))
+    m.started([hop("a"), hop("b")])
+    m.feed(list(range(1, 13)))  # a 12-token prompt: chunks 0-8, 8-12
+    for k in (0, 1):
+        for start, end in ((0, 8), (8, 12)):
+            assert m.relay_next(k, 12) == (start, end)
+            m.accept(k, out(k, end - start), start, end, 12)
+    for at in (12, 13, 14):  # three decode steps of one position each
+        m.feed([at])
+        for k in (0, 1):
+            assert m.relay_next(k, at + 1) == (at, at + 1)
+            m.accept(k, out(k, 1), at, at + 1, at + 1)
+    m.replaced(1, 1, [hop("c")])
+    replayed = []
+    while m.hops[1].done < 15:
+        span = m.relay_next(1, 15)
+        assert span is not None
+        replayed.append(span)
+        start, end = span
+        m.accept(1, out(1, end - start), start, end, 15)
+    assert replayed == [(0, 8), (8, 12), (12, 13), (13, 14), (14, 15)]

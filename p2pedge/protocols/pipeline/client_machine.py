@@ -16,6 +16,7 @@ decisions; nothing here awaits, and callers pass ``now`` where time matters.
 
 from __future__ import annotations
 
+import bisect
 import itertools
 from collections import deque
 from collections.abc import Sequence
@@ -274,6 +275,10 @@ class ClientMachine:
         self.config = config
         self.hops: list[HopState] = []
         self.boundaries: list[History] = []
+        # where each hop's steps ended: a replay onto a replacement steps at the same
+        # places, so it computes with the same batch shapes (kernels with 8-bit activations
+        # round a batch differently from single steps) and the tokens come out the same
+        self.cuts: list[list[int]] = []
         self.last_logits: npt.NDArray[np.float32] | None = None
         self.bans: dict[str, tuple[float, int]] = {} if bans is None else bans
         self.distrusted: set[str] = set()  # caught computing wrong: off routes for good
@@ -308,6 +313,7 @@ class ClientMachine:
     def started(self, hops: list[HopState]) -> None:
         self.hops = hops
         self.boundaries = [History(self.config.max_length) for _ in range(len(hops) + 1)]
+        self.cuts = [[] for _ in hops]
         self._keep_evidence(hops)
 
     def _keep_evidence(self, hops: list[HopState]) -> None:
@@ -336,6 +342,8 @@ class ClientMachine:
         boundaries: driving again replays :meth:`replay` onto them. Returns the old hops."""
         old = self.hops[first : last + 1]
         self.hops[first : last + 1] = new
+        if len(new) != len(old):  # other ranges: each new hop steps where the first did
+            self.cuts[first : last + 1] = [list(self.cuts[first]) for _ in new]
         self._keep_evidence(new)
         inner = [History(self.config.max_length) for _ in new[:-1]]
         self.boundaries[first + 1 : last + 1] = inner
@@ -369,7 +377,12 @@ class ClientMachine:
             raise LocalProtocolError(f"hop {k} is already through position {target}")
         if source.length <= hop.done:
             return None
-        return hop.done, min(source.length, hop.done + self.config.chunk)
+        end = min(source.length, hop.done + self.config.chunk)
+        cuts = self.cuts[k]
+        later = bisect.bisect_right(cuts, hop.done)
+        if later < len(cuts):  # a replay: end where this hop's step ended before
+            end = min(end, cuts[later])
+        return hop.done, end
 
     def step_input(self, k: int, start: int, end: int) -> npt.NDArray[Any]:
         return self.boundaries[k].read(start, end)[None]
@@ -393,6 +406,11 @@ class ClientMachine:
         else:
             self.boundaries[k + 1].write(start, y[0])
         hop.done = end
+        cuts = self.cuts[k]
+        if not cuts or end > cuts[-1]:
+            cuts.append(end)
+        elif cuts[bisect.bisect_left(cuts, end)] != end:
+            bisect.insort(cuts, end)
 
     def _check_width(self, y: npt.NDArray[Any], last: bool) -> str | None:
         """Every hop's hidden states share one width, and logits one vocabulary."""
