@@ -444,7 +444,7 @@ def report(res: dict[str, Any], args: Any) -> str:
         "--repack 0.",
         "Harness: every process on this one shared machine (2 cores, other jobs running, nice'd): "
         "loopback hops, compute contending for the same cores; ours has a fourth (idle) server "
-        "process, the replica of blocks 8-15 that the kill test needs.",
+        f"process, the replica of blocks {big.ranges[REPLICA]} that the kill test needs.",
     ]
     headers = [
         "measure",
