@@ -171,14 +171,14 @@ def cpu_seconds(pid: int | None = None) -> float:
 def seed_store(root: Path, chunk: int) -> tuple[TrustStore, Work, Work, float]:
     """Both models signed into one store; the round's work, the shard row's work, and the
     big model's size in MB."""
-    from benchmarks.big import ensure_model
+    from benchmarks.big import MODELS, ensure_model
     from p2pedge.testing import real_model_dir
 
     try:
         small_dir = real_model_dir()
     except BaseException as exc:  # real_model_dir() pytest-skips when the model is missing
         raise SystemExit(f"real model missing ({exc}); run `make model`") from exc
-    _, big_dir = ensure_model(ROOT / ".cache" / "big")
+    _, big_dir = ensure_model(ROOT / ".cache" / "big", MODELS["1b"])
     key = generate_key()
     store = Store(root)
     for model, directory in ((SMALL, small_dir), (BIG, big_dir)):
