@@ -22,7 +22,7 @@ from collections.abc import AsyncGenerator, Awaitable, Callable, Mapping, Sequen
 from contextlib import aclosing
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import numpy as np
 import numpy.typing as npt
@@ -38,11 +38,12 @@ from p2pedge.runtime.sampling import SamplingParams
 
 if TYPE_CHECKING:  # onnxruntime-genai loads with the first generation, not with the node
     from p2pedge.runtime.genai_model import Generation, Token
-    from p2pedge.runtime.tensor_model import Embeddings
+    from p2pedge.runtime.tensor_model import Embeddings, TensorModel
 
 ModelRef = str | ModelId
 QUEUE_LIMIT = "inference.queue"  # the limit a full per-model queue names in its Busy
 Resolver = Callable[[ModelId], Path]
+_T = TypeVar("_T")
 # mypy 2.4 rejects keyword arguments after trio's TypeVarTuple ``*args``; go untyped here.
 _to_thread_abandonable: Callable[..., Awaitable[None]] = trio.to_thread.run_sync
 
@@ -383,43 +384,50 @@ class LocalInference:
         self, model: ModelRef, inputs: Mapping[str, npt.NDArray[Any]]
     ) -> dict[str, npt.NDArray[Any]]:
         """Run a tensor model (classifier, embedder) on named input arrays."""
-        from p2pedge.runtime.tensor_model import TensorModel
-
         for name, arr in inputs.items():
             if not isinstance(arr, np.ndarray):
                 raise ValueError(f"input {name!r} must be a numpy array")
-        mid, path = await self.resolve(model)
-        queue = self._queue(path)
-        queue.admit(str(mid))
-        async with queue.slots:
-            lease = await self._lease(mid, path)
-            try:
-                tm = lease.model
-                if not isinstance(tm, TensorModel):
-                    raise ValueError(f"{mid} is a {tm.kind} model; use generate() for it")
-                return await trio.to_thread.run_sync(tm.run, inputs)
-            finally:
-                lease.release()
+        tm = await self._tensor(model, embedder=False)
+        return await tm(lambda m: m.run(inputs))
 
     async def embed(self, model: ModelRef, texts: Sequence[str]) -> Embeddings:
         """Vectors for ``texts`` from an embedder (a tensor model whose manifest declares
         ``embedding``); ValueError for any other model. Queued like every request."""
-        from p2pedge.runtime.tensor_model import TensorModel
-
         if not texts or not all(isinstance(t, str) and t for t in texts):
             raise ValueError("texts must be a non-empty list of non-empty strings")
+        tm = await self._tensor(model, embedder=True)
+        return await tm(lambda m: m.embed(list(texts)))
+
+    async def _tensor(self, model: ModelRef, *, embedder: bool) -> _TensorCall:
+        """A call on a tensor model, queued like every request, in a worker thread."""
         mid, path = await self.resolve(model)
-        queue = self._queue(path)
-        queue.admit(str(mid))
-        async with queue.slots:
-            lease = await self._lease(mid, path)
-            try:
-                tm = lease.model
-                if not isinstance(tm, TensorModel) or tm.embedding is None:
-                    raise ValueError(f"{mid} is not an embedding model")
-                return await trio.to_thread.run_sync(tm.embed, list(texts))
-            finally:
-                lease.release()
+        return _TensorCall(self, mid, path, embedder)
 
     def close(self) -> None:
         self.cache.close()
+
+
+class _TensorCall:
+    """One queued call on a tensor model: admitted, leased, run in a worker thread and
+    released; a model of another kind (or not an embedder, when one is wanted) is a
+    ValueError."""
+
+    def __init__(self, inference: LocalInference, mid: ModelId, path: Path, embedder: bool) -> None:
+        self.inference, self.mid, self.path, self.embedder = inference, mid, path, embedder
+
+    async def __call__(self, fn: Callable[[TensorModel], _T]) -> _T:
+        from p2pedge.runtime.tensor_model import TensorModel as Tensor
+
+        queue = self.inference._queue(self.path)
+        queue.admit(str(self.mid))
+        async with queue.slots:
+            lease = await self.inference._lease(self.mid, self.path)
+            try:
+                tm = lease.model
+                if not isinstance(tm, Tensor):
+                    raise ValueError(f"{self.mid} is a {tm.kind} model; use generate() for it")
+                if self.embedder and tm.embedding is None:
+                    raise ValueError(f"{self.mid} is not an embedding model")
+                return await trio.to_thread.run_sync(fn, tm)
+            finally:
+                lease.release()

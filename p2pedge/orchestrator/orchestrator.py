@@ -219,18 +219,8 @@ class Orchestrator:
         result = await self._execute(
             decision.where, decision.peer_id, self._request(spec, text, max_tokens)
         )
-        return Answer(
-            text=result.text,
-            decision=decision,
-            prompt_tokens=result.prompt_tokens,
-            completion_tokens=result.completion_tokens,
-            ttft_s=result.ttft_s,
-            tok_per_s=result.tok_per_s,
-            finish_reason=result.finish_reason,
-            provider=result.provider,
-            elapsed_s=time.perf_counter() - start,
-            was_warm=view.warm if decision.where == "local" else False,
-        )
+        warm = view.warm if decision.where == "local" else False
+        return _answer(result, decision, start, warm)
 
     def _learn(self, category: str) -> None:
         self.predictor.observe(category)
@@ -331,18 +321,7 @@ class Orchestrator:
         )  # fmt: skip
         start = time.perf_counter()
         result = await self.peers.run_remote(peer_id, request, timeout_s=self.remote_timeout_s)
-        return Answer(
-            text=result.text,
-            decision=decision,
-            prompt_tokens=result.prompt_tokens,
-            completion_tokens=result.completion_tokens,
-            ttft_s=result.ttft_s,
-            tok_per_s=result.tok_per_s,
-            finish_reason=result.finish_reason,
-            provider=result.provider,
-            elapsed_s=time.perf_counter() - start,
-            was_warm=False,
-        )
+        return _answer(result, decision, start, False)
 
     def _spec_for(self, name: str) -> Specialist:
         """A specialist by name or category, else a plain one over a model id."""
@@ -351,3 +330,19 @@ class Orchestrator:
         if "@" in name or any(model_matches(m, name) for m in self.catalog.models()):
             return Specialist(name=name, category="raw", model=name, temperature=0.0)
         return self.catalog.resolve(name)
+
+
+def _answer(result: Completion, decision: Decision, start: float, warm: bool) -> Answer:
+    """What a run returned, with the decision that sent it there and its wall time."""
+    return Answer(
+        text=result.text,
+        decision=decision,
+        prompt_tokens=result.prompt_tokens,
+        completion_tokens=result.completion_tokens,
+        ttft_s=result.ttft_s,
+        tok_per_s=result.tok_per_s,
+        finish_reason=result.finish_reason,
+        provider=result.provider,
+        elapsed_s=time.perf_counter() - start,
+        was_warm=warm,
+    )
