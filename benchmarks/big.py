@@ -442,7 +442,8 @@ def report(res: dict[str, Any], args: Any) -> str:
         "llama.cpp decode is llama-bench's tg at depth 512 (same context as ours), its prompt "
         "speed pp512 at depth 0; it runs every layer on the RPC servers (-ngl 99) with "
         "--repack 0.",
-        "Harness: every process on this one shared machine (2 cores, other jobs running, nice'd): "
+        "Harness: every process on this one machine (2 cores; the load average above says "
+        "what else ran): "
         "loopback hops, compute contending for the same cores; ours has a fourth (idle) server "
         f"process, the replica of blocks {big.ranges[REPLICA]} that the kill test needs.",
     ]
