@@ -91,7 +91,9 @@ def map_port(port: int, protocol: str = "TCP", lease_s: int = 3600) -> Mapping:
         if isinstance(exc, (PeerUnavailable, RemoteProtocolError)):
             raise
         raise PeerUnavailable(f"UPnP gateway refused {protocol} {port}: {exc}") from exc
-    if not held or held[0] != gateway.lanaddr or held[1] != port:
+    # the gateway's answer is the router's to shape: anything but (our address, port, ...)
+    # is its fault, never an IndexError out of the mapping task
+    if not (isinstance(held, tuple) and len(held) >= 2 and held[:2] == (gateway.lanaddr, port)):
         raise RemoteProtocolError(f"gateway reports another mapping for {port}: {held!r}")
     return Mapping(external, port, port, protocol)
 

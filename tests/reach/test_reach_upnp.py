@@ -207,3 +207,40 @@ def test_a_node_with_upnp_announces_the_mapped_address_and_peers_join_through_it
         home.terminate()
         home.wait(timeout=30)
     assert "dnat" not in forwarded(gateway.router)  # the node removed its mapping on exit
+
+
+class FaultyGateway:
+    """Fault injection: a gateway that maps the port, then describes the mapping as
+    ``held`` (a router's answer is whatever it sends)."""
+
+    def __init__(self, held: object) -> None:
+        self.held, self.lanaddr, self.discoverdelay = held, "192.168.1.2", 0
+
+    def discover(self) -> int:
+        return 1
+
+    def selectigd(self) -> None:
+        pass
+
+    def externalipaddress(self) -> str:
+        return "45.76.0.1"
+
+    def addportmapping(self, *args: object) -> bool:
+        return True
+
+    def getspecificportmapping(self, port: int, protocol: str) -> object:
+        return self.held
+
+
+@pytest.mark.parametrize("held", [(), ("192.168.1.2",), 7, ("192.168.1.9", 4001, "x")])
+def test_a_malformed_or_foreign_mapping_reply_is_the_gateways_fault(
+    held: object, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from p2pedge.errors import RemoteProtocolError
+    from p2pedge.reach import upnp
+
+    monkeypatch.setattr(upnp, "_gateway", lambda: FaultyGateway(held))
+    with pytest.raises(RemoteProtocolError, match="another mapping"):
+        upnp.map_port(4001)
+    monkeypatch.setattr(upnp, "_gateway", lambda: FaultyGateway(("192.168.1.2", 4001, "")))
+    assert upnp.map_port(4001).external_ip == "45.76.0.1"
