@@ -265,9 +265,14 @@ def main() -> None:
     }
     if args.hivemind:
         theirs = results["hivemind"]
-        join = paired_ratio([r["join_s"] for r in ours], [r["join_s"] for r in theirs])
+        fields["hivemind_found"] = f"{min(r['found'] for r in theirs):.3f}"
         get = paired_ratio([r["get_p50_ms"] for r in ours], [r["get_p50_ms"] for r in theirs])
-        fields |= ratio_fields("vs_hivemind_join", join) | ratio_fields("vs_hivemind_get", get)
+        if all(r["found"] == 1.0 for r in ours + theirs):
+            join = paired_ratio([r["join_s"] for r in ours], [r["join_s"] for r in theirs])
+            fields |= ratio_fields("vs_hivemind_join", join)
+        else:  # a side that missed cards stopped at the deadline: its time is no join time
+            fields["vs_hivemind_join"] = "n/a"
+        fields |= ratio_fields("vs_hivemind_get", get)
     else:
         fields |= {"vs_hivemind_join": "n/a", "vs_hivemind_get": "n/a"}
     print(headline(fields))

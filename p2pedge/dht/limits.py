@@ -25,6 +25,13 @@ class DhtLimits:
     of 20 peers, and GET_VALUE and GET_PROVIDERS add a record or a provider list on top.
     One lookup of ours asks each peer once or twice, and a node fetching every card of a
     50-node swarm asks one peer about 50 times; the burst covers both many times over.
+
+    Inbound Kademlia streams are capped while open (``max_streams`` in all,
+    ``max_streams_per_peer`` each, ``source_share`` times that per address) and each waits
+    at most ``stream_idle_s`` for its peer's next bytes: a stream that says nothing holds
+    its slot that long, never for good. py-libp2p's own cap (12 streams, anyone's) is
+    replaced: a handful of silent streams would stall every lookup others make of us, and
+    a busy honest swarm of 50 already opens more than 12 at a time.
     """
 
     max_values: int = 4096  # records held for others (each at most MAX_CARD_BYTES)
@@ -43,6 +50,9 @@ class DhtLimits:
     find_node_cost: float = 1.0
     get_value_cost: float = 2.0
     get_providers_cost: float = 2.0
+    max_streams: int = 128
+    max_streams_per_peer: int = 8
+    stream_idle_s: float = 10.0
 
     def __post_init__(self) -> None:
         numbers = (
@@ -60,5 +70,7 @@ class DhtLimits:
             raise LocalProtocolError(f"DHT read costs must fit the bursts: {self}")
         if min(numbers) <= 0 or self.source_share < 1 or self.max_card_lifetime_s <= 0:
             raise LocalProtocolError(f"DHT limits must be positive: {self}")
+        if self.stream_idle_s <= 0 or min(self.max_streams, self.max_streams_per_peer) < 1:
+            raise LocalProtocolError(f"DHT stream limits must be positive: {self}")
         if min(self.max_values, self.max_provider_records, self.max_provider_records_per_peer) < 1:
             raise LocalProtocolError(f"DHT capacities must be at least 1: {self}")

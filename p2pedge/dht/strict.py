@@ -14,8 +14,10 @@ the library first touches the routing table or a store for it, before any lookup
 serialisation; past the budget the stream is reset, as for a refused PUT, and the
 refusal is counted under ``dht.read``.
 
-The library's stream handler does the protocol work; we only wrap it so that its
-validator, stores and routing table know which peer (and address) sent the message.
+The library's stream handler does the protocol work; we wrap it so that its validator,
+stores and routing table know which peer (and address) sent the message, and admit each
+inbound stream against :class:`~p2pedge.quota.Quota` ``dht.streams`` (refusals are resets,
+counted like the others) with a deadline on every read (:class:`_IdleDeadline`).
 """
 
 from __future__ import annotations
@@ -29,6 +31,7 @@ from contextvars import ContextVar
 from dataclasses import dataclass
 from typing import Any
 
+import trio
 from libp2p.kad_dht.kad_dht import DHTMode, KadDHT
 from libp2p.kad_dht.provider_store import ProviderStore
 from libp2p.kad_dht.value_store import ValueStore
@@ -37,7 +40,7 @@ from libp2p.records.validator import NamespacedValidator, Validator
 from p2pedge.dht.limits import PROVIDER_KEY_BYTES, PROVIDER_KEY_PREFIX, DhtLimits
 from p2pedge.errors import Busy, InvalidRecord, LocalProtocolError, P2PEdgeError
 from p2pedge.protocols._stream import remote_host
-from p2pedge.quota import RateLimit
+from p2pedge.quota import Limit, Quota, RateLimit
 from p2pedge.records.card import (
     CARD_NAMESPACE,
     MAX_CARD_BYTES,
@@ -318,6 +321,9 @@ class StrictKadDHT(KadDHT):  # type: ignore[misc]
             host, self.peer_routing, limits, validator.refused
         )
         self.refused = validator.refused
+        per_peer = limits.max_streams_per_peer
+        per_source = min(limits.max_streams, int(per_peer * limits.source_share))
+        self.streams = Quota("dht.streams", Limit(per_peer, per_source, limits.max_streams))
         self._provider_rate = PeerRate(
             "dht.provider", limits.provider_rate, limits.provider_burst, limits.source_share
         )
@@ -334,9 +340,24 @@ class StrictKadDHT(KadDHT):  # type: ignore[misc]
         table.find_local_closest_peers = find_local_closest_peers
 
     async def handle_stream(self, stream: Any) -> None:
-        """The library's handler, with the sender known to our validator and stores."""
-        with sender(stream.muxed_conn.peer_id.to_base58(), remote_host(stream)):
-            await super().handle_stream(stream)
+        """The library's message loop, admitted against ``dht.streams``, with the sender
+        known to our validator and stores and a deadline on each read."""
+        if self.mode == DHTMode.CLIENT:
+            await stream.close()
+            return
+        peer, source = stream.muxed_conn.peer_id.to_base58(), remote_host(stream)
+        try:
+            grant = self.streams.acquire(peer, source)
+        except Busy as exc:
+            self.refused[exc.limit] += 1
+            log.debug("refused a DHT stream from %s: %s", peer, exc)
+            await _reset(stream)
+            return
+        try:
+            with sender(peer, source):
+                await self._do_handle_stream(_IdleDeadline(stream, self.limits.stream_idle_s))
+        finally:
+            self.streams.release(grant)
 
     def _check_provider_rate_limit(self, peer_id: Any) -> bool:
         inbound = _sender.get()
@@ -348,3 +369,32 @@ class StrictKadDHT(KadDHT):  # type: ignore[misc]
             log.debug("refused ADD_PROVIDER from %s: %s", peer_id, exc)
             return False
         return True
+
+
+class _IdleDeadline:
+    """A stream whose every read fails after ``seconds`` without bytes.
+
+    The library's loop treats the failure like any read error: it resets the stream and
+    returns, which frees the stream's slot.
+    """
+
+    def __init__(self, stream: Any, seconds: float) -> None:
+        self._stream = stream
+        self._seconds = seconds
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._stream, name)
+
+    async def read(self, n: int | None = None) -> bytes:
+        with trio.fail_after(self._seconds):
+            data: bytes = await self._stream.read(n)
+        return data
+
+
+async def _reset(stream: Any) -> None:
+    from libp2p.network.stream.exceptions import StreamError
+
+    try:
+        await stream.reset()
+    except (StreamError, trio.BrokenResourceError, trio.ClosedResourceError) as exc:
+        log.debug("reset of a refused DHT stream failed: %s", exc)

@@ -121,6 +121,6 @@ async def test_a_swarm_converges_with_read_limits_on_and_none_refused() -> None:
                 nursery.start_soon(look_up_everyone, node)
         for node in nodes:
             own = dht_of(node)
-            assert own.refused["dht.read"] == 0
+            assert own.refused["dht.read"] == own.refused["dht.streams"] == 0
             spent = own.reads.total.burst - own.reads.total._buckets["total"][0]
             assert spent > 0  # reads were charged: the limits were on
