@@ -100,7 +100,7 @@ class Node(ModelsFacade):
     async def __aenter__(self) -> Node:
         if self.started:
             raise LocalProtocolError("a Node can be started once")
-        hardware = await trio.to_thread.run_sync(probe_hardware)
+        hardware = await trio.to_thread.run_sync(probe_hardware, self.config.data_dir)
         gflops = 0.0
         if self.config.tuning.measure_compute:
             gflops = await trio.to_thread.run_sync(cached_gflops, self.config.data_dir)

@@ -48,7 +48,7 @@ async def test_the_page_shows_both_peers_and_the_coverage_and_escapes_a_hostile_
     hostile = replace(probe_hardware(), os=HOSTILE_OS, arch=HOSTILE_ARCH)
     dirs = ((MODEL, tiny),)
     # both cards say HOSTILE_*: the page shows a peer's card and this node's own differently
-    monkeypatch.setattr(node_module, "probe_hardware", lambda: hostile)
+    monkeypatch.setattr(node_module, "probe_hardware", lambda data_dir=None: hostile)
     worker_config = config("worker", model_dirs=dirs, serve=(ServeSpec.parse(f"{MODEL}:0-2"),))
     async with Node(worker_config) as worker:
         front_config = config(
