@@ -14,6 +14,7 @@ from typing import Any
 
 import trio
 
+from p2pedge.dht.kept import KeptStreams
 from p2pedge.errors import InvalidRecord
 from p2pedge.records.card import MAX_CARD_LIFETIME_S, CapabilityCard, verify_card
 from p2pedge.records.keys import card_key, provider_record_key
@@ -31,7 +32,8 @@ class Directory:
     k = 20: they are re-announced every interval, and each extra replica costs a dial
     with a full Noise and identify handshake. Reads ask the card's owner first when its
     address is known (it is the authority on its own card), then the closest peers, and
-    fall back to the library's full iterative lookup.
+    fall back to the library's full iterative lookup. Our own card reads go over one kept
+    stream per peer (:mod:`p2pedge.dht.kept`).
     """
 
     def __init__(
@@ -49,6 +51,9 @@ class Directory:
         self._cards: dict[str, CapabilityCard] = {}
         limits = getattr(dht, "limits", None)
         self.max_lifetime = limits.max_card_lifetime_s if limits else MAX_CARD_LIFETIME_S
+        # reuse a stream only well within the idle deadline that servers like us enforce
+        idle = limits.stream_idle_s if limits else 10.0
+        self.streams = KeptStreams(dht.host, reuse_s=0.8 * idle, timeout=timeout)
 
     def _verify(self, record: bytes, key: str | None = None) -> CapabilityCard:
         return verify_card(record, self.clock(), key, max_lifetime=self.max_lifetime)
@@ -104,7 +109,7 @@ class Directory:
                 if info is None or not info.addrs:
                     return None
                 self.dht.host.get_peerstore().add_addrs(owner, info.addrs, 3600)
-            value = await self.dht.value_store._get_from_peer(owner, card_key(peer_id).encode())
+            value = await self.streams.get_value(owner, card_key(peer_id).encode())
         if not isinstance(value, bytes):
             return None
         try:
@@ -122,7 +127,7 @@ class Directory:
         async def ask(peer: Any, cancel_scope: trio.CancelScope) -> None:
             nonlocal answer
             with trio.move_on_after(self.timeout):
-                value = await self.dht.value_store._get_from_peer(peer, key)
+                value = await self.streams.get_value(peer, key)
                 if not isinstance(value, bytes):
                     return
                 try:

@@ -50,8 +50,8 @@ class DhtLimits:
     find_node_cost: float = 1.0
     get_value_cost: float = 2.0
     get_providers_cost: float = 2.0
-    max_streams: int = 128
-    max_streams_per_peer: int = 8
+    max_streams: int = 512
+    max_streams_per_peer: int = 32
     stream_idle_s: float = 10.0
 
     def __post_init__(self) -> None:

@@ -1,0 +1,145 @@
+"""GET_VALUE over one kept Kademlia stream per peer.
+
+py-libp2p opens a fresh stream for every request: a yamux stream, a multistream-select
+negotiation and then the exchange, about 26 frames and 8-11 ms of CPU for both sides of
+one card lookup in pure Python. The Kademlia spec lets a stream carry many requests, and
+the library's server loop reads them one after another, so a stream kept per peer cuts a
+lookup to about 2.6 ms (measured on loopback, both sides in one process).
+
+A kept stream carries one request at a time (a second concurrent request to the same peer
+opens a stream of its own, closed after use). It is dropped on any failure, on a
+cancellation in mid-request (its reply may still be on the way) and when it has been idle
+close to the server's read deadline (``DhtLimits.stream_idle_s``); a request that fails on
+a kept stream is retried once on a fresh one, since the server may have ended it first.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable
+from typing import Any
+
+import trio
+import varint  # type: ignore[import-untyped]
+from libp2p.custom_types import TProtocol
+from libp2p.kad_dht.common import MAX_DHT_MESSAGE_SIZE
+from libp2p.kad_dht.pb.kademlia_pb2 import Message
+from libp2p.utils.varint import read_varint_prefixed_bytes_limited
+
+from p2pedge.dht._protocol import P2PEDGE_KAD_PROTOCOL
+from p2pedge.errors import RemoteProtocolError
+
+log = logging.getLogger("p2pedge.dht")
+
+
+class KeptStreams:
+    """Our own GET_VALUE requests, each peer's on a stream kept between requests."""
+
+    def __init__(
+        self,
+        host: Any,
+        *,
+        reuse_s: float,
+        timeout: float = 10.0,
+        max_kept: int = 256,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self.host = host
+        self.reuse_s = reuse_s
+        self.timeout = timeout
+        self.max_kept = max_kept
+        self.clock = clock
+        self._kept: dict[Any, tuple[Any, float]] = {}  # peer id -> (idle stream, last use)
+        self.opened = 0  # streams opened, for tests and diagnostics
+
+    async def get_value(self, peer: Any, key: bytes) -> bytes | None:
+        """The value ``peer`` holds under ``key``, or None (it has none, or it failed)."""
+        request = Message()
+        request.type = Message.MessageType.GET_VALUE
+        request.key = key
+        payload = request.SerializeToString()
+        kept = await self._take(peer)
+        if kept is not None:
+            answered, value = await self._exchange(peer, kept, payload, key, fresh=False)
+            if answered:
+                return value
+        try:
+            stream = await self.host.new_stream(peer, [TProtocol(P2PEDGE_KAD_PROTOCOL)])
+        except Exception as exc:  # dial and negotiation errors come in many library types
+            log.debug("GET_VALUE to %s: no stream: %r", peer, exc)
+            return None
+        self.opened += 1
+        return (await self._exchange(peer, stream, payload, key, fresh=True))[1]
+
+    async def _take(self, peer: Any) -> Any:
+        held = self._kept.pop(peer, None)
+        if held is None:
+            return None
+        stream, last = held
+        if self.clock() - last < self.reuse_s:
+            return stream
+        await _drop(stream)  # the server is about to end it: do not race its deadline
+        return None
+
+    async def _keep(self, peer: Any, stream: Any) -> None:
+        if peer in self._kept or len(self._kept) >= self.max_kept:
+            await _drop(stream)  # another request kept one meanwhile, or we keep enough
+            return
+        self._kept[peer] = (stream, self.clock())
+
+    async def _exchange(
+        self, peer: Any, stream: Any, payload: bytes, key: bytes, *, fresh: bool
+    ) -> tuple[bool, bytes | None]:
+        """One request and its reply: (whether the peer answered, its value). A stream
+        that failed is dropped and answers (False, None)."""
+        done = False
+        try:
+            with trio.fail_after(self.timeout):
+                await stream.write(varint.encode(len(payload)) + payload)
+                raw = await read_varint_prefixed_bytes_limited(stream, MAX_DHT_MESSAGE_SIZE)
+            value = _value_of(raw, key)
+            done = True
+        except RemoteProtocolError as exc:
+            log.info("peer %s answered GET_VALUE wrongly: %s", peer, exc)
+            return True, None  # not retried: the peer is at fault, not a stale stream
+        except Exception as exc:  # a reset (any of several library types) or TooSlowError
+            log.debug("GET_VALUE to %s on a %s stream failed: %r", peer, _age(fresh), exc)
+            return False, None
+        finally:
+            if done:
+                await self._keep(peer, stream)
+            else:
+                await _drop(stream)  # failed, refused or cancelled mid-request
+        return True, value
+
+
+def _age(fresh: bool) -> str:
+    return "fresh" if fresh else "kept"
+
+
+def _value_of(raw: bytes, key: bytes) -> bytes | None:
+    """A GET_VALUE reply's value for ``key``; a reply of another kind or key is the
+    peer's error."""
+    reply = Message()
+    try:
+        reply.ParseFromString(raw)
+    except Exception as exc:  # protobuf's DecodeError, and what it wraps
+        raise RemoteProtocolError(f"undecodable reply: {exc!r}") from None
+    if reply.type != Message.MessageType.GET_VALUE or reply.key != key:
+        raise RemoteProtocolError(f"a reply of type {reply.type} for another key")
+    if not reply.HasField("record"):
+        return None
+    if reply.record.key and reply.record.key != key:
+        raise RemoteProtocolError("a record for another key")
+    return bytes(reply.record.value) or None
+
+
+async def _drop(stream: Any) -> None:
+    """Reset a stream we will not use again; shielded (it runs on cancellation too) and
+    bounded (a reset is one frame, never a wait on the peer)."""
+    with trio.CancelScope(shield=True), trio.move_on_after(1):
+        try:
+            await stream.reset()
+        except Exception as exc:  # the stream may be gone already, in any library type
+            log.debug("reset of a dropped DHT stream failed: %r", exc)
