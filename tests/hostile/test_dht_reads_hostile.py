@@ -6,7 +6,8 @@ still answers an honest peer, and a swarm's normal lookups are never refused."""
 from __future__ import annotations
 
 from collections import Counter
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Callable
+from contextlib import asynccontextmanager
 
 import pytest
 import trio
@@ -75,31 +76,41 @@ def get_value(key: bytes) -> Message:
     return message
 
 
-async def test_a_read_flood_is_cut_at_its_budget_and_honest_peers_are_served(
-    config: Config,
-) -> None:
-    dht = DhtLimits(read_rate=1.0, read_burst=40)
-    victim_config = config("victim", announce_on_start=False, limits=Limits(dht=dht))
+@asynccontextmanager
+async def victim_attacker_honest(
+    config: Config, limits: DhtLimits
+) -> AsyncIterator[tuple[Node, Node, Node]]:
+    """A victim with DHT ``limits``, a quiet attacker and an announced honest peer, both
+    connected to the victim."""
+    victim_config = config("victim", announce_on_start=False, limits=Limits(dht=limits))
     async with Node(victim_config) as victim, Node(quiet(config, "attacker")) as attacker:
         async with Node(config("honest")) as honest:
             for node in (attacker, honest):
                 await node.connect(victim.addrs[0])
             await honest.announce()
-            own = dht_of(victim)
-            key = attacker.host.get_id().to_bytes()
-            answered = await pipelined(attacker, victim, [find_node(key) for _ in range(300)])
-            # the burst (less what connecting cost) and what the rate refilled meanwhile
-            assert dht.read_burst / 2 <= answered <= dht.read_burst + 2
-            assert own.refused["dht.read"] == 1  # the stream ends at the refusal
-            # a fresh stream is refused too (the budget is the peer's); GET_VALUE costs 2
-            values = [get_value(card_key(honest.peer_id).encode()) for _ in range(50)]
-            assert await pipelined(attacker, victim, values) <= 2
-            assert own.refused["dht.read"] == 2
-            # the victim still answers an honest peer's lookups and serves its card
-            honest_reads = [find_node(key), get_value(card_key(honest.peer_id).encode())] * 3
-            assert await pipelined(honest, victim, honest_reads) == len(honest_reads)
-            assert own.refused["dht.read"] == 2
-            assert honest.peer_id in {c.peer_id for c in await victim.find_peers()}
+            yield victim, attacker, honest
+
+
+async def test_a_read_flood_is_cut_at_its_budget_and_honest_peers_are_served(
+    config: Config,
+) -> None:
+    dht = DhtLimits(read_rate=1.0, read_burst=40)
+    async with victim_attacker_honest(config, dht) as (victim, attacker, honest):
+        own = dht_of(victim)
+        key = attacker.host.get_id().to_bytes()
+        answered = await pipelined(attacker, victim, [find_node(key) for _ in range(300)])
+        # the burst (less what connecting cost) and what the rate refilled meanwhile
+        assert dht.read_burst / 2 <= answered <= dht.read_burst + 2
+        assert own.refused["dht.read"] == 1  # the stream ends at the refusal
+        # a fresh stream is refused too (the budget is the peer's); GET_VALUE costs 2
+        values = [get_value(card_key(honest.peer_id).encode()) for _ in range(50)]
+        assert await pipelined(attacker, victim, values) <= 2
+        assert own.refused["dht.read"] == 2
+        # the victim still answers an honest peer's lookups and serves its card
+        honest_reads = [find_node(key), get_value(card_key(honest.peer_id).encode())] * 3
+        assert await pipelined(honest, victim, honest_reads) == len(honest_reads)
+        assert own.refused["dht.read"] == 2
+        assert honest.peer_id in {c.peer_id for c in await victim.find_peers()}
 
 
 async def test_a_swarm_converges_with_read_limits_on_and_none_refused() -> None:

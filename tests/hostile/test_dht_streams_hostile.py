@@ -15,11 +15,10 @@ from libp2p.host.exceptions import StreamFailure
 from p2pedge.dht._protocol import P2PEDGE_KAD_PROTOCOL
 from p2pedge.dht.limits import DhtLimits
 from p2pedge.node.config import NodeConfig
-from p2pedge.node.limits import Limits
 from p2pedge.node.node import Node
 from p2pedge.records.card import card_key
-from tests.hostile.test_dht_hostile import dht_of, pipelined, quiet
-from tests.hostile.test_dht_reads_hostile import find_node, get_value
+from tests.hostile.test_dht_hostile import dht_of, pipelined
+from tests.hostile.test_dht_reads_hostile import find_node, get_value, victim_attacker_honest
 
 Config = Callable[..., NodeConfig]
 SILENT = 16  # more than py-libp2p's 12 slots, so the old handler fails this test
@@ -50,26 +49,21 @@ async def test_silent_streams_hold_a_peers_share_for_the_idle_time_and_honest_pe
     config: Config,
 ) -> None:
     limits = DhtLimits(max_streams_per_peer=4, stream_idle_s=1.0)
-    victim_config = config("victim", announce_on_start=False, limits=Limits(dht=limits))
-    async with Node(victim_config) as victim, Node(quiet(config, "attacker")) as attacker:
-        async with Node(config("honest")) as honest:
-            for node in (attacker, honest):
-                await node.connect(victim.addrs[0])
-            await honest.announce()
-            own = dht_of(victim)
-            own.refused.clear()
-            silent = [await open_silent(attacker, victim) for _ in range(SILENT)]
-            # the victim admits the attacker's share and resets the rest as they arrive
-            assert None not in silent[: limits.max_streams_per_peer]
-            refused = silent[limits.max_streams_per_peer :]
-            assert all([s is None or await ended(s) for s in refused])
-            assert own.refused["dht.streams"] == SILENT - limits.max_streams_per_peer
-            assert own.streams.held(peer=attacker.peer_id) == limits.max_streams_per_peer
-            # while the admitted ones sit silent, an honest peer's lookups are answered
-            reads = [find_node(b"k" * 32), get_value(card_key(honest.peer_id).encode())] * 3
-            assert await pipelined(honest, victim, reads) == len(reads)
-            # after the idle time the victim ends the silent streams and frees their slots
-            for stream in silent[: limits.max_streams_per_peer]:
-                assert await ended(stream)
-            assert own.streams.held() == 0
-            assert await pipelined(attacker, victim, [find_node(b"k" * 32)]) == 1
+    async with victim_attacker_honest(config, limits) as (victim, attacker, honest):
+        own = dht_of(victim)
+        own.refused.clear()
+        silent = [await open_silent(attacker, victim) for _ in range(SILENT)]
+        # the victim admits the attacker's share and resets the rest as they arrive
+        assert None not in silent[: limits.max_streams_per_peer]
+        refused = silent[limits.max_streams_per_peer :]
+        assert all([s is None or await ended(s) for s in refused])
+        assert own.refused["dht.streams"] == SILENT - limits.max_streams_per_peer
+        assert own.streams.held(peer=attacker.peer_id) == limits.max_streams_per_peer
+        # while the admitted ones sit silent, an honest peer's lookups are answered
+        reads = [find_node(b"k" * 32), get_value(card_key(honest.peer_id).encode())] * 3
+        assert await pipelined(honest, victim, reads) == len(reads)
+        # after the idle time the victim ends the silent streams and frees their slots
+        for stream in silent[: limits.max_streams_per_peer]:
+            assert await ended(stream)
+        assert own.streams.held() == 0
+        assert await pipelined(attacker, victim, [find_node(b"k" * 32)]) == 1
