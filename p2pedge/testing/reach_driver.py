@@ -86,6 +86,7 @@ async def serve(args: argparse.Namespace) -> None:
     )
     node = Node(config)
     node.set_stream_handler(ECHO, echo_handler)
+    record_lanes(node)
     async with node:
         host = node.host
         watch = ConnectionWatch(host)
@@ -110,6 +111,23 @@ async def serve(args: argparse.Namespace) -> None:
                     emit("error", op=request.get("op"), error=f"{type(exc).__name__}: {exc}")
                     continue
                 emit(request["op"], **reply)
+
+
+LANES_TO: dict[str, list[str]] = {}  # peer id -> protocols whose lane opened, for "lanes"
+
+
+def record_lanes(node: Node) -> None:
+    """Note which peer and protocol each direct-lane stream went to."""
+    lanes, original = node.lanes, node.lanes.open
+
+    async def open_and_note(peer_id: str, protocol_id: str, *, timeout: float) -> Any:
+        before = lanes.opened
+        stream = await original(peer_id, protocol_id, timeout=timeout)
+        if lanes.opened > before:
+            LANES_TO.setdefault(peer_id, []).append(protocol_id)
+        return stream
+
+    lanes.open = open_and_note  # type: ignore[method-assign]
 
 
 async def report_reservations(node: Node) -> None:
@@ -195,6 +213,8 @@ async def handle(node: Node, watch: ConnectionWatch, request: dict[str, Any]) ->
         return {"reachability": await check_reachability(nat, request["servers"])}
     if op == "kinds":
         return {"kinds": connection_kinds(host, request["peer"])}
+    if op == "lanes":  # direct-lane streams opened, and dials that fell back to libp2p
+        return {"opened": LANES_TO, "fallbacks": node.lanes.fallbacks}
     if op == "wait":
         opened = bool(request.get("open", True))
         await watch.wait_for(

@@ -105,6 +105,12 @@ def test_relay_connection_carries_a_pull_and_a_sharded_generation(
     assert echo["via"] == "relayed" and echo["kinds"] == ["relayed"]
     pull_and_generate(pair, model, key)
     assert client.request("kinds", peer=server_id)["kinds"] == ["relayed"]
+    # the server's lane listens on its LAN address: over the relay the client's lane dials
+    # to it fail and its blob and pipeline streams fell back to libp2p (through the relay);
+    # only the client's own shard (it serves blocks too) may take a lane, its own
+    lanes = client.request("lanes")
+    assert not {server_id, pair.relay_id} & set(lanes["opened"]), lanes
+    assert lanes["fallbacks"] >= 1, lanes
 
 
 def test_hole_punch_upgrades_to_a_direct_connection(
