@@ -22,6 +22,7 @@ from typing import Any
 
 import trio
 import varint  # type: ignore[import-untyped]
+from google.protobuf.message import DecodeError
 from libp2p.custom_types import TProtocol
 from libp2p.kad_dht.common import MAX_DHT_MESSAGE_SIZE
 from libp2p.kad_dht.pb.kademlia_pb2 import Message
@@ -29,6 +30,7 @@ from libp2p.utils.varint import read_varint_prefixed_bytes_limited
 
 from p2pedge.dht._protocol import P2PEDGE_KAD_PROTOCOL
 from p2pedge.errors import RemoteProtocolError
+from p2pedge.protocols._stream import libp2p_errors, reset_quietly
 
 log = logging.getLogger("p2pedge.dht")
 
@@ -79,12 +81,12 @@ class KeptStreams:
         stream, last = held
         if self.clock() - last < self.reuse_s:
             return stream
-        await _drop(stream)  # the server is about to end it: do not race its deadline
+        await reset_quietly(stream)  # the server is about to end it: do not race its deadline
         return None
 
     async def _keep(self, peer: Any, stream: Any) -> None:
         if peer in self._kept or len(self._kept) >= self.max_kept:
-            await _drop(stream)  # another request kept one meanwhile, or we keep enough
+            await reset_quietly(stream)  # another request kept one meanwhile, or we keep enough
             return
         self._kept[peer] = (stream, self.clock())
 
@@ -93,6 +95,7 @@ class KeptStreams:
     ) -> tuple[bool, bytes | None]:
         """One request and its reply: (whether the peer answered, its value). A stream
         that failed is dropped and answers (False, None)."""
+        failed: tuple[type[BaseException], ...] = (*libp2p_errors(), trio.TooSlowError)
         done = False
         try:
             with trio.fail_after(self.timeout):
@@ -103,19 +106,16 @@ class KeptStreams:
         except RemoteProtocolError as exc:
             log.info("peer %s answered GET_VALUE wrongly: %s", peer, exc)
             return True, None  # not retried: the peer is at fault, not a stale stream
-        except Exception as exc:  # a reset (any of several library types) or TooSlowError
-            log.debug("GET_VALUE to %s on a %s stream failed: %r", peer, _age(fresh), exc)
+        except failed as exc:
+            age = "fresh" if fresh else "kept"
+            log.debug("GET_VALUE to %s on a %s stream failed: %r", peer, age, exc)
             return False, None
         finally:
             if done:
                 await self._keep(peer, stream)
             else:
-                await _drop(stream)  # failed, refused or cancelled mid-request
+                await reset_quietly(stream)  # failed, refused or cancelled mid-request
         return True, value
-
-
-def _age(fresh: bool) -> str:
-    return "fresh" if fresh else "kept"
 
 
 def _value_of(raw: bytes, key: bytes) -> bytes | None:
@@ -124,7 +124,7 @@ def _value_of(raw: bytes, key: bytes) -> bytes | None:
     reply = Message()
     try:
         reply.ParseFromString(raw)
-    except Exception as exc:  # protobuf's DecodeError, and what it wraps
+    except DecodeError as exc:
         raise RemoteProtocolError(f"undecodable reply: {exc!r}") from None
     if reply.type != Message.MessageType.GET_VALUE or reply.key != key:
         raise RemoteProtocolError(f"a reply of type {reply.type} for another key")
@@ -133,13 +133,3 @@ def _value_of(raw: bytes, key: bytes) -> bytes | None:
     if reply.record.key and reply.record.key != key:
         raise RemoteProtocolError("a record for another key")
     return bytes(reply.record.value) or None
-
-
-async def _drop(stream: Any) -> None:
-    """Reset a stream we will not use again; shielded (it runs on cancellation too) and
-    bounded (a reset is one frame, never a wait on the peer)."""
-    with trio.CancelScope(shield=True), trio.move_on_after(1):
-        try:
-            await stream.reset()
-        except Exception as exc:  # the stream may be gone already, in any library type
-            log.debug("reset of a dropped DHT stream failed: %r", exc)

@@ -39,7 +39,7 @@ from libp2p.records.validator import NamespacedValidator, Validator
 
 from p2pedge.dht.limits import PROVIDER_KEY_BYTES, PROVIDER_KEY_PREFIX, DhtLimits
 from p2pedge.errors import Busy, InvalidRecord, LocalProtocolError, P2PEdgeError
-from p2pedge.protocols._stream import remote_host
+from p2pedge.protocols._stream import remote_host, reset_quietly
 from p2pedge.quota import Limit, Quota, RateLimit
 from p2pedge.records.card import (
     CARD_NAMESPACE,
@@ -351,7 +351,7 @@ class StrictKadDHT(KadDHT):  # type: ignore[misc]
         except Busy as exc:
             self.refused[exc.limit] += 1
             log.debug("refused a DHT stream from %s: %s", peer, exc)
-            await _reset(stream)
+            await reset_quietly(stream)
             return
         try:
             with sender(peer, source):
@@ -389,12 +389,3 @@ class _IdleDeadline:
         with trio.fail_after(self._seconds):
             data: bytes = await self._stream.read(n)
         return data
-
-
-async def _reset(stream: Any) -> None:
-    from libp2p.network.stream.exceptions import StreamError
-
-    try:
-        await stream.reset()
-    except (StreamError, trio.BrokenResourceError, trio.ClosedResourceError) as exc:
-        log.debug("reset of a refused DHT stream failed: %s", exc)

@@ -387,47 +387,36 @@ class LocalInference:
         for name, arr in inputs.items():
             if not isinstance(arr, np.ndarray):
                 raise ValueError(f"input {name!r} must be a numpy array")
-        tm = await self._tensor(model, embedder=False)
-        return await tm(lambda m: m.run(inputs))
+        return await self._on_tensor(model, lambda m: m.run(inputs), embedder=False)
 
     async def embed(self, model: ModelRef, texts: Sequence[str]) -> Embeddings:
         """Vectors for ``texts`` from an embedder (a tensor model whose manifest declares
         ``embedding``); ValueError for any other model. Queued like every request."""
         if not texts or not all(isinstance(t, str) and t for t in texts):
             raise ValueError("texts must be a non-empty list of non-empty strings")
-        tm = await self._tensor(model, embedder=True)
-        return await tm(lambda m: m.embed(list(texts)))
+        return await self._on_tensor(model, lambda m: m.embed(list(texts)), embedder=True)
 
-    async def _tensor(self, model: ModelRef, *, embedder: bool) -> _TensorCall:
-        """A call on a tensor model, queued like every request, in a worker thread."""
-        mid, path = await self.resolve(model)
-        return _TensorCall(self, mid, path, embedder)
-
-    def close(self) -> None:
-        self.cache.close()
-
-
-class _TensorCall:
-    """One queued call on a tensor model: admitted, leased, run in a worker thread and
-    released; a model of another kind (or not an embedder, when one is wanted) is a
-    ValueError."""
-
-    def __init__(self, inference: LocalInference, mid: ModelId, path: Path, embedder: bool) -> None:
-        self.inference, self.mid, self.path, self.embedder = inference, mid, path, embedder
-
-    async def __call__(self, fn: Callable[[TensorModel], _T]) -> _T:
+    async def _on_tensor(
+        self, model: ModelRef, fn: Callable[[TensorModel], _T], *, embedder: bool
+    ) -> _T:
+        """``fn`` on a tensor model, queued like every request, in a worker thread; a model
+        of another kind (or not an embedder, when one is wanted) is a ValueError."""
         from p2pedge.runtime.tensor_model import TensorModel as Tensor
 
-        queue = self.inference._queue(self.path)
-        queue.admit(str(self.mid))
+        mid, path = await self.resolve(model)
+        queue = self._queue(path)
+        queue.admit(str(mid))
         async with queue.slots:
-            lease = await self.inference._lease(self.mid, self.path)
+            lease = await self._lease(mid, path)
             try:
                 tm = lease.model
                 if not isinstance(tm, Tensor):
-                    raise ValueError(f"{self.mid} is a {tm.kind} model; use generate() for it")
-                if self.embedder and tm.embedding is None:
-                    raise ValueError(f"{self.mid} is not an embedding model")
+                    raise ValueError(f"{mid} is a {tm.kind} model; use generate() for it")
+                if embedder and tm.embedding is None:
+                    raise ValueError(f"{mid} is not an embedding model")
                 return await trio.to_thread.run_sync(fn, tm)
             finally:
                 lease.release()
+
+    def close(self) -> None:
+        self.cache.close()

@@ -41,6 +41,25 @@ def _stream_errors() -> tuple[type[BaseException], ...]:
     return (StreamError, trio.BrokenResourceError, trio.ClosedResourceError, ConnectionError)
 
 
+def libp2p_errors() -> tuple[type[BaseException], ...]:
+    """What a raw py-libp2p stream's reads, writes and resets raise when the peer or the
+    connection fails (every library error derives from ``BaseLibp2pError``)."""
+    from libp2p.exceptions import BaseLibp2pError
+
+    return (BaseLibp2pError, *_stream_errors())
+
+
+async def reset_quietly(stream: ByteStream) -> None:
+    """Reset a stream we are done with; shielded, since it runs on cancellation too, and
+    bounded, since a reset is one frame and never a wait on the peer. A stream that is
+    gone already is fine."""
+    with trio.CancelScope(shield=True), trio.move_on_after(1):
+        try:
+            await stream.reset()
+        except libp2p_errors() as exc:
+            log.debug("reset of a finished stream failed: %r", exc)
+
+
 class FramedStream:
     """Length-prefixed msgpack frames over a :class:`ByteStream`.
 
