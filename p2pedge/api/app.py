@@ -20,17 +20,24 @@ import hmac
 import json
 import logging
 import time
-import uuid
 from collections.abc import AsyncGenerator, Awaitable, Callable, Sequence
 from contextlib import aclosing
 from typing import Any, cast
 
 import trio
 
-from p2pedge.api.backend import ApiBackend, Piece, Routed, Target, Usage
+from p2pedge.api.backend import ApiBackend, Piece, Target, Usage
 from p2pedge.api.embeddings import embeddings
 from p2pedge.api.logprobs import Logprobs
 from p2pedge.api.metrics import CONTENT_TYPE, ApiMetrics
+from p2pedge.api.respond import (
+    SSE_HEADERS,
+    Send,
+    Sender,
+    as_api_error,
+    new_shape,
+    route_headers,
+)
 from p2pedge.api.schema import (
     LOCAL_LOGPROBS,
     ApiError,
@@ -48,69 +55,15 @@ from p2pedge.api.schema import (
 from p2pedge.api.sse import DONE, Shape, event
 from p2pedge.api.swarm import STATIC, LiveStreams, asset
 from p2pedge.asgi import serve_lifespan
-from p2pedge.errors import (
-    Busy,
-    ModelLoadError,
-    ModelNotCached,
-    P2PEdgeError,
-    PeerUnavailable,
-)
+from p2pedge.errors import Busy, P2PEdgeError
 from p2pedge.quota import Quota
-from p2pedge.runtime.sampling import PromptTooLong
 
 Scope = dict[str, Any]
 Receive = Callable[[], Awaitable[dict[str, Any]]]
-Send = Callable[[dict[str, Any]], Awaitable[None]]
 log = logging.getLogger("p2pedge.api")
 ROUTE_HEADERS = ("x-p2pedge-route", "x-p2pedge-peer", "x-p2pedge-specialist", "x-p2pedge-model")
 REFUSALS = frozenset({401, 408, 413, 429, 503})
 RETRY_S = 0.5  # a request waiting for a full node's queue also retries this often
-
-
-def as_api_error(exc: BaseException, limits: ApiLimits) -> ApiError | None:
-    """The HTTP error for a failure that happened before any response was sent."""
-    if isinstance(exc, ApiError):
-        return exc
-    if isinstance(exc, PromptTooLong):
-        return bad(str(exc), "messages", "context_length_exceeded")
-    if isinstance(exc, ModelNotCached):
-        return ApiError(404, str(exc), param="model", code="model_not_found")
-    if isinstance(exc, Busy):
-        retry = {"retry-after": str(limits.retry_after_s)}
-        if exc.scope == "total":
-            return ApiError(503, str(exc), type="server_error", code="overloaded", headers=retry)
-        return ApiError(
-            429, str(exc), type="rate_limit_error", code="rate_limit_exceeded", headers=retry
-        )
-    if isinstance(exc, PeerUnavailable):
-        return ApiError(503, str(exc), type="server_error", code="peer_unavailable")
-    if isinstance(exc, ModelLoadError):
-        return ApiError(500, str(exc), type="server_error", code="model_load_failed")
-    if isinstance(exc, ValueError | P2PEdgeError):
-        return bad(str(exc))
-    return None
-
-
-class _Sender:
-    """``send`` that remembers whether the response has started, and has ended."""
-
-    def __init__(self, send: Send) -> None:
-        self.send = send
-        self.started = False
-        self.ended = False
-
-    async def start(self, status: int, headers: dict[str, str]) -> None:
-        self.started = True
-        raw = [(k.encode(), v.encode("latin-1", "replace")) for k, v in headers.items()]
-        await self.send({"type": "http.response.start", "status": status, "headers": raw})
-
-    async def body(self, data: bytes, more: bool = False) -> None:
-        self.ended = not more
-        await self.send({"type": "http.response.body", "body": data, "more_body": more})
-
-    async def whole(self, status: int, data: bytes, headers: dict[str, str]) -> None:
-        await self.start(status, {**headers, "content-length": str(len(data))})
-        await self.body(data)
 
 
 class _Gone(Exception):
@@ -145,7 +98,7 @@ class ApiApp:
             return
         headers = {k.lower(): v.decode("latin-1") for k, v in scope.get("headers") or []}
         cors = self._cors(headers.get(b"origin"))
-        out = _Sender(send)
+        out = Sender(send)
         endpoint = scope["path"] if scope["path"] in _ENDPOINTS else "other"
         status = 200
         try:
@@ -191,9 +144,7 @@ class ApiApp:
             "vary": "origin",
         }
 
-    async def _preflight(
-        self, out: _Sender, headers: dict[bytes, str], cors: dict[str, str]
-    ) -> int:
+    async def _preflight(self, out: Sender, headers: dict[bytes, str], cors: dict[str, str]) -> int:
         if not cors:
             raise ApiError(403, "this origin is not allowed (see the API's CORS origins)")
         asked = headers.get(b"access-control-request-headers", "authorization, content-type")
@@ -225,7 +176,7 @@ class ApiApp:
         scope: Scope,
         headers: dict[bytes, str],
         receive: Receive,
-        out: _Sender,
+        out: Sender,
         cors: dict[str, str],
     ) -> None:
         path, method = scope["path"], scope["method"]
@@ -267,7 +218,7 @@ class ApiApp:
             else:
                 await self._generate(scope, receive, out, request, cors)
 
-    async def _json(self, out: _Sender, body: object, cors: dict[str, str]) -> None:
+    async def _json(self, out: Sender, body: object, cors: dict[str, str]) -> None:
         await out.whole(
             200, json.dumps(body).encode(), {"content-type": "application/json", **cors}
         )
@@ -304,7 +255,7 @@ class ApiApp:
     # -- embeddings --------------------------------------------------------------------
 
     async def _embeddings(
-        self, scope: Scope, out: _Sender, request: EmbeddingRequest, cors: dict[str, str]
+        self, scope: Scope, out: Sender, request: EmbeddingRequest, cors: dict[str, str]
     ) -> None:
         """A full queue is refused at once, without the wait a generation gets: the
         request is one short batch, and the client's retry is as good."""
@@ -327,7 +278,7 @@ class ApiApp:
         self,
         scope: Scope,
         receive: Receive,
-        out: _Sender,
+        out: Sender,
         request: GenerationRequest,
         cors: dict[str, str],
     ) -> None:
@@ -371,12 +322,12 @@ class ApiApp:
                 return
 
     async def _tokens(
-        self, out: _Sender, request: GenerationRequest, target: Target, cors: dict[str, str]
+        self, out: Sender, request: GenerationRequest, target: Target, cors: dict[str, str]
     ) -> None:
         m = self.metrics
         if target.warm is not None:
             m.cache.labels("hit" if target.warm else "miss").inc()
-        shape = _shape(request)
+        shape = new_shape(request)
         lp = Logprobs(request.kind, request.params.logprobs)
         usage = Usage() if request.include_usage or not request.stream else None
         start = time.perf_counter()
@@ -398,16 +349,17 @@ class ApiApp:
                 if first is not None:
                     live.token()
                 headers = {"x-p2pedge-route": target.where, **cors}
+                # a chat stream's role event goes out with the first token's, in one write
+                lead = shape.chunk("", role=True) if shape.kind == "chat" else b""
                 if request.stream:
-                    await out.start(200, {**_SSE, **headers})
-                    await out.body(
-                        shape.chunk("", role=True) if shape.kind == "chat" else b"", True
-                    )
+                    await out.start(200, {**SSE_HEADERS, **headers})
+                    if first is None or not first.text:
+                        await out.body(lead, True)
                 text: list[str] = []
                 if first is not None:
                     lp.add(first)
                     if first.text:
-                        await self._emit(out, shape, request, text, first.text, lp)
+                        await self._emit(out, shape, request, text, first.text, lp, lead)
                 async for piece in pieces:
                     now = time.perf_counter()
                     per_token.observe(now - last)
@@ -457,20 +409,21 @@ class ApiApp:
 
     @staticmethod
     async def _emit(
-        out: _Sender,
+        out: Sender,
         shape: Shape,
         request: GenerationRequest,
         text: list[str],
         piece: str,
         lp: Logprobs,
+        lead: bytes = b"",
     ) -> None:
         if request.stream:
-            await out.body(shape.chunk(piece, logprobs=lp.take()), True)
+            await out.body(lead + shape.chunk(piece, logprobs=lp.take()), True)
         else:
             text.append(piece)
 
     async def _routed(
-        self, out: _Sender, request: GenerationRequest, target: Target, cors: dict[str, str]
+        self, out: Sender, request: GenerationRequest, target: Target, cors: dict[str, str]
     ) -> None:
         """``auto``, specialists and whole models on a peer: the orchestrator answers whole."""
         m = self.metrics
@@ -482,10 +435,10 @@ class ApiApp:
             m.active.dec()
         m.ttft.labels(answer.where).observe(time.perf_counter() - start)
         m.tokens.labels(answer.where).inc(answer.completion_tokens)
-        shape = _shape(request, answer.model if target.where == "auto" else request.model)
-        headers = {**_route_headers(answer), **cors}
+        shape = new_shape(request, answer.model if target.where == "auto" else request.model)
+        headers = {**route_headers(answer), **cors}
         if request.stream:
-            await out.start(200, {**_SSE, **headers})
+            await out.start(200, {**SSE_HEADERS, **headers})
             data = shape.chunk("", role=True) if shape.kind == "chat" else b""
             data += shape.chunk(answer.text) + shape.chunk("", answer.finish_reason)
             if request.include_usage:
@@ -502,29 +455,6 @@ class ApiApp:
 
 _GETS = frozenset({*STATIC, "/metrics", "/v1/models", "/v1/swarm"})
 _ENDPOINTS = _GETS | {"/v1/chat/completions", "/v1/completions", "/v1/embeddings"}
-_SSE = {"content-type": "text/event-stream", "cache-control": "no-cache", "x-accel-buffering": "no"}
-
-
-def _shape(request: GenerationRequest, model: str | None = None) -> Shape:
-    prefix = "chatcmpl" if request.kind == "chat" else "cmpl"
-    return Shape(
-        request.kind,
-        f"{prefix}-{uuid.uuid4().hex}",
-        model or request.model,
-        int(time.time()),
-        request.include_usage,
-    )
-
-
-def _route_headers(answer: Routed) -> dict[str, str]:
-    headers = {
-        "x-p2pedge-route": answer.where,
-        "x-p2pedge-specialist": answer.specialist,
-        "x-p2pedge-model": answer.model,
-    }
-    if answer.peer_id:
-        headers["x-p2pedge-peer"] = answer.peer_id
-    return headers
 
 
 def _client(scope: Scope) -> str:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, Literal, Protocol
 
 import numpy as np
@@ -34,12 +35,15 @@ class Piece:
 
 @dataclass(frozen=True)
 class Target:
-    """Where a requested model name would run; ``warm`` is None where unknown."""
+    """Where a requested model name would run; ``warm`` is None where unknown. ``path``
+    is a local model's directory as resolved (in a thread) when the target was found, so
+    generating from it does not resolve the name again."""
 
     model: str
     where: Where
     category: str | None = None
     warm: bool | None = None
+    path: Path | None = None
 
 
 @dataclass(frozen=True)

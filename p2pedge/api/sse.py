@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 from dataclasses import dataclass
+from functools import cached_property
 from typing import Any
 
 DONE = b"data: [DONE]\n\n"
@@ -59,12 +60,29 @@ class Shape:
         role: bool = False,
         logprobs: Logprobs = None,
     ) -> bytes:
+        if text and finish is None and logprobs is None and not role:
+            head, tail = self._text_event
+            return head + json.dumps(text).encode() + tail
+        return self._chunk(text, finish, role=role, logprobs=logprobs)
+
+    def _chunk(
+        self, text: str, finish: str | None, *, role: bool = False, logprobs: Logprobs = None
+    ) -> bytes:
         obj = "chat.completion.chunk" if self.kind == "chat" else "text_completion"
         body = self._base(obj)
         body["choices"] = [self._choice(text, finish, logprobs, role=role)]
         if self.include_usage:
             body["usage"] = None
         return event(body)
+
+    @cached_property
+    def _text_event(self) -> tuple[bytes, bytes]:
+        """A plain token's event around its JSON-encoded text: the same bytes as
+        :meth:`_chunk` (a test holds them equal) without encoding the whole object per
+        token, which is work on the event loop between decode steps."""
+        marker = "\x00"  # the text is the last string in the event: id or model may hold it
+        head, _, tail = self._chunk(marker, None).rpartition(json.dumps(marker).encode())
+        return head, tail
 
     def usage_chunk(self, prompt_tokens: int, completion_tokens: int) -> bytes:
         obj = "chat.completion.chunk" if self.kind == "chat" else "text_completion"

@@ -228,16 +228,17 @@ class NodeBackend:
         except ValueError:
             return None
 
-        def local() -> bool | None:
+        def local() -> Target | None:
             try:
                 path = self._models.resolve(mid)
             except ModelNotCached:
                 return None
-            return self._models.inference.cache.is_loaded(path)
+            warm = self._models.inference.cache.is_loaded(path)
+            return Target(model, "local", warm=warm, path=path)
 
-        warm = await trio.to_thread.run_sync(local)
-        if warm is not None:
-            return Target(model, "local", warm=warm)
+        found = await trio.to_thread.run_sync(local)
+        if found is not None:
+            return found
         spec = self._specialists().get(model)
         if spec is not None:
             return Target(model, "specialist", category=spec.category)
@@ -261,8 +262,9 @@ class NodeBackend:
         )  # fmt: skip
         if target.where == "local":
             tokens = self._models.inference.stream(
-                target.model, logprobs=p.logprobs, top_logprobs=p.top_logprobs, **kwargs
-            )
+                target.model, logprobs=p.logprobs, top_logprobs=p.top_logprobs,
+                path=target.path, **kwargs,
+            )  # fmt: skip
             async with aclosing(tokens):
                 async for token in tokens:
                     yield Piece(token.text, token.id, token.logprob, token.top_logprobs)

@@ -153,13 +153,7 @@ class LocalInference:
     # -- models ------------------------------------------------------------------------
 
     async def resolve(self, model: ModelRef) -> tuple[ModelId, Path]:
-        if isinstance(model, ModelId):
-            mid = model
-        else:
-            try:
-                mid = ModelId.parse(model)
-            except ValueError:
-                raise ModelNotCached(str(model)) from None
+        mid = _model_id(model)
         path = await trio.to_thread.run_sync(self._resolver, mid)
         return mid, Path(path)
 
@@ -228,9 +222,12 @@ class LocalInference:
         stop: Sequence[str] | None = None,
         logprobs: bool = False,
         top_logprobs: int = 0,
+        path: Path | None = None,
     ) -> AsyncGenerator[Token, None]:
         """Yield each generated Token (id and the text it made safe to show; with
         ``logprobs``, its log-probability and ``top_logprobs`` likeliest alternatives).
+        ``path``: the model's directory when the caller has just resolved ``model`` (in a
+        thread), which saves resolving it again.
 
         Parameters are validated here, before anything is queued or computed. Close the
         stream promptly when stopping early (``contextlib.aclosing``) so the model's
@@ -240,7 +237,7 @@ class LocalInference:
             prompt, messages, max_tokens, temperature, top_p, top_k, seed, stop, logprobs,
             top_logprobs,
         )  # fmt: skip
-        return self._tokens(_Run(), model, params, prompt, messages)
+        return self._tokens(_Run(), model, params, prompt, messages, path)
 
     async def _tokens(
         self,
@@ -249,8 +246,12 @@ class LocalInference:
         params: SamplingParams,
         prompt: str | None,
         messages: Sequence[Mapping[str, str]] | None,
+        resolved: Path | None = None,
     ) -> AsyncGenerator[Token, None]:
-        mid, path = await self.resolve(model)
+        if resolved is None:
+            mid, path = await self.resolve(model)
+        else:
+            mid, path = _model_id(model), resolved
         queue = self._queue(path)
         queue.admit(str(mid))
         async with queue.slots:
@@ -420,3 +421,12 @@ class LocalInference:
 
     def close(self) -> None:
         self.cache.close()
+
+
+def _model_id(model: ModelRef) -> ModelId:
+    if isinstance(model, ModelId):
+        return model
+    try:
+        return ModelId.parse(model)
+    except ValueError:
+        raise ModelNotCached(str(model)) from None

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 from contextlib import aclosing
+from pathlib import Path
 from typing import Any
 
 import httpx
@@ -14,6 +15,8 @@ from api_helpers import MODEL, Gated, Serve, wait_until
 
 from p2pedge.api import ApiLimits
 from p2pedge.errors import PeerUnavailable
+from p2pedge.ids import ModelId
+from p2pedge.node.models import NodeModels
 from p2pedge.quota import Limit
 
 HI = [{"role": "user", "content": "Hello, how are you?"}]
@@ -50,6 +53,28 @@ async def test_async_chat_matches_node_generate_with_usage(serve: Serve) -> None
         assert 0 < reply.usage.completion_tokens <= 12
         assert reply.usage.prompt_tokens > 5  # the chat template's tokens around the text
         assert reply.usage.total_tokens == reply.usage.prompt_tokens + reply.usage.completion_tokens
+
+
+async def test_a_streamed_local_answer_resolves_its_model_once(
+    serve: Serve, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Finding where a model runs resolves its name (in a worker thread); the generation
+    reuses that directory instead of resolving the name again on the way to the first
+    token."""
+    resolved: list[str] = []
+    original = NodeModels.resolve
+
+    def counted(self: NodeModels, model: ModelId) -> Path:
+        resolved.append(model.name)
+        return original(self, model)
+
+    monkeypatch.setattr(NodeModels, "resolve", counted)
+    async with serve() as api:
+        stream = await client(api.base_url).chat.completions.create(
+            model=MODEL, messages=HI, max_tokens=4, stream=True
+        )
+        assert len([chunk async for chunk in stream]) > 2
+        assert resolved == [MODEL]
 
 
 async def test_sync_client_streams_chat_and_ends_with_usage(serve: Serve) -> None:

@@ -6,8 +6,10 @@ import json
 from typing import Any
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
-from p2pedge.api.app import as_api_error
+from p2pedge.api.respond import as_api_error
 from p2pedge.api.schema import ApiError, ApiLimits, parse_chat, parse_completion
 from p2pedge.api.sse import Shape
 from p2pedge.errors import Busy, ModelNotCached
@@ -153,3 +155,20 @@ def test_sse_chunks_are_one_line_events() -> None:
     first, last = (json.loads(e.removeprefix("data: ")) for e in events[:2])
     assert first["choices"][0]["delta"] == {"content": "a\nb"} and first["usage"] is None
     assert last["choices"] == [] and last["usage"]["total_tokens"] == 4
+
+
+@settings(max_examples=300, deadline=None)
+@given(
+    kind=st.sampled_from(["chat", "text"]),
+    model=st.text(max_size=12),
+    include_usage=st.booleans(),
+    text=st.text(min_size=1, max_size=12),
+)
+def test_a_plain_token_event_is_the_whole_objects_encoding(
+    kind: str, model: str, include_usage: bool, text: str
+) -> None:
+    """The per-token fast path (a cached head and tail around the text) writes exactly
+    what encoding the whole chunk object writes, whatever the model name holds."""
+    shape = Shape(kind, "chatcmpl-1", model, 7, include_usage)
+    assert shape.chunk(text) == shape._chunk(text, None)
+    assert json.loads(shape.chunk(text).removeprefix(b"data: "))["model"] == model
