@@ -15,6 +15,7 @@ from typing import Any
 import trio
 
 from p2pedge.dht.kept import KeptStreams
+from p2pedge.dht.locate import locate
 from p2pedge.errors import InvalidRecord
 from p2pedge.records.card import MAX_CARD_LIFETIME_S, CapabilityCard, verify_card
 from p2pedge.records.keys import card_key, provider_record_key
@@ -23,6 +24,7 @@ log = logging.getLogger("p2pedge.dht")
 
 
 provider_key = provider_record_key  # the raw key of a provider record (see records.keys)
+ADDRS_TTL_S = 3600  # how long a located peer's addresses stay in the peerstore
 
 
 class Directory:
@@ -30,10 +32,11 @@ class Directory:
 
     Cards are stored at the ``replication`` closest peers we know rather than py-libp2p's
     k = 20: they are re-announced every interval, and each extra replica costs a dial
-    with a full Noise and identify handshake. Reads ask the card's owner first when its
-    address is known (it is the authority on its own card), then the closest peers, and
-    fall back to the library's full iterative lookup. Our own card reads go over one kept
-    stream per peer (:mod:`p2pedge.dht.kept`).
+    with a full Noise and identify handshake. Reads ask the card's owner first (it is the
+    authority on its own card; an unknown owner's address is located first, see
+    :mod:`p2pedge.dht.locate`), then the closest peers, and fall back to the library's
+    full iterative lookup. Our own card reads and searches go over one kept stream per
+    peer (:mod:`p2pedge.dht.kept`).
     """
 
     def __init__(
@@ -104,11 +107,8 @@ class Directory:
                 known = bool(self.dht.host.get_peerstore().addrs(owner))
             except PeerStoreError:
                 known = False
-            if not known:
-                info = await self.dht.find_peer(owner)  # iterative FIND_NODE for its address
-                if info is None or not info.addrs:
-                    return None
-                self.dht.host.get_peerstore().add_addrs(owner, info.addrs, 3600)
+            if not known and not await self.locate(peer_id):
+                return None
             value = await self.streams.get_value(owner, card_key(peer_id).encode())
         if not isinstance(value, bytes):
             return None
@@ -118,6 +118,18 @@ class Directory:
             log.warning("peer %s returned a bad card for itself: %s", peer_id, exc)
             return None
         return value
+
+    async def locate(self, peer_id: str) -> bool:
+        """Find ``peer_id``'s addresses on the DHT (see :mod:`p2pedge.dht.locate`) and
+        keep them in the peerstore; False when no peer asked knew them."""
+        from libp2p.peer.id import ID
+
+        target = ID.from_base58(peer_id)
+        addrs = await locate(self.streams, self.dht, target)
+        if addrs is None:
+            return False
+        self.dht.host.get_peerstore().add_addrs(target, addrs, ADDRS_TTL_S)
+        return True
 
     async def _ask_closest(self, peer_id: str) -> bytes | None:
         """Ask the closest known peers concurrently; the first valid card ends the search."""

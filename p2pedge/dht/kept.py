@@ -1,4 +1,4 @@
-"""GET_VALUE over one kept Kademlia stream per peer.
+"""GET_VALUE and FIND_NODE over one kept Kademlia stream per peer.
 
 py-libp2p opens a fresh stream for every request: a yamux stream, a multistream-select
 negotiation and then the exchange, about 26 frames and 8-11 ms of CPU for both sides of
@@ -18,7 +18,8 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Callable
-from typing import Any
+from functools import partial
+from typing import Any, TypeVar
 
 import trio
 import varint  # type: ignore[import-untyped]
@@ -33,6 +34,10 @@ from p2pedge.errors import RemoteProtocolError
 from p2pedge.protocols._stream import libp2p_errors, reset_quietly
 
 log = logging.getLogger("p2pedge.dht")
+T = TypeVar("T")
+MAX_CLOSER = 20  # closer peers read from one FIND_NODE reply (Kademlia's k)
+MAX_ADDRS = 8  # addresses read per closer peer
+MAX_PEER_ID = 64  # bytes: an identity-hashed Ed25519 or a SHA-256 multihash fits
 
 
 class KeptStreams:
@@ -60,19 +65,31 @@ class KeptStreams:
         request = Message()
         request.type = Message.MessageType.GET_VALUE
         request.key = key
+        return await self._request(peer, request, partial(_value_of, key=key))
+
+    async def find_node(self, peer: Any, target: bytes) -> list[tuple[Any, list[Any]]] | None:
+        """The peers ``peer`` knows closest to ``target`` (a peer id's bytes), each with
+        the addresses it gave (at most ``MAX_CLOSER`` peers of ``MAX_ADDRS`` addresses;
+        unparsable addresses are left out), or None when it failed or answered wrongly."""
+        request = Message()
+        request.type = Message.MessageType.FIND_NODE
+        request.key = target
+        return await self._request(peer, request, _closer_of)
+
+    async def _request(self, peer: Any, request: Message, parse: Callable[[bytes], T]) -> T | None:
         payload = request.SerializeToString()
         kept = await self._take(peer)
         if kept is not None:
-            answered, value = await self._exchange(peer, kept, payload, key, fresh=False)
+            answered, value = await self._exchange(peer, kept, payload, parse, fresh=False)
             if answered:
                 return value
         try:
             stream = await self.host.new_stream(peer, [TProtocol(P2PEDGE_KAD_PROTOCOL)])
         except Exception as exc:  # dial and negotiation errors come in many library types
-            log.debug("GET_VALUE to %s: no stream: %r", peer, exc)
+            log.debug("Kademlia request to %s: no stream: %r", peer, exc)
             return None
         self.opened += 1
-        return (await self._exchange(peer, stream, payload, key, fresh=True))[1]
+        return (await self._exchange(peer, stream, payload, parse, fresh=True))[1]
 
     async def _take(self, peer: Any) -> Any:
         held = self._kept.pop(peer, None)
@@ -91,24 +108,24 @@ class KeptStreams:
         self._kept[peer] = (stream, self.clock())
 
     async def _exchange(
-        self, peer: Any, stream: Any, payload: bytes, key: bytes, *, fresh: bool
-    ) -> tuple[bool, bytes | None]:
-        """One request and its reply: (whether the peer answered, its value). A stream
-        that failed is dropped and answers (False, None)."""
+        self, peer: Any, stream: Any, payload: bytes, parse: Callable[[bytes], T], *, fresh: bool
+    ) -> tuple[bool, T | None]:
+        """One request and its reply: (whether the peer answered, the parsed reply). A
+        stream that failed is dropped and answers (False, None)."""
         failed: tuple[type[BaseException], ...] = (*libp2p_errors(), trio.TooSlowError)
         done = False
         try:
             with trio.fail_after(self.timeout):
                 await stream.write(varint.encode(len(payload)) + payload)
                 raw = await read_varint_prefixed_bytes_limited(stream, MAX_DHT_MESSAGE_SIZE)
-            value = _value_of(raw, key)
+            value = parse(raw)
             done = True
         except RemoteProtocolError as exc:
-            log.info("peer %s answered GET_VALUE wrongly: %s", peer, exc)
+            log.info("peer %s answered a Kademlia request wrongly: %s", peer, exc)
             return True, None  # not retried: the peer is at fault, not a stale stream
         except failed as exc:
             age = "fresh" if fresh else "kept"
-            log.debug("GET_VALUE to %s on a %s stream failed: %r", peer, age, exc)
+            log.debug("Kademlia request to %s on a %s stream failed: %r", peer, age, exc)
             return False, None
         finally:
             if done:
@@ -118,14 +135,44 @@ class KeptStreams:
         return True, value
 
 
-def _value_of(raw: bytes, key: bytes) -> bytes | None:
-    """A GET_VALUE reply's value for ``key``; a reply of another kind or key is the
-    peer's error."""
+def _parsed(raw: bytes) -> Message:
     reply = Message()
     try:
         reply.ParseFromString(raw)
     except DecodeError as exc:
         raise RemoteProtocolError(f"undecodable reply: {exc!r}") from None
+    return reply
+
+
+def _closer_of(raw: bytes) -> list[tuple[Any, list[Any]]]:
+    """A FIND_NODE reply's closer peers, bounded; a reply of another kind is the peer's
+    error. Addresses are hints only: a dial authenticates the peer id."""
+    from libp2p.peer.id import ID
+    from multiaddr import Multiaddr
+
+    reply = _parsed(raw)
+    if reply.type != Message.MessageType.FIND_NODE:
+        raise RemoteProtocolError(f"a reply of type {reply.type} to FIND_NODE")
+    closer: list[tuple[Any, list[Any]]] = []
+    for peer in reply.closerPeers[:MAX_CLOSER]:
+        if not peer.id or len(peer.id) > MAX_PEER_ID:
+            raise RemoteProtocolError("a closer peer without a usable id")
+        addrs = []
+        for raw_addr in peer.addrs[:MAX_ADDRS]:
+            if not raw_addr:
+                continue
+            try:
+                addrs.append(Multiaddr(raw_addr))
+            except ValueError:  # multiaddr's parse errors derive from it
+                log.debug("skipping an unparsable address in a FIND_NODE reply")
+        closer.append((ID(peer.id), addrs))
+    return closer
+
+
+def _value_of(raw: bytes, key: bytes) -> bytes | None:
+    """A GET_VALUE reply's value for ``key``; a reply of another kind or key is the
+    peer's error."""
+    reply = _parsed(raw)
     if reply.type != Message.MessageType.GET_VALUE or reply.key != key:
         raise RemoteProtocolError(f"a reply of type {reply.type} for another key")
     if not reply.HasField("record"):

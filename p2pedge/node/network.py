@@ -324,10 +324,8 @@ class Network:
         if card is not None:
             self._add_addrs(target, card.addrs)
             return
-        info = await directory.dht.find_peer(target)
-        if info is None:
+        if not await directory.locate(peer_id):
             raise PeerUnavailable(f"no address known for {peer_id}")
-        self.host.get_peerstore().add_addrs(target, info.addrs, int(self.tuning.card_ttl))
 
     async def _reach(self, peer_id: str) -> None:
         """Connect to ``peer_id``: its known or published addresses first, then through a
