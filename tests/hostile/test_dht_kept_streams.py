@@ -4,7 +4,7 @@ another key or with garbage gives nothing (never an exception out of the lookup)
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from typing import Any
 
 import varint  # type: ignore[import-untyped]
@@ -47,11 +47,11 @@ async def test_a_peers_stream_is_kept_reused_and_replaced(config: Config) -> Non
         assert streams.opened == 3
 
 
-async def test_wrong_or_garbage_replies_give_nothing(config: Config) -> None:
-    replies: list[bytes] = []
+def scripted(replies: list[bytes]) -> Callable[[Any], Awaitable[None]]:
+    """A Kademlia stream handler that answers each request with the next of ``replies``
+    (shared, consumed), whatever it asked."""
 
     async def evil(stream: Any) -> None:
-        """Answer each request with the next prepared reply, whatever it asked."""
         while replies:
             try:
                 await read_varint_prefixed_bytes_limited(stream, MAX_DHT_MESSAGE_SIZE)
@@ -61,6 +61,12 @@ async def test_wrong_or_garbage_replies_give_nothing(config: Config) -> None:
             await stream.write(varint.encode(len(reply)) + reply)
         await stream.close()
 
+    return evil
+
+
+async def test_wrong_or_garbage_replies_give_nothing(config: Config) -> None:
+    replies: list[bytes] = []
+    evil = scripted(replies)
     async with Node(config("asker")) as asker, Node(config("evil")) as attacker:
         await asker.connect(attacker.addrs[0])
         attacker.host.set_stream_handler(TProtocol(P2PEDGE_KAD_PROTOCOL), evil)

@@ -8,18 +8,16 @@ from collections.abc import Callable
 from typing import Any
 
 import trio
-import varint  # type: ignore[import-untyped]
 from libp2p.custom_types import TProtocol
-from libp2p.kad_dht.common import MAX_DHT_MESSAGE_SIZE
 from libp2p.kad_dht.pb.kademlia_pb2 import Message
 from libp2p.peer.id import ID
-from libp2p.utils.varint import read_varint_prefixed_bytes_limited
 from multiaddr import Multiaddr
 
 from p2pedge.dht import locate as locate_module
 from p2pedge.dht._protocol import P2PEDGE_KAD_PROTOCOL
 from p2pedge.node.config import NodeConfig
 from p2pedge.node.node import Node
+from tests.hostile.test_dht_kept_streams import scripted
 
 Config = Callable[..., NodeConfig]
 
@@ -66,17 +64,7 @@ async def test_the_first_peer_that_knows_the_target_ends_the_search(
 
 async def test_wrong_or_poisoning_find_node_replies_give_nothing(config: Config) -> None:
     replies: list[bytes] = []
-
-    async def evil(stream: Any) -> None:
-        """Answer each request with the next prepared reply, whatever it asked."""
-        while replies:
-            try:
-                await read_varint_prefixed_bytes_limited(stream, MAX_DHT_MESSAGE_SIZE)
-            except Exception:  # the asker dropped this stream: a reset, in any library type
-                return
-            reply = replies.pop(0)
-            await stream.write(varint.encode(len(reply)) + reply)
-        await stream.close()
+    evil = scripted(replies)
 
     async with (
         Node(config("evil")) as attacker,
