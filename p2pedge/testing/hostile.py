@@ -20,9 +20,9 @@ import trio
 
 from p2pedge.planning.routes import Hop, ServerOption
 from p2pedge.protocols._stream import FramedStream
+from p2pedge.protocols.pipeline.actions import Run
 from p2pedge.protocols.pipeline.client import ClientConfig, ShardedSession
 from p2pedge.protocols.pipeline.handler import PipelineServer, StepResult
-from p2pedge.protocols.pipeline.machine import Run
 from p2pedge.protocols.pipeline.serving import LANE_OPEN_TIMEOUT, PipelineNode, swarm_options
 from p2pedge.runtime.shard_session import ShardSession
 

@@ -14,18 +14,11 @@ from hypothesis import strategies as st
 from p2pedge.errors import LocalProtocolError, RemoteProtocolError, ShardFailed
 from p2pedge.ids import LayerRange
 from p2pedge.protocols.pipeline import codec
+from p2pedge.protocols.pipeline.actions import Allocate, Release, Run, Send, onward
 from p2pedge.protocols.pipeline.chain import ClientConfig, HopState
-from p2pedge.protocols.pipeline.client_machine import ClientMachine, HopMachine
-from p2pedge.protocols.pipeline.machine import (
-    Allocate,
-    KvBudget,
-    Release,
-    Run,
-    Send,
-    ServerMachine,
-    ShardSpec,
-    onward,
-)
+from p2pedge.protocols.pipeline.client_machine import ClientMachine
+from p2pedge.protocols.pipeline.hop_machine import HopMachine
+from p2pedge.protocols.pipeline.machine import KvBudget, ServerMachine, ShardSpec
 from p2pedge.records.peer_ids import peer_id_from_ed25519
 
 V, H, MAX_LENGTH = 11, 3, 32

@@ -10,7 +10,8 @@ import pytest
 from p2pedge.errors import RemoteProtocolError
 from p2pedge.ids import LayerRange
 from p2pedge.protocols.pipeline.chain import ClientConfig, HopFailed, HopState
-from p2pedge.protocols.pipeline.client_machine import ClientMachine, HopMachine
+from p2pedge.protocols.pipeline.client_machine import ClientMachine
+from p2pedge.protocols.pipeline.hop_machine import HopMachine
 from p2pedge.records.peer_ids import peer_id_from_ed25519
 
 A, B = (peer_id_from_ed25519(bytes([i]) * 32) for i in range(2))

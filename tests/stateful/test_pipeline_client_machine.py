@@ -32,12 +32,8 @@ from p2pedge.planning.verification import VerifyPolicy
 from p2pedge.protocols.pipeline import codec
 from p2pedge.protocols.pipeline.attest import InputChain, chain_seed, output_digest, reply_digest
 from p2pedge.protocols.pipeline.chain import ClientConfig, HopFailed, HopState
-from p2pedge.protocols.pipeline.client_machine import (
-    KEPT_POSITIONS,
-    RING_TOP_K,
-    ClientMachine,
-    HopMachine,
-)
+from p2pedge.protocols.pipeline.client_machine import RING_TOP_K, ClientMachine
+from p2pedge.protocols.pipeline.hop_machine import KEPT_POSITIONS, HopMachine
 from p2pedge.protocols.pipeline.sampling import greedy
 from p2pedge.records.peer_ids import peer_id_from_ed25519
 

@@ -18,16 +18,13 @@ from hypothesis.stateful import (
 from p2pedge.errors import Busy
 from p2pedge.ids import LayerRange
 from p2pedge.protocols.pipeline import codec
+from p2pedge.protocols.pipeline.actions import Allocate, Release, Run, Send
 from p2pedge.protocols.pipeline.limits import PipelineLimits, PipelineQuotas
 from p2pedge.protocols.pipeline.machine import (
     LIVE,
     TRANSITIONS,
-    Allocate,
     Event,
     KvBudget,
-    Release,
-    Run,
-    Send,
     ServerMachine,
     ShardSpec,
     State,

@@ -81,7 +81,7 @@ class History:
 
 @dataclass
 class HopState:
-    conn: ShardConnection  # its `machine` (client_machine.HopMachine) holds its state
+    conn: ShardConnection  # its `machine` (hop_machine.HopMachine) holds its state
     done: int = 0  # positions of the input boundary this hop has consumed
 
 

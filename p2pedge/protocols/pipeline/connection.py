@@ -1,6 +1,6 @@
 """Client end of one pipeline session on one server: open, step, close, with deadlines.
 
-A thin trio driver of :class:`~client_machine.HopMachine`, which holds the session's
+A thin trio driver of :class:`~hop_machine.HopMachine`, which holds the session's
 state and checks every reply. A request cancelled half-way leaves its reply on the
 stream; the next request drains it first, and because every step names its start
 position (the server rewinds to it) a resent step is harmless.
@@ -27,7 +27,8 @@ from p2pedge.planning.slowdown import StepWindow
 from p2pedge.protocols._stream import FramedStream
 from p2pedge.protocols.pipeline import codec
 from p2pedge.protocols.pipeline.chain import HOP_ERRORS, ClientConfig, HopFailed, HopState
-from p2pedge.protocols.pipeline.client_machine import HopMachine, error_to_exception, pushes_to
+from p2pedge.protocols.pipeline.client_machine import pushes_to
+from p2pedge.protocols.pipeline.hop_machine import HopMachine, error_to_exception
 
 __all__ = ["ShardConnection", "StreamOpener", "error_to_exception", "open_chain"]
 

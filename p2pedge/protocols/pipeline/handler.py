@@ -48,6 +48,7 @@ from p2pedge.ids import LayerRange
 from p2pedge.protocols._stream import FramedStream, QuickLock
 from p2pedge.protocols.host import Serves
 from p2pedge.protocols.pipeline import codec
+from p2pedge.protocols.pipeline.actions import Action, Allocate, Release, Run, Send, onward
 from p2pedge.protocols.pipeline.attest import (
     InputChain,
     Signer,
@@ -59,15 +60,9 @@ from p2pedge.protocols.pipeline.fair import ComputePacer, FairLimiter, run_niced
 from p2pedge.protocols.pipeline.limits import PipelineLimits, PipelineQuotas
 from p2pedge.protocols.pipeline.machine import (
     DEFAULT_IDLE_TIMEOUT,
-    Action,
-    Allocate,
     KvBudget,
-    Release,
-    Run,
-    Send,
     ServerMachine,
     ShardSpec,
-    onward,
 )
 from p2pedge.protocols.pipeline.push import Pusher
 from p2pedge.protocols.pipeline.sampling import pick
