@@ -17,6 +17,7 @@ import trio
 from p2pedge.dht.kept import KeptStreams
 from p2pedge.dht.locate import locate
 from p2pedge.errors import InvalidRecord
+from p2pedge.protocols._stream import known_addrs
 from p2pedge.records.card import MAX_CARD_LIFETIME_S, CapabilityCard, verify_card
 from p2pedge.records.keys import card_key, provider_record_key
 
@@ -96,18 +97,13 @@ class Directory:
     async def _ask_owner(self, peer_id: str) -> bytes | None:
         """A peer is the authority on its own card: ask it first when we can reach it."""
         from libp2p.peer.id import ID
-        from libp2p.peer.peerstore import PeerStoreError
 
         owner = ID.from_base58(peer_id)
         if owner == self.dht.local_peer_id:
             return None
         value: Any = None
         with trio.move_on_after(self.timeout):
-            try:
-                known = bool(self.dht.host.get_peerstore().addrs(owner))
-            except PeerStoreError:
-                known = False
-            if not known and not await self.locate(peer_id):
+            if not known_addrs(self.dht.host, owner) and not await self.locate(peer_id):
                 return None
             value = await self.streams.get_value(owner, card_key(peer_id).encode())
         if not isinstance(value, bytes):

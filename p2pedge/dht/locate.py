@@ -2,8 +2,8 @@
 
 py-libp2p's ``find_peer`` runs the full iterative lookup for the 20 closest peers to the
 target before it looks at what it found, querying every peer in that set (a new
-connection and a fresh stream each). In a 50-process swarm on two cores that took about
-10 s a lookup. A Kademlia server puts the target itself first in its FIND_NODE reply when
+connection and a fresh stream each; ``benchmarks/locate.py`` compares the two). A Kademlia
+server puts the target itself first in its FIND_NODE reply when
 it knows the target's addresses, so the first peer that does ends the search here, and
 each query goes over the kept stream of :class:`~p2pedge.dht.kept.KeptStreams`.
 
@@ -20,6 +20,7 @@ from typing import Any
 import trio
 
 from p2pedge.dht.kept import KeptStreams
+from p2pedge.protocols._stream import known_addrs
 
 log = logging.getLogger("p2pedge.dht")
 ALPHA = 3  # queries in flight at once, as in Kademlia
@@ -58,7 +59,7 @@ async def locate(
                     found.extend(addrs)
                     scope.cancel()
             elif peer_id != me and addrs:
-                if not _known(host, peer_id):
+                if not known_addrs(host, peer_id):
                     host.get_peerstore().add_addrs(peer_id, addrs, HINT_TTL_S)
                 candidates.add(peer_id)
 
@@ -73,12 +74,3 @@ async def locate(
                 nursery.start_soon(ask, peer, nursery.cancel_scope)
     log.debug("located %s: %s after asking %d peers", target, bool(found), len(asked))
     return found or None
-
-
-def _known(host: Any, peer: Any) -> bool:
-    from libp2p.peer.peerstore import PeerStoreError
-
-    try:
-        return bool(host.get_peerstore().addrs(peer))
-    except PeerStoreError:
-        return False

@@ -2,7 +2,8 @@
 
 Probing never imports onnxruntime into a node that has not loaded a model: its
 execution providers come from a one-off child process and are cached in the data
-directory under onnxruntime's version, so an idle DHT node stays about 19 MB smaller.
+directory under onnxruntime's version, so an idle DHT node does not carry onnxruntime
+(``docs/swarm.md`` itemises an idle node's memory).
 """
 
 from __future__ import annotations

@@ -21,7 +21,7 @@ from p2pedge.errors import LocalProtocolError, PeerUnavailable, PrivateSwarmReje
 from p2pedge.node.addresses import parse_multiaddr, peer_of
 from p2pedge.node.config import NodeConfig
 from p2pedge.node.identity import Identity, read_psk
-from p2pedge.protocols._stream import FramedStream, contain, remote_host
+from p2pedge.protocols._stream import FramedStream, contain, known_addrs, remote_host
 from p2pedge.protocols.host import StreamHandler
 
 log = logging.getLogger("p2pedge.node")
@@ -311,15 +311,11 @@ class Network:
     async def _ensure_addresses(self, peer_id: str) -> None:
         """Addresses for ``peer_id``: known already, else from its card, else the DHT."""
         from libp2p.peer.id import ID
-        from libp2p.peer.peerstore import PeerStoreError
 
         directory = self.require_directory()
         target = ID.from_base58(peer_id)
-        try:
-            if self.host.get_peerstore().addrs(target):
-                return
-        except PeerStoreError:
-            pass  # unknown peer: look it up below
+        if known_addrs(self.host, target):
+            return
         card = await directory.get_card(peer_id)
         if card is not None:
             self._add_addrs(target, card.addrs)

@@ -49,6 +49,17 @@ def libp2p_errors() -> tuple[type[BaseException], ...]:
     return (BaseLibp2pError, *_stream_errors())
 
 
+def known_addrs(host: Any, peer: Any) -> list[Any]:
+    """The addresses ``host``'s peerstore holds for ``peer`` (a py-libp2p ID); none when
+    it knows none (py-libp2p raises for an unknown peer)."""
+    from libp2p.peer.peerstore import PeerStoreError
+
+    try:
+        return list(host.get_peerstore().addrs(peer))
+    except PeerStoreError:
+        return []
+
+
 async def reset_quietly(stream: ByteStream) -> None:
     """Reset a stream we are done with; shielded, since it runs on cancellation too, and
     bounded, since a reset is one frame and never a wait on the peer. A stream that is

@@ -17,6 +17,7 @@ from typing import Any
 import trio
 
 from p2pedge.errors import PeerUnavailable, RemoteProtocolError
+from p2pedge.protocols._stream import known_addrs
 
 log = logging.getLogger("p2pedge.reach")
 
@@ -216,15 +217,11 @@ async def connect(host: Any, peer_id: str, *, timeout: float = 10.0) -> str:
     "connected" (already), "direct" or "relayed"; PeerUnavailable when neither works."""
     from libp2p.peer.id import ID
     from libp2p.peer.peerinfo import PeerInfo
-    from libp2p.peer.peerstore import PeerStoreError
 
     target = ID.from_base58(peer_id)
     if host.get_network().get_connections(target):
         return "connected"
-    try:
-        known = list(host.get_peerstore().addrs(target))
-    except PeerStoreError:
-        known = []
+    known = known_addrs(host, target)
     direct = [a for a in known if not is_circuit(str(a))]
     circuits = [str(a) for a in known if is_circuit(str(a))]
     if direct:

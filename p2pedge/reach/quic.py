@@ -25,6 +25,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from p2pedge.errors import ConfigError
+from p2pedge.protocols._stream import known_addrs
 
 MiB = 1024 * 1024
 
@@ -85,15 +86,11 @@ def prefer_tcp(host: Any) -> None:
 
     async def dial_peer(peer_id: Any) -> list[Any]:
         from libp2p.network.exceptions import SwarmException
-        from libp2p.peer.peerstore import PeerStoreError
 
         live = [c for c in swarm.get_connections(peer_id) if not c.is_closed]
         if live:
             return live
-        try:
-            addrs = list(swarm.peerstore.addrs(peer_id))
-        except PeerStoreError:
-            addrs = []
+        addrs = known_addrs(host, peer_id)
         tcp = [a for a in addrs if "/tcp/" in str(a) and "/p2p-circuit" not in str(a)]
         if tcp and any(is_quic(str(a)) for a in addrs):
             for addr in tcp:

@@ -7,14 +7,17 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Any
 
+import pytest
 import trio
 from libp2p.custom_types import TProtocol
 from libp2p.kad_dht.pb.kademlia_pb2 import Message
 from libp2p.peer.id import ID
 from multiaddr import Multiaddr
 
+from p2pedge.dht import kept as kept_module
 from p2pedge.dht import locate as locate_module
 from p2pedge.dht._protocol import P2PEDGE_KAD_PROTOCOL
+from p2pedge.errors import RemoteProtocolError
 from p2pedge.node.config import NodeConfig
 from p2pedge.node.node import Node
 from tests.hostile.test_dht_kept_streams import scripted
@@ -112,3 +115,28 @@ async def test_a_silent_peer_ends_its_query_not_the_search(config: Config) -> No
                 directory.streams, directory.dht, target.host.get_id(), query_timeout=0.5
             )
         assert found is None
+
+
+def test_a_find_node_reply_is_read_within_bounds() -> None:
+    """At most 20 closer peers of 8 addresses each; an empty, unparsable or oversized
+    address is left out; a peer without an id or of another reply kind is the peer's
+    error (RemoteProtocolError), never a crash."""
+    reply = Message()
+    reply.type = Message.MessageType.FIND_NODE
+    for i in range(30):
+        peer = reply.closerPeers.add()
+        peer.id = bytes([0, 36, 8, 1, 18, 32]) + bytes([i]) * 32
+        good = Multiaddr(f"/ip4/127.0.0.1/tcp/{1000 + i}").to_bytes()
+        peer.addrs.extend([b"", b"\xff\xff bad", b"\x04" + b"\x7f" * 600] + [good] * 9)
+    closer = kept_module._closer_of(reply.SerializeToString())
+    assert len(closer) == kept_module.MAX_CLOSER
+    assert all(len(addrs) == kept_module.MAX_ADDRS - 3 for _, addrs in closer)
+    anonymous = Message()
+    anonymous.type = Message.MessageType.FIND_NODE
+    anonymous.closerPeers.add().addrs.append(good)  # a closer peer without an id
+    with pytest.raises(RemoteProtocolError):
+        kept_module._closer_of(anonymous.SerializeToString())
+    wrong = Message()
+    wrong.type = Message.MessageType.GET_VALUE
+    with pytest.raises(RemoteProtocolError):
+        kept_module._closer_of(wrong.SerializeToString())
