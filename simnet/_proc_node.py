@@ -75,6 +75,12 @@ async def _find(node: Node, peers: list[str], timeout: float) -> dict[str, Any]:
     return {"found": found, "ms": ms}
 
 
+def _conns(node: Node) -> int:
+    """Peers this node holds a connection to (harness figure: how many handshakes a
+    join cost it, one per peer)."""
+    return len(node.network.host.get_network().connections)
+
+
 async def _main(args: argparse.Namespace) -> None:
     config = NodeConfig(
         data_dir=args.data_dir,
@@ -83,11 +89,13 @@ async def _main(args: argparse.Namespace) -> None:
     )
     async with Node(config) as node:
         await node.announced()
-        _emit({"ready": node.peer_id, "addr": node.addrs[0], "pid": os.getpid()})
+        ready = {"ready": node.peer_id, "addr": node.addrs[0], "pid": os.getpid()}
+        _emit(ready | {"conns": _conns(node)})
         stdin = trio.lowlevel.FdStream(os.dup(sys.stdin.fileno()))
         async for command in _lines(stdin):
             if command.get("op") == "find":
-                _emit(await _find(node, list(command["peers"]), float(command.get("timeout", 10))))
+                reply = await _find(node, list(command["peers"]), float(command.get("timeout", 10)))
+                _emit(reply | {"conns": _conns(node)})
             elif command.get("op") == "quit":
                 break
 

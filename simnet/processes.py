@@ -51,6 +51,7 @@ class Proc:
     addr: str = ""
     buffer: bytes = b""
     dead: bool = False
+    conns: int = 0  # peers it holds a connection to, as it last said (p2pedge only)
 
     async def line(self) -> dict[str, Any]:
         assert self.process.stdout is not None
@@ -69,6 +70,17 @@ class Proc:
         assert self.process.stdin is not None
         await self.process.stdin.send_all((json.dumps(command) + "\n").encode())
         return await self.line()
+
+    def cpu_s(self) -> float:
+        """CPU seconds (user + system) of the process and its descendants so far."""
+        total = 0
+        for pid in _tree(self.process.pid):
+            try:
+                fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+            except OSError:
+                continue  # exited meanwhile
+            total += int(fields[11]) + int(fields[12])
+        return total / os.sysconf("SC_CLK_TCK")
 
     def pss_mb(self) -> float:
         """PSS of the process and all its descendants (hivemind's Go daemon included)."""
@@ -120,7 +132,9 @@ class Run:
 
     async def launch(self, nursery: trio.Nursery, bootstrap: list[str]) -> Proc:
         """Start one child in ``nursery``, which owns it until it exits or is killed."""
-        env = dict(os.environ, PYTHONPATH=str(ROOT))
+        # one machine cache per swarm, fresh: its first node probes onnxruntime's
+        # providers and the rest read the answer, as nodes started on one machine do
+        env = dict(os.environ, PYTHONPATH=str(ROOT), P2PEDGE_CACHE_DIR=str(self.root / "machine"))
         run = partial(
             trio.run_process,
             self.command(bootstrap),
@@ -143,6 +157,7 @@ class Run:
 async def _ready(proc: Proc) -> None:
     hello = await proc.line()
     proc.peer, proc.addr = hello["ready"], hello["addr"]
+    proc.conns = int(hello.get("conns", 0))
 
 
 async def _converge(run: Run, deadline: float) -> tuple[float, float]:
@@ -166,6 +181,7 @@ async def _converge(run: Run, deadline: float) -> tuple[float, float]:
 async def _find(proc: Proc, missing: dict[str, set[str]], latencies: list[float]) -> None:
     reply = await proc.ask({"op": "find", "peers": sorted(missing[proc.peer]), "timeout": 10})
     missing[proc.peer] -= set(reply["found"])
+    proc.conns = int(reply.get("conns", 0))
     latencies.extend(reply["ms"])
 
 
@@ -184,8 +200,12 @@ async def measure(
             for proc in rest:
                 ready.start_soon(_ready, proc)
         up_s = time.perf_counter() - start
+        up_cpu = sum(p.cpu_s() for p in run.live)
+        up_conns = statistics.median(p.conns for p in run.live)
         converged_s, found = await _converge(run, deadline)
         join_s = time.perf_counter() - start
+        join_cpu = sum(p.cpu_s() for p in run.live)
+        join_conns = statistics.median(p.conns for p in run.live)
         gets = await _all_pairs(run)
         pss = statistics.median(p.pss_mb() for p in run.live)
         # churn: kill a fifth (never the seeds), start as many fresh nodes
@@ -210,6 +230,10 @@ async def measure(
         nursery.cancel_scope.cancel()
     return {
         "up_s": up_s,
+        "up_cpu_s": up_cpu,
+        "converge_cpu_s": join_cpu - up_cpu,
+        "conns_up": up_conns,
+        "conns_joined": join_conns,
         "join_s": join_s,
         "converge_s": converged_s,
         "get_p50_ms": statistics.median(gets) if gets else float("nan"),

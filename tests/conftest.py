@@ -1,5 +1,6 @@
 import dataclasses
-from collections.abc import Callable
+import os
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
@@ -7,6 +8,19 @@ import pytest
 from p2pedge.node.config import NodeConfig, Tuning
 
 TUNING_FIELDS = frozenset(f.name for f in dataclasses.fields(Tuning))
+
+
+@pytest.fixture(autouse=True, scope="session")
+def machine_cache(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
+    """One machine cache for the session (nodes and child processes), never the user's."""
+    path = tmp_path_factory.mktemp("machine-cache")
+    before = os.environ.get("P2PEDGE_CACHE_DIR")
+    os.environ["P2PEDGE_CACHE_DIR"] = str(path)
+    yield path
+    if before is None:
+        del os.environ["P2PEDGE_CACHE_DIR"]
+    else:
+        os.environ["P2PEDGE_CACHE_DIR"] = before
 
 
 @pytest.fixture

@@ -26,6 +26,9 @@ log = logging.getLogger("p2pedge.dht")
 
 provider_key = provider_record_key  # the raw key of a provider record (see records.keys)
 ADDRS_TTL_S = 3600  # how long a located peer's addresses stay in the peerstore
+CONNECTED_SCAN = 20  # routing-table peers nearest a card's key scanned for open connections
+CONNECTED_ASKS = 3  # of those, how many connected ones are asked before dialing anyone
+STAGGER_S = 0.25  # a connected peer's head start before the next one is asked as well
 
 
 class Directory:
@@ -33,11 +36,14 @@ class Directory:
 
     Cards are stored at the ``replication`` closest peers we know rather than py-libp2p's
     k = 20: they are re-announced every interval, and each extra replica costs a dial
-    with a full Noise and identify handshake. Reads ask the card's owner first (it is the
-    authority on its own card; an unknown owner's address is located first, see
-    :mod:`p2pedge.dht.locate`), then the closest peers, and fall back to the library's
-    full iterative lookup. Our own card reads and searches go over one kept stream per
-    peer (:mod:`p2pedge.dht.kept`).
+    with a full Noise and identify handshake. Reads go from cheap to dear: our own replica;
+    the owner (the authority on its own card) when we hold a connection to it; the peers
+    nearest the key that we hold connections to; then the owner by dialing (an unknown
+    owner's address is located first, see :mod:`p2pedge.dht.locate`); then the closest
+    peers at large, and last the library's full iterative lookup. A replica is at most one
+    announce interval older than the owner's card, the same staleness a local replica has.
+    Our own card reads and searches go over one kept stream per peer
+    (:mod:`p2pedge.dht.kept`).
     """
 
     def __init__(
@@ -115,6 +121,11 @@ class Directory:
             return None
         return value
 
+    def _connected(self, peer_id: str) -> bool:
+        from libp2p.peer.id import ID
+
+        return bool(self.dht.host.get_network().connections.get(ID.from_base58(peer_id)))
+
     async def locate(self, peer_id: str) -> bool:
         """Find ``peer_id``'s addresses on the DHT (see :mod:`p2pedge.dht.locate`) and
         keep them in the peerstore; False when no peer asked knew them."""
@@ -127,29 +138,54 @@ class Directory:
         self.dht.host.get_peerstore().add_addrs(target, addrs, ADDRS_TTL_S)
         return True
 
-    async def _ask_closest(self, peer_id: str) -> bytes | None:
-        """Ask the closest known peers concurrently; the first valid card ends the search."""
+    async def _ask_closest(self, peer_id: str, *, connected_only: bool = False) -> bytes | None:
+        """Ask the closest known peers to the card's key concurrently; the first valid card
+        ends the search. ``connected_only`` asks only peers we hold a connection to (at most
+        ``CONNECTED_ASKS``), so the question costs no handshake."""
         key = card_key(peer_id).encode()
+        if connected_only:
+            peers = self._closest_connected(key)
+            if not peers:
+                return None
+        else:
+            peers = await self._closest(key)
         answer: bytes | None = None
 
-        async def ask(peer: Any, cancel_scope: trio.CancelScope) -> None:
+        async def ask(peer: Any, cancel_scope: trio.CancelScope, done: trio.Event) -> None:
             nonlocal answer
-            with trio.move_on_after(self.timeout):
-                value = await self.streams.get_value(peer, key)
-                if not isinstance(value, bytes):
-                    return
-                try:
-                    self._verify(value, card_key(peer_id))
-                except InvalidRecord as exc:
-                    log.warning("peer %s returned a bad card for %s: %s", peer, peer_id, exc)
-                    return
-                answer = value
-                cancel_scope.cancel()
+            try:
+                with trio.move_on_after(self.timeout):
+                    value = await self.streams.get_value(peer, key)
+                    if not isinstance(value, bytes):
+                        return
+                    try:
+                        self._verify(value, card_key(peer_id))
+                    except InvalidRecord as exc:
+                        log.warning("peer %s returned a bad card for %s: %s", peer, peer_id, exc)
+                        return
+                    answer = value
+                    cancel_scope.cancel()
+            finally:
+                done.set()
 
+        # connected peers answer in a round trip: ask them in turn (the next after a miss
+        # or STAGGER_S), so one that holds the card spares the others the work
+        stagger = STAGGER_S if connected_only else 0.0
         async with trio.open_nursery() as nursery:
-            for peer in await self._closest(key):
-                nursery.start_soon(ask, peer, nursery.cancel_scope)
+            for peer in peers:
+                done = trio.Event()
+                nursery.start_soon(ask, peer, nursery.cancel_scope, done)
+                if stagger:
+                    with trio.move_on_after(stagger):
+                        await done.wait()
         return answer
+
+    def _closest_connected(self, key: bytes) -> list[Any]:
+        """The peers closest to ``key`` in our routing table that we are connected to now."""
+        connections = self.dht.host.get_network().connections
+        local = self.dht.local_peer_id
+        near = self.dht.routing_table.find_local_closest_peers(key, CONNECTED_SCAN)
+        return [p for p in near if p != local and connections.get(p)][:CONNECTED_ASKS]
 
     def remember(self, card: CapabilityCard) -> None:
         cached = self._cards.get(card.peer_id)
@@ -172,6 +208,10 @@ class Directory:
             return cached
         local = self.dht.value_store.get(card_key(peer_id).encode())
         value: bytes | None = local.value if local is not None else None
+        if value is None and self._connected(peer_id):
+            value = await self._ask_owner(peer_id)
+        if value is None:
+            value = await self._ask_closest(peer_id, connected_only=True)
         if value is None:
             value = await self._ask_owner(peer_id)
         if value is None:

@@ -1,8 +1,9 @@
 """What this machine offers: cores, memory, accelerators, a measured compute figure.
 
 Probing never imports onnxruntime into a node that has not loaded a model: its
-execution providers come from a one-off child process and are cached in the data
-directory under onnxruntime's version, so an idle DHT node does not carry onnxruntime
+execution providers come from a one-off child process and are cached, under onnxruntime's
+version, in the data directory and for the whole machine (so the next node started there
+skips the probe), and an idle DHT node does not carry onnxruntime
 (``docs/swarm.md`` itemises an idle node's memory).
 """
 
@@ -46,7 +47,8 @@ class Hardware:
 
 
 def probe_hardware(data_dir: Path | None = None) -> Hardware:
-    """This machine's facts; the execution providers are cached in ``data_dir``."""
+    """This machine's facts; the execution providers are cached in ``data_dir`` and in
+    the machine's cache directory."""
     accelerators = []
     if shutil.which("nvidia-smi") or Path("/proc/driver/nvidia").exists():
         accelerators.append("cuda")
@@ -58,7 +60,7 @@ def probe_hardware(data_dir: Path | None = None) -> Hardware:
         cpu_cores=os.cpu_count() or 1,
         ram_total=psutil.virtual_memory().total,
         accelerators=tuple(accelerators),
-        execution_providers=execution_providers(data_dir),
+        execution_providers=execution_providers(data_dir, machine_cache_dir()),
     )
 
 
@@ -91,23 +93,51 @@ def _probe_providers() -> tuple[str, ...]:
     return tuple(names)
 
 
-def execution_providers(data_dir: Path | None = None) -> tuple[str, ...]:
-    """onnxruntime's available providers, from ``data_dir``'s cache when its stamp (the
-    installed onnxruntime and interpreter) still holds, else probed and cached there."""
+def machine_cache_dir() -> Path:
+    """Where facts about this machine (not about one node) are cached for every node on
+    it: ``$P2PEDGE_CACHE_DIR``, else ``$XDG_CACHE_HOME/p2pedge``, else ``~/.cache/p2pedge``."""
+    if explicit := os.environ.get("P2PEDGE_CACHE_DIR"):
+        return Path(explicit).expanduser()
+    base = os.environ.get("XDG_CACHE_HOME") or "~/.cache"
+    return Path(base).expanduser() / "p2pedge"
+
+
+def _read_providers(path: Path, stamp: str) -> tuple[str, ...] | None:
+    try:
+        cached = json.loads(path.read_text())
+        names = cached.get("providers")
+        if cached.get("stamp") == stamp and isinstance(names, list) and names:
+            return tuple(str(n) for n in names)
+    except (OSError, ValueError, AttributeError):
+        log.debug("no usable providers cache at %s", path)
+    return None
+
+
+def execution_providers(
+    data_dir: Path | None = None, machine_dir: Path | None = None
+) -> tuple[str, ...]:
+    """onnxruntime's available providers, from ``data_dir``'s cache or else the machine's
+    (``machine_dir``) when its stamp (the installed onnxruntime and interpreter) still
+    holds, else probed; the answer is written to both. A new node on a machine that ran
+    one before starts without the probe's child process (a quarter CPU-second)."""
     stamp = f"{_ort_version()}/{sys.executable}"
-    path = Path(data_dir) / PROVIDERS_CACHE if data_dir is not None else None
-    if path is not None:
-        try:
-            cached = json.loads(path.read_text())
-            names = cached.get("providers")
-            if cached.get("stamp") == stamp and isinstance(names, list) and names:
-                return tuple(str(n) for n in names)
-        except (OSError, ValueError, AttributeError):
-            log.debug("no usable providers cache at %s; probing", path)
-    names = _probe_providers()
-    if path is not None:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text(json.dumps({"stamp": stamp, "providers": list(names)}))
+    paths = [Path(d) / PROVIDERS_CACHE for d in (data_dir, machine_dir) if d is not None]
+    names = None
+    for path in paths:
+        if (names := _read_providers(path, stamp)) is not None:
+            break
+    if names is None:
+        names = _probe_providers()
+    for path in paths:
+        if _read_providers(path, stamp) == names:
+            continue
+        try:  # written whole and renamed: nodes starting together may read it meanwhile
+            path.parent.mkdir(parents=True, exist_ok=True)
+            partial = path.with_name(f"{path.name}.{os.getpid()}.tmp")
+            partial.write_text(json.dumps({"stamp": stamp, "providers": list(names)}))
+            os.replace(partial, path)
+        except OSError as exc:  # a read-only home or cache dir only costs the next probe
+            log.debug("cannot cache providers at %s: %s", path, exc)
     return names
 
 

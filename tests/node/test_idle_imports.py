@@ -57,12 +57,37 @@ def test_the_providers_cache_is_read_when_current_and_reprobed_when_not(
         return ("CPUExecutionProvider",)
 
     monkeypatch.setattr(hardware, "_probe_providers", probe)
-    assert execution_providers(tmp_path) == ("CPUExecutionProvider",)
-    assert execution_providers(tmp_path) == ("CPUExecutionProvider",)
-    assert len(probes) == 1  # the second answer came from the cache
-    cache = tmp_path / PROVIDERS_CACHE
-    cache.write_text(json.dumps({"stamp": "onnxruntime==0.0/other", "providers": ["X"]}))
-    assert execution_providers(tmp_path) == ("CPUExecutionProvider",)  # stale: probed
-    cache.write_text("{not json")
-    assert execution_providers(tmp_path) == ("CPUExecutionProvider",)  # corrupt: probed
+    machine = tmp_path / "machine"
+    node, other = tmp_path / "node", tmp_path / "other"
+    assert execution_providers(node, machine) == ("CPUExecutionProvider",)
+    assert execution_providers(node, machine) == ("CPUExecutionProvider",)
+    assert execution_providers(other, machine) == ("CPUExecutionProvider",)
+    assert len(probes) == 1  # the node's cache, then the machine's, answered
+    assert (other / PROVIDERS_CACHE).exists()  # and the new node keeps its own copy
+    stale = json.dumps({"stamp": "onnxruntime==0.0/other", "providers": ["X"]})
+    for cache in (node / PROVIDERS_CACHE, machine / PROVIDERS_CACHE):
+        cache.write_text(stale)
+    assert execution_providers(node, machine) == ("CPUExecutionProvider",)  # stale: probed
+    for cache in (node / PROVIDERS_CACHE, machine / PROVIDERS_CACHE):
+        cache.write_text("{not json")
+    assert execution_providers(node, machine) == ("CPUExecutionProvider",)  # corrupt: probed
     assert len(probes) == 3
+    assert json.loads((machine / PROVIDERS_CACHE).read_text())["providers"] == list(probe())
+
+
+def test_an_unwritable_machine_cache_costs_only_the_probe(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(hardware, "_probe_providers", lambda: ("CPUExecutionProvider",))
+    blocker = tmp_path / "file"
+    blocker.write_text("")  # a file where the machine cache dir would go
+    assert execution_providers(tmp_path / "node", blocker / "cache") == ("CPUExecutionProvider",)
+    assert (tmp_path / "node" / PROVIDERS_CACHE).exists()
+
+
+def test_the_machine_cache_dir_follows_the_environment(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("P2PEDGE_CACHE_DIR", "~/somewhere")
+    assert hardware.machine_cache_dir() == Path("~/somewhere").expanduser()
+    monkeypatch.delenv("P2PEDGE_CACHE_DIR")
+    monkeypatch.setenv("XDG_CACHE_HOME", "/xdg")
+    assert hardware.machine_cache_dir() == Path("/xdg/p2pedge")

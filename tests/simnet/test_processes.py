@@ -20,3 +20,6 @@ async def test_three_processes_join_find_every_card_and_survive_churn(tmp_path: 
     assert 0 < figures["join_s"] < 120 and 0 < figures["churn_s"] < 120
     assert math.isfinite(figures["get_p50_ms"]) and figures["get_p50_ms"] >= 0
     assert 20 < figures["pss_mb"] < 1000  # a real Python node, measured from /proc
+    # CPU from /proc: three interpreters that imported libp2p; connections as nodes report
+    assert 3 * 0.3 < figures["up_cpu_s"] < 3 * 20 and figures["converge_cpu_s"] >= 0
+    assert 1 <= figures["conns_up"] <= 2 and 1 <= figures["conns_joined"] <= 2
