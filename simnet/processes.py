@@ -51,6 +51,7 @@ class Proc:
     addr: str = ""
     buffer: bytes = b""
     dead: bool = False
+    failed: bool = False  # it exited before it said it was ready
     conns: int = 0  # peers it holds a connection to, as it last said (p2pedge only)
 
     async def line(self) -> dict[str, Any]:
@@ -155,7 +156,12 @@ class Run:
 
 
 async def _ready(proc: Proc) -> None:
-    hello = await proc.line()
+    """Read the child's hello; one that exits first is left out (and counted)."""
+    try:
+        hello = await proc.line()
+    except RuntimeError:
+        proc.dead = proc.failed = True
+        return
     proc.peer, proc.addr = hello["ready"], hello["addr"]
     proc.conns = int(hello.get("conns", 0))
 
@@ -194,6 +200,8 @@ async def measure(
         async with trio.open_nursery() as ready:
             for proc in first:
                 ready.start_soon(_ready, proc)
+        if any(p.failed for p in first):
+            raise RuntimeError("a seed exited before it was ready")
         seed_addrs = [p.addr for p in first]
         rest = [await run.launch(nursery, seed_addrs) for _ in range(nodes - seeds)]
         async with trio.open_nursery() as ready:
@@ -241,6 +249,7 @@ async def measure(
         "churn_s": churn_s,
         "found": found,  # of all (node, card) pairs, by the deadline
         "churn_found": churn_found,
+        "failed_starts": sum(p.failed for p in run.procs),
     }
 
 
@@ -292,10 +301,12 @@ def main() -> None:
         "churn_s": f"{statistics.median(r['churn_s'] for r in ours):.1f}",
         "found": f"{min(r['found'] for r in ours):.3f}",
         "churn_found": f"{min(r['churn_found'] for r in ours):.3f}",
+        "failed_starts": f"{sum(r['failed_starts'] for r in ours):.0f}",
     }
     if args.hivemind:
         theirs = results["hivemind"]
         fields["hivemind_found"] = f"{min(r['found'] for r in theirs):.3f}"
+        fields["hivemind_failed_starts"] = f"{sum(r['failed_starts'] for r in theirs):.0f}"
         get = paired_ratio([r["get_p50_ms"] for r in ours], [r["get_p50_ms"] for r in theirs])
         if all(r["found"] == 1.0 for r in ours + theirs):
             join = paired_ratio([r["join_s"] for r in ours], [r["join_s"] for r in theirs])

@@ -173,6 +173,30 @@ async def test_idle_sessions_expire(
         nursery.cancel_scope.cancel()
 
 
+async def test_a_session_waits_longer_for_its_first_step_than_between_steps(
+    shards: dict[LayerRange, Any], autojump_clock: trio.testing.MockClock
+) -> None:
+    # downstream hops are opened with the route and wait while hop 0 computes the prompt
+    server = make_server(shards, idle_timeout=30, first_step_timeout=300)
+    async with trio.open_nursery() as nursery:
+        ours, theirs = memory_stream_pair()
+        nursery.start_soon(server.handle, FramedStream(theirs), "slow-prompt")
+        c = Client(FramedStream(ours))
+        stepped, waiting = await c.open(FIRST), await c.open(FIRST)
+        assert isinstance(stepped, codec.Opened) and isinstance(waiting, codec.Opened)
+        held = server.budget.used
+        await trio.sleep(200)  # long past the idle timeout, no step yet: both live
+        assert server.budget.used == held
+        assert isinstance(await c.step(stepped.session, 0, ids(1)), codec.Output)
+        await trio.sleep(40)  # its deadline moved from 300 to 230 with that first step
+        assert 0 < server.budget.used < held
+        late = await c.step(stepped.session, 1, ids(2))
+        assert isinstance(late, codec.Error) and late.code == codec.E_EXPIRED
+        await trio.sleep(70)
+        assert server.budget.used == 0
+        nursery.cancel_scope.cancel()
+
+
 def test_layers_served_for_the_card(shards: dict[LayerRange, Any]) -> None:
     assert make_server(shards).layers_served() == [
         {"model": MODEL, "start": 0, "end": 2},

@@ -17,6 +17,7 @@ async def test_three_processes_join_find_every_card_and_survive_churn(tmp_path: 
     assert len(run.procs) == 4 and len(run.live) == 3
     assert all(p.process.returncode is not None for p in run.procs)
     assert figures["found"] == 1.0 and figures["churn_found"] == 1.0
+    assert figures["failed_starts"] == 0
     assert 0 < figures["join_s"] < 120 and 0 < figures["churn_s"] < 120
     assert math.isfinite(figures["get_p50_ms"]) and figures["get_p50_ms"] >= 0
     assert 20 < figures["pss_mb"] < 1000  # a real Python node, measured from /proc

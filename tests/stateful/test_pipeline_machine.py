@@ -37,6 +37,7 @@ CATALOG = {
     ("m", LayerRange(2, 4)): ShardSpec(False, True, HIDDEN, VOCAB, PER_TOKEN, max_length=64),
 }
 IDLE = 10.0
+FIRST_STEP = 40.0
 SESSIONS_PER_PEER, KV_SHARE = 4, 0.6
 LIMITS = PipelineLimits(
     sessions=Limit(SESSIONS_PER_PEER, SESSIONS_PER_PEER, 100), kv_peer_share=KV_SHARE
@@ -54,6 +55,7 @@ class PipelineMachineTest(RuleBasedStateMachine):
             CATALOG,
             self.budget,
             idle_timeout=IDLE,
+            first_step_timeout=FIRST_STEP,
             max_step_tokens=8,
             quotas=self.quotas,
             peer="p",
@@ -319,7 +321,8 @@ class PipelineMachineTest(RuleBasedStateMachine):
         due = {
             sid
             for sid, state in self.expected.items()
-            if state is State.OPEN and self.now - self.active[sid] >= IDLE
+            if state is State.OPEN
+            and self.now - self.active[sid] >= (IDLE if self.lengths[sid] else FIRST_STEP)
         }
         deadline = self.m.next_deadline()
         released = {a.session for a in self.m.tick(self.now) if isinstance(a, Release)}

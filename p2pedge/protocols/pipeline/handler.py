@@ -59,6 +59,7 @@ from p2pedge.protocols.pipeline.attest import (
 from p2pedge.protocols.pipeline.fair import ComputePacer, FairLimiter, run_niced
 from p2pedge.protocols.pipeline.limits import PipelineLimits, PipelineQuotas
 from p2pedge.protocols.pipeline.machine import (
+    DEFAULT_FIRST_STEP_TIMEOUT,
     DEFAULT_IDLE_TIMEOUT,
     KvBudget,
     ServerMachine,
@@ -113,6 +114,7 @@ class PipelineServer:
         budget_bytes: int = DEFAULT_BUDGET_BYTES,
         max_length: int = 4096,
         idle_timeout: float = DEFAULT_IDLE_TIMEOUT,
+        first_step_timeout: float = DEFAULT_FIRST_STEP_TIMEOUT,
         max_parallel: int = 1,
         offload: bool = True,
         inline_step_s: float = DEFAULT_INLINE_STEP_S,
@@ -126,6 +128,7 @@ class PipelineServer:
         self.limits = limits or PipelineLimits()
         self.quotas = PipelineQuotas(self.limits, budget_bytes)
         self.idle_timeout = idle_timeout
+        self.first_step_timeout = first_step_timeout
         self.offload = offload
         self.fair = FairLimiter(max_parallel)  # long steps, a chunk at a time
         self.decode_lane = FairLimiter(max_parallel)  # one-position steps, beside them
@@ -157,6 +160,7 @@ class PipelineServer:
             self.catalog,
             self.budget,
             idle_timeout=self.idle_timeout,
+            first_step_timeout=self.first_step_timeout,
             max_step_tokens=self.limits.max_step_tokens,
             quotas=self.quotas,
             peer=peer_id,
@@ -390,10 +394,11 @@ class _Connection:
                 self._release(action.session)
 
     async def expire_idle(self) -> None:
-        """Expire sessions idle past the timeout. A session's deadline only ever moves
-        later (a step restarts its clock), so this sleeps until the earliest one and
-        looks again, instead of waking on every message; only with no idle session does
-        it wait for the next message."""
+        """Expire sessions idle past the timeout. This sleeps until the earliest deadline
+        and looks again, instead of waking on every message; only with no idle session
+        does it wait for the next message. A deadline moves earlier only when a session's
+        first step ends (from ``first_step_timeout`` after its open to ``idle_timeout``
+        after that step), so a sleep never outlasts ``idle_timeout``."""
         while True:
             deadline = self.machine.next_deadline()
             if deadline is None:
@@ -401,5 +406,5 @@ class _Connection:
                 await self.parked.wait()
                 self.parked = None
                 continue
-            await trio.sleep_until(deadline)
+            await trio.sleep_until(min(deadline, trio.current_time() + self.machine.idle_timeout))
             self.apply_releases(self.machine.tick(trio.current_time()))

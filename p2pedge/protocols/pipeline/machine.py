@@ -33,6 +33,10 @@ from p2pedge.quota import Grant
 from p2pedge.wire.tensors import ALLOWED_DTYPES
 
 DEFAULT_IDLE_TIMEOUT = 60.0
+# A session no step has reached yet waits longer: downstream hops are opened with the
+# route, then sit while hop 0 computes the prompt, which on a slow machine takes minutes.
+# Stepping once a minute keeps any session alive anyway, so this lends a client nothing.
+DEFAULT_FIRST_STEP_TIMEOUT = 600.0
 DEFAULT_MAX_SESSIONS = 64
 
 
@@ -138,6 +142,7 @@ class ServerMachine:
     catalog: Mapping[tuple[str, LayerRange], ShardSpec]
     budget: KvBudget
     idle_timeout: float = DEFAULT_IDLE_TIMEOUT
+    first_step_timeout: float = DEFAULT_FIRST_STEP_TIMEOUT
     max_step_tokens: int = DEFAULT_MAX_STEP_TOKENS
     max_sessions: int = DEFAULT_MAX_SESSIONS
     quotas: PipelineQuotas | None = None
@@ -414,14 +419,19 @@ class ServerMachine:
 
     # --- time and teardown -----------------------------------------------------------
 
+    def _expires_at(self, s: _Session) -> float:
+        """An open session's end: ``idle_timeout`` after its last step or, before its
+        first step, ``first_step_timeout`` after it opened."""
+        return s.last_active + (self.idle_timeout if s.length else self.first_step_timeout)
+
     def next_deadline(self) -> float | None:
-        idle = [s.last_active for s in self.sessions.values() if s.state is State.OPEN]
-        return min(idle) + self.idle_timeout if idle else None
+        ends = [self._expires_at(s) for s in self.sessions.values() if s.state is State.OPEN]
+        return min(ends) if ends else None
 
     def tick(self, now: float) -> list[Action]:
         actions: list[Action] = []
         for sid, s in self.sessions.items():
-            if s.state is State.OPEN and now - s.last_active >= self.idle_timeout:
+            if s.state is State.OPEN and now >= self._expires_at(s):
                 self._move(sid, Event.EXPIRE)
                 actions.append(Release(sid))
         return actions
