@@ -72,6 +72,14 @@ class Proc:
         await self.process.stdin.send_all((json.dumps(command) + "\n").encode())
         return await self.line()
 
+    def kill(self) -> None:
+        """SIGKILL the child's whole process group, so a helper it started (hivemind's Go
+        daemon) dies with it instead of living on as an orphan."""
+        try:
+            os.killpg(self.process.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass  # the group is gone already
+
     def cpu_s(self) -> float:
         """CPU seconds (user + system) of the process and its descendants so far."""
         total = 0
@@ -145,6 +153,7 @@ class Run:
             check=False,
             env=env,
             cwd=str(ROOT),
+            start_new_session=True,  # its own process group: see Proc.kill
         )
         proc = Proc(await nursery.start(run))
         self.procs.append(proc)
@@ -194,6 +203,16 @@ async def _find(proc: Proc, missing: dict[str, set[str]], latencies: list[float]
 async def measure(
     run: Run, nodes: int, seeds: int, churn: float, deadline: float
 ) -> dict[str, float]:
+    try:
+        return await _measure(run, nodes, seeds, churn, deadline)
+    finally:  # whatever happened, no child or grandchild outlives the run
+        for proc in run.procs:
+            proc.kill()
+
+
+async def _measure(
+    run: Run, nodes: int, seeds: int, churn: float, deadline: float
+) -> dict[str, float]:
     async with trio.open_nursery() as nursery:
         start = time.perf_counter()
         first = [await run.launch(nursery, []) for _ in range(seeds)]
@@ -219,7 +238,7 @@ async def measure(
         # churn: kill a fifth (never the seeds), start as many fresh nodes
         victims = run.live[seeds:][: max(1, int(nodes * churn))]
         for proc in victims:
-            proc.process.send_signal(signal.SIGKILL)
+            proc.kill()
             proc.dead = True
         churn_start = time.perf_counter()
         fresh = [await run.launch(nursery, seed_addrs) for _ in victims]

@@ -3,10 +3,21 @@
 from __future__ import annotations
 
 import math
+import os
 import sys
 from pathlib import Path
 
+import pytest
+import trio
+
 from simnet.processes import Run, measure
+
+SPAWNER = """
+import json, subprocess, sys, time
+helper = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(600)"])
+print(json.dumps({"helper": helper.pid}), flush=True)
+time.sleep(600)
+"""
 
 
 async def test_three_processes_join_find_every_card_and_survive_churn(tmp_path: Path) -> None:
@@ -24,3 +35,21 @@ async def test_three_processes_join_find_every_card_and_survive_churn(tmp_path: 
     # CPU from /proc: three interpreters that imported libp2p; connections as nodes report
     assert 3 * 0.3 < figures["up_cpu_s"] < 3 * 20 and figures["converge_cpu_s"] >= 0
     assert 1 <= figures["conns_up"] <= 2 and 1 <= figures["conns_joined"] <= 2
+
+
+async def test_a_killed_child_takes_its_helpers_along(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # hivemind's nodes start a Go daemon each; a churn victim's must die with it
+    run = Run("p2pedge", sys.executable, tmp_path)
+    monkeypatch.setattr(run, "command", lambda _bootstrap: [sys.executable, "-c", SPAWNER])
+    async with trio.open_nursery() as nursery:
+        proc = await run.launch(nursery, [])
+        helper = os.pidfd_open(int((await proc.line())["helper"]))
+        try:
+            proc.kill()
+            with trio.fail_after(10):
+                await trio.lowlevel.wait_readable(helper)  # readable once it has exited
+        finally:
+            os.close(helper)
+        nursery.cancel_scope.cancel()
