@@ -327,15 +327,22 @@ def main() -> None:
         fields["hivemind_found"] = f"{min(r['found'] for r in theirs):.3f}"
         fields["hivemind_failed_starts"] = f"{sum(r['failed_starts'] for r in theirs):.0f}"
         get = paired_ratio([r["get_p50_ms"] for r in ours], [r["get_p50_ms"] for r in theirs])
-        if all(r["found"] == 1.0 for r in ours + theirs):
-            join = paired_ratio([r["join_s"] for r in ours], [r["join_s"] for r in theirs])
-            fields |= ratio_fields("vs_hivemind_join", join)
-        else:  # a side that missed cards stopped at the deadline: its time is no join time
-            fields["vs_hivemind_join"] = "n/a"
+        fields |= join_fields(ours, theirs)
         fields |= ratio_fields("vs_hivemind_get", get)
     else:
         fields |= {"vs_hivemind_join": "n/a", "vs_hivemind_get": "n/a"}
     print(headline(fields))
+
+
+def join_fields(ours: list[dict[str, float]], theirs: list[dict[str, float]]) -> dict[str, str]:
+    """The join ratio over the rounds where both sides found every card: a side that
+    missed some stopped at the deadline, and its time there is no join time."""
+    whole = [(a, b) for a, b in zip(ours, theirs, strict=True) if a["found"] == b["found"] == 1]
+    fields = {"join_rounds": f"{len(whole)}/{len(ours)}"}
+    if not whole:
+        return fields | {"vs_hivemind_join": "n/a"}
+    join = paired_ratio([a["join_s"] for a, _ in whole], [b["join_s"] for _, b in whole])
+    return fields | ratio_fields("vs_hivemind_join", join)
 
 
 def _rounded(figures: dict[str, float]) -> dict[str, float]:

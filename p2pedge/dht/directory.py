@@ -140,11 +140,12 @@ class Directory:
 
     async def _ask_closest(self, peer_id: str, *, connected_only: bool = False) -> bytes | None:
         """Ask the closest known peers to the card's key concurrently; the first valid card
-        ends the search. ``connected_only`` asks only peers we hold a connection to (at most
-        ``CONNECTED_ASKS``), so the question costs no handshake."""
+        ends the search. ``connected_only`` asks, in turn, only peers we hold a connection
+        to (at most ``CONNECTED_ASKS``, the owner left out), so the question costs no
+        handshake."""
         key = card_key(peer_id).encode()
         if connected_only:
-            peers = self._closest_connected(key)
+            peers = self._closest_connected(key, peer_id)
             if not peers:
                 return None
         else:
@@ -180,12 +181,15 @@ class Directory:
                         await done.wait()
         return answer
 
-    def _closest_connected(self, key: bytes) -> list[Any]:
-        """The peers closest to ``key`` in our routing table that we are connected to now."""
+    def _closest_connected(self, key: bytes, owner: str) -> list[Any]:
+        """The peers closest to ``key`` in our routing table that we are connected to now,
+        the card's owner left out (asked on its own before)."""
         connections = self.dht.host.get_network().connections
-        local = self.dht.local_peer_id
+        skip = {self.dht.local_peer_id.to_base58(), owner}
         near = self.dht.routing_table.find_local_closest_peers(key, CONNECTED_SCAN)
-        return [p for p in near if p != local and connections.get(p)][:CONNECTED_ASKS]
+        return [p for p in near if p.to_base58() not in skip and connections.get(p)][
+            :CONNECTED_ASKS
+        ]
 
     def remember(self, card: CapabilityCard) -> None:
         cached = self._cards.get(card.peer_id)
@@ -208,11 +212,12 @@ class Directory:
             return cached
         local = self.dht.value_store.get(card_key(peer_id).encode())
         value: bytes | None = local.value if local is not None else None
-        if value is None and self._connected(peer_id):
+        owner_asked = value is None and self._connected(peer_id)
+        if owner_asked:
             value = await self._ask_owner(peer_id)
         if value is None:
             value = await self._ask_closest(peer_id, connected_only=True)
-        if value is None:
+        if value is None and not owner_asked:
             value = await self._ask_owner(peer_id)
         if value is None:
             value = await self._ask_closest(peer_id)

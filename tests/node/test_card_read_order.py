@@ -60,7 +60,7 @@ async def test_a_connected_owner_is_asked_before_an_older_replica(
         asker.directory.forget(owner.peer_id)
         # whatever the keys' distances, the holder is the connected peer nearest the card
         near = [holder.host.get_id()]
-        monkeypatch.setattr(type(asker.directory), "_closest_connected", lambda _s, _k: near)
+        monkeypatch.setattr(type(asker.directory), "_closest_connected", lambda _s, _k, _o: near)
         with trio.fail_after(10):
             card = await asker.card_of(owner.peer_id, refresh=True)
         assert card is not None and card.extra.get("mark") == "current"  # the owner's card

@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 import trio
 
-from simnet.processes import Run, measure
+from simnet.processes import Run, join_fields, measure
 
 SPAWNER = """
 import json, subprocess, sys, time
@@ -53,3 +53,12 @@ async def test_a_killed_child_takes_its_helpers_along(
         finally:
             os.close(helper)
         nursery.cancel_scope.cancel()
+
+
+def test_the_join_ratio_pairs_only_rounds_where_both_sides_found_every_card() -> None:
+    ours = [{"join_s": 70.0, "found": 1.0}, {"join_s": 75.0, "found": 1.0}]
+    theirs = [{"join_s": 140.0, "found": 1.0}, {"join_s": 380.0, "found": 0.98}]
+    fields = join_fields(ours, theirs)
+    assert fields["join_rounds"] == "1/2" and fields["vs_hivemind_join"] == "0.50"
+    missed = [{"join_s": 300.0, "found": 0.9}, {"join_s": 300.0, "found": 0.9}]
+    assert join_fields(missed, theirs) == {"join_rounds": "0/2", "vs_hivemind_join": "n/a"}
