@@ -122,14 +122,10 @@ def execution_providers(
     one before starts without the probe's child process (a quarter CPU-second)."""
     stamp = f"{_ort_version()}/{sys.executable}"
     paths = [Path(d) / PROVIDERS_CACHE for d in (data_dir, machine_dir) if d is not None]
-    names = None
+    cached = {path: _read_providers(path, stamp) for path in paths}
+    names = next((n for n in cached.values() if n is not None), None) or _probe_providers()
     for path in paths:
-        if (names := _read_providers(path, stamp)) is not None:
-            break
-    if names is None:
-        names = _probe_providers()
-    for path in paths:
-        if _read_providers(path, stamp) == names:
+        if cached[path] == names:
             continue
         try:  # written whole and renamed: nodes starting together may read it meanwhile
             path.parent.mkdir(parents=True, exist_ok=True)
